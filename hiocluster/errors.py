@@ -1,0 +1,189 @@
+"""Every exception hiocluster raises on purpose.
+
+::
+
+    ClusterError
+    ├── TopologyError(ValueError)    bad topology file: .key_path, .line
+    ├── FrameError(ValueError)       bytes are not a valid frame: .field
+    ├── ProtocolError                .tick, .process, .field
+    │   ├── LocalProtocolError       we broke the protocol: our bug
+    │   └── RemoteProtocolError      a peer broke it
+    ├── RunFailed                    a lockstep run stopped: .process, .nodes, .tick, .cause
+    │   ├── NodeError                a node raised: .traceback
+    │   ├── TickTimeout              a process missed the tick deadline
+    │   └── ProcessExited            a child died: .exitcode
+    ├── LinkFull                     an outbox has no credit left on a link: .link, .tick
+    └── Interrupted                  SIGINT/SIGTERM asked the run to stop: .signal
+
+Errors carry fields, not only text. msgpack and zmq exceptions are translated at
+the protocol and transport boundaries with ``raise ... from exc``.
+
+This module imports nothing from hiocluster.
+"""
+
+from __future__ import annotations
+
+import signal as _signal
+
+__all__ = [
+    "ClusterError",
+    "TopologyError",
+    "FrameError",
+    "ProtocolError",
+    "LocalProtocolError",
+    "RemoteProtocolError",
+    "RunFailed",
+    "NodeError",
+    "TickTimeout",
+    "ProcessExited",
+    "LinkFull",
+    "Interrupted",
+]
+
+
+class ClusterError(Exception):
+    """Base class of every hiocluster error."""
+
+
+class TopologyError(ClusterError, ValueError):
+    """A topology file (or a CLI override of it) is invalid.
+
+    Attributes:
+        key_path: dotted path of the offending key, e.g. ``nodes.a.class``.
+        line: 1-based line in the file where known, else None.
+        path: the file, where known.
+    """
+
+    def __init__(self, message: str, *, key_path: str = "", line: int | None = None,
+                 path: str | None = None) -> None:
+        self.message = message
+        self.key_path = key_path
+        self.line = line
+        self.path = path
+        super().__init__(str(self))
+
+    def __str__(self) -> str:
+        where = self.path or "<topology>"
+        if self.line is not None:
+            where += f":{self.line}"
+        key = f" [{self.key_path}]" if self.key_path else ""
+        return f"{where}{key}: {self.message}"
+
+
+class FrameError(ClusterError, ValueError):
+    """Bytes that are not a valid frame (bad msgpack, wrong shape, bad field).
+
+    Attributes:
+        field: the offending field (``"frame"`` for the frame as a whole).
+        code: a short machine-readable code, sent in the ERROR reply.
+    """
+
+    def __init__(self, message: str, *, field: str = "frame", code: str = "bad-frame") -> None:
+        self.field = field
+        self.code = code
+        super().__init__(f"{field}: {message}")
+
+
+class ProtocolError(ClusterError):
+    """A valid frame arrived that the protocol does not allow now.
+
+    Attributes:
+        tick: the tick the machine was at, if any.
+        process: the peer process, if known.
+        field: the offending field, if one.
+        code: short code, as sent in ERROR frames.
+    """
+
+    def __init__(self, message: str, *, tick: int | None = None, process: str | None = None,
+                 field: str = "type", code: str = "protocol") -> None:
+        self.tick = tick
+        self.process = process
+        self.field = field
+        self.code = code
+        super().__init__(message)
+
+
+class LocalProtocolError(ProtocolError):
+    """We tried to do something the protocol forbids (a bug in hiocluster)."""
+
+
+class RemoteProtocolError(ProtocolError):
+    """A peer sent something the protocol forbids."""
+
+
+class RunFailed(ClusterError):
+    """A lockstep run stopped because one process failed.
+
+    Attributes:
+        process: the failing process name.
+        nodes: names of the nodes it hosted (or the one node that raised).
+        tick: the tick at which it failed (None before the first tick).
+        cause: short human cause: "exit code 3", "signal SIGKILL", "ValueError: ...".
+    """
+
+    def __init__(self, *, process: str, nodes: tuple[str, ...] | list[str], tick: int | None,
+                 cause: str, detail: str = "") -> None:
+        self.process = process
+        self.nodes = tuple(nodes)
+        self.tick = tick
+        self.cause = cause
+        self.detail = detail
+        super().__init__(str(self))
+
+    def __str__(self) -> str:
+        at = f"tick {self.tick}" if self.tick is not None else "start-up"
+        nodes = ", ".join(self.nodes) or "-"
+        text = f"process {self.process} (node {nodes}) failed at {at}: {self.cause}"
+        if self.detail:
+            text += "\n" + self.detail.rstrip()
+        return text
+
+
+class NodeError(RunFailed):
+    """A node's code raised; ``detail`` holds the last lines of the traceback."""
+
+
+class TickTimeout(RunFailed):
+    """A process did not answer a TICK before the tick deadline."""
+
+
+class ProcessExited(RunFailed):
+    """A child process exited or was killed. ``exitcode`` as multiprocessing reports it."""
+
+    def __init__(self, *, exitcode: int | None, **kwargs: object) -> None:
+        self.exitcode = exitcode
+        super().__init__(**kwargs)  # type: ignore[arg-type]
+
+
+def describe_exitcode(exitcode: int | None) -> str:
+    """Return "exit code N" or "signal SIGNAME" for a multiprocessing exit code."""
+    if exitcode is None:
+        return "still running"
+    if exitcode < 0:
+        try:
+            return f"signal {_signal.Signals(-exitcode).name}"
+        except ValueError:
+            return f"signal {-exitcode}"
+    return f"exit code {exitcode}"
+
+
+class LinkFull(ClusterError):
+    """An outbox has no credit left on a link: the consumer is behind.
+
+    The message was not sent; the producer must retry on a later tick.
+    Attributes: link (``"a.out -> b.in"``), tick, capacity.
+    """
+
+    def __init__(self, link: str, tick: int, capacity: int) -> None:
+        self.link = link
+        self.tick = tick
+        self.capacity = capacity
+        super().__init__(f"link {link} is full at tick {tick} (capacity {capacity})")
+
+
+class Interrupted(ClusterError):
+    """The run was stopped by a signal; the tree was shut down cleanly."""
+
+    def __init__(self, signum: int) -> None:
+        self.signal = signum
+        super().__init__(f"interrupted by {_signal.Signals(signum).name}")

@@ -1,0 +1,275 @@
+"""Nodes, their inboxes and outboxes, links with credit, RNG seeds and digests.
+
+A :class:`Node` is a hio DoDoer that the topology names and places. User code
+subclasses it: declare ``inboxes`` and ``outboxes``, set up state in
+:meth:`Node.setup`, act once per tick in :meth:`Node.step` (and/or add hio doers
+to ``self.doers``), and return the state to digest from :meth:`Node.state`.
+
+Delivery contract (DESIGN.md invariant 2): a message put during tick n is in
+the linked inbox at the start of tick n+1, ordered by source node name, then by
+the source's send sequence, whether the link crosses processes or not. The
+worker does the moving; this module only holds the buffers.
+
+Back pressure (invariant 4): every link has a capacity. A message counts
+against it from ``put`` until the receiving node takes it out of its inbox;
+the receiver's takes reach the sender one tick later, in every placement alike.
+``put`` on a link without credit raises :class:`~hiocluster.errors.LinkFull`.
+
+Imports: hio, stdlib, hiocluster.errors and hiocluster.protocol only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import os
+import random
+import sys
+from collections import deque
+from typing import Any, ClassVar, Iterator
+
+import msgpack
+from hio.base.doing import DoDoer
+
+from .errors import LinkFull
+from .protocol import DIGEST_SIZE
+
+__all__ = ["Node", "Inbox", "Outbox", "Link", "derive_seed", "digest_state", "load_class"]
+
+
+def derive_seed(run_seed: int, node_name: str) -> int:
+    """A node's RNG seed: stable across processes, hosts and Python runs."""
+    material = f"hiocluster/{run_seed}/{node_name}".encode()
+    return int.from_bytes(hashlib.sha256(material).digest()[:8], "big")
+
+
+def digest_state(state: Any) -> bytes:
+    """sha256 of the msgpack packing of ``state``."""
+    digest = hashlib.sha256(msgpack.packb(state, use_bin_type=True)).digest()
+    assert len(digest) == DIGEST_SIZE
+    return digest
+
+
+class Link:
+    """One directed link, as both ends see it: counters that decide credit.
+
+    ``sent`` counts messages put (by the source), ``acked`` the takes the source
+    has heard of; ``taken`` counts the receiver's takes in the current tick.
+    """
+
+    __slots__ = ("id", "source", "outbox", "target", "inbox", "capacity", "source_process",
+                 "target_process", "sent", "acked", "taken", "pending", "label")
+
+    def __init__(self, id: int, source: str, outbox: str, target: str, inbox: str,
+                 capacity: int, source_process: str, target_process: str) -> None:
+        self.id = id
+        self.source, self.outbox, self.target, self.inbox = source, outbox, target, inbox
+        self.capacity = capacity
+        self.source_process, self.target_process = source_process, target_process
+        self.sent = 0
+        self.acked = 0
+        self.taken = 0
+        self.pending: list[tuple[int, Any]] = []  # (sequence, payload) put this tick
+        self.label = f"{source}.{outbox} -> {target}.{inbox}"
+
+    @property
+    def room(self) -> int:
+        """How many more messages may be put now."""
+        return self.capacity - (self.sent - self.acked)
+
+
+class Inbox:
+    """Messages delivered to one named inbox of a node, oldest first.
+
+    Each entry remembers its source node; taking one returns credit to its link.
+    """
+
+    __slots__ = ("name", "_entries")
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._entries: deque[tuple[Link, Any]] = deque()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __bool__(self) -> bool:
+        return bool(self._entries)
+
+    def get(self) -> Any:
+        """Take the oldest message. Raises IndexError when empty."""
+        link, payload = self._entries.popleft()
+        link.taken += 1
+        return payload
+
+    def get_from(self) -> tuple[str, Any]:
+        """Take the oldest message with its source node name."""
+        link, payload = self._entries.popleft()
+        link.taken += 1
+        return link.source, payload
+
+    def drain(self) -> Iterator[Any]:
+        """Take every message, oldest first."""
+        while self._entries:
+            yield self.get()
+
+    def peek(self) -> Any:
+        """The oldest message, left in place. Raises IndexError when empty."""
+        return self._entries[0][1]
+
+    def _deliver(self, link: Link, payload: Any) -> None:
+        self._entries.append((link, payload))
+
+
+class Outbox:
+    """A named outbox of a node, linked to one or more inboxes."""
+
+    __slots__ = ("name", "node", "links", "_by_target")
+
+    def __init__(self, name: str, node: Node) -> None:
+        self.name = name
+        self.node = node
+        self.links: list[Link] = []
+        self._by_target: dict[str, Link] = {}
+
+    def _attach(self, link: Link) -> None:
+        self.links.append(link)
+        self._by_target[link.target] = link
+
+    @property
+    def targets(self) -> list[str]:
+        """Target node names, in canonical (link) order."""
+        return [link.target for link in self.links]
+
+    def _link(self, to: str | None) -> Link:
+        if to is None:
+            if len(self.links) != 1:
+                raise ValueError(f"{self.node.name}.{self.name} has {len(self.links)} links; "
+                                 f"say which target with to= (one of {self.targets})")
+            return self.links[0]
+        try:
+            return self._by_target[to]
+        except KeyError:
+            raise ValueError(f"{self.node.name}.{self.name} has no link to {to!r}; "
+                             f"targets: {self.targets}") from None
+
+    def room(self, to: str | None = None) -> int:
+        """Messages that may still be put on the link to ``to`` this tick."""
+        return self._link(to).room
+
+    def put(self, payload: Any, to: str | None = None) -> None:
+        """Send ``payload`` (anything msgpack packs) on the link to node ``to``.
+
+        ``to`` may be left out when the outbox has exactly one link.
+
+        Raises:
+            LinkFull: the link has no credit; nothing was sent.
+            ValueError: ``to`` names no linked node.
+        """
+        link = self._link(to)
+        if link.sent - link.acked >= link.capacity:
+            raise LinkFull(link.label, self.node.tick, link.capacity)
+        link.sent += 1
+        node = self.node
+        link.pending.append((node.sequence, payload))
+        node.sequence += 1
+
+    def offer(self, payload: Any, to: str | None = None) -> bool:
+        """Like :meth:`put`, but return False instead of raising when full."""
+        if self._link(to).room <= 0:
+            return False
+        self.put(payload, to)
+        return True
+
+
+class Node(DoDoer):
+    """Base class of every node: a hio DoDoer with inboxes, outboxes and a seeded RNG.
+
+    Subclasses set ``inboxes``/``outboxes`` and override :meth:`setup`,
+    :meth:`step` and :meth:`state`. ``self.params`` holds the topology's params,
+    ``self.rng`` a ``random.Random`` seeded from (run seed, node name),
+    ``self.tick`` the current lockstep tick. See hio's DoDoer for the rest.
+    """
+
+    inboxes: ClassVar[tuple[str, ...]] = ()
+    outboxes: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, name: str, params: dict[str, Any] | None = None, *, seed: int = 0,
+                 **kwa: Any) -> None:
+        super().__init__(doers=[], **kwa)
+        self.name = name
+        self.params = dict(params or {})
+        self.seed = seed
+        self.rng = random.Random(derive_seed(seed, name))
+        self.tick = -1
+        self.sequence = 0  # send sequence across all outboxes: the delivery order key
+        self.inbox = {box: Inbox(box) for box in self.inboxes}
+        self.outbox = {box: Outbox(box, self) for box in self.outboxes}
+        self.setup()
+
+    # -- user hooks -------------------------------------------------------
+    def setup(self) -> None:
+        """Build initial state and extra doers. Runs once, before the first tick."""
+
+    def step(self) -> None:
+        """Act once per tick, before this node's own doers run."""
+
+    def state(self) -> Any:
+        """What this node's digest covers: any msgpack-packable value."""
+        return None
+
+    # -- hio --------------------------------------------------------------
+    def recur(self, tyme: float, deeds: Any = None) -> bool:  # type: ignore[override]
+        """One tick: :meth:`step`, then every doer in ``self.doers`` once.
+
+        Returns False: a node lives as long as the run.
+        """
+        try:
+            self.step()
+            if self.deeds:
+                super().recur(tyme, deeds)
+        except Exception as exc:
+            if not hasattr(exc, "hiocluster_node"):
+                exc.hiocluster_node = self.name  # type: ignore[attr-defined]
+            raise
+        return False
+
+    def digest(self) -> bytes:
+        """sha256 of :meth:`state`, packed with msgpack."""
+        return digest_state(self.state())
+
+
+def load_class(path: str, app_dir: str | None = None) -> type[Node]:
+    """Import the Node subclass named ``"module:attr"``.
+
+    ``app_dir`` (default: the current directory) goes first on sys.path if absent,
+    like gunicorn's and uvicorn's ``--app-dir``.
+
+    Raises:
+        ImportError: with a message saying what was missing or what went wrong.
+    """
+    directory = os.path.abspath(os.getcwd() if app_dir is None else app_dir)
+    if directory not in sys.path:
+        sys.path.insert(0, directory)
+    module_name, _, attribute = path.partition(":")
+    try:
+        target: Any = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name and (module_name + ".").startswith(exc.name + "."):
+            raise ImportError(f"module {module_name!r} not found") from exc
+        raise ImportError(f"importing {module_name!r} failed: {type(exc).__name__}: {exc}") \
+            from exc
+    except Exception as exc:  # the user's module raised while importing: say so
+        raise ImportError(f"importing {module_name!r} failed: {type(exc).__name__}: {exc}") \
+            from exc
+    for part in attribute.split("."):
+        try:
+            target = getattr(target, part)
+        except AttributeError:
+            raise ImportError(f"module {module_name!r} has no attribute {attribute!r}") \
+                from None
+    if not isinstance(target, type):
+        raise ImportError(f"{path!r} is not a class (it is a {type(target).__name__})")
+    if not issubclass(target, Node):
+        raise ImportError(f"{path!r} is not a subclass of hiocluster.node.Node")
+    return target

@@ -1,0 +1,520 @@
+"""The supervisor: a hio DoDoer that owns child processes and drives them in lockstep.
+
+Each child process is a :class:`ChildDoer` among the supervisor's doers. One
+``Supervisor.recur`` is one cluster tick: every ChildDoer sends its TICK, then
+the supervisor waits (bounded by the tick deadline) for every TOCK, watching
+process sentinels so a dead child is noticed at once, and chains the node
+digests into the run digest. :func:`run` is the Python API behind the CLI.
+
+Imports: hio, topology, worker, transport, protocol, errors.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import multiprocessing
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import threading
+import time
+import types
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator
+
+import psutil
+from hio.base.doing import DoDoer, Doer, Doist
+
+from . import protocol as proto
+from . import worker
+from .errors import (ClusterError, FrameError, Interrupted, NodeError, ProcessExited,
+                     ProtocolError, RunFailed, TickTimeout, describe_exitcode)
+from .topology import Plan, ProcessSpec, Topology, plan as make_plan
+from .transport import Again, Context, Poller, ZMQError, NOBLOCK, ipc_address
+
+__all__ = ["Supervisor", "ChildDoer", "RunResult", "run", "START_TIMEOUT", "STOP_TIMEOUT"]
+
+#: Seconds every child gets to import, say HELLO and become READY.
+START_TIMEOUT = 60.0
+#: Seconds children get to run exit contexts and say BYE before being terminated.
+STOP_TIMEOUT = 10.0
+#: Longest single wait, so signals and deadlines are noticed promptly.
+SLICE_S = 0.1
+#: Seconds between SIGTERM and SIGKILL for a child that will not go.
+KILL_GRACE_S = 2.0
+#: Rejected frames from strangers after which their identities are simply ignored.
+STRANGER_LIMIT = 10_000
+
+
+def _forkserver() -> Any:
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["hiocluster.worker"])
+    return context
+
+
+@contextlib.contextmanager
+def _main_hidden() -> Iterator[None]:
+    """Start children without re-importing ``__main__`` in each of them.
+
+    multiprocessing makes every forkserver child import the parent's main module
+    (so pickled functions from it resolve). A worker needs only hiocluster.worker,
+    already preloaded in the fork server; importing main again costs time per
+    child and re-runs any unguarded script. So children see a bare ``__main__``.
+    """
+    saved = sys.modules["__main__"]
+    sys.modules["__main__"] = types.ModuleType("__main__")
+    try:
+        yield
+    finally:
+        sys.modules["__main__"] = saved
+
+
+@dataclass
+class RunResult:
+    """What a finished run reports (the CLI's --json prints :meth:`to_json`)."""
+
+    topology: str
+    ticks: int
+    digest: str
+    processes: int
+    nodes: int
+    seconds: float
+    startup_seconds: float
+    messages: int
+    undelivered: int
+    unread: int
+    rejected_frames: int
+    tick_digests: list[str] = field(default_factory=list)
+
+    @property
+    def ticks_per_second(self) -> float:
+        return self.ticks / self.seconds if self.seconds > 0 else 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        data = {key: value for key, value in self.__dict__.items() if key != "tick_digests"}
+        data["ticks_per_second"] = round(self.ticks_per_second, 1)
+        data["seconds"] = round(self.seconds, 6)
+        data["startup_seconds"] = round(self.startup_seconds, 6)
+        if self.tick_digests:
+            data["tick_digests"] = self.tick_digests
+        return data
+
+
+class ChildDoer(Doer):
+    """One child process, as the supervisor's Doist sees it: each recur sends a TICK."""
+
+    def __init__(self, supervisor: Supervisor, spec: ProcessSpec, index: int,
+                 **kwa: Any) -> None:
+        super().__init__(**kwa)
+        self.supervisor = supervisor
+        self.spec = spec
+        self.name = spec.name
+        self.index = index
+        self.identity = spec.name.encode()
+        self.machine = proto.ParentMachine(spec.name)
+        self.process: Any = None
+        self.hello: proto.Hello | None = None
+        self.last_tock: proto.Tock | None = None
+        self.bye: proto.Bye | None = None
+        self.failed = False
+
+    @property
+    def node_names(self) -> tuple[str, ...]:
+        return self.spec.node_names
+
+    def recur(self, tyme: float) -> bool:
+        supervisor = self.supervisor
+        self.send(proto.Tick(supervisor.tick, supervisor.expect.get(self.name, 0)))
+        return False
+
+    def send(self, message: proto.Message) -> None:
+        self.supervisor.router.send_multipart([self.identity, self.machine.send(message)],
+                                              copy=False)
+
+    @property
+    def alive(self) -> bool:
+        return self.process is not None and self.process.exitcode is None \
+            and self.process.is_alive()
+
+
+class Supervisor(DoDoer):
+    """Drive one topology's processes in lockstep; one recur is one cluster tick.
+
+    Args:
+        topology: the validated topology (ticks, seed and tock come from it).
+        plan: which nodes run in which process (see topology.plan).
+        app_dir: directory put first on the children's sys.path.
+        on_tick: called as ``on_tick(done_ticks, total_ticks)`` after every tick.
+        keep_digests: keep every tick's run digest in the result.
+        worker_target: the child entry point (tests substitute misbehaving ones).
+    """
+
+    def __init__(self, topology: Topology, plan: Plan, *, app_dir: str | None = None,
+                 on_tick: Callable[[int, int], None] | None = None,
+                 keep_digests: bool = False,
+                 worker_target: Callable[[worker.WorkerSpec], None] = worker.main,
+                 **kwa: Any) -> None:
+        self.topology = topology
+        self.plan = plan
+        self.app_dir = os.path.abspath(app_dir or os.getcwd())
+        self.on_tick = on_tick
+        self.keep_digests = keep_digests
+        self.worker_target = worker_target
+        self.children = [ChildDoer(self, spec, index)
+                         for index, spec in enumerate(plan.processes)]
+        self.by_identity = {child.identity: child for child in self.children}
+        super().__init__(doers=list(self.children), **kwa)
+        self.ticks = topology.ticks
+        self.tick = 0
+        self.expect: dict[str, int] = {}
+        self.digest = b"\0" * proto.DIGEST_SIZE
+        self.tick_digests: list[str] = []
+        self.node_order = sorted(node.name for node in topology.nodes)
+        self.messages = 0
+        self.rejected = 0           # frames refused on the control socket
+        self.interrupted: int | None = None
+        self.failure: BaseException | None = None
+        self.result: RunResult | None = None
+        self.run_dir: str | None = None
+        self.context: Context | None = None
+        self.router: Any = None
+        self.poller: Poller | None = None
+        self.control_address = ""
+        self._started = self._ticking = 0.0
+
+    # -- hio contexts -------------------------------------------------------
+    def enter(self, doers: Any = None) -> Any:  # type: ignore[override]
+        if doers is None:
+            self.start()
+        return super().enter(doers)
+
+    def recur(self, tyme: float, deeds: Any = None) -> bool:  # type: ignore[override]
+        if self.tick >= self.ticks:
+            return True
+        if self.interrupted:
+            raise Interrupted(self.interrupted)
+        super().recur(tyme, deeds)  # every ChildDoer sends its TICK
+        self._gather_tocks()
+        self.tick += 1
+        if self.on_tick is not None:
+            self.on_tick(self.tick, self.ticks)
+        return self.tick >= self.ticks
+
+    def abort(self, ex: BaseException) -> None:
+        self.failure = ex
+
+    def exit(self, deeds: Any = None) -> None:  # type: ignore[override]
+        super().exit(deeds)
+        if deeds is None:
+            self.shutdown()
+
+    def interrupt(self, signum: int) -> None:
+        """Ask the run to stop cleanly at the next chance (from a signal handler)."""
+        self.interrupted = self.interrupted or signum
+
+    # -- start-up -----------------------------------------------------------
+    def start(self) -> None:
+        """Make the run directory and control socket, spawn children, handshake."""
+        self._started = time.perf_counter()
+        self.run_dir = tempfile.mkdtemp(prefix="hioc-")
+        os.chmod(self.run_dir, 0o700)
+        self.context = Context()
+        self.control_address = ipc_address(self.run_dir, "control")
+        self.router = self.context.router(self.control_address)
+        self.poller = Poller([self.router])
+        me = psutil.Process()
+        mp = _forkserver()
+        for child in self.children:
+            spec = worker.WorkerSpec(
+                process=child.name, control_address=self.control_address,
+                data_bind=ipc_address(self.run_dir, f"d{child.index}"),
+                nodes=tuple((node.name, node.cls, node.params) for node in child.spec.nodes),
+                app_dir=self.app_dir, parent_pid=me.pid, parent_started=me.create_time())
+            child.process = mp.Process(target=self.worker_target, args=(spec,),
+                                       name=f"hiocluster-{child.name}")
+            with _main_hidden():
+                child.process.start()
+            self.poller.register(child.process.sentinel)
+        deadline = time.monotonic() + START_TIMEOUT
+        self._wait(lambda c: c.hello is not None, deadline, "HELLO")
+        addresses = {c.name: c.hello.data_address for c in self.children}  # type: ignore
+        placement = self.plan.node_to_process
+        links = [[link.id, link.source, link.outbox, link.target, link.inbox, link.capacity]
+                 for link in self.topology.links]
+        for child in self.children:
+            child.send(proto.Setup(t0=self.topology.t0, tock=self.topology.tock,
+                                   seed=self.topology.seed, addresses=addresses,
+                                   placement=placement, links=links))
+        self._wait(lambda c: c.machine.state is proto.ParentState.IDLE, deadline, "READY")
+        self._ticking = time.perf_counter()
+
+    # -- ticking ------------------------------------------------------------
+    def _gather_tocks(self) -> None:
+        deadline = time.monotonic() + self.topology.tick_timeout
+        self._wait(lambda c: c.machine.state is proto.ParentState.IDLE, deadline, "TOCK")
+        digests: dict[str, bytes] = {}
+        expect: Counter[str] = Counter()
+        for child in self.children:
+            tock = child.last_tock
+            assert tock is not None
+            digests.update(tock.digests)
+            expect.update(tock.sent)
+            self.messages += tock.stats.get("messages", 0)
+        chain = hashlib.sha256(self.digest)
+        for name in self.node_order:
+            chain.update(name.encode())
+            chain.update(digests[name])
+        self.digest = chain.digest()
+        if self.keep_digests:
+            self.tick_digests.append(self.digest.hex())
+        self.expect = expect
+
+    def _wait(self, done: Callable[[ChildDoer], bool], deadline: float, what: str) -> None:
+        """Receive until ``done`` holds for every child, or fail loudly."""
+        router, poller = self.router, self.poller
+        assert poller is not None
+        pending = [child for child in self.children if not done(child)]
+        while pending:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                self._timed_out(pending, what)
+            for item in poller.poll(min(remaining, SLICE_S) * 1000):
+                if item is router:
+                    self._receive_all()
+                else:
+                    self._check_sentinels()
+            if self.interrupted:
+                raise Interrupted(self.interrupted)
+            pending = [child for child in pending if not done(child)]
+
+    def _receive_all(self) -> None:
+        router = self.router
+        while True:
+            try:
+                parts = router.recv_multipart(NOBLOCK, copy=True)
+            except Again:
+                return
+            self._dispatch(parts)
+
+    def _dispatch(self, parts: list[bytes]) -> None:
+        identity = parts[0]
+        child = self.by_identity.get(identity)
+        if child is None or child.failed or len(parts) != 2:
+            self._reject_stranger(parts)
+            return
+        try:
+            message = child.machine.receive(parts[1])
+        except (FrameError, ProtocolError) as exc:
+            child.failed = True
+            self._reply_error(identity, exc)
+            raise RunFailed(process=child.name, nodes=child.node_names, tick=self._tick_of(),
+                            cause=f"sent an invalid frame: {exc}") from exc
+        if isinstance(message, proto.Tock):
+            if set(message.digests) != set(child.node_names):
+                child.failed = True
+                raise RunFailed(process=child.name, nodes=child.node_names,
+                                tick=self.tick, cause="TOCK.digests does not name exactly "
+                                f"its nodes: {sorted(message.digests)}")
+            unknown = [p for p in message.sent if p not in self.expect_names or p == child.name]
+            if unknown:
+                child.failed = True
+                raise RunFailed(process=child.name, nodes=child.node_names, tick=self.tick,
+                                cause=f"TOCK.sent names no peer: {unknown}")
+            child.last_tock = message
+        elif isinstance(message, proto.Hello):
+            if tuple(message.nodes) != child.node_names:
+                child.failed = True
+                raise RunFailed(process=child.name, nodes=child.node_names, tick=None,
+                                cause=f"HELLO.nodes {message.nodes} differ from the plan")
+            child.hello = message
+        elif isinstance(message, proto.Bye):
+            child.bye = message
+        elif isinstance(message, proto.Error):
+            child.failed = True
+            nodes = (message.node,) if message.node else child.node_names
+            tick = message.tick if message.tick is not None else self._tick_of()
+            if message.code == "node-error":
+                cause = message.detail.strip().splitlines()[-1] if message.detail else "error"
+                raise NodeError(process=child.name, nodes=nodes, tick=tick, cause=cause,
+                                detail=message.detail)
+            raise RunFailed(process=child.name, nodes=nodes, tick=tick,
+                            cause=f"{message.code}: {message.detail}")
+
+    @property
+    def expect_names(self) -> set[str]:
+        names = getattr(self, "_names", None)
+        if names is None:
+            names = self._names = {child.name for child in self.children}
+        return names
+
+    def _tick_of(self) -> int | None:
+        return self.tick if self._ticking else None
+
+    def _reject_stranger(self, parts: list[bytes]) -> None:
+        """A frame from no child of ours: answer ERROR, count it, carry on."""
+        self.rejected += 1
+        if len(parts) != 2:
+            error: ClusterError = FrameError(f"expected one frame, got {len(parts) - 1}",
+                                             field="frame", code="multipart")
+        else:
+            try:
+                proto.decode(parts[1], allowed=(proto.Hello,))
+                error = ProtocolError("not a process of this run", field="HELLO.process",
+                                      code="unknown-peer")
+            except FrameError as exc:
+                error = exc
+        if self.rejected <= STRANGER_LIMIT:
+            self._reply_error(parts[0], error)
+
+    def _reply_error(self, identity: bytes, exc: ClusterError) -> None:
+        error = proto.Error(code=getattr(exc, "code", "error"), detail=str(exc),
+                            field=getattr(exc, "field", ""),
+                            tick=self._tick_of())
+        try:
+            self.router.send_multipart([identity, proto.encode(error)], NOBLOCK)
+        except ZMQError:
+            pass  # the peer is gone already; the rejection is counted
+
+    def _check_sentinels(self) -> None:
+        for child in self.children:
+            if child.process is not None and child.process.exitcode is not None \
+                    and child.bye is None:
+                # a last ERROR frame may be queued: read it first, it says more
+                self._receive_all()
+                child.failed = True
+                raise ProcessExited(process=child.name, nodes=child.node_names,
+                                    tick=self._tick_of(), exitcode=child.process.exitcode,
+                                    cause=describe_exitcode(child.process.exitcode))
+
+    def _timed_out(self, pending: list[ChildDoer], what: str) -> None:
+        child = pending[0]
+        for late in pending:
+            late.failed = True
+            _terminate(late.process)
+        if what == "TOCK":
+            raise TickTimeout(process=child.name, nodes=child.node_names, tick=self.tick,
+                              cause=f"no TOCK within the {self.topology.tick_timeout:g} s "
+                              "tick deadline (terminated)")
+        raise TickTimeout(process=child.name, nodes=child.node_names, tick=None,
+                          cause=f"no {what} within {START_TIMEOUT:g} s of start (terminated)")
+
+    # -- shutdown -----------------------------------------------------------
+    def shutdown(self) -> None:
+        """STOP every child, wait for BYE, reap every process, remove the run directory."""
+        try:
+            if self.router is not None:
+                self._stop_children()
+        finally:
+            for child in self.children:
+                _reap(child.process)
+            if self.context is not None:
+                self.context.close(linger=0)
+                self.context = None
+            if self.run_dir is not None:
+                shutil.rmtree(self.run_dir, ignore_errors=True)
+                self.run_dir = None
+        if self.failure is None:
+            self.result = self._result()
+
+    def _stop_children(self) -> None:
+        clean = self.failure is None
+        reason = "done" if clean else f"{type(self.failure).__name__}: {self.failure}"
+        stopping = []
+        for child in self.children:
+            if child.failed or not child.alive or child.machine.state in (
+                    proto.ParentState.CLOSED, proto.ParentState.ERROR):
+                continue
+            expect = self.expect.get(child.name, 0) if clean else None
+            try:
+                child.send(proto.Stop(reason=reason[:1000], expect=expect))
+                stopping.append(child)
+            except (ZMQError, ProtocolError):
+                child.failed = True
+        deadline = time.monotonic() + STOP_TIMEOUT
+        while any(c.bye is None and c.alive for c in stopping) and time.monotonic() < deadline:
+            for item in self.poller.poll(SLICE_S * 1000):  # type: ignore[union-attr]
+                if item is self.router:
+                    try:
+                        self._receive_all()
+                    except ClusterError as exc:
+                        if self.failure is None:
+                            self.failure = exc
+                            raise
+
+    def _result(self) -> RunResult:
+        stats: Counter[str] = Counter()
+        for child in self.children:
+            if child.bye is not None:
+                stats.update(child.bye.stats)
+        return RunResult(
+            topology=self.topology.name, ticks=self.tick, digest=self.digest.hex(),
+            processes=len(self.children), nodes=len(self.topology.nodes),
+            seconds=(time.perf_counter() - self._ticking) if self._ticking else 0.0,
+            startup_seconds=(self._ticking - self._started) if self._ticking else 0.0,
+            messages=self.messages, undelivered=stats["undelivered"], unread=stats["unread"],
+            rejected_frames=self.rejected + stats["rejected"], tick_digests=self.tick_digests)
+
+
+def _terminate(process: Any) -> None:
+    if process is not None and process.exitcode is None:
+        try:
+            process.terminate()
+        except (OSError, ValueError):
+            pass
+
+
+def _reap(process: Any) -> None:
+    """Join ``process``; SIGTERM then SIGKILL if it will not exit."""
+    if process is None or process._popen is None:
+        return
+    process.join(KILL_GRACE_S)
+    if process.exitcode is None:
+        process.terminate()
+        process.join(KILL_GRACE_S)
+    if process.exitcode is None:
+        process.kill()
+        process.join()
+
+
+def run(topology: Topology, *, processes: int | None = None, app_dir: str | None = None,
+        on_tick: Callable[[int, int], None] | None = None, keep_digests: bool = False,
+        handle_signals: bool = True,
+        worker_target: Callable[[worker.WorkerSpec], None] = worker.main) -> RunResult:
+    """Run ``topology`` to completion in lockstep and return its result.
+
+    Args:
+        topology: a validated topology (see :func:`hiocluster.topology.load`).
+        processes: spread nodes over this many processes (None: the file's placement).
+        app_dir: directory to import node classes from (default: cwd).
+        on_tick: progress callback ``(done, total)``.
+        keep_digests: also return every tick's run digest.
+        handle_signals: on the main thread, turn SIGINT/SIGTERM into a clean stop.
+
+    Raises:
+        TopologyError: the plan is impossible (e.g. more processes than nodes).
+        RunFailed: a process failed (NodeError, TickTimeout, ProcessExited...).
+        Interrupted: a signal stopped the run; every process was shut down.
+    """
+    plan = make_plan(topology, processes)
+    supervisor = Supervisor(topology, plan, app_dir=app_dir, on_tick=on_tick,
+                            keep_digests=keep_digests, worker_target=worker_target)
+    doist = Doist(tock=topology.tock, real=False, doers=[supervisor])
+    restore = {}
+    if handle_signals and threading.current_thread() is threading.main_thread():
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            restore[signum] = signal.signal(signum, lambda s, f: supervisor.interrupt(s))
+    try:
+        doist.enter()
+        while doist.deeds:
+            doist.recur()
+    finally:
+        doist.exit()
+        for signum, handler in restore.items():
+            signal.signal(signum, handler)
+    if supervisor.result is None:  # pragma: no cover - failures raise above
+        raise RuntimeError("run ended without a result")
+    return supervisor.result

@@ -1,0 +1,566 @@
+"""Topology files: TOML text -> validated, immutable dataclasses -> placement plan.
+
+Owns the topology file format (``[run]``, ``[nodes.*]``, ``[[links]]``,
+``[placement]``), its validation with errors that name the key path and, where it
+can be found, the line; ``count`` expansion of nodes, glob expansion of links and
+their canonical ids; and the mapping of nodes onto processes (:func:`plan`).
+
+Imports only the stdlib and hiocluster.errors at module level; never zmq, msgpack
+or hio. ``hiocluster.node`` is imported inside :func:`resolve_classes` only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import difflib
+import fnmatch
+import math
+import os
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hiocluster.errors import TopologyError
+
+__all__ = [
+    "NodeSpec",
+    "LinkSpec",
+    "Topology",
+    "ProcessSpec",
+    "Plan",
+    "loads",
+    "load",
+    "plan",
+    "resolve_classes",
+]
+
+NODE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_-]{0,63}")
+BOX_NAME = NODE_NAME
+PROCESS_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")
+_DOTTED = r"[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*"
+CLASS_PATH = re.compile(f"{_DOTTED}:{_DOTTED}")
+_PATTERN = re.compile(r"[A-Za-z0-9_*?\[\]!-]+")
+MAX_COUNT = 1000
+SEED_LIMIT = 2**63
+
+_RUN_DEFAULTS: dict[str, int | float] = {
+    "ticks": 100, "tock": 1.0, "t0": 0.0, "seed": 0, "tick_timeout": 30.0, "capacity": 1024,
+}
+
+
+@dataclass(frozen=True)
+class NodeSpec:
+    """One node: its unique name, its class as ``"module:attr"`` and its params.
+
+    ``table`` is the ``[nodes.<table>]`` key that declared it (differs from
+    ``name`` when ``count`` expanded it); empty when built by hand.
+    """
+
+    name: str
+    cls: str
+    params: dict[str, Any] = field(default_factory=dict, hash=False)
+    table: str = field(default="", repr=False, compare=False)
+
+
+@dataclass(frozen=True)
+class LinkSpec:
+    """A directed link ``source.outbox -> target.inbox``; ``id`` is its canonical rank.
+
+    ``entry`` is the index of the ``[[links]]`` table that made it (-1 if none).
+    """
+
+    id: int
+    source: str
+    outbox: str
+    target: str
+    inbox: str
+    capacity: int
+    entry: int = field(default=-1, repr=False, compare=False)
+
+    @property
+    def label(self) -> str:
+        """``"a.out -> b.in"``."""
+        return f"{self.source}.{self.outbox} -> {self.target}.{self.inbox}"
+
+
+@dataclass(frozen=True)
+class Topology:
+    """A validated topology. Nodes keep declaration order; links are canonical.
+
+    ``source`` keeps the TOML text so later errors (see resolve_classes) can
+    name a line.
+    """
+
+    name: str
+    path: str | None
+    ticks: int
+    tock: float
+    t0: float
+    seed: int
+    tick_timeout: float
+    capacity: int
+    nodes: tuple[NodeSpec, ...]
+    links: tuple[LinkSpec, ...]
+    placement: tuple[tuple[str, tuple[str, ...]], ...] | None
+    source: str | None = field(default=None, repr=False, compare=False)
+    _by_name: dict[str, NodeSpec] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_by_name", {node.name: node for node in self.nodes})
+
+    def node(self, name: str) -> NodeSpec:
+        """Return the node called ``name``. Raises KeyError if there is none."""
+        try:
+            return self._by_name[name]
+        except KeyError:
+            raise KeyError(f"no node named {name!r}") from None
+
+    def replace(self, **changes: Any) -> Topology:
+        """Return a copy with ``changes`` applied; run settings are re-validated.
+
+        Raises:
+            TopologyError: a run setting is invalid (key path ``run.<key>``).
+        """
+        try:
+            for key in _RUN_DEFAULTS:
+                if key in changes:
+                    changes[key] = _run_value(key, changes[key])
+        except TopologyError as exc:
+            _place(exc, None, self.path)
+            raise
+        return dataclasses.replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class ProcessSpec:
+    """One OS process and the nodes it hosts, in declaration order."""
+
+    name: str
+    nodes: tuple[NodeSpec, ...]
+
+    @property
+    def node_names(self) -> tuple[str, ...]:
+        return tuple(node.name for node in self.nodes)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Which process hosts which node. Every node is in exactly one process."""
+
+    processes: tuple[ProcessSpec, ...]
+    _index: dict[str, str] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        index: dict[str, str] = {}
+        names: set[str] = set()
+        for process in self.processes:
+            if process.name in names:
+                raise TopologyError(f"duplicate process name {process.name!r}",
+                                    key_path="placement")
+            names.add(process.name)
+            for node in process.nodes:
+                if node.name in index:
+                    raise TopologyError(f"node {node.name!r} is in processes "
+                                        f"{index[node.name]!r} and {process.name!r}",
+                                        key_path="placement")
+                index[node.name] = process.name
+        object.__setattr__(self, "_index", index)
+
+    def process_of(self, node: str) -> str:
+        """Return the name of the process hosting ``node``. Raises KeyError."""
+        try:
+            return self._index[node]
+        except KeyError:
+            raise KeyError(f"no node named {node!r}") from None
+
+    @property
+    def node_to_process(self) -> dict[str, str]:
+        """A fresh ``{node: process}`` dict."""
+        return dict(self._index)
+
+
+# --- value checks: each raises TopologyError(key_path=...) without a line ---------
+
+def _err(message: str, key_path: str) -> TopologyError:
+    return TopologyError(message, key_path=key_path)
+
+
+def _type_name(value: object) -> str:
+    names = {bool: "bool", dict: "table", list: "array", datetime.datetime: "datetime",
+             datetime.date: "date", datetime.time: "time"}
+    return names.get(type(value), type(value).__name__)
+
+
+def _int(value: object, key_path: str, low: int, high: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _err(f"expected int, got {_type_name(value)}", key_path)
+    if value < low or (high is not None and value > high):
+        bound = f">= {low}" if high is None else f"in {low}..{high}"
+        raise _err(f"must be {bound}, got {value}", key_path)
+    return value
+
+
+def _number(value: object, key_path: str, *, positive: bool) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise _err(f"expected number, got {_type_name(value)}", key_path)
+    try:
+        number = float(value)
+    except OverflowError:
+        number = math.inf
+    if not math.isfinite(number):
+        raise _err(f"must be finite, got {value}", key_path)
+    if positive and number <= 0:
+        raise _err(f"must be > 0, got {value}", key_path)
+    return number
+
+
+def _str(value: object, key_path: str) -> str:
+    if not isinstance(value, str):
+        raise _err(f"expected str, got {_type_name(value)}", key_path)
+    return value
+
+
+def _table(value: object, key_path: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise _err(f"expected table, got {_type_name(value)}", key_path)
+    return value
+
+
+def _array(value: object, key_path: str) -> list[Any]:
+    if not isinstance(value, list):
+        raise _err(f"expected array, got {_type_name(value)}", key_path)
+    return value
+
+
+def _join(prefix: str, key: str) -> str:
+    return f"{prefix}.{key}" if prefix else key
+
+
+def _keys(table: dict[str, Any], allowed: tuple[str, ...], prefix: str,
+          required: tuple[str, ...] = ()) -> None:
+    for key in table:
+        if key not in allowed:
+            message = f"unknown key {key!r}"
+            close = difflib.get_close_matches(key, allowed, n=1)
+            if close:
+                message += f"; did you mean {close[0]!r}?"
+            raise _err(message, _join(prefix, key))
+    for key in required:
+        if key not in table:
+            raise _err(f"missing required key {key!r}", prefix)
+
+
+def _run_value(key: str, value: object) -> int | float:
+    key_path = f"run.{key}"
+    if key in ("ticks", "capacity"):
+        return _int(value, key_path, 1)
+    if key == "seed":
+        return _int(value, key_path, 0, SEED_LIMIT - 1)
+    return _number(value, key_path, positive=key != "t0")
+
+
+def _plain(value: object, key_path: str) -> Any:
+    """Deep-copy a params value, rejecting TOML dates and times."""
+    if isinstance(value, dict):
+        return {key: _plain(item, _join(key_path, key)) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_plain(item, f"{key_path}[{i}]") for i, item in enumerate(value)]
+    if isinstance(value, (datetime.date, datetime.time)):  # datetime is a date
+        raise _err(f"{_type_name(value)} values are not allowed in params", key_path)
+    return value
+
+
+def _name(value: str, pattern: re.Pattern[str], what: str, key_path: str) -> str:
+    if not pattern.fullmatch(value):
+        raise _err(f"invalid {what} name {value!r}: must match {pattern.pattern}", key_path)
+    return value
+
+
+def _is_glob(pattern: str) -> bool:
+    return any(char in pattern for char in "*?[")
+
+
+def _match(pattern: str, names: list[str], key_path: str) -> list[str]:
+    if _is_glob(pattern):
+        matched = [name for name in names if fnmatch.fnmatchcase(name, pattern)]
+        if not matched:
+            raise _err(f"pattern {pattern!r} matches no node", key_path)
+        return matched
+    if pattern not in names:
+        message = f"no node named {pattern!r}"
+        close = difflib.get_close_matches(pattern, names, n=1)
+        if close:
+            message += f"; did you mean {close[0]!r}?"
+        raise _err(message, key_path)
+    return [pattern]
+
+
+def _endpoint(value: object, key_path: str) -> tuple[str, str]:
+    text = _str(value, key_path)
+    node, dot, box = text.rpartition(".")
+    if not dot or not _PATTERN.fullmatch(node):
+        raise _err(f"expected 'node.box', got {text!r}", key_path)
+    return node, _name(box, BOX_NAME, "box", key_path)
+
+
+# --- the sections -----------------------------------------------------------------
+
+def _run(document: dict[str, Any]) -> dict[str, int | float]:
+    run = _table(document.get("run", {}), "run")
+    _keys(run, tuple(_RUN_DEFAULTS), "run")
+    return {key: _run_value(key, run.get(key, default)) for key, default in _RUN_DEFAULTS.items()}
+
+
+def _nodes(document: dict[str, Any]) -> tuple[NodeSpec, ...]:
+    raw = _table(document.get("nodes", {}), "nodes")
+    if not raw:
+        raise _err("at least one node is required", "nodes")
+    declared_by: dict[str, str] = {}
+    nodes: list[NodeSpec] = []
+    for key, body in raw.items():
+        key_path = f"nodes.{key}"
+        _name(key, NODE_NAME, "node", key_path)
+        _keys(_table(body, key_path), ("class", "params", "count"), key_path, ("class",))
+        cls = _str(body["class"], f"{key_path}.class")
+        if not CLASS_PATH.fullmatch(cls):
+            raise _err(f"expected 'module.path:attr', got {cls!r}", f"{key_path}.class")
+        params = _table(body.get("params", {}), f"{key_path}.params")
+        names = [key]
+        if "count" in body:
+            count = _int(body["count"], f"{key_path}.count", 1, MAX_COUNT)
+            width = len(str(count - 1))
+            names = [f"{key}{i:0{width}d}" for i in range(count)]
+        for name in names:
+            _name(name, NODE_NAME, "node", key_path)
+            if name in declared_by:
+                raise _err(f"duplicate node name {name!r} (also declared by "
+                           f"{declared_by[name]})", key_path)
+            declared_by[name] = key_path
+            nodes.append(NodeSpec(name, cls, _plain(params, f"{key_path}.params"), table=key))
+    return tuple(nodes)
+
+
+def _links(document: dict[str, Any], names: list[str], capacity: int) -> tuple[LinkSpec, ...]:
+    made: dict[tuple[str, str, str, str], tuple[int, int]] = {}
+    for i, entry in enumerate(_array(document.get("links", []), "links")):
+        key_path = f"links[{i}]"
+        _keys(_table(entry, key_path), ("from", "to", "capacity"), key_path, ("from", "to"))
+        source_pattern, outbox = _endpoint(entry["from"], f"{key_path}.from")
+        target_pattern, inbox = _endpoint(entry["to"], f"{key_path}.to")
+        link_capacity = _int(entry.get("capacity", capacity), f"{key_path}.capacity", 1)
+        sources = _match(source_pattern, names, f"{key_path}.from")
+        targets = _match(target_pattern, names, f"{key_path}.to")
+        globbed = _is_glob(source_pattern) or _is_glob(target_pattern)
+        pairs = [(s, t) for s in sources for t in targets if not (globbed and s == t)]
+        if not pairs:
+            raise _err("makes no link: globs never link a node to itself", key_path)
+        for source, target in pairs:
+            key = (source, outbox, target, inbox)
+            if key in made:
+                raise _err(f"duplicate link {source}.{outbox} -> {target}.{inbox} "
+                           f"(also made by links[{made[key][0]}])", key_path)
+            made[key] = (i, link_capacity)
+    return tuple(LinkSpec(n, *key, capacity=made[key][1], entry=made[key][0])
+                 for n, key in enumerate(sorted(made)))
+
+
+def _placement(document: dict[str, Any],
+               names: list[str]) -> tuple[tuple[str, tuple[str, ...]], ...] | None:
+    if "placement" not in document:
+        return None
+    raw = _table(document["placement"], "placement")
+    if not raw:
+        raise _err("no processes listed", "placement")
+    order = {name: i for i, name in enumerate(names)}
+    placed_in: dict[str, str] = {}
+    result: list[tuple[str, tuple[str, ...]]] = []
+    for process, entries in raw.items():
+        key_path = f"placement.{process}"
+        _name(process, PROCESS_NAME, "process", key_path)
+        if not _array(entries, key_path):
+            raise _err(f"process {process!r} has no nodes", key_path)
+        members: list[str] = []
+        for j, pattern in enumerate(entries):
+            for node in _match(_str(pattern, f"{key_path}[{j}]"), names, key_path):
+                if node in placed_in:
+                    raise _err(f"node {node!r} is placed twice: in {placed_in[node]} "
+                               f"and {key_path}", key_path)
+                placed_in[node] = key_path
+                members.append(node)
+        result.append((process, tuple(sorted(members, key=order.__getitem__))))
+    missing = [name for name in names if name not in placed_in]
+    if missing:
+        raise _err(f"not placed in any process: {', '.join(missing)}", "placement")
+    return tuple(result)
+
+
+# --- line numbers (best effort: tomllib reports none for valid TOML) ---------------
+
+_HEADER = re.compile(r"\s*(\[\[?)([^\[\]]+)\]\]?\s*(?:#.*)?$")
+_KEY = re.compile(r"""\s*("[^"]*"|'[^']*'|[A-Za-z0-9_-]+)\s*[=.]""")
+
+
+def _split_key_path(key_path: str) -> list[str | int]:
+    return [int(index) if index else name
+            for name, index in re.findall(r"([^.\[\]]+)|\[(\d+)\]", key_path)]
+
+
+def _bare(part: str) -> str:
+    return part.strip().strip("\"'")
+
+
+def _locate(text: str | None, key_path: str) -> int | None:
+    """Return the 1-based line that defines ``key_path`` in ``text``, if found."""
+    if not text or not key_path:
+        return None
+    want = _split_key_path(key_path)
+    lines = text.splitlines()
+    sections: list[tuple[tuple[str | int, ...], int]] = [((), -1)]
+    seen_arrays: dict[tuple[str | int, ...], int] = {}
+    for number, line in enumerate(lines):
+        match = _HEADER.match(line)
+        if match:
+            names: tuple[str | int, ...] = tuple(_bare(p) for p in match[2].split("."))
+            if match[1] == "[[":
+                index = seen_arrays[names] = seen_arrays.get(names, -1) + 1
+                names += (index,)
+            sections.append((names, number))
+    for depth in range(len(want), -1, -1):
+        for position, (names, start) in enumerate(sections):
+            if list(names) != want[:depth]:
+                continue
+            if depth == len(want):
+                return start + 1 if start >= 0 else None
+            key = want[depth]
+            end = sections[position + 1][1] if position + 1 < len(sections) else len(lines)
+            for number in range(start + 1, end):
+                match = _KEY.match(lines[number])
+                if match and _bare(match[1]) == key:
+                    return number + 1
+    return None
+
+
+def _place(exc: TopologyError, text: str | None, path: str | None) -> None:
+    """Fill in the line and path of an error raised by the checks above."""
+    if exc.line is None:
+        exc.line = _locate(text, exc.key_path)
+    exc.path = exc.path or path
+    exc.args = (str(exc),)
+
+
+# --- public API -----------------------------------------------------------------
+
+def loads(text: str, *, path: str | None = None) -> Topology:
+    """Parse and validate topology TOML ``text`` (``path`` only names it in errors).
+
+    Raises:
+        TopologyError: invalid TOML or an invalid topology; carries key path and line.
+    """
+    try:
+        document = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        found = re.search(r"at line (\d+), column (\d+)", str(exc))
+        line = int(found[1]) if found else (text.count("\n") + 1 if "end of document" in str(exc)
+                                            else None)
+        raise TopologyError(f"invalid TOML: {exc}", line=line, path=path) from exc
+    try:
+        _keys(document, ("run", "nodes", "links", "placement"), "")
+        run = _run(document)
+        nodes = _nodes(document)
+        names = [node.name for node in nodes]
+        links = _links(document, names, int(run["capacity"]))
+        placement = _placement(document, names)
+    except TopologyError as exc:
+        _place(exc, text, path)
+        raise
+    return Topology(
+        name=Path(path).stem if path else "<string>", path=path,
+        ticks=int(run["ticks"]), tock=float(run["tock"]), t0=float(run["t0"]),
+        seed=int(run["seed"]), tick_timeout=float(run["tick_timeout"]),
+        capacity=int(run["capacity"]), nodes=nodes, links=links, placement=placement,
+        source=text,
+    )
+
+
+def load(path: str | os.PathLike[str]) -> Topology:
+    """Read and validate the topology file at ``path``. Raises TopologyError."""
+    name = os.fspath(path)
+    try:
+        text = Path(name).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise TopologyError("no such file", path=name) from None
+    except UnicodeDecodeError as exc:
+        raise TopologyError(f"not a TOML file: not UTF-8 text ({exc.reason})", path=name) from exc
+    except OSError as exc:
+        raise TopologyError(exc.strerror or str(exc), path=name) from exc
+    return loads(text, path=name)
+
+
+def plan(topology: Topology, processes: int | None = None) -> Plan:
+    """Map nodes onto processes.
+
+    ``processes`` None uses the topology's ``[placement]``, or else one process
+    per node named after it. An int P spreads nodes in declaration order over
+    processes ``p0..p{P-1}`` in contiguous blocks (node i -> process i*P//n).
+
+    Raises:
+        TopologyError: P is not in 1..number of nodes (key path ``--processes``).
+    """
+    nodes = topology.nodes
+    if processes is None:
+        if topology.placement is None:
+            return Plan(tuple(ProcessSpec(node.name, (node,)) for node in nodes))
+        return Plan(tuple(ProcessSpec(name, tuple(topology.node(n) for n in members))
+                          for name, members in topology.placement))
+    try:
+        count = _int(processes, "--processes", 1, len(nodes))
+    except TopologyError as exc:
+        exc.message += f" (the topology has {len(nodes)} nodes)"
+        _place(exc, None, topology.path)
+        raise
+    blocks: list[list[NodeSpec]] = [[] for _ in range(count)]
+    for i, node in enumerate(nodes):
+        blocks[i * count // len(nodes)].append(node)
+    return Plan(tuple(ProcessSpec(f"p{j}", tuple(block)) for j, block in enumerate(blocks)))
+
+
+def resolve_classes(topology: Topology, app_dir: str | None = None) -> dict[str, type]:
+    """Import every node's class and check each link's boxes exist on it.
+
+    ``app_dir`` (default: the current directory) goes at the front of sys.path
+    if absent, like uvicorn's ``--app-dir``.
+
+    Returns:
+        ``{node name: class}`` in declaration order.
+    Raises:
+        TopologyError: naming ``nodes.<name>.class`` or ``links[i].from``/``.to``.
+    """
+    from hiocluster.node import load_class  # deferred: node imports the runtime stack
+
+    try:
+        cache: dict[str, type] = {}
+        classes: dict[str, type] = {}
+        for node in topology.nodes:
+            if node.cls not in cache:
+                key_path = f"nodes.{node.table or node.name}.class"
+                try:
+                    cache[node.cls] = load_class(node.cls, app_dir)
+                except ImportError as exc:
+                    raise _err(str(exc), key_path) from exc
+            classes[node.name] = cache[node.cls]
+        for link in topology.links:
+            entry = link.entry if link.entry >= 0 else link.id
+            for end, node_name, box, kind in (("from", link.source, link.outbox, "outbox"),
+                                              ("to", link.target, link.inbox, "inbox")):
+                boxes = tuple(getattr(classes[node_name], f"{kind}es", ()))
+                if box not in boxes:
+                    raise _err(f"node {node_name!r} ({topology.node(node_name).cls}) has no "
+                               f"{kind} {box!r}; it has: {', '.join(boxes) or 'none'}",
+                               f"links[{entry}].{end}")
+    except TopologyError as exc:
+        _place(exc, topology.source, topology.path)
+        raise
+    return classes

@@ -1,0 +1,394 @@
+"""The child process: one local hio Doist hosting some nodes, speaking the protocol.
+
+Per TICK n the worker (1) waits for the data frames of tick n-1 that the TICK
+says to expect, (2) delivers their messages into inboxes in canonical order and
+returns credit, (3) runs ``Doist.recur()`` once at tyme t0 + n·tock, (4) sends
+one DATA frame per destination process, (5) answers TOCK with node digests.
+
+Imports: hio, node, transport, protocol, errors. Never topology or supervisor.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import traceback
+from dataclasses import dataclass, field
+from operator import itemgetter
+from typing import Any
+
+import psutil
+from hio.base.doing import Doist
+
+from . import protocol as proto
+from .errors import ClusterError, FrameError, ProtocolError
+from .node import Link, Node, load_class
+from .transport import Context, Poller, bound_address
+
+__all__ = ["WorkerSpec", "main", "POLL_MS"]
+
+#: How often an idle worker checks that its supervisor is still alive.
+POLL_MS = 200
+#: Traceback lines sent up with a node failure.
+TRACEBACK_LINES = 12
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """Everything a child needs before it can say HELLO (pickled to the child)."""
+
+    process: str
+    control_address: str
+    data_bind: str                                  # ipc://... or tcp://host:*
+    nodes: tuple[tuple[str, str, dict], ...]        # (name, "module:attr", params)
+    app_dir: str | None = None
+    parent_pid: int = 0
+    parent_started: float = 0.0                     # psutil create_time of the parent
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class _Terminated(BaseException):
+    """SIGTERM arrived: leave through the exit contexts."""
+
+
+class _ParentGone(BaseException):
+    """The supervisor vanished: leave through the exit contexts."""
+
+
+class _Stopped(Exception):
+    """A STOP arrived while waiting for data frames."""
+
+    def __init__(self, stop: proto.Stop) -> None:
+        self.stop = stop
+
+
+class NodeFailed(ClusterError):
+    """A node raised (or produced something unsendable) during a tick."""
+
+    def __init__(self, node: str, tick: int, detail: str) -> None:
+        self.node, self.tick, self.detail = node, tick, detail
+        super().__init__(f"node {node} failed at tick {tick}")
+
+
+def main(spec: WorkerSpec) -> None:
+    """multiprocessing target: run a worker and exit with its status."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides when we stop
+
+    def on_term(signum: int, frame: Any) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise _Terminated()
+
+    signal.signal(signal.SIGTERM, on_term)
+    sys.exit(Worker(spec).run())
+
+
+class Worker:
+    """One child process's lifetime: HELLO, SETUP, ticks, STOP, BYE."""
+
+    def __init__(self, spec: WorkerSpec) -> None:
+        self.spec = spec
+        self.process = spec.process
+        self.machine = proto.ChildMachine(spec.process)
+        self.nodes: list[Node] = []
+        self.doist: Doist | None = None
+        self.entered = False
+        self.tick = -1
+        self.links: dict[int, Link] = {}
+        self.out_links: list[Link] = []
+        self.in_links: list[Link] = []
+        self.inbox_of: dict[int, Any] = {}
+        self.peers: dict[str, Any] = {}        # process → PUSH socket
+        self.addresses: dict[str, str] = {}
+        self.early: dict[int, list[proto.Data]] = {}  # tick → frames that came early
+        self.seen: dict[int, set[str]] = {}           # tick → sources already received
+        self.local: proto.Data | None = None
+        self.rejected = 0
+        self.undelivered = 0
+        self._parent: psutil.Process | None = None
+
+    # -- lifetime ---------------------------------------------------------
+    def run(self) -> int:
+        self.context = Context()
+        control = None
+        try:
+            control = self.control = self.context.dealer(self.spec.control_address,
+                                                         self.process)
+            self.data = self.context.pull(self.spec.data_bind)
+            self.poller = Poller([self.data, self.control])
+            classes = self._import()
+            control.send(self.machine.send(proto.Hello(
+                process=self.process, pid=os.getpid(), data_address=bound_address(self.data),
+                nodes=[name for name, _, _ in self.spec.nodes])))
+            message = self._next_control()
+            if isinstance(message, proto.Setup):
+                self._setup(message, classes)
+                control.send(self.machine.send(proto.Ready()))
+                message = self._loop()
+            if isinstance(message, proto.Stop):
+                self._stop(message)
+                self._exit_nodes()
+                control.send(self.machine.send(proto.Bye(stats=self._stats())))
+                self.context.close()
+                return 0
+            return self._fail("protocol", f"unexpected {message.TYPE}")
+        except NodeFailed as exc:
+            return self._fail("node-error", exc.detail, node=exc.node)
+        except FrameError as exc:
+            return self._fail(exc.code, str(exc), field=exc.field)
+        except ProtocolError as exc:
+            return self._fail(exc.code, str(exc), field=exc.field)
+        except _Terminated:
+            return self._fail("terminated", "SIGTERM", code_out=143)
+        except _ParentGone:
+            return self._fail("orphaned", "supervisor vanished", code_out=3, tell=False)
+        except Exception:
+            return self._fail("worker-error", _tail(traceback.format_exc()))
+
+    def _fail(self, code: str, detail: str, *, node: str | None = None, field: str = "",
+              code_out: int = 1, tell: bool = True) -> int:
+        """Run exit contexts, tell the supervisor what happened, close, return the exit code."""
+        try:
+            self._exit_nodes()
+        except Exception:
+            detail += "\nwhile exiting nodes:\n" + _tail(traceback.format_exc())
+        if tell and getattr(self, "control", None) is not None:
+            error = proto.Error(code=code, detail=detail, field=field,
+                                tick=self.tick if self.tick >= 0 else None, node=node)
+            try:
+                self.control.send(proto.encode(error))
+            except Exception:
+                pass  # the supervisor also sees our exit code; nothing else to tell
+        self.context.close(linger=500)
+        return code_out
+
+    def _exit_nodes(self) -> None:
+        if self.doist is not None and self.entered:
+            self.entered = False
+            self.doist.exit()
+
+    # -- start-up ---------------------------------------------------------
+    def _import(self) -> dict[str, type]:
+        classes = {}
+        for name, path, _ in self.spec.nodes:
+            try:
+                classes[name] = load_class(path, self.spec.app_dir)
+            except ImportError as exc:
+                raise NodeFailed(name, -1, str(exc)) from None
+        return classes
+
+    def _setup(self, setup: proto.Setup, classes: dict[str, type]) -> None:
+        self.t0, self.tock = float(setup.t0), float(setup.tock)
+        self.addresses = setup.addresses
+        for name, path, params in self.spec.nodes:
+            try:
+                self.nodes.append(classes[name](name, params, seed=setup.seed))
+            except Exception:
+                raise NodeFailed(name, -1, _tail(traceback.format_exc())) from None
+        by_name = {node.name: node for node in self.nodes}
+        placement = setup.placement
+        for link_id, source, outbox, target, inbox, capacity in setup.links:
+            link = Link(link_id, source, outbox, target, inbox, capacity,
+                        placement[source], placement[target])
+            if source in by_name:
+                by_name[source].outbox[outbox]._attach(link)
+                self.out_links.append(link)
+            if target in by_name:
+                self.inbox_of[link_id] = by_name[target].inbox[inbox]
+                self.in_links.append(link)
+            self.links[link_id] = link
+        for peer in sorted({link.target_process for link in self.out_links}
+                           | {link.source_process for link in self.in_links}):
+            if peer != self.process:
+                self.peers[peer] = self.context.push(self.addresses[peer])
+        self.doist = Doist(tock=self.tock, real=False, doers=list(self.nodes))
+        self.doist.tyme = self.t0
+        self.entered = True
+        self.doist.enter()
+
+    # -- ticking ----------------------------------------------------------
+    def _loop(self) -> proto.Message:
+        machine, control = self.machine, self.control
+        while True:
+            message = self._next_control()
+            if type(message) is not proto.Tick:
+                return message
+            try:
+                self._tick(message)
+            except _Stopped as stopped:
+                return stopped.stop
+            control.send(machine.send(proto.Tock(
+                n=message.n, sent=self._sent,
+                digests={node.name: node.digest() for node in self.nodes},
+                stats={"messages": self._messages, "rejected": self.rejected})))
+
+    def _tick(self, tick: proto.Tick) -> None:
+        n = self.tick = tick.n
+        self._deliver(self._collect(n - 1, tick.expect))
+        for node in self.nodes:
+            node.tick = n
+        doist = self.doist
+        assert doist is not None
+        doist.tyme = self.t0 + n * self.tock
+        try:
+            doist.recur()
+        except Exception as exc:
+            node = getattr(exc, "hiocluster_node", "?")
+            raise NodeFailed(node, n, _tail(traceback.format_exc())) from exc
+        self._send(n)
+
+    def _collect(self, tick: int, expect: int) -> list[proto.Data]:
+        """The data frames of ``tick`` (remote ones, then ours), waiting as needed."""
+        frames = self.early.pop(tick, [])
+        while len(frames) < expect:
+            ready = self.poller.poll(POLL_MS)
+            if not ready:
+                self._check_parent()
+                continue
+            if self.control in ready:
+                message = self.machine.receive(self.control.recv())
+                if isinstance(message, proto.Stop):
+                    raise _Stopped(message)
+            if self.data in ready:
+                frame = self._accept(self.data.recv(copy=True), tick)
+                if frame is not None:
+                    frames.append(frame)
+        self.seen.pop(tick, None)
+        if self.local is not None:
+            frames.append(self.local)
+            self.local = None
+        return frames
+
+    def _accept(self, raw: bytes, current: int) -> proto.Data | None:
+        """Validate one data frame; frames of the next tick wait in ``early``."""
+        try:
+            frame = proto.decode(raw, limit=proto.MAX_DATA_FRAME, allowed=(proto.Data,))
+            assert isinstance(frame, proto.Data)
+            self._validate(frame, current)
+        except FrameError as exc:
+            self.rejected += 1
+            print(f"hiocluster worker {self.process}: rejected a data frame at tick "
+                  f"{current + 1}: {exc}", file=sys.stderr, flush=True)
+            return None
+        self.seen.setdefault(frame.tick, set()).add(frame.source)
+        if frame.tick == current:
+            return frame
+        self.early.setdefault(frame.tick, []).append(frame)
+        return None
+
+    def _validate(self, frame: proto.Data, current: int) -> None:
+        if frame.tick not in (current, current + 1):
+            raise FrameError(f"frame of tick {frame.tick} while collecting tick {current}"
+                             + (" (a tick from the past)" if frame.tick < current else ""),
+                             field="DATA.tick", code="stale-tick")
+        if frame.source not in self.peers:
+            raise FrameError(f"{frame.source!r} is not a peer", field="DATA.source")
+        if frame.source in self.seen.get(frame.tick, ()):
+            raise FrameError(f"second frame from {frame.source} for tick {frame.tick}",
+                             field="DATA.source", code="duplicate")
+        links, me, source = self.links, self.process, frame.source
+        for index, row in enumerate(frame.messages):
+            link = links.get(row[0])
+            if link is None or link.source_process != source or link.target_process != me:
+                raise FrameError(f"link {row[0]} does not run {source} -> {me}",
+                                 field=f"DATA.messages[{index}][0]", code="bad-link")
+        for index, (link_id, _) in enumerate(frame.acks):
+            link = links.get(link_id)
+            if link is None or link.source_process != me or link.target_process != source:
+                raise FrameError(f"link {link_id} does not run {me} -> {source}",
+                                 field=f"DATA.acks[{index}][0]", code="bad-link")
+
+    def _deliver(self, frames: list[proto.Data]) -> None:
+        links, inbox_of = self.links, self.inbox_of
+        entries = []
+        for frame in frames:
+            for link_id, count in frame.acks:
+                links[link_id].acked += count
+            for link_id, sequence, payload in frame.messages:
+                link = links[link_id]
+                entries.append((link.source, sequence, link, payload))
+        if entries:
+            entries.sort(key=itemgetter(0, 1))
+            for _, _, link, payload in entries:
+                inbox_of[link.id]._deliver(link, payload)
+
+    def _send(self, tick: int) -> None:
+        """One DATA frame per destination process: messages and returned credit."""
+        batches: dict[str, proto.Data] = {}
+        count = 0
+        for link in self.out_links:
+            if link.pending:
+                frame = batches.get(link.target_process)
+                if frame is None:
+                    frame = batches[link.target_process] = proto.Data(tick, self.process, [], [])
+                frame.messages.extend([link.id, sequence, payload]
+                                      for sequence, payload in link.pending)
+                count += len(link.pending)
+                link.pending.clear()
+        for link in self.in_links:
+            if link.taken:
+                frame = batches.get(link.source_process)
+                if frame is None:
+                    frame = batches[link.source_process] = proto.Data(tick, self.process, [], [])
+                frame.acks.append([link.id, link.taken])
+                link.taken = 0
+        self._messages = count
+        local = batches.pop(self.process, None)
+        if local is not None:
+            # through msgpack and back, so local payloads look exactly like remote ones
+            self.local = proto.decode(self._encode(local), limit=proto.MAX_DATA_FRAME,
+                                      allowed=(proto.Data,))  # type: ignore[assignment]
+        for peer in sorted(batches):
+            self.peers[peer].send(self._encode(batches[peer]), copy=False)
+        self._sent = sorted(batches)
+
+    def _encode(self, frame: proto.Data) -> bytes:
+        try:
+            return proto.encode(frame)
+        except FrameError:
+            for link_id, _, payload in frame.messages:
+                try:
+                    proto.encode(proto.Data(0, self.process, [[0, 0, payload]], []))
+                except FrameError as exc:
+                    link = self.links[link_id]
+                    raise NodeFailed(link.source, frame.tick,
+                                     f"cannot send on link {link.label} at tick {frame.tick}: "
+                                     f"{exc.__cause__ or exc}") from exc
+            raise
+
+    # -- stopping ---------------------------------------------------------
+    def _stop(self, stop: proto.Stop) -> None:
+        """Drain the last tick's frames (counted as undelivered, never dropped unseen)."""
+        if stop.expect is None:
+            return
+        frames = self._collect(self.tick, stop.expect)
+        self.undelivered = sum(len(frame.messages) for frame in frames)
+
+    def _stats(self) -> dict[str, int]:
+        unread = sum(len(box) for node in self.nodes for box in node.inbox.values())
+        return {"rejected": self.rejected, "undelivered": self.undelivered, "unread": unread}
+
+    # -- waiting ----------------------------------------------------------
+    def _next_control(self) -> proto.Message:
+        control = self.control
+        while not control.poll(POLL_MS):
+            self._check_parent()
+        return self.machine.receive(control.recv())
+
+    def _check_parent(self) -> None:
+        """Raise _ParentGone once the supervisor process no longer exists."""
+        pid = self.spec.parent_pid
+        if not pid:
+            return
+        try:
+            if self._parent is None:
+                self._parent = psutil.Process(pid)
+            if self._parent.is_running() and self._parent.status() != psutil.STATUS_ZOMBIE:
+                return
+        except psutil.Error:
+            pass
+        raise _ParentGone()
+
+
+def _tail(text: str, lines: int = TRACEBACK_LINES) -> str:
+    return "\n".join(text.rstrip().splitlines()[-lines:])

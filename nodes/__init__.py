@@ -1,0 +1,1 @@
+"""Example nodes to run and to copy: ring, PHOLD, pipeline, bench."""
