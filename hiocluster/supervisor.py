@@ -149,14 +149,21 @@ class Supervisor(DoDoer):
         plan: which nodes run in which process (see topology.plan).
         app_dir: directory put first on the children's sys.path.
         on_tick: called as ``on_tick(done_ticks, total_ticks)`` after every tick.
+        on_ready: called with the supervisor once every child is READY (tests use
+            it to find ``control_address`` and the children's ``hello.data_address``).
         keep_digests: keep every tick's run digest in the result.
         worker_target: the child entry point (tests substitute misbehaving ones).
+
+    The run directory (control and data sockets, mode 0700) is made under
+    ``$HIOCLUSTER_RUN_ROOT`` if set, else the system temp directory, and removed
+    at exit.
     """
 
     def __init__(self, topology: Topology, plan: Plan, *, app_dir: str | None = None,
                  on_tick: Callable[[int, int], None] | None = None,
                  keep_digests: bool = False,
                  worker_target: Callable[[worker.WorkerSpec], None] = worker.main,
+                 on_ready: Callable[[Supervisor], None] | None = None,
                  **kwa: Any) -> None:
         self.topology = topology
         self.plan = plan
@@ -164,6 +171,7 @@ class Supervisor(DoDoer):
         self.on_tick = on_tick
         self.keep_digests = keep_digests
         self.worker_target = worker_target
+        self.on_ready = on_ready
         self.children = [ChildDoer(self, spec, index)
                          for index, spec in enumerate(plan.processes)]
         self.by_identity = {child.identity: child for child in self.children}
@@ -220,7 +228,8 @@ class Supervisor(DoDoer):
     def start(self) -> None:
         """Make the run directory and control socket, spawn children, handshake."""
         self._started = time.perf_counter()
-        self.run_dir = tempfile.mkdtemp(prefix="hioc-")
+        root = os.environ.get("HIOCLUSTER_RUN_ROOT") or None
+        self.run_dir = tempfile.mkdtemp(prefix="hioc-", dir=root)
         os.chmod(self.run_dir, 0o700)
         self.context = Context()
         self.control_address = ipc_address(self.run_dir, "control")
@@ -250,6 +259,8 @@ class Supervisor(DoDoer):
                                    seed=self.topology.seed, addresses=addresses,
                                    placement=placement, links=links))
         self._wait(lambda c: c.machine.state is proto.ParentState.IDLE, deadline, "READY")
+        if self.on_ready is not None:
+            self.on_ready(self)
         self._ticking = time.perf_counter()
 
     # -- ticking ------------------------------------------------------------
@@ -483,7 +494,8 @@ def _reap(process: Any) -> None:
 def run(topology: Topology, *, processes: int | None = None, app_dir: str | None = None,
         on_tick: Callable[[int, int], None] | None = None, keep_digests: bool = False,
         handle_signals: bool = True,
-        worker_target: Callable[[worker.WorkerSpec], None] = worker.main) -> RunResult:
+        worker_target: Callable[[worker.WorkerSpec], None] = worker.main,
+        on_ready: Callable[[Supervisor], None] | None = None) -> RunResult:
     """Run ``topology`` to completion in lockstep and return its result.
 
     Args:
@@ -493,6 +505,7 @@ def run(topology: Topology, *, processes: int | None = None, app_dir: str | None
         on_tick: progress callback ``(done, total)``.
         keep_digests: also return every tick's run digest.
         handle_signals: on the main thread, turn SIGINT/SIGTERM into a clean stop.
+        worker_target, on_ready: see :class:`Supervisor`.
 
     Raises:
         TopologyError: the plan is impossible (e.g. more processes than nodes).
@@ -501,7 +514,8 @@ def run(topology: Topology, *, processes: int | None = None, app_dir: str | None
     """
     plan = make_plan(topology, processes)
     supervisor = Supervisor(topology, plan, app_dir=app_dir, on_tick=on_tick,
-                            keep_digests=keep_digests, worker_target=worker_target)
+                            keep_digests=keep_digests, worker_target=worker_target,
+                            on_ready=on_ready)
     doist = Doist(tock=topology.tock, real=False, doers=[supervisor])
     restore = {}
     if handle_signals and threading.current_thread() is threading.main_thread():

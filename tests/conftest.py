@@ -1,0 +1,91 @@
+"""Shared fixtures: every test must leave no process and no run directory behind.
+
+Two checks after each test:
+1. no process is left below this pytest process, except multiprocessing's fork
+   server (it lives as long as this pytest process and forks our workers);
+2. no process anywhere carries this test's HIOCLUSTER_TEST_TAG in its
+   environment (catches orphans of `hiocluster` CLI subprocesses, re-parented away).
+And the test's HIOCLUSTER_RUN_ROOT must be empty: every socket file removed.
+"""
+
+from __future__ import annotations
+
+import multiprocessing.forkserver
+import os
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import psutil
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+#: How long leftovers get to finish exiting before they count as leaked.
+SETTLE_S = 5.0
+
+
+def _forkserver_pid() -> int | None:
+    return getattr(multiprocessing.forkserver._forkserver, "_forkserver_pid", None)
+
+
+def _leftovers(tag: str) -> list[psutil.Process]:
+    me = psutil.Process()
+    server = _forkserver_pid()
+    found = {p.pid: p for p in me.children(recursive=True) if p.pid != server}
+    for process in psutil.process_iter():
+        if process.pid == me.pid or process.pid in found:
+            continue
+        try:
+            if process.environ().get("HIOCLUSTER_TEST_TAG") == tag:
+                found[process.pid] = process
+        except psutil.Error:
+            continue
+    alive = []
+    for process in found.values():
+        try:
+            if process.status() != psutil.STATUS_ZOMBIE:
+                alive.append(process)
+        except psutil.Error:
+            continue
+    return alive
+
+
+@pytest.fixture(autouse=True)
+def no_leaks(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch):
+    """Give each test its own run root and tag; afterwards assert nothing is left."""
+    tag = uuid.uuid4().hex
+    run_root = Path(tmp_path_factory.mktemp("runs", numbered=True))
+    monkeypatch.setenv("HIOCLUSTER_TEST_TAG", tag)
+    monkeypatch.setenv("HIOCLUSTER_RUN_ROOT", str(run_root))
+    yield run_root
+    deadline = time.monotonic() + SETTLE_S
+    leftovers = _leftovers(tag)
+    while leftovers and time.monotonic() < deadline:
+        psutil.wait_procs(leftovers, timeout=0.2)
+        leftovers = _leftovers(tag)
+    for process in leftovers:  # clean up so one leak does not fail the next tests
+        try:
+            process.kill()
+        except psutil.Error:
+            pass
+    described = [f"{p.pid} {' '.join(p.cmdline())[:120]}" for p in leftovers
+                 if p.is_running()]
+    assert not leftovers, f"processes left behind: {described}"
+    remaining = sorted(str(p.relative_to(run_root)) for p in run_root.rglob("*"))
+    assert not remaining, f"run directory entries left behind: {remaining}"
+
+
+@pytest.fixture
+def cli_env(no_leaks: Path) -> dict[str, str]:
+    """Environment for running the `hiocluster` CLI as a subprocess from the repo root."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(
+        os.pathsep)
+    env.pop("COLUMNS", None)
+    return env
+
+
+def hiocluster_command(*args: str) -> list[str]:
+    """argv that runs the CLI with this interpreter (no reliance on PATH)."""
+    return [sys.executable, "-m", "hiocluster", *args]
