@@ -1,0 +1,35 @@
+"""hiocluster: hio Doists across processes and hosts, in deterministic lockstep.
+
+Public API::
+
+    from hiocluster import load, run, Node
+    result = run(load("topologies/ring.toml"), processes=4)
+    print(result.digest)
+"""
+
+from .errors import (ClusterError, FrameError, Interrupted, LinkFull, LocalProtocolError,
+                     NodeError, ProcessExited, ProtocolError, RemoteProtocolError, RunFailed,
+                     TickTimeout, TopologyError)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "__version__", "load", "loads", "plan", "run", "Node", "RunResult", "Topology",
+    "ClusterError", "FrameError", "Interrupted", "LinkFull", "LocalProtocolError", "NodeError",
+    "ProcessExited", "ProtocolError", "RemoteProtocolError", "RunFailed", "TickTimeout",
+    "TopologyError",
+]
+
+
+def __getattr__(name: str) -> object:
+    # Lazy, so `hiocluster check` and `import hiocluster.topology` need no zmq or hio.
+    if name in ("load", "loads", "plan", "Topology"):
+        from . import topology
+        return getattr(topology, name)
+    if name in ("run", "RunResult"):
+        from . import supervisor
+        return getattr(supervisor, name)
+    if name == "Node":
+        from .node import Node
+        return Node
+    raise AttributeError(f"module 'hiocluster' has no attribute {name!r}")

@@ -34,7 +34,7 @@ from . import worker
 from .errors import (ClusterError, FrameError, Interrupted, NodeError, ProcessExited,
                      ProtocolError, RunFailed, TickTimeout, describe_exitcode)
 from .topology import Plan, ProcessSpec, Topology, plan as make_plan
-from .transport import Again, Context, Poller, ZMQError, NOBLOCK, ipc_address
+from .transport import NOBLOCK, Again, Context, ZMQError, ipc_address
 
 __all__ = ["Supervisor", "ChildDoer", "RunResult", "run", "START_TIMEOUT", "STOP_TIMEOUT"]
 
@@ -182,6 +182,8 @@ class Supervisor(DoDoer):
         self.digest = b"\0" * proto.DIGEST_SIZE
         self.tick_digests: list[str] = []
         self.node_order = sorted(node.name for node in topology.nodes)
+        self._unaccounted: list[proto.Tock] = []
+        self.accounted = 0  # ticks whose digests are chained into self.digest
         self.messages = 0
         self.rejected = 0           # frames refused on the control socket
         self.interrupted: int | None = None
@@ -190,7 +192,6 @@ class Supervisor(DoDoer):
         self.run_dir: str | None = None
         self.context: Context | None = None
         self.router: Any = None
-        self.poller: Poller | None = None
         self.control_address = ""
         self._started = self._ticking = 0.0
 
@@ -206,11 +207,13 @@ class Supervisor(DoDoer):
         if self.interrupted:
             raise Interrupted(self.interrupted)
         super().recur(tyme, deeds)  # every ChildDoer sends its TICK
+        self._account()  # the previous tick's books, while the children work
         self._gather_tocks()
         self.tick += 1
-        if self.on_tick is not None:
-            self.on_tick(self.tick, self.ticks)
-        return self.tick >= self.ticks
+        if self.tick >= self.ticks:
+            self._account()
+            return True
+        return False
 
     def abort(self, ex: BaseException) -> None:
         self.failure = ex
@@ -233,8 +236,8 @@ class Supervisor(DoDoer):
         os.chmod(self.run_dir, 0o700)
         self.context = Context()
         self.control_address = ipc_address(self.run_dir, "control")
-        self.router = self.context.router(self.control_address)
-        self.poller = Poller([self.router])
+        self.router = self.context.router(self.control_address,
+                                          timeout_ms=int(SLICE_S * 1000))
         me = psutil.Process()
         mp = _forkserver()
         for child in self.children:
@@ -247,7 +250,6 @@ class Supervisor(DoDoer):
                                        name=f"hiocluster-{child.name}")
             with _main_hidden():
                 child.process.start()
-            self.poller.register(child.process.sentinel)
         deadline = time.monotonic() + START_TIMEOUT
         self._wait(lambda c: c.hello is not None, deadline, "HELLO")
         addresses = {c.name: c.hello.data_address for c in self.children}  # type: ignore
@@ -265,15 +267,28 @@ class Supervisor(DoDoer):
 
     # -- ticking ------------------------------------------------------------
     def _gather_tocks(self) -> None:
+        """Wait for every TOCK of this tick; work out what each child must expect next."""
         deadline = time.monotonic() + self.topology.tick_timeout
         self._wait(lambda c: c.machine.state is proto.ParentState.IDLE, deadline, "TOCK")
-        digests: dict[str, bytes] = {}
-        expect: Counter[str] = Counter()
+        expect: dict[str, int] = {}
+        tocks = []
         for child in self.children:
             tock = child.last_tock
             assert tock is not None
+            tocks.append(tock)
+            for peer in tock.sent:
+                expect[peer] = expect.get(peer, 0) + 1
+        self.expect = expect
+        self._unaccounted = tocks
+
+    def _account(self) -> None:
+        """Chain the node digests of the last gathered tick into the run digest."""
+        tocks, self._unaccounted = self._unaccounted, []
+        if not tocks:
+            return
+        digests: dict[str, bytes] = {}
+        for tock in tocks:
             digests.update(tock.digests)
-            expect.update(tock.sent)
             self.messages += tock.stats.get("messages", 0)
         chain = hashlib.sha256(self.digest)
         for name in self.node_order:
@@ -282,31 +297,38 @@ class Supervisor(DoDoer):
         self.digest = chain.digest()
         if self.keep_digests:
             self.tick_digests.append(self.digest.hex())
-        self.expect = expect
+        self.accounted = tocks[0].n + 1
+        if self.on_tick is not None:
+            self.on_tick(self.accounted, self.ticks)
 
     def _wait(self, done: Callable[[ChildDoer], bool], deadline: float, what: str) -> None:
-        """Receive until ``done`` holds for every child, or fail loudly."""
-        router, poller = self.router, self.poller
-        assert poller is not None
+        """Receive until ``done`` holds for every child, or fail loudly.
+
+        Blocks in recv (no poll per message: this is the hot path); every quiet
+        SLICE_S it checks child sentinels, the deadline and signals.
+        """
+        recv = self.router.recv_multipart
         pending = [child for child in self.children if not done(child)]
         while pending:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                self._timed_out(pending, what)
-            for item in poller.poll(min(remaining, SLICE_S) * 1000):
-                if item is router:
-                    self._receive_all()
-                else:
-                    self._check_sentinels()
-            if self.interrupted:
-                raise Interrupted(self.interrupted)
-            pending = [child for child in pending if not done(child)]
+            try:
+                self._dispatch(recv())
+            except Again:
+                self._check_sentinels()
+                if self.interrupted:
+                    raise Interrupted(self.interrupted)
+            if time.monotonic() > deadline:
+                pending = [child for child in pending if not done(child)]
+                if pending:
+                    self._timed_out(pending, what)
+            if pending and done(pending[0]):
+                pending = [child for child in pending if not done(child)]
 
     def _receive_all(self) -> None:
+        """Handle every frame already queued, without waiting."""
         router = self.router
         while True:
             try:
-                parts = router.recv_multipart(NOBLOCK, copy=True)
+                parts = router.recv_multipart(NOBLOCK)
             except Again:
                 return
             self._dispatch(parts)
@@ -447,14 +469,14 @@ class Supervisor(DoDoer):
                 child.failed = True
         deadline = time.monotonic() + STOP_TIMEOUT
         while any(c.bye is None and c.alive for c in stopping) and time.monotonic() < deadline:
-            for item in self.poller.poll(SLICE_S * 1000):  # type: ignore[union-attr]
-                if item is self.router:
-                    try:
-                        self._receive_all()
-                    except ClusterError as exc:
-                        if self.failure is None:
-                            self.failure = exc
-                            raise
+            try:
+                self._dispatch(self.router.recv_multipart())
+            except Again:
+                continue
+            except ClusterError as exc:
+                if self.failure is None:
+                    self.failure = exc
+                    raise
 
     def _result(self) -> RunResult:
         stats: Counter[str] = Counter()
@@ -462,7 +484,7 @@ class Supervisor(DoDoer):
             if child.bye is not None:
                 stats.update(child.bye.stats)
         return RunResult(
-            topology=self.topology.name, ticks=self.tick, digest=self.digest.hex(),
+            topology=self.topology.name, ticks=self.accounted, digest=self.digest.hex(),
             processes=len(self.children), nodes=len(self.topology.nodes),
             seconds=(time.perf_counter() - self._ticking) if self._ticking else 0.0,
             startup_seconds=(self._ticking - self._started) if self._ticking else 0.0,

@@ -57,17 +57,23 @@ class Context:
         self._sockets.append(sock)
         return sock
 
-    def router(self, address: str) -> zmq.Socket:
-        """The supervisor's control socket, bound at ``address``."""
+    def router(self, address: str, *, timeout_ms: int = -1) -> zmq.Socket:
+        """The supervisor's control socket, bound at ``address``.
+
+        A blocking recv gives up after ``timeout_ms`` with :data:`Again`.
+        """
         sock = self._socket(zmq.ROUTER, limit=MAX_CONTROL_FRAME)
+        sock.setsockopt(zmq.RCVTIMEO, timeout_ms)
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a send to a gone peer raises
         sock.setsockopt(zmq.SNDHWM, 0)
         sock.setsockopt(zmq.RCVHWM, 0)
         return _bind(sock, address)
 
-    def dealer(self, address: str, identity: str) -> zmq.Socket:
-        """A child's control socket, connected to the supervisor."""
+    def dealer(self, address: str, identity: str, *, timeout_ms: int = -1) -> zmq.Socket:
+        """A child's control socket, connected to the supervisor (recv gives up after
+        ``timeout_ms`` with :data:`Again`)."""
         sock = self._socket(zmq.DEALER, limit=MAX_CONTROL_FRAME)
+        sock.setsockopt(zmq.RCVTIMEO, timeout_ms)
         sock.setsockopt(zmq.ROUTING_ID, identity.encode())
         sock.setsockopt(zmq.SNDHWM, 0)
         sock.setsockopt(zmq.RCVHWM, 0)

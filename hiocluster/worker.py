@@ -24,7 +24,7 @@ from hio.base.doing import Doist
 from . import protocol as proto
 from .errors import ClusterError, FrameError, ProtocolError
 from .node import Link, Node, load_class
-from .transport import Context, Poller, bound_address
+from .transport import NOBLOCK, Again, Context, Poller, bound_address
 
 __all__ = ["WorkerSpec", "main", "POLL_MS"]
 
@@ -112,8 +112,8 @@ class Worker:
         self.context = Context()
         control = None
         try:
-            control = self.control = self.context.dealer(self.spec.control_address,
-                                                         self.process)
+            control = self.control = self.context.dealer(
+                self.spec.control_address, self.process, timeout_ms=POLL_MS)
             self.data = self.context.pull(self.spec.data_bind)
             self.poller = Poller([self.data, self.control])
             classes = self._import()
@@ -241,6 +241,14 @@ class Worker:
         """The data frames of ``tick`` (remote ones, then ours), waiting as needed."""
         frames = self.early.pop(tick, [])
         while len(frames) < expect:
+            try:  # frames usually arrive before the TICK: take them without polling
+                frame = self._accept(self.data.recv(NOBLOCK), tick)
+            except Again:
+                pass
+            else:
+                if frame is not None:
+                    frames.append(frame)
+                continue
             ready = self.poller.poll(POLL_MS)
             if not ready:
                 self._check_parent()
@@ -370,10 +378,12 @@ class Worker:
 
     # -- waiting ----------------------------------------------------------
     def _next_control(self) -> proto.Message:
-        control = self.control
-        while not control.poll(POLL_MS):
-            self._check_parent()
-        return self.machine.receive(control.recv())
+        recv = self.control.recv
+        while True:
+            try:
+                return self.machine.receive(recv())
+            except Again:  # quiet for POLL_MS: is the supervisor still there?
+                self._check_parent()
 
     def _check_parent(self) -> None:
         """Raise _ParentGone once the supervisor process no longer exists."""

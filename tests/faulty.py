@@ -1,0 +1,219 @@
+"""Test-only nodes that misbehave on purpose, and fake worker entry points.
+
+Used by tests/test_cluster_failures.py and tests/test_cluster_hostile.py as
+``"tests.faulty:Name"`` class paths and as ``worker_target``.
+
+:class:`FaultyNode` forwards a counter around whatever ring it is linked into
+(one message per tick on ``out``, every message taken from ``in``) and, when
+``params.fail_at`` is reached, fails the way ``params.fail`` says. With
+``params.marker_dir`` it leaves files there that tests read back:
+
+* ``<name>.exit``  lines ``close`` / ``abort <ExcType>`` / ``exit``: which hio
+  contexts ran (written when each runs, so a killed process leaves none);
+* ``<name>.ticking`` once the node has run tick 1 (lets a test wait until a
+  run is really ticking before it signals it).
+
+:func:`fake_worker` is a ``worker_target`` that runs the real worker for every
+process except the one whose node carries ``params.fake``; that one speaks the
+protocol by hand and then breaks it on the first TICK.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import zmq
+
+from hiocluster import protocol as proto
+from hiocluster import worker
+from hiocluster.node import Node
+
+FAULTY = "tests.faulty:FaultyNode"
+
+
+class FaultyNode(Node):
+    """A ring node with exit markers and one configurable fault.
+
+    params:
+        marker_dir: where to write ``<name>.exit`` / ``<name>.ticking`` (optional).
+        fail_at: the tick at which to fail (default: never).
+        fail: "raise" (ValueError("boom")), "sigkill" (SIGKILL own process),
+            "exit7" (os._exit(7)), "hang" (sleep 60 s), "unsendable" (put a set).
+        sleep: seconds to sleep every tick (slow-ish nodes for signal tests).
+    """
+
+    inboxes = ("in",)
+    outboxes = ("out",)
+
+    def setup(self) -> None:
+        self.count = 0
+        self.mix = 0
+        marker_dir = self.params.get("marker_dir")
+        self.marker_dir = Path(marker_dir) if marker_dir else None
+        self.fail_at = self.params.get("fail_at")
+        self.fail = self.params.get("fail", "raise")
+        self.sleep = float(self.params.get("sleep", 0.0))
+
+    def _mark(self, suffix: str, line: str) -> None:
+        if self.marker_dir is not None:
+            with open(self.marker_dir / f"{self.name}.{suffix}", "a") as file:
+                file.write(line + "\n")
+
+    def step(self) -> None:
+        if self.sleep:
+            time.sleep(self.sleep)
+        if self.tick == 1:
+            self._mark("ticking", "1")
+        if self.fail_at is not None and self.tick == self.fail_at:
+            self._fault()
+        inbox = self.inbox["in"]
+        while inbox:
+            value = inbox.get()
+            self.mix = (self.mix * 31 + value) % 1_000_000_007
+        out = self.outbox["out"]
+        if out.links:
+            self.count += 1
+            out.put(self.count + self.rng.randrange(100))
+
+    def _fault(self) -> None:
+        if self.fail == "raise":
+            raise ValueError("boom")
+        if self.fail == "sigkill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        if self.fail == "exit7":
+            os._exit(7)
+        if self.fail == "hang":
+            time.sleep(60)
+        if self.fail == "unsendable":
+            self.outbox["out"].put({1, 2, 3})
+
+    def state(self) -> Any:
+        return [self.count, self.mix]
+
+    # -- hio contexts: record which ran --------------------------------------
+    def close(self) -> None:
+        self._mark("exit", "close")
+        super().close()
+
+    def abort(self, ex: BaseException) -> None:
+        self._mark("exit", f"abort {type(ex).__name__}")
+        super().abort(ex)
+
+    def exit(self, deeds: Any = None) -> None:  # type: ignore[override]
+        super().exit(deeds)
+        if deeds is None:
+            self._mark("exit", "exit")
+
+
+# ---------------------------------------------------------------------------
+# topologies
+
+
+def ring_toml(nodes: dict[str, dict[str, Any]], placement: dict[str, list[str]] | None = None,
+              *, ticks: int = 20, tick_timeout: float = 10.0, cls: str = FAULTY) -> str:
+    """TOML for a ring of ``nodes`` (in the given order), each with its params."""
+    names = list(nodes)
+    lines = ["[run]", f"ticks = {ticks}", "seed = 7", f"tick_timeout = {tick_timeout}", ""]
+    for name, params in nodes.items():
+        lines += [f"[nodes.{name}]", f"class = {json.dumps(params.pop('class', cls))}"]
+        if params:
+            inline = ", ".join(f"{key} = {json.dumps(value)}" for key, value in params.items())
+            lines.append(f"params = {{ {inline} }}")
+        lines.append("")
+    for source, target in zip(names, names[1:] + names[:1]):
+        lines += ["[[links]]", f'from = "{source}.out"', f'to = "{target}.in"', ""]
+    if placement is not None:
+        lines.append("[placement]")
+        lines += [f"{process} = {json.dumps(members)}" for process, members in placement.items()]
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------
+# fake workers
+
+#: How long a fake worker waits for SETUP and its first TICK.
+FAKE_START_S = 30.0
+#: How long it waits for the verdict (ERROR or STOP) once it broke the protocol.
+FAKE_VERDICT_S = 1.0
+
+
+def fake_worker(spec: worker.WorkerSpec) -> None:
+    """worker_target: the real worker, except for the process hosting a ``fake`` node.
+
+    The fake process does HELLO / SETUP / READY properly, then answers its
+    first TICK as ``params.fake`` says:
+
+    * "garbage": bytes that are not msgpack;
+    * "wrong-tick": a well-formed TOCK for tick n + 5;
+    * "missing-digest": a TOCK for the right tick whose digests omit a node.
+
+    It then waits (at most FAKE_VERDICT_S per frame) for STOP or ERROR and exits.
+    Everything it received is written as JSON to ``params.report``.
+    """
+    modes = [params["fake"] for _, _, params in spec.nodes if "fake" in params]
+    if not modes:
+        worker.main(spec)
+        return
+    params = next(params for _, _, params in spec.nodes if "fake" in params)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    received: list[dict[str, Any]] = []
+    context = zmq.Context()
+    control = context.socket(zmq.DEALER)
+    control.setsockopt(zmq.ROUTING_ID, spec.process.encode())
+    control.setsockopt(zmq.LINGER, 1000)
+    data = context.socket(zmq.PULL)
+    data.setsockopt(zmq.LINGER, 0)
+    try:
+        data.bind(spec.data_bind)
+        control.connect(spec.control_address)
+        control.send(proto.encode(proto.Hello(
+            process=spec.process, pid=os.getpid(),
+            data_address=data.getsockopt(zmq.LAST_ENDPOINT).decode(),
+            nodes=[name for name, _, _ in spec.nodes])))
+
+        def next_message(timeout: float = FAKE_START_S) -> proto.Message | None:
+            if not control.poll(timeout * 1000):
+                received.append({"type": "timeout"})
+                return None
+            message = proto.decode(control.recv())
+            entry = {"type": message.TYPE}
+            if isinstance(message, proto.Error):
+                entry.update(code=message.code, field=message.field, detail=message.detail)
+            received.append(entry)
+            return message
+
+        message = next_message()
+        if isinstance(message, proto.Setup):
+            control.send(proto.encode(proto.Ready()))
+            message = next_message()
+        if isinstance(message, proto.Tick):
+            mode = modes[0]
+            if mode == "garbage":
+                control.send(b"\xc1 this is not msgpack")
+            elif mode == "wrong-tick":
+                control.send(proto.encode(proto.Tock(
+                    n=message.n + 5, sent=[],
+                    digests={name: b"\0" * proto.DIGEST_SIZE for name, _, _ in spec.nodes})))
+            elif mode == "missing-digest":
+                control.send(proto.encode(proto.Tock(
+                    n=message.n, sent=[],
+                    digests={name: b"\0" * proto.DIGEST_SIZE for name, _, _ in spec.nodes[1:]})))
+            else:  # pragma: no cover - a test typo
+                raise ValueError(f"unknown fake mode {mode!r}")
+            # wait for the verdict: ERROR or STOP (or nothing, bounded)
+            while message is not None and not isinstance(message, (proto.Error, proto.Stop)):
+                message = next_message(FAKE_VERDICT_S)
+            if isinstance(message, proto.Stop):
+                control.send(proto.encode(proto.Bye()))
+    finally:
+        report = params.get("report")
+        if report:
+            Path(report).write_text(json.dumps(received))
+        control.close()
+        data.close()
+        context.term()
