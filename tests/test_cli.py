@@ -1,0 +1,124 @@
+"""The `hiocluster` command, run as a real subprocess; and the README's promises."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+
+import pytest
+
+from conftest import REPO, hiocluster_command
+
+README = (REPO / "README.md").read_text()
+TIMEOUT = 60
+
+
+def run_cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(hiocluster_command(*args), cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=TIMEOUT)
+
+
+def _readme_block(after: str) -> str:
+    """The text of the first fenced block after the line ``after``."""
+    tail = README.split(after, 1)[1]
+    return tail.split("```", 2)[1].split("\n", 1)[1]
+
+
+def test_readme_has_exactly_two_marked_commands() -> None:
+    assert README.count("<!-- setup-command -->") == 1
+    assert README.count("<!-- test-command -->") == 1
+    setup = _readme_block("<!-- setup-command -->").strip()
+    tests = _readme_block("<!-- test-command -->").strip()
+    assert setup.startswith("python3 -m venv .venv") and "hiocluster run topologies/" in setup
+    assert "pytest" in tests and "\n" not in setup and "\n" not in tests
+
+
+def test_readme_example_output_is_real(cli_env: dict[str, str]) -> None:
+    shown = _readme_block("The first command prints (timings vary; the digest does not):")
+    result = run_cli(cli_env, "run", "topologies/ring.toml")
+    assert result.returncode == 0, result.stderr
+    for expected, actual in zip(shown.strip().splitlines(), result.stdout.strip().splitlines(),
+                                strict=True):
+        # timings may differ; every count and the digest must be exactly as shown
+        pattern = re.escape(expected)
+        for value in re.findall(r"\d+\.\d+|[\d,]+(?= ticks/s)", expected):
+            pattern = pattern.replace(re.escape(value), r"[0-9][0-9,.]*", 1)
+        assert re.fullmatch(pattern, actual), (expected, actual)
+
+
+def test_readme_json_example_matches_digest(cli_env: dict[str, str]) -> None:
+    shown = json.loads(_readme_block("--processes 1 --json\n```\n").strip())
+    result = run_cli(cli_env, "run", "topologies/ring.toml", "--processes", "1", "--json")
+    assert result.returncode == 0, result.stderr
+    actual = json.loads(result.stdout)
+    assert set(shown) == set(actual)
+    for key in ("ticks", "digest", "processes", "nodes", "messages", "undelivered"):
+        assert actual[key] == shown[key], key
+
+
+@pytest.mark.parametrize("processes", ["1", "3", "8"])
+def test_run_json_fields_and_placement_independence(cli_env: dict[str, str],
+                                                    processes: str) -> None:
+    result = run_cli(cli_env, "run", "topologies/ring.toml", "--processes", processes,
+                     "--ticks", "60", "--json")
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert data["processes"] == int(processes) and data["ticks"] == 60
+    assert data["ticks_per_second"] > 0 and data["seconds"] > 0 and data["nodes"] == 8
+    reference = run_cli(cli_env, "run", "topologies/ring.toml", "--ticks", "60", "--json")
+    assert json.loads(reference.stdout)["digest"] == data["digest"]
+
+
+def test_run_seed_changes_digest(cli_env: dict[str, str]) -> None:
+    digests = {json.loads(run_cli(cli_env, "run", "topologies/ring.toml", "--ticks", "30",
+                                  "--seed", seed, "--json").stdout)["digest"]
+               for seed in ("1", "2")}
+    assert len(digests) == 2
+
+
+@pytest.mark.parametrize("args, message", [
+    (["run", "topologies/ring.toml", "--processes", "0"], "--processes"),
+    (["run", "topologies/ring.toml", "--ticks", "x"], "--ticks"),
+    (["run", "topologies/ring.toml", "--bogus"], "unrecognized arguments: --bogus"),
+    (["run", "topologies/ring.toml", "--processes", "99"], "--processes"),
+    (["run", "no/such/file.toml"], "no such file"),
+    (["frobnicate"], "invalid choice"),
+])
+def test_usage_errors_exit_2(cli_env: dict[str, str], args: list[str], message: str) -> None:
+    result = run_cli(cli_env, *args)
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert result.stdout == ""
+
+
+def test_bad_topology_names_key_path_and_line(cli_env: dict[str, str], tmp_path) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text('[run]\nticks = 5\n\n[nodes.a]\nclass = "nodes.ring:RingNode"\nparms = {}\n')
+    for command in ("run", "check"):
+        result = run_cli(cli_env, command, str(path))
+        assert result.returncode == 2
+        assert "nodes.a.parms" in result.stderr and ":6" in result.stderr
+        assert "did you mean 'params'" in result.stderr
+
+
+def test_check_ok(cli_env: dict[str, str]) -> None:
+    result = run_cli(cli_env, "check", "topologies/ring.toml", "--processes", "2")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("ok: ring: 8 nodes, 8 links")
+
+
+def test_failed_run_exits_1_with_json_error(cli_env: dict[str, str], tmp_path) -> None:
+    (tmp_path / "boom.py").write_text(
+        "from hiocluster.node import Node\n"
+        "class Boom(Node):\n"
+        "    def step(self):\n"
+        "        if self.tick == 2:\n"
+        "            raise RuntimeError('kaboom')\n")
+    path = tmp_path / "boom.toml"
+    path.write_text('[run]\nticks = 5\n[nodes.b]\nclass = "boom:Boom"\n')
+    result = run_cli(cli_env, "run", str(path), "--app-dir", str(tmp_path), "--json")
+    assert result.returncode == 1
+    error = json.loads(result.stdout)["error"]
+    assert error["type"] == "NodeError" and error["tick"] == 2 and error["nodes"] == ["b"]
+    assert "kaboom" in error["cause"] and "kaboom" in result.stderr
