@@ -121,10 +121,8 @@ class ChildDoer(Doer):
         self.last_tock: proto.Tock | None = None
         self.bye: proto.Bye | None = None
         self.failed = False
-
-    @property
-    def node_names(self) -> tuple[str, ...]:
-        return self.spec.node_names
+        self.node_names = spec.node_names
+        self.node_set = frozenset(self.node_names)
 
     def recur(self, tyme: float) -> bool:
         supervisor = self.supervisor
@@ -175,6 +173,7 @@ class Supervisor(DoDoer):
         self.children = [ChildDoer(self, spec, index)
                          for index, spec in enumerate(plan.processes)]
         self.by_identity = {child.identity: child for child in self.children}
+        self.process_names = frozenset(child.name for child in self.children)
         super().__init__(doers=list(self.children), **kwa)
         self.ticks = topology.ticks
         self.tick = 0
@@ -347,12 +346,13 @@ class Supervisor(DoDoer):
             raise RunFailed(process=child.name, nodes=child.node_names, tick=self._tick_of(),
                             cause=f"sent an invalid frame: {exc}") from exc
         if isinstance(message, proto.Tock):
-            if set(message.digests) != set(child.node_names):
+            if message.digests.keys() != child.node_set:
                 child.failed = True
                 raise RunFailed(process=child.name, nodes=child.node_names,
                                 tick=self.tick, cause="TOCK.digests does not name exactly "
                                 f"its nodes: {sorted(message.digests)}")
-            unknown = [p for p in message.sent if p not in self.expect_names or p == child.name]
+            names = self.process_names
+            unknown = [p for p in message.sent if p not in names or p == child.name]
             if unknown:
                 child.failed = True
                 raise RunFailed(process=child.name, nodes=child.node_names, tick=self.tick,
@@ -376,13 +376,6 @@ class Supervisor(DoDoer):
                                 detail=message.detail)
             raise RunFailed(process=child.name, nodes=nodes, tick=tick,
                             cause=f"{message.code}: {message.detail}")
-
-    @property
-    def expect_names(self) -> set[str]:
-        names = getattr(self, "_names", None)
-        if names is None:
-            names = self._names = {child.name for child in self.children}
-        return names
 
     def _tick_of(self) -> int | None:
         return self.tick if self._ticking else None
