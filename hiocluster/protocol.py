@@ -17,6 +17,7 @@ from __future__ import annotations
 import enum
 import math
 import re
+import reprlib
 from dataclasses import MISSING, dataclass, field, fields
 from typing import Any, Callable, ClassVar, NoReturn
 
@@ -26,7 +27,8 @@ from .errors import FrameError, LocalProtocolError, RemoteProtocolError
 
 __all__ = [
     "VERSION", "MAX_CONTROL_FRAME", "MAX_DATA_FRAME", "Message", "Hello", "Setup", "Ready",
-    "Tick", "Tock", "Stop", "Bye", "Error", "Data", "encode", "decode", "ChildMachine",
+    "Tick", "Tock", "Stop", "Bye", "Error", "Data", "encode", "decode", "decode_data",
+    "ChildMachine",
     "ParentMachine", "ChildState", "ParentState",
 ]
 
@@ -51,9 +53,14 @@ DIGEST_SIZE = 32
 # exact sub-field only once something is already known to be wrong.
 
 
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxstring, _REPR.maxother = 3, 40, 40
+
+
 def _short(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 40 else text[:37] + "..."
+    """A short repr, safe for hostile input (bounded depth and length)."""
+    text = _REPR.repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 class Check:
@@ -312,7 +319,7 @@ def encode(message: Message) -> bytes:
                          code="unpackable") from exc
 
 
-def _unpack(data: bytes, limit: int) -> Any:
+def _unpack(data: bytes, limit: int, payloads: bool = False) -> Any:
     if len(data) > limit:
         raise FrameError(f"frame of {len(data)} bytes exceeds the limit of {limit}",
                          field="frame", code="oversized")
@@ -320,6 +327,10 @@ def _unpack(data: bytes, limit: int) -> Any:
         raise FrameError("empty frame", field="frame", code="bad-msgpack")
     try:
         # explicit keywords: a **splat costs more than the whole unpack of a TICK
+        if payloads:  # user payloads: any string length, int map keys, as packb allows
+            return msgpack.unpackb(data, raw=False, strict_map_key=False, use_list=True,
+                                   max_str_len=limit, max_bin_len=limit,
+                                   max_array_len=MAX_ARRAY, max_map_len=MAX_MAP, max_ext_len=0)
         return msgpack.unpackb(data, raw=False, strict_map_key=True, use_list=True,
                                max_str_len=MAX_STR, max_bin_len=limit, max_array_len=MAX_ARRAY,
                                max_map_len=MAX_MAP, max_ext_len=0)
@@ -345,7 +356,20 @@ def decode(data: bytes, *, limit: int = MAX_CONTROL_FRAME,
     Raises:
         FrameError: with ``field`` naming what was wrong.
     """
-    frame = _unpack(data, limit)
+    return _decode(_unpack(data, limit), allowed)
+
+
+def decode_data(data: bytes) -> Data:
+    """Unpack and validate one DATA frame (user payloads: strings up to the frame
+    limit and non-string map keys are allowed, as msgpack packs them).
+
+    Raises:
+        FrameError: with ``field`` naming what was wrong.
+    """
+    return _decode(_unpack(data, MAX_DATA_FRAME, payloads=True), (Data,))  # type: ignore
+
+
+def _decode(frame: Any, allowed: tuple[type[Message], ...] | None) -> Message:
     if type(frame) is not list or len(frame) != 3:
         raise FrameError(f"expected an array [version, type, body], got {_short(frame)}",
                          field="frame", code="bad-frame")
@@ -369,9 +393,12 @@ def decode(data: bytes, *, limit: int = MAX_CONTROL_FRAME,
             if name not in body and not _has_default(cls, name):
                 raise FrameError(f"missing field in {kind}", field=f"{kind}.{name}",
                                  code="bad-field")
-    for name, value in body.items():
-        if not schema[name].ok(value):
-            raise schema[name].explain(value, f"{kind}.{name}")
+    try:
+        for name, value in body.items():
+            if not schema[name].ok(value):
+                raise schema[name].explain(value, f"{kind}.{name}")
+    except RecursionError as exc:
+        raise FrameError("nested too deeply", field=kind, code="bad-field") from exc
     return cls(**body)
 
 
@@ -432,6 +459,8 @@ CHILD_TRANSITIONS: dict[tuple[ChildState, str, str], ChildState] = {
     (C.AWAIT_SETUP, RECV, "STOP"): C.STOPPING,
     (C.SETTING_UP, RECV, "STOP"): C.STOPPING,
     (C.IDLE, RECV, "STOP"): C.STOPPING,
+    # STOP while waiting for the data frames of a tick (another process failed)
+    (C.TICKING, RECV, "STOP"): C.STOPPING,
     (C.STOPPING, SEND, "BYE"): C.CLOSED,
 }
 
@@ -447,7 +476,10 @@ PARENT_TRANSITIONS: dict[tuple[ParentState, str, str], ParentState] = {
     (P.AWAIT_READY, SEND, "STOP"): P.AWAIT_BYE,
     (P.IDLE, SEND, "STOP"): P.AWAIT_BYE,
     (P.AWAIT_TOCK, SEND, "STOP"): P.AWAIT_BYE,
-    # a child mid-tick when STOP was sent answers that tick first
+    # frames already in flight when STOP was sent: a HELLO, a READY, or the TOCK
+    # of the tick being run (only if one is owed: see ParentMachine._check)
+    (P.AWAIT_BYE, RECV, "HELLO"): P.AWAIT_BYE,
+    (P.AWAIT_BYE, RECV, "READY"): P.AWAIT_BYE,
     (P.AWAIT_BYE, RECV, "TOCK"): P.AWAIT_BYE,
     (P.AWAIT_BYE, RECV, "BYE"): P.CLOSED,
 }
@@ -481,9 +513,29 @@ class _Machine:
         self.state = next_state
 
     def send(self, message: Message) -> bytes:
-        """Check that ``message`` may be sent now, advance, and return its frame."""
+        """Check that ``message`` may be sent now, advance, and return its frame.
+
+        Raises:
+            LocalProtocolError: not allowed now, or a field is invalid (our bug);
+                the machine goes to ERROR.
+        """
+        if self.state is not self.ERROR_STATE:
+            for name, check in message.SCHEMA.items():
+                value = getattr(message, name)
+                if not check.ok(value):
+                    self.state = self.ERROR_STATE
+                    error = check.explain(value, f"{message.TYPE}.{name}")
+                    raise LocalProtocolError(f"refusing to send: {error}", tick=self.tick,
+                                             process=self.process, field=error.field,
+                                             code="bad-field")
+        try:
+            frame = encode(message)
+        except FrameError as exc:
+            self.state = self.ERROR_STATE
+            raise LocalProtocolError(str(exc), tick=self.tick, process=self.process,
+                                     field=exc.field, code=exc.code) from exc
         self._advance(SEND, message)
-        return encode(message)
+        return frame
 
     def receive(self, data: bytes) -> Message:
         """Decode a frame from the peer, check it is allowed now, and advance.
@@ -545,8 +597,16 @@ class ParentMachine(_Machine):
 
     def __init__(self, process: str | None = None) -> None:
         super().__init__(process, ParentState.AWAIT_HELLO)
+        self.tock_owed = False  # STOP went out while a TICK was unanswered
 
     def _check(self, direction: str, message: Message) -> None:
+        if self.state is ParentState.AWAIT_BYE and isinstance(message, Tock):
+            if not self.tock_owed:
+                self._reject(direction, f"TOCK {message.n} after STOP, but no TICK was "
+                             "unanswered", field="TOCK.n", code="unexpected")
+            self.tock_owed = False
+        elif isinstance(message, Stop):
+            self.tock_owed = self.state is ParentState.AWAIT_TOCK
         if isinstance(message, Tick):
             expected = 0 if self.tick is None else self.tick + 1
             if message.n != expected:

@@ -32,7 +32,8 @@ from hio.base.doing import DoDoer, Doer, Doist
 from . import protocol as proto
 from . import worker
 from .errors import (ClusterError, FrameError, Interrupted, NodeError, ProcessExited,
-                     ProtocolError, RunFailed, TickTimeout, describe_exitcode)
+                     ProtocolError, RemoteProtocolError, RunFailed, TickTimeout,
+                     describe_exitcode)
 from .topology import Plan, ProcessSpec, Topology, plan as make_plan
 from .transport import NOBLOCK, Again, Context, ZMQError, ipc_address
 
@@ -346,23 +347,14 @@ class Supervisor(DoDoer):
             raise RunFailed(process=child.name, nodes=child.node_names, tick=self._tick_of(),
                             cause=f"sent an invalid frame: {exc}") from exc
         if isinstance(message, proto.Tock):
-            if message.digests.keys() != child.node_set:
-                child.failed = True
-                raise RunFailed(process=child.name, nodes=child.node_names,
-                                tick=self.tick, cause="TOCK.digests does not name exactly "
-                                f"its nodes: {sorted(message.digests)}")
-            names = self.process_names
-            unknown = [p for p in message.sent if p not in names or p == child.name]
-            if unknown:
-                child.failed = True
-                raise RunFailed(process=child.name, nodes=child.node_names, tick=self.tick,
-                                cause=f"TOCK.sent names no peer: {unknown}")
+            problem = self._tock_problem(child, message)
+            if problem:
+                self._refuse(child, problem)
             child.last_tock = message
         elif isinstance(message, proto.Hello):
             if tuple(message.nodes) != child.node_names:
-                child.failed = True
-                raise RunFailed(process=child.name, nodes=child.node_names, tick=None,
-                                cause=f"HELLO.nodes {message.nodes} differ from the plan")
+                self._refuse(child, ("HELLO.nodes", f"HELLO.nodes {message.nodes} differ "
+                                     f"from the plan {list(child.node_names)}"))
             child.hello = message
         elif isinstance(message, proto.Bye):
             child.bye = message
@@ -376,6 +368,27 @@ class Supervisor(DoDoer):
                                 detail=message.detail)
             raise RunFailed(process=child.name, nodes=nodes, tick=tick,
                             cause=f"{message.code}: {message.detail}")
+
+    def _tock_problem(self, child: ChildDoer, tock: proto.Tock) -> tuple[str, str] | None:
+        """(field, text) if a well-formed TOCK makes no sense for this run."""
+        if tock.digests.keys() != child.node_set:
+            return "TOCK.digests", (f"names {sorted(tock.digests)}, not its nodes "
+                                    f"{sorted(child.node_set)}")
+        names = self.process_names
+        if any(p not in names or p == child.name for p in tock.sent) \
+                or len(set(tock.sent)) != len(tock.sent):
+            return "TOCK.sent", f"{tock.sent} is not a list of distinct peers"
+        return None
+
+    def _refuse(self, child: ChildDoer, problem: tuple[str, str]) -> None:
+        """A child sent a valid frame with nonsense in it: ERROR to it, fail the run."""
+        field, text = problem
+        child.failed = True
+        error = RemoteProtocolError(text, tick=self._tick_of(), process=child.name,
+                                    field=field, code="bad-field")
+        self._reply_error(child.identity, error)
+        raise RunFailed(process=child.name, nodes=child.node_names, tick=self._tick_of(),
+                        cause=f"sent an invalid frame: {field}: {text}") from error
 
     def _tick_of(self) -> int | None:
         return self.tick if self._ticking else None

@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import threading
 import traceback
 from dataclasses import dataclass, field
 from operator import itemgetter
@@ -22,14 +23,16 @@ import psutil
 from hio.base.doing import Doist
 
 from . import protocol as proto
-from .errors import ClusterError, FrameError, ProtocolError
+from .errors import ClusterError, FrameError, ProtocolError, RemoteProtocolError
 from .node import Link, Node, load_class
 from .transport import NOBLOCK, Again, Context, Poller, bound_address
 
-__all__ = ["WorkerSpec", "main", "POLL_MS"]
+__all__ = ["WorkerSpec", "main", "POLL_MS", "WATCH_S"]
 
-#: How often an idle worker checks that its supervisor is still alive.
+#: Longest single wait on a socket, so signals are handled promptly.
 POLL_MS = 200
+#: How often the watchdog checks that the supervisor process is still alive.
+WATCH_S = 0.2
 #: Traceback lines sent up with a node failure.
 TRACEBACK_LINES = 12
 
@@ -52,8 +55,36 @@ class _Terminated(BaseException):
     """SIGTERM arrived: leave through the exit contexts."""
 
 
-class _ParentGone(BaseException):
-    """The supervisor vanished: leave through the exit contexts."""
+class _Watchdog(threading.Thread):
+    """Stop this worker once its supervisor process is gone (orphan rule).
+
+    Checks every WATCH_S from a daemon thread, so it works even while a node is
+    busy; it sends this process SIGTERM, so the exit contexts still run.
+    """
+
+    def __init__(self, pid: int, started: float) -> None:
+        super().__init__(name="hiocluster-watchdog", daemon=True)
+        self.pid, self.started = pid, started
+        self.orphaned = False
+        self.stopped = threading.Event()
+
+    def run(self) -> None:
+        try:
+            parent: psutil.Process | None = psutil.Process(self.pid)
+            if self.started and abs(parent.create_time() - self.started) > 1e-3:
+                parent = None  # that pid is another process now
+        except psutil.Error:
+            parent = None
+        while not self.stopped.wait(WATCH_S):
+            try:
+                if parent is not None and parent.is_running() \
+                        and parent.status() != psutil.STATUS_ZOMBIE:
+                    continue
+            except psutil.Error:
+                pass
+            self.orphaned = True
+            os.kill(os.getpid(), signal.SIGTERM)
+            return
 
 
 class _Stopped(Exception):
@@ -105,10 +136,18 @@ class Worker:
         self.local: proto.Data | None = None
         self.rejected = 0
         self.undelivered = 0
-        self._parent: psutil.Process | None = None
 
     # -- lifetime ---------------------------------------------------------
     def run(self) -> int:
+        watchdog = _Watchdog(self.spec.parent_pid, self.spec.parent_started)
+        if self.spec.parent_pid:
+            watchdog.start()
+        try:
+            return self._run(watchdog)
+        finally:
+            watchdog.stopped.set()
+
+    def _run(self, watchdog: _Watchdog) -> int:
         self.context = Context()
         control = None
         try:
@@ -139,9 +178,9 @@ class Worker:
         except ProtocolError as exc:
             return self._fail(exc.code, str(exc), field=exc.field)
         except _Terminated:
+            if watchdog.orphaned:
+                return self._fail("orphaned", "supervisor vanished", code_out=3, tell=False)
             return self._fail("terminated", "SIGTERM", code_out=143)
-        except _ParentGone:
-            return self._fail("orphaned", "supervisor vanished", code_out=3, tell=False)
         except Exception:
             return self._fail("worker-error", _tail(traceback.format_exc()))
 
@@ -159,7 +198,7 @@ class Worker:
                 self.control.send(proto.encode(error))
             except Exception:
                 pass  # the supervisor also sees our exit code; nothing else to tell
-        self.context.close(linger=500)
+        self.context.close(linger=500 if tell else 0)
         return code_out
 
     def _exit_nodes(self) -> None:
@@ -251,12 +290,15 @@ class Worker:
                 continue
             ready = self.poller.poll(POLL_MS)
             if not ready:
-                self._check_parent()
                 continue
             if self.control in ready:
                 message = self.machine.receive(self.control.recv())
                 if isinstance(message, proto.Stop):
                     raise _Stopped(message)
+                if isinstance(message, proto.Error):
+                    raise RemoteProtocolError(f"supervisor sent ERROR {message.code}: "
+                                              f"{message.detail}", tick=tick + 1,
+                                              field=message.field, code=message.code)
             if self.data in ready:
                 frame = self._accept(self.data.recv(copy=True), tick)
                 if frame is not None:
@@ -270,8 +312,7 @@ class Worker:
     def _accept(self, raw: bytes, current: int) -> proto.Data | None:
         """Validate one data frame; frames of the next tick wait in ``early``."""
         try:
-            frame = proto.decode(raw, limit=proto.MAX_DATA_FRAME, allowed=(proto.Data,))
-            assert isinstance(frame, proto.Data)
+            frame = proto.decode_data(raw)
             self._validate(frame, current)
         except FrameError as exc:
             self.rejected += 1
@@ -288,9 +329,11 @@ class Worker:
         if frame.tick not in (current, current + 1):
             raise FrameError(f"frame of tick {frame.tick} while collecting tick {current}"
                              + (" (a tick from the past)" if frame.tick < current else ""),
-                             field="DATA.tick", code="stale-tick")
+                             field="DATA.tick",
+                             code="stale-tick" if frame.tick < current else "wrong-tick")
         if frame.source not in self.peers:
-            raise FrameError(f"{frame.source!r} is not a peer", field="DATA.source")
+            raise FrameError(f"{frame.source!r} is not a peer", field="DATA.source",
+                             code="unknown-peer")
         if frame.source in self.seen.get(frame.tick, ()):
             raise FrameError(f"second frame from {frame.source} for tick {frame.tick}",
                              field="DATA.source", code="duplicate")
@@ -344,8 +387,7 @@ class Worker:
         local = batches.pop(self.process, None)
         if local is not None:
             # through msgpack and back, so local payloads look exactly like remote ones
-            self.local = proto.decode(self._encode(local), limit=proto.MAX_DATA_FRAME,
-                                      allowed=(proto.Data,))  # type: ignore[assignment]
+            self.local = proto.decode_data(self._encode(local))
         for peer in sorted(batches):
             self.peers[peer].send(self._encode(batches[peer]), copy=False)
         self._sent = sorted(batches)
@@ -382,22 +424,8 @@ class Worker:
         while True:
             try:
                 return self.machine.receive(recv())
-            except Again:  # quiet for POLL_MS: is the supervisor still there?
-                self._check_parent()
-
-    def _check_parent(self) -> None:
-        """Raise _ParentGone once the supervisor process no longer exists."""
-        pid = self.spec.parent_pid
-        if not pid:
-            return
-        try:
-            if self._parent is None:
-                self._parent = psutil.Process(pid)
-            if self._parent.is_running() and self._parent.status() != psutil.STATUS_ZOMBIE:
-                return
-        except psutil.Error:
-            pass
-        raise _ParentGone()
+            except Again:  # quiet for POLL_MS; the watchdog minds the supervisor
+                continue
 
 
 def _tail(text: str, lines: int = TRACEBACK_LINES) -> str:

@@ -41,7 +41,8 @@ SAMPLES: list[Message] = [
     Stop(reason="done", expect=1), Stop(reason="RunFailed: boom"),
     Bye(stats={"rejected": 0, "undelivered": 1, "unread": 2}), Bye(),
     Error(code="bad-field", detail="TICK.n: expected ...", field="TICK.n", tick=3, node="a"),
-    Error(code="terminated", detail="SIGTERM"), DATA, Data(tick=0, source="w0", messages=[], acks=[]),
+    Error(code="terminated", detail="SIGTERM"), DATA,
+    Data(tick=0, source="w0", messages=[], acks=[]),
 ]
 
 
@@ -236,9 +237,6 @@ def test_decode_limit_is_inclusive() -> None:
     frame_error(data, "frame", "oversized", limit=len(data) - 1)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: a frame nested ~1000 deep decodes in msgpack "
-                   "(its limit is 1024) but _short() repr()s it and raises RecursionError, "
-                   "not FrameError; a stranger's frame like this crashes the supervisor")
 @pytest.mark.parametrize("where", ["frame", "field"])
 def test_decode_deeply_nested_frame_is_frame_error(where: str) -> None:
     nested = b"\x91" * 1010 + b"\x00"
@@ -408,9 +406,6 @@ def test_parent_machine_rejects_stale_tock_after_stop() -> None:
     assert pair.parent.state is P.ERROR
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: CHILD_TRANSITIONS lacks (TICKING, recv, STOP) "
-                   "although the parent may send STOP in AWAIT_TOCK and worker._collect "
-                   "expects a STOP while it waits for data frames; the child errors instead")
 def test_child_machine_accepts_stop_while_ticking() -> None:
     pair = Pair().handshake()
     pair.parent_says(Tick(n=0, expect=1))
@@ -418,9 +413,6 @@ def test_child_machine_accepts_stop_while_ticking() -> None:
     assert pair.states == (C.STOPPING, P.AWAIT_BYE)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: the parent may send STOP in AWAIT_READY, but a "
-                   "READY already in flight then arrives in AWAIT_BYE and is rejected "
-                   "(the late-TOCK race, for READY)")
 def test_parent_machine_accepts_late_ready_after_stop() -> None:
     pair = Pair()
     pair.child_says(HELLO)
@@ -431,9 +423,6 @@ def test_parent_machine_accepts_late_ready_after_stop() -> None:
     assert pair.parent.state is P.AWAIT_BYE
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: (AWAIT_BYE, recv, TOCK) accepts any number of "
-                   "TOCKs for the last tick, also when STOP was sent from IDLE (tick already "
-                   "answered): a duplicate TOCK goes unnoticed")
 def test_parent_machine_rejects_duplicate_tock_after_stop() -> None:
     pair = Pair().handshake().run_ticks(1)
     pair.parent.send(Stop(reason="done", expect=0))
@@ -662,9 +651,6 @@ def test_machine_sending_error_moves_to_error() -> None:
     assert pair.parent.state is P.ERROR
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: _Machine.send advances the state before encode; "
-                   "an unpackable message raises FrameError but leaves the machine in the next "
-                   "state (IDLE) as if the TOCK had been sent, not in ERROR")
 def test_machine_send_unpackable_leaves_machine_in_error() -> None:
     pair = Pair().handshake()
     pair.parent_says(Tick(n=0, expect=0))
@@ -673,8 +659,6 @@ def test_machine_send_unpackable_leaves_machine_in_error() -> None:
     assert pair.child.state is C.ERROR
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: _Machine.send never checks fields against the "
-                   "SCHEMA, so it sends frames the peer rejects (here a 5-byte digest)")
 def test_machine_send_invalid_field_is_local_error() -> None:
     pair = Pair().handshake()
     pair.parent_says(Tick(n=0, expect=0))
