@@ -2,7 +2,7 @@
 
 Two checks after each test:
 1. no process is left below this pytest process, except multiprocessing's fork
-   server (it lives as long as this pytest process and forks our workers);
+   server and resource tracker (they live as long as this pytest process);
 2. no process anywhere carries this test's HIOCLUSTER_TEST_TAG in its
    environment (catches orphans of `hiocluster` CLI subprocesses, re-parented away).
 And the test's HIOCLUSTER_RUN_ROOT must be empty: every socket file removed.
@@ -11,6 +11,7 @@ And the test's HIOCLUSTER_RUN_ROOT must be empty: every socket file removed.
 from __future__ import annotations
 
 import multiprocessing.forkserver
+import multiprocessing.resource_tracker
 import os
 import sys
 import time
@@ -29,12 +30,18 @@ def _forkserver_pid() -> int | None:
     return getattr(multiprocessing.forkserver._forkserver, "_forkserver_pid", None)
 
 
+def _resource_tracker_pid() -> int | None:
+    return getattr(multiprocessing.resource_tracker._resource_tracker, "_pid", None)
+
+
 def _leftovers(tag: str) -> list[psutil.Process]:
     me = psutil.Process()
-    server = _forkserver_pid()
-    found = {p.pid: p for p in me.children(recursive=True) if p.pid != server}
+    # multiprocessing's helpers live as long as pytest; the first test that starts
+    # them passes its tag on to them, so both checks exempt them
+    exempt = {_forkserver_pid(), _resource_tracker_pid()} - {None}
+    found = {p.pid: p for p in me.children(recursive=True) if p.pid not in exempt}
     for process in psutil.process_iter():
-        if process.pid == me.pid or process.pid in found:
+        if process.pid == me.pid or process.pid in found or process.pid in exempt:
             continue
         try:
             if process.environ().get("HIOCLUSTER_TEST_TAG") == tag:

@@ -20,6 +20,7 @@ from hiocluster.topology import Topology, loads
 REPO = Path(__file__).resolve().parent.parent
 TICKS = 12
 
+
 #: Sources declared out of name order; the sink "mid" sorts between them and
 #: also sends to itself through a self-link.
 PROBE_TOML = f"""
