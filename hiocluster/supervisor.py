@@ -309,14 +309,19 @@ class Supervisor(DoDoer):
         """
         recv = self.router.recv_multipart
         pending = [child for child in self.children if not done(child)]
+        checked = time.monotonic()
         while pending:
             try:
                 self._dispatch(recv())
             except Again:
+                pass
+            now = time.monotonic()
+            if now - checked >= SLICE_S:  # also when a flood keeps recv busy
+                checked = now
                 self._check_sentinels()
                 if self.interrupted:
                     raise Interrupted(self.interrupted)
-            if time.monotonic() > deadline:
+            if now > deadline:
                 pending = [child for child in pending if not done(child)]
                 if pending:
                     self._timed_out(pending, what)
@@ -344,8 +349,9 @@ class Supervisor(DoDoer):
         except (FrameError, ProtocolError) as exc:
             child.failed = True
             self._reply_error(identity, exc)
+            text = str(exc) if isinstance(exc, FrameError) else f"{exc.field}: {exc}"
             raise RunFailed(process=child.name, nodes=child.node_names, tick=self._tick_of(),
-                            cause=f"sent an invalid frame: {exc}") from exc
+                            cause=f"sent an invalid frame: {text}") from exc
         if isinstance(message, proto.Tock):
             problem = self._tock_problem(child, message)
             if problem:
@@ -508,7 +514,7 @@ def _terminate(process: Any) -> None:
 
 def _reap(process: Any) -> None:
     """Join ``process``; SIGTERM then SIGKILL if it will not exit."""
-    if process is None or process._popen is None:
+    if process is None or process.pid is None:
         return
     process.join(KILL_GRACE_S)
     if process.exitcode is None:

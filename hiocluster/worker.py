@@ -10,6 +10,7 @@ Imports: hio, node, transport, protocol, errors. Never topology or supervisor.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
@@ -69,12 +70,13 @@ class _Watchdog(threading.Thread):
         self.stopped = threading.Event()
 
     def run(self) -> None:
+        parent: psutil.Process | None = None
         try:
-            parent: psutil.Process | None = psutil.Process(self.pid)
-            if self.started and abs(parent.create_time() - self.started) > 1e-3:
-                parent = None  # that pid is another process now
+            found = psutil.Process(self.pid)
+            if not self.started or abs(found.create_time() - self.started) <= 1e-3:
+                parent = found  # else that pid is another process now
         except psutil.Error:
-            parent = None
+            pass
         while not self.stopped.wait(WATCH_S):
             try:
                 if parent is not None and parent.is_running() \
@@ -168,7 +170,7 @@ class Worker:
                 self._stop(message)
                 self._exit_nodes()
                 control.send(self.machine.send(proto.Bye(stats=self._stats())))
-                self.context.close()
+                self._close(clean=message.expect is not None)
                 return 0
             return self._fail("protocol", f"unexpected {message.TYPE}")
         except NodeFailed as exc:
@@ -198,8 +200,23 @@ class Worker:
                 self.control.send(proto.encode(error))
             except Exception:
                 pass  # the supervisor also sees our exit code; nothing else to tell
-        self.context.close(linger=500 if tell else 0)
+        self._close(clean=False, orphaned=not tell)
         return code_out
+
+    def _close(self, *, clean: bool, orphaned: bool = False) -> None:
+        """Close every socket. After a failure, frames to peers are not waited for;
+        an orphan also removes the socket files its dead supervisor cannot."""
+        if not clean:
+            for sock in self.peers.values():
+                sock.close(linger=0)
+        self.context.close(linger=0 if orphaned else None)
+        if orphaned:
+            for address in (self.spec.data_bind, self.spec.control_address):
+                if address.startswith("ipc://"):
+                    with contextlib.suppress(OSError):
+                        os.unlink(address[len("ipc://"):])
+            with contextlib.suppress(OSError):  # the last worker out removes the run dir
+                os.rmdir(os.path.dirname(self.spec.data_bind[len("ipc://"):]))
 
     def _exit_nodes(self) -> None:
         if self.doist is not None and self.entered:
@@ -272,8 +289,8 @@ class Worker:
         try:
             doist.recur()
         except Exception as exc:
-            node = getattr(exc, "hiocluster_node", "?")
-            raise NodeFailed(node, n, _tail(traceback.format_exc())) from exc
+            name: str = getattr(exc, "hiocluster_node", "?")
+            raise NodeFailed(name, n, _tail(traceback.format_exc())) from exc
         self._send(n)
 
     def _collect(self, tick: int, expect: int) -> list[proto.Data]:

@@ -76,8 +76,12 @@ def no_leaks(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.Monke
             process.kill()
         except psutil.Error:
             pass
-    described = [f"{p.pid} {' '.join(p.cmdline())[:120]}" for p in leftovers
-                 if p.is_running()]
+    described = []
+    for process in leftovers:
+        try:
+            described.append(f"{process.pid} {' '.join(process.cmdline())[:120]}")
+        except psutil.Error:
+            described.append(f"{process.pid} (gone or a zombie now)")
     assert not leftovers, f"processes left behind: {described}"
     remaining = sorted(str(p.relative_to(run_root)) for p in run_root.rglob("*"))
     assert not remaining, f"run directory entries left behind: {remaining}"

@@ -13,6 +13,8 @@ Used by tests/test_cluster_failures.py and tests/test_cluster_hostile.py as
 * ``<name>.ticking`` once the node has run tick 1 (lets a test wait until a
   run is really ticking before it signals it).
 
+:func:`ring_toml` writes topologies of such rings inline.
+
 :func:`fake_worker` is a ``worker_target`` that runs the real worker for every
 process except the one whose node carries ``params.fake``; that one speaks the
 protocol by hand and then breaks it on the first TICK.
@@ -41,7 +43,8 @@ class FaultyNode(Node):
 
     params:
         marker_dir: where to write ``<name>.exit`` / ``<name>.ticking`` (optional).
-        fail_at: the tick at which to fail (default: never).
+        fail_at: the tick at which to fail (default: never); "setup" raises
+            ValueError("boom in setup") from setup().
         fail: "raise" (ValueError("boom")), "sigkill" (SIGKILL own process),
             "exit7" (os._exit(7)), "hang" (sleep 60 s), "unsendable" (put a set).
         sleep: seconds to sleep every tick (slow-ish nodes for signal tests).
@@ -58,6 +61,8 @@ class FaultyNode(Node):
         self.fail_at = self.params.get("fail_at")
         self.fail = self.params.get("fail", "raise")
         self.sleep = float(self.params.get("sleep", 0.0))
+        if self.fail_at == "setup":
+            raise ValueError("boom in setup")
 
     def _mark(self, suffix: str, line: str) -> None:
         if self.marker_dir is not None:
@@ -116,10 +121,14 @@ class FaultyNode(Node):
 
 def ring_toml(nodes: dict[str, dict[str, Any]], placement: dict[str, list[str]] | None = None,
               *, ticks: int = 20, tick_timeout: float = 10.0, cls: str = FAULTY) -> str:
-    """TOML for a ring of ``nodes`` (in the given order), each with its params."""
+    """TOML for a ring of ``nodes`` (in the given order: each ``out`` feeds the next ``in``).
+
+    Each node's params dict may carry ``"class"`` to override ``cls``.
+    """
     names = list(nodes)
     lines = ["[run]", f"ticks = {ticks}", "seed = 7", f"tick_timeout = {tick_timeout}", ""]
-    for name, params in nodes.items():
+    for name, given in nodes.items():
+        params = dict(given)
         lines += [f"[nodes.{name}]", f"class = {json.dumps(params.pop('class', cls))}"]
         if params:
             inline = ", ".join(f"{key} = {json.dumps(value)}" for key, value in params.items())
@@ -146,11 +155,12 @@ def fake_worker(spec: worker.WorkerSpec) -> None:
     """worker_target: the real worker, except for the process hosting a ``fake`` node.
 
     The fake process does HELLO / SETUP / READY properly, then answers its
-    first TICK as ``params.fake`` says:
+    first TICK (the second for "stale-tock") as ``params.fake`` says:
 
     * "garbage": bytes that are not msgpack;
     * "wrong-tick": a well-formed TOCK for tick n + 5;
-    * "missing-digest": a TOCK for the right tick whose digests omit a node.
+    * "missing-digest": a TOCK for the right tick whose digests omit a node;
+    * "stale-tock": a proper TOCK 0, then TOCK 0 again for TICK 1 (a tick from the past).
 
     It then waits (at most FAKE_VERDICT_S per frame) for STOP or ERROR and exits.
     Everything it received is written as JSON to ``params.report``.
@@ -191,18 +201,22 @@ def fake_worker(spec: worker.WorkerSpec) -> None:
         if isinstance(message, proto.Setup):
             control.send(proto.encode(proto.Ready()))
             message = next_message()
+        mode = modes[0]
+        zeros = {name: b"\0" * proto.DIGEST_SIZE for name, _, _ in spec.nodes}
+        if mode == "stale-tock" and isinstance(message, proto.Tick) and message.n == 0:
+            control.send(proto.encode(proto.Tock(n=0, sent=[], digests=zeros)))
+            message = next_message()  # TICK 1, answered with TOCK 0 again below
         if isinstance(message, proto.Tick):
-            mode = modes[0]
             if mode == "garbage":
                 control.send(b"\xc1 this is not msgpack")
             elif mode == "wrong-tick":
-                control.send(proto.encode(proto.Tock(
-                    n=message.n + 5, sent=[],
-                    digests={name: b"\0" * proto.DIGEST_SIZE for name, _, _ in spec.nodes})))
+                control.send(proto.encode(proto.Tock(n=message.n + 5, sent=[], digests=zeros)))
+            elif mode == "stale-tock":
+                control.send(proto.encode(proto.Tock(n=message.n - 1, sent=[], digests=zeros)))
             elif mode == "missing-digest":
-                control.send(proto.encode(proto.Tock(
-                    n=message.n, sent=[],
-                    digests={name: b"\0" * proto.DIGEST_SIZE for name, _, _ in spec.nodes[1:]})))
+                first = spec.nodes[0][0]
+                digests = {name: digest for name, digest in zeros.items() if name != first}
+                control.send(proto.encode(proto.Tock(n=message.n, sent=[], digests=digests)))
             else:  # pragma: no cover - a test typo
                 raise ValueError(f"unknown fake mode {mode!r}")
             # wait for the verdict: ERROR or STOP (or nothing, bounded)

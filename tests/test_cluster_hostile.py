@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import msgpack
 import pytest
@@ -164,15 +164,14 @@ def test_data_socket_strangers_are_rejected_and_the_run_goes_on() -> None:
 # -- a fake child that breaks the protocol ----------------------------------------------
 
 
-@pytest.mark.parametrize("mode, field, code", [
-    ("garbage", "frame", "bad-msgpack"),
-    ("wrong-tick", "TOCK.n", "wrong-tick"),
-    pytest.param("missing-digest", "TOCK.digests", "bad-field", marks=pytest.mark.xfail(
-        strict=True, reason="BUG: a TOCK whose digests omit a node fails the run but is "
-        "not answered with an ERROR frame (the fake child hears nothing)")),
+@pytest.mark.parametrize("mode, field, code, tick", [
+    ("garbage", "frame", "bad-msgpack", 0),
+    ("wrong-tick", "TOCK.n", "wrong-tick", 0),
+    ("stale-tock", "TOCK.n", "stale-tick", 1),
+    ("missing-digest", "TOCK.digests", "bad-field", 0),
 ])
 def test_fake_child_breaking_the_protocol_fails_the_run(tmp_path: Path, mode: str, field: str,
-                                                         code: str) -> None:
+                                                         code: str, tick: int) -> None:
     report = tmp_path / "fake.json"
     text = slow_ring(ticks=20, sleep=0.0, b={"fake": mode, "report": str(report)})
     seen: list[supervisor.Supervisor] = []
@@ -182,23 +181,21 @@ def test_fake_child_breaking_the_protocol_fails_the_run(tmp_path: Path, mode: st
     assert type(error) is RunFailed
     assert error.process == "p1"
     assert error.nodes == ("b",)
-    assert error.tick == 0
-    if mode != "wrong-tick":  # see test_fake_child_wrong_tick_error_names_the_field
+    assert error.tick == tick
+    if field != "TOCK.n":  # see test_fake_child_bad_tock_error_names_the_field
         assert field in str(error)
     fake = seen[0].children[1].process
     assert fake.exitcode == 0, "the fake child should have exited by itself"
     received = json.loads(report.read_text())
-    assert [entry["type"] for entry in received[:2]] == ["SETUP", "TICK"]
-    verdict = received[2]
+    assert [entry["type"] for entry in received[:-1]] == ["SETUP"] + ["TICK"] * (tick + 1)
+    verdict = received[-1]
     assert verdict["type"] == "ERROR", received
     assert (verdict["code"], verdict["field"]) == (code, field)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: RunFailed for a child's invalid-but-decodable "
-                   "frame (ProtocolError) does not name the offending field; only "
-                   "FrameError's text includes it")
-def test_fake_child_wrong_tick_error_names_the_field() -> None:
-    text = slow_ring(ticks=5, sleep=0.0, b={"fake": "wrong-tick"})
+@pytest.mark.parametrize("mode", ["wrong-tick", "stale-tock"])
+def test_fake_child_bad_tock_error_names_the_field(mode: str) -> None:
+    text = slow_ring(ticks=5, sleep=0.0, b={"fake": mode})
     with pytest.raises(RunFailed) as info:
         run(text, worker_target=fake_worker)
     assert "TOCK.n" in str(info.value)
