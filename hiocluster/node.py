@@ -25,8 +25,10 @@ import importlib
 import os
 import random
 import sys
-from collections import deque
-from typing import Any, ClassVar, Iterator
+from collections import Counter, deque
+from itertools import repeat
+from operator import itemgetter
+from typing import Any, ClassVar
 
 import msgpack
 from hio.base.doing import DoDoer
@@ -58,7 +60,7 @@ class Link:
     """
 
     __slots__ = ("id", "source", "outbox", "target", "inbox", "capacity", "source_process",
-                 "target_process", "sent", "acked", "taken", "pending", "label")
+                 "target_process", "sent", "acked", "taken", "sequences", "payloads", "label")
 
     def __init__(self, id: int, source: str, outbox: str, target: str, inbox: str,
                  capacity: int, source_process: str, target_process: str) -> None:
@@ -69,7 +71,8 @@ class Link:
         self.sent = 0
         self.acked = 0
         self.taken = 0
-        self.pending: list[tuple[int, Any]] = []  # (sequence, payload) put this tick
+        self.sequences: list[int] = []  # the source's send sequence of each payload ...
+        self.payloads: list[Any] = []   # ... put on this link during the current tick
         self.label = f"{source}.{outbox} -> {target}.{inbox}"
 
     @property
@@ -108,17 +111,23 @@ class Inbox:
         link.taken += 1
         return link.source, payload
 
-    def drain(self) -> Iterator[Any]:
-        """Take every message, oldest first."""
-        while self._entries:
-            yield self.get()
+    def drain(self) -> list[Any]:
+        """Take every message now; return them oldest first."""
+        entries = self._entries
+        if not entries:
+            return []
+        self._entries = deque()
+        for link, count in Counter(map(itemgetter(0), entries)).items():
+            link.taken += count  # order of these increments reaches no one
+        return list(map(itemgetter(1), entries))
 
     def peek(self) -> Any:
         """The oldest message, left in place. Raises IndexError when empty."""
         return self._entries[0][1]
 
-    def _deliver(self, link: Link, payload: Any) -> None:
-        self._entries.append((link, payload))
+    def _deliver(self, link: Link, payloads: list[Any]) -> None:
+        """Append a run of messages that came over ``link``, in order."""
+        self._entries.extend(zip(repeat(link), payloads))
 
 
 class Outbox:
@@ -171,7 +180,8 @@ class Outbox:
             raise LinkFull(link.label, self.node.tick, link.capacity)
         link.sent += 1
         node = self.node
-        link.pending.append((node.sequence, payload))
+        link.sequences.append(node.sequence)
+        link.payloads.append(payload)
         node.sequence += 1
 
     def offer(self, payload: Any, to: str | None = None) -> bool:

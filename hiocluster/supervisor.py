@@ -127,7 +127,8 @@ class ChildDoer(Doer):
 
     def recur(self, tyme: float) -> bool:
         supervisor = self.supervisor
-        self.send(proto.Tick(supervisor.tick, supervisor.expect.get(self.name, 0)))
+        frame = self.machine.send_tick(supervisor.tick, supervisor.expect.get(self.name, 0))
+        supervisor.router.send_multipart([self.identity, frame], copy=False)
         return False
 
     def send(self, message: proto.Message) -> None:

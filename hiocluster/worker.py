@@ -17,6 +17,7 @@ import sys
 import threading
 import traceback
 from dataclasses import dataclass, field
+from itertools import groupby
 from operator import itemgetter
 from typing import Any
 
@@ -25,7 +26,7 @@ from hio.base.doing import Doist
 
 from . import protocol as proto
 from .errors import ClusterError, FrameError, ProtocolError, RemoteProtocolError
-from .node import Link, Node, load_class
+from .node import Inbox, Link, Node, load_class
 from .transport import NOBLOCK, Again, Context, Poller, bound_address
 
 __all__ = ["WorkerSpec", "main", "POLL_MS", "WATCH_S"]
@@ -276,7 +277,8 @@ class Worker:
             control.send(machine.send(proto.Tock(
                 n=message.n, sent=self._sent,
                 digests={node.name: node.digest() for node in self.nodes},
-                stats={"messages": self._messages, "rejected": self.rejected})))
+                stats={"messages": self._messages, "rejected": self.rejected}),
+                checked=False))
 
     def _tick(self, tick: proto.Tick) -> None:
         n = self.tick = tick.n
@@ -355,11 +357,16 @@ class Worker:
             raise FrameError(f"second frame from {frame.source} for tick {frame.tick}",
                              field="DATA.source", code="duplicate")
         links, me, source = self.links, self.process, frame.source
+        seen: set[int] = set()
         for index, row in enumerate(frame.messages):
             link = links.get(row[0])
             if link is None or link.source_process != source or link.target_process != me:
                 raise FrameError(f"link {row[0]} does not run {source} -> {me}",
                                  field=f"DATA.messages[{index}][0]", code="bad-link")
+            if row[0] in seen:
+                raise FrameError(f"link {row[0]} appears twice", field=f"DATA.messages[{index}][0]",
+                                 code="duplicate")
+            seen.add(row[0])
         for index, (link_id, _) in enumerate(frame.acks):
             link = links.get(link_id)
             if link is None or link.source_process != me or link.target_process != source:
@@ -367,32 +374,44 @@ class Worker:
                                  field=f"DATA.acks[{index}][0]", code="bad-link")
 
     def _deliver(self, frames: list[proto.Data]) -> None:
+        """Return credit, then fill inboxes: by source node name, then send sequence."""
         links, inbox_of = self.links, self.inbox_of
-        entries = []
+        runs: dict[Inbox, list[tuple[Link, list[int], list[Any]]]] = {}
         for frame in frames:
             for link_id, count in frame.acks:
                 links[link_id].acked += count
-            for link_id, sequence, payload in frame.messages:
-                link = links[link_id]
-                entries.append((link.source, sequence, link, payload))
-        if entries:
-            entries.sort(key=itemgetter(0, 1))
-            for _, _, link, payload in entries:
-                inbox_of[link.id]._deliver(link, payload)
+            for link_id, sequences, payloads in frame.messages:
+                if payloads:
+                    runs.setdefault(inbox_of[link_id], []).append(
+                        (links[link_id], sequences, payloads))
+        for inbox, group in runs.items():  # inboxes are independent: their order is moot
+            if len(group) == 1:
+                inbox._deliver(group[0][0], group[0][2])
+                continue
+            group.sort(key=_source_of)
+            for _, same_source in groupby(group, key=_source_of):
+                batch = list(same_source)
+                if len(batch) == 1:
+                    inbox._deliver(batch[0][0], batch[0][2])
+                else:  # one node, several outboxes into this inbox: merge by sequence
+                    merged = sorted(((sequence, link, payload) for link, sequences, payloads
+                                     in batch for sequence, payload in zip(sequences, payloads)),
+                                    key=itemgetter(0))
+                    for _, link, payload in merged:
+                        inbox._deliver(link, [payload])
 
     def _send(self, tick: int) -> None:
         """One DATA frame per destination process: messages and returned credit."""
         batches: dict[str, proto.Data] = {}
         count = 0
         for link in self.out_links:
-            if link.pending:
+            if link.payloads:
                 frame = batches.get(link.target_process)
                 if frame is None:
                     frame = batches[link.target_process] = proto.Data(tick, self.process, [], [])
-                frame.messages.extend([link.id, sequence, payload]
-                                      for sequence, payload in link.pending)
-                count += len(link.pending)
-                link.pending.clear()
+                frame.messages.append([link.id, link.sequences, link.payloads])
+                count += len(link.payloads)
+                link.sequences, link.payloads = [], []
         for link in self.in_links:
             if link.taken:
                 frame = batches.get(link.source_process)
@@ -413,9 +432,9 @@ class Worker:
         try:
             return proto.encode(frame)
         except FrameError:
-            for link_id, _, payload in frame.messages:
+            for link_id, _, payloads in frame.messages:
                 try:
-                    proto.encode(proto.Data(0, self.process, [[0, 0, payload]], []))
+                    proto.encode(proto.Data(0, self.process, [[0, [], payloads]], []))
                 except FrameError as exc:
                     link = self.links[link_id]
                     raise NodeFailed(link.source, frame.tick,
@@ -429,7 +448,7 @@ class Worker:
         if stop.expect is None:
             return
         frames = self._collect(self.tick, stop.expect)
-        self.undelivered = sum(len(frame.messages) for frame in frames)
+        self.undelivered = sum(len(row[2]) for frame in frames for row in frame.messages)
 
     def _stats(self) -> dict[str, int]:
         unread = sum(len(box) for node in self.nodes for box in node.inbox.values())
@@ -443,6 +462,10 @@ class Worker:
                 return self.machine.receive(recv())
             except Again:  # quiet for POLL_MS; the watchdog minds the supervisor
                 continue
+
+
+def _source_of(run: tuple[Link, list[int], list[Any]]) -> str:
+    return run[0].source
 
 
 def _tail(text: str, lines: int = TRACEBACK_LINES) -> str:

@@ -128,8 +128,8 @@ def test_data_socket_strangers_are_rejected_and_the_run_goes_on() -> None:
         pack(1, "DATA", {"tick": 2, "source": "p0"}),                     # missing fields
         proto.encode(proto.Tick(n=3, expect=0)),                         # not a DATA frame
         proto.encode(proto.Data(tick=0, source="p0", messages=[], acks=[])),        # stale
-        proto.encode(proto.Data(tick=2, source="nobody", messages=[[0, 0, 1]], acks=[])),
-        proto.encode(proto.Data(tick=2, source="p0", messages=[[2, 0, 1]], acks=[])),
+        proto.encode(proto.Data(tick=2, source="nobody", messages=[[0, [0], [1]]], acks=[])),
+        proto.encode(proto.Data(tick=2, source="p0", messages=[[2, [0], [1]]], acks=[])),
         proto.encode(proto.Data(tick=2, source="p2", messages=[], acks=[[0, 1]])),
     ]
 

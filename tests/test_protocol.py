@@ -20,7 +20,7 @@ from hiocluster.errors import FrameError, LocalProtocolError, RemoteProtocolErro
 from hiocluster.protocol import (CHILD_TRANSITIONS, MAX_CONTROL_FRAME, MAX_DATA_FRAME, MAX_STR,
                                  PARENT_TRANSITIONS, Bye, ChildMachine, ChildState, Data, Error,
                                  Hello, Message, ParentMachine, ParentState, Ready, Setup, Stop,
-                                 Tick, Tock, decode, encode)
+                                 Tick, Tock, decode, decode_data, encode)
 
 C, P = ChildState, ParentState
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "protocol.md"
@@ -34,8 +34,9 @@ SETUP = Setup(t0=0.0, tock=0.5, seed=7,
               links=[[0, "a", "out", "c", "in", 16], [1, "c", "out", "a", "in", 1]])
 TOCK_0 = Tock(n=0, sent=["w1"], digests={"a": DIGEST, "b": bytes(32)},
               stats={"messages": 2, "rejected": 0})
-DATA = Data(tick=3, source="w1", messages=[[1, 0, {"k": [1, -2, 2.5, None, True, b"\0", "s"]}],
-                                           [1, 1, "second"]], acks=[[0, 4]])
+DATA = Data(tick=3, source="w1",
+            messages=[[1, [0, 1], [{"k": [1, -2, 2.5, None, True, b"\0", "s"]}, "second"]],
+                      [2, [5], [None]]], acks=[[0, 4]])
 SAMPLES: list[Message] = [
     HELLO, SETUP, Ready(), Tick(n=3, expect=2), TOCK_0, Tock(n=9, sent=[], digests={}),
     Stop(reason="done", expect=1), Stop(reason="RunFailed: boom"),
@@ -114,7 +115,7 @@ def test_encode_uses_bin_for_bytes_and_str_for_names() -> None:
 
 def test_encode_unpackable_field_raises_frame_error() -> None:
     with pytest.raises(FrameError) as info:
-        encode(Data(tick=0, source="w0", messages=[[0, 0, object()]], acks=[]))
+        encode(Data(tick=0, source="w0", messages=[[0, [0], [object()]]], acks=[]))
     assert (info.value.field, info.value.code) == ("body", "unpackable")
 
 
@@ -131,7 +132,7 @@ def test_decode_accepts_buffer_types() -> None:
 
 
 def test_decode_data_frame_over_control_limit_needs_data_limit() -> None:
-    data = encode(Data(tick=0, source="w0", messages=[[0, 0, b"\0" * MAX_CONTROL_FRAME]],
+    data = encode(Data(tick=0, source="w0", messages=[[0, [0], [b"\0" * MAX_CONTROL_FRAME]]],
                        acks=[]))
     frame_error(data, "frame", "oversized")
     assert decode(data, limit=MAX_DATA_FRAME, allowed=(Data,)).tick == 0
@@ -200,16 +201,25 @@ def test_decode_unknown_extra_field() -> None:
     frame_error(pack([1, "READY", {"x": None}]), "READY.x", "bad-field")
 
 
-def test_decode_non_string_map_keys_are_bad_msgpack_even_in_payloads() -> None:
+def test_decode_non_string_map_keys_are_bad_msgpack_except_in_payloads() -> None:
     frame_error(pack([1, "TICK", {1: 3, "expect": 0}]), "frame", "bad-msgpack")
     payload_with_int_key = pack([1, "DATA", {"tick": 0, "source": "w0", "acks": [],
-                                             "messages": [[0, 0, {1: "x"}]]}])
+                                             "messages": [[0, [0], [{1: "x"}]]]}])
     frame_error(payload_with_int_key, "frame", "bad-msgpack", limit=MAX_DATA_FRAME)
+    assert decode_data(payload_with_int_key).messages == [[0, [0], [{1: "x"}]]]
+
+
+def test_decode_data_checks_sequences_against_payloads() -> None:
+    for bad, why in [([[0, [1, 1], ["a", "b"]]], "increasing"), ([[0, [1], ["a", "b"]]], "got 1 and 2"),
+                     ([[0, [True], ["a"]]], "increasing"), ([[0, [-1], ["a"]]], "increasing")]:
+        with pytest.raises(FrameError) as info:
+            decode_data(encode(Data(tick=1, source="w0", messages=bad, acks=[])))
+        assert info.value.field.startswith("DATA.messages[0]") and why in str(info.value)
 
 
 def test_decode_ext_types_are_bad_msgpack() -> None:
     ext = pack([1, "DATA", {"tick": 0, "source": "w0", "acks": [],
-                            "messages": [[0, 0, msgpack.ExtType(1, b"x")]]}])
+                            "messages": [[0, [0], [msgpack.ExtType(1, b"x")]]]}])
     frame_error(ext, "frame", "bad-msgpack", limit=MAX_DATA_FRAME)
 
 
@@ -298,8 +308,10 @@ BAD_FIELDS = [  # (valid message, field name, bad value, expected FrameError.fie
     (Error(code="c", detail="d"), "code", 5, "ERROR.code"),
     (DATA, "tick", "3", "DATA.tick"),
     (DATA, "source", "", "DATA.source"),
-    (DATA, "messages", [[0, 1]], "DATA.messages[0]"),
-    (DATA, "messages", [[0, -1, "x"]], "DATA.messages[0][1]"),
+    (DATA, "messages", [[0, [1]]], "DATA.messages[0]"),
+    (DATA, "messages", [[0, [-1], ["x"]]], "DATA.messages[0][1]"),
+    (DATA, "messages", [[0, [1], "x"]], "DATA.messages[0][2]"),
+    (DATA, "messages", [[0, [1, 2], ["x"]]], "DATA.messages[0]"),
     (DATA, "acks", [[0, -1]], "DATA.acks[0][1]"),
     (DATA, "acks", [[0, 1, 2]], "DATA.acks[0]"),
 ]
@@ -709,8 +721,8 @@ tocks = st.builds(Tock, n=uints, sent=st.lists(names, max_size=4),
                   digests=st.dictionaries(names, st.binary(min_size=32, max_size=32), max_size=4),
                   stats=st.dictionaries(names, uints, max_size=3))
 datas = st.builds(Data, tick=uints, source=names,
-                  messages=st.lists(st.lists(uints, min_size=2, max_size=2).flatmap(
-                      lambda ids: payloads.map(lambda p: [*ids, p])), max_size=5),
+                  messages=st.lists(st.tuples(uints, st.lists(payloads, max_size=4)).map(
+                      lambda run: [run[0], list(range(len(run[1]))), run[1]]), max_size=5),
                   acks=st.lists(st.lists(uints, min_size=2, max_size=2), max_size=5))
 
 
