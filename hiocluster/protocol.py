@@ -272,7 +272,13 @@ class Tick(Message):
 
 @dataclass(slots=True)
 class Tock(Message):
-    """child → parent: tick ``n`` done; data frames went to ``sent``; node digests."""
+    """child → parent: tick ``n`` done; its data frames went to ``sent``.
+
+    ``digests`` are the node digests at the *start* of tick n (after tick n-1;
+    after set-up for n = 0): a worker hashes its nodes after answering, while
+    the supervisor works, so hashing is off the barrier's critical path. The
+    digests after the last tick come in BYE.
+    """
 
     TYPE = "TOCK"
     n: int
@@ -282,7 +288,10 @@ class Tock(Message):
     SCHEMA = {"n": UINT, "sent": ListOf(NAME), "digests": MapOf(NAME, DIGEST), "stats": STATS}
 
     def to_body(self) -> dict[str, Any]:
-        return {"n": self.n, "sent": self.sent, "digests": self.digests, "stats": self.stats}
+        body = {"n": self.n, "sent": self.sent, "digests": self.digests}
+        if self.stats:
+            body["stats"] = self.stats
+        return body
 
 
 @dataclass(slots=True)
@@ -298,11 +307,13 @@ class Stop(Message):
 
 @dataclass(slots=True)
 class Bye(Message):
-    """child → parent: exit contexts ran; final counters; the process exits next."""
+    """child → parent: exit contexts ran; final counters and node digests (after the
+    last tick; empty when the run failed); the process exits next."""
 
     TYPE = "BYE"
     stats: dict[str, int] = field(default_factory=dict)
-    SCHEMA = {"stats": STATS}
+    digests: dict[str, bytes] = field(default_factory=dict)
+    SCHEMA = {"stats": STATS, "digests": MapOf(NAME, DIGEST)}
 
 
 @dataclass(slots=True)

@@ -184,8 +184,8 @@ class Supervisor(DoDoer):
         self.tick_digests: list[str] = []
         self.node_order = sorted(node.name for node in topology.nodes)
         self._unaccounted: list[proto.Tock] = []
-        self.accounted = 0  # ticks whose digests are chained into self.digest
-        self.messages = 0
+        self.chained = 0  # whole-run states folded into self.digest
+        self._ticked = 0.0
         self.rejected = 0           # frames refused on the control socket
         self.interrupted: int | None = None
         self.failure: BaseException | None = None
@@ -208,10 +208,13 @@ class Supervisor(DoDoer):
         if self.interrupted:
             raise Interrupted(self.interrupted)
         super().recur(tyme, deeds)  # every ChildDoer sends its TICK
-        self._account()  # the previous tick's books, while the children work
+        self._account()  # the previous TOCKs' books, while the children work
         self._gather_tocks()
         self.tick += 1
+        if self.on_tick is not None:
+            self.on_tick(self.tick, self.ticks)
         if self.tick >= self.ticks:
+            self._ticked = time.perf_counter()
             self._account()
             return True
         return False
@@ -283,24 +286,30 @@ class Supervisor(DoDoer):
         self._unaccounted = tocks
 
     def _account(self) -> None:
-        """Chain the node digests of the last gathered tick into the run digest."""
+        """Chain the node digests carried by the last gathered TOCKs (the state at
+        the start of their tick) into the run digest."""
         tocks, self._unaccounted = self._unaccounted, []
-        if not tocks:
-            return
+        if tocks:
+            self._chain([tock.digests for tock in tocks])
+
+    def _chain(self, parts: list[dict[str, bytes]]) -> None:
+        """Fold one whole-run state (every node's digest) into the run digest.
+
+        digest = sha256(previous digest + for each node by name: name + digest).
+        The first state folded is the one after set-up; ``tick_digests[n]`` is
+        the run digest once the state after tick n is folded in.
+        """
         digests: dict[str, bytes] = {}
-        for tock in tocks:
-            digests.update(tock.digests)
-            self.messages += tock.stats.get("messages", 0)
+        for part in parts:
+            digests.update(part)
         chain = hashlib.sha256(self.digest)
         for name in self.node_order:
             chain.update(name.encode())
             chain.update(digests[name])
         self.digest = chain.digest()
-        if self.keep_digests:
+        if self.keep_digests and self.chained:
             self.tick_digests.append(self.digest.hex())
-        self.accounted = tocks[0].n + 1
-        if self.on_tick is not None:
-            self.on_tick(self.accounted, self.ticks)
+        self.chained += 1
 
     def _wait(self, done: Callable[[ChildDoer], bool], deadline: float, what: str) -> None:
         """Receive until ``done`` holds for every child, or fail loudly.
@@ -481,8 +490,14 @@ class Supervisor(DoDoer):
             except (ZMQError, ProtocolError):
                 child.failed = True
         deadline = time.monotonic() + STOP_TIMEOUT
-        while any(c.bye is None and c.alive for c in stopping) and time.monotonic() < deadline:
+        while time.monotonic() < deadline:
+            waiting = [child for child in stopping if child.bye is None]
+            if not waiting:
+                break
             try:
+                if not any(child.alive for child in waiting):
+                    self._receive_all()  # a BYE may still be queued behind a quick exit
+                    break
                 self._dispatch(self.router.recv_multipart())
             except Again:
                 continue
@@ -492,17 +507,30 @@ class Supervisor(DoDoer):
                     raise
 
     def _result(self) -> RunResult:
+        """The result of a clean run: needs every child's BYE (final digests, counters)."""
+        missing = [child for child in self.children if child.bye is None]
+        if missing:
+            child = missing[0]
+            raise RunFailed(process=child.name, nodes=child.node_names, tick=self.tick,
+                            cause="no BYE after STOP: "
+                            + describe_exitcode(child.process.exitcode if child.process
+                                                else None))
+        for child in self.children:
+            if child.bye.digests.keys() != child.node_set:  # type: ignore[union-attr]
+                raise RunFailed(process=child.name, nodes=child.node_names, tick=self.tick,
+                                cause="sent an invalid frame: BYE.digests does not name "
+                                "exactly its nodes")
+        self._chain([child.bye.digests for child in self.children])  # type: ignore[union-attr]
         stats: Counter[str] = Counter()
         for child in self.children:
-            if child.bye is not None:
-                stats.update(child.bye.stats)
+            stats.update(child.bye.stats)  # type: ignore[union-attr]
         return RunResult(
-            topology=self.topology.name, ticks=self.accounted, digest=self.digest.hex(),
+            topology=self.topology.name, ticks=self.tick, digest=self.digest.hex(),
             processes=len(self.children), nodes=len(self.topology.nodes),
-            seconds=(time.perf_counter() - self._ticking) if self._ticking else 0.0,
-            startup_seconds=(self._ticking - self._started) if self._ticking else 0.0,
-            messages=self.messages, undelivered=stats["undelivered"], unread=stats["unread"],
-            rejected_frames=self.rejected + stats["rejected"], tick_digests=self.tick_digests)
+            seconds=self._ticked - self._ticking, startup_seconds=self._ticking - self._started,
+            messages=stats["messages"], undelivered=stats["undelivered"],
+            unread=stats["unread"], rejected_frames=self.rejected + stats["rejected"],
+            tick_digests=self.tick_digests)
 
 
 def _terminate(process: Any) -> None:

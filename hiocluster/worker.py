@@ -3,7 +3,8 @@
 Per TICK n the worker (1) waits for the data frames of tick n-1 that the TICK
 says to expect, (2) delivers their messages into inboxes in canonical order and
 returns credit, (3) runs ``Doist.recur()`` once at tyme t0 + n·tock, (4) sends
-one DATA frame per destination process, (5) answers TOCK with node digests.
+one DATA frame per destination process, (5) answers TOCK, then hashes its nodes
+(the digests travel with the next TOCK, or BYE).
 
 Imports: hio, node, transport, protocol, errors. Never topology or supervisor.
 """
@@ -138,6 +139,8 @@ class Worker:
         self.seen: dict[int, set[str]] = {}           # tick → sources already received
         self.local: proto.Data | None = None
         self.rejected = 0
+        self.messages = 0           # messages put on any link, local ones included
+        self.digests: dict[str, bytes] = {}  # of the nodes' current state
         self.undelivered = 0
 
     # -- lifetime ---------------------------------------------------------
@@ -170,7 +173,9 @@ class Worker:
             if isinstance(message, proto.Stop):
                 self._stop(message)
                 self._exit_nodes()
-                control.send(self.machine.send(proto.Bye(stats=self._stats())))
+                digests = self.digests if message.expect is not None else {}
+                control.send(self.machine.send(proto.Bye(stats=self._stats(),
+                                                         digests=digests)))
                 self._close(clean=message.expect is not None)
                 return 0
             return self._fail("protocol", f"unexpected {message.TYPE}")
@@ -262,6 +267,7 @@ class Worker:
         self.doist.tyme = self.t0
         self.entered = True
         self.doist.enter()
+        self.digests = self._digests()
 
     # -- ticking ----------------------------------------------------------
     def _loop(self) -> proto.Message:
@@ -274,11 +280,9 @@ class Worker:
                 self._tick(message)
             except _Stopped as stopped:
                 return stopped.stop
-            control.send(machine.send(proto.Tock(
-                n=message.n, sent=self._sent,
-                digests={node.name: node.digest() for node in self.nodes},
-                stats={"messages": self._messages, "rejected": self.rejected}),
-                checked=False))
+            control.send(machine.send(proto.Tock(n=message.n, sent=self._sent,
+                                                 digests=self.digests), checked=False))
+            self.digests = self._digests()  # while the supervisor gathers the others
 
     def _tick(self, tick: proto.Tick) -> None:
         n = self.tick = tick.n
@@ -419,7 +423,7 @@ class Worker:
                     frame = batches[link.source_process] = proto.Data(tick, self.process, [], [])
                 frame.acks.append([link.id, link.taken])
                 link.taken = 0
-        self._messages = count
+        self.messages += count
         local = batches.pop(self.process, None)
         if local is not None:
             # through msgpack and back, so local payloads look exactly like remote ones
@@ -452,7 +456,11 @@ class Worker:
 
     def _stats(self) -> dict[str, int]:
         unread = sum(len(box) for node in self.nodes for box in node.inbox.values())
-        return {"rejected": self.rejected, "undelivered": self.undelivered, "unread": unread}
+        return {"messages": self.messages, "rejected": self.rejected,
+                "undelivered": self.undelivered, "unread": unread}
+
+    def _digests(self) -> dict[str, bytes]:
+        return {node.name: node.digest() for node in self.nodes}
 
     # -- waiting ----------------------------------------------------------
     def _next_control(self) -> proto.Message:
