@@ -77,9 +77,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``hiocluster`` console script; returns the exit code."""
     args = build_parser().parse_args(argv)
-    if args.command == "check":
-        return _check(args)
-    return _run(args)
+    try:
+        return _check(args) if args.command == "check" else _run(args)
+    except TopologyError as exc:  # also raised by run() for an impossible plan
+        print(f"hiocluster: {exc}", file=sys.stderr)
+        return EXIT_USAGE
 
 
 def _load(args: argparse.Namespace) -> Any:
@@ -95,11 +97,7 @@ def _load(args: argparse.Namespace) -> Any:
 
 
 def _check(args: argparse.Namespace) -> int:
-    try:
-        topology, layout = _load(args)
-    except TopologyError as exc:
-        print(f"hiocluster: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+    topology, layout = _load(args)
     processes = ", ".join(f"{p.name}=[{' '.join(p.node_names)}]" for p in layout.processes)
     print(f"ok: {topology.name}: {len(topology.nodes)} nodes, {len(topology.links)} links, "
           f"{topology.ticks} ticks; {len(layout.processes)} processes: {processes}")
@@ -109,11 +107,7 @@ def _check(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     from .supervisor import run
 
-    try:
-        topology, layout = _load(args)
-    except TopologyError as exc:
-        print(f"hiocluster: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+    topology, _ = _load(args)
     with _progress(topology.ticks) as on_tick:
         try:
             result = run(topology, processes=args.processes, app_dir=args.app_dir,
@@ -124,9 +118,8 @@ def _run(args: argparse.Namespace) -> int:
         except RunFailed as exc:
             return _failed(args, exc, {"process": exc.process, "nodes": list(exc.nodes),
                                        "tick": exc.tick, "cause": exc.cause})
-        except TopologyError as exc:
-            print(f"hiocluster: {exc}", file=sys.stderr)
-            return EXIT_USAGE
+        except TopologyError:
+            raise
         except ClusterError as exc:
             return _failed(args, exc, {})
     if args.json:

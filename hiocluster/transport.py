@@ -104,20 +104,20 @@ def bound_address(sock: zmq.Socket) -> str:
 
 
 def _bind(sock: zmq.Socket, address: str) -> zmq.Socket:
-    try:
-        sock.bind(address)
-    except zmq.ZMQError as exc:
-        sock.close(linger=0)
-        raise TransportError(f"cannot bind {address}: {exc}") from exc
-    return sock
+    return _attach(sock, address, "bind")
 
 
 def _connect(sock: zmq.Socket, address: str) -> zmq.Socket:
+    return _attach(sock, address, "connect")
+
+
+def _attach(sock: zmq.Socket, address: str, how: str) -> zmq.Socket:
+    """``sock.bind`` or ``sock.connect``; on failure close it and raise TransportError."""
     try:
-        sock.connect(address)
+        getattr(sock, how)(address)
     except zmq.ZMQError as exc:
         sock.close(linger=0)
-        raise TransportError(f"cannot connect to {address}: {exc}") from exc
+        raise TransportError(f"cannot {how} {address}: {exc}") from exc
     return sock
 
 

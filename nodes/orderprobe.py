@@ -33,29 +33,14 @@ Imports: stdlib and hiocluster.node only.
 
 from __future__ import annotations
 
-import json
-import os
 from typing import Any
 
-from hiocluster.node import Node
+from nodes.reporting import ReportingNode
 
 __all__ = ["ProbeSource", "ProbeSink"]
 
 
-class _Reporting(Node):
-    """Writes the final state to ``params.report_dir`` in the hio exit context."""
-
-    def exit(self, deeds: Any = None) -> None:  # type: ignore[override]
-        super().exit(deeds)
-        report_dir = self.params.get("report_dir")
-        if deeds is None and report_dir:
-            path = os.path.join(report_dir, f"{self.name}.json")
-            with open(f"{path}.tmp", "w", encoding="utf-8") as file:
-                json.dump(self.state(), file)
-            os.replace(f"{path}.tmp", path)
-
-
-class ProbeSource(_Reporting):
+class ProbeSource(ReportingNode):
     """Send a few tagged messages per tick, interleaving outboxes ``x`` and ``y``."""
 
     outboxes = ("x", "y")
@@ -85,7 +70,7 @@ class ProbeSource(_Reporting):
         return self.sent
 
 
-class ProbeSink(_Reporting):
+class ProbeSink(ReportingNode):
     """Record every message taken from ``in`` as ``[tick, source, message]``."""
 
     inboxes = ("in",)

@@ -36,13 +36,11 @@ Imports: stdlib and hiocluster.node only.
 from __future__ import annotations
 
 import heapq
-import json
-import os
 import zlib
 from collections import deque
 from typing import Any
 
-from hiocluster.node import Node
+from nodes.reporting import ReportingNode
 
 __all__ = ["PholdLP", "events_processed"]
 
@@ -55,7 +53,7 @@ def events_processed(state: Any) -> int:
     return int(state[0])
 
 
-class PholdLP(Node):
+class PholdLP(ReportingNode):
     """One PHOLD logical process; see the module docstring for the model."""
 
     inboxes = ("in",)
@@ -131,17 +129,3 @@ class PholdLP(Node):
 
     def state(self) -> Any:
         return [self.processed, self.mix, len(self.queue), len(self.held), self.late]
-
-    def exit(self, deeds: Any = None) -> None:  # type: ignore[override]
-        super().exit(deeds)
-        report_dir = self.params.get("report_dir")
-        if deeds is None and report_dir:
-            _write_report(os.path.join(report_dir, f"{self.name}.json"), self.state())
-
-
-def _write_report(path: str, state: Any) -> None:
-    """Write ``state`` as JSON to ``path`` atomically (a reader never sees half a file)."""
-    temporary = f"{path}.tmp"
-    with open(temporary, "w", encoding="utf-8") as file:
-        json.dump(state, file)
-    os.replace(temporary, path)

@@ -31,12 +31,10 @@ Imports: stdlib and hiocluster.node only.
 
 from __future__ import annotations
 
-import json
-import os
 from collections import deque
 from typing import Any
 
-from hiocluster.node import Node
+from nodes.reporting import ReportingNode
 
 __all__ = ["Producer", "Stage", "Consumer"]
 
@@ -44,20 +42,7 @@ __all__ = ["Producer", "Stage", "Consumer"]
 MIX_MODULUS = 2**61 - 1
 
 
-class _Reporting(Node):
-    """Writes the final state to ``params.report_dir`` in the hio exit context."""
-
-    def exit(self, deeds: Any = None) -> None:  # type: ignore[override]
-        super().exit(deeds)
-        report_dir = self.params.get("report_dir")
-        if deeds is None and report_dir:
-            path = os.path.join(report_dir, f"{self.name}.json")
-            with open(f"{path}.tmp", "w", encoding="utf-8") as file:
-                json.dump(self.state(), file)
-            os.replace(f"{path}.tmp", path)
-
-
-class Producer(_Reporting):
+class Producer(ReportingNode):
     """Make ``items`` items, ``burst`` per tick at most, and send them in order.
 
     Params: items (default 100), burst (default 5). An item is ``[seq, value]``
@@ -91,7 +76,7 @@ class Producer(_Reporting):
         return [self.made, self.sent, len(self.backlog), self.blocked_ticks]
 
 
-class Stage(_Reporting):
+class Stage(ReportingNode):
     """Forward items from ``in`` to ``out``, at most ``rate`` per tick.
 
     Params: rate (default: no limit). An item is taken only when it can be
@@ -121,7 +106,7 @@ class Stage(_Reporting):
         return [self.forwarded, self.mix]
 
 
-class Consumer(_Reporting):
+class Consumer(ReportingNode):
     """Take every item and check the sequence numbers run 0, 1, 2, ... without gaps."""
 
     inboxes = ("in",)
