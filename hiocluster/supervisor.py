@@ -35,7 +35,7 @@ from .errors import (ClusterError, FrameError, Interrupted, NodeError, ProcessEx
                      ProtocolError, RemoteProtocolError, RunFailed, TickTimeout,
                      describe_exitcode)
 from .topology import Plan, ProcessSpec, Topology, plan as make_plan
-from .transport import NOBLOCK, Again, Context, ZMQError, ipc_address
+from .transport import NOBLOCK, SNDMORE, Again, Context, ZMQError, ipc_address
 
 __all__ = ["Supervisor", "ChildDoer", "RunResult", "run", "START_TIMEOUT", "STOP_TIMEOUT"]
 
@@ -128,7 +128,9 @@ class ChildDoer(Doer):
     def recur(self, tyme: float) -> bool:
         supervisor = self.supervisor
         frame = self.machine.send_tick(supervisor.tick, supervisor.expect.get(self.name, 0))
-        supervisor.router.send_multipart([self.identity, frame], copy=False)
+        router = supervisor.router
+        router.send(self.identity, SNDMORE)
+        router.send(frame)
         return False
 
     def send(self, message: proto.Message) -> None:

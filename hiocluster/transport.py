@@ -143,3 +143,4 @@ class Poller:
 Again = zmq.Again
 ZMQError = zmq.ZMQError
 NOBLOCK = zmq.NOBLOCK
+SNDMORE = zmq.SNDMORE
