@@ -147,7 +147,8 @@ def summary(result: Any) -> str:
         f"messages {result.messages} delivered or in flight; {result.undelivered} in flight "
         f"at stop, {result.unread} unread in inboxes; {result.rejected_frames} frames "
         "rejected",
-    ])
+    ] + [f"metric   {name} {value:,} ({value / result.seconds:,.0f}/s)"
+         for name, value in result.metrics.items() if result.seconds > 0])
 
 
 class _progress:

@@ -228,6 +228,14 @@ class Node(DoDoer):
         """What this node's digest covers: any msgpack-packable value."""
         return None
 
+    def metrics(self) -> dict[str, int]:
+        """Counters to report at the end of a run, e.g. ``{"events": 51297}``.
+
+        Summed over all nodes (names: 1-64 of A-Z a-z 0-9 _ . -; values: ints
+        >= 0) and shown with their rate per second of ticking.
+        """
+        return {}
+
     # -- hio --------------------------------------------------------------
     def recur(self, tyme: float, deeds: Any = None) -> bool:  # type: ignore[override]
         """One tick: :meth:`step`, then every doer in ``self.doers`` once.

@@ -308,12 +308,14 @@ class Stop(Message):
 @dataclass(slots=True)
 class Bye(Message):
     """child → parent: exit contexts ran; final counters and node digests (after the
-    last tick; empty when the run failed); the process exits next."""
+    last tick; empty when the run failed); ``metrics``: the sum over its nodes of
+    :meth:`Node.metrics`; the process exits next."""
 
     TYPE = "BYE"
     stats: dict[str, int] = field(default_factory=dict)
     digests: dict[str, bytes] = field(default_factory=dict)
-    SCHEMA = {"stats": STATS, "digests": MapOf(NAME, DIGEST)}
+    metrics: dict[str, int] = field(default_factory=dict)
+    SCHEMA = {"stats": STATS, "digests": MapOf(NAME, DIGEST), "metrics": STATS}
 
 
 @dataclass(slots=True)

@@ -89,6 +89,7 @@ class RunResult:
     undelivered: int
     unread: int
     rejected_frames: int
+    metrics: dict[str, int] = field(default_factory=dict)
     tick_digests: list[str] = field(default_factory=list)
 
     @property
@@ -100,6 +101,8 @@ class RunResult:
         data["ticks_per_second"] = round(self.ticks_per_second, 1)
         data["seconds"] = round(self.seconds, 6)
         data["startup_seconds"] = round(self.startup_seconds, 6)
+        data["metrics_per_second"] = {name: round(value / self.seconds, 1) if self.seconds
+                                      else 0.0 for name, value in self.metrics.items()}
         if self.tick_digests:
             data["tick_digests"] = self.tick_digests
         return data
@@ -524,15 +527,17 @@ class Supervisor(DoDoer):
                                 "exactly its nodes")
         self._chain([child.bye.digests for child in self.children])  # type: ignore[union-attr]
         stats: Counter[str] = Counter()
+        metrics: Counter[str] = Counter()
         for child in self.children:
             stats.update(child.bye.stats)  # type: ignore[union-attr]
+            metrics.update(child.bye.metrics)  # type: ignore[union-attr]
         return RunResult(
             topology=self.topology.name, ticks=self.tick, digest=self.digest.hex(),
             processes=len(self.children), nodes=len(self.topology.nodes),
             seconds=self._ticked - self._ticking, startup_seconds=self._ticking - self._started,
             messages=stats["messages"], undelivered=stats["undelivered"],
             unread=stats["unread"], rejected_frames=self.rejected + stats["rejected"],
-            tick_digests=self.tick_digests)
+            metrics=dict(sorted(metrics.items())), tick_digests=self.tick_digests)
 
 
 def _terminate(process: Any) -> None:

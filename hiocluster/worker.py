@@ -17,6 +17,7 @@ import signal
 import sys
 import threading
 import traceback
+from collections import Counter
 from dataclasses import dataclass, field
 from itertools import groupby
 from operator import itemgetter
@@ -175,7 +176,8 @@ class Worker:
                 self._exit_nodes()
                 digests = self.digests if message.expect is not None else {}
                 control.send(self.machine.send(proto.Bye(stats=self._stats(),
-                                                         digests=digests)))
+                                                         digests=digests,
+                                                         metrics=self._metrics())))
                 self._close(clean=message.expect is not None)
                 return 0
             return self._fail("protocol", f"unexpected {message.TYPE}")
@@ -458,6 +460,15 @@ class Worker:
         unread = sum(len(box) for node in self.nodes for box in node.inbox.values())
         return {"messages": self.messages, "rejected": self.rejected,
                 "undelivered": self.undelivered, "unread": unread}
+
+    def _metrics(self) -> dict[str, int]:
+        total: Counter[str] = Counter()
+        for node in self.nodes:
+            try:
+                total.update(node.metrics())
+            except Exception:
+                raise NodeFailed(node.name, self.tick, _tail(traceback.format_exc())) from None
+        return dict(total)
 
     def _digests(self) -> dict[str, bytes]:
         return {node.name: node.digest() for node in self.nodes}

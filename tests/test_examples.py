@@ -100,6 +100,9 @@ def test_phold_processes_events_and_conserves_them(tmp_path: Path) -> None:
     assert processed > population  # every LP worked through several ticks of events
     assert all(state[0] > 0 for state in states.values())
     assert result.messages > 0  # remote events crossed links (and processes)
+    assert result.metrics == {"events": processed}  # the run reports events (and events/s)
+    assert result.to_json()["metrics_per_second"]["events"] == pytest.approx(
+        processed / result.seconds, rel=1e-3)
     assert all(state[4] == 0 for state in states.values())  # ample credit: none late
     queued = sum(state[2] + state[3] for state in states.values())
     assert queued + result.undelivered + result.unread == population
