@@ -26,6 +26,7 @@ import json
 import os
 import signal
 import time
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -231,3 +232,30 @@ def fake_worker(spec: worker.WorkerSpec) -> None:
         control.close()
         data.close()
         context.term()
+
+
+class Mixer(Node):
+    """Order-sensitive traffic for placement tests: folds every message it reads, in
+    delivery order, into ``mix``; sends 0-3 random numbers to random peers each tick
+    (``offer``: a full link just means fewer sends; counted in ``blocked``)."""
+
+    inboxes = ("in",)
+    outboxes = ("out",)
+
+    def setup(self) -> None:
+        self.mix = self.sent = self.blocked = 0
+
+    def step(self) -> None:
+        inbox = self.inbox["in"]
+        while inbox:
+            source, value = inbox.get_from()
+            self.mix = (self.mix * 1_000_003 + zlib.crc32(source.encode()) + value) % (2**61 - 1)
+        out = self.outbox["out"]
+        for _ in range(self.rng.randrange(4)):
+            if out.offer(self.rng.randrange(1000), to=self.rng.choice(out.targets)):
+                self.sent += 1
+            else:
+                self.blocked += 1
+
+    def state(self) -> list[int]:
+        return [self.mix, self.sent, self.blocked]
