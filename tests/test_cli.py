@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import pty
 import re
+import select
 import subprocess
 
 import pytest
@@ -122,3 +125,39 @@ def test_failed_run_exits_1_with_json_error(cli_env: dict[str, str], tmp_path) -
     error = json.loads(result.stdout)["error"]
     assert error["type"] == "NodeError" and error["tick"] == 2 and error["nodes"] == ["b"]
     assert "kaboom" in error["cause"] and "kaboom" in result.stderr
+
+
+def _run_with_terminal_stderr(env: dict[str, str], *args: str) -> tuple[int, bytes]:
+    """Run the CLI with stderr on a pseudo-terminal; return its exit code and stderr."""
+    master, slave = pty.openpty()
+    try:
+        process = subprocess.Popen(hiocluster_command(*args), cwd=REPO, env=env,
+                                   stdout=subprocess.DEVNULL, stderr=slave)
+    finally:
+        os.close(slave)
+    chunks = []
+    try:
+        while True:
+            ready, _, _ = select.select([master], [], [], TIMEOUT)
+            if not ready:
+                break
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:  # EIO: the child closed the terminal
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+    finally:
+        os.close(master)
+        code = process.wait(timeout=TIMEOUT)
+    return code, b"".join(chunks)
+
+
+def test_progress_bar_on_a_terminal_only(cli_env: dict[str, str]) -> None:
+    code, stderr = _run_with_terminal_stderr(cli_env, "run", "topologies/ring.toml",
+                                             "--ticks", "2000")
+    assert code == 0
+    assert b"ticking" in stderr and b"/2000" in stderr and b"ticks/s" in stderr
+    piped = run_cli(cli_env, "run", "topologies/ring.toml", "--ticks", "2000")
+    assert piped.returncode == 0 and piped.stderr == ""
