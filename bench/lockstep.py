@@ -145,7 +145,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer ticks (a smoke run)")
     parser.add_argument("--ticks", type=int, default=None)
     parser.add_argument("--sizes", default="1,2,4,8")
-    parser.add_argument("--repeat", type=int, default=3, help="best of R runs")
+    parser.add_argument("--repeat", type=int, default=5, help="best of R interleaved rounds")
     args = parser.parse_args()
     ticks = args.ticks or (300 if args.quick else 3000)
     repeat = 1 if args.quick else args.repeat
@@ -155,16 +155,20 @@ def main() -> None:
     print(f"{'N':>3} {'raw barrier':>14} {'raw+hio Doist':>14} {'hiocluster':>14} "
           f"{'hio/raw':>8} {'hioc/raw':>9}")
     for n in [int(size) for size in args.sizes.split(",")]:
-        raw = max(raw_barrier(n, ticks) for _ in range(repeat))
-        raw_doist = max(raw_barrier(n, ticks, with_doist=True) for _ in range(repeat))
-        ours = max(hiocluster_barrier(n, ticks) for _ in range(repeat))
+        raw = raw_doist = ours = 0.0
+        for _ in range(repeat):  # interleaved rounds: machine drift hits all three alike
+            raw = max(raw, raw_barrier(n, ticks))
+            raw_doist = max(raw_doist, raw_barrier(n, ticks, with_doist=True))
+            ours = max(ours, hiocluster_barrier(n, ticks))
         print(f"{n:>3} {raw:>10,.0f} t/s {raw_doist:>10,.0f} t/s {ours:>10,.0f} t/s "
               f"{raw_doist / raw:>7.2f}x {ours / raw:>8.2f}x")
     per_tick = 1000
     msg_ticks = max(20, ticks // 30)
     messages = per_tick * msg_ticks
-    raw = max(raw_pushpull(messages) for _ in range(repeat))
-    ours = max(hiocluster_messages(per_tick, msg_ticks) for _ in range(repeat))
+    raw = ours = 0.0
+    for _ in range(repeat):
+        raw = max(raw, raw_pushpull(messages))
+        ours = max(ours, hiocluster_messages(per_tick, msg_ticks))
     print(f"messages: raw PUSH/PULL {raw:,.0f} msg/s; hiocluster batched "
           f"({per_tick}/tick) {ours:,.0f} msg/s; ratio {ours / raw:.2f}x")
 
