@@ -449,7 +449,8 @@ def _decode(frame: Any, allowed: tuple[type[Message], ...] | None) -> Message:
         stats = body.get("stats", _NO_STATS)
         if (type(n) is int and 0 <= n <= MAX_INT and len(body) == 3 + ("stats" in body)
                 and _SENT.ok(sent) and _DIGESTS.ok(digests) and STATS.ok(stats)):
-            return Tock(n, sent, digests, {} if stats is _NO_STATS else stats)
+            return Tock(n, sent, digests,  # type: ignore[arg-type]  # all checked just above
+                        {} if stats is _NO_STATS else stats)
     if type(version) is not int or version != VERSION:
         raise FrameError(f"unsupported protocol version {_short(version)} (speak {VERSION})",
                          field="version", code="version")

@@ -227,6 +227,11 @@ class Supervisor(DoDoer):
     def abort(self, ex: BaseException) -> None:
         self.failure = ex
 
+    def close(self) -> None:  # forced exit: the Doist closed us before the last tick
+        if self.failure is None and self.tick < self.ticks:
+            self.failure = Interrupted(signal.SIGINT) if self.interrupted is None \
+                else Interrupted(self.interrupted)
+
     def exit(self, deeds: Any = None) -> None:  # type: ignore[override]
         super().exit(deeds)
         if deeds is None:
@@ -477,12 +482,18 @@ class Supervisor(DoDoer):
             if self.run_dir is not None:
                 shutil.rmtree(self.run_dir, ignore_errors=True)
                 self.run_dir = None
-        if self.failure is None:
+        if self.finished:
             self.result = self._result()
 
+    @property
+    def finished(self) -> bool:
+        """Every tick ran and nothing failed: a clean stop, with a result."""
+        return self.failure is None and self.tick >= self.ticks
+
     def _stop_children(self) -> None:
-        clean = self.failure is None
-        reason = "done" if clean else f"{type(self.failure).__name__}: {self.failure}"
+        clean = self.finished
+        reason = ("done" if clean else f"{type(self.failure).__name__}: {self.failure}"
+                  if self.failure is not None else "stopped before the last tick")
         stopping = []
         for child in self.children:
             if child.failed or not child.alive or child.machine.state in (

@@ -24,7 +24,8 @@ import psutil
 import pytest
 
 from hiocluster import supervisor
-from hiocluster.errors import NodeError, ProcessExited, RunFailed, TickTimeout, TopologyError
+from hiocluster.errors import (Interrupted, NodeError, ProcessExited, RunFailed, TickTimeout,
+                               TopologyError)
 from hiocluster.topology import loads, resolve_classes
 
 from conftest import REPO, hiocluster_command
@@ -341,3 +342,27 @@ def test_cli_signal_stops_cleanly(tmp_path: Path, cli_env: dict[str, str], signu
     assert f"interrupted by {signal.Signals(signum).name}" in stderr, stderr
     for name in "abc":
         assert (marks / f"{name}.exit").read_text().split() == ["close", "exit"], name
+
+
+def test_interrupt_from_the_api_stops_cleanly_at_a_tick(tmp_path: Path) -> None:
+    """Supervisor.interrupt (what the SIGINT/SIGTERM handlers call) stops every
+    process through its exit contexts and raises Interrupted; no result."""
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    text = ring_toml({name: {"marker_dir": str(marks)} for name in "abc"},
+                     {"p0": ["a"], "p1": ["b", "c"]}, ticks=1000)
+    found: list[supervisor.Supervisor] = []
+    ticks: list[int] = []
+
+    def on_tick(done: int, total: int) -> None:
+        ticks.append(done)
+        if done == 7:
+            found[0].interrupt(signal.SIGTERM)
+
+    with pytest.raises(Interrupted) as info:
+        supervisor.run(loads(text), app_dir=str(REPO), handle_signals=False,
+                       on_ready=found.append, on_tick=on_tick)
+    assert info.value.signal == signal.SIGTERM
+    assert ticks[-1] == 7  # stopped at the next tick boundary, not later
+    assert found[0].result is None
+    assert_exited_cleanly(marks, list("abc"))
