@@ -18,7 +18,7 @@ import sys
 import threading
 import traceback
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from itertools import groupby
 from operator import itemgetter
 from typing import Any
@@ -52,7 +52,6 @@ class WorkerSpec:
     app_dir: str | None = None
     parent_pid: int = 0
     parent_started: float = 0.0                     # psutil create_time of the parent
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class _Terminated(BaseException):
