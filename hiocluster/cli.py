@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import Any, Callable, Sequence
 
@@ -82,6 +83,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except TopologyError as exc:  # also raised by run() for an impossible plan
         print(f"hiocluster: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except BrokenPipeError:  # e.g. `hiocluster run ... | head -1`: the reader left
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_FAILED
 
 
 def _load(args: argparse.Namespace) -> Any:
