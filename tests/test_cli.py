@@ -161,3 +161,31 @@ def test_progress_bar_on_a_terminal_only(cli_env: dict[str, str]) -> None:
     assert b"ticking" in stderr and b"/2000" in stderr and b"ticks/s" in stderr
     piped = run_cli(cli_env, "run", "topologies/ring.toml", "--ticks", "2000")
     assert piped.returncode == 0 and piped.stderr == ""
+
+
+def _python_blocks() -> list[str]:
+    return [block.split("```", 1)[0] for block in README.split("```python\n")[1:]]
+
+
+def test_readme_node_and_api_examples_run(tmp_path, no_leaks) -> None:
+    node_code, api_code = _python_blocks()
+    (tmp_path / "counter.py").write_text(node_code)
+    (tmp_path / "pair.toml").write_text(
+        '[run]\nticks = 20\n[nodes.a]\nclass = "counter:Counter"\n[nodes.b]\n'
+        'class = "counter:Counter"\n[[links]]\nfrom = "a.out"\nto = "b.in"\n'
+        '[[links]]\nfrom = "b.out"\nto = "a.in"\n')
+    import hiocluster
+
+    results = [hiocluster.run(hiocluster.load(tmp_path / "pair.toml"), processes=processes,
+                              app_dir=str(tmp_path), handle_signals=False)
+               for processes in (1, 2)]
+    assert results[0].digest == results[1].digest and results[0].metrics["values"] > 0
+    namespace: dict = {}
+    cwd = os.getcwd()
+    os.chdir(REPO)
+    try:
+        exec(compile(api_code.replace("processes=4", "processes=2"), "README", "exec"),
+             namespace)
+    finally:
+        os.chdir(cwd)
+    assert namespace["result"].ticks == 200 and len(namespace["result"].digest) == 64
