@@ -63,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="with --json, include every tick's run digest")
     run.add_argument("--app-dir", metavar="DIR",
                      help="directory to import node classes from (default: current directory)")
+    run.add_argument("--transport", choices=("ipc", "tcp"), default="ipc",
+                     help="how local processes talk: unix sockets (default) or TCP on "
+                          "127.0.0.1; results are identical")
 
     check = commands.add_parser("check", help="validate a topology without running it",
                                 description="Validate a topology (and import its node "
@@ -115,7 +118,8 @@ def _run(args: argparse.Namespace) -> int:
     with _progress(topology.ticks) as on_tick:
         try:
             result = run(topology, processes=args.processes, app_dir=args.app_dir,
-                         on_tick=on_tick, keep_digests=args.digests)
+                         on_tick=on_tick, keep_digests=args.digests,
+                         transport=args.transport)
         except Interrupted as exc:
             print(f"hiocluster: {exc}; every process was shut down", file=sys.stderr)
             return 128 + exc.signal

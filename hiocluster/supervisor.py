@@ -35,7 +35,8 @@ from .errors import (ClusterError, FrameError, Interrupted, NodeError, ProcessEx
                      ProtocolError, RemoteProtocolError, RunFailed, TickTimeout,
                      describe_exitcode)
 from .topology import Plan, ProcessSpec, Topology, plan as make_plan
-from .transport import NOBLOCK, SNDMORE, Again, Context, ZMQError, ipc_address
+from .transport import (NOBLOCK, SNDMORE, Again, Context, ZMQError, bound_address,
+                        local_address)
 
 __all__ = ["Supervisor", "ChildDoer", "RunResult", "run", "START_TIMEOUT", "STOP_TIMEOUT"]
 
@@ -158,6 +159,8 @@ class Supervisor(DoDoer):
             it to find ``control_address`` and the children's ``hello.data_address``).
         keep_digests: keep every tick's run digest in the result.
         worker_target: the child entry point (tests substitute misbehaving ones).
+        transport: "ipc" (unix sockets in the run directory) or "tcp" (loopback,
+            ports picked by the system); the protocol is the same over both.
 
     The run directory (control and data sockets, mode 0700) is made under
     ``$HIOCLUSTER_RUN_ROOT`` if set, else the system temp directory, and removed
@@ -169,8 +172,9 @@ class Supervisor(DoDoer):
                  keep_digests: bool = False,
                  worker_target: Callable[[worker.WorkerSpec], None] = worker.main,
                  on_ready: Callable[[Supervisor], None] | None = None,
-                 **kwa: Any) -> None:
+                 transport: str = "ipc", **kwa: Any) -> None:
         self.topology = topology
+        self.transport = transport
         self.plan = plan
         self.app_dir = os.path.abspath(app_dir or os.getcwd())
         self.on_tick = on_tick
@@ -249,17 +253,19 @@ class Supervisor(DoDoer):
         self.run_dir = tempfile.mkdtemp(prefix="hioc-", dir=root)
         os.chmod(self.run_dir, 0o700)
         self.context = Context()
-        self.control_address = ipc_address(self.run_dir, "control")
-        self.router = self.context.router(self.control_address,
-                                          timeout_ms=int(SLICE_S * 1000))
+        self.router = self.context.router(
+            local_address(self.transport, self.run_dir, "control"),
+            timeout_ms=int(SLICE_S * 1000))
+        self.control_address = bound_address(self.router)
         me = psutil.Process()
         mp = _forkserver()
         for child in self.children:
             spec = worker.WorkerSpec(
                 process=child.name, control_address=self.control_address,
-                data_bind=ipc_address(self.run_dir, f"d{child.index}"),
+                data_bind=local_address(self.transport, self.run_dir, f"d{child.index}"),
                 nodes=tuple((node.name, node.cls, node.params) for node in child.spec.nodes),
-                app_dir=self.app_dir, parent_pid=me.pid, parent_started=me.create_time())
+                app_dir=self.app_dir, run_dir=self.run_dir, parent_pid=me.pid,
+                parent_started=me.create_time())
             child.process = mp.Process(target=self.worker_target, args=(spec,),
                                        name=f"hiocluster-{child.name}")
             with _main_hidden():
@@ -576,7 +582,8 @@ def run(topology: Topology, *, processes: int | None = None, app_dir: str | None
         on_tick: Callable[[int, int], None] | None = None, keep_digests: bool = False,
         handle_signals: bool = True,
         worker_target: Callable[[worker.WorkerSpec], None] = worker.main,
-        on_ready: Callable[[Supervisor], None] | None = None) -> RunResult:
+        on_ready: Callable[[Supervisor], None] | None = None,
+        transport: str = "ipc") -> RunResult:
     """Run ``topology`` to completion in lockstep and return its result.
 
     Args:
@@ -586,7 +593,7 @@ def run(topology: Topology, *, processes: int | None = None, app_dir: str | None
         on_tick: progress callback ``(done, total)``.
         keep_digests: also return every tick's run digest.
         handle_signals: on the main thread, turn SIGINT/SIGTERM into a clean stop.
-        worker_target, on_ready: see :class:`Supervisor`.
+        worker_target, on_ready, transport: see :class:`Supervisor`.
 
     Raises:
         TopologyError: the plan is impossible (e.g. more processes than nodes).
@@ -596,7 +603,7 @@ def run(topology: Topology, *, processes: int | None = None, app_dir: str | None
     plan = make_plan(topology, processes)
     supervisor = Supervisor(topology, plan, app_dir=app_dir, on_tick=on_tick,
                             keep_digests=keep_digests, worker_target=worker_target,
-                            on_ready=on_ready)
+                            on_ready=on_ready, transport=transport)
     doist = Doist(tock=topology.tock, real=False, doers=[supervisor])
     restore = {}
     if handle_signals and threading.current_thread() is threading.main_thread():

@@ -3,7 +3,9 @@
 Control plane: the supervisor binds a ROUTER, each child connects a DEALER whose
 routing id is its process name. Data plane: each child binds one PULL socket
 and connects one PUSH socket per peer it sends to. Addresses are ``ipc://``
-inside the run directory (mode 0700) for local processes, ``tcp://`` across hosts.
+inside the run directory (mode 0700: only this user can connect) for local
+processes by default, or ``tcp://127.0.0.1`` on ports the system picks (any
+local user can connect; there is no CurveZMQ authentication yet).
 
 zmq errors stop here: they become :class:`TransportError`.
 """
@@ -18,7 +20,11 @@ import zmq
 from .errors import ClusterError
 from .protocol import MAX_CONTROL_FRAME, MAX_DATA_FRAME
 
-__all__ = ["TransportError", "Context", "Poller", "POLLIN", "ipc_address"]
+__all__ = ["TransportError", "Context", "Poller", "POLLIN", "TRANSPORTS", "ipc_address",
+           "local_address", "bound_address"]
+
+#: How processes on one host reach each other: unix sockets, or TCP on loopback.
+TRANSPORTS = ("ipc", "tcp")
 
 POLLIN = zmq.POLLIN
 #: ZeroMQ itself cuts a peer that sends more than this many times our frame limit,
@@ -38,6 +44,16 @@ def ipc_address(run_dir: str, name: str) -> str:
     if len(path.encode()) > 100:
         raise TransportError(f"ipc path too long for a unix socket: {path}")
     return f"ipc://{path}"
+
+
+def local_address(transport: str, run_dir: str, name: str) -> str:
+    """Where socket ``name`` of a local run binds: ``ipc://`` in the run directory, or
+    ``tcp://127.0.0.1:*`` (a free port; read it back with :func:`bound_address`)."""
+    if transport == "ipc":
+        return ipc_address(run_dir, name)
+    if transport == "tcp":
+        return "tcp://127.0.0.1:*"
+    raise TransportError(f"unknown transport {transport!r}; choose from {TRANSPORTS}")
 
 
 class Context:

@@ -50,6 +50,7 @@ class WorkerSpec:
     data_bind: str                                  # ipc://... or tcp://host:*
     nodes: tuple[tuple[str, str, dict], ...]        # (name, "module:attr", params)
     app_dir: str | None = None
+    run_dir: str | None = None                      # the supervisor's; orphans clean it
     parent_pid: int = 0
     parent_started: float = 0.0                     # psutil create_time of the parent
 
@@ -222,8 +223,9 @@ class Worker:
                 if address.startswith("ipc://"):
                     with contextlib.suppress(OSError):
                         os.unlink(address[len("ipc://"):])
-            with contextlib.suppress(OSError):  # the last worker out removes the run dir
-                os.rmdir(os.path.dirname(self.spec.data_bind[len("ipc://"):]))
+            if self.spec.run_dir:
+                with contextlib.suppress(OSError):  # the last worker out removes it
+                    os.rmdir(self.spec.run_dir)
 
     def _exit_nodes(self) -> None:
         if self.doist is not None and self.entered:

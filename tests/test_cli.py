@@ -189,3 +189,13 @@ def test_readme_node_and_api_examples_run(tmp_path, no_leaks) -> None:
     finally:
         os.chdir(cwd)
     assert namespace["result"].ticks == 200 and len(namespace["result"].digest) == 64
+
+
+def test_tcp_transport_gives_the_same_digest(cli_env: dict[str, str]) -> None:
+    digests = set()
+    for transport in ("ipc", "tcp"):
+        result = run_cli(cli_env, "run", "topologies/phold.toml", "--ticks", "40",
+                         "--processes", "4", "--transport", transport, "--json")
+        assert result.returncode == 0, result.stderr
+        digests.add(json.loads(result.stdout)["digest"])
+    assert len(digests) == 1
