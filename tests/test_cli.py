@@ -31,6 +31,7 @@ def _readme_block(after: str) -> str:
 def test_readme_has_exactly_two_marked_commands() -> None:
     assert README.count("<!-- setup-command -->") == 1
     assert README.count("<!-- test-command -->") == 1
+    assert README.count("```sh\n") == 2  # no other copy-paste shell blocks
     setup = _readme_block("<!-- setup-command -->").strip()
     tests = _readme_block("<!-- test-command -->").strip()
     assert setup.startswith("python3 -m venv .venv") and "hiocluster run topologies/" in setup
@@ -51,7 +52,8 @@ def test_readme_example_output_is_real(cli_env: dict[str, str]) -> None:
 
 
 def test_readme_json_example_matches_digest(cli_env: dict[str, str]) -> None:
-    shown = json.loads(_readme_block("--processes 1 --json\n```\n").strip())
+    shown = json.loads(_readme_block("`--json`), or spread over eight, gives the same digest:")
+                       .strip())
     result = run_cli(cli_env, "run", "topologies/ring.toml", "--processes", "1", "--json")
     assert result.returncode == 0, result.stderr
     actual = json.loads(result.stdout)
