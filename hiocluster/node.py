@@ -246,7 +246,7 @@ class Node(DoDoer):
             self.step()
             if self.deeds:
                 super().recur(tyme, deeds)
-        except Exception as exc:
+        except BaseException as exc:
             if not hasattr(exc, "hiocluster_node"):
                 exc.hiocluster_node = self.name  # type: ignore[attr-defined]
             raise

@@ -182,9 +182,11 @@ _GOOD_NAMES_MAX = 100_000     # bounded, so a hostile peer cannot grow it foreve
 
 
 def _is_name(value: Any) -> bool:
+    if type(value) is not str:  # first: a hostile list or map is unhashable
+        return False
     if value in _GOOD_NAMES:
         return True
-    if type(value) is not str or NAME_RE.match(value) is None:
+    if NAME_RE.match(value) is None:
         return False
     if len(_GOOD_NAMES) < _GOOD_NAMES_MAX:
         _GOOD_NAMES.add(value)

@@ -34,9 +34,9 @@ from . import worker
 from .errors import (ClusterError, FrameError, Interrupted, NodeError, ProcessExited,
                      ProtocolError, RemoteProtocolError, RunFailed, TickTimeout,
                      describe_exitcode)
-from .topology import Plan, ProcessSpec, Topology, plan as make_plan
-from .transport import (NOBLOCK, SNDMORE, Again, Context, ZMQError, bound_address,
-                        local_address)
+from .topology import Plan, ProcessSpec, Topology, plan as make_plan, resolve_classes
+from .transport import (NOBLOCK, SNDMORE, Again, Context, TransportError, ZMQError,
+                        bound_address, local_address)
 
 __all__ = ["Supervisor", "ChildDoer", "RunResult", "run", "START_TIMEOUT", "STOP_TIMEOUT"]
 
@@ -250,8 +250,12 @@ class Supervisor(DoDoer):
         """Make the run directory and control socket, spawn children, handshake."""
         self._started = time.perf_counter()
         root = os.environ.get("HIOCLUSTER_RUN_ROOT") or None
-        self.run_dir = tempfile.mkdtemp(prefix="hioc-", dir=root)
-        os.chmod(self.run_dir, 0o700)
+        try:
+            self.run_dir = tempfile.mkdtemp(prefix="hioc-", dir=root)
+            os.chmod(self.run_dir, 0o700)
+        except OSError as exc:
+            raise TransportError(f"cannot make the run directory under "
+                                 f"{root or tempfile.gettempdir()}: {exc}") from exc
         self.context = Context()
         self.router = self.context.router(
             local_address(self.transport, self.run_dir, "control"),
@@ -583,7 +587,7 @@ def run(topology: Topology, *, processes: int | None = None, app_dir: str | None
         handle_signals: bool = True,
         worker_target: Callable[[worker.WorkerSpec], None] = worker.main,
         on_ready: Callable[[Supervisor], None] | None = None,
-        transport: str = "ipc") -> RunResult:
+        transport: str = "ipc", check_classes: bool = True) -> RunResult:
     """Run ``topology`` to completion in lockstep and return its result.
 
     Args:
@@ -594,6 +598,9 @@ def run(topology: Topology, *, processes: int | None = None, app_dir: str | None
         keep_digests: also return every tick's run digest.
         handle_signals: on the main thread, turn SIGINT/SIGTERM into a clean stop.
         worker_target, on_ready, transport: see :class:`Supervisor`.
+        check_classes: import the node classes here first and check every link's
+            boxes exist (TopologyError naming the key); tests of the workers'
+            own start-up errors turn it off.
 
     Raises:
         TopologyError: the plan is impossible (e.g. more processes than nodes).
@@ -601,6 +608,8 @@ def run(topology: Topology, *, processes: int | None = None, app_dir: str | None
         Interrupted: a signal stopped the run; every process was shut down.
     """
     plan = make_plan(topology, processes)
+    if check_classes:
+        resolve_classes(topology, app_dir)
     supervisor = Supervisor(topology, plan, app_dir=app_dir, on_tick=on_tick,
                             keep_digests=keep_digests, worker_target=worker_target,
                             on_ready=on_ready, transport=transport)

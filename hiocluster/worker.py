@@ -17,11 +17,11 @@ import signal
 import sys
 import threading
 import traceback
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass
 from itertools import groupby
 from operator import itemgetter
-from typing import Any
+from typing import Any, Iterator
 
 import psutil
 from hio.base.doing import Doist
@@ -37,6 +37,8 @@ __all__ = ["WorkerSpec", "main", "POLL_MS", "WATCH_S"]
 POLL_MS = 200
 #: How often the watchdog checks that the supervisor process is still alive.
 WATCH_S = 0.2
+#: Linger of a failing worker's sockets: time for its ERROR to leave, not more.
+FAIL_LINGER_MS = 500
 #: Traceback lines sent up with a node failure.
 TRACEBACK_LINES = 12
 
@@ -173,7 +175,9 @@ class Worker:
                 message = self._loop()
             if isinstance(message, proto.Stop):
                 self._stop(message)
-                self._exit_nodes()
+                failures = self._exit_nodes()
+                if failures:
+                    raise NodeFailed(failures[0][0], self.tick, failures[0][1])
                 digests = self.digests if message.expect is not None else {}
                 control.send(self.machine.send(proto.Bye(stats=self._stats(),
                                                          digests=digests,
@@ -197,10 +201,8 @@ class Worker:
     def _fail(self, code: str, detail: str, *, node: str | None = None, field: str = "",
               code_out: int = 1, tell: bool = True) -> int:
         """Run exit contexts, tell the supervisor what happened, close, return the exit code."""
-        try:
-            self._exit_nodes()
-        except Exception:
-            detail += "\nwhile exiting nodes:\n" + _tail(traceback.format_exc())
+        for name, text in self._exit_nodes():
+            detail += f"\nwhile exiting node {name}:\n{text}"
         if tell and getattr(self, "control", None) is not None:
             error = proto.Error(code=code, detail=detail, field=field,
                                 tick=self.tick if self.tick >= 0 else None, node=node)
@@ -217,7 +219,7 @@ class Worker:
         if not clean:
             for sock in self.peers.values():
                 sock.close(linger=0)
-        self.context.close(linger=0 if orphaned else None)
+        self.context.close(linger=0 if orphaned else None if clean else FAIL_LINGER_MS)
         if orphaned:
             for address in (self.spec.data_bind, self.spec.control_address):
                 if address.startswith("ipc://"):
@@ -227,10 +229,22 @@ class Worker:
                 with contextlib.suppress(OSError):  # the last worker out removes it
                     os.rmdir(self.spec.run_dir)
 
-    def _exit_nodes(self) -> None:
+    def _exit_nodes(self) -> list[tuple[str, str]]:
+        """Run every node's hio exit contexts (last entered first), each one even when
+        another raises; return (node, traceback tail) for each that raised."""
+        failures: list[tuple[str, str]] = []
         if self.doist is not None and self.entered:
             self.entered = False
-            self.doist.exit()
+            deeds = self.doist.deeds
+            while deeds:
+                deed = deeds.pop()
+                if deed[0] is None:  # hio's run-through marker
+                    continue
+                try:
+                    self.doist.exit(deque([deed]))
+                except BaseException:
+                    failures.append((deed[2].name, _tail(traceback.format_exc())))
+        return failures
 
     # -- start-up ---------------------------------------------------------
     def _import(self) -> dict[str, type]:
@@ -246,10 +260,8 @@ class Worker:
         self.t0, self.tock = float(setup.t0), float(setup.tock)
         self.addresses = setup.addresses
         for name, path, params in self.spec.nodes:
-            try:
+            with _blame(name, -1):
                 self.nodes.append(classes[name](name, params, seed=setup.seed))
-            except Exception:
-                raise NodeFailed(name, -1, _tail(traceback.format_exc())) from None
         by_name = {node.name: node for node in self.nodes}
         placement = setup.placement
         for link_id, source, outbox, target, inbox, capacity in setup.links:
@@ -266,10 +278,14 @@ class Worker:
                            | {link.source_process for link in self.in_links}):
             if peer != self.process:
                 self.peers[peer] = self.context.push(self.addresses[peer])
-        self.doist = Doist(tock=self.tock, real=False, doers=list(self.nodes))
-        self.doist.tyme = self.t0
+        # tyme then advances as hio's own Doist advances it (tyme += tock per recur), so
+        # hio's rescheduling arithmetic (retyme = tyme + tock) lines up exactly
+        self.doist = doist = Doist(tyme=self.t0, tock=self.tock, real=False,
+                                   doers=list(self.nodes))
         self.entered = True
-        self.doist.enter()
+        for node in self.nodes:  # one at a time, so a failing enter context names its node
+            with _blame(node.name, -1):
+                doist.deeds.extend(doist.enter(doers=[node]))
         self.digests = self._digests()
 
     # -- ticking ----------------------------------------------------------
@@ -294,10 +310,11 @@ class Worker:
             node.tick = n
         doist = self.doist
         assert doist is not None
-        doist.tyme = self.t0 + n * self.tock
         try:
             doist.recur()
-        except Exception as exc:
+        except _Terminated:
+            raise
+        except BaseException as exc:  # SystemExit from a node is the node's failure too
             name: str = getattr(exc, "hiocluster_node", "?")
             raise NodeFailed(name, n, _tail(traceback.format_exc())) from exc
         self._send(n)
@@ -374,11 +391,15 @@ class Worker:
                 raise FrameError(f"link {row[0]} appears twice", field=f"DATA.messages[{index}][0]",
                                  code="duplicate")
             seen.add(row[0])
-        for index, (link_id, _) in enumerate(frame.acks):
+        for index, (link_id, count) in enumerate(frame.acks):
             link = links.get(link_id)
             if link is None or link.source_process != me or link.target_process != source:
                 raise FrameError(f"link {link_id} does not run {me} -> {source}",
                                  field=f"DATA.acks[{index}][0]", code="bad-link")
+            if count > link.sent - link.acked:
+                raise FrameError(f"acks {count} on link {link_id} but only "
+                                 f"{link.sent - link.acked} are in flight",
+                                 field=f"DATA.acks[{index}][1]", code="bad-ack")
 
     def _deliver(self, frames: list[proto.Data]) -> None:
         """Return credit, then fill inboxes: by source node name, then send sequence."""
@@ -430,24 +451,36 @@ class Worker:
         local = batches.pop(self.process, None)
         if local is not None:
             # through msgpack and back, so local payloads look exactly like remote ones
-            self.local = proto.decode_data(self._encode(local))
+            self.local = self._pack(local)[1]
         for peer in sorted(batches):
-            self.peers[peer].send(self._encode(batches[peer]), copy=False)
+            self.peers[peer].send(self._pack(batches[peer])[0], copy=False)
         self._sent = sorted(batches)
 
-    def _encode(self, frame: proto.Data) -> bytes:
+    def _pack(self, frame: proto.Data) -> tuple[bytes, proto.Data]:
+        """Pack a DATA frame and unpack it again as its receiver will.
+
+        Every payload that msgpack packs but cannot give back (a map with an array
+        key, say) or that overflows a frame fails here, in the sender, naming the
+        node and link, the same in every placement.
+        """
         try:
-            return proto.encode(frame)
-        except FrameError:
-            for link_id, _, payloads in frame.messages:
+            data = proto.encode(frame)
+            return data, proto.decode_data(data)
+        except FrameError as exc:
+            link: Link | None = None
+            for row in frame.messages:
                 try:
-                    proto.encode(proto.Data(0, self.process, [[0, [], payloads]], []))
-                except FrameError as exc:
-                    link = self.links[link_id]
-                    raise NodeFailed(link.source, frame.tick,
-                                     f"cannot send on link {link.label} at tick {frame.tick}: "
-                                     f"{exc.__cause__ or exc}") from exc
-            raise
+                    proto.decode_data(proto.encode(proto.Data(0, self.process, [row], [])))
+                except FrameError as cause:
+                    exc = cause
+                    link = self.links[row[0]]
+                    break
+            else:
+                link = self.links[frame.messages[0][0]] if frame.messages else None
+            if link is None:
+                raise
+            raise NodeFailed(link.source, frame.tick, f"cannot send on link {link.label} at "
+                             f"tick {frame.tick}: {exc.__cause__ or exc}") from exc
 
     # -- stopping ---------------------------------------------------------
     def _stop(self, stop: proto.Stop) -> None:
@@ -459,20 +492,28 @@ class Worker:
 
     def _stats(self) -> dict[str, int]:
         unread = sum(len(box) for node in self.nodes for box in node.inbox.values())
-        return {"messages": self.messages, "rejected": self.rejected,
-                "undelivered": self.undelivered, "unread": unread}
+        unsent = sum(len(link.payloads) for link in self.out_links)  # put in exit contexts
+        return {"messages": self.messages + unsent, "rejected": self.rejected,
+                "undelivered": self.undelivered + unsent, "unread": unread}
 
     def _metrics(self) -> dict[str, int]:
         total: Counter[str] = Counter()
         for node in self.nodes:
-            try:
-                total.update(node.metrics())
-            except Exception:
-                raise NodeFailed(node.name, self.tick, _tail(traceback.format_exc())) from None
+            with _blame(node.name, self.tick):
+                metrics = node.metrics()
+                for name, value in metrics.items():
+                    if not (proto.NAME.ok(name) and proto.UINT.ok(value)):
+                        raise ValueError(f"metrics() gave {name!r}: {value!r}; expected names "
+                                         "of A-Z a-z 0-9 _ . - and integers >= 0")
+            total.update(metrics)
         return dict(total)
 
     def _digests(self) -> dict[str, bytes]:
-        return {node.name: node.digest() for node in self.nodes}
+        digests = {}
+        for node in self.nodes:
+            with _blame(node.name, self.tick):
+                digests[node.name] = node.digest()
+        return digests
 
     # -- waiting ----------------------------------------------------------
     def _next_control(self) -> proto.Message:
@@ -486,6 +527,17 @@ class Worker:
 
 def _source_of(run: tuple[Link, list[int], list[Any]]) -> str:
     return run[0].source
+
+
+@contextlib.contextmanager
+def _blame(node: str, tick: int) -> Iterator[None]:
+    """Turn anything a node's own code raises into NodeFailed naming that node."""
+    try:
+        yield
+    except (_Terminated, NodeFailed):
+        raise
+    except BaseException:
+        raise NodeFailed(node, tick, _tail(traceback.format_exc())) from None
 
 
 def _tail(text: str, lines: int = TRACEBACK_LINES) -> str:

@@ -131,6 +131,7 @@ def test_data_socket_strangers_are_rejected_and_the_run_goes_on() -> None:
         proto.encode(proto.Data(tick=2, source="nobody", messages=[[0, [0], [1]]], acks=[])),
         proto.encode(proto.Data(tick=2, source="p0", messages=[[2, [0], [1]]], acks=[])),
         proto.encode(proto.Data(tick=2, source="p2", messages=[], acks=[[0, 1]])),
+        proto.encode(proto.Data(tick=2, source="p2", messages=[], acks=[[1, 10**6]])),  # credit
     ]
 
     def on_tick(done: int, total: int) -> None:
