@@ -85,6 +85,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _check(args) if args.command == "check" else _run(args)
     except TopologyError as exc:  # also raised by run() for an impossible plan
         print(f"hiocluster: {exc}", file=sys.stderr)
+        _json_error(args, exc, {"key_path": exc.key_path, "line": exc.line})
         return EXIT_USAGE
     except BrokenPipeError:  # e.g. `hiocluster run ... | head -1`: the reader left
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
@@ -122,6 +123,7 @@ def _run(args: argparse.Namespace) -> int:
                          transport=args.transport)
         except Interrupted as exc:
             print(f"hiocluster: {exc}; every process was shut down", file=sys.stderr)
+            _json_error(args, exc, {"signal": exc.signal})
             return 128 + exc.signal
         except RunFailed as exc:
             return _failed(args, exc, {"process": exc.process, "nodes": list(exc.nodes),
@@ -139,10 +141,15 @@ def _run(args: argparse.Namespace) -> int:
 
 def _failed(args: argparse.Namespace, exc: ClusterError, fields: dict[str, Any]) -> int:
     print(f"hiocluster: run failed: {exc}", file=sys.stderr)
-    if args.json:
+    _json_error(args, exc, fields)
+    return EXIT_FAILED
+
+
+def _json_error(args: argparse.Namespace, exc: ClusterError, fields: dict[str, Any]) -> None:
+    """With --json, every outcome is one JSON object on stdout: here, the error."""
+    if getattr(args, "json", False):
         print(json.dumps({"error": {"type": type(exc).__name__, "message": str(exc),
                                     **fields}}))
-    return EXIT_FAILED
 
 
 def summary(result: Any) -> str:

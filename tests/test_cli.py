@@ -105,6 +105,11 @@ def test_bad_topology_names_key_path_and_line(cli_env: dict[str, str], tmp_path)
         assert result.returncode == 2
         assert "nodes.a.parms" in result.stderr and ":6" in result.stderr
         assert "did you mean 'params'" in result.stderr
+    result = run_cli(cli_env, "run", str(path), "--json")
+    assert result.returncode == 2
+    error = json.loads(result.stdout)["error"]
+    assert (error["type"], error["key_path"], error["line"]) == ("TopologyError",
+                                                                 "nodes.a.parms", 6)
 
 
 def test_check_ok(cli_env: dict[str, str]) -> None:
