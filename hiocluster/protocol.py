@@ -28,6 +28,7 @@ from .errors import FrameError, LocalProtocolError, RemoteProtocolError
 __all__ = [
     "VERSION", "MAX_CONTROL_FRAME", "MAX_DATA_FRAME", "Message", "Hello", "Setup", "Ready",
     "Tick", "Tock", "Stop", "Bye", "Error", "Data", "encode", "decode", "decode_data",
+    "check_unpacks",
     "ChildMachine",
     "ParentMachine", "ChildState", "ParentState",
 ]
@@ -430,6 +431,12 @@ def decode_data(data: bytes) -> Data:
         FrameError: with ``field`` naming what was wrong.
     """
     return _decode(_unpack(data, MAX_DATA_FRAME, payloads=True), (Data,))  # type: ignore
+
+
+def check_unpacks(data: bytes) -> None:
+    """Raise FrameError unless ``data`` unpacks as a DATA frame's receiver unpacks it
+    (the sender's check that every payload survives the msgpack round trip)."""
+    _unpack(data, MAX_DATA_FRAME, payloads=True)
 
 
 def _decode(frame: Any, allowed: tuple[type[Message], ...] | None) -> Message:

@@ -21,7 +21,7 @@ from collections import Counter, deque
 from dataclasses import dataclass
 from itertools import groupby
 from operator import itemgetter
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import psutil
 from hio.base.doing import Doist
@@ -451,21 +451,24 @@ class Worker:
         local = batches.pop(self.process, None)
         if local is not None:
             # through msgpack and back, so local payloads look exactly like remote ones
-            self.local = self._pack(local)[1]
+            self.local = self._pack(local, proto.decode_data)
         for peer in sorted(batches):
-            self.peers[peer].send(self._pack(batches[peer])[0], copy=False)
+            frame = batches[peer]
+            self.peers[peer].send(self._pack(frame, proto.check_unpacks), copy=False)
         self._sent = sorted(batches)
 
-    def _pack(self, frame: proto.Data) -> tuple[bytes, proto.Data]:
-        """Pack a DATA frame and unpack it again as its receiver will.
+    def _pack(self, frame: proto.Data, check: Callable[[bytes], Any]) -> Any:
+        """Pack a DATA frame and unpack it as its receiver will (``check``).
 
         Every payload that msgpack packs but cannot give back (a map with an array
         key, say) or that overflows a frame fails here, in the sender, naming the
-        node and link, the same in every placement.
+        node and link, the same in every placement. Returns what ``check`` gives
+        for the local frame (the decoded frame), else the bytes to send.
         """
         try:
             data = proto.encode(frame)
-            return data, proto.decode_data(data)
+            result = check(data)
+            return data if result is None else result
         except FrameError as exc:
             link: Link | None = None
             for row in frame.messages:
