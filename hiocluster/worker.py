@@ -39,6 +39,8 @@ POLL_MS = 200
 WATCH_S = 0.2
 #: Linger of a failing worker's sockets: time for its ERROR to leave, not more.
 FAIL_LINGER_MS = 500
+#: Longest ERROR detail sent up (well inside the protocol's string limit).
+MAX_DETAIL = 8000
 #: Traceback lines sent up with a node failure.
 TRACEBACK_LINES = 12
 
@@ -118,7 +120,11 @@ def main(spec: WorkerSpec) -> None:
         raise _Terminated()
 
     signal.signal(signal.SIGTERM, on_term)
-    sys.exit(Worker(spec).run())
+    try:
+        code = Worker(spec).run()
+    except _Terminated:  # SIGTERM while already failing: exit quietly, as terminated
+        code = 143
+    sys.exit(code)
 
 
 class Worker:
@@ -158,7 +164,6 @@ class Worker:
 
     def _run(self, watchdog: _Watchdog) -> int:
         self.context = Context()
-        control = None
         try:
             control = self.control = self.context.dealer(
                 self.spec.control_address, self.process, timeout_ms=POLL_MS)
@@ -204,6 +209,8 @@ class Worker:
         for name, text in self._exit_nodes():
             detail += f"\nwhile exiting node {name}:\n{text}"
         if tell and getattr(self, "control", None) is not None:
+            if len(detail) > MAX_DETAIL:  # keep the end: the exception itself
+                detail = "..." + detail[-MAX_DETAIL:]
             error = proto.Error(code=code, detail=detail, field=field,
                                 tick=self.tick if self.tick >= 0 else None, node=node)
             try:
