@@ -269,9 +269,6 @@ class Tick(Message):
     expect: int
     SCHEMA = {"n": UINT, "expect": UINT}
 
-    def to_body(self) -> dict[str, Any]:
-        return {"n": self.n, "expect": self.expect}
-
 
 @dataclass(slots=True)
 class Tock(Message):
@@ -287,14 +284,7 @@ class Tock(Message):
     n: int
     sent: list[str]
     digests: dict[str, bytes]
-    stats: dict[str, int] = field(default_factory=dict)
-    SCHEMA = {"n": UINT, "sent": ListOf(NAME), "digests": MapOf(NAME, DIGEST), "stats": STATS}
-
-    def to_body(self) -> dict[str, Any]:
-        body = {"n": self.n, "sent": self.sent, "digests": self.digests}
-        if self.stats:
-            body["stats"] = self.stats
-        return body
+    SCHEMA = {"n": UINT, "sent": ListOf(NAME), "digests": MapOf(NAME, DIGEST)}
 
 
 @dataclass(slots=True)
@@ -354,9 +344,6 @@ class Data(Message):
     SCHEMA = {"tick": UINT, "source": NAME, "messages": ListOf(LinkRun()),
               "acks": ListOf(TupleOf(UINT, UINT))}
 
-
-_SENT, _DIGESTS = Tock.SCHEMA["sent"], Tock.SCHEMA["digests"]
-_NO_STATS: dict[str, int] = {}
 
 MESSAGE_TYPES: dict[str, type[Message]] = {
     cls.TYPE: cls for cls in (Hello, Setup, Ready, Tick, Tock, Stop, Bye, Error, Data)
@@ -444,22 +431,6 @@ def _decode(frame: Any, allowed: tuple[type[Message], ...] | None) -> Message:
         raise FrameError(f"expected an array [version, type, body], got {_short(frame)}",
                          field="frame", code="bad-frame")
     version, kind, body = frame
-    if kind == "TICK" and version == VERSION and type(version) is int and type(body) is dict \
-            and len(body) == 2 and (allowed is None or Tick in allowed):
-        # the hot path: every field checked, no generic machinery
-        n, expect = body.get("n"), body.get("expect")
-        if type(n) is int and type(expect) is int and 0 <= n <= MAX_INT \
-                and 0 <= expect <= MAX_INT:
-            return Tick(n, expect)
-    if kind == "TOCK" and version == VERSION and type(version) is int and type(body) is dict \
-            and (allowed is None or Tock in allowed) and 3 <= len(body) <= 4:
-        # the other hot path: the same checks as the schema's, unrolled
-        n, sent, digests = body.get("n"), body.get("sent"), body.get("digests")
-        stats = body.get("stats", _NO_STATS)
-        if (type(n) is int and 0 <= n <= MAX_INT and len(body) == 3 + ("stats" in body)
-                and _SENT.ok(sent) and _DIGESTS.ok(digests) and STATS.ok(stats)):
-            return Tock(n, sent, digests,  # type: ignore[arg-type]  # all checked just above
-                        {} if stats is _NO_STATS else stats)
     if type(version) is not int or version != VERSION:
         raise FrameError(f"unsupported protocol version {_short(version)} (speak {VERSION})",
                          field="version", code="version")
@@ -688,19 +659,6 @@ class ParentMachine(_Machine):
     def __init__(self, process: str | None = None) -> None:
         super().__init__(process, ParentState.AWAIT_HELLO)
         self.tock_owed = False  # STOP went out while a TICK was unanswered
-
-    def send_tick(self, n: int, expect: int) -> bytes:
-        """``send(Tick(n, expect))`` for the hot path: the usual case without building
-        a message; anything unusual goes through :meth:`send` and its checks."""
-        last = self.tick
-        if (self.state is not ParentState.IDLE or type(n) is not int
-                or n != (0 if last is None else last + 1)
-                or type(expect) is not int or not 0 <= expect <= MAX_INT):
-            return self.send(Tick(n, expect))
-        frame = _pack([VERSION, "TICK", {"n": n, "expect": expect}])
-        self.state = ParentState.AWAIT_TOCK
-        self.tick = n
-        return frame
 
     def _check(self, direction: str, message: Message) -> None:
         if self.state is ParentState.AWAIT_BYE and isinstance(message, Tock):

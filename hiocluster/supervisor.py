@@ -131,15 +131,11 @@ class ChildDoer(Doer):
 
     def recur(self, tyme: float) -> bool:
         supervisor = self.supervisor
-        frame = self.machine.send_tick(supervisor.tick, supervisor.expect.get(self.name, 0))
-        router = supervisor.router
-        router.send(self.identity, SNDMORE)
-        router.send(frame)
+        self.send(proto.Tick(supervisor.tick, supervisor.expect.get(self.name, 0)))
         return False
 
     def send(self, message: proto.Message) -> None:
-        self.supervisor.router.send_multipart([self.identity, self.machine.send(message)],
-                                              copy=False)
+        self.supervisor.send_to(self.identity, self.machine.send(message))
 
     @property
     def alive(self) -> bool:
@@ -445,12 +441,17 @@ class Supervisor(DoDoer):
         if self.rejected <= STRANGER_LIMIT:
             self._reply_error(parts[0], error)
 
+    def send_to(self, identity: bytes, frame: bytes, flags: int = 0) -> None:
+        """Send one frame to the peer ``identity`` on the control socket."""
+        self.router.send(identity, flags | SNDMORE)
+        self.router.send(frame, flags)
+
     def _reply_error(self, identity: bytes, exc: ClusterError) -> None:
         error = proto.Error(code=getattr(exc, "code", "error"), detail=str(exc),
                             field=getattr(exc, "field", ""),
                             tick=self._tick_of())
         try:
-            self.router.send_multipart([identity, proto.encode(error)], NOBLOCK)
+            self.send_to(identity, proto.encode(error), NOBLOCK)
         except ZMQError:
             pass  # the peer is gone already; the rejection is counted
 

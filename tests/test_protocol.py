@@ -32,8 +32,7 @@ SETUP = Setup(t0=0.0, tock=0.5, seed=7,
               addresses={"w0": "ipc:///tmp/hioc-x/d0", "w1": "tcp://10.0.0.2:40001"},
               placement={"a": "w0", "b": "w0", "c": "w1"},
               links=[[0, "a", "out", "c", "in", 16], [1, "c", "out", "a", "in", 1]])
-TOCK_0 = Tock(n=0, sent=["w1"], digests={"a": DIGEST, "b": bytes(32)},
-              stats={"messages": 2, "rejected": 0})
+TOCK_0 = Tock(n=0, sent=["w1"], digests={"a": DIGEST, "b": bytes(32)})
 DATA = Data(tick=3, source="w1",
             messages=[[1, [0, 1], [{"k": [1, -2, 2.5, None, True, b"\0", "s"]}, "second"]],
                       [2, [5], [None]]], acks=[[0, 4]])
@@ -121,7 +120,6 @@ def test_encode_unpackable_field_raises_frame_error() -> None:
 
 def test_decode_optional_fields_may_be_left_out() -> None:
     assert decode(pack([1, "STOP", {"reason": "x"}])) == Stop(reason="x", expect=None)
-    assert decode(pack([1, "TOCK", {"n": 0, "sent": [], "digests": {}}])).stats == {}
     assert decode(pack([1, "BYE", {}])) == Bye(stats={})
     assert decode(pack([1, "ERROR", {"code": "c", "detail": "d"}])) == Error("c", "d")
 
@@ -273,8 +271,6 @@ BAD_FIELDS = [  # (valid message, field name, bad value, expected FrameError.fie
     (TOCK_0, "digests", [DIGEST], "TOCK.digests"),
     (TOCK_0, "sent", ["w1", "no spaces"], "TOCK.sent[1]"),
     (TOCK_0, "sent", "w1", "TOCK.sent"),
-    (TOCK_0, "stats", {"messages": -1}, "TOCK.stats.messages"),
-    (TOCK_0, "stats", {"messages": 1.5}, "TOCK.stats.messages"),
     (HELLO, "process", "-w0", "HELLO.process"),
     (HELLO, "process", ".w0", "HELLO.process"),
     (HELLO, "process", "", "HELLO.process"),
@@ -345,7 +341,7 @@ def test_machines_happy_path_conversation() -> None:
         assert pair.parent_says(Tick(n=n, expect=n % 3)) == Tick(n=n, expect=n % 3)
         assert pair.states == (C.TICKING, P.AWAIT_TOCK)
         assert pair.child.tick == pair.parent.tick == n
-        tock = Tock(n=n, sent=["w1"], digests={"a": DIGEST, "b": DIGEST}, stats={"messages": 1})
+        tock = Tock(n=n, sent=["w1"], digests={"a": DIGEST, "b": DIGEST})
         assert pair.child_says(tock) == tock
         assert pair.states == (C.IDLE, P.IDLE)
     pair.parent_says(Stop(reason="done", expect=1))
@@ -718,8 +714,7 @@ payloads = st.recursive(
     | st.dictionaries(st.text(st.characters(codec="utf-8"), max_size=8), inner, max_size=4),
     max_leaves=12)
 tocks = st.builds(Tock, n=uints, sent=st.lists(names, max_size=4),
-                  digests=st.dictionaries(names, st.binary(min_size=32, max_size=32), max_size=4),
-                  stats=st.dictionaries(names, uints, max_size=3))
+                  digests=st.dictionaries(names, st.binary(min_size=32, max_size=32), max_size=4))
 datas = st.builds(Data, tick=uints, source=names,
                   messages=st.lists(st.tuples(uints, st.lists(payloads, max_size=4)).map(
                       lambda run: [run[0], list(range(len(run[1]))), run[1]]), max_size=5),
