@@ -93,19 +93,22 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _load(args: argparse.Namespace) -> Any:
-    from .topology import load, plan, resolve_classes
+    """The topology with the CLI's overrides, and its placement plan."""
+    from .topology import load, plan
 
     topology = load(args.topology)
     changes = {key: getattr(args, key, None) for key in ("ticks", "seed")}
     changes = {key: value for key, value in changes.items() if value is not None}
     if changes:
         topology = topology.replace(**changes)
-    resolve_classes(topology, args.app_dir)
     return topology, plan(topology, args.processes)
 
 
 def _check(args: argparse.Namespace) -> int:
+    from .topology import resolve_classes
+
     topology, layout = _load(args)
+    resolve_classes(topology, args.app_dir)  # run() does this itself
     processes = ", ".join(f"{p.name}=[{' '.join(p.node_names)}]" for p in layout.processes)
     print(f"ok: {topology.name}: {len(topology.nodes)} nodes, {len(topology.links)} links, "
           f"{topology.ticks} ticks; {len(layout.processes)} processes: {processes}")

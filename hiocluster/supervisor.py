@@ -24,7 +24,7 @@ import time
 import types
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, NoReturn
 
 import psutil
 from hio.base.doing import DoDoer, Doer, Doist
@@ -48,7 +48,7 @@ STOP_TIMEOUT = 10.0
 SLICE_S = 0.1
 #: Seconds between SIGTERM and SIGKILL for a child that will not go.
 KILL_GRACE_S = 2.0
-#: Rejected frames from strangers after which their identities are simply ignored.
+#: Rejected frames from strangers after which they are only counted, no longer answered.
 STRANGER_LIMIT = 10_000
 
 
@@ -373,22 +373,24 @@ class Supervisor(DoDoer):
         try:
             message = child.machine.receive(parts[1])
         except (FrameError, ProtocolError) as exc:
-            child.failed = True
-            self._reply_error(identity, exc)
-            text = str(exc) if isinstance(exc, FrameError) else f"{exc.field}: {exc}"
-            raise RunFailed(process=child.name, nodes=child.node_names, tick=self._tick_of(),
-                            cause=f"sent an invalid frame: {text}") from exc
+            self._refuse(child, exc)
         if isinstance(message, proto.Tock):
-            problem = self._tock_problem(child, message)
-            if problem:
-                self._refuse(child, problem)
+            self._check_digests(child, message.digests, "TOCK.digests")
+            names = self.process_names
+            if any(p not in names or p == child.name for p in message.sent) \
+                    or len(set(message.sent)) != len(message.sent):
+                self._refuse(child, self._nonsense(child, "TOCK.sent", f"{message.sent} is "
+                                                   "not a list of distinct peers"))
             child.last_tock = message
         elif isinstance(message, proto.Hello):
             if tuple(message.nodes) != child.node_names:
-                self._refuse(child, ("HELLO.nodes", f"HELLO.nodes {message.nodes} differ "
-                                     f"from the plan {list(child.node_names)}"))
+                self._refuse(child, self._nonsense(
+                    child, "HELLO.nodes",
+                    f"{message.nodes} differ from the plan {list(child.node_names)}"))
             child.hello = message
         elif isinstance(message, proto.Bye):
+            if message.digests or self.finished:  # empty only after a failed run
+                self._check_digests(child, message.digests, "BYE.digests")
             child.bye = message
         elif isinstance(message, proto.Error):
             child.failed = True
@@ -401,26 +403,23 @@ class Supervisor(DoDoer):
             raise RunFailed(process=child.name, nodes=nodes, tick=tick,
                             cause=f"{message.code}: {message.detail}")
 
-    def _tock_problem(self, child: ChildDoer, tock: proto.Tock) -> tuple[str, str] | None:
-        """(field, text) if a well-formed TOCK makes no sense for this run."""
-        if tock.digests.keys() != child.node_set:
-            return "TOCK.digests", (f"names {sorted(tock.digests)}, not its nodes "
-                                    f"{sorted(child.node_set)}")
-        names = self.process_names
-        if any(p not in names or p == child.name for p in tock.sent) \
-                or len(set(tock.sent)) != len(tock.sent):
-            return "TOCK.sent", f"{tock.sent} is not a list of distinct peers"
-        return None
+    def _check_digests(self, child: ChildDoer, digests: dict[str, bytes], field: str) -> None:
+        if digests.keys() != child.node_set:
+            self._refuse(child, self._nonsense(child, field, f"names {sorted(digests)}, not "
+                                               f"its nodes {sorted(child.node_set)}"))
 
-    def _refuse(self, child: ChildDoer, problem: tuple[str, str]) -> None:
-        """A child sent a valid frame with nonsense in it: ERROR to it, fail the run."""
-        field, text = problem
+    def _nonsense(self, child: ChildDoer, field: str, text: str) -> RemoteProtocolError:
+        """A well-formed frame whose ``field`` makes no sense for this run."""
+        return RemoteProtocolError(text, tick=self._tick_of(), process=child.name,
+                                   field=field, code="bad-field")
+
+    def _refuse(self, child: ChildDoer, exc: FrameError | ProtocolError) -> NoReturn:
+        """A child of the run sent an invalid frame: ERROR to it, fail the run."""
         child.failed = True
-        error = RemoteProtocolError(text, tick=self._tick_of(), process=child.name,
-                                    field=field, code="bad-field")
-        self._reply_error(child.identity, error)
+        self._reply_error(child.identity, exc)
+        text = str(exc) if isinstance(exc, FrameError) else f"{exc.field}: {exc}"
         raise RunFailed(process=child.name, nodes=child.node_names, tick=self._tick_of(),
-                        cause=f"sent an invalid frame: {field}: {text}") from error
+                        cause=f"sent an invalid frame: {text}") from exc
 
     def _tick_of(self) -> int | None:
         return self.tick if self._ticking else None
@@ -542,11 +541,6 @@ class Supervisor(DoDoer):
                             cause="no BYE after STOP: "
                             + describe_exitcode(child.process.exitcode if child.process
                                                 else None))
-        for child in self.children:
-            if child.bye.digests.keys() != child.node_set:  # type: ignore[union-attr]
-                raise RunFailed(process=child.name, nodes=child.node_names, tick=self.tick,
-                                cause="sent an invalid frame: BYE.digests does not name "
-                                "exactly its nodes")
         self._chain([child.bye.digests for child in self.children])  # type: ignore[union-attr]
         stats: Counter[str] = Counter()
         metrics: Counter[str] = Counter()
@@ -575,9 +569,8 @@ def _reap(process: Any) -> None:
     if process is None or process.pid is None:
         return
     process.join(KILL_GRACE_S)
-    if process.exitcode is None:
-        process.terminate()
-        process.join(KILL_GRACE_S)
+    _terminate(process)
+    process.join(KILL_GRACE_S)
     if process.exitcode is None:
         process.kill()
         process.join()

@@ -161,7 +161,9 @@ def fake_worker(spec: worker.WorkerSpec) -> None:
     * "garbage": bytes that are not msgpack;
     * "wrong-tick": a well-formed TOCK for tick n + 5;
     * "missing-digest": a TOCK for the right tick whose digests omit a node;
-    * "stale-tock": a proper TOCK 0, then TOCK 0 again for TICK 1 (a tick from the past).
+    * "stale-tock": a proper TOCK 0, then TOCK 0 again for TICK 1 (a tick from the past);
+    * "bye-without-digests": proper TOCKs, then a BYE without the final digests a
+      clean STOP asks for.
 
     It then waits (at most FAKE_VERDICT_S per frame) for STOP or ERROR and exits.
     Everything it received is written as JSON to ``params.report``.
@@ -207,7 +209,14 @@ def fake_worker(spec: worker.WorkerSpec) -> None:
         if mode == "stale-tock" and isinstance(message, proto.Tick) and message.n == 0:
             control.send(proto.encode(proto.Tock(n=0, sent=[], digests=zeros)))
             message = next_message()  # TICK 1, answered with TOCK 0 again below
-        if isinstance(message, proto.Tick):
+        if mode == "bye-without-digests":
+            while isinstance(message, proto.Tick):
+                control.send(proto.encode(proto.Tock(n=message.n, sent=[], digests=zeros)))
+                message = next_message()
+            if isinstance(message, proto.Stop):
+                control.send(proto.encode(proto.Bye()))
+                next_message(FAKE_VERDICT_S)  # the verdict: ERROR
+        elif isinstance(message, proto.Tick):
             if mode == "garbage":
                 control.send(b"\xc1 this is not msgpack")
             elif mode == "wrong-tick":

@@ -200,3 +200,15 @@ def test_fake_child_bad_tock_error_names_the_field(mode: str) -> None:
     with pytest.raises(RunFailed) as info:
         run(text, worker_target=fake_worker)
     assert "TOCK.n" in str(info.value)
+
+
+def test_fake_child_bye_without_digests_fails_a_clean_run(tmp_path: Path) -> None:
+    report = tmp_path / "fake.json"
+    text = slow_ring(ticks=4, sleep=0.0, b={"fake": "bye-without-digests", "report": str(report)})
+    with pytest.raises(RunFailed) as info:
+        run(text, worker_target=fake_worker)
+    assert (info.value.process, info.value.nodes) == ("p1", ("b",))
+    assert "BYE.digests" in info.value.cause
+    received = json.loads(report.read_text())
+    assert [entry["type"] for entry in received] == ["SETUP"] + ["TICK"] * 4 + ["STOP", "ERROR"]
+    assert (received[-1]["code"], received[-1]["field"]) == ("bad-field", "BYE.digests")
