@@ -34,7 +34,6 @@ import msgpack
 from hio.base.doing import DoDoer
 
 from .errors import LinkFull
-from .protocol import DIGEST_SIZE
 
 __all__ = ["Node", "Inbox", "Outbox", "Link", "derive_seed", "digest_state", "load_class"]
 
@@ -46,10 +45,8 @@ def derive_seed(run_seed: int, node_name: str) -> int:
 
 
 def digest_state(state: Any) -> bytes:
-    """sha256 of the msgpack packing of ``state``."""
-    digest = hashlib.sha256(msgpack.packb(state, use_bin_type=True)).digest()
-    assert len(digest) == DIGEST_SIZE
-    return digest
+    """sha256 of the msgpack packing of ``state`` (protocol.DIGEST_SIZE bytes)."""
+    return hashlib.sha256(msgpack.packb(state, use_bin_type=True)).digest()
 
 
 class Link:
@@ -176,20 +173,24 @@ class Outbox:
             ValueError: ``to`` names no linked node.
         """
         link = self._link(to)
-        if link.sent - link.acked >= link.capacity:
+        if link.room <= 0:
             raise LinkFull(link.label, self.node.tick, link.capacity)
-        link.sent += 1
-        node = self.node
-        link.sequences.append(node.sequence)
-        link.payloads.append(payload)
-        node.sequence += 1
+        self._append(link, payload)
 
     def offer(self, payload: Any, to: str | None = None) -> bool:
         """Like :meth:`put`, but return False instead of raising when full."""
-        if self._link(to).room <= 0:
+        link = self._link(to)
+        if link.room <= 0:
             return False
-        self.put(payload, to)
+        self._append(link, payload)
         return True
+
+    def _append(self, link: Link, payload: Any) -> None:
+        node = self.node
+        link.sent += 1
+        link.sequences.append(node.sequence)
+        link.payloads.append(payload)
+        node.sequence += 1
 
 
 class Node(DoDoer):

@@ -420,10 +420,11 @@ def decode_data(data: bytes) -> Data:
     return _decode(_unpack(data, MAX_DATA_FRAME, payloads=True), (Data,))  # type: ignore
 
 
-def check_unpacks(data: bytes) -> None:
-    """Raise FrameError unless ``data`` unpacks as a DATA frame's receiver unpacks it
-    (the sender's check that every payload survives the msgpack round trip)."""
+def check_unpacks(data: bytes) -> bytes:
+    """Return ``data`` if it unpacks as a DATA frame's receiver unpacks it, else raise
+    FrameError (the sender's check that every payload survives the round trip)."""
     _unpack(data, MAX_DATA_FRAME, payloads=True)
+    return data
 
 
 def _decode(frame: Any, allowed: tuple[type[Message], ...] | None) -> Message:

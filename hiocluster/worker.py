@@ -2,7 +2,7 @@
 
 Per TICK n the worker (1) waits for the data frames of tick n-1 that the TICK
 says to expect, (2) delivers their messages into inboxes in canonical order and
-returns credit, (3) runs ``Doist.recur()`` once at tyme t0 + n·tock, (4) sends
+returns credit, (3) runs ``Doist.recur()`` once (tyme advances by tock), (4) sends
 one DATA frame per destination process, (5) answers TOCK, then hashes its nodes
 (the digests travel with the next TOCK, or BYE).
 
@@ -21,7 +21,7 @@ from collections import Counter, deque
 from dataclasses import dataclass
 from itertools import groupby
 from operator import itemgetter
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, NoReturn
 
 import psutil
 from hio.base.doing import Doist
@@ -143,7 +143,6 @@ class Worker:
         self.in_links: list[Link] = []
         self.inbox_of: dict[int, Any] = {}
         self.peers: dict[str, Any] = {}        # process → PUSH socket
-        self.addresses: dict[str, str] = {}
         self.early: dict[int, list[proto.Data]] = {}  # tick → frames that came early
         self.seen: dict[int, set[str]] = {}           # tick → sources already received
         self.local: proto.Data | None = None
@@ -264,8 +263,6 @@ class Worker:
         return classes
 
     def _setup(self, setup: proto.Setup, classes: dict[str, type]) -> None:
-        self.t0, self.tock = float(setup.t0), float(setup.tock)
-        self.addresses = setup.addresses
         for name, path, params in self.spec.nodes:
             with _blame(name, -1):
                 self.nodes.append(classes[name](name, params, seed=setup.seed))
@@ -284,10 +281,10 @@ class Worker:
         for peer in sorted({link.target_process for link in self.out_links}
                            | {link.source_process for link in self.in_links}):
             if peer != self.process:
-                self.peers[peer] = self.context.push(self.addresses[peer])
+                self.peers[peer] = self.context.push(setup.addresses[peer])
         # tyme then advances as hio's own Doist advances it (tyme += tock per recur), so
         # hio's rescheduling arithmetic (retyme = tyme + tock) lines up exactly
-        self.doist = doist = Doist(tyme=self.t0, tock=self.tock, real=False,
+        self.doist = doist = Doist(tyme=float(setup.t0), tock=float(setup.tock), real=False,
                                    doers=list(self.nodes))
         self.entered = True
         for node in self.nodes:  # one at a time, so a failing enter context names its node
@@ -332,32 +329,26 @@ class Worker:
         while len(frames) < expect:
             try:  # frames usually arrive before the TICK: take them without polling
                 frame = self._accept(self.data.recv(NOBLOCK), tick)
-            except Again:
-                pass
-            else:
-                if frame is not None:
-                    frames.append(frame)
+            except Again:  # nothing yet: wait for data, or for a STOP or ERROR
+                if self.control in self.poller.poll(POLL_MS):
+                    self._interrupting(self.machine.receive(self.control.recv()), tick)
                 continue
-            ready = self.poller.poll(POLL_MS)
-            if not ready:
-                continue
-            if self.control in ready:
-                message = self.machine.receive(self.control.recv())
-                if isinstance(message, proto.Stop):
-                    raise _Stopped(message)
-                if isinstance(message, proto.Error):
-                    raise RemoteProtocolError(f"supervisor sent ERROR {message.code}: "
-                                              f"{message.detail}", tick=tick + 1,
-                                              field=message.field, code=message.code)
-            if self.data in ready:
-                frame = self._accept(self.data.recv(copy=True), tick)
-                if frame is not None:
-                    frames.append(frame)
+            if frame is not None:
+                frames.append(frame)
         self.seen.pop(tick, None)
         if self.local is not None:
             frames.append(self.local)
             self.local = None
         return frames
+
+    def _interrupting(self, message: proto.Message, tick: int) -> NoReturn:
+        """A control frame while waiting for data: STOP or ERROR (the machine allows
+        nothing else here)."""
+        if isinstance(message, proto.Stop):
+            raise _Stopped(message)
+        assert isinstance(message, proto.Error)
+        raise RemoteProtocolError(f"supervisor sent ERROR {message.code}: {message.detail}",
+                                  tick=tick + 1, field=message.field, code=message.code)
 
     def _accept(self, raw: bytes, current: int) -> proto.Data | None:
         """Validate one data frame; frames of the next tick wait in ``early``."""
@@ -464,18 +455,17 @@ class Worker:
             self.peers[peer].send(self._pack(frame, proto.check_unpacks), copy=False)
         self._sent = sorted(batches)
 
-    def _pack(self, frame: proto.Data, check: Callable[[bytes], Any]) -> Any:
-        """Pack a DATA frame and unpack it as its receiver will (``check``).
+    def _pack(self, frame: proto.Data, unpack: Callable[[bytes], Any]) -> Any:
+        """``unpack(encode(frame))``: pack a DATA frame and unpack it as its receiver
+        will (``check_unpacks`` gives back the bytes to send, ``decode_data`` the
+        frame to keep).
 
         Every payload that msgpack packs but cannot give back (a map with an array
         key, say) or that overflows a frame fails here, in the sender, naming the
-        node and link, the same in every placement. Returns what ``check`` gives
-        for the local frame (the decoded frame), else the bytes to send.
+        node and link, the same in every placement.
         """
         try:
-            data = proto.encode(frame)
-            result = check(data)
-            return data if result is None else result
+            return unpack(proto.encode(frame))
         except FrameError as exc:
             link: Link | None = None
             for row in frame.messages:
@@ -519,10 +509,15 @@ class Worker:
         return dict(total)
 
     def _digests(self) -> dict[str, bytes]:
+        """Every node's digest (every tick: one try for all, not one per node)."""
         digests = {}
-        for node in self.nodes:
-            with _blame(node.name, self.tick):
+        try:
+            for node in self.nodes:
                 digests[node.name] = node.digest()
+        except _Terminated:
+            raise
+        except BaseException:
+            raise NodeFailed(node.name, self.tick, _tail(traceback.format_exc())) from None
         return digests
 
     # -- waiting ----------------------------------------------------------
