@@ -20,6 +20,8 @@ from pathlib import Path
 
 import psutil
 import pytest
+import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 REPO = Path(__file__).resolve().parent.parent
 #: How long leftovers get to finish exiting before they count as leaked.
@@ -100,3 +102,19 @@ def cli_env(no_leaks: Path) -> dict[str, str]:
 def hiocluster_command(*args: str) -> list[str]:
     """argv that runs the CLI with this interpreter (no reliance on PATH)."""
     return [sys.executable, "-m", "hiocluster", *args]
+
+
+def connect_ready(sock: zmq.Socket, address: str, timeout: float = 10.0) -> None:
+    """Connect ``sock`` and wait until ZeroMQ's handshake with the peer is done.
+
+    Frames sent afterwards are on their way into the peer's queue: tests that
+    inject frames into a run synchronise on this, not on a sleep.
+    """
+    monitor = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED)
+    try:
+        sock.connect(address)
+        assert monitor.poll(timeout * 1000), f"no ZeroMQ handshake with {address}"
+        recv_monitor_message(monitor)
+    finally:
+        sock.disable_monitor()
+        monitor.close(linger=0)

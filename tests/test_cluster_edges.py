@@ -20,18 +20,35 @@ import msgpack
 import pytest
 import zmq
 
+from conftest import REPO, connect_ready
 from hiocluster import protocol as proto
 from hiocluster import supervisor
 from hiocluster.errors import FrameError, NodeError, TopologyError
 from hiocluster.node import Node
 from hiocluster.topology import loads
 
-REPO = Path(__file__).resolve().parent.parent
 HERE = "tests.test_cluster_edges"
 
 
 def run(text: str, **kwargs: Any) -> supervisor.RunResult:
     return supervisor.run(loads(text), app_dir=str(REPO), handle_signals=False, **kwargs)
+
+
+def topology(nodes: dict[str, str | tuple[str, dict[str, Any]]], links: tuple[str, ...] = (),
+             **settings: Any) -> str:
+    """TOML for ``nodes`` (name: class in this module, or (class, params)), ``links``
+    like "a.out -> b.in", and ``[run]`` settings."""
+    lines = ["[run]"] + [f"{key} = {json.dumps(value)}" for key, value in settings.items()]
+    for name, spec in nodes.items():
+        cls, params = (spec, {}) if isinstance(spec, str) else spec
+        lines += [f"[nodes.{name}]", f'class = "{HERE}:{cls}"']
+        if params:
+            inline = ", ".join(f"{key} = {json.dumps(value)}" for key, value in params.items())
+            lines.append(f"params = {{ {inline} }}")
+    for link in links:
+        source, target = link.split(" -> ")
+        lines += ["[[links]]", f'from = "{source}"', f'to = "{target}"']
+    return "\n".join(lines) + "\n"
 
 
 # ---------------------------------------------------------------------------
@@ -121,81 +138,38 @@ class BadMetrics(Node):
 
 
 # ---------------------------------------------------------------------------
-# 1. float tock: nodes silently skip ticks
+# hio's clock: with a fractional tock every node still steps once per tick
 
 
 def test_every_node_steps_once_per_tick_with_a_fractional_tock() -> None:
-    text = f"""
-[run]
-ticks = 30
-tock = 0.1
-
-[nodes.a]
-class = "{HERE}:StepCounter"
-"""
-    result = run(text)
+    result = run(topology({"a": "StepCounter"}, ticks=30, tock=0.1))
     assert result.metrics == {"steps": 30}
 
 
 # ---------------------------------------------------------------------------
-# 2. one node's exit() raising skips its siblings' exit contexts
+# failures in a node's own code name the node; the others still run their exits
 
 
 def test_a_raising_exit_does_not_skip_sibling_exits(tmp_path: Path) -> None:
-    text = f"""
-[run]
-ticks = 3
-
-[nodes.a]
-class = "{HERE}:ExitMarker"
-params = {{ marker_dir = "{tmp_path}" }}
-
-[nodes.b]
-class = "{HERE}:ExitMarker"
-params = {{ marker_dir = "{tmp_path}", raise = true }}
-"""
-    with pytest.raises(Exception):
+    marks = str(tmp_path)
+    text = topology({"a": ("ExitMarker", {"marker_dir": marks}),
+                     "b": ("ExitMarker", {"marker_dir": marks, "raise": True})}, ticks=3)
+    with pytest.raises(NodeError) as caught:
         run(text, processes=1)
+    assert caught.value.nodes == ("b",) and "exit boom in b" in caught.value.cause
     assert sorted(os.listdir(tmp_path)) == ["a", "b"]
 
 
-# ---------------------------------------------------------------------------
-# 3. state() raising is not a NodeError and does not name the node
-
-
 def test_state_raising_is_a_node_error_naming_the_node() -> None:
-    text = f"""
-[run]
-ticks = 5
-
-[nodes.a]
-class = "{HERE}:BadState"
-
-[nodes.b]
-class = "{HERE}:StepCounter"
-"""
     with pytest.raises(NodeError) as caught:
-        run(text, processes=1)
+        run(topology({"a": "BadState", "b": "StepCounter"}, ticks=5), processes=1)
     assert caught.value.nodes == ("a",)
     assert caught.value.cause == "ValueError: state boom"
 
 
-# ---------------------------------------------------------------------------
-# 4. sys.exit() in a node
-
-
 def test_sys_exit_in_a_node_names_the_node_and_runs_sibling_exits(tmp_path: Path) -> None:
-    text = f"""
-[run]
-ticks = 5
-
-[nodes.a]
-class = "{HERE}:ExitMarker"
-params = {{ marker_dir = "{tmp_path}" }}
-
-[nodes.b]
-class = "{HERE}:SysExit"
-"""
+    text = topology({"a": ("ExitMarker", {"marker_dir": str(tmp_path)}), "b": "SysExit"},
+                    ticks=5)
     with pytest.raises(NodeError) as caught:
         run(text, processes=1)
     assert caught.value.nodes == ("b",)
@@ -203,34 +177,35 @@ class = "{HERE}:SysExit"
     assert (tmp_path / "a").exists()
 
 
+def test_bad_metrics_name_the_node() -> None:
+    with pytest.raises(NodeError) as info:
+        run(topology({"ok": "StepCounter", "odd": "BadMetrics"}, ticks=3), processes=1)
+    assert info.value.nodes == ("odd",) and "0.5" in info.value.cause + info.value.detail
+
+
 # ---------------------------------------------------------------------------
-# 5. a payload that packs but cannot be unpacked
+# payloads: one that packs but cannot be unpacked fails its sender, at once
 
 
 def test_unround_trippable_payload_fails_fast_naming_the_sender() -> None:
-    text = f"""
-[run]
-ticks = 5
-tick_timeout = 3
-
-[nodes.a]
-class = "{HERE}:TupleKeySender"
-
-[nodes.b]
-class = "{HERE}:Sink"
-
-[[links]]
-from = "a.out"
-to = "b.in"
-"""
+    text = topology({"a": "TupleKeySender", "b": "Sink"}, ("a.out -> b.in",), ticks=5,
+                    tick_timeout=3)
     with pytest.raises(NodeError) as caught:
         run(text, processes=2)
     assert caught.value.nodes == ("a",)
     assert "a.out -> b.in" in caught.value.detail
 
 
+@pytest.mark.parametrize("processes", [1, 2])
+def test_puts_in_exit_contexts_are_counted_as_undelivered(processes: int) -> None:
+    result = run(topology({"a": "PutsOnExit", "b": "Sink"}, ("a.out -> b.in",), ticks=5),
+                 processes=processes)
+    assert result.messages == 5 + 3
+    assert result.undelivered == 1 + 3  # the last tick's message, and the three from exit
+
+
 # ---------------------------------------------------------------------------
-# 6. unhashable values where a name is expected crash the decoder
+# hostile names: unhashable values where a name belongs are frame errors
 
 
 @pytest.mark.parametrize("frame, field", [
@@ -251,57 +226,37 @@ def test_unhashable_name_field_is_a_frame_error(frame: list[Any], field: str) ->
 
 
 def test_stranger_with_unhashable_hello_cannot_kill_the_run() -> None:
-    text = f"""
-[run]
-ticks = 30
-
-[nodes.a]
-class = "{HERE}:StepCounter"
-"""
     context = zmq.Context()
     sockets: list[zmq.Socket] = []
 
     def on_ready(sup: supervisor.Supervisor) -> None:
         stranger = context.socket(zmq.DEALER)
         stranger.setsockopt(zmq.LINGER, 0)
-        stranger.connect(sup.control_address)
         sockets.append(stranger)
+        connect_ready(stranger, sup.control_address)
         stranger.send(msgpack.packb([1, "HELLO", {"process": [1], "pid": 1,
                                                   "data_address": "ipc:///x", "nodes": []}]))
 
     try:
-        result = run(text, on_ready=on_ready)
+        result = run(topology({"a": "StepCounter"}, ticks=30), on_ready=on_ready)
+        reply = proto.decode(sockets[0].recv()) if sockets[0].poll(10_000) else None
     finally:
         for sock in sockets:
             sock.close(linger=0)
         context.term()
     assert result.ticks == 30
     assert result.rejected_frames == 1
+    assert isinstance(reply, proto.Error) and reply.field == "HELLO.process"
 
 
 # ---------------------------------------------------------------------------
-# 7. the Python API does not check boxes
+# bad set-ups: the API checks boxes; the CLI reports an unusable run root cleanly
 
 
 def test_api_run_with_a_missing_box_raises_topology_error() -> None:
-    text = f"""
-[nodes.a]
-class = "{HERE}:Sink"
-
-[nodes.b]
-class = "{HERE}:Sink"
-
-[[links]]
-from = "a.out"
-to = "b.in"
-"""
     with pytest.raises(TopologyError) as caught:
-        run(text)
+        run(topology({"a": "Sink", "b": "Sink"}, ("a.out -> b.in",)))
     assert caught.value.key_path == "links[0].from"
-
-
-# ---------------------------------------------------------------------------
-# 8. CLI: an unusable run root gives a traceback and no JSON
 
 
 def test_cli_unusable_run_root_is_a_clean_json_failure(cli_env: dict[str, str],
@@ -312,40 +267,5 @@ def test_cli_unusable_run_root_is_a_clean_json_failure(cli_env: dict[str, str],
                           timeout=60)
     assert done.returncode == 1
     assert "Traceback" not in done.stderr
-    assert "error" in json.loads(done.stdout)
-
-
-# ---------------------------------------------------------------------------
-# messages put in exit contexts are counted, never dropped unseen; bad metrics
-
-
-@pytest.mark.parametrize("processes", [1, 2])
-def test_puts_in_exit_contexts_are_counted_as_undelivered(processes: int) -> None:
-    result = run(f"""
-[run]
-ticks = 5
-[nodes.a]
-class = "{HERE}:PutsOnExit"
-[nodes.b]
-class = "{HERE}:Sink"
-[[links]]
-from = "a.out"
-to = "b.in"
-""", processes=processes)
-    assert result.messages == 5 + 3
-    assert result.undelivered == 1 + 3  # the last tick's message, and the three from exit
-
-
-def test_bad_metrics_name_the_node() -> None:
-    with pytest.raises(NodeError) as info:
-        run(f"""
-[run]
-ticks = 3
-[nodes.ok]
-class = "{HERE}:StepCounter"
-[nodes.odd]
-class = "{HERE}:BadMetrics"
-[placement]
-p0 = ["ok", "odd"]
-""")
-    assert info.value.nodes == ("odd",) and "0.5" in info.value.cause + info.value.detail
+    error = json.loads(done.stdout)["error"]
+    assert error["type"] == "TransportError" and "run directory" in error["message"]

@@ -14,10 +14,10 @@ from typing import Any
 
 import pytest
 
+from conftest import REPO
 from hiocluster.supervisor import RunResult, run
 from hiocluster.topology import Topology, loads
 
-REPO = Path(__file__).resolve().parent.parent
 TICKS = 12
 
 

@@ -14,10 +14,10 @@ from typing import Any
 
 import pytest
 
+from conftest import REPO
 from hiocluster.supervisor import RunResult, run
 from hiocluster.topology import Topology, load
 
-REPO = Path(__file__).resolve().parent.parent
 TOPOLOGY_FILES = sorted((REPO / "topologies").glob("*.toml"))
 #: Ticks for the placement comparison: enough to exercise links, fast on 2 cores.
 TEST_TICKS = 40

@@ -10,15 +10,13 @@ be identical.
 
 from __future__ import annotations
 
-from pathlib import Path
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from conftest import REPO
 from hiocluster.supervisor import run
 from hiocluster.topology import loads
-
-REPO = Path(__file__).resolve().parent.parent
 
 
 def _mesh(cls: str, nodes: int, population: int, remote: float, capacity: int, seed: int,
