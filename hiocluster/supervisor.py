@@ -131,7 +131,10 @@ class ChildDoer(Doer):
 
     def recur(self, tyme: float) -> bool:
         supervisor = self.supervisor
-        self.send(proto.Tick(supervisor.tick, supervisor.expect.get(self.name, 0)))
+        try:
+            self.send(proto.Tick(supervisor.tick, supervisor.expect.get(self.name, 0)))
+        except ZMQError as exc:  # ROUTER_MANDATORY: the child's connection is gone
+            supervisor.lost(self, exc)
         return False
 
     def send(self, message: proto.Message) -> None:
@@ -444,6 +447,18 @@ class Supervisor(DoDoer):
         """Send one frame to the peer ``identity`` on the control socket."""
         self.router.send(identity, flags | SNDMORE)
         self.router.send(frame, flags)
+
+    def lost(self, child: ChildDoer, exc: ZMQError) -> NoReturn:
+        """``child`` disconnected: fail the run with what it said last (its ERROR, if
+        one is queued), else with its exit status or the disconnection itself."""
+        self._receive_all()  # raises NodeError/RunFailed for a queued ERROR frame
+        child.failed = True
+        if child.process is not None:
+            child.process.join(KILL_GRACE_S)
+        exitcode = child.process.exitcode if child.process is not None else None
+        raise ProcessExited(process=child.name, nodes=child.node_names, tick=self._tick_of(),
+                            exitcode=exitcode, cause=describe_exitcode(exitcode)
+                            if exitcode is not None else f"disconnected ({exc})")
 
     def _reply_error(self, identity: bytes, exc: ClusterError) -> None:
         error = proto.Error(code=getattr(exc, "code", "error"), detail=str(exc),

@@ -167,6 +167,22 @@ def test_state_raising_is_a_node_error_naming_the_node() -> None:
     assert caught.value.cause == "ValueError: state boom"
 
 
+def test_failure_after_answering_is_a_node_error_even_once_the_child_is_gone() -> None:
+    """state() fails after the worker's TOCK, so the child may be gone before the
+    next TICK: the supervisor must still report the node's error, not ZeroMQ's."""
+    found: list[supervisor.Supervisor] = []
+
+    def on_tick(done: int, total: int) -> None:
+        if done == 3:  # TOCK 2 is in; its sender fails right after: let it be gone
+            found[0].children[0].process.join(10)
+
+    with pytest.raises(NodeError) as caught:
+        run(topology({"a": "BadState", "b": "StepCounter"}, ticks=6), processes=2,
+            on_ready=found.append, on_tick=on_tick)
+    assert (caught.value.process, caught.value.nodes, caught.value.tick) == ("p0", ("a",), 2)
+    assert caught.value.cause == "ValueError: state boom"
+
+
 def test_sys_exit_in_a_node_names_the_node_and_runs_sibling_exits(tmp_path: Path) -> None:
     text = topology({"a": ("ExitMarker", {"marker_dir": str(tmp_path)}), "b": "SysExit"},
                     ticks=5)

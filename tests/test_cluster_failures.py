@@ -310,8 +310,9 @@ def test_cli_sigkilled_leaves_no_orphan(tmp_path: Path, cli_env: dict[str, str],
         # test_cli_sigkilled_orphans_remove_the_run_directory
         for entry in no_leaks.iterdir():
             shutil.rmtree(entry, ignore_errors=True)
-    for name in "abc":  # orphans still ran their exit contexts
-        assert (marks / f"{name}.exit").read_text().split() == ["close", "exit"]
+    for name in "abc":  # orphans still ran their exit contexts: "close" too unless
+        # the watchdog's SIGTERM landed inside the node's own step (hio then runs exit only)
+        assert (marks / f"{name}.exit").read_text().split() in (["close", "exit"], ["exit"])
 
 
 def test_cli_sigkilled_orphans_remove_the_run_directory(
