@@ -14,12 +14,14 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import multiprocessing
 import os
 import shutil
 import sys
 import tempfile
 import time
+from typing import Iterator
 
 import msgpack
 import zmq
@@ -58,8 +60,9 @@ def _barrier_child(address: str, index: int, with_doist: bool) -> None:
     context.term()
 
 
-def raw_barrier(n: int, ticks: int, with_doist: bool = False) -> float:
-    """Ticks/s of a bare ROUTER/DEALER barrier over ipc with ``n`` children."""
+@contextlib.contextmanager
+def barrier_children(n: int, with_doist: bool = False) -> Iterator[tuple[zmq.Socket, list]]:
+    """A ROUTER over ipc with ``n`` echoing DEALER children; yields (router, identities)."""
     run_dir = tempfile.mkdtemp(prefix="hioc-bench-")
     address = f"ipc://{run_dir}/barrier"
     context = zmq.Context()
@@ -71,22 +74,29 @@ def raw_barrier(n: int, ticks: int, with_doist: bool = False) -> float:
     for child in children:
         child.start()
     identities = [router.recv_multipart()[0] for _ in children]
-    start = time.perf_counter()
-    for tick in range(ticks):
-        payload = b"%d" % tick
+    try:
+        yield router, identities
+    finally:
         for identity in identities:
-            router.send_multipart([identity, payload])
-        for _ in identities:
-            router.recv_multipart()
-    elapsed = time.perf_counter() - start
-    for identity in identities:
-        router.send_multipart([identity, b"stop"])
-    for child in children:
-        child.join()
-    router.close(linger=0)
-    context.term()
-    shutil.rmtree(run_dir, ignore_errors=True)
-    return ticks / elapsed
+            router.send_multipart([identity, b"stop"])
+        for child in children:
+            child.join()
+        router.close(linger=0)
+        context.term()
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def raw_barrier(n: int, ticks: int, with_doist: bool = False) -> float:
+    """Ticks/s of a bare ROUTER/DEALER barrier over ipc with ``n`` children."""
+    with barrier_children(n, with_doist) as (router, identities):
+        start = time.perf_counter()
+        for tick in range(ticks):
+            payload = b"%d" % tick
+            for identity in identities:
+                router.send_multipart([identity, payload])
+            for _ in identities:
+                router.recv_multipart()
+        return ticks / (time.perf_counter() - start)
 
 
 def hiocluster_barrier(n: int, ticks: int) -> float:

@@ -21,9 +21,16 @@ from pathlib import Path
 import psutil
 import pytest
 import zmq
+from hypothesis import HealthCheck, settings
 from zmq.utils.monitor import recv_monitor_message
 
 REPO = Path(__file__).resolve().parent.parent
+
+# Property tests run real code on a shared 2-core machine: no per-example deadline
+# (a slow moment is not a failure); examples stay few and bounded per test.
+settings.register_profile("hiocluster", deadline=None,
+                          suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("hiocluster")
 #: How long leftovers get to finish exiting before they count as leaked.
 SETTLE_S = 5.0
 

@@ -11,7 +11,7 @@ be identical.
 from __future__ import annotations
 
 
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from conftest import REPO
@@ -38,8 +38,7 @@ to = "lp*.in"
 """
 
 
-@settings(max_examples=8, deadline=None, derandomize=True,
-          suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=8, derandomize=True)
 @given(cls=st.sampled_from(["nodes.phold:PholdLP", "tests.faulty:Mixer"]),
        lps=st.integers(2, 5), population=st.integers(1, 6),
        remote=st.sampled_from([0.0, 0.3, 0.9, 1.0]), capacity=st.integers(1, 6),

@@ -13,7 +13,7 @@ from typing import Any, Callable
 
 import msgpack
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import given, settings, strategies as st
 
 from hiocluster import protocol as proto
 from hiocluster.errors import FrameError, LocalProtocolError, RemoteProtocolError
@@ -24,7 +24,7 @@ from hiocluster.protocol import (CHILD_TRANSITIONS, MAX_CONTROL_FRAME, MAX_DATA_
 
 C, P = ChildState, ParentState
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "protocol.md"
-FEW = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+FEW = settings(max_examples=200)
 
 DIGEST = bytes(range(32))
 HELLO = Hello(process="w0", pid=4242, data_address="ipc:///tmp/hioc-x/d0", nodes=["a", "b"])
