@@ -21,7 +21,7 @@ import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 from hiocluster.errors import TopologyError
 
@@ -235,6 +235,12 @@ def _array(value: object, key_path: str) -> list[Any]:
     return value
 
 
+def _suggest(word: str, choices: Iterable[str]) -> str:
+    """"; did you mean 'x'?" for the closest of ``choices``, or nothing."""
+    close = difflib.get_close_matches(word, list(choices), n=1)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
 def _join(prefix: str, key: str) -> str:
     return f"{prefix}.{key}" if prefix else key
 
@@ -243,11 +249,7 @@ def _keys(table: dict[str, Any], allowed: tuple[str, ...], prefix: str,
           required: tuple[str, ...] = ()) -> None:
     for key in table:
         if key not in allowed:
-            message = f"unknown key {key!r}"
-            close = difflib.get_close_matches(key, allowed, n=1)
-            if close:
-                message += f"; did you mean {close[0]!r}?"
-            raise _err(message, _join(prefix, key))
+            raise _err(f"unknown key {key!r}{_suggest(key, allowed)}", _join(prefix, key))
     for key in required:
         if key not in table:
             raise _err(f"missing required key {key!r}", prefix)
@@ -290,11 +292,7 @@ def _match(pattern: str, names: list[str], key_path: str) -> list[str]:
             raise _err(f"pattern {pattern!r} matches no node", key_path)
         return matched
     if pattern not in names:
-        message = f"no node named {pattern!r}"
-        close = difflib.get_close_matches(pattern, names, n=1)
-        if close:
-            message += f"; did you mean {close[0]!r}?"
-        raise _err(message, key_path)
+        raise _err(f"no node named {pattern!r}{_suggest(pattern, names)}", key_path)
     return [pattern]
 
 
