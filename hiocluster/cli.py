@@ -10,6 +10,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from typing import Any, Callable, Sequence
 
 from . import __version__
@@ -38,6 +39,12 @@ def _seed(text: str) -> int:
     return value
 
 
+def _window(text: str) -> int | None:
+    if text == "auto":
+        return None
+    return _positive_int(text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="hiocluster",
@@ -54,33 +61,71 @@ def build_parser() -> argparse.ArgumentParser:
                      help="number of ticks (default: the file's run.ticks)")
     run.add_argument("--seed", type=_seed, metavar="S",
                      help="run seed (default: the file's run.seed)")
-    run.add_argument("--processes", type=_positive_int, metavar="P",
-                     help="spread the nodes over P processes (default: the file's placement; "
-                          "1 puts every node in one process)")
+    _processes(run)
+    run.add_argument("--window", type=_window, default=None, metavar="N",
+                     help="ticks granted at once (default: auto, sized to ~50 ms of work); "
+                          "1 supervises every tick; results never depend on it")
+    run.add_argument("--real", action="store_true", default=None,
+                     help="pace ticks to the wall clock: tick n starts tock x n seconds "
+                          "after the start (default: the file's run.real)")
     run.add_argument("--json", action="store_true",
                      help="print one JSON object on stdout instead of the summary")
     run.add_argument("--digests", action="store_true",
                      help="with --json, include every tick's run digest")
-    run.add_argument("--app-dir", metavar="DIR",
-                     help="directory to import node classes from (default: current directory)")
+    _app_dir(run)
     run.add_argument("--transport", choices=("ipc", "tcp"), default="ipc",
                      help="how local processes talk: unix sockets (default) or TCP on "
                           "127.0.0.1; results are identical")
+    run.add_argument("--listen", metavar="ADDRESS",
+                     help="bind the control socket here (e.g. tcp://127.0.0.1:7000), for "
+                          "workers started by hand")
+    run.add_argument("--external", metavar="NAME", action="append", default=[],
+                     help="do not start worker NAME: wait for it to be started by hand "
+                          "(the command to use is printed); repeatable")
 
     check = commands.add_parser("check", help="validate a topology without running it",
                                 description="Validate a topology (and import its node "
-                                            "classes) without running it.")
+                                            "classes) without running it; print the plan.")
     check.add_argument("topology", metavar="TOPOLOGY", help="topology file (TOML)")
-    check.add_argument("--processes", type=_positive_int, metavar="P",
-                       help="also check that the nodes can be spread over P processes")
-    check.add_argument("--app-dir", metavar="DIR",
-                       help="directory to import node classes from (default: current directory)")
+    _processes(check)
+    _app_dir(check)
+
+    worker = commands.add_parser(
+        "worker", help="join a run as one of its workers",
+        description="Join a run as one of its workers: connect to the supervisor, get "
+                    "nodes and links from it, run ticks until it says stop. The run's "
+                    "token is read from --token-file or $HIOCLUSTER_TOKEN (hex).")
+    worker.add_argument("--connect", required=True, metavar="ADDRESS",
+                        help="the supervisor's control address (ipc://... or tcp://...)")
+    worker.add_argument("--name", required=True, metavar="NAME",
+                        help="this worker's name in the run's plan (e.g. p1)")
+    worker.add_argument("--token-file", metavar="FILE",
+                        help="file holding the run's token (hex)")
+    worker.add_argument("--bind", metavar="ADDRESS",
+                        help="where neighbours send DATA (default: beside the control socket)")
+    _app_dir(worker)
+    worker.add_argument("--run-dir", metavar="DIR", help=argparse.SUPPRESS)
     return parser
+
+
+def _processes(command: argparse.ArgumentParser) -> None:
+    command.add_argument("--processes", type=_positive_int, metavar="P",
+                         help="spread the nodes over P worker processes (default: the "
+                              "file's placement, else one per core; 1 puts every node in one)")
+
+
+def _app_dir(command: argparse.ArgumentParser) -> None:
+    command.add_argument("--app-dir", metavar="DIR",
+                         help="directory to import node classes from (default: current "
+                              "directory)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``hiocluster`` console script; returns the exit code."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "worker":
+        return _worker(parser, args)
     try:
         return _check(args) if args.command == "check" else _run(args)
     except TopologyError as exc:  # also raised by run() for an impossible plan
@@ -97,11 +142,17 @@ def _load(args: argparse.Namespace) -> Any:
     from .topology import load, plan
 
     topology = load(args.topology)
-    changes = {key: getattr(args, key, None) for key in ("ticks", "seed")}
+    changes = {key: getattr(args, key, None) for key in ("ticks", "seed", "real")}
     changes = {key: value for key, value in changes.items() if value is not None}
     if changes:
         topology = topology.replace(**changes)
     return topology, plan(topology, args.processes)
+
+
+def _names(names: Sequence[str], shown: int = 8) -> str:
+    if len(names) <= shown:
+        return " ".join(names)
+    return f"{' '.join(names[:3])} ... {' '.join(names[-2:])}"
 
 
 def _check(args: argparse.Namespace) -> int:
@@ -109,9 +160,13 @@ def _check(args: argparse.Namespace) -> int:
 
     topology, layout = _load(args)
     resolve_classes(topology, args.app_dir)  # run() does this itself
-    processes = ", ".join(f"{p.name}=[{' '.join(p.node_names)}]" for p in layout.processes)
     print(f"ok: {topology.name}: {len(topology.nodes)} nodes, {len(topology.links)} links, "
-          f"{topology.ticks} ticks; {len(layout.processes)} processes: {processes}")
+          f"{topology.ticks} ticks; {len(layout.workers)} workers on {os.cpu_count()} cores, "
+          f"{layout.crossing(topology.links)} links between workers")
+    for worker in layout.workers[:20]:
+        print(f"  {worker.name}: {len(worker.nodes)} nodes: {_names(worker.node_names)}")
+    if len(layout.workers) > 20:
+        print(f"  ... and {len(layout.workers) - 20} more workers")
     return EXIT_OK
 
 
@@ -119,17 +174,24 @@ def _run(args: argparse.Namespace) -> int:
     from .supervisor import run
 
     topology, _ = _load(args)
+
+    def announce(supervisor: Any) -> None:  # once the control socket is bound
+        for name in args.external:
+            print(f"hiocluster: waiting for worker {name}: "
+                  f"{supervisor.worker_command_line(name)}", file=sys.stderr, flush=True)
+
     with _progress(topology.ticks) as on_tick:
         try:
             result = run(topology, processes=args.processes, app_dir=args.app_dir,
-                         on_tick=on_tick, keep_digests=args.digests,
-                         transport=args.transport)
+                         window=args.window, on_tick=on_tick, keep_digests=args.digests,
+                         transport=args.transport, listen=args.listen,
+                         external=args.external, on_listening=announce)
         except Interrupted as exc:
             print(f"hiocluster: {exc}; every process was shut down", file=sys.stderr)
             _json_error(args, exc, {"signal": exc.signal})
             return 128 + exc.signal
         except RunFailed as exc:
-            return _failed(args, exc, {"process": exc.process, "nodes": list(exc.nodes),
+            return _failed(args, exc, {"worker": exc.worker, "nodes": list(exc.nodes),
                                        "tick": exc.tick, "cause": exc.cause})
         except TopologyError:
             raise
@@ -140,6 +202,27 @@ def _run(args: argparse.Namespace) -> int:
     else:
         print(summary(result))
     return EXIT_OK
+
+
+def _worker(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    from .launch import TOKEN_ENV
+    from .worker import WorkerOptions, run_worker
+
+    try:
+        if args.token_file:
+            with open(args.token_file, encoding="ascii") as file:
+                text = file.read().strip()
+        else:
+            text = os.environ.get(TOKEN_ENV, "")
+        token = bytes.fromhex(text)
+        if not 1 <= len(token) <= 64:
+            raise ValueError("empty or too long")
+    except (OSError, ValueError) as exc:
+        parser.error(f"worker: no usable token ({exc}): pass --token-file FILE or set "
+                     f"${TOKEN_ENV} to the run's token (hex)")
+    return run_worker(WorkerOptions(connect=args.connect, name=args.name, token=token,
+                                    bind=args.bind, app_dir=args.app_dir,
+                                    run_dir=args.run_dir))
 
 
 def _failed(args: argparse.Namespace, exc: ClusterError, fields: dict[str, Any]) -> int:
@@ -157,15 +240,18 @@ def _json_error(args: argparse.Namespace, exc: ClusterError, fields: dict[str, A
 
 def summary(result: Any) -> str:
     """The human summary printed after a successful run."""
+    processes = f"{result.processes} process" + ("es" if result.processes != 1 else "")
+    late = [f"late     {result.late_ticks} ticks started more than one tock late"] \
+        if result.real else []
     return "\n".join([
         f"{result.topology}: {result.ticks} ticks, {result.nodes} nodes on "
-        f"{result.processes} processes in {result.seconds:.3f} s "
+        f"{processes} in {result.seconds:.3f} s "
         f"({result.ticks_per_second:,.0f} ticks/s; start-up {result.startup_seconds:.3f} s)",
         f"digest   {result.digest}",
         f"messages {result.messages} delivered or in flight; {result.undelivered} in flight "
         f"at stop, {result.unread} unread in inboxes; {result.rejected_frames} frames "
         "rejected",
-    ] + [f"metric   {name} {value:,} ({value / result.seconds:,.0f}/s)"
+    ] + late + [f"metric   {name} {value:,} ({value / result.seconds:,.0f}/s)"
          for name, value in result.metrics.items() if result.seconds > 0])
 
 
@@ -188,13 +274,15 @@ class _progress:
                             console=Console(stderr=True), transient=True)
         self.bar.start()
         task = self.bar.add_task("run", total=self.total, rate="")
-        step = max(1, self.total // 200)
+        first: list[tuple[int, float]] = []
 
-        def on_tick(done: int, total: int) -> None:
-            if done % step == 0 or done == total:
-                speed = self.bar.tasks[0].speed
-                self.bar.update(task, completed=done,
-                                rate=f"{speed:,.0f} ticks/s" if speed else "")
+        def on_tick(done: int, total: int) -> None:  # called as windows complete
+            now = time.monotonic()
+            if not first:
+                first.append((done, now))
+            ticks, seconds = done - first[0][0], now - first[0][1]
+            rate = f"{ticks / seconds:,.0f} ticks/s" if seconds > 0 and ticks else ""
+            self.bar.update(task, completed=done, rate=rate)
         return on_tick
 
     def __exit__(self, *exc_info: object) -> None:

@@ -5,13 +5,13 @@
     ClusterError
     ├── TopologyError(ValueError)    bad topology file: .key_path, .line
     ├── FrameError(ValueError)       bytes are not a valid frame: .field
-    ├── ProtocolError                .tick, .process, .field
+    ├── ProtocolError                .tick, .worker, .field, .code
     │   ├── LocalProtocolError       we broke the protocol: our bug
     │   └── RemoteProtocolError      a peer broke it
-    ├── RunFailed                    a lockstep run stopped: .process, .nodes, .tick, .cause
-    │   ├── NodeError                a node raised: .traceback
-    │   ├── TickTimeout              a process missed the tick deadline
-    │   └── ProcessExited            a child died: .exitcode
+    ├── RunFailed                    a lockstep run stopped: .worker, .nodes, .tick, .cause
+    │   ├── NodeError                a node raised: .detail holds the traceback
+    │   ├── TickTimeout              a worker missed the tick deadline
+    │   └── ProcessExited            a worker's process died: .exitcode
     ├── LinkFull                     an outbox has no credit left on a link: .link, .tick
     └── Interrupted                  SIGINT/SIGTERM asked the run to stop: .signal
 
@@ -88,16 +88,16 @@ class ProtocolError(ClusterError):
     """A valid frame arrived that the protocol does not allow now.
 
     Attributes:
-        tick: the tick the machine was at, if any.
-        process: the peer process, if known.
+        tick: the last tick known done, if any.
+        worker: the worker at the other end, if known.
         field: the offending field, if one.
         code: short code, as sent in ERROR frames.
     """
 
-    def __init__(self, message: str, *, tick: int | None = None, process: str | None = None,
+    def __init__(self, message: str, *, tick: int | None = None, worker: str | None = None,
                  field: str = "type", code: str = "protocol") -> None:
         self.tick = tick
-        self.process = process
+        self.worker = worker
         self.field = field
         self.code = code
         super().__init__(message)
@@ -112,18 +112,19 @@ class RemoteProtocolError(ProtocolError):
 
 
 class RunFailed(ClusterError):
-    """A lockstep run stopped because one process failed.
+    """A lockstep run stopped because one worker failed.
 
     Attributes:
-        process: the failing process name.
+        worker: the failing worker's name (as in the plan: ``p0``, a placement key).
         nodes: names of the nodes it hosted (or the one node that raised).
         tick: the tick at which it failed (None before the first tick).
         cause: short human cause: "exit code 3", "signal SIGKILL", "ValueError: ...".
+        detail: more lines (a traceback), possibly empty.
     """
 
-    def __init__(self, *, process: str, nodes: tuple[str, ...] | list[str], tick: int | None,
+    def __init__(self, *, worker: str, nodes: tuple[str, ...] | list[str], tick: int | None,
                  cause: str, detail: str = "") -> None:
-        self.process = process
+        self.worker = worker
         self.nodes = tuple(nodes)
         self.tick = tick
         self.cause = cause
@@ -133,7 +134,7 @@ class RunFailed(ClusterError):
     def __str__(self) -> str:
         at = f"tick {self.tick}" if self.tick is not None else "start-up"
         nodes = ", ".join(self.nodes) or "-"
-        text = f"process {self.process} (node {nodes}) failed at {at}: {self.cause}"
+        text = f"worker {self.worker} (node {nodes}) failed at {at}: {self.cause}"
         if self.detail:
             text += "\n" + self.detail.rstrip()
         return text
@@ -144,11 +145,11 @@ class NodeError(RunFailed):
 
 
 class TickTimeout(RunFailed):
-    """A process did not answer a TICK before the tick deadline."""
+    """A worker spent longer than the tick deadline on one tick."""
 
 
 class ProcessExited(RunFailed):
-    """A child process exited or was killed. ``exitcode`` as multiprocessing reports it."""
+    """A worker's process exited or was killed. ``exitcode``: negative for a signal."""
 
     def __init__(self, *, exitcode: int | None, **kwargs: object) -> None:
         self.exitcode = exitcode
@@ -156,7 +157,7 @@ class ProcessExited(RunFailed):
 
 
 def describe_exitcode(exitcode: int | None) -> str:
-    """Return "exit code N" or "signal SIGNAME" for a multiprocessing exit code."""
+    """Return "exit code N" or "signal SIGNAME" for an exit code (negative: a signal)."""
     if exitcode is None:
         return "still running"
     if exitcode < 0:

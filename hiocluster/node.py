@@ -56,15 +56,15 @@ class Link:
     has heard of; ``taken`` counts the receiver's takes in the current tick.
     """
 
-    __slots__ = ("id", "source", "outbox", "target", "inbox", "capacity", "source_process",
-                 "target_process", "sent", "acked", "taken", "sequences", "payloads", "label")
+    __slots__ = ("id", "source", "outbox", "target", "inbox", "capacity", "source_worker",
+                 "target_worker", "sent", "acked", "taken", "sequences", "payloads", "label")
 
     def __init__(self, id: int, source: str, outbox: str, target: str, inbox: str,
-                 capacity: int, source_process: str, target_process: str) -> None:
+                 capacity: int, source_worker: str, target_worker: str) -> None:
         self.id = id
         self.source, self.outbox, self.target, self.inbox = source, outbox, target, inbox
         self.capacity = capacity
-        self.source_process, self.target_process = source_process, target_process
+        self.source_worker, self.target_worker = source_worker, target_worker
         self.sent = 0
         self.acked = 0
         self.taken = 0

@@ -1,640 +1,442 @@
-"""The supervisor: a hio DoDoer that owns child processes and drives them in lockstep.
+"""The supervisor: hio doers that own a run's worker processes and drive its windows.
 
-Each child process is a :class:`ChildDoer` among the supervisor's doers. One
-``Supervisor.recur`` is one cluster tick: every ChildDoer sends its TICK, then
-the supervisor waits (bounded by the tick deadline) for every TOCK, watching
-process sentinels so a dead child is noticed at once, and chains the node
-digests into the run digest. :func:`run` is the Python API behind the CLI.
+In one :class:`~hiocluster.loop.Loop` (a hio Doist that waits on sockets):
 
-Imports: hio, topology, worker, transport, protocol, errors.
+=================  ============================================================
+``Supervisor``     a DoDoer: the run. Owns the run directory, the ZeroMQ context
+                   and the :class:`~hiocluster.runcore.RunCore` that decides.
+``Switchboard``    a Doer: the control socket. Reads every frame, hands it to
+                   its worker's doer; sends what the core says.
+``ChildDoer``      a Doer per worker: ``enter`` starts its process, ``recur``
+                   feeds its frames to the core and watches the process,
+                   ``exit`` makes sure it is gone.
+=================  ============================================================
+
+None of them blocks: each ``recur`` takes what is already there and returns,
+so other doers (a control endpoint, service replicas, a link to a parent
+supervisor) can share the Doist. :func:`run` is the Python API behind the CLI.
+
+Imports: hio, runcore, topology, launch, loop, transport, protocol, errors.
 """
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
-import multiprocessing
 import os
+import secrets
 import shutil
 import signal
-import sys
+import socket
 import tempfile
 import threading
 import time
-import types
-from collections import Counter
-from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, NoReturn
+from collections import deque
+from typing import Any, Callable, Sequence
 
-import psutil
-from hio.base.doing import DoDoer, Doer, Doist
+from hio.base.doing import DoDoer, Doer
 
-from . import protocol as proto
-from . import worker
-from .errors import (ClusterError, FrameError, Interrupted, NodeError, ProcessExited,
-                     ProtocolError, RemoteProtocolError, RunFailed, TickTimeout,
-                     describe_exitcode)
-from .topology import Plan, ProcessSpec, Topology, plan as make_plan, resolve_classes
+from .errors import ClusterError, Interrupted, TopologyError
+from .launch import LocalLauncher, ProcessHandle, worker_argv
+from .loop import Loop
+from .runcore import RunCore, RunResult
+from .topology import Plan, Topology, plan as make_plan, resolve_classes
 from .transport import (NOBLOCK, SNDMORE, Again, Context, TransportError, ZMQError,
                         bound_address, local_address)
 
-__all__ = ["Supervisor", "ChildDoer", "RunResult", "run", "START_TIMEOUT", "STOP_TIMEOUT"]
+__all__ = ["Supervisor", "Switchboard", "ChildDoer", "RunResult", "run", "KILL_GRACE_S"]
 
-#: Seconds every child gets to import, say HELLO and become READY.
-START_TIMEOUT = 60.0
-#: Seconds children get to run exit contexts and say BYE before being terminated.
-STOP_TIMEOUT = 10.0
-#: Longest single wait, so signals and deadlines are noticed promptly.
-SLICE_S = 0.1
-#: Seconds between SIGTERM and SIGKILL for a child that will not go.
+#: Seconds a worker gets to exit after its BYE (or a SIGTERM) before the next step.
 KILL_GRACE_S = 2.0
-#: Rejected frames from strangers after which they are only counted, no longer answered.
-STRANGER_LIMIT = 10_000
 
 
-def _forkserver() -> Any:
-    context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["hiocluster.worker"])
-    return context
+class Switchboard(Doer):
+    """The supervisor's control socket, as a doer (see the module docstring)."""
 
+    def __init__(self, supervisor: Supervisor, **kwa: Any) -> None:
+        super().__init__(**kwa)
+        self.supervisor = supervisor
+        self.router: Any = None
+        self.worker_of: dict[bytes, str] = {}     # connection -> worker
+        self.identity_of: dict[str, bytes] = {}
+        self.waiting: dict[str, list[bytes]] = {}  # frames for workers not joined yet
 
-@contextlib.contextmanager
-def _main_hidden() -> Iterator[None]:
-    """Start children without re-importing ``__main__`` in each of them.
+    def enter(self) -> None:
+        supervisor = self.supervisor
+        self.router = supervisor.context.control_router(supervisor.listen)
+        supervisor.control_address = bound_address(self.router)
+        supervisor.loop.poller.register(self.router)
+        if supervisor.on_listening is not None:
+            supervisor.on_listening(supervisor)
 
-    multiprocessing makes every forkserver child import the parent's main module
-    (so pickled functions from it resolve). A worker needs only hiocluster.worker,
-    already preloaded in the fork server; importing main again costs time per
-    child and re-runs any unguarded script. So children see a bare ``__main__``.
-    """
-    saved = sys.modules["__main__"]
-    sys.modules["__main__"] = types.ModuleType("__main__")
-    try:
-        yield
-    finally:
-        sys.modules["__main__"] = saved
+    def recur(self, tyme: float) -> bool:
+        router, children, core = self.router, self.supervisor.children, self.supervisor.core
+        for _ in range(10_000):  # bounded: a flood cannot starve the other doers
+            try:
+                parts = router.recv_multipart(NOBLOCK)
+            except Again:
+                return False
+            worker = self.worker_of.get(parts[0])
+            if worker is not None and len(parts) == 2:
+                children[worker].inbox.append(parts[1])
+                continue
+            worker, reply = core.admit(parts)
+            if worker is None:
+                if reply is not None:
+                    self._send(parts[0], reply)
+                continue
+            self.worker_of[parts[0]], self.identity_of[worker] = worker, parts[0]
+            children[worker].inbox.append(parts[1])
+            for frame in self.waiting.pop(worker, []):
+                self._send(parts[0], frame)
+        self.supervisor.loop.asap = True
+        return False
 
+    def send(self, worker: str, frame: bytes) -> None:
+        """Send ``frame`` to ``worker`` (kept until it joins, if it has not yet)."""
+        identity = self.identity_of.get(worker)
+        if identity is None:
+            self.waiting.setdefault(worker, []).append(frame)
+        else:
+            self._send(identity, frame)
 
-@dataclass
-class RunResult:
-    """What a finished run reports (the CLI's --json prints :meth:`to_json`)."""
+    def _send(self, identity: bytes, frame: bytes) -> None:
+        try:
+            self.router.send(identity, NOBLOCK | SNDMORE)
+            self.router.send(frame, NOBLOCK)
+        except ZMQError:
+            pass  # the peer is gone: its process exit (or silence) tells the core
 
-    topology: str
-    ticks: int
-    digest: str
-    processes: int
-    nodes: int
-    seconds: float
-    startup_seconds: float
-    messages: int
-    undelivered: int
-    unread: int
-    rejected_frames: int
-    metrics: dict[str, int] = field(default_factory=dict)
-    tick_digests: list[str] = field(default_factory=list)
-
-    @property
-    def ticks_per_second(self) -> float:
-        return self.ticks / self.seconds if self.seconds > 0 else 0.0
-
-    def to_json(self) -> dict[str, Any]:
-        data = {key: value for key, value in self.__dict__.items() if key != "tick_digests"}
-        data["ticks_per_second"] = round(self.ticks_per_second, 1)
-        data["seconds"] = round(self.seconds, 6)
-        data["startup_seconds"] = round(self.startup_seconds, 6)
-        data["metrics_per_second"] = {name: round(value / self.seconds, 1) if self.seconds
-                                      else 0.0 for name, value in self.metrics.items()}
-        if self.tick_digests:
-            data["tick_digests"] = self.tick_digests
-        return data
+    def exit(self) -> None:
+        if self.router is not None:
+            self.supervisor.loop.poller.unregister(self.router)
+            self.router.close(linger=0)
+            self.router = None
 
 
 class ChildDoer(Doer):
-    """One child process, as the supervisor's Doist sees it: each recur sends a TICK."""
+    """One worker, as a doer (see the module docstring). An ``external`` worker is
+    started by someone else (``hiocluster worker``); this doer only waits for it."""
 
-    def __init__(self, supervisor: Supervisor, spec: ProcessSpec, index: int,
+    def __init__(self, supervisor: Supervisor, name: str, external: bool = False,
                  **kwa: Any) -> None:
         super().__init__(**kwa)
-        self.supervisor = supervisor
-        self.spec = spec
-        self.name = spec.name
-        self.index = index
-        self.identity = spec.name.encode()
-        self.machine = proto.ParentMachine(spec.name)
-        self.process: Any = None
-        self.hello: proto.Hello | None = None
-        self.last_tock: proto.Tock | None = None
-        self.bye: proto.Bye | None = None
-        self.failed = False
-        self.node_names = spec.node_names
-        self.node_set = frozenset(self.node_names)
+        self.supervisor, self.name, self.external = supervisor, name, external
+        self.inbox: deque[bytes] = deque()
+        self.handle: ProcessHandle | None = None
+        self.reported = False      # its exit went to the core
+        self.escalate: list[tuple[float, str]] = []   # (when, "terminate" | "kill")
+
+    def enter(self) -> None:
+        if not self.external:
+            self.handle = self.supervisor.launcher.start(self.name)
+            if self.handle.sentinel is not None:
+                self.supervisor.loop.poller.register(self.handle.sentinel)
 
     def recur(self, tyme: float) -> bool:
-        supervisor = self.supervisor
-        try:
-            self.send(proto.Tick(supervisor.tick, supervisor.expect.get(self.name, 0)))
-        except ZMQError as exc:  # ROUTER_MANDATORY: the child's connection is gone
-            supervisor.lost(self, exc)
-        return False
+        core, now = self.supervisor.core, time.monotonic()
+        while self.inbox:
+            core.receive(self.name, self.inbox.popleft(), now)
+        handle = self.handle
+        if handle is None:
+            return core.finished
+        if not self.reported:
+            code = handle.exitcode()
+            if code is None:
+                while self.escalate and self.escalate[0][0] <= now:
+                    getattr(handle, self.escalate.pop(0)[1])()
+                return False
+            self.reported = True
+            self._forget_sentinel()
+            core.exited(self.name, code, now)
+        return core.finished
 
-    def send(self, message: proto.Message) -> None:
-        self.supervisor.send_to(self.identity, self.machine.send(message))
+    def signal(self, kind: str, now: float) -> None:
+        """``"kill"`` now, or ``"terminate"`` now and kill if it lingers."""
+        if kind == "kill":
+            self.escalate = [(now, "kill")]
+        else:
+            self.escalate = [(now, "terminate"), (now + KILL_GRACE_S, "kill")]
 
-    @property
-    def alive(self) -> bool:
-        return self.process is not None and self.process.exitcode is None \
-            and self.process.is_alive()
+    def wind_down(self, now: float) -> None:
+        """The run is over: a worker still running gets KILL_GRACE_S, then SIGTERM,
+        then SIGKILL."""
+        if not self.escalate:
+            self.escalate = [(now + KILL_GRACE_S, "terminate"),
+                             (now + 2 * KILL_GRACE_S, "kill")]
+
+    def _forget_sentinel(self) -> None:
+        if self.handle is not None and self.handle.sentinel is not None:
+            self.supervisor.loop.poller.unregister(self.handle.sentinel)
+
+    def exit(self) -> None:
+        """A forced exit may leave it running: SIGTERM, a short wait, SIGKILL."""
+        handle = self.handle
+        if handle is None:
+            return
+        deadline = time.monotonic() + KILL_GRACE_S
+        for step in ("terminate", "kill"):
+            if handle.exitcode() is None:
+                getattr(handle, step)()
+                while handle.exitcode() is None and time.monotonic() < deadline:
+                    time.sleep(0.01)
+                deadline = time.monotonic() + KILL_GRACE_S
+        if not self.reported:
+            self._forget_sentinel()
+        handle.close()
+        self.handle = None
 
 
 class Supervisor(DoDoer):
-    """Drive one topology's processes in lockstep; one recur is one cluster tick.
+    """Run one topology's workers in windows of lockstep ticks.
 
     Args:
-        topology: the validated topology (ticks, seed and tock come from it).
-        plan: which nodes run in which process (see topology.plan).
-        app_dir: directory put first on the children's sys.path.
-        on_tick: called as ``on_tick(done_ticks, total_ticks)`` after every tick.
-        on_ready: called with the supervisor once every child is READY (tests use
-            it to find ``control_address`` and the children's ``hello.data_address``).
-        keep_digests: keep every tick's run digest in the result.
-        worker_target: the child entry point (tests substitute misbehaving ones).
-        transport: "ipc" (unix sockets in the run directory) or "tcp" (loopback,
-            ports picked by the system); the protocol is the same over both.
+        topology, plan: what to run and where (see topology.plan).
+        loop: the Loop this supervisor runs in (its poller wakes it).
+        app_dir: directory the workers import node classes from.
+        window: ticks per GRANT (None: automatic); 1 is strict per-tick supervision.
+        keep_digests: keep the run digest after every tick.
+        transport: "ipc" (unix sockets in the run directory) or "tcp" (loopback).
+        listen: bind the control socket here instead (e.g. for external workers).
+        external: workers started by hand (``hiocluster worker``), not by us.
+        worker_command: program and leading arguments that run ``hiocluster``.
+        on_tick: called as ``on_tick(done, total)`` when every worker got further.
+        on_ready: called with the supervisor once every worker is READY.
+        on_listening: called with the supervisor once its control socket is bound
+            (``control_address`` is set; ``worker_command_line`` works).
 
-    The run directory (control and data sockets, mode 0700) is made under
+    The run directory (ipc sockets, the token file; mode 0700) is made under
     ``$HIOCLUSTER_RUN_ROOT`` if set, else the system temp directory, and removed
     at exit.
     """
 
-    def __init__(self, topology: Topology, plan: Plan, *, app_dir: str | None = None,
+    def __init__(self, topology: Topology, plan: Plan, loop: Loop, *,
+                 app_dir: str | None = None, window: int | None = None,
+                 keep_digests: bool = False, transport: str = "ipc", listen: str | None = None,
+                 external: Sequence[str] = (), worker_command: Sequence[str] | None = None,
                  on_tick: Callable[[int, int], None] | None = None,
-                 keep_digests: bool = False,
-                 worker_target: Callable[[worker.WorkerSpec], None] = worker.main,
                  on_ready: Callable[[Supervisor], None] | None = None,
-                 transport: str = "ipc", **kwa: Any) -> None:
-        self.topology = topology
-        self.transport = transport
-        self.plan = plan
+                 on_listening: Callable[[Supervisor], None] | None = None,
+                 **kwa: Any) -> None:
+        self.topology, self.plan, self.loop = topology, plan, loop
         self.app_dir = os.path.abspath(app_dir or os.getcwd())
-        self.on_tick = on_tick
-        self.keep_digests = keep_digests
-        self.worker_target = worker_target
-        self.on_ready = on_ready
-        self.children = [ChildDoer(self, spec, index)
-                         for index, spec in enumerate(plan.processes)]
-        self.by_identity = {child.identity: child for child in self.children}
-        self.process_names = frozenset(child.name for child in self.children)
-        super().__init__(doers=list(self.children), **kwa)
-        self.ticks = topology.ticks
-        self.tick = 0
-        self.expect: dict[str, int] = {}
-        self.digest = b"\0" * proto.DIGEST_SIZE
-        self.tick_digests: list[str] = []
-        self.node_order = sorted(node.name for node in topology.nodes)
-        self._unaccounted: list[proto.Tock] = []
-        self.chained = 0  # whole-run states folded into self.digest
-        self._ticked = 0.0
-        self.rejected = 0           # frames refused on the control socket
-        self.interrupted: int | None = None
-        self.failure: BaseException | None = None
-        self.result: RunResult | None = None
-        self.run_dir: str | None = None
+        self.window, self.keep_digests = window, keep_digests
+        self.transport, self.listen = transport, listen or ""
+        self.worker_command = worker_command
+        self.on_tick, self.on_ready, self.on_listening = on_tick, on_ready, on_listening
+        names = [spec.name for spec in plan.workers]
+        unknown = sorted(set(external) - set(names))
+        if unknown:
+            raise TopologyError(f"no worker named {', '.join(unknown)} in the plan "
+                                f"(workers: {', '.join(names[:10])})", key_path="--external")
+        self.switchboard = Switchboard(self)
+        self.children = {name: ChildDoer(self, name, name in external) for name in names}
+        super().__init__(doers=[self.switchboard, *self.children.values()], **kwa)
+        self.token = secrets.token_bytes(16)
+        self.core: RunCore = None  # type: ignore[assignment]  # made in enter
         self.context: Context | None = None
-        self.router: Any = None
+        self.run_dir: str | None = None
         self.control_address = ""
-        self._started = self._ticking = 0.0
+        self.launcher: Any = None
+        self._shown = 0
+        self._ready_told = False
 
-    # -- hio contexts -------------------------------------------------------
+    # -- hio contexts -------------------------------------------------------------
     def enter(self, doers: Any = None) -> Any:  # type: ignore[override]
         if doers is None:
-            self.start()
+            self._open()
         return super().enter(doers)
 
     def recur(self, tyme: float, deeds: Any = None) -> bool:  # type: ignore[override]
-        if self.tick >= self.ticks:
-            return True
-        if self.interrupted:
-            raise Interrupted(self.interrupted)
-        super().recur(tyme, deeds)  # every ChildDoer sends its TICK
-        self._account()  # the previous TOCKs' books, while the children work
-        self._gather_tocks()
-        self.tick += 1
-        if self.on_tick is not None:
-            self.on_tick(self.tick, self.ticks)
-        if self.tick >= self.ticks:
-            self._ticked = time.perf_counter()
-            self._account()
-            return True
-        return False
-
-    def abort(self, ex: BaseException) -> None:
-        self.failure = ex
-
-    def close(self) -> None:  # forced exit: the Doist closed us before the last tick
-        if self.failure is None and self.tick < self.ticks:
-            self.failure = Interrupted(signal.SIGINT) if self.interrupted is None \
-                else Interrupted(self.interrupted)
+        super().recur(tyme, deeds)  # the switchboard, then every child
+        core, now = self.core, time.monotonic()
+        core.poll(now)
+        for worker, frame in core.outbox:
+            self.switchboard.send(worker, frame)
+        core.outbox.clear()
+        for worker, kind in core.signals:
+            self.children[worker].signal(kind, now)
+        core.signals.clear()
+        self._tell(core)
+        if not core.finished:
+            return False
+        for child in self.children.values():
+            child.wind_down(now)
+        return all(child.handle is None or child.reported for child in self.children.values())
 
     def exit(self, deeds: Any = None) -> None:  # type: ignore[override]
-        super().exit(deeds)
-        if deeds is None:
-            self.shutdown()
+        try:
+            super().exit(deeds)
+        finally:
+            if deeds is None:
+                self._close()
 
     def interrupt(self, signum: int) -> None:
-        """Ask the run to stop cleanly at the next chance (from a signal handler)."""
-        self.interrupted = self.interrupted or signum
+        """Stop the run cleanly at once (called from signal handlers)."""
+        if self.core is not None:
+            self.core.interrupt(signum, time.monotonic())
 
-    # -- start-up -----------------------------------------------------------
-    def start(self) -> None:
-        """Make the run directory and control socket, spawn children, handshake."""
-        self._started = time.perf_counter()
+    # -- results --------------------------------------------------------------------
+    @property
+    def result(self) -> RunResult | None:
+        return self.core.result if self.core is not None else None
+
+    @property
+    def failure(self) -> ClusterError | None:
+        if self.core is None:
+            return None
+        if self.core.failure is None and not self.core.finished:
+            return Interrupted(signal.SIGINT)  # the loop was closed before the end
+        return self.core.failure
+
+    def worker_command_line(self, worker: str) -> str:
+        """How to start worker ``worker`` by hand (for ``external`` workers)."""
+        argv = ["hiocluster", *worker_argv(self.control_address, worker,
+                                           app_dir=self.app_dir)]
+        return " ".join(argv) + f" --token-file {os.path.join(self.run_dir or '', 'token')}"
+
+    # -- helpers --------------------------------------------------------------------
+    def _open(self) -> None:
         root = os.environ.get("HIOCLUSTER_RUN_ROOT") or None
         try:
             self.run_dir = tempfile.mkdtemp(prefix="hioc-", dir=root)
             os.chmod(self.run_dir, 0o700)
+            token_path = os.path.join(self.run_dir, "token")
+            with open(os.open(token_path, os.O_WRONLY | os.O_CREAT, 0o600), "w") as file:
+                file.write(self.token.hex())
         except OSError as exc:
             raise TransportError(f"cannot make the run directory under "
                                  f"{root or tempfile.gettempdir()}: {exc}") from exc
+        self.listen = self.listen or local_address(self.transport, self.run_dir, "control")
         self.context = Context()
-        self.router = self.context.router(
-            local_address(self.transport, self.run_dir, "control"),
-            timeout_ms=int(SLICE_S * 1000))
-        self.control_address = bound_address(self.router)
-        me = psutil.Process()
-        mp = _forkserver()
-        for child in self.children:
-            spec = worker.WorkerSpec(
-                process=child.name, control_address=self.control_address,
-                data_bind=local_address(self.transport, self.run_dir, f"d{child.index}"),
-                nodes=tuple((node.name, node.cls, node.params) for node in child.spec.nodes),
-                app_dir=self.app_dir, run_dir=self.run_dir, parent_pid=me.pid,
-                parent_started=me.create_time())
-            child.process = mp.Process(target=self.worker_target, args=(spec,),
-                                       name=f"hiocluster-{child.name}")
-            with _main_hidden():
-                child.process.start()
-        deadline = time.monotonic() + START_TIMEOUT
-        self._wait(lambda c: c.hello is not None, deadline, "HELLO")
-        addresses = {c.name: c.hello.data_address for c in self.children}  # type: ignore
-        placement = self.plan.node_to_process
-        links = [[link.id, link.source, link.outbox, link.target, link.inbox, link.capacity]
-                 for link in self.topology.links]
-        for child in self.children:
-            child.send(proto.Setup(t0=self.topology.t0, tock=self.topology.tock,
-                                   seed=self.topology.seed, addresses=addresses,
-                                   placement=placement, links=links))
-        self._wait(lambda c: c.machine.state is proto.ParentState.IDLE, deadline, "READY")
-        if self.on_ready is not None:
+        self.core = RunCore(self.topology, self.plan, now=time.monotonic(), token=self.token,
+                            window=self.window, keep_digests=self.keep_digests,
+                            wall=time.time)
+        # the launcher needs the bound address: the switchboard binds in its enter,
+        # which hio runs before any child's (doers enter in order)
+        self.launcher = _DeferredLauncher(self)
+
+    def _close(self) -> None:
+        if self.context is not None:
+            self.context.close(linger=0)
+            self.context = None
+        if self.run_dir is not None:
+            shutil.rmtree(self.run_dir, ignore_errors=True)
+            self.run_dir = None
+
+    def _tell(self, core: RunCore) -> None:
+        if self.on_ready is not None and not self._ready_told and core.ticking:
+            self._ready_told = True
             self.on_ready(self)
-        self._ticking = time.perf_counter()
-
-    # -- ticking ------------------------------------------------------------
-    def _gather_tocks(self) -> None:
-        """Wait for every TOCK of this tick; work out what each child must expect next."""
-        deadline = time.monotonic() + self.topology.tick_timeout
-        self._wait(lambda c: c.machine.state is proto.ParentState.IDLE, deadline, "TOCK")
-        expect: dict[str, int] = {}
-        tocks = []
-        for child in self.children:
-            tock = child.last_tock
-            assert tock is not None
-            tocks.append(tock)
-            for peer in tock.sent:
-                expect[peer] = expect.get(peer, 0) + 1
-        self.expect = expect
-        self._unaccounted = tocks
-
-    def _account(self) -> None:
-        """Chain the node digests carried by the last gathered TOCKs (the state at
-        the start of their tick) into the run digest."""
-        tocks, self._unaccounted = self._unaccounted, []
-        if tocks:
-            self._chain([tock.digests for tock in tocks])
-
-    def _chain(self, parts: list[dict[str, bytes]]) -> None:
-        """Fold one whole-run state (every node's digest) into the run digest.
-
-        digest = sha256(previous digest + for each node by name: name + digest).
-        The first state folded is the one after set-up; ``tick_digests[n]`` is
-        the run digest once the state after tick n is folded in.
-        """
-        digests: dict[str, bytes] = {}
-        for part in parts:
-            digests.update(part)
-        chain = hashlib.sha256(self.digest)
-        for name in self.node_order:
-            chain.update(name.encode())
-            chain.update(digests[name])
-        self.digest = chain.digest()
-        if self.keep_digests and self.chained:
-            self.tick_digests.append(self.digest.hex())
-        self.chained += 1
-
-    def _wait(self, done: Callable[[ChildDoer], bool], deadline: float, what: str) -> None:
-        """Receive until ``done`` holds for every child, or fail loudly.
-
-        Blocks in recv (no poll per message: this is the hot path); every quiet
-        SLICE_S it checks child sentinels, the deadline and signals.
-        """
-        recv = self.router.recv_multipart
-        pending = [child for child in self.children if not done(child)]
-        checked = time.monotonic()
-        while pending:
-            try:
-                self._dispatch(recv())
-            except Again:
-                pass
-            now = time.monotonic()
-            if now - checked >= SLICE_S:  # also when a flood keeps recv busy
-                checked = now
-                self._check_sentinels()
-                if self.interrupted:
-                    raise Interrupted(self.interrupted)
-            if now > deadline:
-                pending = [child for child in pending if not done(child)]
-                if pending:
-                    self._timed_out(pending, what)
-            if pending and done(pending[0]):
-                pending = [child for child in pending if not done(child)]
-
-    def _receive_all(self) -> None:
-        """Handle every frame already queued, without waiting."""
-        router = self.router
-        while True:
-            try:
-                parts = router.recv_multipart(NOBLOCK)
-            except Again:
-                return
-            self._dispatch(parts)
-
-    def _dispatch(self, parts: list[bytes]) -> None:
-        identity = parts[0]
-        child = self.by_identity.get(identity)
-        if child is None or child.failed or len(parts) != 2:
-            self._reject_stranger(parts)
-            return
-        try:
-            message = child.machine.receive(parts[1])
-        except (FrameError, ProtocolError) as exc:
-            self._refuse(child, exc)
-        if isinstance(message, proto.Tock):
-            self._check_digests(child, message.digests, "TOCK.digests")
-            names = self.process_names
-            if any(p not in names or p == child.name for p in message.sent) \
-                    or len(set(message.sent)) != len(message.sent):
-                self._refuse(child, self._nonsense(child, "TOCK.sent", f"{message.sent} is "
-                                                   "not a list of distinct peers"))
-            child.last_tock = message
-        elif isinstance(message, proto.Hello):
-            if tuple(message.nodes) != child.node_names:
-                self._refuse(child, self._nonsense(
-                    child, "HELLO.nodes",
-                    f"{message.nodes} differ from the plan {list(child.node_names)}"))
-            child.hello = message
-        elif isinstance(message, proto.Bye):
-            if message.digests or self.finished:  # empty only after a failed run
-                self._check_digests(child, message.digests, "BYE.digests")
-            child.bye = message
-        elif isinstance(message, proto.Error):
-            child.failed = True
-            nodes = (message.node,) if message.node else child.node_names
-            tick = message.tick if message.tick is not None else self._tick_of()
-            if message.code == "node-error":
-                cause = message.detail.strip().splitlines()[-1] if message.detail else "error"
-                raise NodeError(process=child.name, nodes=nodes, tick=tick, cause=cause,
-                                detail=message.detail)
-            raise RunFailed(process=child.name, nodes=nodes, tick=tick,
-                            cause=f"{message.code}: {message.detail}")
-
-    def _check_digests(self, child: ChildDoer, digests: dict[str, bytes], field: str) -> None:
-        if digests.keys() != child.node_set:
-            self._refuse(child, self._nonsense(child, field, f"names {sorted(digests)}, not "
-                                               f"its nodes {sorted(child.node_set)}"))
-
-    def _nonsense(self, child: ChildDoer, field: str, text: str) -> RemoteProtocolError:
-        """A well-formed frame whose ``field`` makes no sense for this run."""
-        return RemoteProtocolError(text, tick=self._tick_of(), process=child.name,
-                                   field=field, code="bad-field")
-
-    def _refuse(self, child: ChildDoer, exc: FrameError | ProtocolError) -> NoReturn:
-        """A child of the run sent an invalid frame: ERROR to it, fail the run."""
-        child.failed = True
-        self._reply_error(child.identity, exc)
-        text = str(exc) if isinstance(exc, FrameError) else f"{exc.field}: {exc}"
-        raise RunFailed(process=child.name, nodes=child.node_names, tick=self._tick_of(),
-                        cause=f"sent an invalid frame: {text}") from exc
-
-    def _tick_of(self) -> int | None:
-        return self.tick if self._ticking else None
-
-    def _reject_stranger(self, parts: list[bytes]) -> None:
-        """A frame from no child of ours: answer ERROR, count it, carry on."""
-        self.rejected += 1
-        if len(parts) != 2:
-            error: ClusterError = FrameError(f"expected one frame, got {len(parts) - 1}",
-                                             field="frame", code="multipart")
-        else:
-            try:
-                proto.decode(parts[1], allowed=(proto.Hello,))
-                error = ProtocolError("not a process of this run", field="HELLO.process",
-                                      code="unknown-peer")
-            except FrameError as exc:
-                error = exc
-        if self.rejected <= STRANGER_LIMIT:
-            self._reply_error(parts[0], error)
-
-    def send_to(self, identity: bytes, frame: bytes, flags: int = 0) -> None:
-        """Send one frame to the peer ``identity`` on the control socket."""
-        self.router.send(identity, flags | SNDMORE)
-        self.router.send(frame, flags)
-
-    def lost(self, child: ChildDoer, exc: ZMQError) -> NoReturn:
-        """``child`` disconnected: fail the run with what it said last (its ERROR, if
-        one is queued), else with its exit status or the disconnection itself."""
-        self._receive_all()  # raises NodeError/RunFailed for a queued ERROR frame
-        child.failed = True
-        if child.process is not None:
-            child.process.join(KILL_GRACE_S)
-        exitcode = child.process.exitcode if child.process is not None else None
-        raise ProcessExited(process=child.name, nodes=child.node_names, tick=self._tick_of(),
-                            exitcode=exitcode, cause=describe_exitcode(exitcode)
-                            if exitcode is not None else f"disconnected ({exc})")
-
-    def _reply_error(self, identity: bytes, exc: ClusterError) -> None:
-        error = proto.Error(code=getattr(exc, "code", "error"), detail=str(exc),
-                            field=getattr(exc, "field", ""),
-                            tick=self._tick_of())
-        try:
-            self.send_to(identity, proto.encode(error), NOBLOCK)
-        except ZMQError:
-            pass  # the peer is gone already; the rejection is counted
-
-    def _check_sentinels(self) -> None:
-        for child in self.children:
-            if child.process is not None and child.process.exitcode is not None \
-                    and child.bye is None:
-                # a last ERROR frame may be queued: read it first, it says more
-                self._receive_all()
-                child.failed = True
-                raise ProcessExited(process=child.name, nodes=child.node_names,
-                                    tick=self._tick_of(), exitcode=child.process.exitcode,
-                                    cause=describe_exitcode(child.process.exitcode))
-
-    def _timed_out(self, pending: list[ChildDoer], what: str) -> None:
-        child = pending[0]
-        for late in pending:
-            late.failed = True
-            _terminate(late.process)
-        if what == "TOCK":
-            raise TickTimeout(process=child.name, nodes=child.node_names, tick=self.tick,
-                              cause=f"no TOCK within the {self.topology.tick_timeout:g} s "
-                              "tick deadline (terminated)")
-        raise TickTimeout(process=child.name, nodes=child.node_names, tick=None,
-                          cause=f"no {what} within {START_TIMEOUT:g} s of start (terminated)")
-
-    # -- shutdown -----------------------------------------------------------
-    def shutdown(self) -> None:
-        """STOP every child, wait for BYE, reap every process, remove the run directory."""
-        try:
-            if self.router is not None:
-                self._stop_children()
-        finally:
-            for child in self.children:
-                _reap(child.process)
-            if self.context is not None:
-                self.context.close(linger=0)
-                self.context = None
-            if self.run_dir is not None:
-                shutil.rmtree(self.run_dir, ignore_errors=True)
-                self.run_dir = None
-        if self.finished:
-            self.result = self._result()
-
-    @property
-    def finished(self) -> bool:
-        """Every tick ran and nothing failed: a clean stop, with a result."""
-        return self.failure is None and self.tick >= self.ticks
-
-    def _stop_children(self) -> None:
-        clean = self.finished
-        reason = ("done" if clean else f"{type(self.failure).__name__}: {self.failure}"
-                  if self.failure is not None else "stopped before the last tick")
-        stopping = []
-        for child in self.children:
-            if child.failed or not child.alive or child.machine.state in (
-                    proto.ParentState.CLOSED, proto.ParentState.ERROR):
-                continue
-            expect = self.expect.get(child.name, 0) if clean else None
-            try:
-                child.send(proto.Stop(reason=reason[:1000], expect=expect))
-                stopping.append(child)
-            except (ZMQError, ProtocolError):
-                child.failed = True
-        deadline = time.monotonic() + STOP_TIMEOUT
-        while time.monotonic() < deadline:
-            waiting = [child for child in stopping if child.bye is None]
-            if not waiting:
-                break
-            try:
-                if not any(child.alive for child in waiting):
-                    self._receive_all()  # a BYE may still be queued behind a quick exit
-                    break
-                self._dispatch(self.router.recv_multipart())
-            except Again:
-                continue
-            except ClusterError as exc:
-                if self.failure is None:
-                    self.failure = exc
-                    raise
-
-    def _result(self) -> RunResult:
-        """The result of a clean run: needs every child's BYE (final digests, counters)."""
-        missing = [child for child in self.children if child.bye is None]
-        if missing:
-            child = missing[0]
-            raise RunFailed(process=child.name, nodes=child.node_names, tick=self.tick,
-                            cause="no BYE after STOP: "
-                            + describe_exitcode(child.process.exitcode if child.process
-                                                else None))
-        self._chain([child.bye.digests for child in self.children])  # type: ignore[union-attr]
-        stats: Counter[str] = Counter()
-        metrics: Counter[str] = Counter()
-        for child in self.children:
-            stats.update(child.bye.stats)  # type: ignore[union-attr]
-            metrics.update(child.bye.metrics)  # type: ignore[union-attr]
-        return RunResult(
-            topology=self.topology.name, ticks=self.tick, digest=self.digest.hex(),
-            processes=len(self.children), nodes=len(self.topology.nodes),
-            seconds=self._ticked - self._ticking, startup_seconds=self._ticking - self._started,
-            messages=stats["messages"], undelivered=stats["undelivered"],
-            unread=stats["unread"], rejected_frames=self.rejected + stats["rejected"],
-            metrics=dict(sorted(metrics.items())), tick_digests=self.tick_digests)
+        if self.on_tick is not None and core.ticking:
+            done = core.progress
+            if done > self._shown:
+                self._shown = done
+                self.on_tick(done, self.topology.ticks)
 
 
-def _terminate(process: Any) -> None:
-    if process is not None and process.exitcode is None:
-        try:
-            process.terminate()
-        except (OSError, ValueError):
-            pass
+class _DeferredLauncher:
+    """A LocalLauncher made on first use, once the control socket is bound."""
 
+    def __init__(self, supervisor: Supervisor) -> None:
+        self.supervisor = supervisor
+        self.launcher: LocalLauncher | None = None
 
-def _reap(process: Any) -> None:
-    """Join ``process``; SIGTERM then SIGKILL if it will not exit."""
-    if process is None or process.pid is None:
-        return
-    process.join(KILL_GRACE_S)
-    _terminate(process)
-    process.join(KILL_GRACE_S)
-    if process.exitcode is None:
-        process.kill()
-        process.join()
+    def start(self, worker: str) -> ProcessHandle:
+        supervisor = self.supervisor
+        if self.launcher is None:
+            self.launcher = LocalLauncher(supervisor.control_address, supervisor.token,
+                                          app_dir=supervisor.app_dir,
+                                          run_dir=supervisor.run_dir,
+                                          command=supervisor.worker_command)
+        return self.launcher.start(worker)
 
 
 def run(topology: Topology, *, processes: int | None = None, app_dir: str | None = None,
+        window: int | None = None, real: bool | None = None,
         on_tick: Callable[[int, int], None] | None = None, keep_digests: bool = False,
-        handle_signals: bool = True,
-        worker_target: Callable[[worker.WorkerSpec], None] = worker.main,
-        on_ready: Callable[[Supervisor], None] | None = None,
-        transport: str = "ipc", check_classes: bool = True) -> RunResult:
+        handle_signals: bool = True, worker_command: Sequence[str] | None = None,
+        on_ready: Callable[[Supervisor], None] | None = None, transport: str = "ipc",
+        listen: str | None = None, external: Sequence[str] = (),
+        on_listening: Callable[[Supervisor], None] | None = None,
+        check_classes: bool = True) -> RunResult:
     """Run ``topology`` to completion in lockstep and return its result.
 
     Args:
         topology: a validated topology (see :func:`hiocluster.topology.load`).
-        processes: spread nodes over this many processes (None: the file's placement).
+        processes: spread nodes over this many worker processes (None: the file's
+            placement, else one worker per core).
         app_dir: directory to import node classes from (default: cwd).
+        window: ticks per GRANT (None: automatic; 1: strict per-tick supervision).
+            Results never depend on it.
+        real: pace ticks to the wall clock (default: the topology's ``run.real``).
         on_tick: progress callback ``(done, total)``.
         keep_digests: also return every tick's run digest.
         handle_signals: on the main thread, turn SIGINT/SIGTERM into a clean stop.
-        worker_target, on_ready, transport: see :class:`Supervisor`.
+        worker_command, on_ready, on_listening, transport, listen, external: see
+            :class:`Supervisor`.
         check_classes: import the node classes here first and check every link's
             boxes exist (TopologyError naming the key); tests of the workers'
             own start-up errors turn it off.
 
     Raises:
         TopologyError: the plan is impossible (e.g. more processes than nodes).
-        RunFailed: a process failed (NodeError, TickTimeout, ProcessExited...).
-        Interrupted: a signal stopped the run; every process was shut down.
+        RunFailed: a worker failed (NodeError, TickTimeout, ProcessExited...).
+        Interrupted: a signal stopped the run; every worker was shut down.
     """
     plan = make_plan(topology, processes)
     if check_classes:
         resolve_classes(topology, app_dir)
-    supervisor = Supervisor(topology, plan, app_dir=app_dir, on_tick=on_tick,
-                            keep_digests=keep_digests, worker_target=worker_target,
-                            on_ready=on_ready, transport=transport)
-    doist = Doist(tock=topology.tock, real=False, doers=[supervisor])
-    restore = {}
-    if handle_signals and threading.current_thread() is threading.main_thread():
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            restore[signum] = signal.signal(signum, lambda s, f: supervisor.interrupt(s))
-    try:
-        doist.enter()
-        while doist.deeds:
-            doist.recur()
-    finally:
-        doist.exit()
-        for signum, handler in restore.items():
-            signal.signal(signum, handler)
+    if real is not None:
+        topology = topology.replace(real=real)
+    loop = Loop()
+    supervisor = Supervisor(topology, plan, loop, app_dir=app_dir, window=window,
+                            keep_digests=keep_digests, transport=transport, listen=listen,
+                            external=external, worker_command=worker_command,
+                            on_tick=on_tick, on_ready=on_ready, on_listening=on_listening)
+    loop.doers = [supervisor]
+    with _signals(supervisor, loop, handle_signals):
+        loop.run()
+    if supervisor.failure is not None:
+        raise supervisor.failure
     if supervisor.result is None:  # pragma: no cover - failures raise above
         raise RuntimeError("run ended without a result")
     return supervisor.result
+
+
+class _signals:
+    """SIGINT/SIGTERM stop the run cleanly, and wake the loop at once."""
+
+    def __init__(self, supervisor: Supervisor, loop: Loop, enabled: bool) -> None:
+        self.supervisor, self.loop = supervisor, loop
+        self.enabled = enabled and threading.current_thread() is threading.main_thread()
+        self.restore: dict[int, Any] = {}
+        self.pair: tuple[socket.socket, socket.socket] | None = None
+        self.old_wakeup = -1
+
+    def __enter__(self) -> None:
+        if not self.enabled:
+            return
+        self.pair = socket.socketpair()
+        for end in self.pair:
+            end.setblocking(False)
+        self.old_wakeup = signal.set_wakeup_fd(self.pair[1].fileno(), warn_on_full_buffer=False)
+        self.loop.poller.register(self.pair[0].fileno())
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            self.restore[signum] = signal.signal(signum, self._handle)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.supervisor.interrupt(signum)
+        assert self.pair is not None
+        try:
+            while self.pair[0].recv(4096):  # the wakeup bytes: keep the pair drained
+                pass
+        except OSError:
+            pass
+
+    def __exit__(self, *exc_info: object) -> None:
+        for signum, handler in self.restore.items():
+            signal.signal(signum, handler)
+        if self.pair is not None:
+            signal.set_wakeup_fd(self.old_wakeup)
+            self.loop.poller.unregister(self.pair[0].fileno())
+            for end in self.pair:
+                end.close()

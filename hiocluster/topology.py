@@ -3,7 +3,7 @@
 Owns the topology file format (``[run]``, ``[nodes.*]``, ``[[links]]``,
 ``[placement]``), its validation with errors that name the key path and, where it
 can be found, the line; ``count`` expansion of nodes, glob expansion of links and
-their canonical ids; and the mapping of nodes onto processes (:func:`plan`).
+their canonical ids; and the mapping of nodes onto workers (:func:`plan`).
 
 Imports only the stdlib and hiocluster.errors at module level; never zmq, msgpack
 or hio. ``hiocluster.node`` is imported inside :func:`resolve_classes` only.
@@ -29,7 +29,7 @@ __all__ = [
     "NodeSpec",
     "LinkSpec",
     "Topology",
-    "ProcessSpec",
+    "WorkerSpec",
     "Plan",
     "loads",
     "load",
@@ -39,15 +39,16 @@ __all__ = [
 
 NODE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_-]{0,63}")
 BOX_NAME = NODE_NAME
-PROCESS_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")
+WORKER_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")
 _DOTTED = r"[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*"
 CLASS_PATH = re.compile(f"{_DOTTED}:{_DOTTED}")
 _PATTERN = re.compile(r"[A-Za-z0-9_*?\[\]!-]+")
-MAX_COUNT = 1000
+MAX_COUNT = 100_000
 SEED_LIMIT = 2**63
 
-_RUN_DEFAULTS: dict[str, int | float] = {
+_RUN_DEFAULTS: dict[str, int | float | bool] = {
     "ticks": 100, "tock": 1.0, "t0": 0.0, "seed": 0, "tick_timeout": 30.0, "capacity": 1024,
+    "real": False,
 }
 
 
@@ -102,6 +103,7 @@ class Topology:
     seed: int
     tick_timeout: float
     capacity: int
+    real: bool
     nodes: tuple[NodeSpec, ...]
     links: tuple[LinkSpec, ...]
     placement: tuple[tuple[str, tuple[str, ...]], ...] | None
@@ -135,8 +137,9 @@ class Topology:
 
 
 @dataclass(frozen=True)
-class ProcessSpec:
-    """One OS process and the nodes it hosts, in declaration order."""
+class WorkerSpec:
+    """One worker (one OS process with one Doist) and the nodes it hosts, in
+    declaration order."""
 
     name: str
     nodes: tuple[NodeSpec, ...]
@@ -148,38 +151,43 @@ class ProcessSpec:
 
 @dataclass(frozen=True)
 class Plan:
-    """Which process hosts which node. Every node is in exactly one process."""
+    """Which worker hosts which node. Every node is in exactly one worker."""
 
-    processes: tuple[ProcessSpec, ...]
+    workers: tuple[WorkerSpec, ...]
     _index: dict[str, str] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         index: dict[str, str] = {}
         names: set[str] = set()
-        for process in self.processes:
-            if process.name in names:
-                raise TopologyError(f"duplicate process name {process.name!r}",
+        for worker in self.workers:
+            if worker.name in names:
+                raise TopologyError(f"duplicate worker name {worker.name!r}",
                                     key_path="placement")
-            names.add(process.name)
-            for node in process.nodes:
+            names.add(worker.name)
+            for node in worker.nodes:
                 if node.name in index:
-                    raise TopologyError(f"node {node.name!r} is in processes "
-                                        f"{index[node.name]!r} and {process.name!r}",
+                    raise TopologyError(f"node {node.name!r} is in workers "
+                                        f"{index[node.name]!r} and {worker.name!r}",
                                         key_path="placement")
-                index[node.name] = process.name
+                index[node.name] = worker.name
         object.__setattr__(self, "_index", index)
 
-    def process_of(self, node: str) -> str:
-        """Return the name of the process hosting ``node``. Raises KeyError."""
+    def worker_of(self, node: str) -> str:
+        """Return the name of the worker hosting ``node``. Raises KeyError."""
         try:
             return self._index[node]
         except KeyError:
             raise KeyError(f"no node named {node!r}") from None
 
     @property
-    def node_to_process(self) -> dict[str, str]:
-        """A fresh ``{node: process}`` dict."""
+    def node_to_worker(self) -> dict[str, str]:
+        """A fresh ``{node: worker}`` dict."""
         return dict(self._index)
+
+    def crossing(self, links: Iterable[LinkSpec]) -> int:
+        """How many of ``links`` join two different workers."""
+        index = self._index
+        return sum(1 for link in links if index[link.source] != index[link.target])
 
 
 # --- value checks: each raises TopologyError(key_path=...) without a line ---------
@@ -255,8 +263,12 @@ def _keys(table: dict[str, Any], allowed: tuple[str, ...], prefix: str,
             raise _err(f"missing required key {key!r}", prefix)
 
 
-def _run_value(key: str, value: object) -> int | float:
+def _run_value(key: str, value: object) -> int | float | bool:
     key_path = f"run.{key}"
+    if key == "real":
+        if not isinstance(value, bool):
+            raise _err(f"expected bool, got {_type_name(value)}", key_path)
+        return value
     if key in ("ticks", "capacity"):
         return _int(value, key_path, 1)
     if key == "seed":
@@ -306,7 +318,7 @@ def _endpoint(value: object, key_path: str) -> tuple[str, str]:
 
 # --- the sections -----------------------------------------------------------------
 
-def _run(document: dict[str, Any]) -> dict[str, int | float]:
+def _run(document: dict[str, Any]) -> dict[str, int | float | bool]:
     run = _table(document.get("run", {}), "run")
     _keys(run, tuple(_RUN_DEFAULTS), "run")
     return {key: _run_value(key, run.get(key, default)) for key, default in _RUN_DEFAULTS.items()}
@@ -371,15 +383,15 @@ def _placement(document: dict[str, Any],
         return None
     raw = _table(document["placement"], "placement")
     if not raw:
-        raise _err("no processes listed", "placement")
+        raise _err("no workers listed", "placement")
     order = {name: i for i, name in enumerate(names)}
     placed_in: dict[str, str] = {}
     result: list[tuple[str, tuple[str, ...]]] = []
-    for process, entries in raw.items():
-        key_path = f"placement.{process}"
-        _name(process, PROCESS_NAME, "process", key_path)
+    for worker, entries in raw.items():
+        key_path = f"placement.{worker}"
+        _name(worker, WORKER_NAME, "worker", key_path)
         if not _array(entries, key_path):
-            raise _err(f"process {process!r} has no nodes", key_path)
+            raise _err(f"worker {worker!r} has no nodes", key_path)
         members: list[str] = []
         for j, pattern in enumerate(entries):
             for node in _match(_str(pattern, f"{key_path}[{j}]"), names, key_path):
@@ -388,10 +400,12 @@ def _placement(document: dict[str, Any],
                                f"and {key_path}", key_path)
                 placed_in[node] = key_path
                 members.append(node)
-        result.append((process, tuple(sorted(members, key=order.__getitem__))))
+        result.append((worker, tuple(sorted(members, key=order.__getitem__))))
     missing = [name for name in names if name not in placed_in]
     if missing:
-        raise _err(f"not placed in any process: {', '.join(missing)}", "placement")
+        shown = ", ".join(missing[:10]) + (f" and {len(missing) - 10} more"
+                                           if len(missing) > 10 else "")
+        raise _err(f"not placed in any worker: {shown}", "placement")
     return tuple(result)
 
 
@@ -478,8 +492,8 @@ def loads(text: str, *, path: str | None = None) -> Topology:
         name=Path(path).stem if path else "<string>", path=path,
         ticks=int(run["ticks"]), tock=float(run["tock"]), t0=float(run["t0"]),
         seed=int(run["seed"]), tick_timeout=float(run["tick_timeout"]),
-        capacity=int(run["capacity"]), nodes=nodes, links=links, placement=placement,
-        source=text,
+        capacity=int(run["capacity"]), real=bool(run["real"]), nodes=nodes, links=links,
+        placement=placement, source=text,
     )
 
 
@@ -497,32 +511,39 @@ def load(path: str | os.PathLike[str]) -> Topology:
     return loads(text, path=name)
 
 
-def plan(topology: Topology, processes: int | None = None) -> Plan:
-    """Map nodes onto processes.
+def plan(topology: Topology, processes: int | None = None, *,
+         cores: int | None = None) -> Plan:
+    """Map nodes onto workers (one OS process each).
 
-    ``processes`` None uses the topology's ``[placement]``, or else one process
-    per node named after it. An int P spreads nodes in declaration order over
-    processes ``p0..p{P-1}`` in contiguous blocks (node i -> process i*P//n).
+    ``processes`` None uses the topology's ``[placement]``; without one, the nodes
+    are spread over as many workers as there are cores (``cores``, default
+    ``os.cpu_count()``), never more workers than nodes. An int P spreads nodes in
+    declaration order over workers ``p0..p{P-1}`` in contiguous blocks (node i ->
+    worker i*P//n).
 
     Raises:
         TopologyError: P is not in 1..number of nodes (key path ``--processes``).
     """
     nodes = topology.nodes
     if processes is None:
-        if topology.placement is None:
-            return Plan(tuple(ProcessSpec(node.name, (node,)) for node in nodes))
-        return Plan(tuple(ProcessSpec(name, tuple(topology.node(n) for n in members))
-                          for name, members in topology.placement))
+        if topology.placement is not None:
+            return Plan(tuple(WorkerSpec(name, tuple(topology.node(n) for n in members))
+                              for name, members in topology.placement))
+        return _blocks(nodes, min(len(nodes), cores or os.cpu_count() or 1))
     try:
         count = _int(processes, "--processes", 1, len(nodes))
     except TopologyError as exc:
         exc.message += f" (the topology has {len(nodes)} nodes)"
         _place(exc, None, topology.path)
         raise
+    return _blocks(nodes, count)
+
+
+def _blocks(nodes: tuple[NodeSpec, ...], count: int) -> Plan:
     blocks: list[list[NodeSpec]] = [[] for _ in range(count)]
     for i, node in enumerate(nodes):
         blocks[i * count // len(nodes)].append(node)
-    return Plan(tuple(ProcessSpec(f"p{j}", tuple(block)) for j, block in enumerate(blocks)))
+    return Plan(tuple(WorkerSpec(f"p{j}", tuple(block)) for j, block in enumerate(blocks)))
 
 
 def resolve_classes(topology: Topology, app_dir: str | None = None) -> dict[str, type]:

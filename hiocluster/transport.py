@@ -1,11 +1,15 @@
 """ZeroMQ sockets and addresses: the only module that imports zmq.
 
-Control plane: the supervisor binds a ROUTER, each child connects a DEALER whose
-routing id is its process name. Data plane: each child binds one PULL socket
-and connects one PUSH socket per peer it sends to. Addresses are ``ipc://``
-inside the run directory (mode 0700: only this user can connect) for local
-processes by default, or ``tcp://127.0.0.1`` on ports the system picks (any
-local user can connect; there is no CurveZMQ authentication yet).
+Control plane: the supervisor binds one ROUTER; each worker connects one
+DEALER. Data plane: each worker binds one ROUTER for what its neighbours send
+it, and connects one DEALER to each neighbour's ROUTER. Every bound socket is a
+ROUTER, so ZeroMQ itself names each connection (a routing id nobody can choose
+or take over); a connection says which worker it is once, with a frame that
+carries the run's secret token, and every later frame on it is that worker's
+(docs/protocol.md §1).
+
+Addresses are ``ipc://`` inside the run directory (mode 0700: only this user
+can connect) by default, or ``tcp://127.0.0.1`` on ports the system picks.
 
 zmq errors stop here: they become :class:`TransportError`.
 """
@@ -16,20 +20,24 @@ import os
 from typing import Iterable
 
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from .errors import ClusterError
-from .protocol import MAX_CONTROL_FRAME, MAX_DATA_FRAME
+from .protocol import MAX_CONTROL_FRAME, MAX_DATA_FRAME, MAX_SETUP_FRAME
 
-__all__ = ["TransportError", "Context", "Poller", "POLLIN", "TRANSPORTS", "ipc_address",
-           "local_address", "bound_address"]
+__all__ = ["TransportError", "Context", "Poller", "TRANSPORTS", "ipc_address",
+           "local_address", "bound_address", "ipc_path", "recv_parts", "monitor_event", "Again",
+           "ZMQError", "NOBLOCK", "SNDMORE"]
 
-#: How processes on one host reach each other: unix sockets, or TCP on loopback.
+#: How workers on one host reach each other: unix sockets, or TCP on loopback.
 TRANSPORTS = ("ipc", "tcp")
 
-POLLIN = zmq.POLLIN
-#: ZeroMQ itself cuts a peer that sends more than this many times our frame limit,
-#: so that we can still decode (and answer) frames up to twice the limit.
+#: The supervisor's control socket admits frames up to twice the limit, so an
+#: oversized one can still be read and answered with ERROR "oversized".
 HARD_LIMIT_FACTOR = 2
+#: Frames a bound socket queues per connection before it stops reading from it:
+#: a stranger cannot make us hold more than this many of its frames.
+BOUND_RCVHWM = 16
 #: Linger on a clean close: long enough for queued frames to leave, never forever.
 CLEAN_LINGER_MS = 2000
 
@@ -44,6 +52,11 @@ def ipc_address(run_dir: str, name: str) -> str:
     if len(path.encode()) > 100:
         raise TransportError(f"ipc path too long for a unix socket: {path}")
     return f"ipc://{path}"
+
+
+def ipc_path(address: str) -> str | None:
+    """The file behind an ``ipc://`` address (None for other transports)."""
+    return address[len("ipc://"):] if address.startswith("ipc://") else None
 
 
 def local_address(transport: str, run_dir: str, name: str) -> str:
@@ -69,41 +82,46 @@ class Context:
     def _socket(self, kind: int, *, limit: int) -> zmq.Socket:
         sock = self._context.socket(kind)
         sock.setsockopt(zmq.LINGER, CLEAN_LINGER_MS)
-        sock.setsockopt(zmq.MAXMSGSIZE, limit * HARD_LIMIT_FACTOR)
+        sock.setsockopt(zmq.MAXMSGSIZE, limit)
         self._sockets.append(sock)
         return sock
 
-    def router(self, address: str, *, timeout_ms: int = -1) -> zmq.Socket:
-        """The supervisor's control socket, bound at ``address``.
+    def _bound_router(self, address: str, limit: int) -> zmq.Socket:
+        sock = self._socket(zmq.ROUTER, limit=limit)
+        sock.setsockopt(zmq.RCVHWM, BOUND_RCVHWM)
+        sock.setsockopt(zmq.SNDHWM, 0)              # replies are few and bounded
+        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)    # a send to a gone peer raises
+        return _attach(sock, address, "bind")
 
-        A blocking recv gives up after ``timeout_ms`` with :data:`Again`.
+    def control_router(self, address: str) -> zmq.Socket:
+        """The supervisor's control socket, bound at ``address``."""
+        return self._bound_router(address, MAX_CONTROL_FRAME * HARD_LIMIT_FACTOR)
+
+    def control_dealer(self, address: str) -> zmq.Socket:
+        """A worker's control socket, connected to its supervisor."""
+        sock = self._socket(zmq.DEALER, limit=MAX_SETUP_FRAME)
+        sock.setsockopt(zmq.SNDHWM, 0)
+        sock.setsockopt(zmq.RCVHWM, 0)
+        return _attach(sock, address, "connect")
+
+    def data_router(self, address: str) -> zmq.Socket:
+        """A worker's data inbox, bound at ``address`` (``tcp://host:*`` picks a port)."""
+        return self._bound_router(address, MAX_DATA_FRAME)
+
+    def data_dealer(self, address: str) -> zmq.Socket:
+        """A worker's data outbox to one neighbour, connected to its inbox."""
+        sock = self._socket(zmq.DEALER, limit=MAX_DATA_FRAME)
+        sock.setsockopt(zmq.SNDHWM, 0)  # the protocol bounds it: two ticks ahead at most
+        return _attach(sock, address, "connect")
+
+    def monitor(self, sock: zmq.Socket) -> zmq.Socket:
+        """A socket that reports ``sock``'s connects and disconnects (monitor_event).
+
+        Closed by :meth:`close` with the rest: stop the thread that reads it first.
         """
-        sock = self._socket(zmq.ROUTER, limit=MAX_CONTROL_FRAME)
-        sock.setsockopt(zmq.RCVTIMEO, timeout_ms)
-        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a send to a gone peer raises
-        sock.setsockopt(zmq.SNDHWM, 0)
-        sock.setsockopt(zmq.RCVHWM, 0)
-        return _bind(sock, address)
-
-    def dealer(self, address: str, identity: str, *, timeout_ms: int = -1) -> zmq.Socket:
-        """A child's control socket, connected to the supervisor (recv gives up after
-        ``timeout_ms`` with :data:`Again`)."""
-        sock = self._socket(zmq.DEALER, limit=MAX_CONTROL_FRAME)
-        sock.setsockopt(zmq.RCVTIMEO, timeout_ms)
-        sock.setsockopt(zmq.ROUTING_ID, identity.encode())
-        sock.setsockopt(zmq.SNDHWM, 0)
-        sock.setsockopt(zmq.RCVHWM, 0)
-        return _connect(sock, address)
-
-    def pull(self, address: str) -> zmq.Socket:
-        """A child's data inbox, bound at ``address`` (``tcp://host:*`` picks a port)."""
-        sock = self._socket(zmq.PULL, limit=MAX_DATA_FRAME)
-        return _bind(sock, address)
-
-    def push(self, address: str) -> zmq.Socket:
-        """A data outbox to one peer."""
-        sock = self._socket(zmq.PUSH, limit=MAX_DATA_FRAME)
-        return _connect(sock, address)
+        monitor = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED)
+        self._sockets.append(monitor)
+        return monitor
 
     def close(self, *, linger: int | None = None) -> None:
         """Close every socket (``linger`` ms, default the clean linger) and the context."""
@@ -119,14 +137,6 @@ def bound_address(sock: zmq.Socket) -> str:
     return sock.getsockopt(zmq.LAST_ENDPOINT).decode()
 
 
-def _bind(sock: zmq.Socket, address: str) -> zmq.Socket:
-    return _attach(sock, address, "bind")
-
-
-def _connect(sock: zmq.Socket, address: str) -> zmq.Socket:
-    return _attach(sock, address, "connect")
-
-
 def _attach(sock: zmq.Socket, address: str, how: str) -> zmq.Socket:
     """``sock.bind`` or ``sock.connect``; on failure close it and raise TransportError."""
     try:
@@ -135,6 +145,17 @@ def _attach(sock: zmq.Socket, address: str, how: str) -> zmq.Socket:
         sock.close(linger=0)
         raise TransportError(f"cannot {how} {address}: {exc}") from exc
     return sock
+
+
+def recv_parts(sock: zmq.Socket, flags: int = 0) -> list[bytes]:
+    """One whole message, every part (raises :data:`Again` with NOBLOCK if none)."""
+    return sock.recv_multipart(flags)
+
+
+def monitor_event(monitor: zmq.Socket) -> str:
+    """Read one event from a monitor socket: "connected" or "disconnected"."""
+    event = recv_monitor_message(monitor)
+    return "connected" if event["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED else "disconnected"
 
 
 class Poller:

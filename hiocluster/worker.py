@@ -1,12 +1,23 @@
-"""The child process: one local hio Doist hosting some nodes, speaking the protocol.
+"""A worker process: one local hio Doist hosting some nodes, speaking the protocol.
 
-Per TICK n the worker (1) waits for the data frames of tick n-1 that the TICK
-says to expect, (2) delivers their messages into inboxes in canonical order and
-returns credit, (3) runs ``Doist.recur()`` once (tyme advances by tock), (4) sends
-one DATA frame per destination process, (5) answers TOCK, then hashes its nodes
-(the digests travel with the next TOCK, or BYE).
+The shell around three socket-free parts: the protocol's ChildMachine (control),
+:class:`~hiocluster.exchange.Exchange` (DATA frames, delivery, credit) and
+:class:`~hiocluster.host.NodeHost` (nodes, Doist, digests). It waits in one
+place — a poll over its sockets bounded by its next timer — and never blocks
+anywhere else.
 
-Imports: hio, node, transport, protocol, errors. Never topology or supervisor.
+Life of a worker (docs/protocol.md §6): HELLO; SETUP (build nodes, dial every
+neighbour, READY); then per GRANT, for every tick n up to ``until``: wait for
+each neighbour's DATA frame of tick n-1, deliver, pace to the wall clock in
+real-time runs, ``Doist.recur()``, send one DATA frame to each neighbour, hash;
+DONE. PROGRESS every PROGRESS_S while a window runs. STOP: drain, exit
+contexts, BYE.
+
+Started by the supervisor, or by hand: ``hiocluster worker --connect ADDRESS
+--name NAME`` (see :func:`main`).
+
+Imports: host, exchange, watchdog, transport, protocol, errors. Never topology
+or supervisor.
 """
 
 from __future__ import annotations
@@ -15,535 +26,378 @@ import contextlib
 import os
 import signal
 import sys
-import threading
+import time
 import traceback
-from collections import Counter, deque
 from dataclasses import dataclass
-from itertools import groupby
-from operator import itemgetter
-from typing import Any, Callable, Iterator, NoReturn
-
-import psutil
-from hio.base.doing import Doist
+from typing import Any, NoReturn
 
 from . import protocol as proto
-from .errors import ClusterError, FrameError, ProtocolError, RemoteProtocolError
-from .node import Inbox, Link, Node, load_class
-from .transport import NOBLOCK, Again, Context, Poller, bound_address
+from .errors import FrameError, ProtocolError, RemoteProtocolError
+from .exchange import Exchange, Unsendable
+from .host import NodeFailed, NodeHost, Terminated, TickOverrun, tail
+from .transport import NOBLOCK, Again, Context, Poller, bound_address, ipc_path
+from .watchdog import Watchdog
 
-__all__ = ["WorkerSpec", "main", "POLL_MS", "WATCH_S"]
+__all__ = ["WorkerOptions", "Worker", "run_worker", "PROGRESS_S", "START_TIMEOUT"]
 
-#: Longest single wait on a socket, so signals are handled promptly.
-POLL_MS = 200
-#: How often the watchdog checks that the supervisor process is still alive.
-WATCH_S = 0.2
+#: How often a worker running a window tells its supervisor how far it got.
+PROGRESS_S = 0.1
+#: How long a worker waits for its supervisor to answer HELLO.
+START_TIMEOUT = 60.0
 #: Linger of a failing worker's sockets: time for its ERROR to leave, not more.
 FAIL_LINGER_MS = 500
 #: Longest ERROR detail sent up (well inside the protocol's string limit).
 MAX_DETAIL = 8000
-#: Traceback lines sent up with a node failure.
-TRACEBACK_LINES = 12
+#: Rejected data frames from strangers that are logged one by one; then only counted.
+LOG_REJECTED = 10
 
 
 @dataclass(frozen=True)
-class WorkerSpec:
-    """Everything a child needs before it can say HELLO (pickled to the child)."""
+class WorkerOptions:
+    """How to join a run (the ``hiocluster worker`` command line)."""
 
-    process: str
-    control_address: str
-    data_bind: str                                  # ipc://... or tcp://host:*
-    nodes: tuple[tuple[str, str, dict], ...]        # (name, "module:attr", params)
-    app_dir: str | None = None
-    run_dir: str | None = None                      # the supervisor's; orphans clean it
-    parent_pid: int = 0
-    parent_started: float = 0.0                     # psutil create_time of the parent
+    connect: str                      # the supervisor's control address
+    name: str                         # the worker's name in the plan
+    token: bytes                      # the run's secret (proves we belong to it)
+    bind: str | None = None           # our data address; default: beside the control one
+    app_dir: str | None = None        # where node classes are imported from
+    run_dir: str | None = None        # the supervisor's; the last orphan out removes it
 
 
-class _Terminated(BaseException):
-    """SIGTERM arrived: leave through the exit contexts."""
-
-
-class _Watchdog(threading.Thread):
-    """Stop this worker once its supervisor process is gone (orphan rule).
-
-    Checks every WATCH_S from a daemon thread, so it works even while a node is
-    busy; it sends this process SIGTERM, so the exit contexts still run.
-    """
-
-    def __init__(self, pid: int, started: float) -> None:
-        super().__init__(name="hiocluster-watchdog", daemon=True)
-        self.pid, self.started = pid, started
-        self.orphaned = False
-        self.stopped = threading.Event()
-
-    def run(self) -> None:
-        parent: psutil.Process | None = None
-        try:
-            found = psutil.Process(self.pid)
-            if not self.started or abs(found.create_time() - self.started) <= 1e-3:
-                parent = found  # else that pid is another process now
-        except psutil.Error:
-            pass
-        while not self.stopped.wait(WATCH_S):
-            try:
-                if parent is not None and parent.is_running() \
-                        and parent.status() != psutil.STATUS_ZOMBIE:
-                    continue
-            except psutil.Error:
-                pass
-            self.orphaned = True
-            os.kill(os.getpid(), signal.SIGTERM)
-            return
+def default_bind(connect: str, name: str) -> str:
+    """Where a worker's data socket binds by default: beside the control socket."""
+    path = ipc_path(connect)
+    if path is not None:
+        return f"ipc://{os.path.join(os.path.dirname(path), 'd-' + name)}"
+    host = connect[len("tcp://"):].rsplit(":", 1)[0]
+    return f"tcp://{host}:*"
 
 
 class _Stopped(Exception):
-    """A STOP arrived while waiting for data frames."""
+    """A STOP arrived while a window ran."""
 
     def __init__(self, stop: proto.Stop) -> None:
         self.stop = stop
 
 
-class NodeFailed(ClusterError):
-    """A node raised (or produced something unsendable) during a tick."""
+class _DataFault(Exception):
+    """A neighbour sent an invalid DATA frame (it, not we, is to blame)."""
 
-    def __init__(self, node: str, tick: int, detail: str) -> None:
-        self.node, self.tick, self.detail = node, tick, detail
-        super().__init__(f"node {node} failed at tick {tick}")
-
-
-def main(spec: WorkerSpec) -> None:
-    """multiprocessing target: run a worker and exit with its status."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides when we stop
-
-    def on_term(signum: int, frame: Any) -> None:
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        raise _Terminated()
-
-    signal.signal(signal.SIGTERM, on_term)
-    try:
-        code = Worker(spec).run()
-    except _Terminated:  # SIGTERM while already failing: exit quietly, as terminated
-        code = 143
-    sys.exit(code)
+    def __init__(self, peer: str, error: FrameError | ProtocolError) -> None:
+        self.peer, self.error = peer, error
 
 
 class Worker:
-    """One child process's lifetime: HELLO, SETUP, ticks, STOP, BYE."""
+    """One worker's lifetime (see the module docstring)."""
 
-    def __init__(self, spec: WorkerSpec) -> None:
-        self.spec = spec
-        self.process = spec.process
-        self.machine = proto.ChildMachine(spec.process)
-        self.nodes: list[Node] = []
-        self.doist: Doist | None = None
-        self.entered = False
-        self.tick = -1
-        self.links: dict[int, Link] = {}
-        self.out_links: list[Link] = []
-        self.in_links: list[Link] = []
-        self.inbox_of: dict[int, Any] = {}
-        self.peers: dict[str, Any] = {}        # process → PUSH socket
-        self.early: dict[int, list[proto.Data]] = {}  # tick → frames that came early
-        self.seen: dict[int, set[str]] = {}           # tick → sources already received
-        self.local: proto.Data | None = None
+    def __init__(self, options: WorkerOptions) -> None:
+        self.options = options
+        self.name = options.name
+        self.machine = proto.ChildMachine(options.name)
+        self.host: NodeHost | None = None
+        self.exchange: Exchange | None = None
+        self.tick = -1                    # the last tick run
+        self.report_at = 0.0              # when the next PROGRESS is due
+        self.start_wall: float | None = None
+        self.tock = 1.0
+        self.late = 0
         self.rejected = 0
-        self.messages = 0           # messages put on any link, local ones included
-        self.digests: dict[str, bytes] = {}  # of the nodes' current state
-        self.undelivered = 0
+        self.peer_of: dict[bytes, str] = {}      # data connection -> neighbour
+        self.outs: dict[str, Any] = {}            # neighbour -> DEALER
+        self.bound = ""                           # our data address, once bound
 
-    # -- lifetime ---------------------------------------------------------
+    # -- lifetime -------------------------------------------------------------
     def run(self) -> int:
-        watchdog = _Watchdog(self.spec.parent_pid, self.spec.parent_started)
-        if self.spec.parent_pid:
-            watchdog.start()
-        try:
-            return self._run(watchdog)
-        finally:
-            watchdog.stopped.set()
-
-    def _run(self, watchdog: _Watchdog) -> int:
+        """Join the run and take part until STOP; return the process exit code."""
         self.context = Context()
+        self.watchdog: Watchdog | None = None
         try:
-            control = self.control = self.context.dealer(
-                self.spec.control_address, self.process, timeout_ms=POLL_MS)
-            self.data = self.context.pull(self.spec.data_bind)
-            self.poller = Poller([self.data, self.control])
-            classes = self._import()
-            control.send(self.machine.send(proto.Hello(
-                process=self.process, pid=os.getpid(), data_address=bound_address(self.data),
-                nodes=[name for name, _, _ in self.spec.nodes])))
-            message = self._next_control()
-            if isinstance(message, proto.Setup):
-                self._setup(message, classes)
-                control.send(self.machine.send(proto.Ready()))
-                message = self._loop()
-            if isinstance(message, proto.Stop):
-                self._stop(message)
-                failures = self._exit_nodes()
-                if failures:
-                    raise NodeFailed(failures[0][0], self.tick, failures[0][1])
-                digests = self.digests if message.expect is not None else {}
-                control.send(self.machine.send(proto.Bye(stats=self._stats(),
-                                                         digests=digests,
-                                                         metrics=self._metrics())))
-                self._close(clean=message.expect is not None)
-                return 0
-            return self._fail("protocol", f"unexpected {message.TYPE}")
+            self.control = self.context.control_dealer(self.options.connect)
+            self.data = self.context.data_router(self.options.bind or default_bind(
+                self.options.connect, self.name))
+            self.bound = bound_address(self.data)
+            self.poller = Poller([self.control, self.data])
+            self.watchdog = Watchdog(self.context.monitor(self.control), START_TIMEOUT,
+                                     lambda: self.host.busy_since if self.host else 0.0)
+            self.watchdog.start()
+            return self._run()
+        except Terminated as exc:
+            if self.watchdog is not None and self.watchdog.orphaned:
+                return self._fail("orphaned", "the supervisor vanished", code_out=3,
+                                  tell=False)
+            signum = exc.args[0] if exc.args else signal.SIGTERM
+            return self._fail("terminated", f"by {signal.Signals(signum).name}",
+                              code_out=128 + signum)
         except NodeFailed as exc:
+            return self._fail(exc.code, exc.detail, node=exc.node)
+        except Unsendable as exc:
             return self._fail("node-error", exc.detail, node=exc.node)
-        except FrameError as exc:
+        except _DataFault as exc:
+            return self._fail(exc.error.code, str(exc.error), field=exc.error.field,
+                              peer=exc.peer)
+        except (FrameError, ProtocolError) as exc:
             return self._fail(exc.code, str(exc), field=exc.field)
-        except ProtocolError as exc:
-            return self._fail(exc.code, str(exc), field=exc.field)
-        except _Terminated:
-            if watchdog.orphaned:
-                return self._fail("orphaned", "supervisor vanished", code_out=3, tell=False)
-            return self._fail("terminated", "SIGTERM", code_out=143)
         except Exception:
-            return self._fail("worker-error", _tail(traceback.format_exc()))
+            return self._fail("worker-error", tail(traceback.format_exc()))
+
+    def _run(self) -> int:
+        self._send(proto.Hello(worker=self.name, token=self.options.token, pid=os.getpid(),
+                               versions=proto.local_versions(), data_address=self.bound))
+        message = self._await_control()
+        if isinstance(message, proto.Setup):
+            self._setup(message)
+            message = self._await_control()
+            while isinstance(message, proto.Grant):
+                try:
+                    self._window(message)
+                except _Stopped as stopped:
+                    message = stopped.stop
+                    break
+                message = self._await_control()
+        if not isinstance(message, proto.Stop):
+            raise RemoteProtocolError(f"unexpected {message.TYPE}", code="protocol")
+        if message.drain and self.exchange is not None:
+            self._gather(self.tick)
+            self.exchange.drain(self.tick)
+        failures = self.host.exit() if self.host is not None else []
+        if failures:
+            raise NodeFailed(failures[0][0], self.tick, failures[0][1])
+        metrics = self.host.metrics() if self.host is not None else {}
+        self._stop_watching()
+        self._send(proto.Bye(stats=self._stats(), metrics=metrics,
+                             received=self.exchange.received if self.exchange else {}))
+        self._close(clean=True)
+        return 0
 
     def _fail(self, code: str, detail: str, *, node: str | None = None, field: str = "",
-              code_out: int = 1, tell: bool = True) -> int:
+              peer: str | None = None, code_out: int = 1, tell: bool = True) -> int:
         """Run exit contexts, tell the supervisor what happened, close, return the exit code."""
-        for name, text in self._exit_nodes():
+        self._stop_watching()
+        try:
+            failures = self.host.exit() if self.host is not None else []
+        except Terminated:
+            failures = []
+        for name, text in failures:
             detail += f"\nwhile exiting node {name}:\n{text}"
         if tell and getattr(self, "control", None) is not None:
             if len(detail) > MAX_DETAIL:  # keep the end: the exception itself
                 detail = "..." + detail[-MAX_DETAIL:]
-            error = proto.Error(code=code, detail=detail, field=field,
-                                tick=self.tick if self.tick >= 0 else None, node=node)
-            try:
+            error = proto.Error(code=code, detail=detail, field=field, node=node, peer=peer,
+                                tick=self.host.tick if self.host and self.host.tick >= 0
+                                else None)
+            with contextlib.suppress(Exception):  # it also sees our exit code
                 self.control.send(proto.encode(error))
-            except Exception:
-                pass  # the supervisor also sees our exit code; nothing else to tell
         self._close(clean=False, orphaned=not tell)
         return code_out
 
+    def _stop_watching(self) -> None:
+        if self.watchdog is not None:
+            self.watchdog.stop()
+
     def _close(self, *, clean: bool, orphaned: bool = False) -> None:
-        """Close every socket. After a failure, frames to peers are not waited for;
-        an orphan also removes the socket files its dead supervisor cannot."""
-        if not clean:
-            for sock in self.peers.values():
-                sock.close(linger=0)
+        """Close every socket; an orphan also removes the files its supervisor cannot."""
         self.context.close(linger=0 if orphaned else None if clean else FAIL_LINGER_MS)
-        if orphaned:
-            for address in (self.spec.data_bind, self.spec.control_address):
-                if address.startswith("ipc://"):
-                    with contextlib.suppress(OSError):
-                        os.unlink(address[len("ipc://"):])
-            if self.spec.run_dir:
-                with contextlib.suppress(OSError):  # the last worker out removes it
-                    os.rmdir(self.spec.run_dir)
+        if not orphaned:
+            return
+        run_dir = self.options.run_dir
+        paths = [ipc_path(self.bound)]
+        if run_dir:  # the supervisor's files: whoever comes last removes the directory
+            paths += [ipc_path(self.options.connect), os.path.join(run_dir, "token")]
+        for path in paths:
+            if path:
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
+        if run_dir:
+            with contextlib.suppress(OSError):
+                os.rmdir(run_dir)
 
-    def _exit_nodes(self) -> list[tuple[str, str]]:
-        """Run every node's hio exit contexts (last entered first), each one even when
-        another raises; return (node, traceback tail) for each that raised."""
-        failures: list[tuple[str, str]] = []
-        if self.doist is not None and self.entered:
-            self.entered = False
-            deeds = self.doist.deeds
-            while deeds:
-                deed = deeds.pop()
-                if deed[0] is None:  # hio's run-through marker
-                    continue
-                try:
-                    self.doist.exit(deque([deed]))
-                except BaseException:
-                    failures.append((deed[2].name, _tail(traceback.format_exc())))
-        return failures
+    # -- start-up ---------------------------------------------------------------
+    def _setup(self, setup: proto.Setup) -> None:
+        self.tock = setup.tock
+        self.host = host = NodeHost(setup, self.options.app_dir)
+        self.exchange = Exchange(self.name, host.by_name, setup.links)
+        assert self.watchdog is not None
+        self.watchdog.tick_timeout = setup.tick_timeout
+        for peer in self.exchange.neighbours:
+            out = self.outs[peer] = self.context.data_dealer(setup.peers[peer])
+            out.send(proto.encode(proto.Peer(worker=self.name, token=self.options.token)))
+        host.enter()
+        self._send(proto.Ready(digests=host.records()))
 
-    # -- start-up ---------------------------------------------------------
-    def _import(self) -> dict[str, type]:
-        classes = {}
-        for name, path, _ in self.spec.nodes:
-            try:
-                classes[name] = load_class(path, self.spec.app_dir)
-            except ImportError as exc:
-                raise NodeFailed(name, -1, str(exc)) from None
-        return classes
+    # -- ticking ------------------------------------------------------------------
+    def _window(self, grant: proto.Grant) -> None:
+        """Run every tick up to ``grant.until``, then answer DONE."""
+        host, exchange = self.host, self.exchange
+        assert host is not None and exchange is not None
+        if grant.start is not None:
+            self.start_wall = grant.start
+        outs, records = self.outs, []
+        self.report_at = time.monotonic() + PROGRESS_S
+        for tick in range(self.tick + 1, grant.until + 1):
+            if tick:
+                self._gather(tick - 1)
+                exchange.deliver(tick - 1)
+            if self.start_wall is not None:
+                self._pace(tick)
+            host.run_tick(tick)
+            for peer, frame in exchange.outgoing(tick):
+                outs[peer].send(frame)
+            records.append(host.records())
+            self.tick = tick
+            if time.monotonic() >= self.report_at:
+                self._report()
+        self._send(proto.Done(until=grant.until, digests=b"".join(records)), checked=False)
 
-    def _setup(self, setup: proto.Setup, classes: dict[str, type]) -> None:
-        for name, path, params in self.spec.nodes:
-            with _blame(name, -1):
-                self.nodes.append(classes[name](name, params, seed=setup.seed))
-        by_name = {node.name: node for node in self.nodes}
-        placement = setup.placement
-        for link_id, source, outbox, target, inbox, capacity in setup.links:
-            link = Link(link_id, source, outbox, target, inbox, capacity,
-                        placement[source], placement[target])
-            if source in by_name:
-                by_name[source].outbox[outbox]._attach(link)
-                self.out_links.append(link)
-            if target in by_name:
-                self.inbox_of[link_id] = by_name[target].inbox[inbox]
-                self.in_links.append(link)
-            self.links[link_id] = link
-        for peer in sorted({link.target_process for link in self.out_links}
-                           | {link.source_process for link in self.in_links}):
-            if peer != self.process:
-                self.peers[peer] = self.context.push(setup.addresses[peer])
-        # tyme then advances as hio's own Doist advances it (tyme += tock per recur), so
-        # hio's rescheduling arithmetic (retyme = tyme + tock) lines up exactly
-        self.doist = doist = Doist(tyme=float(setup.t0), tock=float(setup.tock), real=False,
-                                   doers=list(self.nodes))
-        self.entered = True
-        for node in self.nodes:  # one at a time, so a failing enter context names its node
-            with _blame(node.name, -1):
-                doist.deeds.extend(doist.enter(doers=[node]))
-        self.digests = self._digests()
+    def _gather(self, tick: int) -> None:
+        """Wait until every neighbour's DATA frame of ``tick`` is in."""
+        exchange = self.exchange
+        assert exchange is not None
+        while exchange.missing(tick):
+            self._take_data()
+            if not exchange.missing(tick):
+                return
+            if time.monotonic() >= self.report_at:
+                self._report(exchange.missing(tick))
+            self._wait(self.report_at)
 
-    # -- ticking ----------------------------------------------------------
-    def _loop(self) -> proto.Message:
-        machine, control = self.machine, self.control
+    def _pace(self, tick: int) -> None:
+        """Real time: start tick ``tick`` at start + tick x tock on the wall clock."""
+        assert self.start_wall is not None
+        due = self.start_wall + tick * self.tock
         while True:
-            message = self._next_control()
-            if type(message) is not proto.Tick:
-                return message
+            behind = time.time() - due
+            if behind >= 0:
+                if behind > self.tock:  # it missed its slot entirely
+                    self.late += 1
+                return
+            if time.monotonic() >= self.report_at:
+                self._report()
+            self._wait(min(self.report_at, time.monotonic() - behind))
+
+    def _report(self, waiting: list[str] | None = None) -> None:
+        """PROGRESS to the supervisor, and a look at the control socket for STOP."""
+        self.report_at = time.monotonic() + PROGRESS_S
+        self._take_control()
+        if self.machine.state is proto.ChildState.RUNNING:
+            self._send(proto.Progress(tick=self.tick if self.tick >= 0 else None,
+                                      waiting=waiting or []), checked=False)
+
+    # -- waiting and receiving --------------------------------------------------------
+    def _wait(self, until: float) -> None:
+        """The one place a worker waits: its sockets, bounded by its next timer."""
+        timeout = max(0.0, until - time.monotonic())
+        ready = self.poller.poll(timeout * 1000)
+        if self.control in ready:
+            self._take_control()
+        if self.data in ready:
+            self._take_data()
+
+    def _await_control(self) -> proto.Message:
+        """The next control frame, serving the data socket meanwhile (once SETUP
+        said who the neighbours are)."""
+        while True:
             try:
-                self._tick(message)
-            except _Stopped as stopped:
-                return stopped.stop
-            control.send(machine.send(proto.Tock(n=message.n, sent=self._sent,
-                                                 digests=self.digests), checked=False))
-            self.digests = self._digests()  # while the supervisor gathers the others
+                return self.machine.receive(self.control.recv(NOBLOCK))
+            except Again:
+                if self.exchange is None:
+                    self.control.poll(PROGRESS_S * 1000)
+                else:
+                    self.poller.poll(PROGRESS_S * 1000)
+                    self._take_data()
 
-    def _tick(self, tick: proto.Tick) -> None:
-        n = self.tick = tick.n
-        self._deliver(self._collect(n - 1, tick.expect))
-        for node in self.nodes:
-            node.tick = n
-        doist = self.doist
-        assert doist is not None
+    def _take_control(self) -> None:
+        """A control frame mid-window can only be STOP or ERROR (the machine says so)."""
         try:
-            doist.recur()
-        except _Terminated:
-            raise
-        except BaseException as exc:  # SystemExit from a node is the node's failure too
-            name: str = getattr(exc, "hiocluster_node", "?")
-            raise NodeFailed(name, n, _tail(traceback.format_exc())) from exc
-        self._send(n)
-
-    def _collect(self, tick: int, expect: int) -> list[proto.Data]:
-        """The data frames of ``tick`` (remote ones, then ours), waiting as needed."""
-        frames = self.early.pop(tick, [])
-        while len(frames) < expect:
-            try:  # frames usually arrive before the TICK: take them without polling
-                frame = self._accept(self.data.recv(NOBLOCK), tick)
-            except Again:  # nothing yet: wait for data, or for a STOP or ERROR
-                if self.control in self.poller.poll(POLL_MS):
-                    self._interrupting(self.machine.receive(self.control.recv()), tick)
-                continue
-            if frame is not None:
-                frames.append(frame)
-        self.seen.pop(tick, None)
-        if self.local is not None:
-            frames.append(self.local)
-            self.local = None
-        return frames
-
-    def _interrupting(self, message: proto.Message, tick: int) -> NoReturn:
-        """A control frame while waiting for data: STOP or ERROR (the machine allows
-        nothing else here)."""
+            message = self.machine.receive(self.control.recv(NOBLOCK))
+        except Again:
+            return
         if isinstance(message, proto.Stop):
             raise _Stopped(message)
+        self._remote_error(message)
+
+    def _remote_error(self, message: proto.Message) -> NoReturn:
         assert isinstance(message, proto.Error)
         raise RemoteProtocolError(f"supervisor sent ERROR {message.code}: {message.detail}",
-                                  tick=tick + 1, field=message.field, code=message.code)
+                                  tick=self.machine.tick, field=message.field, code="protocol")
 
-    def _accept(self, raw: bytes, current: int) -> proto.Data | None:
-        """Validate one data frame; frames of the next tick wait in ``early``."""
-        try:
-            frame = proto.decode_data(raw)
-            self._validate(frame, current)
-        except FrameError as exc:
-            self.rejected += 1
-            print(f"hiocluster worker {self.process}: rejected a data frame at tick "
-                  f"{current + 1}: {exc}", file=sys.stderr, flush=True)
-            return None
-        self.seen.setdefault(frame.tick, set()).add(frame.source)
-        if frame.tick == current:
-            return frame
-        self.early.setdefault(frame.tick, []).append(frame)
-        return None
-
-    def _validate(self, frame: proto.Data, current: int) -> None:
-        if frame.tick not in (current, current + 1):
-            raise FrameError(f"frame of tick {frame.tick} while collecting tick {current}"
-                             + (" (a tick from the past)" if frame.tick < current else ""),
-                             field="DATA.tick",
-                             code="stale-tick" if frame.tick < current else "wrong-tick")
-        if frame.source not in self.peers:
-            raise FrameError(f"{frame.source!r} is not a peer", field="DATA.source",
-                             code="unknown-peer")
-        if frame.source in self.seen.get(frame.tick, ()):
-            raise FrameError(f"second frame from {frame.source} for tick {frame.tick}",
-                             field="DATA.source", code="duplicate")
-        links, me, source = self.links, self.process, frame.source
-        seen: set[int] = set()
-        for index, row in enumerate(frame.messages):
-            link = links.get(row[0])
-            if link is None or link.source_process != source or link.target_process != me:
-                raise FrameError(f"link {row[0]} does not run {source} -> {me}",
-                                 field=f"DATA.messages[{index}][0]", code="bad-link")
-            if row[0] in seen:
-                raise FrameError(f"link {row[0]} appears twice", field=f"DATA.messages[{index}][0]",
-                                 code="duplicate")
-            seen.add(row[0])
-        for index, (link_id, count) in enumerate(frame.acks):
-            link = links.get(link_id)
-            if link is None or link.source_process != me or link.target_process != source:
-                raise FrameError(f"link {link_id} does not run {me} -> {source}",
-                                 field=f"DATA.acks[{index}][0]", code="bad-link")
-            if count > link.sent - link.acked:
-                raise FrameError(f"acks {count} on link {link_id} but only "
-                                 f"{link.sent - link.acked} are in flight",
-                                 field=f"DATA.acks[{index}][1]", code="bad-ack")
-
-    def _deliver(self, frames: list[proto.Data]) -> None:
-        """Return credit, then fill inboxes: by source node name, then send sequence."""
-        links, inbox_of = self.links, self.inbox_of
-        runs: dict[Inbox, list[tuple[Link, list[int], list[Any]]]] = {}
-        for frame in frames:
-            for link_id, count in frame.acks:
-                links[link_id].acked += count
-            for link_id, sequences, payloads in frame.messages:
-                if payloads:
-                    runs.setdefault(inbox_of[link_id], []).append(
-                        (links[link_id], sequences, payloads))
-        for inbox, group in runs.items():  # inboxes are independent: their order is moot
-            if len(group) == 1:
-                inbox._deliver(group[0][0], group[0][2])
-                continue
-            group.sort(key=_source_of)
-            for _, same_source in groupby(group, key=_source_of):
-                batch = list(same_source)
-                if len(batch) == 1:
-                    inbox._deliver(batch[0][0], batch[0][2])
-                else:  # one node, several outboxes into this inbox: merge by sequence
-                    merged = sorted(((sequence, link, payload) for link, sequences, payloads
-                                     in batch for sequence, payload in zip(sequences, payloads)),
-                                    key=itemgetter(0))
-                    for _, link, payload in merged:
-                        inbox._deliver(link, [payload])
-
-    def _send(self, tick: int) -> None:
-        """One DATA frame per destination process: messages and returned credit."""
-        batches: dict[str, proto.Data] = {}
-        count = 0
-        for link in self.out_links:
-            if link.payloads:
-                frame = batches.get(link.target_process)
-                if frame is None:
-                    frame = batches[link.target_process] = proto.Data(tick, self.process, [], [])
-                frame.messages.append([link.id, link.sequences, link.payloads])
-                count += len(link.payloads)
-                link.sequences, link.payloads = [], []
-        for link in self.in_links:
-            if link.taken:
-                frame = batches.get(link.source_process)
-                if frame is None:
-                    frame = batches[link.source_process] = proto.Data(tick, self.process, [], [])
-                frame.acks.append([link.id, link.taken])
-                link.taken = 0
-        self.messages += count
-        local = batches.pop(self.process, None)
-        if local is not None:
-            # through msgpack and back, so local payloads look exactly like remote ones
-            self.local = self._pack(local, proto.decode_data)
-        for peer in sorted(batches):
-            frame = batches[peer]
-            self.peers[peer].send(self._pack(frame, proto.check_unpacks), copy=False)
-        self._sent = sorted(batches)
-
-    def _pack(self, frame: proto.Data, unpack: Callable[[bytes], Any]) -> Any:
-        """``unpack(encode(frame))``: pack a DATA frame and unpack it as its receiver
-        will (``check_unpacks`` gives back the bytes to send, ``decode_data`` the
-        frame to keep).
-
-        Every payload that msgpack packs but cannot give back (a map with an array
-        key, say) or that overflows a frame fails here, in the sender, naming the
-        node and link, the same in every placement.
-        """
-        try:
-            return unpack(proto.encode(frame))
-        except FrameError as exc:
-            link: Link | None = None
-            for row in frame.messages:
-                try:
-                    proto.decode_data(proto.encode(proto.Data(0, self.process, [row], [])))
-                except FrameError as cause:
-                    exc = cause
-                    link = self.links[row[0]]
-                    break
-            else:
-                link = self.links[frame.messages[0][0]] if frame.messages else None
-            if link is None:
-                raise
-            raise NodeFailed(link.source, frame.tick, f"cannot send on link {link.label} at "
-                             f"tick {frame.tick}: {exc.__cause__ or exc}") from exc
-
-    # -- stopping ---------------------------------------------------------
-    def _stop(self, stop: proto.Stop) -> None:
-        """Drain the last tick's frames (counted as undelivered, never dropped unseen)."""
-        if stop.expect is None:
-            return
-        frames = self._collect(self.tick, stop.expect)
-        self.undelivered = sum(len(row[2]) for frame in frames for row in frame.messages)
-
-    def _stats(self) -> dict[str, int]:
-        unread = sum(len(box) for node in self.nodes for box in node.inbox.values())
-        unsent = sum(len(link.payloads) for link in self.out_links)  # put in exit contexts
-        return {"messages": self.messages + unsent, "rejected": self.rejected,
-                "undelivered": self.undelivered + unsent, "unread": unread}
-
-    def _metrics(self) -> dict[str, int]:
-        total: Counter[str] = Counter()
-        for node in self.nodes:
-            with _blame(node.name, self.tick):
-                metrics = node.metrics()
-                for name, value in metrics.items():
-                    if not (proto.NAME.ok(name) and proto.UINT.ok(value)):
-                        raise ValueError(f"metrics() gave {name!r}: {value!r}; expected names "
-                                         "of A-Z a-z 0-9 _ . - and integers >= 0")
-            total.update(metrics)
-        return dict(total)
-
-    def _digests(self) -> dict[str, bytes]:
-        """Every node's digest (every tick: one try for all, not one per node)."""
-        digests = {}
-        try:
-            for node in self.nodes:
-                digests[node.name] = node.digest()
-        except _Terminated:
-            raise
-        except BaseException:
-            raise NodeFailed(node.name, self.tick, _tail(traceback.format_exc())) from None
-        return digests
-
-    # -- waiting ----------------------------------------------------------
-    def _next_control(self) -> proto.Message:
-        recv = self.control.recv
+    def _take_data(self) -> None:
+        """Every frame waiting on the data socket: neighbours' in, strangers' refused."""
+        exchange, peer_of = self.exchange, self.peer_of
         while True:
             try:
-                return self.machine.receive(recv())
-            except Again:  # quiet for POLL_MS; the watchdog minds the supervisor
-                continue
+                parts = self.data.recv_multipart(NOBLOCK)
+            except Again:
+                return
+            peer = peer_of.get(parts[0])
+            if peer is not None and len(parts) == 2 and exchange is not None:
+                try:
+                    exchange.accept(peer, parts[1])
+                except (FrameError, ProtocolError) as exc:
+                    raise _DataFault(peer, exc) from exc
+            else:
+                self._admit(parts)
+
+    def _admit(self, parts: list[bytes]) -> None:
+        """A frame on a connection not yet known: a neighbour's PEER, or a stranger's."""
+        why = "not a PEER frame"
+        if len(parts) == 2 and self.exchange is not None:
+            try:
+                peer = proto.decode(parts[1], allowed=(proto.Peer,))
+            except FrameError as exc:
+                why = str(exc)
+            else:
+                if peer.worker not in self.exchange.neighbours:
+                    why = f"{peer.worker!r} is not a neighbour"
+                elif peer.token != self.options.token:
+                    why = "wrong token"
+                elif peer.worker in self.peer_of.values():
+                    why = f"{peer.worker!r} is already connected"
+                else:
+                    self.peer_of[parts[0]] = peer.worker
+                    return
+        self.rejected += 1
+        if self.rejected <= LOG_REJECTED:
+            print(f"hiocluster worker {self.name}: refused a frame on the data socket: {why}"
+                  + (" (further refusals are only counted)" if self.rejected == LOG_REJECTED
+                     else ""), file=sys.stderr, flush=True)
+
+    def _send(self, message: proto.Message, *, checked: bool = True) -> None:
+        self.control.send(self.machine.send(message, checked=checked))
+
+    def _stats(self) -> dict[str, int]:
+        exchange, host = self.exchange, self.host
+        unsent = exchange.unsent() if exchange else 0   # put in exit contexts
+        return {"messages": (exchange.messages if exchange else 0) + unsent,
+                "rejected": self.rejected,
+                "undelivered": (exchange.undelivered if exchange else 0) + unsent,
+                "unread": host.unread() if host else 0, "late": self.late}
 
 
-def _source_of(run: tuple[Link, list[int], list[Any]]) -> str:
-    return run[0].source
+def run_worker(options: WorkerOptions) -> int:
+    """Run a worker in this process with its signal handlers; return its exit code.
 
+    SIGTERM and SIGINT end it through its exit contexts (exit code 143 or 130);
+    SIGUSR1 is its watchdog's tick deadline.
+    """
+    worker = Worker(options)
 
-@contextlib.contextmanager
-def _blame(node: str, tick: int) -> Iterator[None]:
-    """Turn anything a node's own code raises into NodeFailed naming that node."""
+    def on_signal(signum: int, frame: Any) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        raise Terminated(signum)
+
+    def on_overrun(signum: int, frame: Any) -> None:
+        host, watchdog = worker.host, worker.watchdog
+        if host is not None and watchdog is not None and host.busy_since \
+                and host.busy_since == watchdog.overrun_since:
+            raise TickOverrun(f"tick {host.tick} ran past the {watchdog.tick_timeout:g} s "
+                              "tick deadline")
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGUSR1, on_overrun)
     try:
-        yield
-    except (_Terminated, NodeFailed):
-        raise
-    except BaseException:
-        raise NodeFailed(node, tick, _tail(traceback.format_exc())) from None
+        return worker.run()
+    except Terminated:  # a second signal while already failing: exit quietly
+        return 143
 
-
-def _tail(text: str, lines: int = TRACEBACK_LINES) -> str:
-    return "\n".join(text.rstrip().splitlines()[-lines:])

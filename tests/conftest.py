@@ -74,6 +74,9 @@ def no_leaks(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.Monke
     run_root = Path(tmp_path_factory.mktemp("runs", numbered=True))
     monkeypatch.setenv("HIOCLUSTER_TEST_TAG", tag)
     monkeypatch.setenv("HIOCLUSTER_RUN_ROOT", str(run_root))
+    # workers import node classes from test modules, which import this conftest
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(
+        [str(REPO / "tests"), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep))
     yield run_root
     deadline = time.monotonic() + SETTLE_S
     leftovers = _leftovers(tag)

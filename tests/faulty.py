@@ -13,11 +13,8 @@ Used by tests/test_cluster_failures.py and tests/test_cluster_hostile.py as
 * ``<name>.ticking`` once the node has run tick 1 (lets a test wait until a
   run is really ticking before it signals it).
 
-:func:`ring_toml` writes topologies of such rings inline.
-
-:func:`fake_worker` is a ``worker_target`` that runs the real worker for every
-process except the one whose node carries ``params.fake``; that one speaks the
-protocol by hand and then breaks it on the first TICK.
+:func:`ring_toml` writes topologies of such rings inline. Fake workers that
+break the protocol on purpose are in tests/fake_worker.py.
 """
 
 from __future__ import annotations
@@ -30,10 +27,6 @@ import zlib
 from pathlib import Path
 from typing import Any
 
-import zmq
-
-from hiocluster import protocol as proto
-from hiocluster import worker
 from hiocluster.node import Node
 
 FAULTY = "tests.faulty:FaultyNode"
@@ -124,8 +117,11 @@ def ring_toml(nodes: dict[str, dict[str, Any]], placement: dict[str, list[str]] 
               *, ticks: int = 20, tick_timeout: float = 10.0, cls: str = FAULTY) -> str:
     """TOML for a ring of ``nodes`` (in the given order: each ``out`` feeds the next ``in``).
 
-    Each node's params dict may carry ``"class"`` to override ``cls``.
+    Each node's params dict may carry ``"class"`` to override ``cls``. Without a
+    ``placement`` every node gets a worker of its own, named after it.
     """
+    if placement is None:
+        placement = {name: [name] for name in nodes}
     names = list(nodes)
     lines = ["[run]", f"ticks = {ticks}", "seed = 7", f"tick_timeout = {tick_timeout}", ""]
     for name, given in nodes.items():
@@ -141,106 +137,6 @@ def ring_toml(nodes: dict[str, dict[str, Any]], placement: dict[str, list[str]] 
         lines.append("[placement]")
         lines += [f"{process} = {json.dumps(members)}" for process, members in placement.items()]
     return "\n".join(lines) + "\n"
-
-
-# ---------------------------------------------------------------------------
-# fake workers
-
-#: How long a fake worker waits for SETUP and its first TICK.
-FAKE_START_S = 30.0
-#: How long it waits for the verdict (ERROR or STOP) once it broke the protocol.
-FAKE_VERDICT_S = 1.0
-
-
-def fake_worker(spec: worker.WorkerSpec) -> None:
-    """worker_target: the real worker, except for the process hosting a ``fake`` node.
-
-    The fake process does HELLO / SETUP / READY properly, then answers its
-    first TICK (the second for "stale-tock") as ``params.fake`` says:
-
-    * "garbage": bytes that are not msgpack;
-    * "wrong-tick": a well-formed TOCK for tick n + 5;
-    * "missing-digest": a TOCK for the right tick whose digests omit a node;
-    * "stale-tock": a proper TOCK 0, then TOCK 0 again for TICK 1 (a tick from the past);
-    * "bye-without-digests": proper TOCKs, then a BYE without the final digests a
-      clean STOP asks for.
-
-    It then waits (at most FAKE_VERDICT_S per frame) for STOP or ERROR and exits.
-    Everything it received is written as JSON to ``params.report``.
-    """
-    modes = [params["fake"] for _, _, params in spec.nodes if "fake" in params]
-    if not modes:
-        worker.main(spec)
-        return
-    params = next(params for _, _, params in spec.nodes if "fake" in params)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    received: list[dict[str, Any]] = []
-    context = zmq.Context()
-    control = context.socket(zmq.DEALER)
-    control.setsockopt(zmq.ROUTING_ID, spec.process.encode())
-    control.setsockopt(zmq.LINGER, 1000)
-    data = context.socket(zmq.PULL)
-    data.setsockopt(zmq.LINGER, 0)
-    try:
-        data.bind(spec.data_bind)
-        control.connect(spec.control_address)
-        control.send(proto.encode(proto.Hello(
-            process=spec.process, pid=os.getpid(),
-            data_address=data.getsockopt(zmq.LAST_ENDPOINT).decode(),
-            nodes=[name for name, _, _ in spec.nodes])))
-
-        def next_message(timeout: float = FAKE_START_S) -> proto.Message | None:
-            if not control.poll(timeout * 1000):
-                received.append({"type": "timeout"})
-                return None
-            message = proto.decode(control.recv())
-            entry = {"type": message.TYPE}
-            if isinstance(message, proto.Error):
-                entry.update(code=message.code, field=message.field, detail=message.detail)
-            received.append(entry)
-            return message
-
-        message = next_message()
-        if isinstance(message, proto.Setup):
-            control.send(proto.encode(proto.Ready()))
-            message = next_message()
-        mode = modes[0]
-        zeros = {name: b"\0" * proto.DIGEST_SIZE for name, _, _ in spec.nodes}
-        if mode == "stale-tock" and isinstance(message, proto.Tick) and message.n == 0:
-            control.send(proto.encode(proto.Tock(n=0, sent=[], digests=zeros)))
-            message = next_message()  # TICK 1, answered with TOCK 0 again below
-        if mode == "bye-without-digests":
-            while isinstance(message, proto.Tick):
-                control.send(proto.encode(proto.Tock(n=message.n, sent=[], digests=zeros)))
-                message = next_message()
-            if isinstance(message, proto.Stop):
-                control.send(proto.encode(proto.Bye()))
-                next_message(FAKE_VERDICT_S)  # the verdict: ERROR
-        elif isinstance(message, proto.Tick):
-            if mode == "garbage":
-                control.send(b"\xc1 this is not msgpack")
-            elif mode == "wrong-tick":
-                control.send(proto.encode(proto.Tock(n=message.n + 5, sent=[], digests=zeros)))
-            elif mode == "stale-tock":
-                control.send(proto.encode(proto.Tock(n=message.n - 1, sent=[], digests=zeros)))
-            elif mode == "missing-digest":
-                first = spec.nodes[0][0]
-                digests = {name: digest for name, digest in zeros.items() if name != first}
-                control.send(proto.encode(proto.Tock(n=message.n, sent=[], digests=digests)))
-            else:  # pragma: no cover - a test typo
-                raise ValueError(f"unknown fake mode {mode!r}")
-            # wait for the verdict: ERROR or STOP (or nothing, bounded)
-            while message is not None and not isinstance(message, (proto.Error, proto.Stop)):
-                message = next_message(FAKE_VERDICT_S)
-            if isinstance(message, proto.Stop):
-                control.send(proto.encode(proto.Bye()))
-    finally:
-        report = params.get("report")
-        if report:
-            Path(report).write_text(json.dumps(received))
-        control.close()
-        data.close()
-        context.term()
 
 
 class Mixer(Node):

@@ -167,19 +167,14 @@ def test_state_raising_is_a_node_error_naming_the_node() -> None:
     assert caught.value.cause == "ValueError: state boom"
 
 
-def test_failure_after_answering_is_a_node_error_even_once_the_child_is_gone() -> None:
-    """state() fails after the worker's TOCK, so the child may be gone before the
-    next TICK: the supervisor must still report the node's error, not ZeroMQ's."""
-    found: list[supervisor.Supervisor] = []
-
-    def on_tick(done: int, total: int) -> None:
-        if done == 3:  # TOCK 2 is in; its sender fails right after: let it be gone
-            found[0].children[0].process.join(10)
-
+@pytest.mark.parametrize("window", [1, 3, None])
+def test_state_raising_names_node_and_tick_in_any_window(window: int | None) -> None:
+    """state() is hashed after every tick, inside the window: its failure names the
+    node and the exact tick whatever the window, and the other worker is stopped."""
     with pytest.raises(NodeError) as caught:
         run(topology({"a": "BadState", "b": "StepCounter"}, ticks=6), processes=2,
-            on_ready=found.append, on_tick=on_tick)
-    assert (caught.value.process, caught.value.nodes, caught.value.tick) == ("p0", ("a",), 2)
+            window=window)
+    assert (caught.value.worker, caught.value.nodes, caught.value.tick) == ("p0", ("a",), 2)
     assert caught.value.cause == "ValueError: state boom"
 
 
@@ -224,13 +219,16 @@ def test_puts_in_exit_contexts_are_counted_as_undelivered(processes: int) -> Non
 # hostile names: unhashable values where a name belongs are frame errors
 
 
+HELLO_BODY = {"worker": "a", "token": b"t", "pid": 1, "versions": {},
+              "data_address": "ipc:///x"}
+
+
 @pytest.mark.parametrize("frame, field", [
-    ([1, "HELLO", {"process": [1], "pid": 1, "data_address": "ipc:///x", "nodes": []}],
-     "HELLO.process"),
-    ([1, "HELLO", {"process": "a", "pid": 1, "data_address": "ipc:///x", "nodes": [{}]}],
-     "HELLO.nodes[0]"),
-    ([1, "TOCK", {"n": 0, "sent": [[1]], "digests": {}}], "TOCK.sent[0]"),
-    ([1, "DATA", {"tick": 0, "source": [1], "messages": [], "acks": []}], "DATA.source"),
+    ([2, "HELLO", dict(HELLO_BODY, worker=[1])], "HELLO.worker"),
+    ([2, "HELLO", dict(HELLO_BODY, versions={"hio": {}})], "HELLO.versions.hio"),
+    ([2, "PROGRESS", {"tick": 0, "waiting": [[1]]}], "PROGRESS.waiting[0]"),
+    ([2, "PEER", {"worker": {}, "token": b"t"}], "PEER.worker"),
+    ([2, "DATA", {"tick": 0, "source": [1], "messages": [], "acks": []}], "DATA.source"),
 ])
 def test_unhashable_name_field_is_a_frame_error(frame: list[Any], field: str) -> None:
     data = msgpack.packb(frame, use_bin_type=True)
@@ -250,8 +248,7 @@ def test_stranger_with_unhashable_hello_cannot_kill_the_run() -> None:
         stranger.setsockopt(zmq.LINGER, 0)
         sockets.append(stranger)
         connect_ready(stranger, sup.control_address)
-        stranger.send(msgpack.packb([1, "HELLO", {"process": [1], "pid": 1,
-                                                  "data_address": "ipc:///x", "nodes": []}]))
+        stranger.send(msgpack.packb([2, "HELLO", dict(HELLO_BODY, worker=[1])]))
 
     try:
         result = run(topology({"a": "StepCounter"}, ticks=30), on_ready=on_ready)
@@ -262,7 +259,7 @@ def test_stranger_with_unhashable_hello_cannot_kill_the_run() -> None:
         context.term()
     assert result.ticks == 30
     assert result.rejected_frames == 1
-    assert isinstance(reply, proto.Error) and reply.field == "HELLO.process"
+    assert isinstance(reply, proto.Error) and reply.field == "HELLO.worker"
 
 
 # ---------------------------------------------------------------------------

@@ -2,7 +2,7 @@
 
 Conversations shuttle frames between an in-memory ParentMachine and ChildMachine
 (:class:`Pair`, after h11's ConnectionPair). docs/protocol.md is checked against
-the code where it quotes it (transition tables, the worked TICK example).
+the code where it quotes it (transition tables, the worked GRANT example).
 """
 
 from __future__ import annotations
@@ -17,32 +17,39 @@ from hypothesis import given, settings, strategies as st
 
 from hiocluster import protocol as proto
 from hiocluster.errors import FrameError, LocalProtocolError, RemoteProtocolError
-from hiocluster.protocol import (CHILD_TRANSITIONS, MAX_CONTROL_FRAME, MAX_DATA_FRAME, MAX_STR,
-                                 PARENT_TRANSITIONS, Bye, ChildMachine, ChildState, Data, Error,
-                                 Hello, Message, ParentMachine, ParentState, Ready, Setup, Stop,
-                                 Tick, Tock, decode, decode_data, encode)
+from hiocluster.protocol import (CHILD_TRANSITIONS, MAX_CONTROL_FRAME, MAX_DATA_FRAME,
+                                 PARENT_TRANSITIONS, Bye, ChildMachine, ChildState, Data, Done,
+                                 Error, Grant, Hello, Message, ParentMachine, ParentState, Peer,
+                                 Progress, Ready, Setup, Stop, decode, decode_data, encode)
+from hiocluster.protocol.fields import MAX_STR
 
 C, P = ChildState, ParentState
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "protocol.md"
 FEW = settings(max_examples=200)
+V = proto.VERSION
 
-DIGEST = bytes(range(32))
-HELLO = Hello(process="w0", pid=4242, data_address="ipc:///tmp/hioc-x/d0", nodes=["a", "b"])
-SETUP = Setup(t0=0.0, tock=0.5, seed=7,
-              addresses={"w0": "ipc:///tmp/hioc-x/d0", "w1": "tcp://10.0.0.2:40001"},
-              placement={"a": "w0", "b": "w0", "c": "w1"},
-              links=[[0, "a", "out", "c", "in", 16], [1, "c", "out", "a", "in", 1]])
-TOCK_0 = Tock(n=0, sent=["w1"], digests={"a": DIGEST, "b": bytes(32)})
+TOKEN = bytes(range(16))
+RECORDS = b"a" + bytes(32) + b"b" + bytes(range(32))
+HELLO = Hello(worker="w0", token=TOKEN, pid=4242, versions=proto.local_versions(),
+              data_address="ipc:///tmp/hioc-x/d-w0")
+SETUP = Setup(t0=0.0, tock=0.5, seed=7, ticks=10, real=False, tick_timeout=30.0,
+              nodes=[["a", "nodes.ring:RingNode", {"tokens": 3}], ["b", "m:B", {}]],
+              links=[[0, "a", "out", "c", "in", 16, "w0", "w1"],
+                     [1, "c", "out", "a", "in", 1, "w1", "w0"]],
+              peers={"w1": "tcp://198.18.0.2:40001"})
 DATA = Data(tick=3, source="w1",
             messages=[[1, [0, 1], [{"k": [1, -2, 2.5, None, True, b"\0", "s"]}, "second"]],
                       [2, [5], [None]]], acks=[[0, 4]])
 SAMPLES: list[Message] = [
-    HELLO, SETUP, Ready(), Tick(n=3, expect=2), TOCK_0, Tock(n=9, sent=[], digests={}),
-    Stop(reason="done", expect=1), Stop(reason="RunFailed: boom"),
-    Bye(stats={"rejected": 0, "undelivered": 1, "unread": 2}), Bye(),
-    Error(code="bad-field", detail="TICK.n: expected ...", field="TICK.n", tick=3, node="a"),
-    Error(code="terminated", detail="SIGTERM"), DATA,
-    Data(tick=0, source="w0", messages=[], acks=[]),
+    HELLO, SETUP, Ready(digests=RECORDS), Grant(until=3), Grant(until=9, start=1.7e9),
+    Progress(tick=2, waiting=["w1"]), Progress(tick=None, waiting=[]),
+    Done(until=3, digests=RECORDS * 4), Stop(reason="done", drain=True),
+    Stop(reason="RunFailed: boom"), Bye(stats={"rejected": 0, "undelivered": 1, "unread": 2},
+                                        metrics={"events": 7}, received={"w1": 10}),
+    Bye(), Error(code="bad-field", detail="GRANT.until: expected ...", field="GRANT.until",
+                 tick=3, node="a", peer="w1"),
+    Error(code="terminated", detail="by SIGTERM"), DATA,
+    Data(tick=0, source="w0", messages=[], acks=[]), Peer(worker="w1", token=TOKEN),
 ]
 
 
@@ -61,9 +68,9 @@ def frame_error(data: bytes, field: str, code: str, **kwargs: Any) -> FrameError
 class Pair:
     """A parent and a child machine back to back; frames go through encode/decode."""
 
-    def __init__(self, process: str = "w0") -> None:
-        self.parent = ParentMachine(process)
-        self.child = ChildMachine(process)
+    def __init__(self, worker: str = "w0") -> None:
+        self.parent = ParentMachine(worker)
+        self.child = ChildMachine(worker)
 
     def child_says(self, message: Message) -> Message:
         return self.parent.receive(self.child.send(message))
@@ -78,14 +85,14 @@ class Pair:
     def handshake(self) -> Pair:
         self.child_says(HELLO)
         self.parent_says(SETUP)
-        self.child_says(Ready())
+        self.child_says(Ready(digests=RECORDS))
         return self
 
-    def run_ticks(self, count: int) -> Pair:
-        start = 0 if self.child.tick is None else self.child.tick + 1
-        for n in range(start, start + count):
-            self.parent_says(Tick(n=n, expect=0))
-            self.child_says(Tock(n=n, sent=[], digests={"a": DIGEST}))
+    def windows(self, *sizes: int) -> Pair:
+        for size in sizes:
+            until = self.parent.until + size
+            self.parent_says(Grant(until=until))
+            self.child_says(Done(until=until, digests=RECORDS * size))
         return self
 
 
@@ -101,15 +108,15 @@ def test_encode_decode_round_trip(message: Message) -> None:
 
 
 def test_encode_frame_is_version_type_body() -> None:
-    assert msgpack.unpackb(encode(Tick(n=3, expect=2))) == [1, "TICK", {"n": 3, "expect": 2}]
+    assert msgpack.unpackb(encode(Grant(until=3))) == [2, "GRANT", {"until": 3, "start": None}]
     # the worked example of docs/protocol.md, byte for byte
-    assert encode(Tick(n=3, expect=2)).hex() == "9301a45449434b82a16e03a665787065637402"
+    assert encode(Grant(until=3)).hex() == "9302a54752414e5482a5756e74696c03a57374617274c0"
 
 
 def test_encode_uses_bin_for_bytes_and_str_for_names() -> None:
-    version, kind, body = msgpack.unpackb(encode(TOCK_0), raw=False)
-    assert (version, kind, type(body["digests"]["a"])) == (1, "TOCK", bytes)
-    assert encode(TOCK_0).count(b"\xc4\x20") == 2  # bin 8, length 32: one per digest
+    version, kind, body = msgpack.unpackb(encode(HELLO), raw=False)
+    assert (version, kind, type(body["token"]), type(body["worker"])) == (V, "HELLO", bytes,
+                                                                          str)
 
 
 def test_encode_unpackable_field_raises_frame_error() -> None:
@@ -119,14 +126,15 @@ def test_encode_unpackable_field_raises_frame_error() -> None:
 
 
 def test_decode_optional_fields_may_be_left_out() -> None:
-    assert decode(pack([1, "STOP", {"reason": "x"}])) == Stop(reason="x", expect=None)
-    assert decode(pack([1, "BYE", {}])) == Bye(stats={})
-    assert decode(pack([1, "ERROR", {"code": "c", "detail": "d"}])) == Error("c", "d")
+    assert decode(pack([V, "STOP", {"reason": "x"}])) == Stop(reason="x", drain=False)
+    assert decode(pack([V, "BYE", {}])) == Bye(stats={})
+    assert decode(pack([V, "GRANT", {"until": 4}])) == Grant(until=4, start=None)
+    assert decode(pack([V, "ERROR", {"code": "c", "detail": "d"}])) == Error("c", "d")
 
 
 def test_decode_accepts_buffer_types() -> None:
-    data = encode(Tick(n=1, expect=0))
-    assert decode(bytearray(data)) == decode(memoryview(data)) == Tick(n=1, expect=0)
+    data = encode(Grant(until=1))
+    assert decode(bytearray(data)) == decode(memoryview(data)) == Grant(until=1)
 
 
 def test_decode_data_frame_over_control_limit_needs_data_limit() -> None:
@@ -140,8 +148,8 @@ def test_decode_data_frame_over_control_limit_needs_data_limit() -> None:
 # framing: bad bytes
 
 
-@pytest.mark.parametrize("data", [b"\xc1", b"\xff\xff\xff", b"hello world", b"\x93\x01",
-                                  b"\xdd\xff\xff\xff\xff", encode(Ready()) + b"\0"],
+@pytest.mark.parametrize("data", [b"\xc1", b"\xff\xff\xff", b"hello world", b"\x93\x02",
+                                  b"\xdd\xff\xff\xff\xff", encode(Grant(until=0)) + b"\0"],
                          ids=["never-used", "garbage", "text", "short", "huge-claim",
                               "trailing"])
 def test_decode_garbage_is_bad_msgpack(data: bytes) -> None:
@@ -152,7 +160,8 @@ def test_decode_empty_frame() -> None:
     frame_error(b"", "frame", "bad-msgpack")
 
 
-@pytest.mark.parametrize("message", [SETUP, TOCK_0, DATA, HELLO], ids=lambda m: m.TYPE)
+@pytest.mark.parametrize("message", [SETUP, DATA, HELLO, Done(until=3, digests=RECORDS)],
+                         ids=lambda m: m.TYPE)
 def test_decode_every_truncation_is_frame_error(message: Message) -> None:
     data = encode(message)
     for cut in range(len(data)):
@@ -161,47 +170,48 @@ def test_decode_every_truncation_is_frame_error(message: Message) -> None:
         assert info.value.field == "frame", (cut, str(info.value))
 
 
-@pytest.mark.parametrize("obj", [{"n": 1}, 5, "TICK", [1, "TICK"], [1, "TICK", {}, 0], []],
-                         ids=["map", "int", "str", "two", "four", "empty"])
+@pytest.mark.parametrize("obj", [{"until": 1}, 5, "GRANT", [V, "GRANT"], [V, "GRANT", {}, 0],
+                                 []], ids=["map", "int", "str", "two", "four", "empty"])
 def test_decode_wrong_top_level_shape(obj: Any) -> None:
     frame_error(pack(obj), "frame", "bad-frame")
 
 
-@pytest.mark.parametrize("version", [0, 2, -1, True, 1.0, "1", None])
+@pytest.mark.parametrize("version", [0, 1, 3, -1, True, 2.0, "2", None])
 def test_decode_wrong_version(version: Any) -> None:
-    frame_error(pack([version, "TICK", {"n": 0, "expect": 0}]), "version", "version")
+    frame_error(pack([version, "GRANT", {"until": 0}]), "version", "version")
 
 
-@pytest.mark.parametrize("kind", ["NOPE", "tick", "", 5, None, b"TICK"])
+@pytest.mark.parametrize("kind", ["NOPE", "grant", "", 5, None, b"GRANT", "TICK", "TOCK"])
 def test_decode_unknown_type(kind: Any) -> None:
-    frame_error(pack([1, kind, {"n": 0, "expect": 0}]), "type", "bad-type")
+    frame_error(pack([V, kind, {"until": 0}]), "type", "bad-type")
 
 
 def test_decode_type_not_allowed_here() -> None:
-    frame_error(encode(DATA), "type", "bad-type", allowed=(Setup, Tick, Stop, Error))
-    frame_error(encode(Tick(n=0, expect=0)), "type", "bad-type", allowed=(Data,))
+    frame_error(encode(DATA), "type", "bad-type", allowed=(Setup, Grant, Stop, Error))
+    frame_error(encode(Grant(until=0)), "type", "bad-type", allowed=(Data,))
     assert decode(encode(DATA), allowed=(Data,)) == DATA
 
 
-@pytest.mark.parametrize("body", [[0, 0], None, "n=0"])
+@pytest.mark.parametrize("body", [[0, 0], None, "until=0"])
 def test_decode_body_not_a_map(body: Any) -> None:
-    frame_error(pack([1, "TICK", body]), "body", "bad-field")
+    frame_error(pack([V, "GRANT", body]), "body", "bad-field")
 
 
 def test_decode_missing_field() -> None:
-    frame_error(pack([1, "TICK", {"n": 3}]), "TICK.expect", "bad-field")
-    frame_error(pack([1, "HELLO", {"process": "w0", "pid": 1, "nodes": []}]),
-                "HELLO.data_address", "bad-field")
+    frame_error(pack([V, "DONE", {"until": 3}]), "DONE.digests", "bad-field")
+    body = HELLO.to_body()
+    del body["token"]
+    frame_error(pack([V, "HELLO", body]), "HELLO.token", "bad-field")
 
 
 def test_decode_unknown_extra_field() -> None:
-    frame_error(pack([1, "TICK", {"n": 3, "expect": 0, "extra": 1}]), "TICK.extra", "bad-field")
-    frame_error(pack([1, "READY", {"x": None}]), "READY.x", "bad-field")
+    frame_error(pack([V, "GRANT", {"until": 3, "extra": 1}]), "GRANT.extra", "bad-field")
+    frame_error(pack([V, "READY", {"digests": b"", "x": None}]), "READY.x", "bad-field")
 
 
 def test_decode_non_string_map_keys_are_bad_msgpack_except_in_payloads() -> None:
-    frame_error(pack([1, "TICK", {1: 3, "expect": 0}]), "frame", "bad-msgpack")
-    payload_with_int_key = pack([1, "DATA", {"tick": 0, "source": "w0", "acks": [],
+    frame_error(pack([V, "GRANT", {1: 3}]), "frame", "bad-msgpack")
+    payload_with_int_key = pack([V, "DATA", {"tick": 0, "source": "w0", "acks": [],
                                              "messages": [[0, [0], [{1: "x"}]]]}])
     frame_error(payload_with_int_key, "frame", "bad-msgpack", limit=MAX_DATA_FRAME)
     assert decode_data(payload_with_int_key).messages == [[0, [0], [{1: "x"}]]]
@@ -216,25 +226,25 @@ def test_decode_data_checks_sequences_against_payloads() -> None:
 
 
 def test_decode_ext_types_are_bad_msgpack() -> None:
-    ext = pack([1, "DATA", {"tick": 0, "source": "w0", "acks": [],
+    ext = pack([V, "DATA", {"tick": 0, "source": "w0", "acks": [],
                             "messages": [[0, [0], [msgpack.ExtType(1, b"x")]]]}])
     frame_error(ext, "frame", "bad-msgpack", limit=MAX_DATA_FRAME)
 
 
 def test_decode_string_longer_than_max_str() -> None:
     body = {"code": "c", "detail": "x" * (MAX_STR + 1)}
-    frame_error(pack([1, "ERROR", body]), "frame", "bad-msgpack")
-    assert decode(pack([1, "ERROR", {"code": "c", "detail": "x" * MAX_STR}])).detail
+    frame_error(pack([V, "ERROR", body]), "frame", "bad-msgpack")
+    assert decode(pack([V, "ERROR", {"code": "c", "detail": "x" * MAX_STR}])).detail
 
 
 def test_decode_bytes_packed_as_str_are_rejected() -> None:
-    # a peer that packs without the bin type sends digests as (raw) strings
-    legacy = msgpack.packb([1, "TOCK", TOCK_0.to_body()], use_bin_type=False)
-    frame_error(legacy, "TOCK.digests.a", "bad-field")
+    # a peer that packs without the bin type sends the token as a (raw) string
+    legacy = msgpack.packb([V, "PEER", {"worker": "w1", "token": TOKEN}], use_bin_type=False)
+    frame_error(legacy, "PEER.token", "bad-field")
 
 
 def test_decode_oversized_control_frame() -> None:
-    data = pack([1, "TICK", {"n": 0, "expect": 0, "pad": b"\0" * MAX_CONTROL_FRAME}])
+    data = pack([V, "GRANT", {"until": 0, "pad": b"\0" * MAX_CONTROL_FRAME}])
     assert len(data) > MAX_CONTROL_FRAME
     frame_error(data, "frame", "oversized")
 
@@ -248,7 +258,7 @@ def test_decode_limit_is_inclusive() -> None:
 @pytest.mark.parametrize("where", ["frame", "field"])
 def test_decode_deeply_nested_frame_is_frame_error(where: str) -> None:
     nested = b"\x91" * 1010 + b"\x00"
-    data = nested if where == "frame" else encode(Tick(n=0, expect=0))[:-1] + nested
+    data = nested if where == "frame" else encode(Grant(until=0))[:-1] + nested
     with pytest.raises(FrameError):
         decode(data)
 
@@ -257,49 +267,57 @@ def test_decode_deeply_nested_frame_is_frame_error(where: str) -> None:
 # framing: bad fields, one at a time
 
 BAD_FIELDS = [  # (valid message, field name, bad value, expected FrameError.field)
-    (Tick(n=0, expect=0), "n", "3", "TICK.n"),
-    (Tick(n=0, expect=0), "n", -1, "TICK.n"),
-    (Tick(n=0, expect=0), "n", True, "TICK.n"),
-    (Tick(n=0, expect=0), "n", 3.0, "TICK.n"),
-    (Tick(n=0, expect=0), "n", 2**63, "TICK.n"),
-    (Tick(n=0, expect=0), "n", None, "TICK.n"),
-    (Tick(n=0, expect=0), "expect", -2**63, "TICK.expect"),
-    (TOCK_0, "digests", {"a": b"\0" * 31}, "TOCK.digests.a"),
-    (TOCK_0, "digests", {"a": b"\0" * 33}, "TOCK.digests.a"),
-    (TOCK_0, "digests", {"a": "x" * 32}, "TOCK.digests.a"),
-    (TOCK_0, "digests", {"-a": DIGEST}, "TOCK.digests.<key '-a'>"),
-    (TOCK_0, "digests", [DIGEST], "TOCK.digests"),
-    (TOCK_0, "sent", ["w1", "no spaces"], "TOCK.sent[1]"),
-    (TOCK_0, "sent", "w1", "TOCK.sent"),
-    (HELLO, "process", "-w0", "HELLO.process"),
-    (HELLO, "process", ".w0", "HELLO.process"),
-    (HELLO, "process", "", "HELLO.process"),
-    (HELLO, "process", "w" * 65, "HELLO.process"),
-    (HELLO, "process", "w0\n", "HELLO.process"),
-    (HELLO, "process", "w/0", "HELLO.process"),
-    (HELLO, "process", b"w0", "HELLO.process"),
+    (Grant(until=0), "until", "3", "GRANT.until"),
+    (Grant(until=0), "until", -1, "GRANT.until"),
+    (Grant(until=0), "until", True, "GRANT.until"),
+    (Grant(until=0), "until", 3.0, "GRANT.until"),
+    (Grant(until=0), "until", 2**63, "GRANT.until"),
+    (Grant(until=0), "until", None, "GRANT.until"),
+    (Grant(until=0), "start", float("nan"), "GRANT.start"),
+    (Grant(until=0), "start", "now", "GRANT.start"),
+    (Done(until=0, digests=b""), "digests", "x" * 33, "DONE.digests"),
+    (Done(until=0, digests=b""), "until", -2**63, "DONE.until"),
+    (Ready(digests=b""), "digests", [RECORDS], "READY.digests"),
+    (Progress(tick=0, waiting=[]), "tick", -1, "PROGRESS.tick"),
+    (Progress(tick=0, waiting=[]), "waiting", ["w1", "no spaces"], "PROGRESS.waiting[1]"),
+    (Progress(tick=0, waiting=[]), "waiting", "w1", "PROGRESS.waiting"),
+    (HELLO, "worker", "-w0", "HELLO.worker"),
+    (HELLO, "worker", ".w0", "HELLO.worker"),
+    (HELLO, "worker", "", "HELLO.worker"),
+    (HELLO, "worker", "w" * 65, "HELLO.worker"),
+    (HELLO, "worker", "w0\n", "HELLO.worker"),
+    (HELLO, "worker", "w/0", "HELLO.worker"),
+    (HELLO, "worker", b"w0", "HELLO.worker"),
+    (HELLO, "token", b"", "HELLO.token"),
+    (HELLO, "token", b"x" * 65, "HELLO.token"),
     (HELLO, "pid", -1, "HELLO.pid"),
+    (HELLO, "versions", {"hio": 6}, "HELLO.versions.hio"),
     (HELLO, "data_address", "http://x", "HELLO.data_address"),
     (HELLO, "data_address", "ipc://", "HELLO.data_address"),
     (HELLO, "data_address", "tcp://a b", "HELLO.data_address"),
-    (HELLO, "nodes", ["a", 1], "HELLO.nodes[1]"),
-    (SETUP, "links", [[0, "a", "out", "c", "in"]], "SETUP.links[0]"),
-    (SETUP, "links", [[0, "a", "out", "c", "in", 1, 2]], "SETUP.links[0]"),
-    (SETUP, "links", [[0, "a", "out", "c", "in", -1]], "SETUP.links[0][5]"),
-    (SETUP, "links", [[0, "a", "out", "c d", "in", 1]], "SETUP.links[0][3]"),
+    (SETUP, "links", [[0, "a", "out", "c", "in", 1, "w0"]], "SETUP.links[0]"),
+    (SETUP, "links", [[0, "a", "out", "c", "in", 1, "w0", "w1", 9]], "SETUP.links[0]"),
+    (SETUP, "links", [[0, "a", "out", "c", "in", -1, "w0", "w1"]], "SETUP.links[0][5]"),
+    (SETUP, "links", [[0, "a", "out", "c d", "in", 1, "w0", "w1"]], "SETUP.links[0][3]"),
     (SETUP, "links", [SETUP.links[0], "x"], "SETUP.links[1]"),
+    (SETUP, "nodes", [["a", "m:A"]], "SETUP.nodes[0]"),
+    (SETUP, "nodes", [["a", "m:A", []]], "SETUP.nodes[0][2]"),
+    (SETUP, "nodes", [["a b", "m:A", {}]], "SETUP.nodes[0][0]"),
     (SETUP, "tock", 0, "SETUP.tock"),
     (SETUP, "tock", -0.5, "SETUP.tock"),
     (SETUP, "tock", float("nan"), "SETUP.tock"),
     (SETUP, "t0", float("inf"), "SETUP.t0"),
     (SETUP, "t0", False, "SETUP.t0"),
     (SETUP, "seed", -1, "SETUP.seed"),
-    (SETUP, "addresses", {"w0": "ftp://x"}, "SETUP.addresses.w0"),
-    (SETUP, "placement", {"a": 3}, "SETUP.placement.a"),
-    (Stop(reason="x", expect=1), "expect", -1, "STOP.expect"),
-    (Stop(reason="x", expect=1), "reason", None, "STOP.reason"),
+    (SETUP, "real", 1, "SETUP.real"),
+    (SETUP, "tick_timeout", 0, "SETUP.tick_timeout"),
+    (SETUP, "peers", {"w1": "ftp://x"}, "SETUP.peers.w1"),
+    (Stop(reason="x"), "drain", 1, "STOP.drain"),
+    (Stop(reason="x"), "reason", None, "STOP.reason"),
     (Bye(), "stats", {"unread": "1"}, "BYE.stats.unread"),
+    (Bye(), "received", {"w1": -1}, "BYE.received.w1"),
     (Error(code="c", detail="d"), "node", "bad name", "ERROR.node"),
+    (Error(code="c", detail="d"), "peer", "", "ERROR.peer"),
     (Error(code="c", detail="d"), "tick", -1, "ERROR.tick"),
     (Error(code="c", detail="d"), "code", 5, "ERROR.code"),
     (DATA, "tick", "3", "DATA.tick"),
@@ -310,6 +328,7 @@ BAD_FIELDS = [  # (valid message, field name, bad value, expected FrameError.fie
     (DATA, "messages", [[0, [1, 2], ["x"]]], "DATA.messages[0]"),
     (DATA, "acks", [[0, -1]], "DATA.acks[0][1]"),
     (DATA, "acks", [[0, 1, 2]], "DATA.acks[0]"),
+    (Peer(worker="w1", token=TOKEN), "worker", 1, "PEER.worker"),
 ]
 
 
@@ -318,7 +337,7 @@ BAD_FIELDS = [  # (valid message, field name, bad value, expected FrameError.fie
 def test_decode_bad_field_names_it(message: Message, name: str, value: Any,
                                    field: str) -> None:
     body = dict(message.to_body(), **{name: value})
-    error = frame_error(pack([1, message.TYPE, body]), field, "bad-field",
+    error = frame_error(pack([V, message.TYPE, body]), field, "bad-field",
                         limit=MAX_DATA_FRAME)
     assert str(error).startswith(field + ": expected")
 
@@ -334,19 +353,25 @@ def test_machines_happy_path_conversation() -> None:
     assert pair.states == (C.AWAIT_SETUP, P.HELLO_RECEIVED)
     assert pair.parent_says(SETUP) == SETUP
     assert pair.states == (C.SETTING_UP, P.AWAIT_READY)
-    pair.child_says(Ready())
+    pair.child_says(Ready(digests=RECORDS))
     assert pair.states == (C.IDLE, P.IDLE)
     assert pair.child.tick is None and pair.parent.tick is None
-    for n in range(4):
-        assert pair.parent_says(Tick(n=n, expect=n % 3)) == Tick(n=n, expect=n % 3)
-        assert pair.states == (C.TICKING, P.AWAIT_TOCK)
-        assert pair.child.tick == pair.parent.tick == n
-        tock = Tock(n=n, sent=["w1"], digests={"a": DIGEST, "b": DIGEST})
-        assert pair.child_says(tock) == tock
+    done = -1
+    for size in (1, 4, 2):
+        until = done + size
+        assert pair.parent_says(Grant(until=until)) == Grant(until=until)
+        assert pair.states == (C.RUNNING, P.RUNNING)
+        assert pair.child.until == pair.parent.until == until
+        pair.child_says(Progress(tick=done if done >= 0 else None, waiting=["w1"]))
+        pair.child_says(Progress(tick=until - 1 if until else None, waiting=[]))
+        assert pair.states == (C.RUNNING, P.RUNNING)
+        assert pair.child_says(Done(until=until, digests=RECORDS * size)).TYPE == "DONE"
         assert pair.states == (C.IDLE, P.IDLE)
-    pair.parent_says(Stop(reason="done", expect=1))
+        assert pair.child.tick == pair.parent.tick == until
+        done = until
+    pair.parent_says(Stop(reason="done", drain=True))
     assert pair.states == (C.STOPPING, P.AWAIT_BYE)
-    bye = Bye(stats={"rejected": 0, "undelivered": 1, "unread": 0})
+    bye = Bye(stats={"rejected": 0, "undelivered": 1, "unread": 0}, received={"w1": 7})
     assert pair.child_says(bye) == bye
     assert pair.states == (C.CLOSED, P.CLOSED)
 
@@ -362,62 +387,74 @@ def test_parent_machine_without_name_accepts_any_hello() -> None:
     assert parent.state is P.HELLO_RECEIVED
 
 
-@pytest.mark.parametrize("reach", ["await-setup", "setting-up", "idle", "idle-after-ticks"])
-def test_child_machine_stop_allowed_before_ticking(reach: str) -> None:
+@pytest.mark.parametrize("reach", ["await-setup", "setting-up", "idle", "idle-after-windows"])
+def test_child_machine_stop_allowed_before_running(reach: str) -> None:
     pair = Pair()
     pair.child_says(HELLO)
     if reach != "await-setup":
         pair.parent_says(SETUP)
     if reach.startswith("idle"):
-        pair.child_says(Ready())
-    if reach == "idle-after-ticks":
-        pair.run_ticks(2)
-    pair.parent_says(Stop(reason="done", expect=0))
+        pair.child_says(Ready(digests=RECORDS))
+    if reach == "idle-after-windows":
+        pair.windows(2, 3)
+    pair.parent_says(Stop(reason="done", drain=True))
     assert pair.states == (C.STOPPING, P.AWAIT_BYE)
     pair.child_says(Bye())
     assert pair.states == (C.CLOSED, P.CLOSED)
 
 
-@pytest.mark.parametrize("steps", [0, 1, 2, 3], ids=["await-hello", "hello-received",
-                                                     "await-ready", "idle"])
-def test_parent_machine_may_send_stop_until_ticking(steps: int) -> None:
+@pytest.mark.parametrize("steps", [0, 1, 2, 3, 4], ids=["await-hello", "hello-received",
+                                                        "await-ready", "idle", "running"])
+def test_parent_machine_may_send_stop_any_time(steps: int) -> None:
     pair = Pair()
     actions: list[Callable[[], Any]] = [lambda: pair.child_says(HELLO),
                                         lambda: pair.parent_says(SETUP),
-                                        lambda: pair.child_says(Ready())]
+                                        lambda: pair.child_says(Ready(digests=RECORDS)),
+                                        lambda: pair.parent_says(Grant(until=5))]
     for action in actions[:steps]:
         action()
     pair.parent.send(Stop(reason="x"))
     assert pair.parent.state is P.AWAIT_BYE
 
 
-def test_parent_machine_accepts_late_tock_after_stop() -> None:
-    pair = Pair().handshake().run_ticks(2)
-    tick = pair.parent.send(Tick(n=2, expect=0))
-    stop = pair.parent.send(Stop(reason="interrupted", expect=None))  # crosses the TOCK
+def test_parent_machine_accepts_late_progress_and_done_after_stop() -> None:
+    pair = Pair().handshake().windows(2)
+    grant = pair.parent.send(Grant(until=5))
+    stop = pair.parent.send(Stop(reason="interrupted"))  # crosses the window's frames
     assert pair.parent.state is P.AWAIT_BYE
-    pair.child.receive(tick)
-    pair.child_says(Tock(n=2, sent=[], digests={"a": DIGEST}))
+    pair.child.receive(grant)
+    pair.child_says(Progress(tick=3, waiting=[]))
+    pair.child_says(Done(until=5, digests=RECORDS * 4))
     assert pair.parent.state is P.AWAIT_BYE
     assert pair.child.receive(stop) == Stop(reason="interrupted")
     pair.child_says(Bye())
     assert pair.states == (C.CLOSED, P.CLOSED)
 
 
-def test_parent_machine_rejects_stale_tock_after_stop() -> None:
-    pair = Pair().handshake().run_ticks(3)
-    pair.parent.send(Tick(n=3, expect=0))
+def test_parent_machine_rejects_stale_done_after_stop() -> None:
+    pair = Pair().handshake().windows(3)
+    pair.parent.send(Grant(until=6))
     pair.parent.send(Stop(reason="x"))
     with pytest.raises(RemoteProtocolError) as info:
-        pair.parent.receive(encode(Tock(n=1, sent=[], digests={})))
-    assert (info.value.field, info.value.code) == ("TOCK.n", "stale-tick")
+        pair.parent.receive(encode(Done(until=2, digests=b"")))
+    assert (info.value.field, info.value.code) == ("DONE.until", "stale-tick")
     assert pair.parent.state is P.ERROR
 
 
-def test_child_machine_accepts_stop_while_ticking() -> None:
+@pytest.mark.parametrize("late", [Done(until=2, digests=b""), Progress(tick=1, waiting=[])],
+                         ids=["DONE", "PROGRESS"])
+def test_parent_machine_rejects_window_frames_after_stop_when_none_owed(late: Message) -> None:
+    pair = Pair().handshake().windows(3)
+    pair.parent.send(Stop(reason="done", drain=True))
+    with pytest.raises(RemoteProtocolError) as info:
+        pair.parent.receive(encode(late))
+    assert info.value.code == "unexpected"
+
+
+def test_child_machine_accepts_stop_while_running() -> None:
     pair = Pair().handshake()
-    pair.parent_says(Tick(n=0, expect=1))
-    pair.parent_says(Stop(reason="another process failed"))
+    pair.parent_says(Grant(until=9))
+    pair.parent_says(Stop(reason="another worker failed"))
     assert pair.states == (C.STOPPING, P.AWAIT_BYE)
 
 
@@ -425,79 +462,69 @@ def test_parent_machine_accepts_late_ready_after_stop() -> None:
     pair = Pair()
     pair.child_says(HELLO)
     pair.parent_says(SETUP)
-    ready = pair.child.send(Ready())
+    ready = pair.child.send(Ready(digests=RECORDS))
     pair.parent.send(Stop(reason="start-up failed"))
     pair.parent.receive(ready)
     assert pair.parent.state is P.AWAIT_BYE
 
 
-def test_parent_machine_rejects_duplicate_tock_after_stop() -> None:
-    pair = Pair().handshake().run_ticks(1)
-    pair.parent.send(Stop(reason="done", expect=0))
-    with pytest.raises(RemoteProtocolError):
-        pair.parent.receive(encode(Tock(n=0, sent=[], digests={"a": DIGEST})))
-
-
 # ---------------------------------------------------------------------------
-# state machines: ticks out of order
+# state machines: windows out of order
 
 
-def test_child_machine_rejects_tick_from_the_past() -> None:
-    pair = Pair().handshake().run_ticks(4)  # ticks 0..3 done
+@pytest.mark.parametrize("done, until", [(4, 3), (4, 0), (0, 0)],
+                         ids=["past", "far-past", "repeat-first"])
+def test_child_machine_rejects_a_grant_from_the_past(done: int, until: int) -> None:
+    pair = Pair().handshake().windows(done + 1)
     with pytest.raises(RemoteProtocolError) as info:
-        pair.child.receive(encode(Tick(n=2, expect=0)))
-    assert (info.value.field, info.value.code, info.value.tick) == ("TICK.n", "stale-tick", 3)
+        pair.child.receive(encode(Grant(until=until)))
+    assert (info.value.field, info.value.code, info.value.tick) == ("GRANT.until",
+                                                                    "stale-tick", done)
     assert pair.child.state is C.ERROR
 
 
-def test_child_machine_rejects_repeated_tick_as_stale() -> None:
-    pair = Pair().handshake().run_ticks(4)
-    with pytest.raises(RemoteProtocolError) as info:
-        pair.child.receive(encode(Tick(n=3, expect=0)))
-    assert info.value.code == "stale-tick"
-
-
-@pytest.mark.parametrize("done, n", [(0, 1), (2, 3), (2, 5)], ids=["first-not-0", "skip", "jump"])
-def test_child_machine_rejects_tick_gap(done: int, n: int) -> None:
-    pair = Pair().handshake().run_ticks(done)
-    with pytest.raises(RemoteProtocolError) as info:
-        pair.child.receive(encode(Tick(n=n, expect=0)))
-    assert (info.value.field, info.value.code) == ("TICK.n", "tick-gap")
-    assert pair.child.state is C.ERROR
-
-
-@pytest.mark.parametrize("n", [0, 2, 4])
-def test_parent_machine_send_tick_out_of_order_is_local_error(n: int) -> None:
-    pair = Pair().handshake().run_ticks(1)
+def test_parent_machine_send_stale_grant_is_local_error() -> None:
+    pair = Pair().handshake().windows(3)
     with pytest.raises(LocalProtocolError) as info:
-        pair.parent.send(Tick(n=n, expect=0))
-    assert (info.value.field, info.value.code) == ("TICK.n", "tick-gap")
+        pair.parent.send(Grant(until=2))
+    assert (info.value.field, info.value.code) == ("GRANT.until", "stale-tick")
     assert pair.parent.state is P.ERROR
 
 
-@pytest.mark.parametrize("n, code", [(2, "stale-tick"), (4, "wrong-tick")])
-def test_parent_machine_rejects_tock_for_wrong_tick(n: int, code: str) -> None:
-    pair = Pair().handshake().run_ticks(3)
-    pair.parent.send(Tick(n=3, expect=0))
+@pytest.mark.parametrize("until, code", [(2, "stale-tick"), (4, "stale-tick"),
+                                         (9, "wrong-tick")])
+def test_parent_machine_rejects_done_for_wrong_window(until: int, code: str) -> None:
+    pair = Pair().handshake().windows(3)
+    pair.parent.send(Grant(until=5))
     with pytest.raises(RemoteProtocolError) as info:
-        pair.parent.receive(encode(Tock(n=n, sent=[], digests={})))
-    assert (info.value.field, info.value.code, info.value.process) == ("TOCK.n", code, "w0")
+        pair.parent.receive(encode(Done(until=until, digests=b"")))
+    assert (info.value.field, info.value.code, info.value.worker) == ("DONE.until", code, "w0")
     assert pair.parent.state is P.ERROR
 
 
-def test_child_machine_send_tock_for_wrong_tick_is_local_error() -> None:
-    pair = Pair().handshake().run_ticks(1)
-    pair.parent_says(Tick(n=1, expect=0))
+@pytest.mark.parametrize("tick", [None, 1, 6, 99], ids=["nil", "before", "after", "far"])
+def test_parent_machine_rejects_progress_outside_the_window(tick: int | None) -> None:
+    pair = Pair().handshake().windows(3)  # ticks 0..2 done
+    pair.parent.send(Grant(until=5))
+    with pytest.raises(RemoteProtocolError) as info:
+        pair.parent.receive(encode(Progress(tick=tick, waiting=[])))
+    assert (info.value.field, info.value.code) == ("PROGRESS.tick", "wrong-tick")
+
+
+def test_child_machine_send_done_for_wrong_window_is_local_error() -> None:
+    pair = Pair().handshake().windows(1)
+    pair.parent_says(Grant(until=4))
     with pytest.raises(LocalProtocolError) as info:
-        pair.child.send(Tock(n=0, sent=[], digests={}))
-    assert (info.value.field, info.value.code) == ("TOCK.n", "wrong-tick")
+        pair.child.send(Done(until=3, digests=b""))
+    assert (info.value.field, info.value.code) == ("DONE.until", "stale-tick")
 
 
-def test_parent_machine_rejects_hello_from_another_process() -> None:
+def test_parent_machine_rejects_hello_from_another_worker() -> None:
     parent = ParentMachine("w0")
+    other = Hello(worker="w1", token=TOKEN, pid=1, versions={}, data_address="ipc://x")
     with pytest.raises(RemoteProtocolError) as info:
-        parent.receive(encode(Hello(process="w1", pid=1, data_address="ipc://x", nodes=[])))
-    assert (info.value.field, info.value.code) == ("HELLO.process", "wrong-process")
+        parent.receive(encode(other))
+    assert (info.value.field, info.value.code) == ("HELLO.worker", "wrong-worker")
     assert parent.state is P.ERROR
 
 
@@ -506,23 +533,31 @@ def test_parent_machine_rejects_hello_from_another_process() -> None:
 
 
 @pytest.mark.parametrize("make, message", [
-    (lambda: ChildMachine(), Ready()),
-    (lambda: ChildMachine(), Tock(n=0, sent=[], digests={})),
-    (lambda: Pair().handshake().child, Tock(n=0, sent=[], digests={})),
+    (lambda: ChildMachine(), Ready(digests=b"")),
+    (lambda: ChildMachine(), Done(until=0, digests=b"")),
+    (lambda: Pair().handshake().child, Done(until=0, digests=b"")),
+    (lambda: Pair().handshake().child, Progress(tick=None, waiting=[])),
     (lambda: Pair().handshake().child, HELLO),
     (lambda: Pair().handshake().child, Bye()),
-    (lambda: ChildMachine(), Tick(n=0, expect=0)),
+    (lambda: ChildMachine(), Grant(until=0)),
     (lambda: ChildMachine(), DATA),
-    (lambda: ParentMachine(), Tick(n=0, expect=0)),
+    (lambda: ParentMachine(), Grant(until=0)),
     (lambda: ParentMachine(), SETUP),
     (lambda: Pair().handshake().parent, SETUP),
-    (lambda: Pair().handshake().parent, Ready()),
-], ids=["child-READY-at-start", "child-TOCK-at-start", "child-TOCK-idle", "child-HELLO-twice",
-        "child-BYE-unasked", "child-sends-TICK", "child-sends-DATA", "parent-TICK-before-HELLO",
-        "parent-SETUP-before-HELLO", "parent-SETUP-twice", "parent-sends-READY"])
+    (lambda: None, None),  # see below
+    (lambda: Pair().handshake().parent, Ready(digests=b"")),
+], ids=["child-READY-at-start", "child-DONE-at-start", "child-DONE-idle",
+        "child-PROGRESS-idle", "child-HELLO-twice", "child-BYE-unasked", "child-sends-GRANT",
+        "child-sends-DATA", "parent-GRANT-before-HELLO", "parent-SETUP-before-HELLO",
+        "parent-SETUP-twice", "parent-GRANT-while-running", "parent-sends-READY"])
 def test_machine_send_not_allowed_is_local_error(make: Callable[[], Any],
-                                                 message: Message) -> None:
-    machine = make()
+                                                 message: Message | None) -> None:
+    if message is None:  # a second GRANT before the first window's DONE
+        pair = Pair().handshake()
+        pair.parent.send(Grant(until=3))
+        machine, message = pair.parent, Grant(until=5)
+    else:
+        machine = make()
     with pytest.raises(LocalProtocolError) as info:
         machine.send(message)
     assert (info.value.field, info.value.code) == ("type", "unexpected")
@@ -530,14 +565,16 @@ def test_machine_send_not_allowed_is_local_error(make: Callable[[], Any],
 
 
 @pytest.mark.parametrize("make, message", [
-    (lambda: Pair().child, Tick(n=0, expect=0)),
+    (lambda: Pair().child, Grant(until=0)),
     (lambda: Pair().child, Stop(reason="x")),
     (lambda: Pair().handshake().child, SETUP),
-    (lambda: ParentMachine(), Ready()),
-    (lambda: ParentMachine(), Tock(n=0, sent=[], digests={})),
+    (lambda: ParentMachine(), Ready(digests=b"")),
+    (lambda: ParentMachine(), Done(until=0, digests=b"")),
+    (lambda: Pair().handshake().parent, Progress(tick=None, waiting=[])),
     (lambda: Pair().handshake().parent, Bye()),
-], ids=["child-TICK-at-start", "child-STOP-at-start", "child-SETUP-twice",
-        "parent-READY-before-HELLO", "parent-TOCK-before-TICK", "parent-BYE-unasked"])
+], ids=["child-GRANT-at-start", "child-STOP-at-start", "child-SETUP-twice",
+        "parent-READY-before-HELLO", "parent-DONE-before-GRANT", "parent-PROGRESS-idle",
+        "parent-BYE-unasked"])
 def test_machine_receive_not_allowed_is_remote_error(make: Callable[[], Any],
                                                      message: Message) -> None:
     machine = make()
@@ -550,9 +587,10 @@ def test_machine_receive_not_allowed_is_remote_error(make: Callable[[], Any],
 @pytest.mark.parametrize("make, data", [
     (lambda: Pair().handshake().child, encode(DATA)),
     (lambda: Pair().handshake().child, encode(HELLO)),
-    (lambda: ParentMachine(), encode(Tick(n=0, expect=0))),
+    (lambda: Pair().handshake().child, encode(Peer(worker="w1", token=TOKEN))),
+    (lambda: ParentMachine(), encode(Grant(until=0))),
     (lambda: ParentMachine(), encode(SETUP)),
-], ids=["child-DATA", "child-HELLO", "parent-TICK", "parent-SETUP"])
+], ids=["child-DATA", "child-HELLO", "child-PEER", "parent-GRANT", "parent-SETUP"])
 def test_machine_receive_wrong_direction_type_is_frame_error(make: Callable[[], Any],
                                                              data: bytes) -> None:
     machine = make()
@@ -567,8 +605,8 @@ def _child_garbage(pair: Pair) -> None:
 
 
 def _child_stale(pair: Pair) -> None:
-    pair.run_ticks(2)
-    pair.child.receive(encode(Tick(n=0, expect=0)))
+    pair.windows(2)
+    pair.child.receive(encode(Grant(until=0)))
 
 
 def _child_bad_send(pair: Pair) -> None:
@@ -580,12 +618,12 @@ def _parent_oversized(pair: Pair) -> None:
 
 
 def _parent_bad_field(pair: Pair) -> None:
-    pair.parent.send(Tick(n=0, expect=0))
-    pair.parent.receive(pack([1, "TOCK", {"n": 0, "sent": [], "digests": {"a": b"short"}}]))
+    pair.parent.send(Grant(until=0))
+    pair.parent.receive(pack([V, "DONE", {"until": 0, "digests": "not bytes"}]))
 
 
 def _parent_bad_send(pair: Pair) -> None:
-    pair.parent.send(Ready())
+    pair.parent.send(Ready(digests=b""))
 
 
 @pytest.mark.parametrize("side, fail", [
@@ -598,8 +636,8 @@ def test_machine_stays_in_error_after_any_error(side: str, fail: Callable[[Pair]
         fail(pair)
     machine = getattr(pair, side)
     assert machine.state in (C.ERROR, P.ERROR)
-    later_send = Stop(reason="x") if side == "parent" else Tock(n=0, sent=[], digests={})
-    later_frame = encode(Bye() if side == "parent" else Tick(n=0, expect=0))
+    later_send = Stop(reason="x") if side == "parent" else Done(until=0, digests=b"")
+    later_frame = encode(Bye() if side == "parent" else Grant(until=9))
     for attempt in (lambda: machine.send(later_send), lambda: machine.receive(later_frame),
                     lambda: machine.receive(b"\xc1"), lambda: machine.send(Error("c", "d"))):
         with pytest.raises(LocalProtocolError) as info:
@@ -608,45 +646,36 @@ def test_machine_stays_in_error_after_any_error(side: str, fail: Callable[[Pair]
         assert machine.state in (C.ERROR, P.ERROR)
 
 
-def _child_states() -> list[tuple[str, Callable[[], ChildMachine]]]:
-    def reach(steps: int) -> Callable[[], ChildMachine]:
-        def make() -> ChildMachine:
-            pair = Pair()
-            actions = [lambda: pair.child_says(HELLO), lambda: pair.parent_says(SETUP),
-                       lambda: pair.child_says(Ready()),
-                       lambda: pair.parent_says(Tick(n=0, expect=0)),
-                       lambda: pair.child_says(Tock(n=0, sent=[], digests={})),
-                       lambda: pair.parent_says(Stop(reason="x")),
-                       lambda: pair.child_says(Bye())]
-            for action in actions[:steps]:
-                action()
-            return pair.child
-        return make
-    return [(name, reach(i)) for i, name in enumerate(
-        ["START", "AWAIT_SETUP", "SETTING_UP", "IDLE", "TICKING", "IDLE2", "STOPPING",
-         "CLOSED"])]
+CHILD_STEPS = ["START", "AWAIT_SETUP", "SETTING_UP", "IDLE", "RUNNING", "IDLE", "STOPPING",
+               "CLOSED"]
 
 
-@pytest.mark.parametrize("name, make", _child_states(), ids=[n for n, _ in _child_states()])
-def test_child_machine_error_frame_moves_to_error(name: str, make: Callable[[], Any]) -> None:
-    child = make()
-    assert child.state.value == name.rstrip("2")
-    error = Error(code="bad-field", detail="d", field="TOCK.n", tick=0)
-    assert child.receive(encode(error)) == error
-    assert child.state is C.ERROR
-
-
-@pytest.mark.parametrize("steps", range(7))
-def test_parent_machine_error_frame_moves_to_error(steps: int) -> None:
-    pair = Pair()
+def _reach(pair: Pair, steps: int) -> None:
     actions = [lambda: pair.child_says(HELLO), lambda: pair.parent_says(SETUP),
-               lambda: pair.child_says(Ready()), lambda: pair.parent_says(Tick(n=0, expect=0)),
-               lambda: pair.child_says(Tock(n=0, sent=[], digests={})),
-               lambda: pair.parent_says(Stop(reason="x"))]
+               lambda: pair.child_says(Ready(digests=RECORDS)),
+               lambda: pair.parent_says(Grant(until=0)),
+               lambda: pair.child_says(Done(until=0, digests=RECORDS)),
+               lambda: pair.parent_says(Stop(reason="x")),
+               lambda: pair.child_says(Bye())]
     for action in actions[:steps]:
         action()
-    if steps == 6:
-        pair.child_says(Bye())
+
+
+@pytest.mark.parametrize("steps", range(len(CHILD_STEPS)),
+                         ids=[f"{i}-{name}" for i, name in enumerate(CHILD_STEPS)])
+def test_child_machine_error_frame_moves_to_error(steps: int) -> None:
+    pair = Pair()
+    _reach(pair, steps)
+    assert pair.child.state.value == CHILD_STEPS[steps]
+    error = Error(code="bad-field", detail="d", field="DONE.until", tick=0)
+    assert pair.child.receive(encode(error)) == error
+    assert pair.child.state is C.ERROR
+
+
+@pytest.mark.parametrize("steps", range(len(CHILD_STEPS)))
+def test_parent_machine_error_frame_moves_to_error(steps: int) -> None:
+    pair = Pair()
+    _reach(pair, steps)
     pair.parent.receive(encode(Error(code="node-error", detail="boom", tick=0, node="a")))
     assert pair.parent.state is P.ERROR
 
@@ -661,17 +690,28 @@ def test_machine_sending_error_moves_to_error() -> None:
 
 def test_machine_send_unpackable_leaves_machine_in_error() -> None:
     pair = Pair().handshake()
-    pair.parent_says(Tick(n=0, expect=0))
+    pair.parent_says(Grant(until=0))
     with pytest.raises((FrameError, LocalProtocolError)):
-        pair.child.send(Tock(n=0, sent=[], digests={"a": object()}))  # type: ignore[dict-item]
+        pair.child.send(Done(until=0, digests=object()), checked=False)  # type: ignore
     assert pair.child.state is C.ERROR
 
 
 def test_machine_send_invalid_field_is_local_error() -> None:
     pair = Pair().handshake()
-    pair.parent_says(Tick(n=0, expect=0))
-    with pytest.raises(LocalProtocolError):
-        pair.child.send(Tock(n=0, sent=[], digests={"a": b"short"}))
+    pair.parent_says(Grant(until=0))
+    with pytest.raises(LocalProtocolError) as info:
+        pair.child.send(Done(until=0, digests="not bytes"))  # type: ignore[arg-type]
+    assert (info.value.field, info.value.code) == ("DONE.digests", "bad-field")
+
+
+def test_versions_name_every_mismatch() -> None:
+    ours = proto.local_versions()
+    assert set(ours) == {"python", "msgpack", "hio", "hiocluster", "protocol"}
+    assert proto.mismatches(dict(ours), ours) == []
+    theirs = dict(ours, hio="0.0.1")
+    del theirs["msgpack"]
+    assert proto.mismatches(theirs, ours) == [f"msgpack missing (supervisor: {ours['msgpack']})",
+                                              f"hio 0.0.1 (supervisor: {ours['hio']})"]
 
 
 # ---------------------------------------------------------------------------
@@ -686,8 +726,8 @@ def _doc_table(heading: str) -> dict[tuple[str, str, str], str]:
     return {(state, direction, kind): after for state, direction, kind, after in rows}
 
 
-@pytest.mark.parametrize("heading, table", [("### Child machine", CHILD_TRANSITIONS),
-                                            ("### Parent machine", PARENT_TRANSITIONS)])
+@pytest.mark.parametrize("heading, table", [("### Worker machine", CHILD_TRANSITIONS),
+                                            ("### Supervisor machine", PARENT_TRANSITIONS)])
 def test_docs_transition_tables_match_code(heading: str, table: dict) -> None:
     expected = {(state.value, direction, kind): after.value
                 for (state, direction, kind), after in table.items()}
@@ -696,7 +736,7 @@ def test_docs_transition_tables_match_code(heading: str, table: dict) -> None:
 
 def test_docs_worked_example_matches_encoder() -> None:
     text = DOCS.read_text(encoding="utf-8")
-    assert encode(Tick(n=3, expect=2)).hex(" ") in text
+    assert encode(Grant(until=3)).hex(" ") in text
 
 
 # ---------------------------------------------------------------------------
@@ -713,8 +753,8 @@ payloads = st.recursive(
     lambda inner: st.lists(inner, max_size=4)
     | st.dictionaries(st.text(st.characters(codec="utf-8"), max_size=8), inner, max_size=4),
     max_leaves=12)
-tocks = st.builds(Tock, n=uints, sent=st.lists(names, max_size=4),
-                  digests=st.dictionaries(names, st.binary(min_size=32, max_size=32), max_size=4))
+dones = st.builds(Done, until=uints, digests=st.binary(max_size=200))
+progresses = st.builds(Progress, tick=st.none() | uints, waiting=st.lists(names, max_size=4))
 datas = st.builds(Data, tick=uints, source=names,
                   messages=st.lists(st.tuples(uints, st.lists(payloads, max_size=4)).map(
                       lambda run: [run[0], list(range(len(run[1]))), run[1]]), max_size=5),
@@ -737,19 +777,20 @@ def test_decode_arbitrary_bytes_is_message_or_frame_error(data: bytes) -> None:
 
 @FEW
 @given(st.sampled_from(sorted(proto.MESSAGE_TYPES)),
-       st.dictionaries(st.sampled_from(["n", "expect", "tick", "sent", "digests", "stats",
-                                        "process", "links", "messages", "acks", "reason",
-                                        "code", "detail", "other"]), payloads, max_size=6))
+       st.dictionaries(st.sampled_from(["until", "start", "tick", "waiting", "digests",
+                                        "stats", "worker", "token", "links", "messages",
+                                        "acks", "reason", "code", "detail", "other"]),
+                       payloads, max_size=6))
 def test_decode_arbitrary_bodies_is_message_or_frame_error(kind: str,
                                                            body: dict[str, Any]) -> None:
-    result = _decode_or_frame_error(pack([1, kind, body]), limit=MAX_DATA_FRAME)
+    result = _decode_or_frame_error(pack([V, kind, body]), limit=MAX_DATA_FRAME)
     assert isinstance(result, (Message, FrameError))
     if isinstance(result, FrameError):
         assert result.field == "frame" or result.field.startswith((kind, "body"))
 
 
 @FEW
-@given(st.one_of(tocks, datas))
+@given(st.one_of(dones, progresses, datas))
 def test_decode_inverts_encode_for_valid_messages(message: Message) -> None:
     assert decode(encode(message), limit=MAX_DATA_FRAME) == message
 
@@ -774,14 +815,14 @@ def _mutate(data: bytes, edits: list[tuple[str, int, int]]) -> bytes:
 
 
 @FEW
-@given(tocks, mutations)
-def test_decode_mutated_tock_is_message_or_frame_error(tock: Tock,
+@given(dones, mutations)
+def test_decode_mutated_done_is_message_or_frame_error(done: Done,
                                                        edits: list[tuple[str, int, int]]) -> None:
-    data = _mutate(encode(tock), edits)
+    data = _mutate(encode(done), edits)
     result = _decode_or_frame_error(data)
     assert isinstance(result, (Message, FrameError))
-    parent = Pair().handshake().run_ticks(1).parent
-    parent.send(Tick(n=1, expect=0))
+    parent = Pair().handshake().windows(1).parent
+    parent.send(Grant(until=3))
     try:
         parent.receive(data)
     except (FrameError, RemoteProtocolError):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 import textwrap
 
@@ -33,12 +34,12 @@ def test_loads_minimal_file() -> None:
 
 def test_loads_defaults_and_run_values() -> None:
     top = loads(AB)
-    assert (top.ticks, top.tock, top.t0, top.seed, top.tick_timeout, top.capacity) == (
-        100, 1.0, 0.0, 0, 30.0, 1024)
+    assert (top.ticks, top.tock, top.t0, top.seed, top.tick_timeout, top.capacity,
+            top.real) == (100, 1.0, 0.0, 0, 30.0, 1024, False)
     top = loads("[run]\nticks = 5\ntock = 2\nt0 = -1\nseed = 7\ntick_timeout = 0.5\n"
-                "capacity = 8\n" + AB)
-    assert (top.ticks, top.tock, top.t0, top.seed, top.tick_timeout, top.capacity) == (
-        5, 2.0, -1.0, 7, 0.5, 8)
+                "capacity = 8\nreal = true\n" + AB)
+    assert (top.ticks, top.tock, top.t0, top.seed, top.tick_timeout, top.capacity,
+            top.real) == (5, 2.0, -1.0, 7, 0.5, 8, True)
     assert isinstance(top.tock, float)
 
 
@@ -91,13 +92,14 @@ def test_links_canonical_order_ids_and_capacity() -> None:
     ("[run]\ntock = 0\n" + AB, "run.tock", "must be > 0"),
     ("[run]\ntick_timeout = inf\n" + AB, "run.tick_timeout", "must be finite"),
     ("[run]\nticks = 0\n" + AB, "run.ticks", "must be >= 1"),
+    ("[run]\nreal = 1\n" + AB, "run.real", "expected bool, got int"),
     ("[run]\nseed = -1\n" + AB, "run.seed", "must be in 0.."),
     ("run = 3\n" + AB, "run", "expected table, got int"),
     ("", "nodes", "at least one node"),
     ("[nodes.a]\nparams = {}\n", "nodes.a", "missing required key 'class'"),
     ("[nodes.a]\nclass = 3\n", "nodes.a.class", "expected str, got int"),
     ('[nodes.a]\nclass = "m.A"\n', "nodes.a.class", "expected 'module.path:attr'"),
-    ('[nodes.a]\nclass = "m:A"\ncount = 1001\n', "nodes.a.count", "must be in 1..1000"),
+    ('[nodes.a]\nclass = "m:A"\ncount = 100001\n', "nodes.a.count", "must be in 1..100000"),
     ('[nodes.a]\nclass = "m:A"\nparams = 1\n', "nodes.a.params", "expected table"),
     ('[nodes."9a"]\nclass = "m:A"\n', "nodes.9a", "invalid node name '9a'"),
     (f'[nodes.{"x" * 63}]\nclass = "m:A"\ncount = 11\n', f"nodes.{'x' * 63}", "invalid node"),
@@ -116,12 +118,12 @@ def test_links_canonical_order_ids_and_capacity() -> None:
     (AB + '[[links]]\nfrom = "a.o"\nto = "b.i"\ncapacity = 0\n', "links[0].capacity", ">= 1"),
     (AB + '[[links]]\nfrom = "a.o"\nto = "b.i"\n[[links]]\nfrom = "*.o"\nto = "b.i"\n',
      "links[1]", "duplicate link a.o -> b.i (also made by links[0])"),
-    (AB + '[placement]\np = ["a"]\n', "placement", "not placed in any process: b"),
+    (AB + '[placement]\np = ["a"]\n', "placement", "not placed in any worker: b"),
     (AB + '[placement]\np = ["a", "b"]\nq = ["b"]\n', "placement.q", "'b' is placed twice"),
-    (AB + '[placement]\np = ["*"]\nq = []\n', "placement.q", "process 'q' has no nodes"),
+    (AB + '[placement]\np = ["*"]\nq = []\n', "placement.q", "worker 'q' has no nodes"),
     (AB + '[placement]\np = ["a", "c"]\n', "placement.p", "no node named 'c'"),
-    (AB + '[placement]\n"-p" = ["*"]\n', "placement.-p", "invalid process name"),
-    (AB + "[placement]\n", "placement", "no processes"),
+    (AB + '[placement]\n"-p" = ["*"]\n', "placement.-p", "invalid worker name"),
+    (AB + "[placement]\n", "placement", "no workers"),
 ])
 def test_loads_rejects(text: str, key_path: str, fragment: str) -> None:
     exc = error(text)
@@ -162,26 +164,29 @@ def test_load_reads_file_and_reports_missing(tmp_path) -> None:
     assert info.value.line == 1 and info.value.path == str(path)
 
 
-def test_plan_defaults_to_one_process_per_node() -> None:
-    result = plan(loads(AB))
-    assert [(p.name, p.node_names) for p in result.processes] == [("a", ("a",)), ("b", ("b",))]
+def test_plan_defaults_to_one_worker_per_core_at_most() -> None:
+    top = loads('[nodes.n]\nclass = "m:A"\ncount = 5\n')
+    assert [(p.name, p.node_names) for p in plan(top, cores=2).workers] == [
+        ("p0", ("n0", "n1", "n2")), ("p1", ("n3", "n4"))]
+    assert len(plan(top, cores=64).workers) == 5  # never more workers than nodes
+    assert len(plan(top).workers) == min(5, os.cpu_count() or 1)
 
 
 def test_plan_uses_placement_in_file_order() -> None:
     top = loads(LP + AB + '[placement]\nz = ["b", "lp2"]\ny = ["lp0", "a", "lp1"]\n')
     assert top.placement == (("z", ("lp2", "b")), ("y", ("lp0", "lp1", "a")))
     result = plan(top)
-    assert [p.name for p in result.processes] == ["z", "y"]
-    assert result.process_of("lp1") == "y" and result.node_to_process["b"] == "z"
+    assert [p.name for p in result.workers] == ["z", "y"]
+    assert result.worker_of("lp1") == "y" and result.node_to_worker["b"] == "z"
 
 
 def test_plan_spreads_contiguous_blocks() -> None:
     top = loads('[nodes.n]\nclass = "m:A"\ncount = 5\n')
     result = plan(top, 2)
-    assert [(p.name, p.node_names) for p in result.processes] == [
+    assert [(p.name, p.node_names) for p in result.workers] == [
         ("p0", ("n0", "n1", "n2")), ("p1", ("n3", "n4"))]
     with pytest.raises(KeyError):
-        result.process_of("zz")
+        result.worker_of("zz")
 
 
 @pytest.mark.parametrize("processes", [0, 6, True, 2.0])
@@ -196,9 +201,9 @@ def test_plan_places_every_node_once_contiguously(n: int, data: st.DataObject) -
     processes = data.draw(st.integers(1, n))
     top = loads(f'[nodes.n]\nclass = "m:A"\ncount = {n}\n')
     result = plan(top, processes)
-    assert [p.name for p in result.processes] == [f"p{j}" for j in range(processes)]
-    assert all(p.nodes for p in result.processes)
-    flat = [node for p in result.processes for node in p.nodes]
+    assert [p.name for p in result.workers] == [f"p{j}" for j in range(processes)]
+    assert all(p.nodes for p in result.workers)
+    flat = [node for p in result.workers for node in p.nodes]
     assert flat == list(top.nodes)  # each exactly once, in contiguous declaration-order blocks
     assert plan(top, processes) == result
 

@@ -1,0 +1,87 @@
+"""The run digest, and the digest records workers send to build it.
+
+The state of a run after a tick is every node's digest; the run digest folds
+those states in, tick by tick (docs/protocol.md §7)::
+
+    fold(D, state) = sha256(D + Σ over nodes in name order: utf8(name) + node digest)
+    D_setup = fold(32 zero bytes, state after set-up);  D_n = fold(D_n-1, state after tick n)
+
+A worker cannot fold (it sees only its own nodes), so it sends *records*: per
+tick, ``utf8(name) + node digest`` for each of its nodes in name order. The
+supervisor splices the workers' records into the global name order and hashes.
+When workers hold contiguous ranges of names (the usual case) that is one slice
+per worker per tick.
+
+Imports: stdlib and hiocluster.protocol only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Iterable, Mapping
+
+from .protocol import DIGEST_SIZE
+
+__all__ = ["DigestChain", "record_size"]
+
+_sha256 = hashlib.sha256
+
+
+def record_size(names: Iterable[str]) -> int:
+    """Bytes of one tick's records for nodes ``names``."""
+    return sum(len(name.encode()) + DIGEST_SIZE for name in names)
+
+
+class DigestChain:
+    """Fold per-worker digest records into the run digest, one state at a time.
+
+    Args:
+        workers: each worker's node names.
+        keep: keep the run digest after every tick (``tick_digests``).
+    """
+
+    def __init__(self, workers: Mapping[str, Iterable[str]], keep: bool = False) -> None:
+        owner: dict[str, tuple[str, int, int]] = {}  # node -> (worker, start, end)
+        self.sizes: dict[str, int] = {}
+        for worker, names in workers.items():
+            offset = 0
+            for name in sorted(names):
+                end = offset + len(name.encode()) + DIGEST_SIZE
+                owner[name] = (worker, offset, end)
+                offset = end
+            self.sizes[worker] = offset
+        runs: list[list] = []   # [worker, start, end]: consecutive bytes of one worker
+        for name in sorted(owner):
+            worker, start, end = owner[name]
+            if runs and runs[-1][0] == worker and runs[-1][2] == start:
+                runs[-1][2] = end
+            else:
+                runs.append([worker, start, end])
+        self._runs = [tuple(run) for run in runs]
+        self.keep = keep
+        self.digest = b"\0" * DIGEST_SIZE
+        self.tick_digests: list[str] = []
+        self.folded = 0  # states folded in; the first is the state after set-up
+
+    def check(self, worker: str, records: bytes, states: int) -> str | None:
+        """Why ``records`` cannot be ``states`` states of ``worker`` (None if they can)."""
+        expected = self.sizes[worker] * states
+        if len(records) != expected:
+            return (f"expected {expected} bytes ({states} state(s) of "
+                    f"{self.sizes[worker]} bytes), got {len(records)}")
+        return None
+
+    def fold(self, records: Mapping[str, bytes], states: int) -> None:
+        """Fold ``states`` consecutive states; ``records[worker]`` holds that many of
+        each worker's (already checked with :meth:`check`)."""
+        sizes, runs, digest = self.sizes, self._runs, self.digest
+        for index in range(states):
+            parts = [digest]
+            for worker, start, end in runs:
+                base = sizes[worker] * index
+                parts.append(records[worker][base + start:base + end])
+            digest = _sha256(b"".join(parts)).digest()
+            if self.keep and self.folded:
+                self.tick_digests.append(digest.hex())
+            self.folded += 1
+        self.digest = digest

@@ -1,0 +1,175 @@
+"""The nodes one worker hosts: built from SETUP, stepped by one hio Doist, hashed.
+
+:class:`NodeHost` imports the node classes, builds the nodes, enters them in
+hio's Doist (each separately, so a failing enter context names its node), runs
+one ``Doist.recur()`` per tick, writes the digest records of each state
+(docs/protocol.md §7) and runs every node's exit contexts, one by one, even
+when one raises. Anything a node's own code raises becomes :class:`NodeFailed`
+naming it. No sockets.
+
+Imports: hio, node, protocol, errors.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+import traceback
+from collections import Counter, deque
+from typing import Iterator
+
+from hio.base.doing import Doist
+
+from . import protocol as proto
+from .errors import ClusterError
+from .node import Node, load_class
+
+__all__ = ["NodeHost", "NodeFailed", "TickOverrun", "Terminated", "blame", "tail",
+           "TRACEBACK_LINES"]
+
+#: Traceback lines sent up with a node failure.
+TRACEBACK_LINES = 12
+
+
+class NodeFailed(ClusterError):
+    """A node's own code raised (or produced something unsendable)."""
+
+    def __init__(self, node: str, tick: int, detail: str, code: str = "node-error") -> None:
+        self.node, self.tick, self.detail, self.code = node, tick, detail, code
+        super().__init__(f"node {node} failed at tick {tick}")
+
+
+class Terminated(BaseException):
+    """A signal (or the loss of the supervisor) ends this worker: leave through the
+    exit contexts. Never blamed on the node it interrupts."""
+
+
+class TickOverrun(BaseException):
+    """Raised in a node by the worker's watchdog: one tick ran past its deadline.
+
+    A BaseException, like KeyboardInterrupt, so a node's ``except Exception``
+    does not swallow it.
+    """
+
+
+class NodeHost:
+    """The nodes of one worker and the Doist that runs them (see module docstring).
+
+    Args:
+        setup: the SETUP message (clock, seed, node rows).
+        app_dir: directory to import node classes from.
+    """
+
+    def __init__(self, setup: proto.Setup, app_dir: str | None) -> None:
+        classes = {}
+        for name, path, _ in setup.nodes:
+            try:
+                classes[name] = load_class(path, app_dir)
+            except ImportError as exc:
+                raise NodeFailed(name, -1, str(exc)) from None
+        self.nodes: list[Node] = []
+        for name, _, params in setup.nodes:
+            with blame(name, -1):
+                self.nodes.append(classes[name](name, params, seed=setup.seed))
+        self.by_name = {node.name: node for node in self.nodes}
+        self._sorted = sorted(self.nodes, key=lambda node: node.name)
+        self._prefixes = [node.name.encode() for node in self._sorted]
+        # tyme then advances as hio's own Doist advances it (tyme += tock per recur), so
+        # hio's rescheduling arithmetic (retyme = tyme + tock) lines up exactly
+        self.doist = Doist(tyme=float(setup.t0), tock=float(setup.tock), real=False,
+                           doers=list(self.nodes))
+        self.entered = False
+        self.tick = -1
+        self.busy_since = 0.0   # monotonic start of the tick being run, 0.0 between ticks
+
+    def enter(self) -> None:
+        """Run every node's hio enter context."""
+        doist = self.doist
+        self.entered = True
+        for node in self.nodes:
+            with blame(node.name, -1):
+                doist.deeds.extend(doist.enter(doers=[node]))
+
+    def run_tick(self, tick: int) -> None:
+        """Tick ``tick``: every node steps once (one ``Doist.recur()``)."""
+        self.tick = tick
+        for node in self.nodes:
+            node.tick = tick
+        self.busy_since = time.monotonic()
+        try:
+            self.doist.recur()
+        except Terminated:
+            raise
+        except BaseException as exc:  # SystemExit from a node is the node's failure too
+            name: str = getattr(exc, "hiocluster_node", "?")
+            code = "tick-timeout" if isinstance(exc, TickOverrun) else "node-error"
+            raise NodeFailed(name, tick, tail(traceback.format_exc()), code) from exc
+        finally:
+            self.busy_since = 0.0
+
+    def records(self) -> bytes:
+        """This state's digest records: ``utf8(name) + sha256`` per node, by name."""
+        parts = []
+        try:
+            for prefix, node in zip(self._prefixes, self._sorted):
+                parts.append(prefix)
+                parts.append(node.digest())
+        except Terminated:
+            raise
+        except BaseException:
+            raise NodeFailed(node.name, self.tick, tail(traceback.format_exc())) from None
+        return b"".join(parts)
+
+    def exit(self) -> list[tuple[str, str]]:
+        """Run every node's hio exit contexts (last entered first), each one even when
+        another raises; return (node, traceback tail) for each that raised."""
+        failures: list[tuple[str, str]] = []
+        if not self.entered:
+            return failures
+        self.entered = False
+        deeds = self.doist.deeds
+        while deeds:
+            deed = deeds.pop()
+            if deed[0] is None:  # hio's run-through marker
+                continue
+            try:
+                self.doist.exit(deque([deed]))
+            except Terminated:
+                raise
+            except BaseException:
+                failures.append((deed[2].name, tail(traceback.format_exc())))
+        return failures
+
+    def metrics(self) -> dict[str, int]:
+        """The sum over nodes of :meth:`Node.metrics` (checked: names and uints)."""
+        total: Counter[str] = Counter()
+        for node in self.nodes:
+            with blame(node.name, self.tick):
+                metrics = node.metrics()
+                for name, value in metrics.items():
+                    if not (proto.is_name(name) and proto.UINT.ok(value)):
+                        raise ValueError(f"metrics() gave {name!r}: {value!r}; expected names "
+                                         "of A-Z a-z 0-9 _ . - and integers >= 0")
+            total.update(metrics)
+        return dict(total)
+
+    def unread(self) -> int:
+        """Messages still waiting in inboxes."""
+        return sum(len(box) for node in self.nodes for box in node.inbox.values())
+
+
+@contextlib.contextmanager
+def blame(node: str, tick: int) -> Iterator[None]:
+    """Turn anything a node's own code raises into NodeFailed naming that node."""
+    try:
+        yield
+    except (NodeFailed, Terminated):
+        raise
+    except BaseException:
+        raise NodeFailed(node, tick, tail(traceback.format_exc())) from None
+
+
+def tail(text: str, lines: int = TRACEBACK_LINES) -> str:
+    """The last ``lines`` lines of a traceback."""
+    return "\n".join(text.rstrip().splitlines()[-lines:])
+

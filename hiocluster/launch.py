@@ -1,0 +1,127 @@
+"""Starting and stopping worker processes: a small interface, and the local one.
+
+A supervisor only needs, per worker: start it, know whether it still runs and
+how it ended, and signal it. :class:`Launcher` and :class:`ProcessHandle` say
+that; :class:`LocalLauncher` starts ``hiocluster worker`` as a child process on
+this host. (A remote launcher, asking an agent on another host, implements the
+same two protocols.)
+
+A local worker runs in its own session, so a signal to the supervisor's process
+group (Ctrl-C, ``kill -- -PGID``, systemd) reaches the supervisor only, which
+then stops every worker cleanly. It gets the run's token in its environment
+(``HIOCLUSTER_TOKEN``), never on its command line.
+
+Imports: stdlib only.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from typing import Protocol, Sequence
+
+__all__ = ["ProcessHandle", "Launcher", "LocalProcess", "LocalLauncher", "worker_argv",
+           "TOKEN_ENV"]
+
+#: The environment variable a worker reads the run's token from.
+TOKEN_ENV = "HIOCLUSTER_TOKEN"
+
+
+class ProcessHandle(Protocol):
+    """One started worker process."""
+
+    pid: int | None
+    #: a file descriptor that becomes readable when the process ends (None: poll)
+    sentinel: int | None
+
+    def exitcode(self) -> int | None:
+        """How it ended (negative: killed by that signal), or None while it runs."""
+
+    def terminate(self) -> None:
+        """Ask it to stop (SIGTERM): it runs its exit contexts."""
+
+    def kill(self) -> None:
+        """Stop it now (SIGKILL)."""
+
+    def close(self) -> None:
+        """Release what the handle holds (after the process ended)."""
+
+
+class Launcher(Protocol):
+    """Starts worker processes for one run."""
+
+    def start(self, worker: str) -> ProcessHandle:
+        """Start worker ``worker``; it connects to the run's control address itself."""
+
+
+def worker_argv(connect: str, worker: str, *, app_dir: str | None = None,
+                run_dir: str | None = None) -> list[str]:
+    """The ``hiocluster worker`` arguments that join ``worker`` to a run."""
+    argv = ["worker", "--connect", connect, "--name", worker]
+    if app_dir:
+        argv += ["--app-dir", app_dir]
+    if run_dir:
+        argv += ["--run-dir", run_dir]
+    return argv
+
+
+class LocalProcess:
+    """A worker started as a child process of this one (see :class:`ProcessHandle`)."""
+
+    def __init__(self, popen: subprocess.Popen) -> None:
+        self.popen = popen
+        self.pid: int | None = popen.pid
+        try:
+            self.sentinel: int | None = os.pidfd_open(popen.pid)
+        except (AttributeError, OSError):  # not Linux >= 5.3: the supervisor polls
+            self.sentinel = None
+
+    def exitcode(self) -> int | None:
+        return self.popen.poll()
+
+    def _signal(self, signum: int) -> None:
+        if self.popen.poll() is None:  # Popen never signals a reaped pid
+            try:
+                self.popen.send_signal(signum)
+            except ProcessLookupError:
+                pass
+
+    def terminate(self) -> None:
+        self._signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        self._signal(signal.SIGKILL)
+
+    def close(self) -> None:
+        if self.sentinel is not None:
+            os.close(self.sentinel)
+            self.sentinel = None
+
+
+class LocalLauncher:
+    """Start workers as child processes running ``hiocluster worker``.
+
+    Args:
+        connect: the supervisor's control address.
+        token: the run's secret, passed in the environment.
+        app_dir, run_dir: passed on (see ``hiocluster worker --help``).
+        command: the program and leading arguments (default: this Python running
+            ``-m hiocluster``); tests substitute misbehaving workers here.
+    """
+
+    def __init__(self, connect: str, token: bytes, *, app_dir: str | None = None,
+                 run_dir: str | None = None, command: Sequence[str] | None = None) -> None:
+        self.connect, self.token = connect, token
+        self.app_dir, self.run_dir = app_dir, run_dir
+        self.command = list(command or [sys.executable, "-m", "hiocluster"])
+
+    def start(self, worker: str) -> LocalProcess:
+        env = dict(os.environ)
+        env[TOKEN_ENV] = self.token.hex()
+        argv = self.command + worker_argv(self.connect, worker, app_dir=self.app_dir,
+                                          run_dir=self.run_dir)
+        popen = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, close_fds=True,
+                                 start_new_session=True)
+        return LocalProcess(popen)

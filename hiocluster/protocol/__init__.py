@@ -1,0 +1,33 @@
+"""The lockstep protocol, sans-IO: frames, messages, state machines.
+
+Bytes in, typed messages out (and back). No sockets, no hio, no clock: the
+transport moves the bytes; the worker and supervisor cores act on the messages.
+The wire format is specified in docs/protocol.md; keep the two in step.
+
+=============  ==============================================================
+``fields``     limits and one validator per field type
+``messages``   one dataclass per frame type (HELLO ... DATA)
+``frames``     encode and decode: bytes ⇄ messages, bounded and validated
+``machines``   the two ends of a control connection as transition tables
+``versions``   what a run's digests depend on (checked at HELLO)
+=============  ==============================================================
+
+Imports: stdlib, msgpack and hiocluster.errors only.
+"""
+
+from .fields import (DIGEST_SIZE, MAX_CONTROL_FRAME, MAX_DATA_FRAME, MAX_SETUP_FRAME, NAME,
+                     UINT, is_name)
+from .frames import VERSION, check_unpacks, decode, decode_data, encode
+from .machines import (CHILD_TRANSITIONS, PARENT_TRANSITIONS, ChildMachine, ChildState,
+                       ParentMachine, ParentState)
+from .messages import (MESSAGE_TYPES, Bye, Data, Done, Error, Grant, Hello, Message, Peer,
+                       Progress, Ready, Setup, Stop)
+from .versions import local_versions, mismatches
+
+__all__ = [
+    "VERSION", "DIGEST_SIZE", "MAX_CONTROL_FRAME", "MAX_SETUP_FRAME", "MAX_DATA_FRAME",
+    "NAME", "UINT", "is_name", "encode", "decode", "decode_data", "check_unpacks",
+    "Message", "Hello", "Setup", "Ready", "Grant", "Progress", "Done", "Stop", "Bye",
+    "Error", "Data", "Peer", "MESSAGE_TYPES", "ChildMachine", "ParentMachine", "ChildState",
+    "ParentState", "CHILD_TRANSITIONS", "PARENT_TRANSITIONS", "local_versions", "mismatches",
+]

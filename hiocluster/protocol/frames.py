@@ -1,0 +1,142 @@
+"""Framing: a message to bytes and back, with limits on everything untrusted.
+
+A frame is one msgpack array ``[version, type, body]``; ``body`` is a map
+whose keys are exactly the message's fields. :func:`decode` checks every field
+and raises :class:`~hiocluster.errors.FrameError` naming the first bad one
+(docs/protocol.md §2 and §4).
+
+Imports: stdlib, msgpack, hiocluster.errors and the sibling modules only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import MISSING, fields
+from typing import Any
+
+import msgpack
+
+from ..errors import FrameError
+from .fields import MAX_ARRAY, MAX_CONTROL_FRAME, MAX_DATA_FRAME, MAX_MAP, MAX_STR, short
+from .messages import MESSAGE_TYPES, Data, Message
+
+__all__ = ["VERSION", "encode", "decode", "decode_data", "check_unpacks"]
+
+#: The protocol version every frame carries; a peer speaking another is refused.
+VERSION = 2
+
+_pack = msgpack.Packer(use_bin_type=True).pack  # resets itself after every pack
+
+
+def encode(message: Message) -> bytes:
+    """Pack ``message`` into one frame.
+
+    Raises:
+        FrameError: a field holds something msgpack cannot pack (code "unpackable").
+    """
+    try:
+        return _pack([VERSION, message.TYPE, message.to_body()])
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise FrameError(f"cannot pack {message.TYPE}: {exc}", field="body",
+                         code="unpackable") from exc
+
+
+def _unpack(data: bytes, limit: int, payloads: bool = False) -> Any:
+    if len(data) > limit:
+        raise FrameError(f"frame of {len(data)} bytes exceeds the limit of {limit}",
+                         field="frame", code="oversized")
+    if not data:
+        raise FrameError("empty frame", field="frame", code="bad-msgpack")
+    try:
+        # explicit keywords: a **splat costs more than the whole unpack of a GRANT
+        if payloads:  # user payloads: any string length, int map keys, as packb allows
+            return msgpack.unpackb(data, raw=False, strict_map_key=False, use_list=True,
+                                   max_str_len=limit, max_bin_len=limit,
+                                   max_array_len=MAX_ARRAY, max_map_len=MAX_MAP, max_ext_len=0)
+        return msgpack.unpackb(data, raw=False, strict_map_key=True, use_list=True,
+                               max_str_len=MAX_STR, max_bin_len=limit, max_array_len=MAX_ARRAY,
+                               max_map_len=MAX_MAP, max_ext_len=0)
+    except msgpack.ExtraData as exc:
+        raise FrameError("trailing bytes after the frame", field="frame",
+                         code="bad-msgpack") from exc
+    except (ValueError, TypeError, msgpack.UnpackException, RecursionError) as exc:
+        # ValueError covers FormatError, StackError, truncated input and limits.
+        raise FrameError(f"not valid msgpack ({type(exc).__name__}: {exc})", field="frame",
+                         code="bad-msgpack") from exc
+
+
+def decode(data: bytes, *, limit: int = MAX_CONTROL_FRAME,
+           allowed: tuple[type[Message], ...] | None = None) -> Message:
+    """Unpack and validate one control frame.
+
+    Args:
+        data: the frame's bytes, untrusted.
+        limit: largest frame accepted, in bytes.
+        allowed: message classes acceptable here; others raise ``FrameError``
+            with field "type" (e.g. a DATA frame on the control socket).
+
+    Raises:
+        FrameError: with ``field`` naming what was wrong.
+    """
+    return _decode(_unpack(data, limit), allowed)
+
+
+def decode_data(data: bytes) -> Data:
+    """Unpack and validate one DATA frame (user payloads: strings up to the frame
+    limit and non-string map keys are allowed, as msgpack packs them).
+
+    Raises:
+        FrameError: with ``field`` naming what was wrong.
+    """
+    return _decode(_unpack(data, MAX_DATA_FRAME, payloads=True), (Data,))  # type: ignore
+
+
+def check_unpacks(data: bytes) -> bytes:
+    """Return ``data`` if it unpacks as a DATA frame's receiver unpacks it, else raise
+    FrameError (the sender's check that every payload survives the round trip)."""
+    _unpack(data, MAX_DATA_FRAME, payloads=True)
+    return data
+
+
+def _decode(frame: Any, allowed: tuple[type[Message], ...] | None) -> Message:
+    if type(frame) is not list or len(frame) != 3:
+        raise FrameError(f"expected an array [version, type, body], got {short(frame)}",
+                         field="frame", code="bad-frame")
+    version, kind, body = frame
+    if type(version) is not int or version != VERSION:
+        raise FrameError(f"unsupported protocol version {short(version)} (speak {VERSION})",
+                         field="version", code="version")
+    cls = MESSAGE_TYPES.get(kind) if type(kind) is str else None
+    if cls is None or (allowed is not None and cls not in allowed):
+        raise FrameError(f"unknown or unexpected message type {short(kind)}", field="type",
+                         code="bad-type")
+    if type(body) is not dict:
+        raise FrameError(f"expected a map, got {short(body)}", field="body", code="bad-field")
+    schema = cls.SCHEMA
+    if len(body) != len(schema) or not all(map(schema.__contains__, body)):
+        for key in body:
+            if key not in schema:
+                raise FrameError(f"unknown field {short(key)} in {kind}",
+                                 field=f"{kind}.{key}", code="bad-field")
+        for name in schema:
+            if name not in body and not _has_default(cls, name):
+                raise FrameError(f"missing field in {kind}", field=f"{kind}.{name}",
+                                 code="bad-field")
+    try:
+        for name, value in body.items():
+            if not schema[name].ok(value):
+                raise schema[name].explain(value, f"{kind}.{name}")
+    except RecursionError as exc:
+        raise FrameError("nested too deeply", field=kind, code="bad-field") from exc
+    return cls(**body)
+
+
+_OPTIONAL: dict[type, frozenset[str]] = {}
+
+
+def _has_default(cls: type, name: str) -> bool:
+    optional = _OPTIONAL.get(cls)
+    if optional is None:
+        optional = frozenset(f.name for f in fields(cls)
+                             if f.default is not MISSING or f.default_factory is not MISSING)
+        _OPTIONAL[cls] = optional
+    return name in optional

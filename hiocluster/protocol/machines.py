@@ -1,0 +1,246 @@
+"""The two ends of one control connection as state machines (docs/protocol.md §5).
+
+Transitions are data: one table per side keyed ``(state, direction, type)``.
+A transition not in the table is an error: sending it raises
+:class:`LocalProtocolError` (our bug), receiving it :class:`RemoteProtocolError`;
+either way the machine goes to ERROR and every later call fails (code "closed").
+
+Imports: stdlib, hiocluster.errors and the sibling modules only.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import ClassVar, NoReturn
+
+from ..errors import FrameError, LocalProtocolError, RemoteProtocolError
+from .fields import MAX_CONTROL_FRAME, MAX_SETUP_FRAME
+from .frames import decode, encode
+from .messages import (Bye, Done, Error, Grant, Hello, Message, Progress, Ready, Setup,
+                       Stop)
+
+__all__ = ["ChildState", "ParentState", "ChildMachine", "ParentMachine",
+           "CHILD_TRANSITIONS", "PARENT_TRANSITIONS"]
+
+
+class _State(enum.Enum):
+    """Enum members are singletons: hash them by identity, at C speed (hot path)."""
+
+    __hash__ = object.__hash__
+
+
+class ChildState(_State):
+    START = "START"
+    AWAIT_SETUP = "AWAIT_SETUP"
+    SETTING_UP = "SETTING_UP"
+    IDLE = "IDLE"
+    RUNNING = "RUNNING"
+    STOPPING = "STOPPING"
+    CLOSED = "CLOSED"
+    ERROR = "ERROR"
+
+
+class ParentState(_State):
+    AWAIT_HELLO = "AWAIT_HELLO"
+    HELLO_RECEIVED = "HELLO_RECEIVED"
+    AWAIT_READY = "AWAIT_READY"
+    IDLE = "IDLE"
+    RUNNING = "RUNNING"
+    AWAIT_BYE = "AWAIT_BYE"
+    CLOSED = "CLOSED"
+    ERROR = "ERROR"
+
+
+SEND, RECV = "send", "recv"
+C, P = ChildState, ParentState
+
+#: Every legal transition of the worker's side: (state, direction, type) → next state.
+CHILD_TRANSITIONS: dict[tuple[ChildState, str, str], ChildState] = {
+    (C.START, SEND, "HELLO"): C.AWAIT_SETUP,
+    (C.AWAIT_SETUP, RECV, "SETUP"): C.SETTING_UP,
+    (C.SETTING_UP, SEND, "READY"): C.IDLE,
+    (C.IDLE, RECV, "GRANT"): C.RUNNING,
+    (C.RUNNING, SEND, "PROGRESS"): C.RUNNING,
+    (C.RUNNING, SEND, "DONE"): C.IDLE,
+    (C.AWAIT_SETUP, RECV, "STOP"): C.STOPPING,
+    (C.SETTING_UP, RECV, "STOP"): C.STOPPING,
+    (C.IDLE, RECV, "STOP"): C.STOPPING,
+    (C.RUNNING, RECV, "STOP"): C.STOPPING,
+    (C.STOPPING, SEND, "BYE"): C.CLOSED,
+}
+
+#: Every legal transition of the supervisor's side, per worker.
+PARENT_TRANSITIONS: dict[tuple[ParentState, str, str], ParentState] = {
+    (P.AWAIT_HELLO, RECV, "HELLO"): P.HELLO_RECEIVED,
+    (P.HELLO_RECEIVED, SEND, "SETUP"): P.AWAIT_READY,
+    (P.AWAIT_READY, RECV, "READY"): P.IDLE,
+    (P.IDLE, SEND, "GRANT"): P.RUNNING,
+    (P.RUNNING, RECV, "PROGRESS"): P.RUNNING,
+    (P.RUNNING, RECV, "DONE"): P.IDLE,
+    (P.AWAIT_HELLO, SEND, "STOP"): P.AWAIT_BYE,
+    (P.HELLO_RECEIVED, SEND, "STOP"): P.AWAIT_BYE,
+    (P.AWAIT_READY, SEND, "STOP"): P.AWAIT_BYE,
+    (P.IDLE, SEND, "STOP"): P.AWAIT_BYE,
+    (P.RUNNING, SEND, "STOP"): P.AWAIT_BYE,
+    # frames already in flight when STOP went out: a HELLO, a READY, PROGRESS, or
+    # the DONE of the window being run (only if one is owed: see ParentMachine)
+    (P.AWAIT_BYE, RECV, "HELLO"): P.AWAIT_BYE,
+    (P.AWAIT_BYE, RECV, "READY"): P.AWAIT_BYE,
+    (P.AWAIT_BYE, RECV, "PROGRESS"): P.AWAIT_BYE,
+    (P.AWAIT_BYE, RECV, "DONE"): P.AWAIT_BYE,
+    (P.AWAIT_BYE, RECV, "BYE"): P.CLOSED,
+}
+
+
+class _Machine:
+    """Shared mechanics: look up transitions, hold ERROR, decode with limits.
+
+    ``until`` is the last tick granted (-1 before the first GRANT) and ``done``
+    the last tick reported done (-1 before the first DONE).
+    """
+
+    TRANSITIONS: ClassVar[dict]
+    ERROR_STATE: ClassVar[enum.Enum]
+    ALLOWED_IN: ClassVar[tuple[type[Message], ...]]
+    LIMIT_IN: ClassVar[int]
+
+    def __init__(self, worker: str | None, initial: enum.Enum) -> None:
+        self.worker = worker
+        self.state = initial
+        self.until = -1
+        self.done = -1
+
+    @property
+    def tick(self) -> int | None:
+        """The last tick known done (None before the first), for error reports."""
+        return self.done if self.done >= 0 else None
+
+    def _closed(self) -> NoReturn:
+        raise LocalProtocolError("protocol machine is in ERROR; no further use",
+                                 tick=self.tick, worker=self.worker, code="closed")
+
+    def _advance(self, direction: str, message: Message) -> None:
+        if self.state is self.ERROR_STATE:
+            self._closed()
+        kind = message.TYPE
+        if kind == "ERROR":
+            self.state = self.ERROR_STATE
+            return
+        next_state = self.TRANSITIONS.get((self.state, direction, kind))
+        if next_state is None:
+            self._reject(direction, f"{kind} not allowed in state {self.state.value}",
+                         field="type", code="unexpected")
+        self._check(direction, message)
+        self.state = next_state
+
+    def send(self, message: Message, *, checked: bool = True) -> bytes:
+        """Check that ``message`` may be sent now, advance, and return its frame.
+
+        Args:
+            checked: validate every field first; hot-path frames built from values
+                that were validated on the way in skip it.
+
+        Raises:
+            LocalProtocolError: not allowed now, or a field is invalid (our bug);
+                the machine goes to ERROR.
+        """
+        if checked and self.state is not self.ERROR_STATE:
+            for name, check in message.SCHEMA.items():
+                value = getattr(message, name)
+                if not check.ok(value):
+                    self.state = self.ERROR_STATE
+                    error = check.explain(value, f"{message.TYPE}.{name}")
+                    raise LocalProtocolError(f"refusing to send: {error}", tick=self.tick,
+                                             worker=self.worker, field=error.field,
+                                             code="bad-field")
+        try:
+            frame = encode(message)
+        except FrameError as exc:
+            self.state = self.ERROR_STATE
+            raise LocalProtocolError(str(exc), tick=self.tick, worker=self.worker,
+                                     field=exc.field, code=exc.code) from exc
+        self._advance(SEND, message)
+        return frame
+
+    def receive(self, data: bytes) -> Message:
+        """Decode a frame from the peer, check it is allowed now, and advance.
+
+        Raises:
+            FrameError: the bytes are not a valid frame (machine goes to ERROR).
+            RemoteProtocolError: a valid frame the protocol forbids now.
+        """
+        if self.state is self.ERROR_STATE:
+            self._closed()
+        try:
+            message = decode(data, limit=self.LIMIT_IN, allowed=self.ALLOWED_IN)
+        except FrameError:
+            self.state = self.ERROR_STATE
+            raise
+        self._advance(RECV, message)
+        return message
+
+    def _check(self, direction: str, message: Message) -> None:
+        """Per-message checks against the machine's state (grants and ticks)."""
+        if isinstance(message, Grant):
+            if message.until <= self.until:
+                self._reject(direction, f"GRANT until {message.until} but tick {self.until} "
+                             "was already granted", field="GRANT.until", code="stale-tick")
+            self.until = message.until
+        elif isinstance(message, Done):
+            if message.until != self.until:
+                stale = message.until < self.until
+                self._reject(direction, f"DONE until {message.until} but the grant runs "
+                             f"until {self.until}" + (" (a tick from the past)" if stale else ""),
+                             field="DONE.until", code="stale-tick" if stale else "wrong-tick")
+            self.done = message.until
+        elif isinstance(message, Progress):
+            tick = -1 if message.tick is None else message.tick
+            if not self.done <= tick <= self.until:
+                self._reject(direction, f"PROGRESS at tick {message.tick} outside the window "
+                             f"{self.done + 1}..{self.until}", field="PROGRESS.tick",
+                             code="wrong-tick")
+
+    def _reject(self, direction: str, text: str, field: str, code: str) -> NoReturn:
+        self.state = self.ERROR_STATE
+        error_class = LocalProtocolError if direction == SEND else RemoteProtocolError
+        raise error_class(text, tick=self.tick, worker=self.worker, field=field, code=code)
+
+
+class ChildMachine(_Machine):
+    """The worker's side of its control connection."""
+
+    TRANSITIONS = CHILD_TRANSITIONS
+    ERROR_STATE = ChildState.ERROR
+    ALLOWED_IN = (Setup, Grant, Stop, Error)
+    LIMIT_IN = MAX_SETUP_FRAME
+
+    def __init__(self, worker: str | None = None) -> None:
+        super().__init__(worker, ChildState.START)
+
+
+class ParentMachine(_Machine):
+    """The supervisor's side of one worker's control connection."""
+
+    TRANSITIONS = PARENT_TRANSITIONS
+    ERROR_STATE = ParentState.ERROR
+    ALLOWED_IN = (Hello, Ready, Progress, Done, Bye, Error)
+    LIMIT_IN = MAX_CONTROL_FRAME
+
+    def __init__(self, worker: str | None = None) -> None:
+        super().__init__(worker, ParentState.AWAIT_HELLO)
+        self.done_owed = False  # STOP went out while a window was running
+
+    def _check(self, direction: str, message: Message) -> None:
+        if self.state is ParentState.AWAIT_BYE and isinstance(message, (Done, Progress)):
+            if not self.done_owed:
+                self._reject(direction, f"{message.TYPE} after STOP, but no window was "
+                             "running", field="type", code="unexpected")
+            if isinstance(message, Done):
+                self.done_owed = False
+        elif isinstance(message, Stop):
+            self.done_owed = self.state is ParentState.RUNNING
+        elif isinstance(message, Hello) and self.worker is not None \
+                and message.worker != self.worker:
+            self._reject(direction, f"HELLO from {message.worker!r} on the connection of "
+                         f"{self.worker!r}", field="HELLO.worker", code="wrong-worker")
+        super()._check(direction, message)

@@ -1,0 +1,192 @@
+"""The protocol's messages: one dataclass per frame type, with its field checks.
+
+docs/protocol.md §3 is the table these classes implement; keep the two in step.
+
+Imports: stdlib, hiocluster.errors and the sibling fields module only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from .fields import (ADDRESS, BOOL, BYTES, NAME, NUMBER, POSITIVE, STATS, TEXT, TOKEN, UINT,
+                     Check, LinkRun, ListOf, MapOf, TupleOf, optional)
+
+__all__ = ["Message", "Hello", "Setup", "Ready", "Grant", "Progress", "Done", "Stop", "Bye",
+           "Error", "Data", "Peer", "MESSAGE_TYPES", "NODE_ROW", "LINK_ROW"]
+
+
+@dataclass(slots=True)
+class Message:
+    """Base of every frame type. Subclasses list their fields with validators."""
+
+    TYPE: ClassVar[str] = ""
+    SCHEMA: ClassVar[dict[str, Check]] = {}
+
+    def to_body(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in self.SCHEMA}
+
+
+@dataclass(slots=True)
+class Hello(Message):
+    """worker → supervisor, first on the connection: who I am (proved by the run's
+    ``token``), what I run on, where my neighbours send me DATA."""
+
+    TYPE = "HELLO"
+    worker: str
+    token: bytes
+    pid: int
+    versions: dict[str, str]
+    data_address: str
+    SCHEMA = {"worker": NAME, "token": TOKEN, "pid": UINT, "versions": MapOf(NAME, TEXT),
+              "data_address": ADDRESS}
+
+
+#: ``[name, "module:attr", params]``: one node this worker builds.
+NODE_ROW = TupleOf(NAME, TEXT, Check(lambda v: type(v) is dict, "a map"))
+#: ``[id, source, outbox, target, inbox, capacity, source worker, target worker]``.
+LINK_ROW = TupleOf(UINT, NAME, NAME, NAME, NAME, UINT, NAME, NAME)
+
+
+@dataclass(slots=True)
+class Setup(Message):
+    """supervisor → worker: the run's clock and seed, this worker's nodes, the links
+    that touch them, and where each neighbour worker listens."""
+
+    TYPE = "SETUP"
+    t0: float
+    tock: float
+    seed: int
+    ticks: int
+    real: bool
+    tick_timeout: float
+    nodes: list[list[Any]]
+    links: list[list[Any]]
+    peers: dict[str, str]
+    SCHEMA = {"t0": NUMBER, "tock": POSITIVE, "seed": UINT, "ticks": UINT, "real": BOOL,
+              "tick_timeout": POSITIVE, "nodes": ListOf(NODE_ROW), "links": ListOf(LINK_ROW),
+              "peers": MapOf(NAME, ADDRESS)}
+
+
+@dataclass(slots=True)
+class Ready(Message):
+    """worker → supervisor: nodes built and entered, every neighbour connected;
+    ``digests``: the state after set-up (see docs/protocol.md §7)."""
+
+    TYPE = "READY"
+    digests: bytes
+    SCHEMA = {"digests": BYTES}
+
+
+@dataclass(slots=True)
+class Grant(Message):
+    """supervisor → worker: run every tick up to and including ``until``.
+
+    ``start`` (real-time runs, first GRANT only): the wall-clock time (seconds
+    since the epoch) at which tick 0 starts.
+    """
+
+    TYPE = "GRANT"
+    until: int
+    start: float | None = None
+    SCHEMA = {"until": UINT, "start": optional(NUMBER)}
+
+
+@dataclass(slots=True)
+class Progress(Message):
+    """worker → supervisor, at most every PROGRESS_S while a window runs: the last
+    tick done (nil: none yet) and the neighbours whose frames it is waiting for."""
+
+    TYPE = "PROGRESS"
+    tick: int | None
+    waiting: list[str]
+    SCHEMA = {"tick": optional(UINT), "waiting": ListOf(NAME)}
+
+
+@dataclass(slots=True)
+class Done(Message):
+    """worker → supervisor: every tick up to ``until`` ran; ``digests`` holds the
+    state after each tick of the window, one digest record per tick."""
+
+    TYPE = "DONE"
+    until: int
+    digests: bytes
+    SCHEMA = {"until": UINT, "digests": BYTES}
+
+
+@dataclass(slots=True)
+class Stop(Message):
+    """supervisor → worker: stop. ``drain``: the run finished, so collect the last
+    tick's frames (counted as undelivered) before saying BYE."""
+
+    TYPE = "STOP"
+    reason: str
+    drain: bool = False
+    SCHEMA = {"reason": TEXT, "drain": BOOL}
+
+
+@dataclass(slots=True)
+class Bye(Message):
+    """worker → supervisor: exit contexts ran; counters, the sum of its nodes'
+    :meth:`Node.metrics`, and how many DATA frames arrived from each neighbour."""
+
+    TYPE = "BYE"
+    stats: dict[str, int] = field(default_factory=dict)
+    metrics: dict[str, int] = field(default_factory=dict)
+    received: dict[str, int] = field(default_factory=dict)
+    SCHEMA = {"stats": STATS, "metrics": STATS, "received": MapOf(NAME, UINT)}
+
+
+@dataclass(slots=True)
+class Error(Message):
+    """either way: something failed. ``field`` names the offending field, if any;
+    ``node`` the node whose code failed; ``peer`` the neighbour that sent a bad
+    DATA frame (a worker blames it rather than itself)."""
+
+    TYPE = "ERROR"
+    code: str
+    detail: str
+    field: str = ""
+    tick: int | None = None
+    node: str | None = None
+    peer: str | None = None
+    SCHEMA = {"code": TEXT, "detail": TEXT, "field": TEXT, "tick": optional(UINT),
+              "node": optional(NAME), "peer": optional(NAME)}
+
+
+@dataclass(slots=True)
+class Data(Message):
+    """worker → worker: everything one worker sent another during ``tick``.
+
+    ``messages`` rows are ``[link id, [sequence, ...], [payload, ...]]``: one row
+    per link, its messages in send order, sequences and payloads side by side.
+    ``acks`` rows ``[link id, count]`` return credit: how many messages the
+    sender took out of that link's inbox during ``tick``. Sent every tick to
+    every neighbour, empty when there is nothing to say.
+    """
+
+    TYPE = "DATA"
+    tick: int
+    source: str
+    messages: list[list[Any]]
+    acks: list[list[int]]
+    SCHEMA = {"tick": UINT, "source": NAME, "messages": ListOf(LinkRun()),
+              "acks": ListOf(TupleOf(UINT, UINT))}
+
+
+@dataclass(slots=True)
+class Peer(Message):
+    """worker → worker, first on every data connection: who is sending (proved by
+    the run's ``token``). Every later frame on that connection is its."""
+
+    TYPE = "PEER"
+    worker: str
+    token: bytes
+    SCHEMA = {"worker": NAME, "token": TOKEN}
+
+
+MESSAGE_TYPES: dict[str, type[Message]] = {
+    cls.TYPE: cls for cls in (Hello, Setup, Ready, Grant, Progress, Done, Stop, Bye, Error,
+                              Data, Peer)
+}

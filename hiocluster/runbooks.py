@@ -1,0 +1,148 @@
+"""The supervisor's books on each worker, and the SETUP each one gets.
+
+:class:`WorkerBook` keeps what the supervisor knows of one worker: its protocol
+machine, what it said and when, how far it got, whether its process ended.
+:func:`setups` cuts the topology into one SETUP per worker: its nodes, the
+links that touch them, and the addresses of its neighbours only.
+
+Imports: topology, chain, protocol, errors. Never zmq, hio or os.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator, Mapping
+
+from . import protocol as proto
+from .chain import DigestChain
+from .errors import RemoteProtocolError
+from .topology import Plan, Topology, WorkerSpec
+
+__all__ = ["WorkerBook", "setups"]
+
+
+class WorkerBook:
+    """What the supervisor knows of one worker (see the module docstring).
+
+    ``progress`` is the last tick the worker is known to have finished (-1: none),
+    from its DONE and PROGRESS frames; ``heard`` when it last said anything.
+    """
+
+    def __init__(self, spec: WorkerSpec) -> None:
+        self.name = spec.name
+        self.node_names = spec.node_names
+        self.machine = proto.ParentMachine(spec.name)
+        self.joined = False                  # a connection proved it is this worker
+        self.neighbours: frozenset[str] = frozenset()
+        self.hello: proto.Hello | None = None
+        self.ready: bytes | None = None      # digest records after set-up
+        self.pending = b""                   # digest records of the window just done
+        self.bye: proto.Bye | None = None
+        self.heard = 0.0
+        self.progress = -1
+        self.waiting: tuple[str, ...] = ()   # neighbours whose frames it lacks ...
+        self.waiting_since = 0.0             # ... since we first heard so
+        self.exitcode: int | None = None
+        self.failed = False
+
+    def receive(self, data: bytes, now: float, chain: DigestChain,
+                versions: Mapping[str, str]) -> proto.Message:
+        """Decode, advance the machine, check what this run needs, and note it.
+
+        Raises:
+            FrameError, ProtocolError: the frame is invalid (the machine says why),
+                or makes no sense for this run (versions, digest sizes, neighbours).
+        """
+        done_before = self.machine.done
+        message = self.machine.receive(data)
+        self.heard = now
+        if isinstance(message, proto.Done):
+            self._digests(chain, message.digests, message.until - done_before, "DONE.digests")
+            self.pending = message.digests
+            self._advance(message.until, (), now)
+        elif isinstance(message, proto.Progress):
+            if not self.neighbours.issuperset(message.waiting):
+                raise self._nonsense("PROGRESS.waiting", f"{message.waiting} are not all "
+                                     f"neighbours of {self.name}")
+            self._advance(-1 if message.tick is None else message.tick,
+                          tuple(message.waiting), now)
+        elif isinstance(message, proto.Hello):
+            wrong = proto.mismatches(message.versions, versions)
+            if wrong:
+                raise RemoteProtocolError("versions differ from the supervisor's: "
+                                          + "; ".join(wrong), worker=self.name,
+                                          field="HELLO.versions", code="version-mismatch")
+            self.hello = message
+        elif isinstance(message, proto.Ready):
+            self._digests(chain, message.digests, 1, "READY.digests")
+            self.ready = message.digests
+        elif isinstance(message, proto.Bye):
+            self.bye = message
+        return message
+
+    def _digests(self, chain: DigestChain, records: bytes, states: int, field: str) -> None:
+        why = chain.check(self.name, records, states)
+        if why is not None:
+            raise self._nonsense(field, why)
+
+    def _nonsense(self, field: str, text: str) -> RemoteProtocolError:
+        """A well-formed frame whose ``field`` makes no sense for this run."""
+        return RemoteProtocolError(text, tick=self.machine.tick, worker=self.name, field=field,
+                                   code="bad-field")
+
+    def _advance(self, tick: int, waiting: tuple[str, ...], now: float) -> None:
+        if tick != self.progress or waiting != self.waiting:
+            self.waiting_since = now
+        self.progress, self.waiting = max(self.progress, tick), waiting
+
+    @property
+    def owes_done(self) -> bool:
+        """Granted ticks it has not reported done."""
+        return self.machine.state is proto.ParentState.RUNNING and not self.failed
+
+    @property
+    def settled(self) -> bool:
+        """Nothing more to wait for: it said BYE, or its process ended."""
+        return self.bye is not None or self.exitcode is not None
+
+    @property
+    def ready_or_failed(self) -> bool:
+        return self.ready is not None or self.failed
+
+    def lost_frame(self, now: float, patience: float,
+                   books: Mapping[str, WorkerBook]) -> str | None:
+        """The neighbour whose DATA frame of tick ``progress`` should be here by now (it
+        said it finished that tick) yet has been awaited for over ``patience`` s."""
+        if not self.waiting or now - self.waiting_since <= patience or not self.owes_done:
+            return None
+        for peer in self.waiting:
+            if books[peer].progress >= self.progress:
+                return peer
+        return None
+
+
+def setups(topology: Topology, plan: Plan,
+           books: Mapping[str, WorkerBook]) -> Iterator[tuple[str, proto.Setup]]:
+    """One SETUP per worker: its nodes, the links touching them, its neighbours'
+    addresses (every book must have its HELLO). Sets each book's ``neighbours``."""
+    worker_of = plan.node_to_worker
+    rows: dict[str, list[list]] = {spec.name: [] for spec in plan.workers}
+    near: dict[str, set[str]] = {spec.name: set() for spec in plan.workers}
+    for link in topology.links:
+        source, target = worker_of[link.source], worker_of[link.target]
+        row = [link.id, link.source, link.outbox, link.target, link.inbox, link.capacity,
+               source, target]
+        rows[source].append(row)
+        if target != source:
+            rows[target].append(row)
+            near[source].add(target)
+            near[target].add(source)
+    for spec in plan.workers:
+        book = books[spec.name]
+        book.neighbours = frozenset(near[spec.name])
+        peers = {peer: books[peer].hello.data_address  # type: ignore[union-attr]
+                 for peer in sorted(near[spec.name])}
+        yield spec.name, proto.Setup(
+            t0=topology.t0, tock=topology.tock, seed=topology.seed, ticks=topology.ticks,
+            real=topology.real, tick_timeout=topology.tick_timeout,
+            nodes=[[node.name, node.cls, node.params] for node in spec.nodes],
+            links=rows[spec.name], peers=peers)

@@ -1,0 +1,81 @@
+"""A worker's watchdog thread: its supervisor's connection, and its tick deadline.
+
+Runs beside the worker's main thread, so it works while a node is busy:
+
+* **orphan rule** (docs/protocol.md §9): once the control connection to the
+  supervisor has been down for ORPHAN_GRACE_S (or never came up within the
+  start-up time), the supervisor is gone: the worker is sent SIGTERM, so it
+  leaves through its exit contexts;
+* **tick deadline**: once one tick has run ``tick_timeout`` seconds, the main
+  thread gets SIGUSR1, whose handler raises ``TickOverrun`` inside the node
+  that is running, so the failure names it.
+
+Imports: transport (for the monitor socket's events) and the stdlib.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from typing import Any, Callable
+
+from .transport import monitor_event
+
+__all__ = ["Watchdog", "CHECK_S", "ORPHAN_GRACE_S"]
+
+#: How often the watchdog looks (it also wakes on every connection event).
+CHECK_S = 0.05
+#: How long the supervisor's connection may stay down before the worker is an orphan.
+ORPHAN_GRACE_S = 0.2
+
+
+class Watchdog(threading.Thread):
+    """See the module docstring.
+
+    Args:
+        monitor: a monitor socket of the worker's control socket (used only here).
+        connect_timeout: seconds to wait for the first connection to the supervisor.
+        busy: returns the monotonic start of the tick being run (0.0 between ticks).
+        tick_timeout: the deadline of one tick; None until SETUP says it.
+    """
+
+    def __init__(self, monitor: Any, connect_timeout: float,
+                 busy: Callable[[], float]) -> None:
+        super().__init__(name="hiocluster-watchdog", daemon=True)
+        self.monitor = monitor
+        self.connect_deadline = time.monotonic() + connect_timeout
+        self.busy = busy
+        self.tick_timeout: float | None = None
+        self.orphaned = False
+        self.overrun_since = 0.0     # the busy_since of the tick it interrupted
+        self._stopped = threading.Event()
+        self._main = threading.main_thread().ident
+
+    def stop(self) -> None:
+        """Stop watching (before a clean exit: the supervisor may close first)."""
+        self._stopped.set()
+        if self.is_alive():
+            self.join(1.0)
+
+    def run(self) -> None:
+        connected, down_since = False, 0.0
+        while not self._stopped.is_set():
+            if self.monitor.poll(CHECK_S * 1000):
+                if monitor_event(self.monitor) == "connected":
+                    connected, down_since = True, 0.0
+                elif not down_since:
+                    down_since = time.monotonic()
+                continue
+            now = time.monotonic()
+            if (down_since and now - down_since > ORPHAN_GRACE_S) or \
+                    (not connected and not down_since and now > self.connect_deadline):
+                if not self._stopped.is_set():
+                    self.orphaned = True
+                    signal.pthread_kill(self._main, signal.SIGTERM)
+                return
+            since = self.busy()
+            if since and self.tick_timeout is not None and since != self.overrun_since \
+                    and now - since > self.tick_timeout:
+                self.overrun_since = since
+                signal.pthread_kill(self._main, signal.SIGUSR1)
