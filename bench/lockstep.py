@@ -1,14 +1,23 @@
-"""Lockstep benchmark: hiocluster beside raw pyzmq baselines, measured in the same run.
+"""Lockstep benchmark: hiocluster beside baselines measured in the same run.
 
-1. Barrier: ticks/s for N processes, each a hio Doist with 10 trivial doers,
-   against a raw pyzmq ROUTER/DEALER barrier with the same N (children only echo),
-   and against the raw barrier whose children also step a bare hio Doist with 10
-   doers (what hio itself costs). Target: hiocluster >= 0.8x raw.
-2. Messages: cross-process messages/s in lockstep (batched per tick, 2
-   processes) against raw pyzmq PUSH/PULL sending one msgpack message per frame.
-   Target: >= 1x.
+Per N = 1, 2, 4, 8 workers, each hosting one node that runs 10 trivial hio doers:
 
-    python bench/lockstep.py [--quick] [--ticks T] [--sizes 1,2,4,8]
+* ``raw barrier``: a bare pyzmq ROUTER/DEALER barrier over ipc with N children
+  that only echo (the cost of one supervised round trip per tick);
+* ``bare Doist``: one hio Doist in this process running the same N x 10 doers,
+  no IPC at all (the limit at N = 1);
+* hiocluster with no links (``none``), and with a ring of links between the
+  workers (``ring``: one message per tick to the next worker), with automatic
+  windows (``auto``) and with ``--window 1`` (strict per-tick supervision).
+
+Then 10,000 trivial nodes on 2 workers beside a bare Doist with 10,000 doers,
+and PHOLD events/s (topologies/phold.toml) at P = 1, 2, 4.
+
+Targets (issue "Lockstep v2"): ring auto >= 1.5x raw barrier at every N;
+N = 1 (none, auto) >= 0.5x bare Doist; ring --window 1 >= 0.8x raw barrier;
+10,000 nodes >= 0.3x bare Doist. Each figure is the best of R interleaved rounds.
+
+    python bench/lockstep.py [--quick] [--ticks T] [--sizes 1,2,4,8] [--repeat R]
 """
 
 from __future__ import annotations
@@ -21,27 +30,23 @@ import shutil
 import sys
 import tempfile
 import time
-from typing import Iterator
+from typing import Callable, Iterator
 
-import msgpack
 import zmq
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from hio.base.doing import Doist  # noqa: E402
+
 from hiocluster.supervisor import run  # noqa: E402
-from hiocluster.topology import loads  # noqa: E402
+from hiocluster.topology import load, loads  # noqa: E402
+from nodes.bench import TrivialDoer  # noqa: E402
 
 DOERS = 10
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _barrier_child(address: str, index: int, with_doist: bool) -> None:
-    doist = None
-    if with_doist:
-        from hio.base.doing import Doist
-
-        from nodes.bench import TrivialDoer
-        doist = Doist(tock=1.0, real=False, doers=[TrivialDoer() for _ in range(DOERS)])
-        doist.enter()
+def _barrier_child(address: str, index: int) -> None:
     context = zmq.Context()
     sock = context.socket(zmq.DEALER)
     sock.setsockopt(zmq.ROUTING_ID, b"c%d" % index)
@@ -51,17 +56,13 @@ def _barrier_child(address: str, index: int, with_doist: bool) -> None:
         message = sock.recv()
         if message == b"stop":
             break
-        if doist is not None:
-            doist.recur()
         sock.send(message)
-    if doist is not None:
-        doist.exit()
     sock.close(linger=0)
     context.term()
 
 
 @contextlib.contextmanager
-def barrier_children(n: int, with_doist: bool = False) -> Iterator[tuple[zmq.Socket, list]]:
+def barrier_children(n: int) -> Iterator[tuple[zmq.Socket, list]]:
     """A ROUTER over ipc with ``n`` echoing DEALER children; yields (router, identities)."""
     run_dir = tempfile.mkdtemp(prefix="hioc-bench-")
     address = f"ipc://{run_dir}/barrier"
@@ -69,8 +70,7 @@ def barrier_children(n: int, with_doist: bool = False) -> Iterator[tuple[zmq.Soc
     router = context.socket(zmq.ROUTER)
     router.bind(address)
     mp = multiprocessing.get_context("forkserver")
-    children = [mp.Process(target=_barrier_child, args=(address, i, with_doist))
-                for i in range(n)]
+    children = [mp.Process(target=_barrier_child, args=(address, i)) for i in range(n)]
     for child in children:
         child.start()
     identities = [router.recv_multipart()[0] for _ in children]
@@ -81,14 +81,15 @@ def barrier_children(n: int, with_doist: bool = False) -> Iterator[tuple[zmq.Soc
             router.send_multipart([identity, b"stop"])
         for child in children:
             child.join()
+            child.close()
         router.close(linger=0)
         context.term()
         shutil.rmtree(run_dir, ignore_errors=True)
 
 
-def raw_barrier(n: int, ticks: int, with_doist: bool = False) -> float:
+def raw_barrier(n: int, ticks: int) -> float:
     """Ticks/s of a bare ROUTER/DEALER barrier over ipc with ``n`` children."""
-    with barrier_children(n, with_doist) as (router, identities):
+    with barrier_children(n) as (router, identities):
         start = time.perf_counter()
         for tick in range(ticks):
             payload = b"%d" % tick
@@ -99,55 +100,58 @@ def raw_barrier(n: int, ticks: int, with_doist: bool = False) -> float:
         return ticks / (time.perf_counter() - start)
 
 
-def hiocluster_barrier(n: int, ticks: int) -> float:
-    """Ticks/s of hiocluster with ``n`` processes, one BusyNode (10 doers) each."""
-    text = f"[run]\nticks = {ticks}\n[nodes.busy]\nclass = \"nodes.bench:BusyNode\"\n" \
-           f"count = {n}\nparams = {{ doers = {DOERS} }}\n"
-    result = run(loads(text), processes=n, handle_signals=False)
+def bare_doist(doers: int, ticks: int) -> float:
+    """Ticks/s of one hio Doist in this process with ``doers`` trivial doers."""
+    doist = Doist(tock=1.0, real=False, doers=[TrivialDoer() for _ in range(doers)])
+    doist.enter()
+    start = time.perf_counter()
+    for _ in range(ticks):
+        doist.recur()
+    elapsed = time.perf_counter() - start
+    doist.exit()
+    return ticks / elapsed
+
+
+def topology_text(n: int, ticks: int, ring: bool, doers: int = DOERS) -> str:
+    cls = "nodes.bench:RingBusy" if ring else "nodes.bench:BusyNode"
+    lines = ["[run]", f"ticks = {ticks}", "[nodes.n]", f'class = "{cls}"', f"count = {n}",
+             f"params = {{ doers = {doers} }}"]
+    width = len(str(n - 1))
+    for i in range(n if ring else 0):
+        lines += ["[[links]]", f'from = "n{i:0{width}d}.out"',
+                  f'to = "n{(i + 1) % n:0{width}d}.in"']
+    return "\n".join(lines) + "\n"
+
+
+def cluster(n: int, ticks: int, ring: bool, window: int | None) -> float:
+    result = run(loads(topology_text(n, ticks, ring)), processes=n, handle_signals=False,
+                 window=window, app_dir=REPO)
     return result.ticks_per_second
 
 
-def _pull_child(address: str, count: int) -> None:
-    context = zmq.Context()
-    sock = context.socket(zmq.PULL)
-    sock.connect(address)
-    total = 0
-    for _ in range(count):
-        total += msgpack.unpackb(sock.recv())
-    sock.close(linger=0)
-    context.term()
+def many_nodes(nodes: int, processes: int, ticks: int) -> float:
+    result = run(loads(topology_text(nodes, ticks, False, doers=0)), processes=processes,
+                 handle_signals=False, app_dir=REPO)
+    return result.ticks_per_second
 
 
-def raw_pushpull(messages: int) -> float:
-    """Messages/s of raw PUSH/PULL, one msgpack message per frame, sender to receiver done."""
-    run_dir = tempfile.mkdtemp(prefix="hioc-bench-")
-    address = f"ipc://{run_dir}/push"
-    context = zmq.Context()
-    push = context.socket(zmq.PUSH)
-    push.bind(address)
-    child = multiprocessing.get_context("forkserver").Process(target=_pull_child,
-                                                              args=(address, messages))
-    child.start()
-    push.send(msgpack.packb(0))  # wait for the connection before timing
-    start = time.perf_counter()
-    for i in range(1, messages):
-        push.send(msgpack.packb(i))
-    child.join()
-    elapsed = time.perf_counter() - start
-    push.close(linger=0)
-    context.term()
-    shutil.rmtree(run_dir, ignore_errors=True)
-    return (messages - 1) / elapsed
+def phold_rate(processes: int, ticks: int) -> tuple[float, float, str]:
+    topology = load(os.path.join(REPO, "topologies", "phold.toml")).replace(ticks=ticks)
+    result = run(topology, processes=processes, handle_signals=False, app_dir=REPO)
+    return result.metrics["events"] / result.seconds, result.ticks_per_second, result.digest
 
 
-def hiocluster_messages(per_tick: int, ticks: int) -> float:
-    """Messages/s from a Source node to a Sink node in another process, in lockstep."""
-    text = (f"[run]\nticks = {ticks}\ncapacity = {per_tick * 2}\n"
-            f"[nodes.source]\nclass = \"nodes.bench:Source\"\nparams = {{ per_tick = {per_tick} }}\n"
-            f"[nodes.sink]\nclass = \"nodes.bench:Sink\"\n"
-            f"[[links]]\nfrom = \"source.out\"\nto = \"sink.in\"\n")
-    result = run(loads(text), processes=2, handle_signals=False)
-    return result.messages / result.seconds
+def best(repeat: int, *measures: Callable[[], float]) -> list[float]:
+    """Interleaved rounds (machine drift hits every measure alike); best of each."""
+    results = [0.0] * len(measures)
+    for _ in range(repeat):
+        for index, measure in enumerate(measures):
+            results[index] = max(results[index], measure())
+    return results
+
+
+def verdict(value: float, target: float) -> str:
+    return "met" if value >= target else "MISSED"
 
 
 def main() -> None:
@@ -155,32 +159,46 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer ticks (a smoke run)")
     parser.add_argument("--ticks", type=int, default=None)
     parser.add_argument("--sizes", default="1,2,4,8")
-    parser.add_argument("--repeat", type=int, default=5, help="best of R interleaved rounds")
+    parser.add_argument("--repeat", type=int, default=3, help="best of R interleaved rounds")
     args = parser.parse_args()
     ticks = args.ticks or (300 if args.quick else 3000)
     repeat = 1 if args.quick else args.repeat
-    multiprocessing.get_context("forkserver").set_forkserver_preload(["hiocluster.worker"])
+    multiprocessing.get_context("forkserver")  # the raw barrier's children
     print(f"# hiocluster lockstep benchmark: {os.cpu_count()} cpus, {ticks} ticks, "
           f"best of {repeat}")
-    print(f"{'N':>3} {'raw barrier':>14} {'raw+hio Doist':>14} {'hiocluster':>14} "
-          f"{'hio/raw':>8} {'hioc/raw':>9}")
+    print(f"{'N':>3} {'raw barrier':>12} {'bare Doist':>11} {'none auto':>10} "
+          f"{'ring auto':>10} {'ring w=1':>9} | {'ring/raw':>8} {'w=1/raw':>8} "
+          f"{'none/bare':>9}")
+    worst = {"ring": 1e9, "w1": 1e9}
+    n1_bare = 0.0
     for n in [int(size) for size in args.sizes.split(",")]:
-        raw = raw_doist = ours = 0.0
-        for _ in range(repeat):  # interleaved rounds: machine drift hits all three alike
-            raw = max(raw, raw_barrier(n, ticks))
-            raw_doist = max(raw_doist, raw_barrier(n, ticks, with_doist=True))
-            ours = max(ours, hiocluster_barrier(n, ticks))
-        print(f"{n:>3} {raw:>10,.0f} t/s {raw_doist:>10,.0f} t/s {ours:>10,.0f} t/s "
-              f"{raw_doist / raw:>7.2f}x {ours / raw:>8.2f}x")
-    per_tick = 1000
-    msg_ticks = max(20, ticks // 30)
-    messages = per_tick * msg_ticks
-    raw = ours = 0.0
-    for _ in range(repeat):
-        raw = max(raw, raw_pushpull(messages))
-        ours = max(ours, hiocluster_messages(per_tick, msg_ticks))
-    print(f"messages: raw PUSH/PULL {raw:,.0f} msg/s; hiocluster batched "
-          f"({per_tick}/tick) {ours:,.0f} msg/s; ratio {ours / raw:.2f}x")
+        raw, bare, none, ring, strict = best(
+            repeat, lambda: raw_barrier(n, ticks), lambda: bare_doist(n * DOERS, ticks),
+            lambda: cluster(n, ticks, False, None), lambda: cluster(n, ticks, True, None),
+            lambda: cluster(n, ticks, True, 1))
+        worst["ring"] = min(worst["ring"], ring / raw)
+        worst["w1"] = min(worst["w1"], strict / raw)
+        if n == 1:
+            n1_bare = none / bare
+        print(f"{n:>3} {raw:>8,.0f} t/s {bare:>7,.0f} t/s {none:>6,.0f} t/s "
+              f"{ring:>6,.0f} t/s {strict:>5,.0f} t/s | {ring / raw:>7.2f}x "
+              f"{strict / raw:>7.2f}x {none / bare:>8.2f}x")
+    many_ticks = max(20, ticks // 100)
+    many, bare_many = best(repeat, lambda: many_nodes(10_000, 2, many_ticks),
+                           lambda: bare_doist(10_000, many_ticks))
+    print(f"10,000 trivial nodes on 2 workers: {many:,.1f} t/s; bare Doist with 10,000 "
+          f"doers: {bare_many:,.1f} t/s; ratio {many / bare_many:.2f}x")
+    phold_ticks = max(50, ticks // 8)
+    for processes in (1, 2, 4):
+        events, tick_rate, digest = phold_rate(processes, phold_ticks)
+        print(f"phold P={processes}: {phold_ticks} ticks, {events:,.0f} events/s, "
+              f"{tick_rate:,.1f} ticks/s, digest {digest[:16]}")
+    print("targets: ring auto >= 1.5x raw at every N: "
+          f"{verdict(worst['ring'], 1.5)} (worst {worst['ring']:.2f}x); "
+          f"N=1 >= 0.5x bare Doist: {verdict(n1_bare, 0.5)} ({n1_bare:.2f}x); "
+          f"--window 1 >= 0.8x raw: {verdict(worst['w1'], 0.8)} (worst {worst['w1']:.2f}x); "
+          f"10,000 nodes >= 0.3x bare: {verdict(many / bare_many, 0.3)} "
+          f"({many / bare_many:.2f}x)")
 
 
 if __name__ == "__main__":

@@ -203,10 +203,12 @@ class RunCore:
         """The clock moved: check deadlines."""
         if self.phase is Phase.STARTING and now > self.deadline:
             late = [book for book in self.books.values() if not book.ready_or_failed]
-            what = "HELLO" if any(book.hello is None for book in late) else "READY"
-            for book in late:
+            silent = [book for book in late if book.hello is None]
+            stuck, what = (silent, "HELLO") if silent else (late, "READY")
+            blamed = stuck[0]
+            for book in stuck:  # the others wait for them: they get STOP
                 self._kill(book)
-            self.fail(TickTimeout(worker=late[0].name, nodes=late[0].node_names, tick=None,
+            self.fail(TickTimeout(worker=blamed.name, nodes=blamed.node_names, tick=None,
                                   cause=f"no {what} within {self.deadline - self.started:g} s "
                                         "of start (killed)"), now)
         elif self.phase is Phase.RUNNING:

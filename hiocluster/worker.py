@@ -252,13 +252,12 @@ class Worker:
         """Wait until every neighbour's DATA frame of ``tick`` is in."""
         exchange = self.exchange
         assert exchange is not None
-        while exchange.missing(tick):
-            self._take_data()
-            if not exchange.missing(tick):
-                return
+        missing = exchange.missing(tick)
+        while missing:
             if time.monotonic() >= self.report_at:
-                self._report(exchange.missing(tick))
+                self._report(missing)
             self._wait(self.report_at)
+            missing = exchange.missing(tick)
 
     def _pace(self, tick: int) -> None:
         """Real time: start tick ``tick`` at start + tick x tock on the wall clock."""
@@ -284,7 +283,9 @@ class Worker:
 
     # -- waiting and receiving --------------------------------------------------------
     def _wait(self, until: float) -> None:
-        """The one place a worker waits: its sockets, bounded by its next timer."""
+        """The one place a worker waits: its sockets, bounded by its next timer; then
+        one frame from each socket that has one (a poll is cheaper than a refused
+        recv, and frames usually arrive before they are needed)."""
         timeout = max(0.0, until - time.monotonic())
         ready = self.poller.poll(timeout * 1000)
         if self.control in ready:
@@ -295,15 +296,16 @@ class Worker:
     def _await_control(self) -> proto.Message:
         """The next control frame, serving the data socket meanwhile (once SETUP
         said who the neighbours are)."""
+        control = self.control
         while True:
-            try:
-                return self.machine.receive(self.control.recv(NOBLOCK))
-            except Again:
-                if self.exchange is None:
-                    self.control.poll(PROGRESS_S * 1000)
-                else:
-                    self.poller.poll(PROGRESS_S * 1000)
-                    self._take_data()
+            if self.exchange is None:
+                ready = [control] if control.poll(PROGRESS_S * 1000) else []
+            else:
+                ready = self.poller.poll(PROGRESS_S * 1000)
+            if control in ready:
+                return self.machine.receive(control.recv(NOBLOCK))
+            if ready:
+                self._take_data()
 
     def _take_control(self) -> None:
         """A control frame mid-window can only be STOP or ERROR (the machine says so)."""
@@ -321,21 +323,26 @@ class Worker:
                                   tick=self.machine.tick, field=message.field, code="protocol")
 
     def _take_data(self) -> None:
-        """Every frame waiting on the data socket: neighbours' in, strangers' refused."""
-        exchange, peer_of = self.exchange, self.peer_of
-        while True:
+        """One message from the data socket (poll said there is one): a neighbour's
+        frame goes to the exchange, anything else to :meth:`_admit`."""
+        data = self.data
+        try:
+            identity = data.recv(NOBLOCK)
+        except Again:
+            return
+        frame = data.recv(copy=False)
+        parts = [identity, frame.bytes]
+        while frame.more:
+            frame = data.recv(copy=False)
+            parts.append(frame.bytes)
+        peer = self.peer_of.get(identity)
+        if peer is not None and len(parts) == 2 and self.exchange is not None:
             try:
-                parts = self.data.recv_multipart(NOBLOCK)
-            except Again:
-                return
-            peer = peer_of.get(parts[0])
-            if peer is not None and len(parts) == 2 and exchange is not None:
-                try:
-                    exchange.accept(peer, parts[1])
-                except (FrameError, ProtocolError) as exc:
-                    raise _DataFault(peer, exc) from exc
-            else:
-                self._admit(parts)
+                self.exchange.accept(peer, parts[1])
+            except (FrameError, ProtocolError) as exc:
+                raise _DataFault(peer, exc) from exc
+        else:
+            self._admit(parts)
 
     def _admit(self, parts: list[bytes]) -> None:
         """A frame on a connection not yet known: a neighbour's PEER, or a stranger's."""

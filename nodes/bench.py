@@ -65,3 +65,24 @@ class Sink(Node):
 
     def state(self) -> Any:
         return [self.count, self.total]
+
+
+class RingBusy(BusyNode):
+    """A BusyNode in a ring: forwards one small message per tick from ``in`` to
+    ``out`` (the first node of the ring starts it), so every tick every worker
+    of a ring has a DATA frame with a message for the next."""
+
+    inboxes = ("in",)
+    outboxes = ("out",)
+
+    def setup(self) -> None:
+        super().setup()
+        self.seen = 0
+
+    def step(self) -> None:
+        for value in self.inbox["in"].drain():
+            self.seen += value
+        self.outbox["out"].put(1)
+
+    def state(self) -> Any:
+        return self.seen

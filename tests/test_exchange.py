@@ -1,0 +1,190 @@
+"""Unit tests of hiocluster.exchange: a worker's DATA plane, without sockets.
+
+Two or three Exchanges (one per worker) pass their outgoing frames to each
+other by hand, the way ZeroMQ would: every tick each sends each neighbour
+exactly one frame; delivery is canonical; credit comes back one tick later; a
+bad frame names its field and the neighbour that sent it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from hiocluster import protocol as proto
+from hiocluster.errors import FrameError, LinkFull, RemoteProtocolError
+from hiocluster.exchange import Exchange, Unsendable
+from hiocluster.node import Node
+
+
+class Box(Node):
+    """Puts what the test queued on ``out`` (to= the named target), records its inbox."""
+
+    inboxes = ("in",)
+    outboxes = ("out", "side")
+
+    def setup(self) -> None:
+        self.got: list[tuple[str, Any]] = []
+
+    def take(self) -> None:
+        while self.inbox["in"]:
+            self.got.append(self.inbox["in"].get_from())
+
+
+# links: 0 a.out -> c.in, 1 a.side -> c.in, 2 b.out -> c.in, 3 c.out -> a.in
+ROWS = [[0, "a", "out", "c", "in", 4, "w0", "w1"],
+        [1, "a", "side", "c", "in", 4, "w0", "w1"],
+        [2, "b", "out", "c", "in", 2, "w0", "w1"],
+        [3, "c", "out", "a", "in", 4, "w1", "w0"]]
+
+
+def make(worker: str, names: list[str], rows: list[list[Any]] = ROWS) -> tuple[Exchange, dict]:
+    nodes = {name: Box(name, seed=1) for name in names}
+    return Exchange(worker, nodes, rows), nodes
+
+
+def swap(tick: int, *exchanges: Exchange) -> None:
+    """Every exchange sends its frames of ``tick`` to the others (what sockets do)."""
+    by_name = {exchange.worker: exchange for exchange in exchanges}
+    for exchange in exchanges:
+        for peer, frame in exchange.outgoing(tick):
+            by_name[peer].accept(exchange.worker, frame)
+
+
+def test_neighbours_are_every_worker_sharing_a_link() -> None:
+    w0, _ = make("w0", ["a", "b"])
+    w1, _ = make("w1", ["c"])
+    assert w0.neighbours == ("w1",) and w1.neighbours == ("w0",)
+    lonely, _ = make("w2", ["z"], [])
+    assert lonely.neighbours == () and lonely.outgoing(0) == []
+
+
+def test_every_tick_sends_one_frame_per_neighbour_even_when_empty() -> None:
+    w0, _ = make("w0", ["a", "b"])
+    frames = w0.outgoing(0)
+    assert [peer for peer, _ in frames] == ["w1"]
+    assert proto.decode_data(frames[0][1]) == proto.Data(0, "w0", [], [])
+
+
+def test_delivery_is_by_source_name_then_sequence() -> None:
+    w0, left = make("w0", ["a", "b"])
+    w1, right = make("w1", ["c"])
+    left["b"].outbox["out"].put("b0")      # b sorts after a, whatever the send order
+    left["a"].outbox["side"].put("a-side0")
+    left["a"].outbox["out"].put("a-out1")
+    left["a"].outbox["side"].put("a-side2")
+    swap(0, w0, w1)
+    assert w1.missing(0) == [] and w1.missing(1) == ["w0"]
+    w1.deliver(0)
+    right["c"].take()
+    assert right["c"].got == [("a", "a-side0"), ("a", "a-out1"), ("a", "a-side2"),
+                              ("b", "b0")]
+    assert w0.messages == 4 and w1.messages == 0
+
+
+def test_credit_returns_one_tick_after_the_take() -> None:
+    w0, left = make("w0", ["a", "b"])
+    w1, right = make("w1", ["c"])
+    out = left["b"].outbox["out"]  # capacity 2
+    out.put(1)
+    out.put(2)
+    with pytest.raises(LinkFull):
+        out.put(3)
+    swap(0, w0, w1)
+    w1.deliver(0)
+    w0.deliver(0)
+    right["c"].take()              # c takes both during tick 1
+    swap(1, w0, w1)
+    assert out.room() == 0         # the ack is on its way
+    w0.deliver(1)
+    assert out.room() == 2
+
+
+def test_local_links_go_through_msgpack_and_wait_a_tick() -> None:
+    rows = [[0, "a", "out", "b", "in", 4, "w0", "w0"]]
+    w0, nodes = make("w0", ["a", "b"], rows)
+    nodes["a"].outbox["out"].put((1, "tuple"))
+    assert w0.outgoing(0) == []
+    nodes["b"].take()
+    assert nodes["b"].got == []
+    w0.deliver(0)
+    nodes["b"].take()
+    assert nodes["b"].got == [("a", [1, "tuple"])]  # as msgpack gives it back
+
+
+def test_an_unsendable_payload_names_node_link_and_tick() -> None:
+    w0, left = make("w0", ["a", "b"])
+    left["b"].outbox["out"].put("fine")
+    left["a"].outbox["side"].put({(1, 2): 3})  # packs, but cannot be unpacked
+    with pytest.raises(Unsendable) as info:
+        w0.outgoing(5)
+    assert info.value.node == "a" and info.value.tick == 5
+    assert "a.side -> c.in" in info.value.detail
+
+
+def test_drain_counts_the_last_ticks_messages_as_undelivered() -> None:
+    w0, left = make("w0", ["a", "b"])
+    w1, right = make("w1", ["c"])
+    left["a"].outbox["out"].put(1)
+    left["b"].outbox["out"].put(2)
+    swap(0, w0, w1)
+    w1.drain(0)
+    assert w1.undelivered == 2 and not right["c"].inbox["in"]
+
+
+def test_frames_queue_per_neighbour_at_most_one_tick_ahead() -> None:
+    w0, _ = make("w0", ["a", "b"])
+    w1, _ = make("w1", ["c"])
+    w1.accept("w0", w0.outgoing(0)[0][1])
+    with pytest.raises(RemoteProtocolError) as info:  # w1 has sent nothing yet
+        w1.accept("w0", w0.outgoing(1)[0][1])
+    assert (info.value.field, info.value.code, info.value.worker) == ("DATA.tick",
+                                                                      "wrong-tick", "w0")
+
+
+def _frame(**fields: Any) -> bytes:
+    body = {"tick": 0, "source": "w0", "messages": [], "acks": []}
+    body.update(fields)
+    return proto.encode(proto.Data(**body))
+
+
+@pytest.mark.parametrize("raw, field, code", [
+    (b"\xc1", "frame", "bad-msgpack"),
+    (proto.encode(proto.Grant(until=1)), "type", "bad-type"),
+    (_frame(source="w9"), "DATA.source", "wrong-source"),
+    (_frame(tick=3), "DATA.tick", "wrong-tick"),
+    (_frame(messages=[[3, [0], ["x"]]]), "DATA.messages[0][0]", "bad-link"),
+    (_frame(messages=[[99, [0], ["x"]]]), "DATA.messages[0][0]", "bad-link"),
+    (_frame(messages=[[0, [0], ["x"]], [0, [1], ["y"]]]), "DATA.messages[1][0]",
+     "duplicate"),
+    (_frame(acks=[[0, 1]]), "DATA.acks[0][0]", "bad-link"),
+], ids=["garbage", "not-data", "forged-source", "future", "backwards-link", "no-link",
+        "link-twice", "ack-wrong-way"])
+def test_a_bad_frame_names_its_field_and_sender(raw: bytes, field: str, code: str) -> None:
+    w1, _ = make("w1", ["c"])
+    with pytest.raises((FrameError, RemoteProtocolError)) as info:
+        w1.accept("w0", raw)
+    assert (info.value.field, info.value.code) == (field, code)
+
+
+def test_a_frame_from_the_past_is_stale() -> None:
+    w0, _ = make("w0", ["a", "b"])
+    w1, _ = make("w1", ["c"])
+    swap(0, w0, w1)
+    with pytest.raises(RemoteProtocolError) as info:
+        w1.accept("w0", _frame(tick=0))
+    assert info.value.code == "stale-tick"
+
+
+def test_an_ack_beyond_what_is_in_flight_is_refused_at_delivery() -> None:
+    w0, left = make("w0", ["a", "b"])
+    w1, _ = make("w1", ["c"])
+    left["a"].outbox["out"].put(1)
+    w1.outgoing(0)  # so w0 may receive w1's frame of tick 0
+    w0.outgoing(0)
+    w0.accept("w1", proto.encode(proto.Data(0, "w1", [], [[0, 2]])))
+    with pytest.raises(RemoteProtocolError) as info:
+        w0.deliver(0)
+    assert (info.value.field, info.value.code, info.value.worker) == ("DATA.acks[0][1]",
+                                                                      "bad-ack", "w1")
