@@ -37,7 +37,7 @@ from hio.base.doing import DoDoer, Doer
 from .errors import ClusterError, Interrupted, TopologyError
 from .launch import LocalLauncher, ProcessHandle, worker_argv
 from .loop import Loop
-from .runcore import RunCore, RunResult
+from .runcore import START_TIMEOUT, STOP_TIMEOUT, RunCore, RunResult
 from .topology import Plan, Topology, plan as make_plan, resolve_classes
 from .transport import (NOBLOCK, SNDMORE, Again, Context, TransportError, ZMQError,
                         bound_address, local_address)
@@ -123,6 +123,7 @@ class ChildDoer(Doer):
         self.inbox: deque[bytes] = deque()
         self.handle: ProcessHandle | None = None
         self.reported = False      # its exit went to the core
+        self.exitcode: int | None = None
         self.escalate: list[tuple[float, str]] = []   # (when, "terminate" | "kill")
 
     def enter(self) -> None:
@@ -144,24 +145,25 @@ class ChildDoer(Doer):
                 while self.escalate and self.escalate[0][0] <= now:
                     getattr(handle, self.escalate.pop(0)[1])()
                 return False
-            self.reported = True
+            self.reported, self.exitcode = True, code
             self._forget_sentinel()
             core.exited(self.name, code, now)
         return core.finished
 
     def signal(self, kind: str, now: float) -> None:
         """``"kill"`` now, or ``"terminate"`` now and kill if it lingers."""
+        grace = self.supervisor.kill_grace
         if kind == "kill":
             self.escalate = [(now, "kill")]
         else:
-            self.escalate = [(now, "terminate"), (now + KILL_GRACE_S, "kill")]
+            self.escalate = [(now, "terminate"), (now + grace, "kill")]
 
     def wind_down(self, now: float) -> None:
-        """The run is over: a worker still running gets KILL_GRACE_S, then SIGTERM,
+        """The run is over: a worker still running gets the kill grace, then SIGTERM,
         then SIGKILL."""
+        grace = self.supervisor.kill_grace
         if not self.escalate:
-            self.escalate = [(now + KILL_GRACE_S, "terminate"),
-                             (now + 2 * KILL_GRACE_S, "kill")]
+            self.escalate = [(now + grace, "terminate"), (now + 2 * grace, "kill")]
 
     def _forget_sentinel(self) -> None:
         if self.handle is not None and self.handle.sentinel is not None:
@@ -172,13 +174,13 @@ class ChildDoer(Doer):
         handle = self.handle
         if handle is None:
             return
-        deadline = time.monotonic() + KILL_GRACE_S
+        grace = self.supervisor.kill_grace
         for step in ("terminate", "kill"):
             if handle.exitcode() is None:
                 getattr(handle, step)()
+                deadline = time.monotonic() + grace
                 while handle.exitcode() is None and time.monotonic() < deadline:
                     time.sleep(0.01)
-                deadline = time.monotonic() + KILL_GRACE_S
         if not self.reported:
             self._forget_sentinel()
         handle.close()
@@ -202,6 +204,10 @@ class Supervisor(DoDoer):
         on_ready: called with the supervisor once every worker is READY.
         on_listening: called with the supervisor once its control socket is bound
             (``control_address`` is set; ``worker_command_line`` works).
+        start_timeout: seconds for every worker to say HELLO and READY.
+        stop_timeout: seconds for every worker to say BYE after STOP.
+        kill_grace: seconds between the end of the run (or a SIGTERM) and the next
+            step for a worker that has not exited: SIGTERM, then SIGKILL.
 
     The run directory (ipc sockets, the token file; mode 0700) is made under
     ``$HIOCLUSTER_RUN_ROOT`` if set, else the system temp directory, and removed
@@ -215,13 +221,16 @@ class Supervisor(DoDoer):
                  on_tick: Callable[[int, int], None] | None = None,
                  on_ready: Callable[[Supervisor], None] | None = None,
                  on_listening: Callable[[Supervisor], None] | None = None,
-                 **kwa: Any) -> None:
+                 start_timeout: float = START_TIMEOUT, stop_timeout: float = STOP_TIMEOUT,
+                 kill_grace: float = KILL_GRACE_S, **kwa: Any) -> None:
         self.topology, self.plan, self.loop = topology, plan, loop
         self.app_dir = os.path.abspath(app_dir or os.getcwd())
         self.window, self.keep_digests = window, keep_digests
         self.transport, self.listen = transport, listen or ""
         self.worker_command = worker_command
         self.on_tick, self.on_ready, self.on_listening = on_tick, on_ready, on_listening
+        self.start_timeout, self.stop_timeout = start_timeout, stop_timeout
+        self.kill_grace = kill_grace
         names = [spec.name for spec in plan.workers]
         unknown = sorted(set(external) - set(names))
         if unknown:
@@ -309,7 +318,8 @@ class Supervisor(DoDoer):
         self.context = Context()
         self.core = RunCore(self.topology, self.plan, now=time.monotonic(), token=self.token,
                             window=self.window, keep_digests=self.keep_digests,
-                            wall=time.time)
+                            wall=time.time, start_timeout=self.start_timeout,
+                            stop_timeout=self.stop_timeout)
         # the launcher needs the bound address: the switchboard binds in its enter,
         # which hio runs before any child's (doers enter in order)
         self.launcher = _DeferredLauncher(self)
@@ -357,7 +367,7 @@ def run(topology: Topology, *, processes: int | None = None, app_dir: str | None
         on_ready: Callable[[Supervisor], None] | None = None, transport: str = "ipc",
         listen: str | None = None, external: Sequence[str] = (),
         on_listening: Callable[[Supervisor], None] | None = None,
-        check_classes: bool = True) -> RunResult:
+        check_classes: bool = True, **timeouts: float) -> RunResult:
     """Run ``topology`` to completion in lockstep and return its result.
 
     Args:
@@ -376,6 +386,8 @@ def run(topology: Topology, *, processes: int | None = None, app_dir: str | None
         check_classes: import the node classes here first and check every link's
             boxes exist (TopologyError naming the key); tests of the workers'
             own start-up errors turn it off.
+        timeouts: ``start_timeout``, ``stop_timeout``, ``kill_grace`` (seconds; see
+            :class:`Supervisor`).
 
     Raises:
         TopologyError: the plan is impossible (e.g. more processes than nodes).
@@ -391,7 +403,8 @@ def run(topology: Topology, *, processes: int | None = None, app_dir: str | None
     supervisor = Supervisor(topology, plan, loop, app_dir=app_dir, window=window,
                             keep_digests=keep_digests, transport=transport, listen=listen,
                             external=external, worker_command=worker_command,
-                            on_tick=on_tick, on_ready=on_ready, on_listening=on_listening)
+                            on_tick=on_tick, on_ready=on_ready, on_listening=on_listening,
+                            **timeouts)
     loop.doers = [supervisor]
     with _signals(supervisor, loop, handle_signals):
         loop.run()

@@ -154,11 +154,15 @@ class Worker:
                     message = stopped.stop
                     break
                 message = self._await_control()
+        if isinstance(message, proto.Error):
+            self._remote_error(message)
         if not isinstance(message, proto.Stop):
             raise RemoteProtocolError(f"unexpected {message.TYPE}", code="protocol")
         if message.drain and self.exchange is not None:
             self._gather(self.tick)
             self.exchange.drain(self.tick)
+        elif self.exchange is not None:
+            self._take_arrived()
         failures = self.host.exit() if self.host is not None else []
         if failures:
             raise NodeFailed(failures[0][0], self.tick, failures[0][1])
@@ -343,6 +347,18 @@ class Worker:
                 raise _DataFault(peer, exc) from exc
         else:
             self._admit(parts)
+
+    def _take_arrived(self) -> None:
+        """After a failed run: take in the frames that already arrived, so BYE says
+        how far each neighbour got (the supervisor places a dead worker's failure
+        by it). The run is over: a bad frame here is only reported."""
+        while self.data.poll(0):
+            try:
+                self._take_data()
+            except _DataFault as fault:
+                print(f"hiocluster worker {self.name}: after the run failed, {fault.peer} "
+                      f"sent an invalid DATA frame: {fault.error}", file=sys.stderr,
+                      flush=True)
 
     def _admit(self, parts: list[bytes]) -> None:
         """A frame on a connection not yet known: a neighbour's PEER, or a stranger's."""

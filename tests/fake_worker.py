@@ -14,7 +14,10 @@ MODE says:
 * ``stranger-waiting``: PROGRESS waiting for a worker that is not its neighbour;
 * ``old-hio``: HELLO claims another hio version (start-up must refuse it);
 * ``bad-link``: DATA to its neighbours naming a link that does not join them;
-* ``forged-source``: DATA to its neighbours claiming to come from another worker.
+* ``forged-source``: DATA to its neighbours claiming to come from another worker;
+* ``silent``: never says anything (start-up must time out and kill it);
+* ``deaf``: ignores SIGTERM, joins, and then never answers anything, STOP included
+  (the supervisor must escalate to SIGKILL).
 
 It then waits (at most VERDICT_S per frame) for the verdict (ERROR or STOP),
 answers STOP with BYE, and exits 0. Everything it received goes, as JSON, to
@@ -26,7 +29,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +70,11 @@ class Fake:
         self.control.send(proto.encode(message))
 
     def run(self) -> None:
+        if self.mode == "silent":
+            time.sleep(60)
+            return
+        if self.mode == "deaf":
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
         self.data.bind(self.args.connect.rsplit("/", 1)[0] + f"/d-{self.args.name}"
                        if self.args.connect.startswith("ipc://") else "tcp://127.0.0.1:*")
         self.control.connect(self.args.connect)
@@ -87,6 +97,10 @@ class Fake:
         self.records = b"".join(name.encode() + bytes(32) for name in names)
         self.send(proto.Ready(digests=self.records))
         grant = self.next()
+        if self.mode == "deaf":
+            while self.next(60) is not None:
+                pass
+            return
         if isinstance(grant, proto.Grant):
             self.misbehave(grant)
         verdict = grant

@@ -263,3 +263,31 @@ def test_worker_sending_bad_data_is_blamed_by_its_neighbour(
     error = info.value
     assert error.worker == "p1" and error.nodes == ("b",)
     assert "invalid DATA frame" in error.cause and field in error.cause
+
+
+def test_a_flood_on_a_data_socket_is_refused_and_bounded() -> None:
+    text = ring3(ticks=400)
+    baseline = run(text)
+    floods: list[subprocess.Popen] = []
+    memory: dict[str, int] = {}
+
+    def on_ready(sup: supervisor.Supervisor) -> None:
+        handle = sup.children["p1"].handle
+        hello = sup.core.books["p1"].hello
+        assert handle is not None and hello is not None
+        memory["pid"] = handle.pid  # type: ignore[assignment]
+        memory["before"] = psutil.Process(handle.pid).memory_info().rss
+        floods.append(_flood(hello.data_address, b"stranger", 3000, 100_000))
+
+    def on_tick(done: int, total: int) -> None:
+        if done >= total // 2 and "during" not in memory and floods:
+            memory["during"] = psutil.Process(memory["pid"]).memory_info().rss
+
+    try:
+        result = run(text, on_ready=on_ready, on_tick=on_tick, window=1)
+    finally:
+        sent = [int(flood.communicate("", timeout=30)[0] or 0) for flood in floods]
+    assert result.digest == baseline.digest
+    assert 0 < result.rejected_frames <= sent[0]
+    grew = memory.get("during", memory["before"]) - memory["before"]
+    assert grew < 64 * 1024 * 1024, f"worker p1 grew by {grew / 1e6:.0f} MB"
