@@ -13,6 +13,7 @@ Imports: hio, node, protocol, errors.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import time
 import traceback
 from collections import Counter, deque
@@ -22,7 +23,7 @@ from hio.base.doing import Doist
 
 from . import protocol as proto
 from .errors import ClusterError
-from .node import Node, load_class
+from .node import Clock, Node, load_class, pack_state
 
 __all__ = ["NodeHost", "NodeFailed", "TickOverrun", "Terminated", "blame", "tail",
            "TRACEBACK_LINES"]
@@ -72,8 +73,11 @@ class NodeHost:
             with blame(name, -1):
                 self.nodes.append(classes[name](name, params, seed=setup.seed))
         self.by_name = {node.name: node for node in self.nodes}
-        self._sorted = sorted(self.nodes, key=lambda node: node.name)
-        self._prefixes = [node.name.encode() for node in self._sorted]
+        self.clock = Clock()
+        for node in self.nodes:
+            node.clock = self.clock
+        ordered = sorted(self.nodes, key=lambda node: node.name)
+        self._states = [(node.name.encode(), node.state) for node in ordered]
         # tyme then advances as hio's own Doist advances it (tyme += tock per recur), so
         # hio's rescheduling arithmetic (retyme = tyme + tock) lines up exactly
         self.doist = Doist(tyme=float(setup.t0), tock=float(setup.tock), real=False,
@@ -92,9 +96,7 @@ class NodeHost:
 
     def run_tick(self, tick: int) -> None:
         """Tick ``tick``: every node steps once (one ``Doist.recur()``)."""
-        self.tick = tick
-        for node in self.nodes:
-            node.tick = tick
+        self.tick = self.clock.tick = tick
         self.busy_since = time.monotonic()
         try:
             self.doist.recur()
@@ -108,17 +110,20 @@ class NodeHost:
             self.busy_since = 0.0
 
     def records(self) -> bytes:
-        """This state's digest records: ``utf8(name) + sha256`` per node, by name."""
-        parts = []
+        """This state's digest records: ``utf8(name) + sha256(packb(state()))`` per
+        node, by name (docs/protocol.md §7). The hot loop of a big worker."""
+        sha256, pack = hashlib.sha256, pack_state
         try:
-            for prefix, node in zip(self._prefixes, self._sorted):
-                parts.append(prefix)
-                parts.append(node.digest())
+            return b"".join([name + sha256(pack(state())).digest()
+                             for name, state in self._states])
         except Terminated:
             raise
         except BaseException:
-            raise NodeFailed(node.name, self.tick, tail(traceback.format_exc())) from None
-        return b"".join(parts)
+            detail = tail(traceback.format_exc())
+        for name, state in self._states:  # which node was it? run them one by one
+            with blame(name.decode(), self.tick):
+                pack_state(state())
+        raise NodeFailed("?", self.tick, detail)  # a state() that failed only once
 
     def exit(self) -> list[tuple[str, str]]:
         """Run every node's hio exit contexts (last entered first), each one even when

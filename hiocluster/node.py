@@ -5,7 +5,7 @@ subclasses it: declare ``inboxes`` and ``outboxes``, set up state in
 :meth:`Node.setup`, act once per tick in :meth:`Node.step` (and/or add hio doers
 to ``self.doers``), and return the state to digest from :meth:`Node.state`.
 
-Delivery contract (DESIGN.md invariant 2): a message put during tick n is in
+Delivery contract (docs/design.md, invariant 2): a message put during tick n is in
 the linked inbox at the start of tick n+1, ordered by source node name, then by
 the source's send sequence, whether the link crosses processes or not. The
 worker does the moving; this module only holds the buffers.
@@ -35,7 +35,8 @@ from hio.base.doing import DoDoer
 
 from .errors import LinkFull
 
-__all__ = ["Node", "Inbox", "Outbox", "Link", "derive_seed", "digest_state", "load_class"]
+__all__ = ["Node", "Inbox", "Outbox", "Link", "Clock", "derive_seed", "digest_state",
+           "load_class"]
 
 
 def derive_seed(run_seed: int, node_name: str) -> int:
@@ -44,9 +45,23 @@ def derive_seed(run_seed: int, node_name: str) -> int:
     return int.from_bytes(hashlib.sha256(material).digest()[:8], "big")
 
 
+#: msgpack's packer for digests: one, reused (it resets itself after every pack)
+pack_state = msgpack.Packer(use_bin_type=True).pack
+
+
 def digest_state(state: Any) -> bytes:
     """sha256 of the msgpack packing of ``state`` (protocol.DIGEST_SIZE bytes)."""
-    return hashlib.sha256(msgpack.packb(state, use_bin_type=True)).digest()
+    return hashlib.sha256(pack_state(state)).digest()
+
+
+class Clock:
+    """The lockstep tick, shared by every node of a worker: one store per tick, not
+    one per node."""
+
+    __slots__ = ("tick",)
+
+    def __init__(self) -> None:
+        self.tick = -1
 
 
 class Link:
@@ -212,7 +227,7 @@ class Node(DoDoer):
         self.params = dict(params or {})
         self.seed = seed
         self.rng = random.Random(derive_seed(seed, name))
-        self.tick = -1
+        self.clock = Clock()  # a worker gives all its nodes one clock
         self.sequence = 0  # send sequence across all outboxes: the delivery order key
         self.inbox = {box: Inbox(box) for box in self.inboxes}
         self.outbox = {box: Outbox(box, self) for box in self.outboxes}
@@ -236,6 +251,11 @@ class Node(DoDoer):
         >= 0) and shown with their rate per second of ticking.
         """
         return {}
+
+    @property
+    def tick(self) -> int:
+        """The lockstep tick being run (-1 before the first)."""
+        return self.clock.tick
 
     # -- hio --------------------------------------------------------------
     def recur(self, tyme: float, deeds: Any = None) -> bool:  # type: ignore[override]

@@ -297,7 +297,8 @@ def _is_glob(pattern: str) -> bool:
     return any(char in pattern for char in "*?[")
 
 
-def _match(pattern: str, names: list[str], key_path: str) -> list[str]:
+def _match(pattern: str, names: dict[str, int], key_path: str) -> list[str]:
+    """The node names ``pattern`` means; ``names``: every node -> its declaration index."""
     if _is_glob(pattern):
         matched = [name for name in names if fnmatch.fnmatchcase(name, pattern)]
         if not matched:
@@ -353,7 +354,8 @@ def _nodes(document: dict[str, Any]) -> tuple[NodeSpec, ...]:
     return tuple(nodes)
 
 
-def _links(document: dict[str, Any], names: list[str], capacity: int) -> tuple[LinkSpec, ...]:
+def _links(document: dict[str, Any], names: dict[str, int],
+           capacity: int) -> tuple[LinkSpec, ...]:
     made: dict[tuple[str, str, str, str], tuple[int, int]] = {}
     for i, entry in enumerate(_array(document.get("links", []), "links")):
         key_path = f"links[{i}]"
@@ -378,13 +380,13 @@ def _links(document: dict[str, Any], names: list[str], capacity: int) -> tuple[L
 
 
 def _placement(document: dict[str, Any],
-               names: list[str]) -> tuple[tuple[str, tuple[str, ...]], ...] | None:
+               names: dict[str, int]) -> tuple[tuple[str, tuple[str, ...]], ...] | None:
     if "placement" not in document:
         return None
     raw = _table(document["placement"], "placement")
     if not raw:
         raise _err("no workers listed", "placement")
-    order = {name: i for i, name in enumerate(names)}
+    order = names  # declaration index of every node
     placed_in: dict[str, str] = {}
     result: list[tuple[str, tuple[str, ...]]] = []
     for worker, entries in raw.items():
@@ -482,7 +484,7 @@ def loads(text: str, *, path: str | None = None) -> Topology:
         _keys(document, ("run", "nodes", "links", "placement"), "")
         run = _run(document)
         nodes = _nodes(document)
-        names = [node.name for node in nodes]
+        names = {node.name: index for index, node in enumerate(nodes)}
         links = _links(document, names, int(run["capacity"]))
         placement = _placement(document, names)
     except TopologyError as exc:
