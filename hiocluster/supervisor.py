@@ -39,8 +39,8 @@ from .launch import LocalLauncher, ProcessHandle, worker_argv
 from .loop import Loop
 from .runcore import START_TIMEOUT, STOP_TIMEOUT, RunCore, RunResult
 from .topology import Plan, Topology, plan as make_plan, resolve_classes
-from .transport import (NOBLOCK, SNDMORE, Again, Context, TransportError, ZMQError,
-                        bound_address, local_address)
+from .transport import (NOBLOCK, SNDMORE, Context, TransportError, ZMQError, bound_address,
+                        local_address, readable)
 
 __all__ = ["Supervisor", "Switchboard", "ChildDoer", "RunResult", "run", "KILL_GRACE_S"]
 
@@ -70,10 +70,9 @@ class Switchboard(Doer):
     def recur(self, tyme: float) -> bool:
         router, children, core = self.router, self.supervisor.children, self.supervisor.core
         for _ in range(10_000):  # bounded: a flood cannot starve the other doers
-            try:
-                parts = router.recv_multipart(NOBLOCK)
-            except Again:
+            if not readable(router):
                 return False
+            parts = router.recv_multipart(NOBLOCK)
             worker = self.worker_of.get(parts[0])
             if worker is not None and len(parts) == 2:
                 children[worker].inbox.append(parts[1])

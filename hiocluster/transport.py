@@ -26,7 +26,7 @@ from .errors import ClusterError
 from .protocol import MAX_CONTROL_FRAME, MAX_DATA_FRAME, MAX_SETUP_FRAME
 
 __all__ = ["TransportError", "Context", "Poller", "TRANSPORTS", "ipc_address",
-           "local_address", "bound_address", "ipc_path", "recv_parts", "monitor_event", "Again",
+           "local_address", "bound_address", "ipc_path", "readable", "monitor_event", "Again",
            "ZMQError", "NOBLOCK", "SNDMORE"]
 
 #: How workers on one host reach each other: unix sockets, or TCP on loopback.
@@ -147,9 +147,9 @@ def _attach(sock: zmq.Socket, address: str, how: str) -> zmq.Socket:
     return sock
 
 
-def recv_parts(sock: zmq.Socket, flags: int = 0) -> list[bytes]:
-    """One whole message, every part (raises :data:`Again` with NOBLOCK if none)."""
-    return sock.recv_multipart(flags)
+def readable(sock: zmq.Socket) -> bool:
+    """A message can be received now (cheaper than a recv that raises Again)."""
+    return bool(sock.getsockopt(zmq.EVENTS) & zmq.POLLIN)
 
 
 def monitor_event(monitor: zmq.Socket) -> str:
