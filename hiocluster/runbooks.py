@@ -10,14 +10,15 @@ Imports: topology, chain, protocol, errors. Never zmq, hio or os.
 
 from __future__ import annotations
 
+import hmac
 from typing import Iterator, Mapping
 
 from . import protocol as proto
 from .chain import DigestChain
-from .errors import RemoteProtocolError
+from .errors import ClusterError, FrameError, ProtocolError, RemoteProtocolError
 from .topology import Plan, Topology, WorkerSpec
 
-__all__ = ["WorkerBook", "setups"]
+__all__ = ["WorkerBook", "setups", "claim"]
 
 
 class WorkerBook:
@@ -118,6 +119,35 @@ class WorkerBook:
             if books[peer].progress >= self.progress:
                 return peer
         return None
+
+
+def claim(books: Mapping[str, WorkerBook], token: bytes,
+          parts: list[bytes]) -> WorkerBook | ClusterError:
+    """Whose is a new control connection? ``parts``: its first ROUTER message.
+
+    A HELLO with the run's token, from a worker of the plan that has not joined,
+    claims the connection: that worker's book (now marked joined). Anything else
+    is a stranger's: the error to answer it with.
+    """
+    if len(parts) != 2:
+        return FrameError(f"expected one frame, got {len(parts) - 1}", field="frame",
+                          code="multipart")
+    try:
+        hello = proto.decode(parts[1], allowed=(proto.Hello,))
+    except FrameError as exc:
+        return exc
+    assert isinstance(hello, proto.Hello)
+    book = books.get(hello.worker)
+    if book is None:
+        why = f"{hello.worker!r} is not a worker of this run"
+    elif not hmac.compare_digest(hello.token, token):
+        why = "wrong token"
+    elif book.joined or book.failed:
+        why = f"{book.name!r} has already joined"
+    else:
+        book.joined = True
+        return book
+    return ProtocolError(why, field="HELLO.worker", code="unknown-peer")
 
 
 def setups(topology: Topology, plan: Plan,

@@ -10,24 +10,26 @@ A run goes STARTING (HELLO → SETUP → READY from every worker) → RUNNING
 (windows: GRANT to all, DONE from all, fold the digests, grant the next) →
 STOPPING (STOP to all, BYE from all) → FINISHED.
 
-Imports: topology, chain, protocol, errors. Never zmq, hio or os.
+Imports: topology, chain, windows, outcome, runbooks, protocol, errors. Never zmq,
+hio or os.
 """
 
 from __future__ import annotations
 
 import enum
-import hmac
-from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Callable
 
 from . import protocol as proto
 from .chain import DigestChain
-from .errors import (ClusterError, FrameError, Interrupted, NodeError, ProcessExited,
-                     ProtocolError, RunFailed, TickTimeout, describe_exitcode)
-from .runbooks import WorkerBook, setups
+from .errors import (ClusterError, FrameError, Interrupted, ProcessExited, ProtocolError,
+                     RunFailed, describe_exitcode)
+from .outcome import (RunResult, error_frame, late_start, lost_frame, placed, refusal,
+                      result_of, silent, worker_failure)
+from .runbooks import WorkerBook, claim, setups
 from .topology import Plan, Topology
+from .windows import WindowSizer
 
-__all__ = ["RunCore", "RunResult", "Phase", "WindowSizer", "START_TIMEOUT", "STOP_TIMEOUT",
+__all__ = ["RunCore", "RunResult", "Phase", "START_TIMEOUT", "STOP_TIMEOUT",
            "SILENCE_GRACE_S", "STRANGER_LIMIT"]
 
 #: Seconds every worker gets to import, say HELLO and become READY.
@@ -48,78 +50,6 @@ class Phase(enum.Enum):
     RUNNING = "running"
     STOPPING = "stopping"
     FINISHED = "finished"
-
-
-@dataclass
-class RunResult:
-    """What a finished run reports (the CLI's --json prints :meth:`to_json`)."""
-
-    topology: str
-    ticks: int
-    digest: str
-    processes: int
-    nodes: int
-    seconds: float
-    startup_seconds: float
-    messages: int
-    undelivered: int
-    unread: int
-    rejected_frames: int
-    window: str = "auto"
-    real: bool = False
-    late_ticks: int = 0
-    metrics: dict[str, int] = field(default_factory=dict)
-    tick_digests: list[str] = field(default_factory=list)
-
-    @property
-    def ticks_per_second(self) -> float:
-        return self.ticks / self.seconds if self.seconds > 0 else 0.0
-
-    def to_json(self) -> dict[str, Any]:
-        data = {key: value for key, value in self.__dict__.items() if key != "tick_digests"}
-        data["ticks_per_second"] = round(self.ticks_per_second, 1)
-        data["seconds"] = round(self.seconds, 6)
-        data["startup_seconds"] = round(self.startup_seconds, 6)
-        data["metrics_per_second"] = {name: round(value / self.seconds, 1) if self.seconds
-                                      else 0.0 for name, value in self.metrics.items()}
-        if self.tick_digests:
-            data["tick_digests"] = self.tick_digests
-        return data
-
-
-class WindowSizer:
-    """How many ticks the next GRANT covers.
-
-    Fixed with ``window``; else it starts small and grows while windows run
-    quicker than TARGET_S, shrinking when one runs slower, so a window stays
-    around TARGET_S of wall time. In real time it is TARGET_S of ticks. Always
-    bounded so one DONE stays under MAX_DONE_BYTES.
-    """
-
-    TARGET_S = 0.05
-    FIRST = 4
-    MAX = 100_000
-    MAX_DONE_BYTES = 4 * 1024 * 1024
-
-    def __init__(self, window: int | None, record_bytes: int, tock: float, real: bool) -> None:
-        self.fixed = window is not None
-        limit = max(1, self.MAX_DONE_BYTES // max(1, record_bytes))
-        self.limit = window if window is not None else min(self.MAX, limit)
-        if window is not None:
-            self.size = window
-        elif real:
-            self.fixed = True
-            self.size = min(self.limit, max(1, int(self.TARGET_S / tock)))
-        else:
-            self.size = min(self.limit, self.FIRST)
-
-    def observe(self, ticks: int, seconds: float) -> None:
-        """A window of ``ticks`` took ``seconds``: size the next one."""
-        if self.fixed or ticks < self.size:
-            return
-        per_tick = seconds / ticks if ticks else 0.0
-        wanted = self.TARGET_S / per_tick if per_tick > 0 else self.size * 4
-        self.size = max(1, min(self.limit, self.size * 4, int(wanted)))
 
 
 class RunCore:
@@ -202,15 +132,10 @@ class RunCore:
     def poll(self, now: float) -> None:
         """The clock moved: check deadlines."""
         if self.phase is Phase.STARTING and now > self.deadline:
-            late = [book for book in self.books.values() if not book.ready_or_failed]
-            silent = [book for book in late if book.hello is None]
-            stuck, what = (silent, "HELLO") if silent else (late, "READY")
-            blamed = stuck[0]
+            failure, stuck = late_start(self.books.values(), self.deadline - self.started)
             for book in stuck:  # the others wait for them: they get STOP
                 self._kill(book)
-            self.fail(TickTimeout(worker=blamed.name, nodes=blamed.node_names, tick=None,
-                                  cause=f"no {what} within {self.deadline - self.started:g} s "
-                                        "of start (killed)"), now)
+            self.fail(failure, now)
         elif self.phase is Phase.RUNNING:
             self._check_silence(now)
         elif self.phase is Phase.STOPPING and now > self.deadline:
@@ -227,29 +152,11 @@ class RunCore:
         connection is that worker's. Anything else is a stranger's: counted, and
         ``(None, ERROR frame)`` to answer (no frame once STRANGER_LIMIT were).
         """
-        error: ClusterError
-        if len(parts) != 2:
-            error = FrameError(f"expected one frame, got {len(parts) - 1}", field="frame",
-                               code="multipart")
-        else:
-            try:
-                hello = proto.decode(parts[1], allowed=(proto.Hello,))
-            except FrameError as exc:
-                error = exc
-            else:
-                book = self.books.get(hello.worker)  # type: ignore[attr-defined]
-                if book is None:
-                    why = f"{hello.worker!r} is not a worker of this run"  # type: ignore
-                elif not hmac.compare_digest(hello.token, self.token):  # type: ignore
-                    why = "wrong token"
-                elif book.joined or book.failed:
-                    why = f"{book.name!r} has already joined"
-                else:
-                    book.joined = True
-                    return book.name, None
-                error = ProtocolError(why, field="HELLO.worker", code="unknown-peer")
+        claimed = claim(self.books, self.token, parts)
+        if isinstance(claimed, WorkerBook):
+            return claimed.name, None
         self.rejected += 1
-        return None, self._error_frame(error, None) if self.rejected <= STRANGER_LIMIT else None
+        return None, error_frame(claimed, None) if self.rejected <= STRANGER_LIMIT else None
 
     # -- what the shell reads ------------------------------------------------
     @property
@@ -304,43 +211,19 @@ class RunCore:
 
     def _on_error(self, book: WorkerBook, message: proto.Error, now: float) -> None:
         book.failed = True
-        tick = message.tick if message.tick is not None else self._tick_of(book)
-        nodes = (message.node,) if message.node else book.node_names
-        if message.peer is not None and message.peer in self.books:
-            blamed = self.books[message.peer]
-            error: RunFailed = RunFailed(
-                worker=blamed.name, nodes=blamed.node_names, tick=tick,
-                cause=f"sent {book.name} an invalid DATA frame: {message.field}: "
-                      f"{message.detail}")
-        elif message.code == "node-error":
-            cause = message.detail.strip().splitlines()[-1] if message.detail else "error"
-            error = NodeError(worker=book.name, nodes=nodes, tick=tick, cause=cause,
-                              detail=message.detail)
-        elif message.code == "tick-timeout":
-            error = TickTimeout(worker=book.name, nodes=nodes, tick=tick,
-                                cause=f"ran past the {self.topology.tick_timeout:g} s tick "
-                                      "deadline (interrupted)", detail=message.detail)
-        else:
-            error = RunFailed(worker=book.name, nodes=nodes, tick=tick,
-                              cause=f"{message.code}: {message.detail}")
-        self.fail(error, now)
+        self.fail(worker_failure(book, message, self.books, self._tick_of(book),
+                                 self.topology.tick_timeout), now)
 
     def _check_silence(self, now: float) -> None:
-        limit = self.topology.tick_timeout + SILENCE_GRACE_S
+        deadline = self.topology.tick_timeout
         for book in self.books.values():
-            if book.owes_done and now - book.heard > limit:
+            if book.owes_done and now - book.heard > deadline + SILENCE_GRACE_S:
                 self._kill(book)
-                self.fail(TickTimeout(
-                    worker=book.name, nodes=book.node_names, tick=book.progress + 1,
-                    cause=f"silent for {now - book.heard:.1f} s on one tick, past the "
-                          f"{self.topology.tick_timeout:g} s tick deadline (killed)"), now)
+                self.fail(silent(book, now - book.heard, deadline), now)
                 return
-            lost = book.lost_frame(now, self.topology.tick_timeout, self.books)
+            lost = book.lost_frame(now, deadline, self.books)
             if lost is not None:
-                peer = self.books[lost]
-                self.fail(RunFailed(worker=lost, nodes=peer.node_names, tick=book.progress,
-                                    cause=f"its DATA frame of tick {book.progress} never "
-                                          f"reached {book.name}"), now)
+                self.fail(lost_frame(self.books[lost], book), now)
                 return
 
     # -- stopping -------------------------------------------------------------
@@ -376,42 +259,11 @@ class RunCore:
                                          tick=self.topology.ticks - 1,
                                          cause="no BYE after STOP")
             else:
-                self.result = self._result()
+                self.result = result_of(self.topology, self.books.values(), self.chain,
+                                        self.sizer, self.rejected,
+                                        (self.started, self.ticking, self.ticked))
         elif isinstance(self.failure, ProcessExited):
-            self.failure = self._refined(self.failure)
-
-    def _refined(self, failure: ProcessExited) -> ProcessExited:
-        """A process died without a word: its neighbours' BYEs tell how many of its
-        DATA frames arrived, so the tick it died in, exactly."""
-        heard = [b.bye.received.get(failure.worker, 0) for b in self.books.values()
-                 if b.bye is not None]
-        tick = max([failure.tick or 0, *heard]) if failure.tick is not None else None
-        if tick == failure.tick:
-            return failure
-        return ProcessExited(worker=failure.worker, nodes=failure.nodes, tick=tick,
-                             exitcode=failure.exitcode, cause=failure.cause)
-
-    def _result(self) -> RunResult:
-        stats: dict[str, int] = {}
-        metrics: dict[str, int] = {}
-        late = 0
-        for book in self.books.values():
-            assert book.bye is not None
-            for name, value in book.bye.stats.items():
-                stats[name] = stats.get(name, 0) + value
-            for name, value in book.bye.metrics.items():
-                metrics[name] = metrics.get(name, 0) + value
-            late = max(late, book.bye.stats.get("late", 0))
-        topology = self.topology
-        return RunResult(
-            topology=topology.name, ticks=topology.ticks, digest=self.chain.digest.hex(),
-            processes=len(self.books), nodes=len(topology.nodes),
-            seconds=self.ticked - self.ticking, startup_seconds=self.ticking - self.started,
-            messages=stats.get("messages", 0), undelivered=stats.get("undelivered", 0),
-            unread=stats.get("unread", 0), rejected_frames=self.rejected + stats.get(
-                "rejected", 0), window=str(self.sizer.size) if self.sizer.fixed else "auto",
-            real=topology.real, late_ticks=late, metrics=dict(sorted(metrics.items())),
-            tick_digests=self.chain.tick_digests)
+            self.failure = placed(self.failure, self.books.values())
 
     # -- helpers ------------------------------------------------------------
     def _send(self, book: WorkerBook, message: proto.Message) -> None:
@@ -429,17 +281,5 @@ class RunCore:
         """A worker of the run sent an invalid frame: ERROR to it, fail the run."""
         book.failed = True
         tick = self._tick_of(book)
-        self.outbox.append((book.name, self._error_frame(exc, tick)))
-        if exc.code == "version-mismatch":
-            cause = str(exc)
-        elif isinstance(exc, FrameError):
-            cause = f"sent an invalid frame: {exc}"
-        else:
-            cause = f"sent an invalid frame: {exc.field}: {exc}"
-        self.fail(RunFailed(worker=book.name, nodes=book.node_names, tick=tick, cause=cause),
-                  now)
-
-    @staticmethod
-    def _error_frame(exc: ClusterError, tick: int | None) -> bytes:
-        return proto.encode(proto.Error(code=getattr(exc, "code", "error"), detail=str(exc),
-                                        field=getattr(exc, "field", ""), tick=tick))
+        self.outbox.append((book.name, error_frame(exc, tick)))
+        self.fail(refusal(book, exc, tick), now)

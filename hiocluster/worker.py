@@ -25,7 +25,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import sys
 import time
 import traceback
 from dataclasses import dataclass
@@ -35,7 +34,8 @@ from . import protocol as proto
 from .errors import FrameError, ProtocolError, RemoteProtocolError
 from .exchange import Exchange, Unsendable
 from .host import NodeFailed, NodeHost, Terminated, TickOverrun, tail
-from .transport import NOBLOCK, Again, Context, Poller, bound_address, ipc_path
+from .peers import DataFault, PeerSockets
+from .transport import NOBLOCK, Again, Context, Poller, ipc_path
 from .watchdog import Watchdog
 
 __all__ = ["WorkerOptions", "Worker", "run_worker", "PROGRESS_S", "START_TIMEOUT"]
@@ -48,8 +48,6 @@ START_TIMEOUT = 60.0
 FAIL_LINGER_MS = 500
 #: Longest ERROR detail sent up (well inside the protocol's string limit).
 MAX_DETAIL = 8000
-#: Rejected data frames from strangers that are logged one by one; then only counted.
-LOG_REJECTED = 10
 
 
 @dataclass(frozen=True)
@@ -80,13 +78,6 @@ class _Stopped(Exception):
         self.stop = stop
 
 
-class _DataFault(Exception):
-    """A neighbour sent an invalid DATA frame (it, not we, is to blame)."""
-
-    def __init__(self, peer: str, error: FrameError | ProtocolError) -> None:
-        self.peer, self.error = peer, error
-
-
 class Worker:
     """One worker's lifetime (see the module docstring)."""
 
@@ -98,13 +89,8 @@ class Worker:
         self.exchange: Exchange | None = None
         self.tick = -1                    # the last tick run
         self.report_at = 0.0              # when the next PROGRESS is due
-        self.start_wall: float | None = None
-        self.tock = 1.0
-        self.late = 0
-        self.rejected = 0
-        self.peer_of: dict[bytes, str] = {}      # data connection -> neighbour
-        self.outs: dict[str, Any] = {}            # neighbour -> DEALER
-        self.bound = ""                           # our data address, once bound
+        self.pacer: Pacer | None = None   # real-time runs only
+        self.peers: PeerSockets | None = None
 
     # -- lifetime -------------------------------------------------------------
     def run(self) -> int:
@@ -113,10 +99,9 @@ class Worker:
         self.watchdog: Watchdog | None = None
         try:
             self.control = self.context.control_dealer(self.options.connect)
-            self.data = self.context.data_router(self.options.bind or default_bind(
-                self.options.connect, self.name))
-            self.bound = bound_address(self.data)
-            self.poller = Poller([self.control, self.data])
+            self.peers = PeerSockets(self.context, self.options.bind or default_bind(
+                self.options.connect, self.name), self.name, self.options.token)
+            self.poller = Poller([self.control, self.peers.socket])
             self.watchdog = Watchdog(self.context.monitor(self.control), START_TIMEOUT,
                                      lambda: self.host.busy_since if self.host else 0.0)
             self.watchdog.start()
@@ -132,7 +117,7 @@ class Worker:
             return self._fail(exc.code, exc.detail, node=exc.node)
         except Unsendable as exc:
             return self._fail("node-error", exc.detail, node=exc.node)
-        except _DataFault as exc:
+        except DataFault as exc:
             return self._fail(exc.error.code, str(exc.error), field=exc.error.field,
                               peer=exc.peer)
         except (FrameError, ProtocolError) as exc:
@@ -141,8 +126,10 @@ class Worker:
             return self._fail("worker-error", tail(traceback.format_exc()))
 
     def _run(self) -> int:
+        assert self.peers is not None
         self._send(proto.Hello(worker=self.name, token=self.options.token, pid=os.getpid(),
-                               versions=proto.local_versions(), data_address=self.bound))
+                               versions=proto.local_versions(),
+                               data_address=self.peers.address))
         message = self._await_control()
         if isinstance(message, proto.Setup):
             self._setup(message)
@@ -162,7 +149,7 @@ class Worker:
             self._gather(self.tick)
             self.exchange.drain(self.tick)
         elif self.exchange is not None:
-            self._take_arrived()
+            self.peers.take_arrived()
         failures = self.host.exit() if self.host is not None else []
         if failures:
             raise NodeFailed(failures[0][0], self.tick, failures[0][1])
@@ -201,51 +188,38 @@ class Worker:
     def _close(self, *, clean: bool, orphaned: bool = False) -> None:
         """Close every socket; an orphan also removes the files its supervisor cannot."""
         self.context.close(linger=0 if orphaned else None if clean else FAIL_LINGER_MS)
-        if not orphaned:
-            return
-        run_dir = self.options.run_dir
-        paths = [ipc_path(self.bound)]
-        if run_dir:  # the supervisor's files: whoever comes last removes the directory
-            paths += [ipc_path(self.options.connect), os.path.join(run_dir, "token")]
-        for path in paths:
-            if path:
-                with contextlib.suppress(OSError):
-                    os.unlink(path)
-        if run_dir:
-            with contextlib.suppress(OSError):
-                os.rmdir(run_dir)
+        if orphaned:
+            remove_orphan_files(self.options, self.peers.address if self.peers else "")
 
     # -- start-up ---------------------------------------------------------------
     def _setup(self, setup: proto.Setup) -> None:
-        self.tock = setup.tock
+        if setup.real:
+            self.pacer = Pacer(setup.tock)
         self.host = host = NodeHost(setup, self.options.app_dir)
         self.exchange = Exchange(self.name, host.by_name, setup.links)
-        assert self.watchdog is not None
+        assert self.watchdog is not None and self.peers is not None
         self.watchdog.tick_timeout = setup.tick_timeout
-        for peer in self.exchange.neighbours:
-            out = self.outs[peer] = self.context.data_dealer(setup.peers[peer])
-            out.send(proto.encode(proto.Peer(worker=self.name, token=self.options.token)))
+        self.peers.connect(self.exchange, setup.peers)
         host.enter()
         self._send(proto.Ready(digests=host.records()))
 
     # -- ticking ------------------------------------------------------------------
     def _window(self, grant: proto.Grant) -> None:
         """Run every tick up to ``grant.until``, then answer DONE."""
-        host, exchange = self.host, self.exchange
-        assert host is not None and exchange is not None
-        if grant.start is not None:
-            self.start_wall = grant.start
-        outs, records = self.outs, []
+        host, exchange, peers = self.host, self.exchange, self.peers
+        assert host is not None and exchange is not None and peers is not None
+        if grant.start is not None and self.pacer is not None:
+            self.pacer.start = grant.start
+        records = []
         self.report_at = time.monotonic() + PROGRESS_S
         for tick in range(self.tick + 1, grant.until + 1):
             if tick:
                 self._gather(tick - 1)
                 exchange.deliver(tick - 1)
-            if self.start_wall is not None:
+            if self.pacer is not None:
                 self._pace(tick)
             host.run_tick(tick)
-            for peer, frame in exchange.outgoing(tick):
-                outs[peer].send(frame)
+            peers.send(exchange.outgoing(tick))
             records.append(host.records())
             self.tick = tick
             if time.monotonic() >= self.report_at:
@@ -264,18 +238,12 @@ class Worker:
             missing = exchange.missing(tick)
 
     def _pace(self, tick: int) -> None:
-        """Real time: start tick ``tick`` at start + tick x tock on the wall clock."""
-        assert self.start_wall is not None
-        due = self.start_wall + tick * self.tock
-        while True:
-            behind = time.time() - due
-            if behind >= 0:
-                if behind > self.tock:  # it missed its slot entirely
-                    self.late += 1
-                return
+        """Real time: wait until tick ``tick`` is due, serving sockets meanwhile."""
+        assert self.pacer is not None
+        while (delay := self.pacer.delay(tick, time.time())) > 0:
             if time.monotonic() >= self.report_at:
                 self._report()
-            self._wait(min(self.report_at, time.monotonic() - behind))
+            self._wait(min(self.report_at, time.monotonic() + delay))
 
     def _report(self, waiting: list[str] | None = None) -> None:
         """PROGRESS to the supervisor, and a look at the control socket for STOP."""
@@ -294,8 +262,8 @@ class Worker:
         ready = self.poller.poll(timeout * 1000)
         if self.control in ready:
             self._take_control()
-        if self.data in ready:
-            self._take_data()
+        if self.peers is not None and self.peers.socket in ready:
+            self.peers.take_one()
 
     def _await_control(self) -> proto.Message:
         """The next control frame, serving the data socket meanwhile (once SETUP
@@ -308,8 +276,8 @@ class Worker:
                 ready = self.poller.poll(PROGRESS_S * 1000)
             if control in ready:
                 return self.machine.receive(control.recv(NOBLOCK))
-            if ready:
-                self._take_data()
+            if ready and self.peers is not None:
+                self.peers.take_one()
 
     def _take_control(self) -> None:
         """A control frame mid-window can only be STOP or ERROR (the machine says so)."""
@@ -326,64 +294,6 @@ class Worker:
         raise RemoteProtocolError(f"supervisor sent ERROR {message.code}: {message.detail}",
                                   tick=self.machine.tick, field=message.field, code="protocol")
 
-    def _take_data(self) -> None:
-        """One message from the data socket (poll said there is one): a neighbour's
-        frame goes to the exchange, anything else to :meth:`_admit`."""
-        data = self.data
-        try:
-            identity = data.recv(NOBLOCK)
-        except Again:
-            return
-        frame = data.recv(copy=False)
-        parts = [identity, frame.bytes]
-        while frame.more:
-            frame = data.recv(copy=False)
-            parts.append(frame.bytes)
-        peer = self.peer_of.get(identity)
-        if peer is not None and len(parts) == 2 and self.exchange is not None:
-            try:
-                self.exchange.accept(peer, parts[1])
-            except (FrameError, ProtocolError) as exc:
-                raise _DataFault(peer, exc) from exc
-        else:
-            self._admit(parts)
-
-    def _take_arrived(self) -> None:
-        """After a failed run: take in the frames that already arrived, so BYE says
-        how far each neighbour got (the supervisor places a dead worker's failure
-        by it). The run is over: a bad frame here is only reported."""
-        while self.data.poll(0):
-            try:
-                self._take_data()
-            except _DataFault as fault:
-                print(f"hiocluster worker {self.name}: after the run failed, {fault.peer} "
-                      f"sent an invalid DATA frame: {fault.error}", file=sys.stderr,
-                      flush=True)
-
-    def _admit(self, parts: list[bytes]) -> None:
-        """A frame on a connection not yet known: a neighbour's PEER, or a stranger's."""
-        why = "not a PEER frame"
-        if len(parts) == 2 and self.exchange is not None:
-            try:
-                peer = proto.decode(parts[1], allowed=(proto.Peer,))
-            except FrameError as exc:
-                why = str(exc)
-            else:
-                if peer.worker not in self.exchange.neighbours:
-                    why = f"{peer.worker!r} is not a neighbour"
-                elif peer.token != self.options.token:
-                    why = "wrong token"
-                elif peer.worker in self.peer_of.values():
-                    why = f"{peer.worker!r} is already connected"
-                else:
-                    self.peer_of[parts[0]] = peer.worker
-                    return
-        self.rejected += 1
-        if self.rejected <= LOG_REJECTED:
-            print(f"hiocluster worker {self.name}: refused a frame on the data socket: {why}"
-                  + (" (further refusals are only counted)" if self.rejected == LOG_REJECTED
-                     else ""), file=sys.stderr, flush=True)
-
     def _send(self, message: proto.Message, *, checked: bool = True) -> None:
         self.control.send(self.machine.send(message, checked=checked))
 
@@ -391,9 +301,45 @@ class Worker:
         exchange, host = self.exchange, self.host
         unsent = exchange.unsent() if exchange else 0   # put in exit contexts
         return {"messages": (exchange.messages if exchange else 0) + unsent,
-                "rejected": self.rejected,
+                "rejected": self.peers.refused if self.peers else 0,
                 "undelivered": (exchange.undelivered if exchange else 0) + unsent,
-                "unread": host.unread() if host else 0, "late": self.late}
+                "unread": host.unread() if host else 0,
+                "late": self.pacer.late if self.pacer else 0}
+
+
+class Pacer:
+    """Real-time pacing: tick n is due at ``start + n x tock`` seconds on the wall clock
+    (``start`` from the first GRANT, shared by every worker of the run)."""
+
+    def __init__(self, tock: float) -> None:
+        self.tock = tock
+        self.start = 0.0
+        self.late = 0       # ticks that started more than one tock after they were due
+
+    def delay(self, tick: int, now: float) -> float:
+        """Seconds until ``tick`` is due; 0 once it may start (counted if late)."""
+        behind = now - (self.start + tick * self.tock)
+        if behind < 0:
+            return -behind
+        if behind > self.tock:  # it missed its slot entirely
+            self.late += 1
+        return 0.0
+
+
+def remove_orphan_files(options: WorkerOptions, data_address: str) -> None:
+    """An orphan's clean-up: its own data socket file and, for a worker the
+    supervisor started (``run_dir``), the supervisor's files: whoever comes last
+    removes the run directory."""
+    paths = [ipc_path(data_address)]
+    if options.run_dir:
+        paths += [ipc_path(options.connect), os.path.join(options.run_dir, "token")]
+    for path in paths:
+        if path:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+    if options.run_dir:
+        with contextlib.suppress(OSError):
+            os.rmdir(options.run_dir)
 
 
 def run_worker(options: WorkerOptions) -> int:

@@ -15,7 +15,8 @@ import pytest
 from hiocluster import protocol as proto
 from hiocluster.chain import DigestChain, record_size
 from hiocluster.errors import (Interrupted, NodeError, ProcessExited, RunFailed, TickTimeout)
-from hiocluster.runcore import SILENCE_GRACE_S, Phase, RunCore, WindowSizer
+from hiocluster.runcore import SILENCE_GRACE_S, Phase, RunCore
+from hiocluster.windows import WindowSizer
 from hiocluster.topology import loads, plan
 
 TOKEN = b"t" * 16

@@ -1,0 +1,173 @@
+"""How a run ends: its result, or the failure that names who is to blame.
+
+Pure functions of what the supervisor's books hold (hiocluster.runbooks), used
+by :class:`~hiocluster.runcore.RunCore`: the :class:`RunResult` of a finished
+run, the failure a worker's ERROR frame means, the failure an invalid frame
+means, and where a worker that died without a word died.
+
+Imports: chain, windows, runbooks, topology, protocol, errors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Mapping
+
+from . import protocol as proto
+from .chain import DigestChain
+from .errors import (ClusterError, FrameError, NodeError, ProcessExited, ProtocolError,
+                     RunFailed, TickTimeout)
+from .runbooks import WorkerBook
+from .topology import Topology
+from .windows import WindowSizer
+
+__all__ = ["RunResult", "result_of", "worker_failure", "refusal", "placed", "late_start",
+           "silent", "lost_frame", "error_frame"]
+
+
+@dataclass
+class RunResult:
+    """What a finished run reports (the CLI's --json prints :meth:`to_json`)."""
+
+    topology: str
+    ticks: int
+    digest: str
+    processes: int
+    nodes: int
+    seconds: float
+    startup_seconds: float
+    messages: int
+    undelivered: int
+    unread: int
+    rejected_frames: int
+    window: str = "auto"
+    real: bool = False
+    late_ticks: int = 0
+    metrics: dict[str, int] = field(default_factory=dict)
+    tick_digests: list[str] = field(default_factory=list)
+
+    @property
+    def ticks_per_second(self) -> float:
+        return self.ticks / self.seconds if self.seconds > 0 else 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        data = {key: value for key, value in self.__dict__.items() if key != "tick_digests"}
+        data["ticks_per_second"] = round(self.ticks_per_second, 1)
+        data["seconds"] = round(self.seconds, 6)
+        data["startup_seconds"] = round(self.startup_seconds, 6)
+        data["metrics_per_second"] = {name: round(value / self.seconds, 1) if self.seconds
+                                      else 0.0 for name, value in self.metrics.items()}
+        if self.tick_digests:
+            data["tick_digests"] = self.tick_digests
+        return data
+
+
+def result_of(topology: Topology, books: Iterable[WorkerBook], chain: DigestChain,
+              sizer: WindowSizer, rejected: int, times: tuple[float, float, float]) -> RunResult:
+    """The result of a finished run: every book holds its worker's BYE.
+
+    ``times``: when the run started, its first GRANT went out, its last DONE came in.
+    """
+    started, ticking, ticked = times
+    stats: dict[str, int] = {}
+    metrics: dict[str, int] = {}
+    books = list(books)
+    for book in books:
+        assert book.bye is not None
+        for name, value in book.bye.stats.items():
+            stats[name] = stats.get(name, 0) + value
+        for name, value in book.bye.metrics.items():
+            metrics[name] = metrics.get(name, 0) + value
+    late = max(book.bye.stats.get("late", 0) for book in books)  # type: ignore[union-attr]
+    return RunResult(
+        topology=topology.name, ticks=topology.ticks, digest=chain.digest.hex(),
+        processes=len(books), nodes=len(topology.nodes), seconds=ticked - ticking,
+        startup_seconds=ticking - started, messages=stats.get("messages", 0),
+        undelivered=stats.get("undelivered", 0), unread=stats.get("unread", 0),
+        rejected_frames=rejected + stats.get("rejected", 0),
+        window=str(sizer.size) if sizer.fixed else "auto", real=topology.real,
+        late_ticks=late, metrics=dict(sorted(metrics.items())),
+        tick_digests=chain.tick_digests)
+
+
+def worker_failure(book: WorkerBook, message: proto.Error, books: Mapping[str, WorkerBook],
+                   tick: int | None, tick_timeout: float) -> RunFailed:
+    """The failure an ERROR frame from ``book``'s worker means.
+
+    A bad DATA frame (``peer`` set) is the peer's fault; ``node-error`` and
+    ``tick-timeout`` name the node; anything else names the worker.
+    """
+    tick = message.tick if message.tick is not None else tick
+    nodes = (message.node,) if message.node else book.node_names
+    if message.peer is not None and message.peer in books:
+        blamed = books[message.peer]
+        return RunFailed(worker=blamed.name, nodes=blamed.node_names, tick=tick,
+                         cause=f"sent {book.name} an invalid DATA frame: {message.field}: "
+                               f"{message.detail}")
+    if message.code == "node-error":
+        cause = message.detail.strip().splitlines()[-1] if message.detail else "error"
+        return NodeError(worker=book.name, nodes=nodes, tick=tick, cause=cause,
+                         detail=message.detail)
+    if message.code == "tick-timeout":
+        return TickTimeout(worker=book.name, nodes=nodes, tick=tick,
+                           cause=f"ran past the {tick_timeout:g} s tick deadline "
+                                 "(interrupted)", detail=message.detail)
+    return RunFailed(worker=book.name, nodes=nodes, tick=tick,
+                     cause=f"{message.code}: {message.detail}")
+
+
+def refusal(book: WorkerBook, exc: FrameError | ProtocolError, tick: int | None) -> RunFailed:
+    """The failure of a worker that sent an invalid frame (``exc`` says why)."""
+    if exc.code == "version-mismatch":
+        cause = str(exc)
+    elif isinstance(exc, FrameError):
+        cause = f"sent an invalid frame: {exc}"
+    else:
+        cause = f"sent an invalid frame: {exc.field}: {exc}"
+    return RunFailed(worker=book.name, nodes=book.node_names, tick=tick, cause=cause)
+
+
+def placed(failure: ProcessExited, books: Iterable[WorkerBook]) -> ProcessExited:
+    """A process died without a word: its neighbours' BYEs tell how many of its DATA
+    frames arrived, so the tick it died in, exactly."""
+    if failure.tick is None:
+        return failure
+    heard = [book.bye.received.get(failure.worker, 0) for book in books
+             if book.bye is not None]
+    tick = max([failure.tick, *heard])
+    if tick == failure.tick:
+        return failure
+    return ProcessExited(worker=failure.worker, nodes=failure.nodes, tick=tick,
+                         exitcode=failure.exitcode, cause=failure.cause)
+
+
+def late_start(books: Iterable[WorkerBook],
+               seconds: float) -> tuple[TickTimeout, list[WorkerBook]]:
+    """Start-up ran out of time: the failure, and the workers stuck (those that never
+    said HELLO, else those not READY)."""
+    late = [book for book in books if not book.ready_or_failed]
+    quiet = [book for book in late if book.hello is None]
+    stuck, what = (quiet, "HELLO") if quiet else (late, "READY")
+    first = stuck[0]
+    return TickTimeout(worker=first.name, nodes=first.node_names, tick=None,
+                       cause=f"no {what} within {seconds:g} s of start (killed)"), stuck
+
+
+def silent(book: WorkerBook, seconds: float, tick_timeout: float) -> TickTimeout:
+    """A worker owing DONE said nothing for ``seconds``: stuck inside a tick."""
+    return TickTimeout(worker=book.name, nodes=book.node_names, tick=book.progress + 1,
+                       cause=f"silent for {seconds:.1f} s on one tick, past the "
+                             f"{tick_timeout:g} s tick deadline (killed)")
+
+
+def lost_frame(sender: WorkerBook, receiver: WorkerBook) -> RunFailed:
+    """``receiver`` waited too long for a DATA frame ``sender`` says it sent."""
+    return RunFailed(worker=sender.name, nodes=sender.node_names, tick=receiver.progress,
+                     cause=f"its DATA frame of tick {receiver.progress} never reached "
+                           f"{receiver.name}")
+
+
+def error_frame(exc: ClusterError, tick: int | None) -> bytes:
+    """The ERROR frame that answers ``exc``."""
+    return proto.encode(proto.Error(code=getattr(exc, "code", "error"), detail=str(exc),
+                                    field=getattr(exc, "field", ""), tick=tick))

@@ -1,0 +1,43 @@
+"""How many ticks one GRANT covers (docs/protocol.md §7, "Windows").
+
+Imports: nothing from hiocluster.
+"""
+
+from __future__ import annotations
+
+__all__ = ["WindowSizer"]
+
+
+class WindowSizer:
+    """How many ticks the next GRANT covers.
+
+    Fixed with ``window``; else it starts small and grows while windows run
+    quicker than TARGET_S, shrinking when one runs slower, so a window stays
+    around TARGET_S of wall time. In real time it is TARGET_S of ticks. Always
+    bounded so one DONE stays under MAX_DONE_BYTES.
+    """
+
+    TARGET_S = 0.05
+    FIRST = 4
+    MAX = 100_000
+    MAX_DONE_BYTES = 4 * 1024 * 1024
+
+    def __init__(self, window: int | None, record_bytes: int, tock: float, real: bool) -> None:
+        self.fixed = window is not None
+        limit = max(1, self.MAX_DONE_BYTES // max(1, record_bytes))
+        self.limit = window if window is not None else min(self.MAX, limit)
+        if window is not None:
+            self.size = window
+        elif real:
+            self.fixed = True
+            self.size = min(self.limit, max(1, int(self.TARGET_S / tock)))
+        else:
+            self.size = min(self.limit, self.FIRST)
+
+    def observe(self, ticks: int, seconds: float) -> None:
+        """A window of ``ticks`` took ``seconds``: size the next one."""
+        if self.fixed or ticks < self.size:
+            return
+        per_tick = seconds / ticks if ticks else 0.0
+        wanted = self.TARGET_S / per_tick if per_tick > 0 else self.size * 4
+        self.size = max(1, min(self.limit, self.size * 4, int(wanted)))
