@@ -105,6 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="where neighbours send DATA (default: beside the control socket)")
     _app_dir(worker)
     worker.add_argument("--run-dir", metavar="DIR", help=argparse.SUPPRESS)
+    worker.add_argument("--tick-file", metavar="FILE", help=argparse.SUPPRESS)
     return parser
 
 
@@ -222,7 +223,7 @@ def _worker(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
                      f"${TOKEN_ENV} to the run's token (hex)")
     return run_worker(WorkerOptions(connect=args.connect, name=args.name, token=token,
                                     bind=args.bind, app_dir=args.app_dir,
-                                    run_dir=args.run_dir))
+                                    run_dir=args.run_dir, tick_file=args.tick_file))
 
 
 def _failed(args: argparse.Namespace, exc: ClusterError, fields: dict[str, Any]) -> int:

@@ -16,14 +16,16 @@ Imports: stdlib only.
 
 from __future__ import annotations
 
+import mmap
 import os
 import signal
+import struct
 import subprocess
 import sys
 from typing import Protocol, Sequence
 
-__all__ = ["ProcessHandle", "Launcher", "LocalProcess", "LocalLauncher", "worker_argv",
-           "TOKEN_ENV"]
+__all__ = ["ProcessHandle", "Launcher", "LocalProcess", "LocalLauncher", "TickRegister",
+           "worker_argv", "TOKEN_ENV"]
 
 #: The environment variable a worker reads the run's token from.
 TOKEN_ENV = "HIOCLUSTER_TOKEN"
@@ -36,8 +38,15 @@ class ProcessHandle(Protocol):
     #: a file descriptor that becomes readable when the process ends (None: poll)
     sentinel: int | None
 
+    def alive(self) -> bool:
+        """Whether it still runs."""
+
     def exitcode(self) -> int | None:
         """How it ended (negative: killed by that signal), or None while it runs."""
+
+    def last_tick(self) -> int | None:
+        """The tick it was working on (running, or waiting for its inputs), if it can
+        tell: a worker that dies without a word is placed by it."""
 
     def terminate(self) -> None:
         """Ask it to stop (SIGTERM): it runs its exit contexts."""
@@ -57,29 +66,65 @@ class Launcher(Protocol):
 
 
 def worker_argv(connect: str, worker: str, *, app_dir: str | None = None,
-                run_dir: str | None = None) -> list[str]:
+                run_dir: str | None = None, tick_file: str | None = None) -> list[str]:
     """The ``hiocluster worker`` arguments that join ``worker`` to a run."""
     argv = ["worker", "--connect", connect, "--name", worker]
     if app_dir:
         argv += ["--app-dir", app_dir]
     if run_dir:
         argv += ["--run-dir", run_dir]
+    if tick_file:
+        argv += ["--tick-file", tick_file]
     return argv
+
+
+class TickRegister:
+    """Eight bytes in a file, shared by a worker and its supervisor: the tick the
+    worker is working on. The worker stores it every tick (no message, no syscall);
+    the supervisor reads it when the worker dies. -1: not ticking yet."""
+
+    SIZE = 8
+
+    def __init__(self, path: str, *, create: bool = False) -> None:
+        self.path = path
+        if create:
+            with open(path, "wb") as file:
+                file.write(struct.pack("<q", -1))
+        self._fd = os.open(path, os.O_RDWR)
+        self._map = mmap.mmap(self._fd, self.SIZE)
+
+    def store(self, tick: int) -> None:
+        struct.pack_into("<q", self._map, 0, tick)
+
+    def load(self) -> int:
+        return struct.unpack_from("<q", self._map, 0)[0]
+
+    def close(self) -> None:
+        self._map.close()
+        os.close(self._fd)
 
 
 class LocalProcess:
     """A worker started as a child process of this one (see :class:`ProcessHandle`)."""
 
-    def __init__(self, popen: subprocess.Popen) -> None:
+    def __init__(self, popen: subprocess.Popen, register: TickRegister) -> None:
         self.popen = popen
+        self.register = register
         self.pid: int | None = popen.pid
         try:
             self.sentinel: int | None = os.pidfd_open(popen.pid)
         except (AttributeError, OSError):  # not Linux >= 5.3: the supervisor polls
             self.sentinel = None
 
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
     def exitcode(self) -> int | None:
         return self.popen.poll()
+
+    def last_tick(self) -> int | None:
+        tick = self.register.load()
+        return tick if tick >= 0 else None
 
     def _signal(self, signum: int) -> None:
         if self.popen.poll() is None:  # Popen never signals a reaped pid
@@ -98,6 +143,7 @@ class LocalProcess:
         if self.sentinel is not None:
             os.close(self.sentinel)
             self.sentinel = None
+        self.register.close()
 
 
 class LocalLauncher:
@@ -106,13 +152,14 @@ class LocalLauncher:
     Args:
         connect: the supervisor's control address.
         token: the run's secret, passed in the environment.
-        app_dir, run_dir: passed on (see ``hiocluster worker --help``).
+        run_dir: the run directory (tick registers go there; orphans clean it).
+        app_dir: passed on (see ``hiocluster worker --help``).
         command: the program and leading arguments (default: this Python running
             ``-m hiocluster``); tests substitute misbehaving workers here.
     """
 
-    def __init__(self, connect: str, token: bytes, *, app_dir: str | None = None,
-                 run_dir: str | None = None, command: Sequence[str] | None = None) -> None:
+    def __init__(self, connect: str, token: bytes, run_dir: str, *,
+                 app_dir: str | None = None, command: Sequence[str] | None = None) -> None:
         self.connect, self.token = connect, token
         self.app_dir, self.run_dir = app_dir, run_dir
         self.command = list(command or [sys.executable, "-m", "hiocluster"])
@@ -120,8 +167,9 @@ class LocalLauncher:
     def start(self, worker: str) -> LocalProcess:
         env = dict(os.environ)
         env[TOKEN_ENV] = self.token.hex()
+        register = TickRegister(os.path.join(self.run_dir, f"t-{worker}"), create=True)
         argv = self.command + worker_argv(self.connect, worker, app_dir=self.app_dir,
-                                          run_dir=self.run_dir)
+                                          run_dir=self.run_dir, tick_file=register.path)
         popen = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, close_fds=True,
                                  start_new_session=True)
-        return LocalProcess(popen)
+        return LocalProcess(popen, register)

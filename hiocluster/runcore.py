@@ -111,15 +111,18 @@ class RunCore:
         if handler is not None:
             handler(book, message, now)
 
-    def exited(self, worker: str, exitcode: int, now: float) -> None:
-        """Worker ``worker``'s process ended with ``exitcode`` (negative: a signal)."""
+    def exited(self, worker: str, exitcode: int, now: float, tick: int | None = None) -> None:
+        """Worker ``worker``'s process ended with ``exitcode`` (negative: a signal);
+        ``tick``: the tick it was working on, where its process handle can tell."""
         book = self.books[worker]
         book.exitcode = exitcode
         if book.bye is None and not book.failed and self.phase is not Phase.FINISHED:
             book.failed = True
-            self.fail(ProcessExited(worker=worker, nodes=book.node_names,
-                                    tick=self._tick_of(book), exitcode=exitcode,
-                                    cause=describe_exitcode(exitcode)), now)
+            known = self._tick_of(book)
+            if known is not None and tick is not None:
+                known = max(known, tick)
+            self.fail(ProcessExited(worker=worker, nodes=book.node_names, tick=known,
+                                    exitcode=exitcode, cause=describe_exitcode(exitcode)), now)
         self._maybe_finish(now)
 
     def interrupt(self, signum: int, now: float) -> None:

@@ -146,7 +146,7 @@ class ChildDoer(Doer):
                 return False
             self.reported, self.exitcode = True, code
             self._forget_sentinel()
-            core.exited(self.name, code, now)
+            core.exited(self.name, code, now, tick=handle.last_tick())
         return core.finished
 
     def signal(self, kind: str, now: float) -> None:
@@ -352,9 +352,9 @@ class _DeferredLauncher:
     def start(self, worker: str) -> ProcessHandle:
         supervisor = self.supervisor
         if self.launcher is None:
+            assert supervisor.run_dir is not None
             self.launcher = LocalLauncher(supervisor.control_address, supervisor.token,
-                                          app_dir=supervisor.app_dir,
-                                          run_dir=supervisor.run_dir,
+                                          supervisor.run_dir, app_dir=supervisor.app_dir,
                                           command=supervisor.worker_command)
         return self.launcher.start(worker)
 

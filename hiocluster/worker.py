@@ -16,7 +16,7 @@ contexts, BYE.
 Started by the supervisor, or by hand: ``hiocluster worker --connect ADDRESS
 --name NAME`` (see :func:`main`).
 
-Imports: host, exchange, watchdog, transport, protocol, errors. Never topology
+Imports: host, exchange, peers, watchdog, launch, transport, protocol, errors. Never topology
 or supervisor.
 """
 
@@ -34,6 +34,7 @@ from . import protocol as proto
 from .errors import FrameError, ProtocolError, RemoteProtocolError
 from .exchange import Exchange, Unsendable
 from .host import NodeFailed, NodeHost, Terminated, TickOverrun, tail
+from .launch import TickRegister
 from .peers import DataFault, PeerSockets
 from .transport import NOBLOCK, Again, Context, Poller, ipc_path
 from .watchdog import Watchdog
@@ -60,6 +61,7 @@ class WorkerOptions:
     bind: str | None = None           # our data address; default: beside the control one
     app_dir: str | None = None        # where node classes are imported from
     run_dir: str | None = None        # the supervisor's; the last orphan out removes it
+    tick_file: str | None = None      # a TickRegister the supervisor reads
 
 
 def default_bind(connect: str, name: str) -> str:
@@ -91,6 +93,7 @@ class Worker:
         self.report_at = 0.0              # when the next PROGRESS is due
         self.pacer: Pacer | None = None   # real-time runs only
         self.peers: PeerSockets | None = None
+        self.register = TickRegister(options.tick_file) if options.tick_file else None
 
     # -- lifetime -------------------------------------------------------------
     def run(self) -> int:
@@ -212,7 +215,10 @@ class Worker:
             self.pacer.start = grant.start
         records = []
         self.report_at = time.monotonic() + PROGRESS_S
+        register = self.register
         for tick in range(self.tick + 1, grant.until + 1):
+            if register is not None:
+                register.store(tick)
             if tick:
                 self._gather(tick - 1)
                 exchange.deliver(tick - 1)
@@ -224,6 +230,8 @@ class Worker:
             self.tick = tick
             if time.monotonic() >= self.report_at:
                 self._report()
+        if register is not None:
+            register.store(grant.until + 1)  # its inputs are what it waits for now
         self._send(proto.Done(until=grant.until, digests=b"".join(records)), checked=False)
 
     def _gather(self, tick: int) -> None:
@@ -330,7 +338,7 @@ def remove_orphan_files(options: WorkerOptions, data_address: str) -> None:
     """An orphan's clean-up: its own data socket file and, for a worker the
     supervisor started (``run_dir``), the supervisor's files: whoever comes last
     removes the run directory."""
-    paths = [ipc_path(data_address)]
+    paths = [ipc_path(data_address), options.tick_file]
     if options.run_dir:
         paths += [ipc_path(options.connect), os.path.join(options.run_dir, "token")]
     for path in paths:

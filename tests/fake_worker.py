@@ -150,6 +150,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--name")
     parser.add_argument("--app-dir")
     parser.add_argument("--run-dir")
+    parser.add_argument("--tick-file")
     args = parser.parse_args(argv)
     if args.name != name:
         return real_main(argv)
