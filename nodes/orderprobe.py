@@ -1,4 +1,4 @@
-"""Nodes that make delivery order visible, for tests of DESIGN.md invariant 2.
+"""Nodes that make delivery order visible, for tests of docs/design.md, invariant 2.
 
 A :class:`ProbeSource` sends tagged messages from two outboxes, ``x`` and ``y``,
 both usually linked to the same sink inbox, in an order that changes from tick

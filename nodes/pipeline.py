@@ -4,7 +4,7 @@ The producer makes up to ``burst`` numbered items per tick (``items`` in all)
 and sends them in order while its link has credit. The slow stage forwards at
 most ``rate`` items per tick. Links are small, so the slow stage's inbox fills,
 credit stops coming back, the fast stage stops taking, and the push-back reaches
-the producer, which keeps every unsent item in its backlog (DESIGN.md
+the producer, which keeps every unsent item in its backlog (docs/design.md,
 invariant 4: a full buffer pushes back; nothing is lost).
 
 A stage takes an item from its inbox only when it can forward it at once, so

@@ -1,4 +1,4 @@
-"""Whole-cluster failure scenarios (DESIGN.md invariants 4-6): loud and clean.
+"""Whole-cluster failure scenarios (docs/design.md, invariants 4-6): loud and clean.
 
 A node that raises, a worker process that is killed or exits, a node that hangs
 past the tick deadline, a class that does not exist, a payload that cannot be

@@ -1,4 +1,4 @@
-"""Delivery order (DESIGN.md invariant 2), made visible with nodes/orderprobe.py.
+"""Delivery order (docs/design.md, invariant 2), made visible with nodes/orderprobe.py.
 
 A message put during tick n is in the linked inbox at the start of tick n+1,
 ordered by source node name, then by the source's send sequence (which
