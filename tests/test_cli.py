@@ -116,6 +116,23 @@ def test_check_ok(cli_env: dict[str, str]) -> None:
     result = run_cli(cli_env, "check", "topologies/ring.toml", "--processes", "2")
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("ok: ring: 8 nodes, 8 links")
+    assert ", 2 links between workers" in result.stdout.splitlines()[0]
+    assert result.stdout.splitlines()[1:] == ["  p0: 4 nodes: r0 r1 r2 r3",
+                                              "  p1: 4 nodes: r4 r5 r6 r7"]
+
+
+def test_check_summarises_a_large_plan(cli_env: dict[str, str], tmp_path) -> None:
+    lines = ['[nodes.n]\nclass = "nodes.ring:RingNode"\ncount = 3000\n']
+    lines += [f'[[links]]\nfrom = "n{i:04d}.out"\nto = "n{(i + 1) % 3000:04d}.in"\n'
+              for i in range(3000)]
+    (tmp_path / "big.toml").write_text("".join(lines))
+    result = run_cli(cli_env, "check", str(tmp_path / "big.toml"), "--processes", "30")
+    assert result.returncode == 0, result.stderr
+    out = result.stdout.splitlines()
+    assert out[0].endswith("30 links between workers") and "3000 nodes, 3000 links" in out[0]
+    assert out[1] == "  p0: 100 nodes: n0000 n0001 n0002 ... n0098 n0099"
+    assert out[-1] == "  ... and 10 more workers" and len(out) == 22
+    assert max(len(line) for line in out) < 120
 
 
 def test_failed_run_exits_1_with_json_error(cli_env: dict[str, str], tmp_path) -> None:
