@@ -63,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="run seed (default: the file's run.seed)")
     _processes(run)
     run.add_argument("--window", type=_window, default=None, metavar="N",
-                     help="ticks granted at once (default: auto, sized to ~50 ms of work); "
+                     help="ticks granted at once (default: auto, sized to ~0.1 s of work); "
                           "1 supervises every tick; results never depend on it")
     run.add_argument("--real", action="store_true", default=None,
                      help="pace ticks to the wall clock: tick n starts tock x n seconds "

@@ -191,6 +191,9 @@ class Exchange:
         Raises:
             Unsendable: a payload does not survive msgpack; names node and link.
         """
+        self.sent_tick = tick
+        if not self.links:
+            return []
         local = self._frame(tick, self.local_links, self.local_links)
         if local.messages or local.acks:
             # through msgpack and back, so local payloads look exactly like remote ones
@@ -202,7 +205,6 @@ class Exchange:
                 frames.append((peer, self._pack(frame, proto.check_unpacks)))
             else:
                 frames.append((peer, proto.encode(frame)))
-        self.sent_tick = tick
         return frames
 
     def _frame(self, tick: int, out_links: list[Link], in_links: list[Link]) -> proto.Data:

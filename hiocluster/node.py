@@ -274,7 +274,9 @@ class Node(DoDoer):
         return False
 
     def digest(self) -> bytes:
-        """sha256 of :meth:`state`, packed with msgpack."""
+        """sha256 of :meth:`state`, packed with msgpack: the node digest the run digest
+        folds in (docs/protocol.md §7). Workers compute exactly this without calling
+        it, so override :meth:`state`, never this."""
         return digest_state(self.state())
 
 

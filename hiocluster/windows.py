@@ -11,14 +11,17 @@ __all__ = ["WindowSizer"]
 class WindowSizer:
     """How many ticks the next GRANT covers.
 
-    Fixed with ``window``; else it starts small and grows while windows run
-    quicker than TARGET_S, shrinking when one runs slower, so a window stays
-    around TARGET_S of wall time. In real time it is TARGET_S of ticks. Always
-    bounded so one DONE stays under MAX_DONE_BYTES.
+    Fixed with ``window``; else it starts at FIRST and grows (at most GROWTH
+    times per window) while windows run quicker than TARGET_S, shrinking when
+    one runs slower, so a window stays around TARGET_S of wall time. In real
+    time it is TARGET_S of ticks. Always bounded so one DONE stays under
+    MAX_DONE_BYTES. (Progress and STOP do not wait for a window's end: workers
+    report every 0.1 s inside one.)
     """
 
-    TARGET_S = 0.05
-    FIRST = 4
+    TARGET_S = 0.1
+    FIRST = 16
+    GROWTH = 8
     MAX = 100_000
     MAX_DONE_BYTES = 4 * 1024 * 1024
 
@@ -39,5 +42,5 @@ class WindowSizer:
         if self.fixed or ticks < self.size:
             return
         per_tick = seconds / ticks if ticks else 0.0
-        wanted = self.TARGET_S / per_tick if per_tick > 0 else self.size * 4
-        self.size = max(1, min(self.limit, self.size * 4, int(wanted)))
+        wanted = self.TARGET_S / per_tick if per_tick > 0 else self.size * self.GROWTH
+        self.size = max(1, min(self.limit, self.size * self.GROWTH, int(wanted)))

@@ -333,7 +333,7 @@ def test_stopping_has_a_deadline_then_terminates() -> None:
 def test_real_time_runs_share_one_start_and_size_windows_by_tock() -> None:
     topology = TOPOLOGY.replace(real=True, tock=0.01)
     core = RunCore(topology, PLAN, now=0.0, token=TOKEN, wall=lambda: 1000.0)
-    assert core.sizer.size == 5  # 50 ms of 10 ms ticks
+    assert core.sizer.size == 10  # 100 ms of 10 ms ticks
     for worker in NODES:
         book = core.books[worker]
         book.joined = True
@@ -348,7 +348,7 @@ def test_real_time_runs_share_one_start_and_size_windows_by_tock() -> None:
     assert starts == {1000.02}
 
 
-@pytest.mark.parametrize("window, record, expected", [(None, 36, 4), (7, 36, 7),
+@pytest.mark.parametrize("window, record, expected", [(None, 36, 16), (7, 36, 7),
                                                       (None, 4 * 1024 * 1024, 1)])
 def test_window_sizer_starts_small_and_respects_limits(window: int | None, record: int,
                                                        expected: int) -> None:
@@ -357,12 +357,12 @@ def test_window_sizer_starts_small_and_respects_limits(window: int | None, recor
 
 def test_window_sizer_grows_while_ticks_are_cheap_and_shrinks_when_not() -> None:
     sizer = WindowSizer(None, 36, 1.0, False)
-    sizer.observe(4, 0.0004)         # 0.1 ms a tick: grow, at most 4x at a time
-    assert sizer.size == 16
-    sizer.observe(16, 0.0016)
-    assert sizer.size == 64
-    sizer.observe(64, 0.64)          # 10 ms a tick: 50 ms is 5 ticks
-    assert sizer.size == 5
+    sizer.observe(16, 0.0016)        # 0.1 ms a tick: grow, at most 8x at a time
+    assert sizer.size == 128
+    sizer.observe(128, 0.0128)
+    assert sizer.size == 1000        # 0.1 s of 0.1 ms ticks
+    sizer.observe(1000, 10.0)        # 10 ms a tick: 0.1 s is 10 ticks
+    assert sizer.size == 10
     fixed = WindowSizer(3, 36, 1.0, False)
     fixed.observe(3, 10.0)
     assert fixed.size == 3
