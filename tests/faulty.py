@@ -139,6 +139,26 @@ def ring_toml(nodes: dict[str, dict[str, Any]], placement: dict[str, list[str]] 
     return "\n".join(lines) + "\n"
 
 
+def mesh_toml(cls: str, nodes: int, *, ticks: int, seed: int, capacity: int,
+              params: str = "") -> str:
+    """TOML for a full mesh of ``nodes`` nodes of class ``cls`` (globs: every pair)."""
+    return f"""
+[run]
+ticks = {ticks}
+seed = {seed}
+capacity = {capacity}
+
+[nodes.lp]
+class = "{cls}"
+count = {nodes}
+{f"params = {{ {params} }}" if params else ""}
+
+[[links]]
+from = "lp*.out"
+to = "lp*.in"
+"""
+
+
 class Mixer(Node):
     """Order-sensitive traffic for placement tests: folds every message it reads, in
     delivery order, into ``mix``; sends 0-3 random numbers to random peers each tick

@@ -27,22 +27,7 @@ from hiocluster import supervisor
 from hiocluster.topology import load, loads
 
 from conftest import REPO, hiocluster_command
-
-MESH = """
-[run]
-ticks = {ticks}
-seed = {seed}
-capacity = {capacity}
-
-[nodes.lp]
-class = "tests.faulty:Mixer"
-count = {nodes}
-
-[[links]]
-from = "lp*.out"
-to = "lp*.in"
-"""
-
+from tests.faulty import mesh_toml
 
 def run(topology: Any, **kwargs: Any) -> supervisor.RunResult:
     if isinstance(topology, str):
@@ -55,7 +40,8 @@ def run(topology: Any, **kwargs: Any) -> supervisor.RunResult:
        ticks=st.integers(5, 25), data=st.data())
 def test_windows_never_change_a_digest(nodes: int, capacity: int, seed: int, ticks: int,
                                        data: st.DataObject) -> None:
-    topology = loads(MESH.format(nodes=nodes, capacity=capacity, seed=seed, ticks=ticks))
+    topology = loads(mesh_toml("tests.faulty:Mixer", nodes, ticks=ticks, seed=seed,
+                               capacity=capacity))
     processes = data.draw(st.integers(1, nodes), label="processes")
     reference = run(topology, processes=1, keep_digests=True)
     for window in (1, 7, None):

@@ -17,25 +17,7 @@ from hypothesis import strategies as st
 from conftest import REPO
 from hiocluster.supervisor import run
 from hiocluster.topology import loads
-
-
-def _mesh(cls: str, nodes: int, population: int, remote: float, capacity: int, seed: int,
-          ticks: int) -> str:
-    return f"""
-[run]
-ticks = {ticks}
-seed = {seed}
-capacity = {capacity}
-
-[nodes.lp]
-class = "{cls}"
-count = {nodes}
-params = {{ population = {population}, remote_fraction = {remote}, mean_delay = 0.7 }}
-
-[[links]]
-from = "lp*.out"
-to = "lp*.in"
-"""
+from tests.faulty import mesh_toml
 
 
 @settings(max_examples=8, derandomize=True)
@@ -47,7 +29,9 @@ def test_random_topologies_identical_in_every_placement(cls: str, lps: int, popu
                                                         remote: float, capacity: int,
                                                         seed: int, ticks: int,
                                                         data: st.DataObject) -> None:
-    topology = loads(_mesh(cls, lps, population, remote, capacity, seed, ticks))
+    topology = loads(mesh_toml(cls, lps, ticks=ticks, seed=seed, capacity=capacity,
+                               params=f"population = {population}, remote_fraction = "
+                                      f"{remote}, mean_delay = 0.7"))
     spread = data.draw(st.integers(2, lps), label="processes")
     results = [run(topology, processes=processes, app_dir=str(REPO), keep_digests=True,
                    handle_signals=False) for processes in (1, lps, spread)]
