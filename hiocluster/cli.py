@@ -94,7 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
         "worker", help="join a run as one of its workers",
         description="Join a run as one of its workers: connect to the supervisor, get "
                     "nodes and links from it, run ticks until it says stop. The run's "
-                    "token is read from --token-file or $HIOCLUSTER_TOKEN (hex).")
+                    "token is read from --token-file or $HIOCLUSTER_TOKEN (hex).",
+        epilog="Exit codes: 0 stopped cleanly, 1 failed (the supervisor was told why), "
+               "2 usage error, 3 the supervisor vanished, 130/143 SIGINT/SIGTERM.")
     worker.add_argument("--connect", required=True, metavar="ADDRESS",
                         help="the supervisor's control address (ipc://... or tcp://...)")
     worker.add_argument("--name", required=True, metavar="NAME",

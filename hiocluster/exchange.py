@@ -197,7 +197,7 @@ class Exchange:
         local = self._frame(tick, self.local_links, self.local_links)
         if local.messages or local.acks:
             # through msgpack and back, so local payloads look exactly like remote ones
-            self._local = self._pack(local, proto.decode_data)
+            self._local = self._pack(local, proto.reload_data)
         frames = []
         for peer in self.neighbours:
             frame = self._frame(tick, self._out_to[peer], self._in_from[peer])

@@ -17,7 +17,7 @@ Imports: stdlib, msgpack and hiocluster.errors only.
 
 from .fields import (DIGEST_SIZE, MAX_CONTROL_FRAME, MAX_DATA_FRAME, MAX_SETUP_FRAME, NAME,
                      UINT, is_name)
-from .frames import VERSION, check_unpacks, decode, decode_data, encode
+from .frames import VERSION, check_unpacks, decode, decode_data, encode, reload_data
 from .machines import (CHILD_TRANSITIONS, PARENT_TRANSITIONS, ChildMachine, ChildState,
                        ParentMachine, ParentState)
 from .messages import (MESSAGE_TYPES, Bye, Data, Done, Error, Grant, Hello, Message, Peer,
@@ -26,7 +26,8 @@ from .versions import local_versions, mismatches
 
 __all__ = [
     "VERSION", "DIGEST_SIZE", "MAX_CONTROL_FRAME", "MAX_SETUP_FRAME", "MAX_DATA_FRAME",
-    "NAME", "UINT", "is_name", "encode", "decode", "decode_data", "check_unpacks",
+    "NAME", "UINT", "is_name", "encode", "decode", "decode_data", "reload_data",
+    "check_unpacks",
     "Message", "Hello", "Setup", "Ready", "Grant", "Progress", "Done", "Stop", "Bye",
     "Error", "Data", "Peer", "MESSAGE_TYPES", "ChildMachine", "ParentMachine", "ChildState",
     "ParentState", "CHILD_TRANSITIONS", "PARENT_TRANSITIONS", "local_versions", "mismatches",
