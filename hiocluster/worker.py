@@ -14,10 +14,10 @@ DONE. PROGRESS every PROGRESS_S while a window runs. STOP: drain, exit
 contexts, BYE.
 
 Started by the supervisor, or by hand: ``hiocluster worker --connect ADDRESS
---name NAME`` (see :func:`main`).
+--name NAME`` (see :func:`run_worker`).
 
-Imports: host, exchange, peers, watchdog, launch, transport, protocol, errors. Never topology
-or supervisor.
+Imports: host, exchange, peers, watchdog, launch, transport, protocol, errors.
+Never topology or supervisor.
 """
 
 from __future__ import annotations
