@@ -39,6 +39,23 @@ def _seed(text: str) -> int:
     return value
 
 
+def _name(text: str) -> str:
+    from .protocol.fields import NAME_RE
+
+    if NAME_RE.match(text) is None:
+        raise argparse.ArgumentTypeError(f"invalid worker name {text!r}: 1-64 of A-Z a-z 0-9 "
+                                         "_ . -, not starting with . or -")
+    return text
+
+
+def _address(text: str) -> str:
+    from .protocol.fields import ADDRESS_RE
+
+    if ADDRESS_RE.match(text) is None:
+        raise argparse.ArgumentTypeError(f"expected ipc://PATH or tcp://HOST:PORT, got {text!r}")
+    return text
+
+
 def _window(text: str) -> int | None:
     if text == "auto":
         return None
@@ -76,10 +93,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--transport", choices=("ipc", "tcp"), default="ipc",
                      help="how local processes talk: unix sockets (default) or TCP on "
                           "127.0.0.1; results are identical")
-    run.add_argument("--listen", metavar="ADDRESS",
+    run.add_argument("--listen", metavar="ADDRESS", type=_address,
                      help="bind the control socket here (e.g. tcp://127.0.0.1:7000), for "
                           "workers started by hand")
-    run.add_argument("--external", metavar="NAME", action="append", default=[],
+    run.add_argument("--external", metavar="NAME", action="append", default=[], type=_name,
                      help="do not start worker NAME: wait for it to be started by hand "
                           "(the command to use is printed); repeatable")
 
@@ -97,13 +114,13 @@ def build_parser() -> argparse.ArgumentParser:
                     "token is read from --token-file or $HIOCLUSTER_TOKEN (hex).",
         epilog="Exit codes: 0 stopped cleanly, 1 failed (the supervisor was told why), "
                "2 usage error, 3 the supervisor vanished, 130/143 SIGINT/SIGTERM.")
-    worker.add_argument("--connect", required=True, metavar="ADDRESS",
+    worker.add_argument("--connect", required=True, metavar="ADDRESS", type=_address,
                         help="the supervisor's control address (ipc://... or tcp://...)")
-    worker.add_argument("--name", required=True, metavar="NAME",
+    worker.add_argument("--name", required=True, metavar="NAME", type=_name,
                         help="this worker's name in the run's plan (e.g. p1)")
     worker.add_argument("--token-file", metavar="FILE",
                         help="file holding the run's token (hex)")
-    worker.add_argument("--bind", metavar="ADDRESS",
+    worker.add_argument("--bind", metavar="ADDRESS", type=_address,
                         help="where neighbours send DATA (default: beside the control socket)")
     _app_dir(worker)
     worker.add_argument("--run-dir", metavar="DIR", help=argparse.SUPPRESS)

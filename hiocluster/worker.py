@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import sys
 import time
 import traceback
 from dataclasses import dataclass
@@ -111,8 +112,8 @@ class Worker:
             return self._run()
         except Terminated as exc:
             if self.watchdog is not None and self.watchdog.orphaned:
-                return self._fail("orphaned", "the supervisor vanished", code_out=3,
-                                  tell=False)
+                return self._fail("orphaned", f"no supervisor at {self.options.connect} "
+                                  "(gone, or never there)", code_out=3, tell=False)
             signum = exc.args[0] if exc.args else signal.SIGTERM
             return self._fail("terminated", f"by {signal.Signals(signum).name}",
                               code_out=128 + signum)
@@ -173,6 +174,9 @@ class Worker:
             failures = []
         for name, text in failures:
             detail += f"\nwhile exiting node {name}:\n{text}"
+        if not tell or self.options.run_dir is None:  # nobody else will say it
+            print(f"hiocluster worker {self.name}: {code}: {detail.strip().splitlines()[-1]}",
+                  file=sys.stderr, flush=True)
         if tell and getattr(self, "control", None) is not None:
             if len(detail) > MAX_DETAIL:  # keep the end: the exception itself
                 detail = "..." + detail[-MAX_DETAIL:]
