@@ -107,19 +107,30 @@ def build_parser() -> argparse.ArgumentParser:
     _processes(check)
     _app_dir(check)
 
+    keygen = commands.add_parser(
+        "keygen", help="make CurveZMQ key pairs for supervisors and agents",
+        description="Make one CurveZMQ key pair per NAME in DIR: NAME.key (the public "
+                    "key, to give to the other side) and NAME.key_secret (mode 0600, to "
+                    "keep). Existing keys are never overwritten.")
+    keygen.add_argument("directory", metavar="DIR", help="where to write the keys")
+    keygen.add_argument("names", metavar="NAME", nargs="+", type=_name,
+                        help="who the key pair is for: 'supervisor', or a host's name")
+
     worker = commands.add_parser(
         "worker", help="join a run as one of its workers",
         description="Join a run as one of its workers: connect to the supervisor, get "
-                    "nodes and links from it, run ticks until it says stop. The run's "
-                    "token is read from --token-file or $HIOCLUSTER_TOKEN (hex).",
+                    "nodes and links from it, run ticks until it says stop. Its credentials "
+                    "(the run's token and, over tcp, its CURVE keys) are read from "
+                    "--credentials FILE (the supervisor writes it for a worker started "
+                    "with `run --external`) or $HIOCLUSTER_CREDENTIALS.",
         epilog="Exit codes: 0 stopped cleanly, 1 failed (the supervisor was told why), "
                "2 usage error, 3 the supervisor vanished, 130/143 SIGINT/SIGTERM.")
     worker.add_argument("--connect", required=True, metavar="ADDRESS", type=_address,
                         help="the supervisor's control address (ipc://... or tcp://...)")
     worker.add_argument("--name", required=True, metavar="NAME", type=_name,
                         help="this worker's name in the run's plan (e.g. p1)")
-    worker.add_argument("--token-file", metavar="FILE",
-                        help="file holding the run's token (hex)")
+    worker.add_argument("--credentials", metavar="FILE",
+                        help="file holding this worker's credentials (JSON)")
     worker.add_argument("--bind", metavar="ADDRESS", type=_address,
                         help="where neighbours send DATA (default: beside the control socket)")
     _app_dir(worker)
@@ -146,6 +157,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "worker":
         return _worker(parser, args)
+    if args.command == "keygen":
+        return _keygen(parser, args)
     try:
         return _check(args) if args.command == "check" else _run(args)
     except TopologyError as exc:  # also raised by run() for an impossible plan
@@ -224,25 +237,44 @@ def _run(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _keygen(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    from .transport import write_key_pair
+
+    directory = args.directory
+    taken = [name for name in args.names for suffix in (".key", ".key_secret")
+             if os.path.exists(os.path.join(directory, name + suffix))]
+    if taken:
+        parser.error(f"keygen: a key for {', '.join(sorted(set(taken)))} exists in "
+                     f"{directory}; remove it first to make a new one")
+    try:
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+        for name in args.names:
+            public, secret = write_key_pair(directory, name)
+            print(f"{name}: {public} (public), {secret} (secret)")
+    except OSError as exc:
+        print(f"hiocluster: keygen: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    return EXIT_OK
+
+
 def _worker(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
-    from .launch import TOKEN_ENV
+    from .transport import CREDENTIALS_ENV, Credentials
     from .worker import WorkerOptions, run_worker
 
     try:
-        if args.token_file:
-            with open(args.token_file, encoding="ascii") as file:
-                text = file.read().strip()
+        if args.credentials:
+            with open(args.credentials, encoding="utf-8") as file:
+                text = file.read()
         else:
-            text = os.environ.get(TOKEN_ENV, "")
-        token = bytes.fromhex(text)
-        if not 1 <= len(token) <= 64:
-            raise ValueError("empty or too long")
+            text = os.environ.get(CREDENTIALS_ENV, "")
+        credentials = Credentials.from_json(text)
     except (OSError, ValueError) as exc:
-        parser.error(f"worker: no usable token ({exc}): pass --token-file FILE or set "
-                     f"${TOKEN_ENV} to the run's token (hex)")
-    return run_worker(WorkerOptions(connect=args.connect, name=args.name, token=token,
-                                    bind=args.bind, app_dir=args.app_dir,
-                                    run_dir=args.run_dir, tick_file=args.tick_file))
+        parser.error(f"worker: no usable credentials ({exc}): pass --credentials FILE or set "
+                     f"${CREDENTIALS_ENV}")
+    return run_worker(WorkerOptions(connect=args.connect, name=args.name,
+                                    credentials=credentials, bind=args.bind,
+                                    app_dir=args.app_dir, run_dir=args.run_dir,
+                                    tick_file=args.tick_file))
 
 
 def _failed(args: argparse.Namespace, exc: ClusterError, fields: dict[str, Any]) -> int:

@@ -8,10 +8,11 @@ same two protocols.)
 
 A local worker runs in its own session, so a signal to the supervisor's process
 group (Ctrl-C, ``kill -- -PGID``, systemd) reaches the supervisor only, which
-then stops every worker cleanly. It gets the run's token in its environment
-(``HIOCLUSTER_TOKEN``), never on its command line.
+then stops every worker cleanly. It gets its credentials (the run's token and,
+over tcp, its CURVE keys) in its environment (``HIOCLUSTER_CREDENTIALS``),
+never on its command line.
 
-Imports: stdlib only.
+Imports: transport (for Credentials) and the stdlib.
 """
 
 from __future__ import annotations
@@ -22,13 +23,12 @@ import signal
 import struct
 import subprocess
 import sys
-from typing import Protocol, Sequence
+from typing import Callable, Protocol, Sequence
+
+from .transport import CREDENTIALS_ENV, Credentials
 
 __all__ = ["ProcessHandle", "Launcher", "LocalProcess", "LocalLauncher", "TickRegister",
-           "worker_argv", "TOKEN_ENV"]
-
-#: The environment variable a worker reads the run's token from.
-TOKEN_ENV = "HIOCLUSTER_TOKEN"
+           "worker_argv"]
 
 
 class ProcessHandle(Protocol):
@@ -151,22 +151,22 @@ class LocalLauncher:
 
     Args:
         connect: the supervisor's control address.
-        token: the run's secret, passed in the environment.
+        credentials: each worker's credentials, passed in its environment.
         run_dir: the run directory (tick registers go there; orphans clean it).
         app_dir: passed on (see ``hiocluster worker --help``).
         command: the program and leading arguments (default: this Python running
             ``-m hiocluster``); tests substitute misbehaving workers here.
     """
 
-    def __init__(self, connect: str, token: bytes, run_dir: str, *,
-                 app_dir: str | None = None, command: Sequence[str] | None = None) -> None:
-        self.connect, self.token = connect, token
+    def __init__(self, connect: str, credentials: Callable[[str], Credentials], run_dir: str,
+                 *, app_dir: str | None = None, command: Sequence[str] | None = None) -> None:
+        self.connect, self.credentials = connect, credentials
         self.app_dir, self.run_dir = app_dir, run_dir
         self.command = list(command or [sys.executable, "-m", "hiocluster"])
 
     def start(self, worker: str) -> LocalProcess:
         env = dict(os.environ)
-        env[TOKEN_ENV] = self.token.hex()
+        env[CREDENTIALS_ENV] = self.credentials(worker).to_json()
         register = TickRegister(os.path.join(self.run_dir, f"t-{worker}"), create=True)
         argv = self.command + worker_argv(self.connect, worker, app_dir=self.app_dir,
                                           run_dir=self.run_dir, tick_file=register.path)

@@ -1,11 +1,12 @@
 """A worker's data sockets: where its neighbours' DATA arrives, and where its goes.
 
 One bound ROUTER receives; ZeroMQ names each connection, and a connection
-becomes a neighbour's once its first frame, PEER, carries the run's token
-(docs/protocol.md §1). Every later frame on it goes to the
-:class:`~hiocluster.exchange.Exchange` as that neighbour's. One DEALER per
-neighbour sends. Anything from a connection that has not proved itself is a
-stranger's: refused, counted, logged (the first LOG_REFUSED).
+becomes a neighbour's once its first frame, PEER, carries the run's token and,
+over tcp, comes with that neighbour's CURVE key (docs/protocol.md §1). Every
+later frame on it goes to the :class:`~hiocluster.exchange.Exchange` as that
+neighbour's. One DEALER per neighbour sends. Anything from a connection that
+has not proved itself is a stranger's: refused, counted, logged (the first
+LOG_REFUSED).
 
 Imports: exchange, transport, protocol, errors.
 """
@@ -18,7 +19,7 @@ from typing import Any
 from . import protocol as proto
 from .errors import ClusterError, FrameError, ProtocolError
 from .exchange import Exchange
-from .transport import NOBLOCK, Again, Context, bound_address
+from .transport import NOBLOCK, Again, Context, bound_address, sender
 
 __all__ = ["PeerSockets", "DataFault", "LOG_REFUSED"]
 
@@ -52,12 +53,19 @@ class PeerSockets:
         self.outs: dict[str, Any] = {}           # neighbour -> DEALER
         self.refused = 0
 
-    def connect(self, exchange: Exchange, addresses: dict[str, str]) -> None:
-        """Dial every neighbour of ``exchange`` and say PEER to it."""
+    def connect(self, exchange: Exchange, addresses: dict[str, str],
+                keys: dict[str, str]) -> None:
+        """Admit every neighbour's CURVE key (``keys``, over tcp), then dial every
+        neighbour of ``exchange`` and say PEER to it."""
         self.exchange = exchange
+        gate = self.context.gate
+        if gate is not None:
+            for peer in exchange.neighbours:
+                gate.admit(peer, keys[peer])
+            gate.open()
         hello = proto.encode(proto.Peer(worker=self.worker, token=self.token))
         for peer in exchange.neighbours:
-            out = self.outs[peer] = self.context.data_dealer(addresses[peer])
+            out = self.outs[peer] = self.context.data_dealer(addresses[peer], keys.get(peer))
             out.send(hello)
 
     def send(self, frames: list[tuple[str, bytes]]) -> None:
@@ -77,7 +85,7 @@ class PeerSockets:
             identity = sock.recv(NOBLOCK)
         except Again:
             return
-        frame = sock.recv(copy=False)
+        frame = first = sock.recv(copy=False)
         parts = [identity, frame.bytes]
         while frame.more:
             frame = sock.recv(copy=False)
@@ -89,7 +97,7 @@ class PeerSockets:
             except (FrameError, ProtocolError) as exc:
                 raise DataFault(peer, exc) from exc
         else:
-            self._admit(parts)
+            self._admit(parts, sender(first))
 
     def take_arrived(self) -> None:
         """Take every frame already here. After a failed run, so that BYE says how
@@ -101,8 +109,9 @@ class PeerSockets:
                 print(f"hiocluster worker {self.worker}: after the run failed, {fault}",
                       file=sys.stderr, flush=True)
 
-    def _admit(self, parts: list[bytes]) -> None:
-        """A frame on a connection not yet known: a neighbour's PEER, or a stranger's."""
+    def _admit(self, parts: list[bytes], key: str | None) -> None:
+        """A frame on a connection not yet known: a neighbour's PEER, or a stranger's.
+        ``key``: the name of the CURVE key it came with (None without CURVE)."""
         why = "not a PEER frame"
         if len(parts) == 2 and self.exchange is not None:
             try:
@@ -116,6 +125,8 @@ class PeerSockets:
                     why = f"{peer.worker!r} is not a neighbour"
                 elif peer.token != self.token:
                     why = "wrong token"
+                elif key is not None and key != peer.worker:
+                    why = f"the CURVE key of {key or 'nobody'!r} cannot speak for {peer.worker!r}"
                 elif peer.worker in self.peer_of.values():
                     why = f"{peer.worker!r} is already connected"
                 else:

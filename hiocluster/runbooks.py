@@ -121,13 +121,15 @@ class WorkerBook:
         return None
 
 
-def claim(books: Mapping[str, WorkerBook], token: bytes,
-          parts: list[bytes]) -> WorkerBook | ClusterError:
-    """Whose is a new control connection? ``parts``: its first ROUTER message.
+def claim(books: Mapping[str, WorkerBook], token: bytes, parts: list[bytes],
+          sender: str | None = None) -> WorkerBook | ClusterError:
+    """Whose is a new control connection? ``parts``: its first ROUTER message;
+    ``sender``: the name of the CURVE key it came with (None without CURVE).
 
-    A HELLO with the run's token, from a worker of the plan that has not joined,
-    claims the connection: that worker's book (now marked joined). Anything else
-    is a stranger's: the error to answer it with.
+    A HELLO with the run's token (and, with CURVE, from that worker's own key),
+    from a worker of the plan that has not joined, claims the connection: that
+    worker's book (now marked joined). Anything else is a stranger's: the error
+    to answer it with.
     """
     if len(parts) != 2:
         return FrameError(f"expected one frame, got {len(parts) - 1}", field="frame",
@@ -142,6 +144,8 @@ def claim(books: Mapping[str, WorkerBook], token: bytes,
         why = f"{hello.worker!r} is not a worker of this run"
     elif not hmac.compare_digest(hello.token, token):
         why = "wrong token"
+    elif sender is not None and sender != hello.worker:
+        why = f"the CURVE key of {sender or 'nobody'!r} cannot speak for {hello.worker!r}"
     elif book.joined or book.failed:
         why = f"{book.name!r} has already joined"
     else:
@@ -150,10 +154,11 @@ def claim(books: Mapping[str, WorkerBook], token: bytes,
     return ProtocolError(why, field="HELLO.worker", code="unknown-peer")
 
 
-def setups(topology: Topology, plan: Plan,
-           books: Mapping[str, WorkerBook]) -> Iterator[tuple[str, proto.Setup]]:
+def setups(topology: Topology, plan: Plan, books: Mapping[str, WorkerBook],
+           keys: Mapping[str, str] | None = None) -> Iterator[tuple[str, proto.Setup]]:
     """One SETUP per worker: its nodes, the links touching them, its neighbours'
-    addresses (every book must have its HELLO). Sets each book's ``neighbours``."""
+    addresses (every book must have its HELLO) and, with ``keys`` (every worker's
+    CURVE public key), theirs. Sets each book's ``neighbours``."""
     worker_of = plan.node_to_worker
     rows: dict[str, list[list]] = {spec.name: [] for spec in plan.workers}
     near: dict[str, set[str]] = {spec.name: set() for spec in plan.workers}
@@ -175,4 +180,5 @@ def setups(topology: Topology, plan: Plan,
             t0=topology.t0, tock=topology.tock, seed=topology.seed, ticks=topology.ticks,
             real=topology.real, tick_timeout=topology.tick_timeout,
             nodes=[[node.name, node.cls, node.params] for node in spec.nodes],
-            links=rows[spec.name], peers=peers)
+            links=rows[spec.name], peers=peers,
+            keys={peer: keys[peer] for peer in peers} if keys else {})

@@ -64,12 +64,14 @@ class RunCore:
         wall: the wall clock (``time.time``), read only to set GRANT.start in
             real-time runs.
         versions: what workers must match (default: this process's).
+        keys: every worker's CURVE public key, for CURVE runs (tcp).
     """
 
     def __init__(self, topology: Topology, plan: Plan, *, now: float, token: bytes,
                  window: int | None = None, keep_digests: bool = False,
                  wall: Callable[[], float] | None = None,
                  versions: dict[str, str] | None = None,
+                 keys: dict[str, str] | None = None,
                  start_timeout: float = START_TIMEOUT,
                  stop_timeout: float = STOP_TIMEOUT) -> None:
         self.topology, self.plan = topology, plan
@@ -78,7 +80,7 @@ class RunCore:
                                  keep=keep_digests)
         self.sizer = WindowSizer(window, max(self.chain.sizes.values()), topology.tock,
                                  topology.real)
-        self.token = token
+        self.token, self.keys = token, keys
         self.versions = versions or proto.local_versions()
         self.wall = wall
         self.stop_timeout = stop_timeout
@@ -147,7 +149,8 @@ class RunCore:
                     self.signals.append((book.name, "terminate"))
             self._finish(now)
 
-    def admit(self, parts: list[bytes]) -> tuple[str | None, bytes | None]:
+    def admit(self, parts: list[bytes],
+              sender: str | None = None) -> tuple[str | None, bytes | None]:
         """A message on a control connection no worker has claimed yet.
 
         Returns ``(worker, None)`` when it is that worker's HELLO, with the run's
@@ -155,7 +158,7 @@ class RunCore:
         connection is that worker's. Anything else is a stranger's: counted, and
         ``(None, ERROR frame)`` to answer (no frame once STRANGER_LIMIT were).
         """
-        claimed = claim(self.books, self.token, parts)
+        claimed = claim(self.books, self.token, parts, sender)
         if isinstance(claimed, WorkerBook):
             return claimed.name, None
         self.rejected += 1
@@ -174,7 +177,7 @@ class RunCore:
     # -- start-up -----------------------------------------------------------
     def _on_hello(self, book: WorkerBook, message: proto.Hello, now: float) -> None:
         if self.phase is Phase.STARTING and all(b.hello for b in self.books.values()):
-            for name, setup in setups(self.topology, self.plan, self.books):
+            for name, setup in setups(self.topology, self.plan, self.books, self.keys):
                 self._send(self.books[name], setup)
 
     def _on_ready(self, book: WorkerBook, message: proto.Ready, now: float) -> None:

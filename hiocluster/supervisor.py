@@ -39,8 +39,8 @@ from .launch import LocalLauncher, ProcessHandle, worker_argv
 from .loop import Loop
 from .runcore import START_TIMEOUT, STOP_TIMEOUT, RunCore, RunResult
 from .topology import Plan, Topology, plan as make_plan, resolve_classes
-from .transport import (NOBLOCK, SNDMORE, Context, TransportError, ZMQError, bound_address,
-                        local_address, readable)
+from .transport import (NOBLOCK, SNDMORE, Context, Credentials, KeyPair, TransportError,
+                        ZMQError, bound_address, local_address, readable, sender)
 
 __all__ = ["Supervisor", "Switchboard", "ChildDoer", "RunResult", "run", "KILL_GRACE_S"]
 
@@ -72,12 +72,13 @@ class Switchboard(Doer):
         for _ in range(10_000):  # bounded: a flood cannot starve the other doers
             if not readable(router):
                 return False
-            parts = router.recv_multipart(NOBLOCK)
+            frames = router.recv_multipart(NOBLOCK, copy=False)
+            parts = [frame.bytes for frame in frames]
             worker = self.worker_of.get(parts[0])
             if worker is not None and len(parts) == 2:
                 children[worker].inbox.append(parts[1])
                 continue
-            worker, reply = core.admit(parts)
+            worker, reply = core.admit(parts, sender(frames[-1]))
             if worker is None:
                 if reply is not None:
                     self._send(parts[0], reply)
@@ -208,7 +209,12 @@ class Supervisor(DoDoer):
         kill_grace: seconds between the end of the run (or a SIGTERM) and the next
             step for a worker that has not exited: SIGTERM, then SIGKILL.
 
-    The run directory (ipc sockets, the token file; mode 0700) is made under
+    Over tcp (``transport="tcp"``, or a tcp ``listen`` address) every socket of
+    the run is CurveZMQ: the supervisor makes a key pair for itself (unless
+    ``keys`` gives one) and one for each worker.
+
+    The run directory (ipc sockets, tick registers, the credentials of workers
+    started by hand; mode 0700) is made under
     ``$HIOCLUSTER_RUN_ROOT`` if set, else the system temp directory, and removed
     at exit.
     """
@@ -221,7 +227,8 @@ class Supervisor(DoDoer):
                  on_ready: Callable[[Supervisor], None] | None = None,
                  on_listening: Callable[[Supervisor], None] | None = None,
                  start_timeout: float = START_TIMEOUT, stop_timeout: float = STOP_TIMEOUT,
-                 kill_grace: float = KILL_GRACE_S, **kwa: Any) -> None:
+                 kill_grace: float = KILL_GRACE_S, keys: KeyPair | None = None,
+                 **kwa: Any) -> None:
         self.topology, self.plan, self.loop = topology, plan, loop
         self.app_dir = os.path.abspath(app_dir or os.getcwd())
         self.window, self.keep_digests = window, keep_digests
@@ -239,6 +246,9 @@ class Supervisor(DoDoer):
         self.children = {name: ChildDoer(self, name, name in external) for name in names}
         super().__init__(doers=[self.switchboard, *self.children.values()], **kwa)
         self.token = secrets.token_bytes(16)
+        self.curve = transport == "tcp" or self.listen.startswith("tcp://")
+        self.keys = (keys or KeyPair.generate()) if self.curve else None
+        self.worker_keys = {name: KeyPair.generate() for name in names} if self.curve else {}
         self.core: RunCore = None  # type: ignore[assignment]  # made in enter
         self.context: Context | None = None
         self.run_dir: str | None = None
@@ -299,7 +309,15 @@ class Supervisor(DoDoer):
         """How to start worker ``worker`` by hand (for ``external`` workers)."""
         argv = ["hiocluster", *worker_argv(self.control_address, worker,
                                            app_dir=self.app_dir)]
-        return " ".join(argv) + f" --token-file {os.path.join(self.run_dir or '', 'token')}"
+        return " ".join(argv) + f" --credentials {self._credentials_path(worker)}"
+
+    def credentials(self, worker: str) -> Credentials:
+        """What worker ``worker`` proves itself with (see transport.Credentials)."""
+        return Credentials(self.token, self.worker_keys.get(worker),
+                           self.keys.public if self.keys is not None else None)
+
+    def _credentials_path(self, worker: str) -> str:
+        return os.path.join(self.run_dir or "", f"{worker}.credentials")
 
     # -- helpers --------------------------------------------------------------------
     def _open(self) -> None:
@@ -307,15 +325,22 @@ class Supervisor(DoDoer):
         try:
             self.run_dir = tempfile.mkdtemp(prefix="hioc-", dir=root)
             os.chmod(self.run_dir, 0o700)
-            token_path = os.path.join(self.run_dir, "token")
-            with open(os.open(token_path, os.O_WRONLY | os.O_CREAT, 0o600), "w") as file:
-                file.write(self.token.hex())
+            for name, child in self.children.items():
+                if child.external:  # the worker started by hand reads it (mode 0600)
+                    path = self._credentials_path(name)
+                    with open(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600), "w") as file:
+                        file.write(self.credentials(name).to_json())
         except OSError as exc:
             raise TransportError(f"cannot make the run directory under "
                                  f"{root or tempfile.gettempdir()}: {exc}") from exc
         self.listen = self.listen or local_address(self.transport, self.run_dir, "control")
-        self.context = Context()
+        self.context = Context(self.keys, owner="supervisor")
+        if self.context.gate is not None:
+            for name, pair in self.worker_keys.items():
+                self.context.gate.admit(name, pair.public)
+            self.context.gate.open()
         self.core = RunCore(self.topology, self.plan, now=time.monotonic(), token=self.token,
+                            keys={name: pair.public for name, pair in self.worker_keys.items()},
                             window=self.window, keep_digests=self.keep_digests,
                             wall=time.time, start_timeout=self.start_timeout,
                             stop_timeout=self.stop_timeout)
@@ -353,7 +378,7 @@ class _DeferredLauncher:
         supervisor = self.supervisor
         if self.launcher is None:
             assert supervisor.run_dir is not None
-            self.launcher = LocalLauncher(supervisor.control_address, supervisor.token,
+            self.launcher = LocalLauncher(supervisor.control_address, supervisor.credentials,
                                           supervisor.run_dir, app_dir=supervisor.app_dir,
                                           command=supervisor.worker_command)
         return self.launcher.start(worker)

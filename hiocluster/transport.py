@@ -1,4 +1,4 @@
-"""ZeroMQ sockets and addresses: the only module that imports zmq.
+"""ZeroMQ sockets, addresses and CurveZMQ: the only module that imports zmq.
 
 Control plane: the supervisor binds one ROUTER; each worker connects one
 DEALER. Data plane: each worker binds one ROUTER for what its neighbours send
@@ -9,25 +9,42 @@ carries the run's secret token, and every later frame on it is that worker's
 (docs/protocol.md §1).
 
 Addresses are ``ipc://`` inside the run directory (mode 0700: only this user
-can connect) by default, or ``tcp://127.0.0.1`` on ports the system picks.
+can connect) by default, or ``tcp://`` on ports the system picks. Over tcp
+every socket is CurveZMQ (encrypted, and authenticated by ZAP through
+:class:`Gate`, with ``ZAP_ENFORCE_DOMAIN`` so that a missing authenticator
+fails closed): a bound socket admits only the public keys it was told, and
+every message it receives carries the name of the key that sent it
+(:func:`sender`). TCP connections send ZeroMQ heartbeats, so a peer that
+vanishes is noticed within HEARTBEAT_TIMEOUT_MS.
 
 zmq errors stop here: they become :class:`TransportError`.
 """
 
 from __future__ import annotations
 
+import asyncio
+import json
+import logging
 import os
+import sys
+import threading
+import time
+from dataclasses import dataclass
 from typing import Iterable
 
 import zmq
+import zmq.auth
+from zmq.auth.thread import ThreadAuthenticator
+from zmq.utils import z85
 from zmq.utils.monitor import recv_monitor_message
 
 from .errors import ClusterError
 from .protocol import MAX_CONTROL_FRAME, MAX_DATA_FRAME, MAX_SETUP_FRAME
 
-__all__ = ["TransportError", "Context", "Poller", "TRANSPORTS", "ipc_address",
-           "local_address", "bound_address", "ipc_path", "readable", "monitor_event", "Again",
-           "ZMQError", "NOBLOCK", "SNDMORE"]
+__all__ = ["TransportError", "Context", "Poller", "KeyPair", "Credentials", "Gate",
+           "CREDENTIALS_ENV", "write_key_pair", "TRANSPORTS",
+           "ipc_address", "local_address", "bound_address", "ipc_path", "readable", "sender",
+           "monitor_event", "Again", "ZMQError", "NOBLOCK", "SNDMORE"]
 
 #: How workers on one host reach each other: unix sockets, or TCP on loopback.
 TRANSPORTS = ("ipc", "tcp")
@@ -40,6 +57,14 @@ HARD_LIMIT_FACTOR = 2
 BOUND_RCVHWM = 16
 #: Linger on a clean close: long enough for queued frames to leave, never forever.
 CLEAN_LINGER_MS = 2000
+#: ZeroMQ heartbeats on tcp: a PING this often; no traffic for the timeout drops the
+#: connection (and the monitor says so): a vanished host is noticed within 0.5 s.
+HEARTBEAT_IVL_MS = 100
+HEARTBEAT_TIMEOUT_MS = 400
+#: The ZAP domain of every CURVE server socket.
+ZAP_DOMAIN = "hiocluster"
+#: Refused CURVE keys logged one by one; after that only counted.
+LOG_REFUSED_KEYS = 10
 
 
 class TransportError(ClusterError):
@@ -69,15 +94,157 @@ def local_address(transport: str, run_dir: str, name: str) -> str:
     raise TransportError(f"unknown transport {transport!r}; choose from {TRANSPORTS}")
 
 
+@dataclass(frozen=True)
+class KeyPair:
+    """A CurveZMQ key pair, both keys in Z85 text (40 characters)."""
+
+    public: str
+    secret: str
+
+    @classmethod
+    def generate(cls) -> KeyPair:
+        public, secret = zmq.curve_keypair()
+        return cls(public.decode("ascii"), secret.decode("ascii"))
+
+    @classmethod
+    def load(cls, path: str) -> KeyPair:
+        """Read a ``.key_secret`` certificate (``hiocluster keygen`` writes them).
+
+        Raises:
+            TransportError: no such file, or it holds no secret key.
+        """
+        try:
+            public, secret = zmq.auth.load_certificate(path)
+        except (OSError, ValueError) as exc:
+            raise TransportError(f"cannot read a CURVE key pair from {path}: {exc}") from exc
+        if not secret:
+            raise TransportError(f"{path} holds no secret key (it is a .key, not a "
+                                 ".key_secret)")
+        return cls(public.decode("ascii"), secret.decode("ascii"))
+
+    @staticmethod
+    def load_public(path: str) -> str:
+        """The public key of a ``.key`` (or ``.key_secret``) certificate."""
+        try:
+            public, _ = zmq.auth.load_certificate(path)
+        except (OSError, ValueError) as exc:
+            raise TransportError(f"cannot read a CURVE public key from {path}: {exc}") from exc
+        return public.decode("ascii")
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """What a worker proves itself with: the run's token and, over tcp, its own
+    CURVE key pair and the supervisor's public key. Travels as JSON: in the
+    environment (CREDENTIALS_ENV) of a worker the supervisor starts, or in a
+    file (``hiocluster worker --credentials FILE``)."""
+
+    token: bytes
+    keys: KeyPair | None = None
+    server: str | None = None
+
+    def to_json(self) -> str:
+        data: dict[str, str] = {"token": self.token.hex()}
+        if self.keys is not None and self.server is not None:
+            data.update(public=self.keys.public, secret=self.keys.secret, server=self.server)
+        return json.dumps(data)
+
+    @classmethod
+    def from_json(cls, text: str) -> Credentials:
+        """Raises ValueError naming what is wrong."""
+        try:
+            data = json.loads(text)
+            token = bytes.fromhex(data["token"])
+            keys = KeyPair(str(data["public"]), str(data["secret"])) if "secret" in data \
+                else None
+            server = str(data["server"]) if keys is not None else None
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ValueError(f"not hiocluster credentials ({type(exc).__name__}: {exc})") \
+                from None
+        if not 1 <= len(token) <= 64:
+            raise ValueError("the token must be 1 to 64 bytes")
+        return cls(token, keys, server)
+
+
+#: The environment variable a worker reads its credentials from.
+CREDENTIALS_ENV = "HIOCLUSTER_CREDENTIALS"
+
+
+def write_key_pair(directory: str, name: str) -> tuple[str, str]:
+    """Write ``name.key`` (public) and ``name.key_secret`` (secret, mode 0600) into
+    ``directory``; return their paths."""
+    public, secret = zmq.auth.create_certificates(directory, name)
+    os.chmod(secret, 0o600)
+    return public, secret
+
+
+class Gate(ThreadAuthenticator):
+    """ZAP for one process: which CURVE public keys may connect, and their names.
+
+    A key is admitted with :meth:`admit`; any other is refused, counted in
+    ``refused`` and logged on stderr (the first LOG_REFUSED_KEYS). Every
+    message from an admitted key carries its name as the ZeroMQ User-Id. Until
+    :meth:`open` is called, handshakes wait (so a worker that gets its SETUP a
+    moment after its neighbours is not refused while it reads it).
+    """
+
+    def __init__(self, context: zmq.Context, owner: str) -> None:
+        super().__init__(context, log=logging.getLogger("hiocluster.zap"))
+        self.owner = owner
+        self.names: dict[str, str] = {}      # public key (Z85) -> name
+        self.refused = 0
+        self._open = threading.Event()
+
+    def start(self) -> None:
+        super().start()
+        self.configure_curve_callback(ZAP_DOMAIN, self)
+
+    def admit(self, name: str, public: str) -> None:
+        self.names[public] = name
+
+    def open(self) -> None:
+        """Every key is admitted now: stop holding handshakes back."""
+        self._open.set()
+
+    async def callback(self, domain: str, key: bytes) -> bool:
+        """The credentials provider pyzmq calls for each CURVE handshake."""
+        deadline = time.monotonic() + 30.0
+        while not self._open.is_set() and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        if key.decode("ascii") in self.names:
+            return True
+        self.refused += 1
+        if self.refused <= LOG_REFUSED_KEYS:
+            print(f"hiocluster {self.owner}: refused a connection with an unknown CURVE key "
+                  f"{key.decode('ascii')[:8]}..." + (" (further refusals are only counted)"
+                                                      if self.refused == LOG_REFUSED_KEYS
+                                                      else ""), file=sys.stderr, flush=True)
+        return False
+
+    def curve_user_id(self, client_public_key: bytes) -> str:
+        return self.names.get(z85.encode(client_public_key).decode("ascii"), "")
+
+
 class Context:
     """A zmq context and every socket made from it; close() cleans all up.
+
+    Args:
+        keys: this process's CURVE key pair. With keys, sockets on tcp addresses
+            are CurveZMQ: bound ones are servers that admit the keys their
+            :attr:`gate` knows; connected ones need the server's public key.
+        owner: who this process is, for the gate's log lines.
 
     Never carry one across a fork: make it in the process that uses it.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, keys: KeyPair | None = None, owner: str = "process") -> None:
         self._context = zmq.Context()
         self._sockets: list[zmq.Socket] = []
+        self.keys = keys
+        self.gate: Gate | None = None
+        if keys is not None:
+            self.gate = Gate(self._context, owner)
+            self.gate.start()
 
     def _socket(self, kind: int, *, limit: int) -> zmq.Socket:
         sock = self._context.socket(kind)
@@ -86,32 +253,61 @@ class Context:
         self._sockets.append(sock)
         return sock
 
+    def _secure(self, sock: zmq.Socket, address: str, server_key: str | None = None) -> None:
+        """Heartbeats, and CURVE when this context has keys, for tcp addresses: a
+        server without ``server_key``, a client of that server with it."""
+        if not address.startswith("tcp://"):
+            return
+        sock.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_IVL_MS)
+        sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS)
+        sock.setsockopt(zmq.HEARTBEAT_TTL, HEARTBEAT_TIMEOUT_MS)
+        if self.keys is None:
+            return
+        sock.setsockopt(zmq.CURVE_PUBLICKEY, self.keys.public.encode("ascii"))
+        sock.setsockopt(zmq.CURVE_SECRETKEY, self.keys.secret.encode("ascii"))
+        if server_key is None:
+            sock.setsockopt(zmq.CURVE_SERVER, 1)
+            sock.setsockopt_string(zmq.ZAP_DOMAIN, ZAP_DOMAIN)
+            sock.setsockopt(zmq.ZAP_ENFORCE_DOMAIN, 1)
+        else:
+            sock.setsockopt(zmq.CURVE_SERVERKEY, server_key.encode("ascii"))
+
+    def _client(self, sock: zmq.Socket, address: str, server_key: str | None) -> None:
+        if self.keys is not None and address.startswith("tcp://") and not server_key:
+            sock.close(linger=0)
+            raise TransportError(f"no CURVE public key for the server at {address}")
+        self._secure(sock, address, server_key or "")
+
     def _bound_router(self, address: str, limit: int) -> zmq.Socket:
         sock = self._socket(zmq.ROUTER, limit=limit)
         sock.setsockopt(zmq.RCVHWM, BOUND_RCVHWM)
         sock.setsockopt(zmq.SNDHWM, 0)              # replies are few and bounded
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)    # a send to a gone peer raises
+        self._secure(sock, address, None)
         return _attach(sock, address, "bind")
 
     def control_router(self, address: str) -> zmq.Socket:
         """The supervisor's control socket, bound at ``address``."""
         return self._bound_router(address, MAX_CONTROL_FRAME * HARD_LIMIT_FACTOR)
 
-    def control_dealer(self, address: str) -> zmq.Socket:
-        """A worker's control socket, connected to its supervisor."""
+    def control_dealer(self, address: str, server_key: str | None = None) -> zmq.Socket:
+        """A worker's control socket, connected to its supervisor (whose CURVE public
+        key is ``server_key`` on tcp)."""
         sock = self._socket(zmq.DEALER, limit=MAX_SETUP_FRAME)
         sock.setsockopt(zmq.SNDHWM, 0)
         sock.setsockopt(zmq.RCVHWM, 0)
+        self._client(sock, address, server_key)
         return _attach(sock, address, "connect")
 
     def data_router(self, address: str) -> zmq.Socket:
         """A worker's data inbox, bound at ``address`` (``tcp://host:*`` picks a port)."""
         return self._bound_router(address, MAX_DATA_FRAME)
 
-    def data_dealer(self, address: str) -> zmq.Socket:
+    def data_dealer(self, address: str, server_key: str | None = None) -> zmq.Socket:
         """A worker's data outbox to one neighbour, connected to its inbox."""
         sock = self._socket(zmq.DEALER, limit=MAX_DATA_FRAME)
         sock.setsockopt(zmq.SNDHWM, 0)  # the protocol bounds it: two ticks ahead at most
+        self._client(sock, address, server_key)
         return _attach(sock, address, "connect")
 
     def monitor(self, sock: zmq.Socket) -> zmq.Socket:
@@ -129,6 +325,9 @@ class Context:
             if not sock.closed:
                 sock.close(linger=CLEAN_LINGER_MS if linger is None else linger)
         self._sockets.clear()
+        if self.gate is not None:
+            self.gate.stop()
+            self.gate = None
         self._context.term()
 
 
@@ -145,6 +344,15 @@ def _attach(sock: zmq.Socket, address: str, how: str) -> zmq.Socket:
         sock.close(linger=0)
         raise TransportError(f"cannot {how} {address}: {exc}") from exc
     return sock
+
+
+def sender(frame: zmq.Frame) -> str | None:
+    """The name of the CURVE key a received frame (``recv(copy=False)``) came with;
+    None without CURVE."""
+    try:
+        return frame.get("User-Id")
+    except zmq.ZMQError:  # not set: the connection is not CURVE
+        return None
 
 
 def readable(sock: zmq.Socket) -> bool:

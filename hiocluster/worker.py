@@ -37,7 +37,7 @@ from .exchange import Exchange, Unsendable
 from .host import NodeFailed, NodeHost, Terminated, TickOverrun, tail
 from .launch import TickRegister
 from .peers import DataFault, PeerSockets
-from .transport import NOBLOCK, Again, Context, Poller, ipc_path
+from .transport import NOBLOCK, Again, Context, Credentials, Poller, ipc_path
 from .watchdog import Watchdog
 
 __all__ = ["WorkerOptions", "Worker", "run_worker", "PROGRESS_S", "START_TIMEOUT"]
@@ -58,7 +58,7 @@ class WorkerOptions:
 
     connect: str                      # the supervisor's control address
     name: str                         # the worker's name in the plan
-    token: bytes                      # the run's secret (proves we belong to it)
+    credentials: Credentials          # the run's token; CURVE keys over tcp
     bind: str | None = None           # our data address; default: beside the control one
     app_dir: str | None = None        # where node classes are imported from
     run_dir: str | None = None        # the supervisor's; the last orphan out removes it
@@ -99,12 +99,14 @@ class Worker:
     # -- lifetime -------------------------------------------------------------
     def run(self) -> int:
         """Join the run and take part until STOP; return the process exit code."""
-        self.context = Context()
+        credentials = self.options.credentials
+        self.context = Context(credentials.keys, owner=f"worker {self.name}")
         self.watchdog: Watchdog | None = None
         try:
-            self.control = self.context.control_dealer(self.options.connect)
+            self.control = self.context.control_dealer(self.options.connect,
+                                                       credentials.server)
             self.peers = PeerSockets(self.context, self.options.bind or default_bind(
-                self.options.connect, self.name), self.name, self.options.token)
+                self.options.connect, self.name), self.name, credentials.token)
             self.poller = Poller([self.control, self.peers.socket])
             self.watchdog = Watchdog(self.context.monitor(self.control), START_TIMEOUT,
                                      lambda: self.host.busy_since if self.host else 0.0)
@@ -131,7 +133,8 @@ class Worker:
 
     def _run(self) -> int:
         assert self.peers is not None
-        self._send(proto.Hello(worker=self.name, token=self.options.token, pid=os.getpid(),
+        self._send(proto.Hello(worker=self.name, token=self.options.credentials.token,
+                               pid=os.getpid(),
                                versions=proto.local_versions(),
                                data_address=self.peers.address))
         message = self._await_control()
@@ -206,7 +209,7 @@ class Worker:
         self.exchange = Exchange(self.name, host.by_name, setup.links)
         assert self.watchdog is not None and self.peers is not None
         self.watchdog.tick_timeout = setup.tick_timeout
-        self.peers.connect(self.exchange, setup.peers)
+        self.peers.connect(self.exchange, setup.peers, setup.keys)
         host.enter()
         self._send(proto.Ready(digests=host.records()))
 
@@ -343,8 +346,11 @@ def remove_orphan_files(options: WorkerOptions, data_address: str) -> None:
     supervisor started (``run_dir``), the supervisor's files: whoever comes last
     removes the run directory."""
     paths = [ipc_path(data_address), options.tick_file]
-    if options.run_dir:
-        paths += [ipc_path(options.connect), os.path.join(options.run_dir, "token")]
+    if options.run_dir:  # and the supervisor's own: its socket, credentials for hand use
+        paths.append(ipc_path(options.connect))
+        with contextlib.suppress(OSError):
+            paths += [os.path.join(options.run_dir, name) for name in os.listdir(options.run_dir)
+                      if name.endswith(".credentials")]
     for path in paths:
         if path:
             with contextlib.suppress(OSError):

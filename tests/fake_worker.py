@@ -39,6 +39,7 @@ import zmq
 
 from hiocluster import protocol as proto
 from hiocluster.cli import main as real_main
+from hiocluster.transport import CREDENTIALS_ENV, Credentials
 
 FAKE_COMMAND = [sys.executable, "-m", "tests.fake_worker"]
 #: How long the fake waits for SETUP and GRANT, and then for the verdict.
@@ -48,7 +49,7 @@ START_S, VERDICT_S = 30.0, 2.0
 class Fake:
     def __init__(self, args: argparse.Namespace, mode: str) -> None:
         self.args, self.mode = args, mode
-        self.token = bytes.fromhex(os.environ["HIOCLUSTER_TOKEN"])
+        self.token = Credentials.from_json(os.environ[CREDENTIALS_ENV]).token
         self.received: list[dict[str, Any]] = []
         self.context = zmq.Context()
         self.control = self.context.socket(zmq.DEALER)

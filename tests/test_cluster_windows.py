@@ -25,6 +25,7 @@ from hypothesis import given, settings, strategies as st
 from hiocluster import protocol as proto
 from hiocluster import supervisor
 from hiocluster.topology import load, loads
+from hiocluster.transport import CREDENTIALS_ENV, Credentials
 
 from conftest import REPO, hiocluster_command
 from tests.faulty import mesh_toml
@@ -87,8 +88,8 @@ def test_a_worker_started_by_hand_joins_the_run(cli_env: dict[str, str]) -> None
         match = re.match(r"hiocluster: waiting for worker p1: (hiocluster worker .*)$", line)
         assert match, line
         argv = shlex.split(match[1])
-        assert "--token-file" in argv and "HIOCLUSTER_TOKEN" not in line
-        env = {key: value for key, value in cli_env.items() if key != "HIOCLUSTER_TOKEN"}
+        assert "--credentials" in argv and "secret" not in line
+        env = {key: value for key, value in cli_env.items() if key != CREDENTIALS_ENV}
         worker = subprocess.Popen([sys.executable, "-m", "hiocluster", *argv[1:]], env=env,
                                   cwd="/")
         stdout, stderr = cli.communicate(timeout=60)
@@ -102,12 +103,12 @@ def test_a_worker_started_by_hand_joins_the_run(cli_env: dict[str, str]) -> None
     assert json.loads(stdout)["digest"] == reference.digest
 
 
-def test_worker_without_a_token_is_a_usage_error(cli_env: dict[str, str]) -> None:
-    env = {key: value for key, value in cli_env.items() if key != "HIOCLUSTER_TOKEN"}
+def test_worker_without_credentials_is_a_usage_error(cli_env: dict[str, str]) -> None:
+    env = {key: value for key, value in cli_env.items() if key != CREDENTIALS_ENV}
     done = subprocess.run(hiocluster_command("worker", "--connect", "tcp://127.0.0.1:9",
                                              "--name", "p0"), env=env, capture_output=True,
                           text=True, timeout=30)
-    assert done.returncode == 2 and "no usable token" in done.stderr
+    assert done.returncode == 2 and "no usable credentials" in done.stderr
 
 
 class HandSupervisor:
@@ -143,7 +144,7 @@ def test_a_real_worker_told_error_runs_its_exits_and_answers(tmp_path: Path,
     marks.mkdir()
     worker = subprocess.Popen(hiocluster_command("worker", "--connect", boss.address,
                                                  "--name", "w0", "--app-dir", str(REPO)),
-                              env=dict(cli_env, HIOCLUSTER_TOKEN=token.hex()))
+                              env=dict(cli_env, **{CREDENTIALS_ENV: Credentials(token).to_json()}))
     try:
         hello = boss.receive()
         assert isinstance(hello, proto.Hello) and hello.token == token
@@ -177,7 +178,7 @@ def test_an_orphaned_external_worker_exits_and_removes_its_socket(
     boss = HandSupervisor(tmp_path)
     worker = subprocess.Popen(hiocluster_command("worker", "--connect", boss.address,
                                                  "--name", "w0", "--app-dir", str(REPO)),
-                              env=dict(cli_env, HIOCLUSTER_TOKEN="ab" * 8))
+                              env=dict(cli_env, **{CREDENTIALS_ENV: Credentials(b"ab").to_json()}))
     try:
         hello = boss.receive()
         assert isinstance(hello, proto.Hello)

@@ -21,7 +21,7 @@ __all__ = [
     "MAX_CONTROL_FRAME", "MAX_SETUP_FRAME", "MAX_DATA_FRAME", "MAX_STR", "MAX_ARRAY",
     "MAX_MAP", "MAX_INT", "NAME_RE", "DIGEST_SIZE", "Check", "ListOf", "MapOf", "TupleOf",
     "LinkRun", "optional", "UINT", "NUMBER", "POSITIVE", "BOOL", "NAME", "TEXT", "ADDRESS",
-    "BYTES", "TOKEN", "ANY", "STATS", "is_name",
+    "BYTES", "TOKEN", "CURVE_KEY", "ANY", "STATS", "is_name",
 ]
 
 #: Largest frame a supervisor accepts from a worker (HELLO, READY, DONE, BYE, ...).
@@ -170,6 +170,8 @@ ADDRESS = Check(lambda v: type(v) is str and ADDRESS_RE.match(v) is not None,
                 "an ipc:// or tcp:// address")
 BYTES = Check(lambda v: type(v) is bytes, "bytes")
 TOKEN = Check(lambda v: type(v) is bytes and 1 <= len(v) <= 64, "1 to 64 bytes")
+CURVE_KEY = Check(lambda v: type(v) is str and len(v) == 40 and v.isascii(),
+                  "a CURVE public key (40 characters of Z85)")
 ANY = Check(lambda v: True, "anything")
 STATS = MapOf(NAME, UINT)
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from .fields import (ADDRESS, BOOL, BYTES, NAME, NUMBER, POSITIVE, STATS, TEXT, TOKEN, UINT,
-                     Check, LinkRun, ListOf, MapOf, TupleOf, optional)
+from .fields import (ADDRESS, BOOL, BYTES, CURVE_KEY, NAME, NUMBER, POSITIVE, STATS, TEXT,
+                     TOKEN, UINT, Check, LinkRun, ListOf, MapOf, TupleOf, optional)
 
 __all__ = ["Message", "Hello", "Setup", "Ready", "Grant", "Progress", "Done", "Stop", "Bye",
            "Error", "Data", "Peer", "MESSAGE_TYPES", "NODE_ROW", "LINK_ROW"]
@@ -52,7 +52,8 @@ LINK_ROW = TupleOf(UINT, NAME, NAME, NAME, NAME, UINT, NAME, NAME)
 @dataclass(slots=True)
 class Setup(Message):
     """supervisor → worker: the run's clock and seed, this worker's nodes, the links
-    that touch them, and where each neighbour worker listens."""
+    that touch them, where each neighbour worker listens and, over tcp, each
+    neighbour's CURVE public key."""
 
     TYPE = "SETUP"
     t0: float
@@ -64,9 +65,10 @@ class Setup(Message):
     nodes: list[list[Any]]
     links: list[list[Any]]
     peers: dict[str, str]
+    keys: dict[str, str] = field(default_factory=dict)
     SCHEMA = {"t0": NUMBER, "tock": POSITIVE, "seed": UINT, "ticks": UINT, "real": BOOL,
               "tick_timeout": POSITIVE, "nodes": ListOf(NODE_ROW), "links": ListOf(LINK_ROW),
-              "peers": MapOf(NAME, ADDRESS)}
+              "peers": MapOf(NAME, ADDRESS), "keys": MapOf(NAME, CURVE_KEY)}
 
 
 @dataclass(slots=True)
