@@ -56,6 +56,15 @@ def _address(text: str) -> str:
     return text
 
 
+def _tcp(text: str) -> str:
+    address = _address(text)
+    host = address[len("tcp://"):].rpartition(":")[0] if address.startswith("tcp://") else ""
+    if not host or host in ("*", "0.0.0.0"):
+        raise argparse.ArgumentTypeError(f"expected tcp://HOST:PORT with a host workers can "
+                                         f"reach, got {text!r}")
+    return address
+
+
 def _window(text: str) -> int | None:
     if text == "auto":
         return None
@@ -96,6 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--listen", metavar="ADDRESS", type=_address,
                      help="bind the control socket here (e.g. tcp://127.0.0.1:7000), for "
                           "workers started by hand")
+    run.add_argument("--keys", metavar="DIR",
+                     help="CurveZMQ keys for a run across hosts: DIR/supervisor.key_secret "
+                          "and DIR/<host>.key for each host (see keygen)")
     run.add_argument("--external", metavar="NAME", action="append", default=[], type=_name,
                      help="do not start worker NAME: wait for it to be started by hand "
                           "(the command to use is printed); repeatable")
@@ -106,6 +118,24 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("topology", metavar="TOPOLOGY", help="topology file (TOML)")
     _processes(check)
     _app_dir(check)
+
+    agent = commands.add_parser(
+        "agent", help="start workers on this host for supervisors elsewhere",
+        description="Run until SIGINT or SIGTERM, starting workers on this host for "
+                    "supervisors whose topology places workers here. Every connection is "
+                    "CurveZMQ: the agent's key pair is DIR/NAME.key_secret; it admits the "
+                    "supervisors whose public keys (*.key) are in DIR.",
+        epilog="Exit codes: 0, 130/143 after SIGINT/SIGTERM (every worker stopped), 1 when "
+               "it cannot start (a key or the address).")
+    agent.add_argument("--listen", required=True, metavar="ADDRESS", type=_tcp,
+                       help="where supervisors reach this agent: tcp://HOST:PORT")
+    agent.add_argument("--keys", required=True, metavar="DIR", help="the keys directory")
+    agent.add_argument("--name", required=True, metavar="NAME", type=_name,
+                       help="this host's name in topologies (its key pair: NAME.key_secret)")
+    agent.add_argument("--advertise", metavar="HOST",
+                       help="the address workers here bind and neighbours reach (default: "
+                            "the host of --listen)")
+    _app_dir(agent)
 
     keygen = commands.add_parser(
         "keygen", help="make CurveZMQ key pairs for supervisors and agents",
@@ -159,6 +189,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _worker(parser, args)
     if args.command == "keygen":
         return _keygen(parser, args)
+    if args.command == "agent":
+        return _agent(args)
     try:
         return _check(args) if args.command == "check" else _run(args)
     except TopologyError as exc:  # also raised by run() for an impossible plan
@@ -197,7 +229,10 @@ def _check(args: argparse.Namespace) -> int:
           f"{topology.ticks} ticks; {len(layout.workers)} workers on {os.cpu_count()} cores, "
           f"{layout.crossing(topology.links)} links between workers")
     for worker in layout.workers[:20]:
-        print(f"  {worker.name}: {len(worker.nodes)} nodes: {_names(worker.node_names)}")
+        host = layout.hosts.get(worker.name)
+        where = f" on {host.name} ({host.agent})" if host is not None else ""
+        print(f"  {worker.name}{where}: {len(worker.nodes)} nodes: "
+              f"{_names(worker.node_names)}")
     if len(layout.workers) > 20:
         print(f"  ... and {len(layout.workers) - 20} more workers")
     return EXIT_OK
@@ -217,7 +252,7 @@ def _run(args: argparse.Namespace) -> int:
         try:
             result = run(topology, processes=args.processes, app_dir=args.app_dir,
                          window=args.window, on_tick=on_tick, keep_digests=args.digests,
-                         transport=args.transport, listen=args.listen,
+                         transport=args.transport, listen=args.listen, keys=args.keys,
                          external=args.external, on_listening=announce)
         except Interrupted as exc:
             print(f"hiocluster: {exc}; every process was shut down", file=sys.stderr)
@@ -235,6 +270,14 @@ def _run(args: argparse.Namespace) -> int:
     else:
         print(summary(result))
     return EXIT_OK
+
+
+def _agent(args: argparse.Namespace) -> int:
+    from .agent import AgentOptions, run_agent
+
+    return run_agent(AgentOptions(listen=args.listen, keys=args.keys, name=args.name,
+                                  app_dir=os.path.abspath(args.app_dir or os.getcwd()),
+                                  advertise=args.advertise))
 
 
 def _keygen(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:

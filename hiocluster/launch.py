@@ -48,6 +48,9 @@ class ProcessHandle(Protocol):
         """The tick it was working on (running, or waiting for its inputs), if it can
         tell: a worker that dies without a word is placed by it."""
 
+    def why(self) -> str | None:
+        """How it ended, in words, where the exit code cannot say (a lost host)."""
+
     def terminate(self) -> None:
         """Ask it to stop (SIGTERM): it runs its exit contexts."""
 
@@ -66,9 +69,12 @@ class Launcher(Protocol):
 
 
 def worker_argv(connect: str, worker: str, *, app_dir: str | None = None,
-                run_dir: str | None = None, tick_file: str | None = None) -> list[str]:
+                run_dir: str | None = None, tick_file: str | None = None,
+                bind: str | None = None) -> list[str]:
     """The ``hiocluster worker`` arguments that join ``worker`` to a run."""
     argv = ["worker", "--connect", connect, "--name", worker]
+    if bind:
+        argv += ["--bind", bind]
     if app_dir:
         argv += ["--app-dir", app_dir]
     if run_dir:
@@ -116,11 +122,19 @@ class LocalProcess:
         except (AttributeError, OSError):  # not Linux >= 5.3: the supervisor polls
             self.sentinel = None
 
+    @property
+    def stderr(self) -> int | None:
+        """The worker's stderr pipe (non-blocking), when the launcher captures it."""
+        return self.popen.stderr.fileno() if self.popen.stderr is not None else None
+
     def alive(self) -> bool:
         return self.popen.poll() is None
 
     def exitcode(self) -> int | None:
         return self.popen.poll()
+
+    def why(self) -> str | None:
+        return None
 
     def last_tick(self) -> int | None:
         tick = self.register.load()
@@ -143,6 +157,8 @@ class LocalProcess:
         if self.sentinel is not None:
             os.close(self.sentinel)
             self.sentinel = None
+        if self.popen.stderr is not None:
+            self.popen.stderr.close()
         self.register.close()
 
 
@@ -153,15 +169,18 @@ class LocalLauncher:
         connect: the supervisor's control address.
         credentials: each worker's credentials, passed in its environment.
         run_dir: the run directory (tick registers go there; orphans clean it).
-        app_dir: passed on (see ``hiocluster worker --help``).
+        app_dir, bind: passed on (see ``hiocluster worker --help``).
+        capture: give each worker's stderr to the caller (``LocalProcess.stderr``)
+            instead of sharing this process's.
         command: the program and leading arguments (default: this Python running
             ``-m hiocluster``); tests substitute misbehaving workers here.
     """
 
     def __init__(self, connect: str, credentials: Callable[[str], Credentials], run_dir: str,
-                 *, app_dir: str | None = None, command: Sequence[str] | None = None) -> None:
+                 *, app_dir: str | None = None, command: Sequence[str] | None = None,
+                 bind: str | None = None, capture: bool = False) -> None:
         self.connect, self.credentials = connect, credentials
-        self.app_dir, self.run_dir = app_dir, run_dir
+        self.app_dir, self.run_dir, self.bind, self.capture = app_dir, run_dir, bind, capture
         self.command = list(command or [sys.executable, "-m", "hiocluster"])
 
     def start(self, worker: str) -> LocalProcess:
@@ -169,7 +188,11 @@ class LocalLauncher:
         env[CREDENTIALS_ENV] = self.credentials(worker).to_json()
         register = TickRegister(os.path.join(self.run_dir, f"t-{worker}"), create=True)
         argv = self.command + worker_argv(self.connect, worker, app_dir=self.app_dir,
-                                          run_dir=self.run_dir, tick_file=register.path)
+                                          run_dir=self.run_dir, tick_file=register.path,
+                                          bind=self.bind)
         popen = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, close_fds=True,
-                                 start_new_session=True)
+                                 start_new_session=True,
+                                 stderr=subprocess.PIPE if self.capture else None)
+        if popen.stderr is not None:
+            os.set_blocking(popen.stderr.fileno(), False)
         return LocalProcess(popen, register)

@@ -113,9 +113,11 @@ class RunCore:
         if handler is not None:
             handler(book, message, now)
 
-    def exited(self, worker: str, exitcode: int, now: float, tick: int | None = None) -> None:
+    def exited(self, worker: str, exitcode: int | None, now: float, tick: int | None = None,
+               cause: str | None = None) -> None:
         """Worker ``worker``'s process ended with ``exitcode`` (negative: a signal);
-        ``tick``: the tick it was working on, where its process handle can tell."""
+        ``tick``: the tick it was working on, where its process handle can tell;
+        ``cause``: what happened, where the exit code cannot say (a lost host)."""
         book = self.books[worker]
         book.exitcode = exitcode
         if book.bye is None and not book.failed and self.phase is not Phase.FINISHED:
@@ -124,7 +126,8 @@ class RunCore:
             if known is not None and tick is not None:
                 known = max(known, tick)
             self.fail(ProcessExited(worker=worker, nodes=book.node_names, tick=known,
-                                    exitcode=exitcode, cause=describe_exitcode(exitcode)), now)
+                                    exitcode=None if cause else exitcode,
+                                    cause=cause or describe_exitcode(exitcode)), now)
         self._maybe_finish(now)
 
     def interrupt(self, signum: int, now: float) -> None:

@@ -37,10 +37,11 @@ from hio.base.doing import DoDoer, Doer
 from .errors import ClusterError, Interrupted, TopologyError
 from .launch import LocalLauncher, ProcessHandle, worker_argv
 from .loop import Loop
+from .remote import AgentLink
 from .runcore import START_TIMEOUT, STOP_TIMEOUT, RunCore, RunResult
 from .topology import Plan, Topology, plan as make_plan, resolve_classes
 from .transport import (NOBLOCK, SNDMORE, Context, Credentials, KeyPair, TransportError,
-                        ZMQError, bound_address, local_address, readable, sender)
+                        ZMQError, bound_address, facing, local_address, readable, sender)
 
 __all__ = ["Supervisor", "Switchboard", "ChildDoer", "RunResult", "run", "KILL_GRACE_S"]
 
@@ -128,7 +129,7 @@ class ChildDoer(Doer):
 
     def enter(self) -> None:
         if not self.external:
-            self.handle = self.supervisor.launcher.start(self.name)
+            self.handle = self.supervisor.launcher_for(self.name).start(self.name)
             if self.handle.sentinel is not None:
                 self.supervisor.loop.poller.register(self.handle.sentinel)
 
@@ -147,7 +148,7 @@ class ChildDoer(Doer):
                 return False
             self.reported, self.exitcode = True, code
             self._forget_sentinel()
-            core.exited(self.name, code, now, tick=handle.last_tick())
+            core.exited(self.name, code, now, tick=handle.last_tick(), cause=handle.why())
         return core.finished
 
     def signal(self, kind: str, now: float) -> None:
@@ -209,9 +210,12 @@ class Supervisor(DoDoer):
         kill_grace: seconds between the end of the run (or a SIGTERM) and the next
             step for a worker that has not exited: SIGTERM, then SIGKILL.
 
-    Over tcp (``transport="tcp"``, or a tcp ``listen`` address) every socket of
-    the run is CurveZMQ: the supervisor makes a key pair for itself (unless
-    ``keys`` gives one) and one for each worker.
+    Over tcp (``transport="tcp"``, a tcp ``listen`` address, or workers on other
+    hosts) every socket of the run is CurveZMQ: the supervisor makes a key pair
+    for each worker, and one for itself unless ``keys`` (a keys directory made
+    by ``hiocluster keygen``: its ``supervisor.key_secret``, and each host's
+    ``<host>.key``) gives one. Workers on other hosts are started by the agents
+    of ``plan.hosts`` (see hiocluster.remote).
 
     The run directory (ipc sockets, tick registers, the credentials of workers
     started by hand; mode 0700) is made under
@@ -227,7 +231,7 @@ class Supervisor(DoDoer):
                  on_ready: Callable[[Supervisor], None] | None = None,
                  on_listening: Callable[[Supervisor], None] | None = None,
                  start_timeout: float = START_TIMEOUT, stop_timeout: float = STOP_TIMEOUT,
-                 kill_grace: float = KILL_GRACE_S, keys: KeyPair | None = None,
+                 kill_grace: float = KILL_GRACE_S, keys: str | None = None,
                  **kwa: Any) -> None:
         self.topology, self.plan, self.loop = topology, plan, loop
         self.app_dir = os.path.abspath(app_dir or os.getcwd())
@@ -242,13 +246,26 @@ class Supervisor(DoDoer):
         if unknown:
             raise TopologyError(f"no worker named {', '.join(unknown)} in the plan "
                                 f"(workers: {', '.join(names[:10])})", key_path="--external")
+        hosts = {host.name: host for host in plan.hosts.values()}
+        if hosts and keys is None:
+            raise TopologyError("workers on other hosts need a keys directory (--keys DIR; "
+                                f"make it with: hiocluster keygen DIR supervisor "
+                                f"{' '.join(sorted(hosts))})", key_path="hosts")
         self.switchboard = Switchboard(self)
+        self.links = {name: AgentLink(self, host, KeyPair.load_public(
+            os.path.join(keys, f"{name}.key"))) for name, host in hosts.items()}  # type: ignore
         self.children = {name: ChildDoer(self, name, name in external) for name in names}
-        super().__init__(doers=[self.switchboard, *self.children.values()], **kwa)
+        super().__init__(doers=[self.switchboard, *self.links.values(),
+                                *self.children.values()], **kwa)
         self.token = secrets.token_bytes(16)
-        self.curve = transport == "tcp" or self.listen.startswith("tcp://")
-        self.keys = (keys or KeyPair.generate()) if self.curve else None
+        self.curve = transport == "tcp" or self.listen.startswith("tcp://") or bool(hosts)
+        self.keys: KeyPair | None = None
+        if self.curve:
+            self.keys = KeyPair.load(os.path.join(keys, "supervisor.key_secret")) if keys \
+                else KeyPair.generate()
         self.worker_keys = {name: KeyPair.generate() for name in names} if self.curve else {}
+        if hosts and not self.listen:  # where the hosts reach us: the address facing them
+            self.listen = f"tcp://{facing(next(iter(hosts.values())).agent)}:*"
         self.core: RunCore = None  # type: ignore[assignment]  # made in enter
         self.context: Context | None = None
         self.run_dir: str | None = None
@@ -310,6 +327,11 @@ class Supervisor(DoDoer):
         argv = ["hiocluster", *worker_argv(self.control_address, worker,
                                            app_dir=self.app_dir)]
         return " ".join(argv) + f" --credentials {self._credentials_path(worker)}"
+
+    def launcher_for(self, worker: str) -> Any:
+        """Who starts ``worker``: its host's agent, or this host."""
+        host = self.plan.hosts.get(worker)
+        return self.links[host.name] if host is not None else self.launcher
 
     def credentials(self, worker: str) -> Credentials:
         """What worker ``worker`` proves itself with (see transport.Credentials)."""
@@ -391,7 +413,8 @@ def run(topology: Topology, *, processes: int | None = None, app_dir: str | None
         on_ready: Callable[[Supervisor], None] | None = None, transport: str = "ipc",
         listen: str | None = None, external: Sequence[str] = (),
         on_listening: Callable[[Supervisor], None] | None = None,
-        check_classes: bool = True, **timeouts: float) -> RunResult:
+        check_classes: bool = True, keys: str | None = None,
+        **timeouts: float) -> RunResult:
     """Run ``topology`` to completion in lockstep and return its result.
 
     Args:
@@ -405,7 +428,7 @@ def run(topology: Topology, *, processes: int | None = None, app_dir: str | None
         on_tick: progress callback ``(done, total)``.
         keep_digests: also return every tick's run digest.
         handle_signals: on the main thread, turn SIGINT/SIGTERM into a clean stop.
-        worker_command, on_ready, on_listening, transport, listen, external: see
+        worker_command, on_ready, on_listening, transport, listen, external, keys: see
             :class:`Supervisor`.
         check_classes: import the node classes here first and check every link's
             boxes exist (TopologyError naming the key); tests of the workers'
@@ -428,7 +451,7 @@ def run(topology: Topology, *, processes: int | None = None, app_dir: str | None
                             keep_digests=keep_digests, transport=transport, listen=listen,
                             external=external, worker_command=worker_command,
                             on_tick=on_tick, on_ready=on_ready, on_listening=on_listening,
-                            **timeouts)
+                            keys=keys, **timeouts)
     loop.doers = [supervisor]
     with _signals(supervisor, loop, handle_signals):
         loop.run()

@@ -1,7 +1,7 @@
 """Topology files: TOML text -> validated, immutable dataclasses -> placement plan.
 
 Owns the topology file format (``[run]``, ``[nodes.*]``, ``[[links]]``,
-``[placement]``), its validation with errors that name the key path and, where it
+``[placement]``, ``[hosts.*]``), its validation with errors that name the key path and, where it
 can be found, the line; ``count`` expansion of nodes, glob expansion of links and
 their canonical ids; and the mapping of nodes onto workers (:func:`plan`).
 
@@ -29,6 +29,7 @@ __all__ = [
     "NodeSpec",
     "LinkSpec",
     "Topology",
+    "HostSpec",
     "WorkerSpec",
     "Plan",
     "loads",
@@ -107,6 +108,7 @@ class Topology:
     nodes: tuple[NodeSpec, ...]
     links: tuple[LinkSpec, ...]
     placement: tuple[tuple[str, tuple[str, ...]], ...] | None
+    hosts: tuple[HostSpec, ...] = ()
     source: str | None = field(default=None, repr=False, compare=False)
     _by_name: dict[str, NodeSpec] = field(init=False, repr=False, compare=False)
 
@@ -137,6 +139,15 @@ class Topology:
 
 
 @dataclass(frozen=True)
+class HostSpec:
+    """Another host: the agent that starts workers there, and which workers."""
+
+    name: str
+    agent: str                    # tcp://HOST:PORT
+    workers: tuple[str, ...]      # worker names (placement keys, or p0.. with --processes)
+
+
+@dataclass(frozen=True)
 class WorkerSpec:
     """One worker (one OS process with one Doist) and the nodes it hosts, in
     declaration order."""
@@ -154,6 +165,8 @@ class Plan:
     """Which worker hosts which node. Every node is in exactly one worker."""
 
     workers: tuple[WorkerSpec, ...]
+    #: worker -> the host it runs on; workers on no host run on this one
+    hosts: dict[str, HostSpec] = field(default_factory=dict, hash=False, compare=False)
     _index: dict[str, str] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -411,6 +424,34 @@ def _placement(document: dict[str, Any],
     return tuple(result)
 
 
+_AGENT = re.compile(r"tcp://[^\s:/]+:\d{1,5}")
+
+
+def _hosts(document: dict[str, Any]) -> tuple[HostSpec, ...]:
+    raw = _table(document.get("hosts", {}), "hosts")
+    hosts, placed_on = [], {}
+    for name, body in raw.items():
+        key_path = f"hosts.{name}"
+        _name(name, WORKER_NAME, "host", key_path)
+        if name == "local":
+            raise _err("'local' is this host: it needs no entry", key_path)
+        _keys(_table(body, key_path), ("agent", "workers"), key_path, ("agent", "workers"))
+        agent = _str(body["agent"], f"{key_path}.agent")
+        if not _AGENT.fullmatch(agent):
+            raise _err(f"expected 'tcp://HOST:PORT', got {agent!r}", f"{key_path}.agent")
+        workers = []
+        for j, worker in enumerate(_array(body["workers"], f"{key_path}.workers")):
+            worker = _name(_str(worker, f"{key_path}.workers[{j}]"), WORKER_NAME, "worker",
+                           f"{key_path}.workers[{j}]")
+            if worker in placed_on:
+                raise _err(f"worker {worker!r} is on hosts {placed_on[worker]} and {name}",
+                           f"{key_path}.workers[{j}]")
+            placed_on[worker] = name
+            workers.append(worker)
+        hosts.append(HostSpec(name, agent, tuple(workers)))
+    return tuple(hosts)
+
+
 # --- line numbers (best effort: tomllib reports none for valid TOML) ---------------
 
 _HEADER = re.compile(r"\s*(\[\[?)([^\[\]]+)\]\]?\s*(?:#.*)?$")
@@ -481,12 +522,13 @@ def loads(text: str, *, path: str | None = None) -> Topology:
                                             else None)
         raise TopologyError(f"invalid TOML: {exc}", line=line, path=path) from exc
     try:
-        _keys(document, ("run", "nodes", "links", "placement"), "")
+        _keys(document, ("run", "nodes", "links", "placement", "hosts"), "")
         run = _run(document)
         nodes = _nodes(document)
         names = {node.name: index for index, node in enumerate(nodes)}
         links = _links(document, names, int(run["capacity"]))
         placement = _placement(document, names)
+        hosts = _hosts(document)
     except TopologyError as exc:
         _place(exc, text, path)
         raise
@@ -495,7 +537,7 @@ def loads(text: str, *, path: str | None = None) -> Topology:
         ticks=int(run["ticks"]), tock=float(run["tock"]), t0=float(run["t0"]),
         seed=int(run["seed"]), tick_timeout=float(run["tick_timeout"]),
         capacity=int(run["capacity"]), real=bool(run["real"]), nodes=nodes, links=links,
-        placement=placement, source=text,
+        placement=placement, hosts=hosts, source=text,
     )
 
 
@@ -515,37 +557,53 @@ def load(path: str | os.PathLike[str]) -> Topology:
 
 def plan(topology: Topology, processes: int | None = None, *,
          cores: int | None = None) -> Plan:
-    """Map nodes onto workers (one OS process each).
+    """Map nodes onto workers (one OS process each), and workers onto hosts.
 
     ``processes`` None uses the topology's ``[placement]``; without one, the nodes
     are spread over as many workers as there are cores (``cores``, default
     ``os.cpu_count()``), never more workers than nodes. An int P spreads nodes in
     declaration order over workers ``p0..p{P-1}`` in contiguous blocks (node i ->
-    worker i*P//n).
+    worker i*P//n). Workers named in ``[hosts.*]`` run on those hosts.
 
     Raises:
-        TopologyError: P is not in 1..number of nodes (key path ``--processes``).
+        TopologyError: P is not in 1..number of nodes (key path ``--processes``), or
+            a host names a worker the plan does not have (``hosts.<name>.workers``).
     """
     nodes = topology.nodes
     if processes is None:
         if topology.placement is not None:
-            return Plan(tuple(WorkerSpec(name, tuple(topology.node(n) for n in members))
-                              for name, members in topology.placement))
-        return _blocks(nodes, min(len(nodes), cores or os.cpu_count() or 1))
-    try:
-        count = _int(processes, "--processes", 1, len(nodes))
-    except TopologyError as exc:
-        exc.message += f" (the topology has {len(nodes)} nodes)"
-        _place(exc, None, topology.path)
-        raise
-    return _blocks(nodes, count)
+            workers = tuple(WorkerSpec(name, tuple(topology.node(n) for n in members))
+                            for name, members in topology.placement)
+        else:
+            workers = _blocks(nodes, min(len(nodes), cores or os.cpu_count() or 1))
+    else:
+        try:
+            count = _int(processes, "--processes", 1, len(nodes))
+        except TopologyError as exc:
+            exc.message += f" (the topology has {len(nodes)} nodes)"
+            _place(exc, None, topology.path)
+            raise
+        workers = _blocks(nodes, count)
+    names = [worker.name for worker in workers]
+    hosts: dict[str, HostSpec] = {}
+    for host in topology.hosts:
+        for j, worker in enumerate(host.workers):
+            if worker not in names:
+                exc = _err(f"no worker {worker!r} in the plan{_suggest(worker, names)} "
+                           f"(workers: {', '.join(names[:8])}"
+                           f"{' ...' if len(names) > 8 else ''})",
+                           f"hosts.{host.name}.workers[{j}]")
+                _place(exc, topology.source, topology.path)
+                raise exc
+            hosts[worker] = host
+    return Plan(workers, hosts)
 
 
-def _blocks(nodes: tuple[NodeSpec, ...], count: int) -> Plan:
+def _blocks(nodes: tuple[NodeSpec, ...], count: int) -> tuple[WorkerSpec, ...]:
     blocks: list[list[NodeSpec]] = [[] for _ in range(count)]
     for i, node in enumerate(nodes):
         blocks[i * count // len(nodes)].append(node)
-    return Plan(tuple(WorkerSpec(f"p{j}", tuple(block)) for j, block in enumerate(blocks)))
+    return tuple(WorkerSpec(f"p{j}", tuple(block)) for j, block in enumerate(blocks))
 
 
 def resolve_classes(topology: Topology, app_dir: str | None = None) -> dict[str, type]:

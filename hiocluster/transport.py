@@ -26,6 +26,7 @@ import asyncio
 import json
 import logging
 import os
+import socket
 import sys
 import threading
 import time
@@ -44,6 +45,7 @@ from .protocol import MAX_CONTROL_FRAME, MAX_DATA_FRAME, MAX_SETUP_FRAME
 __all__ = ["TransportError", "Context", "Poller", "KeyPair", "Credentials", "Gate",
            "CREDENTIALS_ENV", "write_key_pair", "TRANSPORTS",
            "ipc_address", "local_address", "bound_address", "ipc_path", "readable", "sender",
+           "facing", "HEARTBEAT_TIMEOUT_MS",
            "monitor_event", "Again", "ZMQError", "NOBLOCK", "SNDMORE"]
 
 #: How workers on one host reach each other: unix sockets, or TCP on loopback.
@@ -82,6 +84,18 @@ def ipc_address(run_dir: str, name: str) -> str:
 def ipc_path(address: str) -> str | None:
     """The file behind an ``ipc://`` address (None for other transports)."""
     return address[len("ipc://"):] if address.startswith("ipc://") else None
+
+
+def facing(address: str) -> str:
+    """This host's IP address on the route to ``tcp://HOST:PORT`` (what a peer there
+    can reach us at). Connecting a UDP socket sends nothing."""
+    host, _, port = address[len("tcp://"):].rpartition(":")
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            probe.connect((host, int(port)))
+            return probe.getsockname()[0]
+    except (OSError, ValueError) as exc:
+        raise TransportError(f"no route to {address}: {exc}") from exc
 
 
 def local_address(transport: str, run_dir: str, name: str) -> str:

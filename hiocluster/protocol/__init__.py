@@ -20,8 +20,9 @@ from .fields import (DIGEST_SIZE, MAX_CONTROL_FRAME, MAX_DATA_FRAME, MAX_SETUP_F
 from .frames import VERSION, check_unpacks, decode, decode_data, encode, reload_data
 from .machines import (CHILD_TRANSITIONS, PARENT_TRANSITIONS, ChildMachine, ChildState,
                        ParentMachine, ParentState)
-from .messages import (MESSAGE_TYPES, Bye, Data, Done, Error, Grant, Hello, Message, Peer,
-                       Progress, Ready, Setup, Stop)
+from .messages import (FROM_AGENT, MESSAGE_TYPES, TO_AGENT, Bye, Data, Done, Error, Exited,
+                       Grant, Hello, Launch, Launched, Message, Output, Peer, Ping, Progress,
+                       Ready, Setup, Signal, Stop)
 from .versions import local_versions, mismatches
 
 __all__ = [
@@ -29,6 +30,7 @@ __all__ = [
     "NAME", "UINT", "is_name", "encode", "decode", "decode_data", "reload_data",
     "check_unpacks",
     "Message", "Hello", "Setup", "Ready", "Grant", "Progress", "Done", "Stop", "Bye",
-    "Error", "Data", "Peer", "MESSAGE_TYPES", "ChildMachine", "ParentMachine", "ChildState",
+    "Error", "Data", "Peer", "Launch", "Launched", "Signal", "Exited", "Output", "Ping",
+    "TO_AGENT", "FROM_AGENT", "MESSAGE_TYPES", "ChildMachine", "ParentMachine", "ChildState",
     "ParentState", "CHILD_TRANSITIONS", "PARENT_TRANSITIONS", "local_versions", "mismatches",
 ]

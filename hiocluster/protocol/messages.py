@@ -10,11 +10,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from .fields import (ADDRESS, BOOL, BYTES, CURVE_KEY, NAME, NUMBER, POSITIVE, STATS, TEXT,
-                     TOKEN, UINT, Check, LinkRun, ListOf, MapOf, TupleOf, optional)
+from .fields import (ADDRESS, BOOL, BYTES, CURVE_KEY, INT, NAME, NUMBER, POSITIVE, STATS,
+                     TEXT, TOKEN, UINT, Check, LinkRun, ListOf, MapOf, TupleOf, optional)
 
 __all__ = ["Message", "Hello", "Setup", "Ready", "Grant", "Progress", "Done", "Stop", "Bye",
-           "Error", "Data", "Peer", "MESSAGE_TYPES", "NODE_ROW", "LINK_ROW"]
+           "Error", "Data", "Peer", "Launch", "Launched", "Signal", "Exited", "Output",
+           "Ping", "MESSAGE_TYPES", "TO_AGENT", "FROM_AGENT", "NODE_ROW", "LINK_ROW"]
 
 
 @dataclass(slots=True)
@@ -188,7 +189,77 @@ class Peer(Message):
     SCHEMA = {"worker": NAME, "token": TOKEN}
 
 
+# -- a supervisor and a host's agent (docs/protocol.md §10) ----------------------
+
+
+@dataclass(slots=True)
+class Launch(Message):
+    """supervisor → agent: start worker ``worker`` on the agent's host, connecting
+    to ``connect`` with ``credentials`` (JSON text: they travel encrypted)."""
+
+    TYPE = "LAUNCH"
+    worker: str
+    connect: str
+    credentials: str
+    SCHEMA = {"worker": NAME, "connect": ADDRESS, "credentials": TEXT}
+
+
+@dataclass(slots=True)
+class Launched(Message):
+    """agent → supervisor: the worker's process runs, as ``pid`` on the host."""
+
+    TYPE = "LAUNCHED"
+    worker: str
+    pid: int
+    SCHEMA = {"worker": NAME, "pid": UINT}
+
+
+@dataclass(slots=True)
+class Signal(Message):
+    """supervisor → agent: ``terminate`` (SIGTERM) or ``kill`` (SIGKILL) a worker."""
+
+    TYPE = "SIGNAL"
+    worker: str
+    signal: str
+    SCHEMA = {"worker": NAME, "signal": Check(lambda v: v in ("terminate", "kill"),
+                                              "'terminate' or 'kill'")}
+
+
+@dataclass(slots=True)
+class Exited(Message):
+    """agent → supervisor: a worker's process ended (``exitcode`` negative: the
+    signal); ``tick``: the tick it was working on (its tick register)."""
+
+    TYPE = "EXITED"
+    worker: str
+    exitcode: int
+    tick: int | None = None
+    SCHEMA = {"worker": NAME, "exitcode": INT, "tick": optional(UINT)}
+
+
+@dataclass(slots=True)
+class Output(Message):
+    """agent → supervisor: lines a worker wrote on its stderr."""
+
+    TYPE = "OUTPUT"
+    worker: str
+    text: str
+    SCHEMA = {"worker": NAME, "text": TEXT}
+
+
+@dataclass(slots=True)
+class Ping(Message):
+    """agent → supervisor, every 0.1 s: the agent still hears the supervisor (a send
+    to a connection that is gone fails, so the agent knows whose workers to stop)."""
+
+    TYPE = "PING"
+    SCHEMA = {}
+
+
 MESSAGE_TYPES: dict[str, type[Message]] = {
     cls.TYPE: cls for cls in (Hello, Setup, Ready, Grant, Progress, Done, Stop, Bye, Error,
-                              Data, Peer)
+                              Data, Peer, Launch, Launched, Signal, Exited, Output, Ping)
 }
+#: What an agent accepts, and what a supervisor accepts from an agent.
+TO_AGENT = (Launch, Signal, Error)
+FROM_AGENT = (Launched, Exited, Output, Ping, Error)

@@ -1,0 +1,252 @@
+"""``hiocluster agent``: a daemon that starts workers on its host for supervisors.
+
+A supervisor whose topology places workers on this host connects to the agent
+(CurveZMQ: the agent admits only the public keys in its keys directory) and
+sends LAUNCH per worker; the agent starts ``hiocluster worker`` with the
+credentials that came with it, binding its data socket on the agent's own
+address, and reports LAUNCHED, the worker's stderr (OUTPUT) and its end
+(EXITED, with the tick from its tick register). SIGNAL terminates or kills a
+worker. Every 0.1 s the agent PINGs each supervisor it serves; once a ping
+cannot be sent (ZeroMQ heartbeats dropped the connection: the supervisor
+vanished, or the link to it is cut) it stops every worker that supervisor had
+started here and removes their files (docs/protocol.md §10).
+
+Imports: launch, loop, transport, protocol, errors.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hio.base.doing import Doer
+
+from . import protocol as proto
+from .errors import FrameError
+from .launch import LocalLauncher, LocalProcess
+from .loop import Loop
+from .transport import (NOBLOCK, SNDMORE, Context, Credentials, KeyPair, TransportError,
+                        ZMQError, readable)
+
+__all__ = ["AgentOptions", "Agent", "run_agent", "PING_S"]
+
+#: How often the agent pings each supervisor it serves.
+PING_S = 0.1
+#: Seconds a worker gets between SIGTERM and SIGKILL when its supervisor is gone.
+STOP_GRACE_S = 2.0
+
+
+@dataclass(frozen=True)
+class AgentOptions:
+    """How to run an agent (the ``hiocluster agent`` command line)."""
+
+    listen: str                    # tcp://HOST:PORT
+    keys: str                      # the keys directory
+    name: str                      # this host's name: its key pair is NAME.key_secret
+    app_dir: str | None = None     # where workers import node classes from
+    advertise: str | None = None   # the host workers bind on (default: listen's host)
+
+
+@dataclass
+class Session:
+    """One supervisor's connection: the workers it started here."""
+
+    identity: bytes
+    run_dir: str
+    ended: bool = False                  # the supervisor is gone, or gave up
+    workers: dict[str, LocalProcess] = field(default_factory=dict)
+    stopping: dict[str, float] = field(default_factory=dict)   # worker -> kill at
+
+
+class Agent(Doer):
+    """The agent as a hio doer (see the module docstring)."""
+
+    def __init__(self, options: AgentOptions, loop: Loop, **kwa: Any) -> None:
+        super().__init__(**kwa)
+        self.options, self.loop = options, loop
+        host = options.listen[len("tcp://"):].rsplit(":", 1)[0]
+        self.advertise = options.advertise or host
+        self.sessions: dict[bytes, Session] = {}
+        self.rejected = 0
+        self.stop_requested = 0
+        self.ping_at = 0.0
+
+    # -- hio ------------------------------------------------------------------------
+    def enter(self) -> None:
+        keys_dir = Path(self.options.keys)
+        keys = KeyPair.load(str(keys_dir / f"{self.options.name}.key_secret"))
+        self.context = Context(keys, owner=f"agent {self.options.name}")
+        gate = self.context.gate
+        assert gate is not None
+        for public in sorted(keys_dir.glob("*.key")):
+            gate.admit(public.stem, KeyPair.load_public(str(public)))
+        gate.open()
+        self.router = self.context.control_router(self.options.listen)
+        self.loop.poller.register(self.router)
+        print(f"hiocluster agent {self.options.name}: listening on {self.options.listen}",
+              flush=True)
+
+    def recur(self, tyme: float) -> bool:
+        now = time.monotonic()
+        while readable(self.router):
+            self._receive(self.router.recv_multipart(NOBLOCK))
+        for session in list(self.sessions.values()):
+            self._watch(session, now)
+        if now >= self.ping_at:
+            self.ping_at = now + PING_S
+            for session in list(self.sessions.values()):
+                if not self._send(session.identity, proto.Ping()):
+                    self._end(session, now)
+        if self.stop_requested:
+            for session in self.sessions.values():
+                self._end(session, now)
+            return all(not session.workers for session in self.sessions.values())
+        return False
+
+    def exit(self) -> None:
+        for session in self.sessions.values():
+            for handle in session.workers.values():
+                _stop_now(handle)
+            shutil.rmtree(session.run_dir, ignore_errors=True)
+        self.sessions.clear()
+        self.context.close(linger=0)
+
+    # -- supervisors' messages --------------------------------------------------------
+    def _receive(self, parts: list[bytes]) -> None:
+        identity = parts[0]
+        try:
+            if len(parts) != 2:
+                raise FrameError(f"expected one frame, got {len(parts) - 1}", code="multipart")
+            message = proto.decode(parts[1], allowed=proto.TO_AGENT)
+        except FrameError as exc:
+            self.rejected += 1
+            self._send(identity, proto.Error(code=exc.code, detail=str(exc), field=exc.field))
+            return
+        session = self.sessions.get(identity)
+        if session is not None and session.ended:
+            return
+        if session is None:
+            session = self.sessions[identity] = Session(
+                identity, tempfile.mkdtemp(prefix="hioc-agent-"))
+        if isinstance(message, proto.Launch):
+            self._launch(session, message)
+        elif isinstance(message, proto.Signal):
+            handle = session.workers.get(message.worker)
+            if handle is not None:
+                getattr(handle, message.signal)()
+        else:  # ERROR: the supervisor gives up on this host
+            self._end(session, time.monotonic())
+
+    def _launch(self, session: Session, launch: proto.Launch) -> None:
+        if launch.worker in session.workers:
+            self._send(session.identity, proto.Error(
+                code="duplicate", detail=f"worker {launch.worker} runs here already",
+                field="LAUNCH.worker"))
+            return
+        try:
+            credentials = Credentials.from_json(launch.credentials)
+        except ValueError as exc:
+            self._send(session.identity, proto.Error(code="bad-field", detail=str(exc),
+                                                     field="LAUNCH.credentials"))
+            return
+        launcher = LocalLauncher(launch.connect, lambda worker: credentials, session.run_dir,
+                                 app_dir=self.options.app_dir, capture=True,
+                                 bind=f"tcp://{self.advertise}:*")
+        handle = session.workers[launch.worker] = launcher.start(launch.worker)
+        if handle.sentinel is not None:
+            self.loop.poller.register(handle.sentinel)
+        if handle.stderr is not None:
+            self.loop.poller.register(handle.stderr)
+        self._send(session.identity, proto.Launched(worker=launch.worker,
+                                                    pid=handle.pid or 0))
+
+    # -- workers --------------------------------------------------------------------
+    def _watch(self, session: Session, now: float) -> None:
+        for name, handle in list(session.workers.items()):
+            self._forward_output(session, name, handle)
+            code = handle.exitcode()
+            if code is None:
+                if session.stopping.get(name, float("inf")) <= now:
+                    handle.kill()
+                continue
+            self._forward_output(session, name, handle)
+            self._send(session.identity, proto.Exited(worker=name, exitcode=code,
+                                                      tick=handle.last_tick()))
+            self._forget(handle)
+            del session.workers[name]
+        if session.ended and not session.workers:
+            self.sessions.pop(session.identity, None)
+            shutil.rmtree(session.run_dir, ignore_errors=True)
+
+    def _forward_output(self, session: Session, name: str, handle: LocalProcess) -> None:
+        if handle.stderr is None:
+            return
+        try:
+            data = os.read(handle.stderr, 65536)
+        except BlockingIOError:
+            return
+        if data:
+            self._send(session.identity, proto.Output(worker=name,
+                                                      text=data.decode(errors="replace")))
+
+    def _end(self, session: Session, now: float) -> None:
+        """The supervisor is gone (or gave up): stop its workers, SIGKILL after a grace."""
+        session.ended = True
+        for name, handle in session.workers.items():
+            if name not in session.stopping:
+                handle.terminate()
+                session.stopping[name] = now + STOP_GRACE_S
+        self._watch(session, now)
+
+    def _forget(self, handle: LocalProcess) -> None:
+        for fd in (handle.sentinel, handle.stderr):
+            if fd is not None:
+                self.loop.poller.unregister(fd)
+        handle.close()
+
+    def _send(self, identity: bytes, message: proto.Message) -> bool:
+        """False when the supervisor's connection is gone."""
+        try:
+            self.router.send(identity, NOBLOCK | SNDMORE)
+            self.router.send(proto.encode(message), NOBLOCK)
+            return True
+        except ZMQError:
+            return False
+
+
+def _stop_now(handle: LocalProcess) -> None:
+    """SIGTERM, a short grace, SIGKILL: the agent is going away."""
+    handle.terminate()
+    deadline = time.monotonic() + STOP_GRACE_S
+    while handle.exitcode() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    handle.kill()
+    handle.popen.wait()
+    handle.close()
+
+
+def run_agent(options: AgentOptions) -> int:
+    """Run an agent until SIGINT or SIGTERM; return its exit code."""
+    loop = Loop()
+    agent = Agent(options, loop)
+    loop.doers = [agent]
+
+    def on_signal(signum: int, frame: Any) -> None:
+        agent.stop_requested = signum
+        loop.asap = True
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, on_signal)
+    try:
+        loop.run()
+    except TransportError as exc:
+        print(f"hiocluster agent {options.name}: {exc}", file=sys.stderr)
+        return 1
+    return 128 + agent.stop_requested if agent.stop_requested else 0

@@ -1,0 +1,154 @@
+"""Workers on other hosts: the supervisor's side of a host's agent.
+
+:class:`AgentLink` is a doer in the supervisor's Loop: it connects to one
+host's agent (CurveZMQ, with the agent's public key from the keys directory),
+asks it to LAUNCH workers, and keeps a :class:`RemoteProcess` per worker — the
+same :class:`~hiocluster.launch.ProcessHandle` a local worker has, so the
+supervisor's ChildDoers cannot tell them apart. When the connection drops
+(ZeroMQ heartbeats: the host vanished, its link is cut, or its agent is
+stopped), every worker on that host is lost at once.
+
+Imports: launch, transport, protocol, errors.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import TYPE_CHECKING, Any
+
+from hio.base.doing import Doer
+
+from . import protocol as proto
+from .errors import FrameError
+from .transport import HEARTBEAT_TIMEOUT_MS, NOBLOCK, ZMQError, monitor_event, readable
+
+if TYPE_CHECKING:
+    from .topology import HostSpec
+
+__all__ = ["AgentLink", "RemoteProcess"]
+
+
+class RemoteProcess:
+    """A worker started by an agent (see :class:`~hiocluster.launch.ProcessHandle`)."""
+
+    sentinel = None  # the link wakes the loop itself
+
+    def __init__(self, link: AgentLink, worker: str) -> None:
+        self.link, self.worker = link, worker
+        self.pid: int | None = None
+        self._exitcode: int | None = None
+        self._tick: int | None = None
+        self._why: str | None = None
+
+    def alive(self) -> bool:
+        return self._exitcode is None and self._why is None
+
+    def exitcode(self) -> int | None:
+        if self._why is not None and self._exitcode is None:
+            return 255  # lost with its host: see why()
+        return self._exitcode
+
+    def last_tick(self) -> int | None:
+        return self._tick
+
+    def why(self) -> str | None:
+        return self._why
+
+    def terminate(self) -> None:
+        self.link.signal(self.worker, "terminate")
+
+    def kill(self) -> None:
+        self.link.signal(self.worker, "kill")
+
+    def close(self) -> None:
+        pass
+
+    def ended(self, exitcode: int, tick: int | None) -> None:
+        self._exitcode, self._tick = exitcode, tick
+
+    def lost(self, why: str) -> None:
+        if self._exitcode is None:
+            self._why = why
+
+
+class AgentLink(Doer):
+    """One host's agent, as a doer (see the module docstring).
+
+    Args:
+        supervisor: the Supervisor it serves (its context, control address,
+            credentials for each worker, and the loop's poller).
+        host: the host (its agent's address and name).
+        agent_key: the agent's CURVE public key.
+    """
+
+    def __init__(self, supervisor: Any, host: HostSpec, agent_key: str, **kwa: Any) -> None:
+        super().__init__(**kwa)
+        self.supervisor, self.host, self.agent_key = supervisor, host, agent_key
+        self.processes: dict[str, RemoteProcess] = {}
+        self.socket: Any = None
+        self.monitor: Any = None
+        self.connected = False
+
+    def enter(self) -> None:
+        context, poller = self.supervisor.context, self.supervisor.loop.poller
+        self.socket = context.control_dealer(self.host.agent, self.agent_key)
+        self.monitor = context.monitor(self.socket)
+        poller.register(self.socket)
+        poller.register(self.monitor)
+
+    def start(self, worker: str) -> RemoteProcess:
+        """Ask the agent to start ``worker`` (the Launcher interface)."""
+        process = self.processes[worker] = RemoteProcess(self, worker)
+        self._send(proto.Launch(worker=worker, connect=self.supervisor.control_address,
+                                credentials=self.supervisor.credentials(worker).to_json()))
+        return process
+
+    def signal(self, worker: str, kind: str) -> None:
+        self._send(proto.Signal(worker=worker, signal=kind))
+
+    def recur(self, tyme: float) -> bool:
+        while self.monitor is not None and readable(self.monitor):
+            if monitor_event(self.monitor) == "connected":
+                self.connected = True
+            elif self.connected:
+                self._lose(f"host {self.host.name} lost: its agent at {self.host.agent} went "
+                           f"silent for {HEARTBEAT_TIMEOUT_MS / 1000:g} s")
+        while self.socket is not None and readable(self.socket):
+            self._receive(self.socket.recv(NOBLOCK))
+        return False
+
+    def exit(self) -> None:
+        if self.socket is not None:
+            poller = self.supervisor.loop.poller
+            poller.unregister(self.socket)
+            poller.unregister(self.monitor)
+            self.socket = self.monitor = None
+
+    def _receive(self, data: bytes) -> None:
+        try:
+            message = proto.decode(data, allowed=proto.FROM_AGENT)
+        except FrameError as exc:
+            self._lose(f"host {self.host.name}: its agent sent an invalid frame: {exc}")
+            return
+        process = self.processes.get(getattr(message, "worker", ""))
+        if isinstance(message, proto.Launched) and process is not None:
+            process.pid = message.pid
+        elif isinstance(message, proto.Exited) and process is not None:
+            process.ended(message.exitcode, message.tick)
+        elif isinstance(message, proto.Output):
+            for line in message.text.splitlines():
+                print(f"[{self.host.name}/{message.worker}] {line}", file=sys.stderr,
+                      flush=True)
+        elif isinstance(message, proto.Error):
+            self._lose(f"host {self.host.name}: its agent says {message.code}: "
+                       f"{message.detail}")
+
+    def _lose(self, why: str) -> None:
+        for process in self.processes.values():
+            process.lost(why)
+
+    def _send(self, message: proto.Message) -> None:
+        try:
+            self.socket.send(proto.encode(message), NOBLOCK)
+        except ZMQError:
+            self._lose(f"host {self.host.name}: cannot reach its agent at {self.host.agent}")

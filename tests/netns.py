@@ -1,0 +1,143 @@
+"""Hosts for tests: Linux network namespaces joined by veth pairs to a bridge.
+
+:class:`Hosts` makes ``count`` namespaces, each a host with one address from
+198.18.X.0/24 (X picked so that no other interface on this machine has it),
+bridged to this (root) namespace at 198.18.X.1, where the test's supervisor
+runs; it starts a ``hiocluster agent`` in each, can cut a host's link, and on
+close kills the agents and deletes every namespace, veth and the bridge, then
+checks that none is left. Needs root and iproute2 (``ip``); :func:`skip_reason`
+says why not, where not.
+
+Only addresses from 198.18.0.0/15 are used; nothing leaves the machine.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import random
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+LOCK = "/tmp/hiocluster-netns.lock"
+AGENT_PORT = 7100
+
+
+def skip_reason() -> str | None:
+    """Why namespace tests cannot run here (None: they can)."""
+    if os.geteuid() != 0:
+        return "network namespaces need root"
+    if shutil.which("ip") is None:
+        return "network namespaces need iproute2 (the ip command)"
+    return None
+
+
+def ip(*args: str, namespace: str | None = None, check: bool = True) -> str:
+    argv = ["ip", *(["-n", namespace] if namespace else []), *args]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=30)
+    if check and done.returncode != 0:
+        raise RuntimeError(f"{' '.join(argv)}: {done.stderr.strip()}")
+    return done.stdout
+
+
+class Hosts:
+    """See the module docstring. Use as a context manager."""
+
+    def __init__(self, count: int, keys: Path) -> None:
+        self.count, self.keys = count, keys
+        self.tag = uuid.uuid4().hex[:6]
+        self.bridge = f"hcb{self.tag}"
+        self.namespaces = [f"hc{self.tag}{i}" for i in range(count)]
+        self.agents: dict[str, subprocess.Popen] = {}
+        self.subnet = ""
+
+    # -- set-up ----------------------------------------------------------------------
+    def __enter__(self) -> Hosts:
+        try:
+            with open(LOCK, "w") as lock:  # two tests never take the same subnet
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                taken = ip("-o", "-4", "addr", "show")
+                free = [x for x in range(1, 255) if f" 198.18.{x}." not in taken]
+                self.subnet = f"198.18.{random.choice(free)}"
+                ip("link", "add", self.bridge, "type", "bridge")
+                ip("addr", "add", f"{self.subnet}.1/24", "dev", self.bridge)
+                ip("link", "set", self.bridge, "up")
+            for index, namespace in enumerate(self.namespaces):
+                outside, inside = f"hv{self.tag}{index}a", f"hv{self.tag}{index}b"
+                ip("netns", "add", namespace)
+                ip("link", "add", outside, "type", "veth", "peer", "name", inside)
+                ip("link", "set", inside, "netns", namespace)
+                ip("link", "set", outside, "master", self.bridge, "up")
+                ip("addr", "add", f"{self.address(index)}/24", "dev", inside,
+                   namespace=namespace)
+                ip("link", "set", inside, "up", namespace=namespace)
+                ip("link", "set", "lo", "up", namespace=namespace)
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def address(self, index: int) -> str:
+        return f"{self.subnet}.{10 + index}"
+
+    def agent_address(self, index: int) -> str:
+        return f"tcp://{self.address(index)}:{AGENT_PORT}"
+
+    def start_agent(self, index: int, name: str, timeout: float = 30.0) -> subprocess.Popen:
+        """Start ``hiocluster agent`` as host ``name`` in namespace ``index``; return
+        once it says it listens."""
+        agent = subprocess.Popen(
+            ["ip", "netns", "exec", self.namespaces[index], sys.executable, "-m", "hiocluster",
+             "agent", "--listen", self.agent_address(index), "--keys", str(self.keys),
+             "--name", name, "--app-dir", str(REPO)],
+            cwd=REPO, stdout=subprocess.PIPE, text=True)
+        self.agents[name] = agent
+        assert agent.stdout is not None
+        ready, _, _ = select.select([agent.stdout], [], [], timeout)
+        line = agent.stdout.readline() if ready else ""
+        if "listening" not in line:
+            raise RuntimeError(f"agent {name} did not start: {line!r}")
+        return agent
+
+    def cut(self, index: int) -> None:
+        """Take host ``index``'s link down (``ip link set ... down``)."""
+        ip("link", "set", f"hv{self.tag}{index}a", "down")
+
+    # -- tear-down ---------------------------------------------------------------------
+    def close(self) -> None:
+        for agent in self.agents.values():
+            if agent.poll() is None:
+                agent.send_signal(signal.SIGCONT)  # a test may have stopped it
+                agent.terminate()
+        for agent in self.agents.values():
+            try:
+                agent.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                agent.kill()
+                agent.wait()
+            if agent.stdout is not None:
+                agent.stdout.close()
+        for namespace in self.namespaces:
+            ip("netns", "del", namespace, check=False)
+        ip("link", "del", self.bridge, check=False)
+        deadline = time.monotonic() + 10
+        while self.leftovers() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        left = self.leftovers()
+        assert not left, f"network namespaces or links left behind: {left}"
+
+    def leftovers(self) -> list[str]:
+        names = ip("netns", "list", check=False)
+        links = ip("-o", "link", "show", check=False)
+        return [name for name in [*self.namespaces, self.bridge]
+                if name in names or f" {name}:" in links or f" {name}@" in links]
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()

@@ -1,0 +1,137 @@
+"""Runs across hosts: agents in Linux network namespaces, CurveZMQ between them.
+
+Three namespace hosts, each with a ``hiocluster agent``; the supervisor runs
+in this namespace. The ring and PHOLD examples spread over the hosts give the
+per-tick digests of one process; a host whose link goes down, or whose agent is
+stopped, ends the run loudly naming the host, within the heartbeat bound.
+These tests need root (they skip with the reason otherwise; CI runs as root).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+
+from hiocluster import supervisor
+from hiocluster.errors import ProcessExited, RunFailed
+from hiocluster.topology import HostSpec, Topology, load, loads
+from hiocluster.transport import HEARTBEAT_TIMEOUT_MS
+
+from conftest import REPO, hiocluster_command
+from tests.faulty import ring_toml
+from tests.netns import Hosts, skip_reason
+
+pytestmark = pytest.mark.skipif(skip_reason() is not None, reason=skip_reason() or "")
+
+HOSTS = ("h1", "h2", "h3")
+
+
+@pytest.fixture
+def keys(tmp_path: Path, cli_env: dict[str, str]) -> Path:
+    folder = tmp_path / "keys"
+    subprocess.run(hiocluster_command("keygen", str(folder), "supervisor", *HOSTS),
+                   env=cli_env, check=True, capture_output=True, timeout=30)
+    return folder
+
+
+@pytest.fixture
+def hosts(keys: Path) -> Iterator[Hosts]:
+    with Hosts(len(HOSTS), keys) as made:
+        for index, name in enumerate(HOSTS):
+            made.start_agent(index, name)
+        yield made
+
+
+def spread(topology: Topology, hosts: Hosts, workers: dict[str, tuple[str, ...]]) -> Topology:
+    """``topology`` with ``workers`` (host -> worker names) placed on the hosts."""
+    return topology.replace(hosts=tuple(
+        HostSpec(name, hosts.agent_address(HOSTS.index(name)), names)
+        for name, names in workers.items()))
+
+
+def run(topology: Topology, **kwargs: Any) -> supervisor.RunResult:
+    return supervisor.run(topology, app_dir=str(REPO), handle_signals=False,
+                          keep_digests=True, **kwargs)
+
+
+@pytest.mark.parametrize("example", ["ring", "phold"])
+def test_examples_across_three_hosts_match_one_process(hosts: Hosts, keys: Path,
+                                                       example: str) -> None:
+    topology = load(REPO / "topologies" / f"{example}.toml").replace(ticks=60)
+    reference = run(topology, processes=1)
+    across = run(spread(topology, hosts, {"h1": ("p0",), "h2": ("p1", "p2"), "h3": ("p3",)}),
+                 keys=str(keys))
+    assert across.tick_digests == reference.tick_digests
+    assert across.processes == 4 and across.messages == reference.messages
+
+
+def slow_ring(ticks: int = 100_000) -> Topology:
+    nodes = {name: {"sleep": 0.005} for name in "abcd"}
+    return loads(ring_toml(nodes, {"p0": ["a"], "p1": ["b"], "p2": ["c"], "p3": ["d"]},
+                           ticks=ticks, tick_timeout=30.0))
+
+
+def fail_when(topology: Topology, keys: Path, act: Any) -> tuple[RunFailed, float]:
+    """Run ``topology``; call ``act()`` once 20 ticks are done; return the failure and
+    the seconds from the act to the end of the run."""
+    acted: list[float] = []
+
+    def on_tick(done: int, total: int) -> None:
+        if done >= 20 and not acted:
+            act()
+            acted.append(time.monotonic())
+
+    with pytest.raises(RunFailed) as info:
+        run(topology, keys=str(keys), on_tick=on_tick)
+    return info.value, time.monotonic() - acted[0]
+
+
+def test_a_host_whose_link_goes_down_is_reported_within_the_bound(hosts: Hosts,
+                                                                  keys: Path) -> None:
+    topology = spread(slow_ring(), hosts, {"h1": ("p1",), "h2": ("p2",), "h3": ("p3",)})
+    error, seconds = fail_when(topology, keys, lambda: hosts.cut(1))
+    assert isinstance(error, ProcessExited) and error.worker == "p2" and error.nodes == ("c",)
+    assert "host h2 lost" in error.cause and error.tick is not None and error.tick >= 20
+    assert HEARTBEAT_TIMEOUT_MS <= 500
+    assert seconds < 2.0, f"the cut link took {seconds:.2f} s to end the run"
+
+
+def test_a_stopped_agent_is_reported(hosts: Hosts, keys: Path) -> None:
+    agent = hosts.agents["h3"]
+    topology = spread(slow_ring(), hosts, {"h1": ("p1",), "h3": ("p2", "p3")})
+    try:
+        error, seconds = fail_when(topology, keys,
+                                   lambda: os.kill(agent.pid, signal.SIGSTOP))
+    finally:
+        os.kill(agent.pid, signal.SIGCONT)
+    assert isinstance(error, ProcessExited) and error.worker in ("p2", "p3")
+    assert "host h3 lost" in error.cause
+    assert seconds < 2.0, f"the stopped agent took {seconds:.2f} s to end the run"
+
+
+def test_hosts_without_keys_are_a_clear_error(hosts: Hosts) -> None:
+    topology = spread(slow_ring(10), hosts, {"h1": ("p1",)})
+    with pytest.raises(Exception, match="need a keys directory"):
+        run(topology)
+
+
+def test_an_agent_refuses_a_supervisor_it_does_not_know(hosts: Hosts, keys: Path,
+                                                        tmp_path: Path,
+                                                        cli_env: dict[str, str]) -> None:
+    stranger = tmp_path / "stranger"
+    subprocess.run(hiocluster_command("keygen", str(stranger), "supervisor", *HOSTS),
+                   env=cli_env, check=True, capture_output=True, timeout=30)
+    for name in HOSTS:  # the stranger knows the agents' real public keys
+        (stranger / f"{name}.key").write_text((keys / f"{name}.key").read_text())
+    topology = spread(slow_ring(10), hosts, {"h2": ("p1",)})
+    started = time.monotonic()
+    with pytest.raises(RunFailed) as info:
+        run(topology, keys=str(stranger), start_timeout=3.0)
+    assert info.value.worker == "p1" and "no HELLO within 3 s" in info.value.cause
+    assert time.monotonic() - started < 15
