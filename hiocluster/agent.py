@@ -33,7 +33,7 @@ from .errors import FrameError
 from .launch import LocalLauncher, LocalProcess
 from .loop import Loop
 from .transport import (NOBLOCK, SNDMORE, Context, Credentials, KeyPair, TransportError,
-                        ZMQError, readable)
+                        ZMQError, readable, resolve, resolved)
 
 __all__ = ["AgentOptions", "Agent", "run_agent", "PING_S"]
 
@@ -71,8 +71,9 @@ class Agent(Doer):
     def __init__(self, options: AgentOptions, loop: Loop, **kwa: Any) -> None:
         super().__init__(**kwa)
         self.options, self.loop = options, loop
-        host = options.listen[len("tcp://"):].rsplit(":", 1)[0]
-        self.advertise = options.advertise or host
+        self.listen = resolved(options.listen)
+        host = self.listen[len("tcp://"):].rsplit(":", 1)[0]
+        self.advertise = resolve(options.advertise) if options.advertise else host
         self.sessions: dict[bytes, Session] = {}
         self.rejected = 0
         self.stop_requested = 0
@@ -88,7 +89,7 @@ class Agent(Doer):
         for public in sorted(keys_dir.glob("*.key")):
             gate.admit(public.stem, KeyPair.load_public(str(public)))
         gate.open()
-        self.router = self.context.control_router(self.options.listen)
+        self.router = self.context.control_router(self.listen)
         self.loop.poller.register(self.router)
         print(f"hiocluster agent {self.options.name}: listening on {self.options.listen}",
               flush=True)

@@ -56,6 +56,30 @@ def _address(text: str) -> str:
     return text
 
 
+def _host(text: str) -> tuple[str, str]:
+    name, _, address = text.partition("=")
+    return _name(name), _tcp(address)
+
+
+def _place(text: str) -> tuple[str, str]:
+    worker, _, host = text.partition("=")
+    return _name(worker), _name(host)
+
+
+def _hosts_from(args: argparse.Namespace) -> tuple[Any, ...]:
+    """--host and --place as the topology's hosts."""
+    from .topology import HostSpec
+
+    agents = dict(args.host)
+    unknown = sorted({host for _, host in args.place} - set(agents))
+    if unknown:
+        raise TopologyError(f"--place names host {unknown[0]!r}, which no --host declares",
+                            key_path="--place")
+    return tuple(HostSpec(name, address, tuple(worker for worker, host in args.place
+                                               if host == name))
+                 for name, address in agents.items())
+
+
 def _tcp(text: str) -> str:
     address = _address(text)
     host = address[len("tcp://"):].rpartition(":")[0] if address.startswith("tcp://") else ""
@@ -108,6 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--keys", metavar="DIR",
                      help="CurveZMQ keys for a run across hosts: DIR/supervisor.key_secret "
                           "and DIR/<host>.key for each host (see keygen)")
+    _hosts_options(run)
     run.add_argument("--external", metavar="NAME", action="append", default=[], type=_name,
                      help="do not start worker NAME: wait for it to be started by hand "
                           "(the command to use is printed); repeatable")
@@ -117,6 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
                                             "classes) without running it; print the plan.")
     check.add_argument("topology", metavar="TOPOLOGY", help="topology file (TOML)")
     _processes(check)
+    _hosts_options(check)
     _app_dir(check)
 
     agent = commands.add_parser(
@@ -143,6 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "key, to give to the other side) and NAME.key_secret (mode 0600, to "
                     "keep). Existing keys are never overwritten.")
     keygen.add_argument("directory", metavar="DIR", help="where to write the keys")
+    keygen.add_argument("--skip-existing", action="store_true",
+                        help="leave names that have a key pair already (instead of failing)")
     keygen.add_argument("names", metavar="NAME", nargs="+", type=_name,
                         help="who the key pair is for: 'supervisor', or a host's name")
 
@@ -167,6 +195,14 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--run-dir", metavar="DIR", help=argparse.SUPPRESS)
     worker.add_argument("--tick-file", metavar="FILE", help=argparse.SUPPRESS)
     return parser
+
+
+def _hosts_options(command: argparse.ArgumentParser) -> None:
+    command.add_argument("--host", metavar="NAME=ADDRESS", action="append", default=[],
+                         type=_host, help="a host and its agent, e.g. h1=tcp://h1:7100 "
+                                          "(instead of the file's [hosts]); repeatable")
+    command.add_argument("--place", metavar="WORKER=HOST", action="append", default=[],
+                         type=_place, help="run WORKER on HOST (a --host); repeatable")
 
 
 def _processes(command: argparse.ArgumentParser) -> None:
@@ -209,6 +245,8 @@ def _load(args: argparse.Namespace) -> Any:
     topology = load(args.topology)
     changes = {key: getattr(args, key, None) for key in ("ticks", "seed", "real")}
     changes = {key: value for key, value in changes.items() if value is not None}
+    if getattr(args, "host", None) or getattr(args, "place", None):
+        changes["hosts"] = _hosts_from(args)
     if changes:
         topology = topology.replace(**changes)
     return topology, plan(topology, args.processes)
@@ -286,7 +324,9 @@ def _keygen(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     directory = args.directory
     taken = [name for name in args.names for suffix in (".key", ".key_secret")
              if os.path.exists(os.path.join(directory, name + suffix))]
-    if taken:
+    if taken and args.skip_existing:
+        args.names = [name for name in args.names if name not in taken]
+    elif taken:
         parser.error(f"keygen: a key for {', '.join(sorted(set(taken)))} exists in "
                      f"{directory}; remove it first to make a new one")
     try:

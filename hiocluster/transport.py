@@ -45,7 +45,7 @@ from .protocol import MAX_CONTROL_FRAME, MAX_DATA_FRAME, MAX_SETUP_FRAME
 __all__ = ["TransportError", "Context", "Poller", "KeyPair", "Credentials", "Gate",
            "CREDENTIALS_ENV", "write_key_pair", "TRANSPORTS",
            "ipc_address", "local_address", "bound_address", "ipc_path", "readable", "sender",
-           "facing", "HEARTBEAT_TIMEOUT_MS",
+           "facing", "resolve", "resolved", "HEARTBEAT_TIMEOUT_MS",
            "monitor_event", "Again", "ZMQError", "NOBLOCK", "SNDMORE"]
 
 #: How workers on one host reach each other: unix sockets, or TCP on loopback.
@@ -84,6 +84,20 @@ def ipc_address(run_dir: str, name: str) -> str:
 def ipc_path(address: str) -> str | None:
     """The file behind an ``ipc://`` address (None for other transports)."""
     return address[len("ipc://"):] if address.startswith("ipc://") else None
+
+
+def resolve(host: str) -> str:
+    """The IPv4 address of ``host`` (ZeroMQ binds to addresses, not names)."""
+    try:
+        return socket.gethostbyname(host)
+    except OSError as exc:
+        raise TransportError(f"cannot resolve the host name {host!r}: {exc}") from exc
+
+
+def resolved(address: str) -> str:
+    """``tcp://NAME:PORT`` with NAME looked up."""
+    host, _, port = address[len("tcp://"):].rpartition(":")
+    return f"tcp://{resolve(host)}:{port}"
 
 
 def facing(address: str) -> str:
