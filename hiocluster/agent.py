@@ -106,9 +106,9 @@ class Agent(Doer):
                 if not self._send(session.identity, proto.Ping()):
                     self._end(session, now)
         if self.stop_requested:
-            for session in self.sessions.values():
+            for session in list(self.sessions.values()):
                 self._end(session, now)
-            return all(not session.workers for session in self.sessions.values())
+            return not self.sessions
         return False
 
     def exit(self) -> None:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sys
 import time
 import zlib
 from pathlib import Path
@@ -42,6 +43,7 @@ class FaultyNode(Node):
         fail: "raise" (ValueError("boom")), "sigkill" (SIGKILL own process),
             "exit7" (os._exit(7)), "hang" (sleep 60 s), "unsendable" (put a set).
         sleep: seconds to sleep every tick (slow-ish nodes for signal tests).
+        say: a line to write on stderr in setup().
     """
 
     inboxes = ("in",)
@@ -57,6 +59,8 @@ class FaultyNode(Node):
         self.sleep = float(self.params.get("sleep", 0.0))
         if self.fail_at == "setup":
             raise ValueError("boom in setup")
+        if "say" in self.params:
+            print(self.params["say"], file=sys.stderr, flush=True)
 
     def _mark(self, suffix: str, line: str) -> None:
         if self.marker_dir is not None:

@@ -90,14 +90,16 @@ class Hosts:
     def agent_address(self, index: int) -> str:
         return f"tcp://{self.address(index)}:{AGENT_PORT}"
 
-    def start_agent(self, index: int, name: str, timeout: float = 30.0) -> subprocess.Popen:
-        """Start ``hiocluster agent`` as host ``name`` in namespace ``index``; return
-        once it says it listens."""
+    def start_agent(self, index: int, name: str, timeout: float = 30.0,
+                    temp: Path | None = None) -> subprocess.Popen:
+        """Start ``hiocluster agent`` as host ``name`` in namespace ``index`` (with
+        TMPDIR ``temp`` if given); return once it says it listens."""
+        env = dict(os.environ, **({"TMPDIR": str(temp)} if temp else {}))
         agent = subprocess.Popen(
             ["ip", "netns", "exec", self.namespaces[index], sys.executable, "-m", "hiocluster",
              "agent", "--listen", self.agent_address(index), "--keys", str(self.keys),
              "--name", name, "--app-dir", str(REPO)],
-            cwd=REPO, stdout=subprocess.PIPE, text=True)
+            cwd=REPO, stdout=subprocess.PIPE, text=True, env=env)
         self.agents[name] = agent
         assert agent.stdout is not None
         ready, _, _ = select.select([agent.stdout], [], [], timeout)
@@ -116,12 +118,13 @@ class Hosts:
             if agent.poll() is None:
                 agent.send_signal(signal.SIGCONT)  # a test may have stopped it
                 agent.terminate()
-        for agent in self.agents.values():
+        codes = {}
+        for name, agent in self.agents.items():
             try:
-                agent.wait(timeout=15)
+                codes[name] = agent.wait(timeout=15)
             except subprocess.TimeoutExpired:
                 agent.kill()
-                agent.wait()
+                codes[name] = agent.wait()
             if agent.stdout is not None:
                 agent.stdout.close()
         for namespace in self.namespaces:
@@ -132,6 +135,8 @@ class Hosts:
             time.sleep(0.05)
         left = self.leftovers()
         assert not left, f"network namespaces or links left behind: {left}"
+        bad = {name: code for name, code in codes.items() if code != 128 + signal.SIGTERM}
+        assert not bad, f"agents that did not stop cleanly on SIGTERM: {bad}"
 
     def leftovers(self) -> list[str]:
         names = ip("netns", "list", check=False)

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterator
 
+import psutil
 import pytest
 
 from hiocluster import supervisor
@@ -135,3 +136,62 @@ def test_an_agent_refuses_a_supervisor_it_does_not_know(hosts: Hosts, keys: Path
         run(topology, keys=str(stranger), start_timeout=3.0)
     assert info.value.worker == "p1" and "no HELLO within 3 s" in info.value.cause
     assert time.monotonic() - started < 15
+
+
+def _cli_across(tmp_path: Path, keys: Path, hosts: Hosts, nodes: dict[str, dict[str, Any]],
+                ticks: int, cli_env: dict[str, str], *extra: str) -> subprocess.Popen:
+    """The CLI running a ring of ``nodes`` (one worker each: p0, p1, ...), worker p1 on
+    h1 and p2 on h2 (by --host/--place), the rest here."""
+    path = tmp_path / "ring.toml"
+    names = list(nodes)
+    path.write_text(ring_toml(nodes, {f"p{i}": [name] for i, name in enumerate(names)},
+                              ticks=ticks))
+    argv = ["run", str(path), "--keys", str(keys),
+            "--host", f"h1={hosts.agent_address(0)}", "--host", f"h2={hosts.agent_address(1)}",
+            "--place", "p1=h1", "--place", "p2=h2", *extra]
+    return subprocess.Popen(hiocluster_command(*argv), cwd=REPO, env=cli_env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_workers_stderr_comes_back_prefixed_with_host_and_worker(
+        tmp_path: Path, keys: Path, hosts: Hosts, cli_env: dict[str, str]) -> None:
+    nodes = {"a": {}, "b": {"say": "hello from b"}, "c": {"say": "hello from c"}}
+    cli = _cli_across(tmp_path, keys, hosts, nodes, 20, cli_env)
+    stdout, stderr = cli.communicate(timeout=60)
+    assert cli.returncode == 0, stderr
+    assert "[h1/p1] hello from b" in stderr and "[h2/p2] hello from c" in stderr
+
+
+def test_an_agent_stops_its_workers_when_the_supervisor_vanishes(
+        tmp_path: Path, keys: Path, cli_env: dict[str, str]) -> None:
+    temp = tmp_path / "agent-tmp"
+    temp.mkdir()
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    with Hosts(2, keys) as hosts:
+        agents = [hosts.start_agent(index, name, temp=temp)
+                  for index, name in enumerate(("h1", "h2"))]
+        nodes = {name: {"marker_dir": str(marks), "sleep": 0.005} for name in "abc"}
+        cli = _cli_across(tmp_path, keys, hosts, nodes, 100_000, cli_env)
+        try:
+            deadline = time.monotonic() + 60
+            while not all((marks / f"{n}.ticking").exists() for n in "abc"):
+                assert cli.poll() is None and time.monotonic() < deadline, cli.communicate()
+                time.sleep(0.02)
+            remote = [child for agent in agents
+                      for child in psutil.Process(agent.pid).children()]
+            assert len(remote) == 2 and list(temp.iterdir()), "workers run in the agents' dirs"
+            cli.kill()  # the supervisor vanishes without a word
+            cli.communicate(timeout=30)
+            psutil.wait_procs(remote, timeout=10)
+            assert not [p for p in remote if p.is_running()
+                        and p.status() != psutil.STATUS_ZOMBIE]
+            deadline = time.monotonic() + 10
+            while list(temp.iterdir()) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert list(temp.iterdir()) == [], "the agents left their run files"
+            assert all(agent.poll() is None for agent in agents)  # agents serve on
+        finally:
+            if cli.poll() is None:
+                cli.kill()
+                cli.communicate()
