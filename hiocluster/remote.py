@@ -20,7 +20,8 @@ from hio.base.doing import Doer
 
 from . import protocol as proto
 from .errors import FrameError
-from .transport import HEARTBEAT_TIMEOUT_MS, NOBLOCK, ZMQError, monitor_event, readable
+from .transport import (HEARTBEAT_TIMEOUT_MS, NOBLOCK, Again, ZMQError, monitor_event,
+                        readable)
 
 if TYPE_CHECKING:
     from .topology import HostSpec
@@ -85,6 +86,7 @@ class AgentLink(Doer):
         super().__init__(**kwa)
         self.supervisor, self.host, self.agent_key = supervisor, host, agent_key
         self.processes: dict[str, RemoteProcess] = {}
+        self.pending: list[bytes] = []   # frames waiting for the connection
         self.socket: Any = None
         self.monitor: Any = None
         self.connected = False
@@ -92,7 +94,7 @@ class AgentLink(Doer):
     def enter(self) -> None:
         context, poller = self.supervisor.context, self.supervisor.loop.poller
         self.socket = context.control_dealer(self.host.agent, self.agent_key)
-        self.monitor = context.monitor(self.socket)
+        self.monitor = context.monitor(self.socket, refusals=True)
         poller.register(self.socket)
         poller.register(self.monitor)
 
@@ -108,11 +110,17 @@ class AgentLink(Doer):
 
     def recur(self, tyme: float) -> bool:
         while self.monitor is not None and readable(self.monitor):
-            if monitor_event(self.monitor) == "connected":
+            event = monitor_event(self.monitor)
+            if event == "connected":
                 self.connected = True
+            elif event == "refused":
+                self._lose(f"host {self.host.name}: its agent at {self.host.agent} refused "
+                           "this supervisor's key (is supervisor.key in its keys directory?)")
             elif self.connected:
                 self._lose(f"host {self.host.name} lost: its agent at {self.host.agent} went "
                            f"silent for {HEARTBEAT_TIMEOUT_MS / 1000:g} s")
+        while self.pending and self._flush():
+            pass
         while self.socket is not None and readable(self.socket):
             self._receive(self.socket.recv(NOBLOCK))
         return False
@@ -148,7 +156,19 @@ class AgentLink(Doer):
             process.lost(why)
 
     def _send(self, message: proto.Message) -> None:
+        self.pending.append(proto.encode(message))
+        self._flush()
+
+    def _flush(self) -> bool:
+        """Send the oldest pending frame; False if it has to wait (not connected yet)."""
         try:
-            self.socket.send(proto.encode(message), NOBLOCK)
-        except ZMQError:
-            self._lose(f"host {self.host.name}: cannot reach its agent at {self.host.agent}")
+            self.socket.send(self.pending[0], NOBLOCK)
+        except Again:
+            return False
+        except ZMQError as exc:
+            self._lose(f"host {self.host.name}: cannot reach its agent at {self.host.agent}: "
+                       f"{exc}")
+            self.pending.clear()
+            return False
+        self.pending.pop(0)
+        return True

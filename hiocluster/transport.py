@@ -338,12 +338,16 @@ class Context:
         self._client(sock, address, server_key)
         return _attach(sock, address, "connect")
 
-    def monitor(self, sock: zmq.Socket) -> zmq.Socket:
-        """A socket that reports ``sock``'s connects and disconnects (monitor_event).
+    def monitor(self, sock: zmq.Socket, *, refusals: bool = False) -> zmq.Socket:
+        """A socket that reports ``sock``'s connects and disconnects (monitor_event),
+        and with ``refusals`` the handshakes the other side refused.
 
         Closed by :meth:`close` with the rest: stop the thread that reads it first.
         """
-        monitor = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED)
+        events = zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED
+        if refusals:
+            events |= zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+        monitor = sock.get_monitor_socket(events)
         self._sockets.append(monitor)
         return monitor
 
@@ -389,9 +393,14 @@ def readable(sock: zmq.Socket) -> bool:
 
 
 def monitor_event(monitor: zmq.Socket) -> str:
-    """Read one event from a monitor socket: "connected" or "disconnected"."""
-    event = recv_monitor_message(monitor)
-    return "connected" if event["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED else "disconnected"
+    """Read one event from a monitor socket: "connected", "disconnected" or "refused"
+    (the other side refused the handshake: our key, or no CURVE)."""
+    event = recv_monitor_message(monitor)["event"]
+    if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+        return "connected"
+    if event in (zmq.EVENT_HANDSHAKE_FAILED_AUTH, zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL):
+        return "refused"
+    return "disconnected"
 
 
 class Poller:
