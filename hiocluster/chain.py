@@ -71,6 +71,17 @@ class DigestChain:
                     f"{self.sizes[worker]} bytes), got {len(records)}")
         return None
 
+    def splice(self, records: Mapping[str, bytes], states: int) -> bytes:
+        """``states`` states of records, each spliced into name order, not hashed: what
+        a sub-supervisor sends up for the workers under it."""
+        sizes, runs = self.sizes, self._runs
+        parts = []
+        for index in range(states):
+            for worker, start, end in runs:
+                base = sizes[worker] * index
+                parts.append(records[worker][base + start:base + end])
+        return b"".join(parts)
+
     def fold(self, records: Mapping[str, bytes], states: int) -> None:
         """Fold ``states`` consecutive states; ``records[worker]`` holds that many of
         each worker's (already checked with :meth:`check`)."""

@@ -11,7 +11,7 @@ Imports: chain, windows, runbooks, topology, protocol, errors.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable
 
 from . import protocol as proto
 from .chain import DigestChain
@@ -21,8 +21,8 @@ from .runbooks import WorkerBook
 from .topology import Topology
 from .windows import WindowSizer
 
-__all__ = ["RunResult", "result_of", "worker_failure", "refusal", "placed", "late_start",
-           "silent", "lost_frame", "error_frame"]
+__all__ = ["RunResult", "result_of", "worker_failure", "subtree_error", "refusal", "placed",
+           "late_start", "silent", "lost_frame", "error_frame"]
 
 
 @dataclass
@@ -90,18 +90,32 @@ def result_of(topology: Topology, books: Iterable[WorkerBook], chain: DigestChai
         tick_digests=chain.tick_digests)
 
 
-def worker_failure(book: WorkerBook, message: proto.Error, books: Mapping[str, WorkerBook],
+KINDS: dict[str, type[RunFailed]] = {
+    cls.__name__: cls for cls in (RunFailed, NodeError, TickTimeout, ProcessExited)}
+
+
+def worker_failure(book: WorkerBook, message: proto.Error, nodes_of: Callable[[str], tuple],
                    tick: int | None, tick_timeout: float) -> RunFailed:
     """The failure an ERROR frame from ``book``'s worker means.
 
     A bad DATA frame (``peer`` set) is the peer's fault; ``node-error`` and
-    ``tick-timeout`` name the node; anything else names the worker.
+    ``tick-timeout`` name the node; a sub-supervisor's ``subtree`` error names the
+    worker under it that failed; anything else names the worker. ``nodes_of``
+    gives any worker's node names.
     """
     tick = message.tick if message.tick is not None else tick
     nodes = (message.node,) if message.node else book.node_names
-    if message.peer is not None and message.peer in books:
-        blamed = books[message.peer]
-        return RunFailed(worker=blamed.name, nodes=blamed.node_names, tick=tick,
+    if message.code == "subtree" and message.worker is not None:
+        kind = KINDS.get(message.field, RunFailed)
+        fields: dict[str, Any] = dict(
+            worker=message.worker, tick=tick, cause=message.cause or message.detail,
+            nodes=(message.node,) if message.node else nodes_of(message.worker),
+            detail=message.detail if message.cause else "")
+        if kind is ProcessExited:
+            fields["exitcode"] = message.exitcode
+        return kind(**fields)
+    if message.peer is not None:
+        return RunFailed(worker=message.peer, nodes=nodes_of(message.peer), tick=tick,
                          cause=f"sent {book.name} an invalid DATA frame: {message.field}: "
                                f"{message.detail}")
     if message.code == "node-error":
@@ -160,11 +174,21 @@ def silent(book: WorkerBook, seconds: float, tick_timeout: float) -> TickTimeout
                              f"{tick_timeout:g} s tick deadline (killed)")
 
 
-def lost_frame(sender: WorkerBook, receiver: WorkerBook) -> RunFailed:
-    """``receiver`` waited too long for a DATA frame ``sender`` says it sent."""
-    return RunFailed(worker=sender.name, nodes=sender.node_names, tick=receiver.progress,
+def lost_frame(sender: str, nodes: tuple[str, ...], receiver: WorkerBook) -> RunFailed:
+    """``receiver`` waited too long for a DATA frame worker ``sender`` says it sent."""
+    return RunFailed(worker=sender, nodes=nodes, tick=receiver.progress,
                      cause=f"its DATA frame of tick {receiver.progress} never reached "
                            f"{receiver.name}")
+
+
+def subtree_error(failure: RunFailed) -> proto.Error:
+    """The ERROR a sub-supervisor sends up for a failure under it (see
+    :func:`worker_failure`, which reads it back)."""
+    return proto.Error(code="subtree", field=type(failure).__name__, worker=failure.worker,
+                       tick=failure.tick, cause=failure.cause[:10_000],
+                       detail=failure.detail[-8000:] or failure.cause[:8000],
+                       node=failure.nodes[0] if len(failure.nodes) == 1 else None,
+                       exitcode=getattr(failure, "exitcode", None))
 
 
 def error_frame(exc: ClusterError, tick: int | None) -> bytes:

@@ -11,12 +11,12 @@ Imports: topology, chain, protocol, errors. Never zmq, hio or os.
 from __future__ import annotations
 
 import hmac
-from typing import Iterator, Mapping
+from typing import Callable, Mapping
 
 from . import protocol as proto
 from .chain import DigestChain
 from .errors import ClusterError, FrameError, ProtocolError, RemoteProtocolError
-from .topology import Plan, Topology, WorkerSpec
+from .topology import Plan, Topology
 
 __all__ = ["WorkerBook", "setups", "claim"]
 
@@ -28,10 +28,10 @@ class WorkerBook:
     from its DONE and PROGRESS frames; ``heard`` when it last said anything.
     """
 
-    def __init__(self, spec: WorkerSpec) -> None:
-        self.name = spec.name
-        self.node_names = spec.node_names
-        self.machine = proto.ParentMachine(spec.name)
+    def __init__(self, name: str, node_names: tuple[str, ...]) -> None:
+        self.name = name
+        self.node_names = node_names
+        self.machine = proto.ParentMachine(name)
         self.joined = False                  # a connection proved it is this worker
         self.neighbours: frozenset[str] = frozenset()
         self.hello: proto.Hello | None = None
@@ -110,13 +110,15 @@ class WorkerBook:
         return self.ready is not None or self.failed
 
     def lost_frame(self, now: float, patience: float,
-                   books: Mapping[str, WorkerBook]) -> str | None:
-        """The neighbour whose DATA frame of tick ``progress`` should be here by now (it
-        said it finished that tick) yet has been awaited for over ``patience`` s."""
+                   progress_of: Callable[[str], int | None]) -> str | None:
+        """The neighbour whose DATA frame of tick ``progress`` should be here by now (its
+        progress, as ``progress_of`` knows it, says it finished that tick) yet has been
+        awaited for over ``patience`` s."""
         if not self.waiting or now - self.waiting_since <= patience or not self.owes_done:
             return None
         for peer in self.waiting:
-            if books[peer].progress >= self.progress:
+            progress = progress_of(peer)
+            if progress is not None and progress >= self.progress:
                 return peer
         return None
 
@@ -154,14 +156,24 @@ def claim(books: Mapping[str, WorkerBook], token: bytes, parts: list[bytes],
     return ProtocolError(why, field="HELLO.worker", code="unknown-peer")
 
 
-def setups(topology: Topology, plan: Plan, books: Mapping[str, WorkerBook],
-           keys: Mapping[str, str] | None = None) -> Iterator[tuple[str, proto.Setup]]:
+def neighbours(topology: Topology, plan: Plan) -> dict[str, set[str]]:
+    """Every worker's neighbours: the workers it shares a link with, either way."""
+    worker_of = plan.node_to_worker
+    near: dict[str, set[str]] = {spec.name: set() for spec in plan.workers}
+    for link in topology.links:
+        source, target = worker_of[link.source], worker_of[link.target]
+        if source != target:
+            near[source].add(target)
+            near[target].add(source)
+    return near
+
+
+def setups(topology: Topology, plan: Plan, addresses: Mapping[str, str],
+           keys: Mapping[str, str] | None = None) -> dict[str, proto.Setup]:
     """One SETUP per worker: its nodes, the links touching them, its neighbours'
-    addresses (every book must have its HELLO) and, with ``keys`` (every worker's
-    CURVE public key), theirs. Sets each book's ``neighbours``."""
+    data ``addresses`` and, with ``keys`` (every worker's CURVE public key), theirs."""
     worker_of = plan.node_to_worker
     rows: dict[str, list[list]] = {spec.name: [] for spec in plan.workers}
-    near: dict[str, set[str]] = {spec.name: set() for spec in plan.workers}
     for link in topology.links:
         source, target = worker_of[link.source], worker_of[link.target]
         row = [link.id, link.source, link.outbox, link.target, link.inbox, link.capacity,
@@ -169,16 +181,14 @@ def setups(topology: Topology, plan: Plan, books: Mapping[str, WorkerBook],
         rows[source].append(row)
         if target != source:
             rows[target].append(row)
-            near[source].add(target)
-            near[target].add(source)
+    near = neighbours(topology, plan)
+    made = {}
     for spec in plan.workers:
-        book = books[spec.name]
-        book.neighbours = frozenset(near[spec.name])
-        peers = {peer: books[peer].hello.data_address  # type: ignore[union-attr]
-                 for peer in sorted(near[spec.name])}
-        yield spec.name, proto.Setup(
+        peers = {peer: addresses[peer] for peer in sorted(near[spec.name])}
+        made[spec.name] = proto.Setup(
             t0=topology.t0, tock=topology.tock, seed=topology.seed, ticks=topology.ticks,
             real=topology.real, tick_timeout=topology.tick_timeout,
             nodes=[[node.name, node.cls, node.params] for node in spec.nodes],
             links=rows[spec.name], peers=peers,
             keys={peer: keys[peer] for peer in peers} if keys else {})
+    return made

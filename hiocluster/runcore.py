@@ -1,12 +1,16 @@
 """The supervisor's run, sans-IO: start-up, windows, the digest chain, verdicts.
 
-:class:`RunCore` takes what arrives (frames from workers, process exits,
-signals, the clock) and answers with what to do (frames to send, processes to
-signal) and, in the end, a :class:`RunResult` or a failure. It owns no socket
-and no process; the supervisor's doers move bytes and watch processes
-(docs/design.md, "Core and shell").
+:class:`Supervision` keeps a supervisor's books on its children: it takes what
+arrives (frames from them, process exits, signals, the clock) and answers with
+what to do (frames to send, processes to signal), and owns the rules every
+supervisor shares: who may join, deadlines, silence, lost frames, stopping,
+verdicts. :class:`RunCore` is the root of a run: it sends the SETUPs, grants
+the windows, folds the digests and makes the :class:`RunResult`. A
+sub-supervisor's core (hiocluster.groupcore) relays the same steps to its
+parent instead. No socket and no process here; the supervisor's doers move
+bytes and watch processes (docs/design.md, "Core and shell").
 
-A run goes STARTING (HELLO → SETUP → READY from every worker) → RUNNING
+A run goes STARTING (HELLO → SETUP → READY from every child) → RUNNING
 (windows: GRANT to all, DONE from all, fold the digests, grant the next) →
 STOPPING (STOP to all, BYE from all) → FINISHED.
 
@@ -17,7 +21,7 @@ hio or os.
 from __future__ import annotations
 
 import enum
-from typing import Callable
+from typing import Callable, Mapping, Sequence
 
 from . import protocol as proto
 from .chain import DigestChain
@@ -25,11 +29,11 @@ from .errors import (ClusterError, FrameError, Interrupted, ProcessExited, Proto
                      RunFailed, describe_exitcode)
 from .outcome import (RunResult, error_frame, late_start, lost_frame, placed, refusal,
                       result_of, silent, worker_failure)
-from .runbooks import WorkerBook, claim, setups
+from .runbooks import WorkerBook, claim, neighbours, setups
 from .topology import Plan, Topology
 from .windows import WindowSizer
 
-__all__ = ["RunCore", "RunResult", "Phase", "START_TIMEOUT", "STOP_TIMEOUT",
+__all__ = ["Supervision", "RunCore", "RunResult", "Phase", "START_TIMEOUT", "STOP_TIMEOUT",
            "SILENCE_GRACE_S", "STRANGER_LIMIT"]
 
 #: Seconds every worker gets to import, say HELLO and become READY.
@@ -52,53 +56,47 @@ class Phase(enum.Enum):
     FINISHED = "finished"
 
 
-class RunCore:
-    """One run's rules, fed from outside; see the module docstring.
+class Supervision:
+    """A supervisor's books on its children (see the module docstring).
 
     Args:
-        topology, plan: what to run and where.
+        members: each child's name -> the node names under it (a worker's own, a
+            sub-supervisor's whole subtree).
         now: the monotonic clock at start (seconds); every input carries ``now``.
         token: the run's secret; a worker proves with it that it belongs to the run.
-        window: ticks per GRANT (None: automatic).
         keep_digests: keep the run digest after every tick.
-        wall: the wall clock (``time.time``), read only to set GRANT.start in
-            real-time runs.
         versions: what workers must match (default: this process's).
-        keys: every worker's CURVE public key, for CURVE runs (tcp).
+        tick_timeout: the tick deadline, seconds.
     """
 
-    def __init__(self, topology: Topology, plan: Plan, *, now: float, token: bytes,
-                 window: int | None = None, keep_digests: bool = False,
-                 wall: Callable[[], float] | None = None,
-                 versions: dict[str, str] | None = None,
-                 keys: dict[str, str] | None = None,
-                 start_timeout: float = START_TIMEOUT,
+    def __init__(self, members: Mapping[str, Sequence[str]], *, now: float, token: bytes,
+                 keep_digests: bool = False, versions: dict[str, str] | None = None,
+                 tick_timeout: float = 30.0, start_timeout: float = START_TIMEOUT,
                  stop_timeout: float = STOP_TIMEOUT) -> None:
-        self.topology, self.plan = topology, plan
-        self.books = {spec.name: WorkerBook(spec) for spec in plan.workers}
+        self.books = {name: WorkerBook(name, tuple(nodes)) for name, nodes in members.items()}
         self.chain = DigestChain({name: book.node_names for name, book in self.books.items()},
                                  keep=keep_digests)
-        self.sizer = WindowSizer(window, max(self.chain.sizes.values()), topology.tock,
-                                 topology.real)
-        self.token, self.keys = token, keys
+        self.token = token
         self.versions = versions or proto.local_versions()
-        self.wall = wall
-        self.stop_timeout = stop_timeout
+        self.tick_timeout, self.stop_timeout = tick_timeout, stop_timeout
+        #: every worker under a child -> that child (a worker is its own)
+        self.owner = {name: name for name in self.books}
+        self.nodes_of: dict[str, tuple[str, ...]] = {name: book.node_names
+                                                      for name, book in self.books.items()}
         self.phase = Phase.STARTING
         self.deadline = now + start_timeout
         self.started = now
         self.ticking = self.ticked = 0.0  # first GRANT, last DONE folded
         self.window_start = now
         self.granted = -1
-        self.outbox: list[tuple[str, bytes]] = []     # (worker, frame) to send
-        self.signals: list[tuple[str, str]] = []      # (worker, "terminate" | "kill")
+        self.outbox: list[tuple[str, bytes]] = []     # (child, frame) to send
+        self.signals: list[tuple[str, str]] = []      # (child, "terminate" | "kill")
         self.failure: ClusterError | None = None
         self.rejected = 0
-        self.result: RunResult | None = None
 
     # -- inputs -----------------------------------------------------------
     def receive(self, worker: str, data: bytes, now: float) -> None:
-        """A frame from worker ``worker`` on its control connection."""
+        """A frame from child ``worker`` on its control connection."""
         book = self.books[worker]
         if book.failed or book.machine.state in (proto.ParentState.CLOSED,
                                                  proto.ParentState.ERROR):
@@ -109,13 +107,27 @@ class RunCore:
         except (FrameError, ProtocolError) as exc:
             self._refuse(book, exc, now)
             return
-        handler = getattr(self, f"_on_{message.TYPE.lower()}", None)
-        if handler is not None:
-            handler(book, message, now)
+        books = self.books.values()
+        if isinstance(message, proto.Hello):
+            if self.phase is Phase.STARTING and all(b.hello for b in books):
+                self._all_hello(now)
+        elif isinstance(message, proto.Ready):
+            if self.phase is Phase.STARTING and all(b.ready for b in books):
+                self._all_ready(now)
+        elif isinstance(message, proto.Done):
+            if self.phase is Phase.RUNNING and all(
+                    b.machine.state is proto.ParentState.IDLE for b in books):
+                self._all_done(now)
+        elif isinstance(message, proto.Bye):
+            self._maybe_finish(now)
+        elif isinstance(message, proto.Error):
+            book.failed = True
+            self.fail(worker_failure(book, message, self.nodes_of.__getitem__,
+                                     self._tick_of(book), self.tick_timeout), now)
 
     def exited(self, worker: str, exitcode: int | None, now: float, tick: int | None = None,
                cause: str | None = None) -> None:
-        """Worker ``worker``'s process ended with ``exitcode`` (negative: a signal);
+        """Child ``worker``'s process ended with ``exitcode`` (negative: a signal);
         ``tick``: the tick it was working on, where its process handle can tell;
         ``cause``: what happened, where the exit code cannot say (a lost host)."""
         book = self.books[worker]
@@ -130,12 +142,11 @@ class RunCore:
                                     cause=cause or describe_exitcode(exitcode)), now)
         self._maybe_finish(now)
 
-    def interrupt(self, signum: int, now: float) -> None:
-        """A signal asked the run to stop: everyone stops cleanly, nobody is blamed."""
-        if isinstance(self.failure, RunFailed) and self.failure.cause.startswith("terminated"):
-            self.failure = None  # the same signal reached a worker first: not its fault
-        if self.failure is None:
-            self.fail(Interrupted(signum), now)
+    def awaits_word(self, worker: str) -> bool:
+        """True while child ``worker`` still owes its last word (BYE) and nothing
+        has yet made it moot: its frames may still be in flight after it exits."""
+        book = self.books[worker]
+        return book.bye is None and not book.failed and self.phase is not Phase.FINISHED
 
     def poll(self, now: float) -> None:
         """The clock moved: check deadlines."""
@@ -154,11 +165,11 @@ class RunCore:
 
     def admit(self, parts: list[bytes],
               sender: str | None = None) -> tuple[str | None, bytes | None]:
-        """A message on a control connection no worker has claimed yet.
+        """A message on a control connection no child has claimed yet.
 
-        Returns ``(worker, None)`` when it is that worker's HELLO, with the run's
-        token, and the worker has not joined: every later frame on the
-        connection is that worker's. Anything else is a stranger's: counted, and
+        Returns ``(worker, None)`` when it is that child's HELLO, with the run's
+        token, and the child has not joined: every later frame on the connection
+        is that child's. Anything else is a stranger's: counted, and
         ``(None, ERROR frame)`` to answer (no frame once STRANGER_LIMIT were).
         """
         claimed = claim(self.books, self.token, parts, sender)
@@ -170,70 +181,44 @@ class RunCore:
     # -- what the shell reads ------------------------------------------------
     @property
     def progress(self) -> int:
-        """Ticks every worker has finished."""
+        """Ticks every child has finished."""
         return 1 + min(book.progress for book in self.books.values())
 
     @property
     def finished(self) -> bool:
         return self.phase is Phase.FINISHED
 
-    # -- start-up -----------------------------------------------------------
-    def _on_hello(self, book: WorkerBook, message: proto.Hello, now: float) -> None:
-        if self.phase is Phase.STARTING and all(b.hello for b in self.books.values()):
-            for name, setup in setups(self.topology, self.plan, self.books, self.keys):
-                self._send(self.books[name], setup)
+    # -- what a supervisor does at each step (the root and a sub-supervisor differ) ----
+    def _all_hello(self, now: float) -> None:
+        raise NotImplementedError
 
-    def _on_ready(self, book: WorkerBook, message: proto.Ready, now: float) -> None:
-        if self.phase is Phase.STARTING and all(b.ready for b in self.books.values()):
-            self.chain.fold({name: b.ready for name, b in self.books.items()}, 1)
-            self.phase = Phase.RUNNING
-            self.ticking = now
-            self._grant(now)
+    def _all_ready(self, now: float) -> None:
+        raise NotImplementedError
 
-    # -- windows --------------------------------------------------------------
-    def _grant(self, now: float) -> None:
-        until = min(self.topology.ticks - 1, self.granted + self.sizer.size)
-        start = None
-        if self.topology.real and self.granted < 0 and self.wall is not None:
-            start = self.wall() + REAL_START_LEAD_S
-        self.granted, self.window_start = until, now
-        for book in self.books.values():
-            self._send(book, proto.Grant(until=until, start=start))
+    def _all_done(self, now: float) -> None:
+        raise NotImplementedError
 
-    def _on_done(self, book: WorkerBook, message: proto.Done, now: float) -> None:
-        if self.phase is not Phase.RUNNING:
-            return
-        books = self.books.values()
-        if any(b.machine.state is not proto.ParentState.IDLE for b in books):
-            return
-        states = self.granted - (self.chain.folded - 2)  # folded: set-up + ticks 0..
-        self.chain.fold({name: b.pending for name, b in self.books.items()}, states)
-        self.ticked = now
-        self.sizer.observe(states, now - self.window_start)
-        if self.granted >= self.topology.ticks - 1:
-            self._stop(now, drain=True)
-        else:
-            self._grant(now)
+    def _finished(self, now: float) -> None:
+        raise NotImplementedError
 
-    def _on_bye(self, book: WorkerBook, message: proto.Bye, now: float) -> None:
-        self._maybe_finish(now)
-
-    def _on_error(self, book: WorkerBook, message: proto.Error, now: float) -> None:
-        book.failed = True
-        self.fail(worker_failure(book, message, self.books, self._tick_of(book),
-                                 self.topology.tick_timeout), now)
-
+    # -- deadlines ------------------------------------------------------------
     def _check_silence(self, now: float) -> None:
-        deadline = self.topology.tick_timeout
+        deadline = self.tick_timeout
         for book in self.books.values():
             if book.owes_done and now - book.heard > deadline + SILENCE_GRACE_S:
                 self._kill(book)
                 self.fail(silent(book, now - book.heard, deadline), now)
                 return
-            lost = book.lost_frame(now, deadline, self.books)
+            lost = book.lost_frame(now, deadline, self._progress_of)
             if lost is not None:
-                self.fail(lost_frame(self.books[lost], book), now)
+                self.fail(lost_frame(lost, self.nodes_of.get(lost, ()), book), now)
                 return
+
+    def _progress_of(self, worker: str) -> int | None:
+        """How far ``worker`` (under some child) is known to have got; None if it is
+        not under any child of this supervisor."""
+        owner = self.owner.get(worker)
+        return self.books[owner].progress if owner is not None else None
 
     # -- stopping -------------------------------------------------------------
     def fail(self, error: ClusterError, now: float) -> None:
@@ -243,11 +228,12 @@ class RunCore:
         if self.phase in (Phase.STARTING, Phase.RUNNING):
             self._stop(now, drain=False)
 
-    def _stop(self, now: float, *, drain: bool) -> None:
+    def _stop(self, now: float, *, drain: bool, reason: str | None = None) -> None:
         self.phase = Phase.STOPPING
         self.deadline = now + self.stop_timeout
         failure = self.failure
-        reason = "done" if failure is None else f"{type(failure).__name__}: {failure}"
+        if reason is None:
+            reason = "done" if failure is None else f"{type(failure).__name__}: {failure}"
         for book in self.books.values():
             if book.failed or book.exitcode is not None or book.machine.state in (
                     proto.ParentState.CLOSED, proto.ParentState.ERROR):
@@ -265,14 +251,10 @@ class RunCore:
             missing = [b for b in self.books.values() if b.bye is None]
             if missing:
                 self.failure = RunFailed(worker=missing[0].name, nodes=missing[0].node_names,
-                                         tick=self.topology.ticks - 1,
-                                         cause="no BYE after STOP")
-            else:
-                self.result = result_of(self.topology, self.books.values(), self.chain,
-                                        self.sizer, self.rejected,
-                                        (self.started, self.ticking, self.ticked))
+                                         tick=self.granted, cause="no BYE after STOP")
         elif isinstance(self.failure, ProcessExited):
             self.failure = placed(self.failure, self.books.values())
+        self._finished(now)
 
     # -- helpers ------------------------------------------------------------
     def _send(self, book: WorkerBook, message: proto.Message) -> None:
@@ -287,8 +269,111 @@ class RunCore:
         return book.progress + 1 if self.ticking else None
 
     def _refuse(self, book: WorkerBook, exc: FrameError | ProtocolError, now: float) -> None:
-        """A worker of the run sent an invalid frame: ERROR to it, fail the run."""
+        """A child sent an invalid frame: ERROR to it, fail the run."""
         book.failed = True
         tick = self._tick_of(book)
         self.outbox.append((book.name, error_frame(exc, tick)))
         self.fail(refusal(book, exc, tick), now)
+
+
+class RunCore(Supervision):
+    """The root of a run (see the module docstring).
+
+    Args:
+        topology, plan: what to run and where (the plan's top-level workers and
+            sub-supervisors are this supervisor's children).
+        window: ticks per GRANT (None: automatic).
+        wall: the wall clock (``time.time``), read only to set GRANT.start in
+            real-time runs.
+        keys: every worker's CURVE public key, for CURVE runs (tcp).
+        The rest: see :class:`Supervision`.
+    """
+
+    def __init__(self, topology: Topology, plan: Plan, *, now: float, token: bytes,
+                 window: int | None = None, keep_digests: bool = False,
+                 wall: Callable[[], float] | None = None,
+                 versions: dict[str, str] | None = None,
+                 keys: dict[str, str] | None = None,
+                 start_timeout: float = START_TIMEOUT,
+                 stop_timeout: float = STOP_TIMEOUT) -> None:
+        members = {name: [node for leaf in plan.leaves(name)
+                          for node in plan.worker(leaf).node_names] for name in plan.top}
+        super().__init__(members, now=now, token=token, keep_digests=keep_digests,
+                         versions=versions, tick_timeout=topology.tick_timeout,
+                         start_timeout=start_timeout, stop_timeout=stop_timeout)
+        self.topology, self.plan, self.keys, self.wall = topology, plan, keys, wall
+        self.sizer = WindowSizer(window, max(self.chain.sizes.values()), topology.tock,
+                                 topology.real)
+        for name in plan.top:
+            for leaf in plan.leaves(name):
+                self.owner[leaf] = name
+                self.nodes_of[leaf] = plan.worker(leaf).node_names
+        self.result: RunResult | None = None
+
+    def interrupt(self, signum: int, now: float) -> None:
+        """A signal asked the run to stop: everyone stops cleanly, nobody is blamed."""
+        if isinstance(self.failure, RunFailed) and self.failure.cause.startswith("terminated"):
+            self.failure = None  # the same signal reached a worker first: not its fault
+        if self.failure is None:
+            self.fail(Interrupted(signum), now)
+
+    def _all_hello(self, now: float) -> None:
+        """Every child said HELLO: every worker's data address is known, SETUP all."""
+        addresses: dict[str, str] = {}
+        for name, book in self.books.items():
+            hello = book.hello
+            assert hello is not None
+            expected = set(self.plan.leaves(name)) if name in self.plan.groups else set()
+            if expected and set(hello.leaves) != expected:
+                return self._refuse(book, book._nonsense(
+                    "HELLO.leaves", f"names {sorted(hello.leaves)}, not the workers under "
+                                    f"{name}: {sorted(expected)}"), now)
+            if not expected and hello.data_address is None:
+                return self._refuse(book, book._nonsense("HELLO.data_address",
+                                                         "a worker needs a data address"), now)
+            addresses.update(hello.leaves if expected else {name: hello.data_address})
+        made = setups(self.topology, self.plan, addresses, self.keys)
+        near = neighbours(self.topology, self.plan)
+        for name, book in self.books.items():
+            leaves = self.plan.leaves(name)
+            book.neighbours = frozenset(peer for leaf in leaves for peer in near[leaf]
+                                        if peer not in leaves)
+            if name not in self.plan.groups:
+                self._send(book, made[name])
+                continue
+            first = made[leaves[0]]
+            self._send(book, proto.Setup(
+                t0=first.t0, tock=first.tock, seed=first.seed, ticks=first.ticks,
+                real=first.real, tick_timeout=first.tick_timeout, nodes=[], links=[],
+                peers={}, leaves={leaf: made[leaf].to_body() for leaf in leaves}))
+
+    def _all_ready(self, now: float) -> None:
+        self.chain.fold({name: b.ready for name, b in self.books.items()}, 1)  # type: ignore
+        self.phase = Phase.RUNNING
+        self.ticking = now
+        self._grant(now)
+
+    def _grant(self, now: float) -> None:
+        until = min(self.topology.ticks - 1, self.granted + self.sizer.size)
+        start = None
+        if self.topology.real and self.granted < 0 and self.wall is not None:
+            start = self.wall() + REAL_START_LEAD_S
+        self.granted, self.window_start = until, now
+        for book in self.books.values():
+            self._send(book, proto.Grant(until=until, start=start))
+
+    def _all_done(self, now: float) -> None:
+        states = self.granted - (self.chain.folded - 2)  # folded: set-up + ticks 0..
+        self.chain.fold({name: b.pending for name, b in self.books.items()}, states)
+        self.ticked = now
+        self.sizer.observe(states, now - self.window_start)
+        if self.granted >= self.topology.ticks - 1:
+            self._stop(now, drain=True)
+        else:
+            self._grant(now)
+
+    def _finished(self, now: float) -> None:
+        if self.failure is None:
+            self.result = result_of(self.topology, self.books.values(), self.chain,
+                                    self.sizer, self.rejected,
+                                    (self.started, self.ticking, self.ticked))

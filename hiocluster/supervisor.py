@@ -47,6 +47,9 @@ __all__ = ["Supervisor", "Switchboard", "ChildDoer", "RunResult", "run", "KILL_G
 
 #: Seconds a worker gets to exit after its BYE (or a SIGTERM) before the next step.
 KILL_GRACE_S = 2.0
+#: Seconds a worker's frames get to arrive after its process is seen to exit
+#: without its BYE, before the exit counts as a failure.
+EXIT_SETTLE_S = 0.25
 
 
 class Switchboard(Doer):
@@ -126,6 +129,8 @@ class ChildDoer(Doer):
         self.reported = False      # its exit went to the core
         self.exitcode: int | None = None
         self.escalate: list[tuple[float, str]] = []   # (when, "terminate" | "kill")
+        self.forgot = False  # its sentinel is no longer polled
+        self.settle: float | None = None  # exited without its BYE: wait for frames until
 
     def enter(self) -> None:
         if not self.external:
@@ -146,8 +151,16 @@ class ChildDoer(Doer):
                 while self.escalate and self.escalate[0][0] <= now:
                     getattr(handle, self.escalate.pop(0)[1])()
                 return False
-            self.reported, self.exitcode = True, code
+            if core.awaits_word(self.name):
+                # Its last frames can still be on their way (the kernel, then
+                # ZeroMQ's I/O thread) when its exit is seen: give them a moment.
+                if self.settle is None:
+                    self.settle = now + EXIT_SETTLE_S
+                    self._forget_sentinel()  # else its readable sentinel spins the loop
+                if now < self.settle:
+                    return False
             self._forget_sentinel()
+            self.reported, self.exitcode = True, code
             core.exited(self.name, code, now, tick=handle.last_tick(), cause=handle.why())
         return core.finished
 
@@ -167,7 +180,8 @@ class ChildDoer(Doer):
             self.escalate = [(now + grace, "terminate"), (now + 2 * grace, "kill")]
 
     def _forget_sentinel(self) -> None:
-        if self.handle is not None and self.handle.sentinel is not None:
+        if self.handle is not None and self.handle.sentinel is not None and not self.forgot:
+            self.forgot = True
             self.supervisor.loop.poller.unregister(self.handle.sentinel)
 
     def exit(self) -> None:
@@ -182,8 +196,7 @@ class ChildDoer(Doer):
                 deadline = time.monotonic() + grace
                 while handle.exitcode() is None and time.monotonic() < deadline:
                     time.sleep(0.01)
-        if not self.reported:
-            self._forget_sentinel()
+        self._forget_sentinel()
         handle.close()
         self.handle = None
 
@@ -241,6 +254,9 @@ class Supervisor(DoDoer):
         self.on_tick, self.on_ready, self.on_listening = on_tick, on_ready, on_listening
         self.start_timeout, self.stop_timeout = start_timeout, stop_timeout
         self.kill_grace = kill_grace
+        if plan.groups:  # the topology reads them; the group process comes next
+            raise TopologyError("nested supervisors ([groups]) cannot run yet",
+                                key_path="groups")
         names = [spec.name for spec in plan.workers]
         unknown = sorted(set(external) - set(names))
         if unknown:

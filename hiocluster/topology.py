@@ -1,7 +1,7 @@
 """Topology files: TOML text -> validated, immutable dataclasses -> placement plan.
 
 Owns the topology file format (``[run]``, ``[nodes.*]``, ``[[links]]``,
-``[placement]``, ``[hosts.*]``), its validation with errors that name the key path and, where it
+``[placement]``, ``[groups]``, ``[hosts.*]``), its validation with errors that name the key path and, where it
 can be found, the line; ``count`` expansion of nodes, glob expansion of links and
 their canonical ids; and the mapping of nodes onto workers (:func:`plan`).
 
@@ -109,6 +109,7 @@ class Topology:
     links: tuple[LinkSpec, ...]
     placement: tuple[tuple[str, tuple[str, ...]], ...] | None
     hosts: tuple[HostSpec, ...] = ()
+    groups: tuple[tuple[str, tuple[str, ...]], ...] = ()
     source: str | None = field(default=None, repr=False, compare=False)
     _by_name: dict[str, NodeSpec] = field(init=False, repr=False, compare=False)
 
@@ -165,8 +166,11 @@ class Plan:
     """Which worker hosts which node. Every node is in exactly one worker."""
 
     workers: tuple[WorkerSpec, ...]
-    #: worker -> the host it runs on; workers on no host run on this one
+    #: worker or group -> the host it runs on; those on no host run on this one
     hosts: dict[str, HostSpec] = field(default_factory=dict, hash=False, compare=False)
+    #: group -> its members (workers and groups): each group is a sub-supervisor
+    groups: dict[str, tuple[str, ...]] = field(default_factory=dict, hash=False,
+                                               compare=False)
     _index: dict[str, str] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -196,6 +200,32 @@ class Plan:
     def node_to_worker(self) -> dict[str, str]:
         """A fresh ``{node: worker}`` dict."""
         return dict(self._index)
+
+    @property
+    def top(self) -> tuple[str, ...]:
+        """The root supervisor's children: workers and groups in no group."""
+        inside = {member for members in self.groups.values() for member in members}
+        return tuple(name for name in [*self.groups, *(w.name for w in self.workers)]
+                     if name not in inside)
+
+    def leaves(self, member: str) -> tuple[str, ...]:
+        """The workers under ``member`` (itself, for a worker)."""
+        if member not in self.groups:
+            return (member,)
+        return tuple(leaf for child in self.groups[member] for leaf in self.leaves(child))
+
+    def tree(self, member: str) -> Any:
+        """``member`` as a sub-supervisor sees it: a worker -> its node names, a group ->
+        {child: tree} (JSON-able; travels to the group's process)."""
+        if member not in self.groups:
+            return list(self.worker(member).node_names)
+        return {child: self.tree(child) for child in self.groups[member]}
+
+    def worker(self, name: str) -> WorkerSpec:
+        for worker in self.workers:
+            if worker.name == name:
+                return worker
+        raise KeyError(f"no worker named {name!r}")
 
     def crossing(self, links: Iterable[LinkSpec]) -> int:
         """How many of ``links`` join two different workers."""
@@ -424,6 +454,20 @@ def _placement(document: dict[str, Any],
     return tuple(result)
 
 
+def _groups(document: dict[str, Any]) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    raw = _table(document.get("groups", {}), "groups")
+    groups = []
+    for name, members in raw.items():
+        key_path = f"groups.{name}"
+        _name(name, WORKER_NAME, "group", key_path)
+        if not _array(members, key_path):
+            raise _err(f"group {name!r} has no members", key_path)
+        groups.append((name, tuple(_name(_str(member, f"{key_path}[{j}]"), WORKER_NAME,
+                                         "member", f"{key_path}[{j}]")
+                                   for j, member in enumerate(members))))
+    return tuple(groups)
+
+
 _AGENT = re.compile(r"tcp://[^\s:/]+:\d{1,5}")
 
 
@@ -522,12 +566,13 @@ def loads(text: str, *, path: str | None = None) -> Topology:
                                             else None)
         raise TopologyError(f"invalid TOML: {exc}", line=line, path=path) from exc
     try:
-        _keys(document, ("run", "nodes", "links", "placement", "hosts"), "")
+        _keys(document, ("run", "nodes", "links", "placement", "groups", "hosts"), "")
         run = _run(document)
         nodes = _nodes(document)
         names = {node.name: index for index, node in enumerate(nodes)}
         links = _links(document, names, int(run["capacity"]))
         placement = _placement(document, names)
+        groups = _groups(document)
         hosts = _hosts(document)
     except TopologyError as exc:
         _place(exc, text, path)
@@ -537,7 +582,7 @@ def loads(text: str, *, path: str | None = None) -> Topology:
         ticks=int(run["ticks"]), tock=float(run["tock"]), t0=float(run["t0"]),
         seed=int(run["seed"]), tick_timeout=float(run["tick_timeout"]),
         capacity=int(run["capacity"]), real=bool(run["real"]), nodes=nodes, links=links,
-        placement=placement, hosts=hosts, source=text,
+        placement=placement, groups=groups, hosts=hosts, source=text,
     )
 
 
@@ -585,18 +630,52 @@ def plan(topology: Topology, processes: int | None = None, *,
             raise
         workers = _blocks(nodes, count)
     names = [worker.name for worker in workers]
-    hosts: dict[str, HostSpec] = {}
-    for host in topology.hosts:
-        for j, worker in enumerate(host.workers):
-            if worker not in names:
-                exc = _err(f"no worker {worker!r} in the plan{_suggest(worker, names)} "
-                           f"(workers: {', '.join(names[:8])}"
-                           f"{' ...' if len(names) > 8 else ''})",
-                           f"hosts.{host.name}.workers[{j}]")
-                _place(exc, topology.source, topology.path)
-                raise exc
-            hosts[worker] = host
-    return Plan(workers, hosts)
+    try:
+        groups = _group_tree(topology.groups, names)
+        inside = {member for members in groups.values() for member in members}
+        hosts: dict[str, HostSpec] = {}
+        for host in topology.hosts:
+            for j, worker in enumerate(host.workers):
+                key_path = f"hosts.{host.name}.workers[{j}]"
+                if worker not in names and worker not in groups:
+                    raise _err(f"no worker or group {worker!r} in the plan"
+                               f"{_suggest(worker, [*names, *groups])} (workers: "
+                               f"{', '.join(names[:8])}{' ...' if len(names) > 8 else ''})",
+                               key_path)
+                if worker in inside:
+                    raise _err(f"{worker!r} is in a group: it runs where its group runs",
+                               key_path)
+                hosts[worker] = host
+    except TopologyError as exc:
+        _place(exc, topology.source, topology.path)
+        raise
+    return Plan(workers, hosts, groups)
+
+
+def _group_tree(groups: tuple[tuple[str, tuple[str, ...]], ...],
+                workers: list[str]) -> dict[str, tuple[str, ...]]:
+    """The groups, checked: members exist, each once, no cycles, no name twice."""
+    tree = dict(groups)
+    parent: dict[str, str] = {}
+    for name, members in groups:
+        if name in workers:
+            raise _err(f"group {name!r} has the name of a worker", f"groups.{name}")
+        for j, member in enumerate(members):
+            key_path = f"groups.{name}[{j}]"
+            if member not in workers and member not in tree:
+                raise _err(f"no worker or group {member!r}"
+                           f"{_suggest(member, [*workers, *tree])}", key_path)
+            if member in parent:
+                raise _err(f"{member!r} is in groups {parent[member]} and {name}", key_path)
+            parent[member] = name
+    for name in tree:  # a group must not contain itself, however deep
+        seen, member = {name}, parent.get(name)
+        while member is not None:
+            if member in seen:
+                raise _err(f"group {name!r} contains itself", f"groups.{name}")
+            seen.add(member)
+            member = parent.get(member)
+    return tree
 
 
 def _blocks(nodes: tuple[NodeSpec, ...], count: int) -> tuple[WorkerSpec, ...]:

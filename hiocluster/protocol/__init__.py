@@ -17,7 +17,8 @@ Imports: stdlib, msgpack and hiocluster.errors only.
 
 from .fields import (DIGEST_SIZE, MAX_CONTROL_FRAME, MAX_DATA_FRAME, MAX_SETUP_FRAME, NAME,
                      UINT, is_name)
-from .frames import VERSION, check_unpacks, decode, decode_data, encode, reload_data
+from .frames import (VERSION, check_unpacks, decode, decode_data, encode, from_body,
+                     reload_data)
 from .machines import (CHILD_TRANSITIONS, PARENT_TRANSITIONS, ChildMachine, ChildState,
                        ParentMachine, ParentState)
 from .messages import (FROM_AGENT, MESSAGE_TYPES, TO_AGENT, Bye, Data, Done, Error, Exited,
@@ -27,7 +28,7 @@ from .versions import local_versions, mismatches
 
 __all__ = [
     "VERSION", "DIGEST_SIZE", "MAX_CONTROL_FRAME", "MAX_SETUP_FRAME", "MAX_DATA_FRAME",
-    "NAME", "UINT", "is_name", "encode", "decode", "decode_data", "reload_data",
+    "NAME", "UINT", "is_name", "encode", "decode", "decode_data", "reload_data", "from_body",
     "check_unpacks",
     "Message", "Hello", "Setup", "Ready", "Grant", "Progress", "Done", "Stop", "Bye",
     "Error", "Data", "Peer", "Launch", "Launched", "Signal", "Exited", "Output", "Ping",

@@ -19,7 +19,8 @@ from ..errors import FrameError
 from .fields import MAX_ARRAY, MAX_CONTROL_FRAME, MAX_DATA_FRAME, MAX_MAP, MAX_STR, short
 from .messages import MESSAGE_TYPES, Data, Message
 
-__all__ = ["VERSION", "encode", "decode", "decode_data", "reload_data", "check_unpacks"]
+__all__ = ["VERSION", "encode", "decode", "decode_data", "reload_data", "from_body",
+           "check_unpacks"]
 
 #: The protocol version every frame carries; a peer speaking another is refused.
 VERSION = 2
@@ -100,6 +101,16 @@ def reload_data(data: bytes) -> Data:
     """
     _, _, body = _unpack(data, MAX_DATA_FRAME, payloads=True)
     return Data(**body)
+
+
+def from_body(cls: type[Message], body: dict[str, Any]) -> Message:
+    """A message of type ``cls`` from a body that travelled inside another message,
+    checked like a frame.
+
+    Raises:
+        FrameError: a field is invalid.
+    """
+    return _decode([VERSION, cls.TYPE, body], (cls,))
 
 
 def check_unpacks(data: bytes) -> bytes:

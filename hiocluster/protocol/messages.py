@@ -32,16 +32,19 @@ class Message:
 @dataclass(slots=True)
 class Hello(Message):
     """worker → supervisor, first on the connection: who I am (proved by the run's
-    ``token``), what I run on, where my neighbours send me DATA."""
+    ``token``), what I run on, where my neighbours send me DATA. A sub-supervisor
+    (a group) has no data socket: ``leaves`` says where each worker under it
+    listens."""
 
     TYPE = "HELLO"
     worker: str
     token: bytes
     pid: int
     versions: dict[str, str]
-    data_address: str
+    data_address: str | None = None
+    leaves: dict[str, str] = field(default_factory=dict)
     SCHEMA = {"worker": NAME, "token": TOKEN, "pid": UINT, "versions": MapOf(NAME, TEXT),
-              "data_address": ADDRESS}
+              "data_address": optional(ADDRESS), "leaves": MapOf(NAME, ADDRESS)}
 
 
 #: ``[name, "module:attr", params]``: one node this worker builds.
@@ -54,7 +57,8 @@ LINK_ROW = TupleOf(UINT, NAME, NAME, NAME, NAME, UINT, NAME, NAME)
 class Setup(Message):
     """supervisor → worker: the run's clock and seed, this worker's nodes, the links
     that touch them, where each neighbour worker listens and, over tcp, each
-    neighbour's CURVE public key."""
+    neighbour's CURVE public key. To a sub-supervisor: ``leaves`` holds the SETUP
+    body of every worker under it (its own nodes, links and peers are empty)."""
 
     TYPE = "SETUP"
     t0: float
@@ -67,9 +71,11 @@ class Setup(Message):
     links: list[list[Any]]
     peers: dict[str, str]
     keys: dict[str, str] = field(default_factory=dict)
+    leaves: dict[str, dict[str, Any]] = field(default_factory=dict)
     SCHEMA = {"t0": NUMBER, "tock": POSITIVE, "seed": UINT, "ticks": UINT, "real": BOOL,
               "tick_timeout": POSITIVE, "nodes": ListOf(NODE_ROW), "links": ListOf(LINK_ROW),
-              "peers": MapOf(NAME, ADDRESS), "keys": MapOf(NAME, CURVE_KEY)}
+              "peers": MapOf(NAME, ADDRESS), "keys": MapOf(NAME, CURVE_KEY),
+              "leaves": MapOf(NAME, Check(lambda v: type(v) is dict, "a map"))}
 
 
 @dataclass(slots=True)
@@ -145,7 +151,9 @@ class Bye(Message):
 class Error(Message):
     """either way: something failed. ``field`` names the offending field, if any;
     ``node`` the node whose code failed; ``peer`` the neighbour that sent a bad
-    DATA frame (a worker blames it rather than itself)."""
+    DATA frame (a worker blames it rather than itself). From a sub-supervisor
+    (code ``subtree``, ``field`` the failure's kind): ``worker`` the worker under
+    it that failed, ``cause`` why, ``exitcode`` if its process died."""
 
     TYPE = "ERROR"
     code: str
@@ -154,8 +162,12 @@ class Error(Message):
     tick: int | None = None
     node: str | None = None
     peer: str | None = None
+    worker: str | None = None
+    exitcode: int | None = None
+    cause: str | None = None
     SCHEMA = {"code": TEXT, "detail": TEXT, "field": TEXT, "tick": optional(UINT),
-              "node": optional(NAME), "peer": optional(NAME)}
+              "node": optional(NAME), "peer": optional(NAME), "worker": optional(NAME),
+              "exitcode": optional(INT), "cause": optional(TEXT)}
 
 
 @dataclass(slots=True)
@@ -195,13 +207,15 @@ class Peer(Message):
 @dataclass(slots=True)
 class Launch(Message):
     """supervisor → agent: start worker ``worker`` on the agent's host, connecting
-    to ``connect`` with ``credentials`` (JSON text: they travel encrypted)."""
+    to ``connect`` with ``credentials`` (JSON text: they travel encrypted); with
+    ``tree`` (JSON), a sub-supervisor of that subtree instead."""
 
     TYPE = "LAUNCH"
     worker: str
     connect: str
     credentials: str
-    SCHEMA = {"worker": NAME, "connect": ADDRESS, "credentials": TEXT}
+    tree: str | None = None
+    SCHEMA = {"worker": NAME, "connect": ADDRESS, "credentials": TEXT, "tree": optional(TEXT)}
 
 
 @dataclass(slots=True)
