@@ -16,6 +16,7 @@ Imports: launch, loop, transport, protocol, errors.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -30,6 +31,7 @@ from hio.base.doing import Doer
 
 from . import protocol as proto
 from .errors import FrameError
+from .groupcore import check_tree
 from .launch import LocalLauncher, LocalProcess
 from .loop import Loop
 from .transport import (NOBLOCK, SNDMORE, Context, Credentials, KeyPair, TransportError,
@@ -157,9 +159,17 @@ class Agent(Doer):
             self._send(session.identity, proto.Error(code="bad-field", detail=str(exc),
                                                      field="LAUNCH.credentials"))
             return
+        trees = {}
+        if launch.tree is not None:
+            try:
+                trees[launch.worker] = check_tree(json.loads(launch.tree))
+            except (ValueError, RecursionError) as exc:
+                self._send(session.identity, proto.Error(code="bad-field", detail=str(exc),
+                                                         field="LAUNCH.tree"))
+                return
         launcher = LocalLauncher(launch.connect, lambda worker: credentials, session.run_dir,
                                  app_dir=self.options.app_dir, capture=True,
-                                 bind=f"tcp://{self.advertise}:*")
+                                 bind=f"tcp://{self.advertise}:*", trees=trees)
         handle = session.workers[launch.worker] = launcher.start(launch.worker)
         if handle.sentinel is not None:
             self.loop.poller.register(handle.sentinel)

@@ -183,18 +183,37 @@ def build_parser() -> argparse.ArgumentParser:
                     "with `run --external`) or $HIOCLUSTER_CREDENTIALS.",
         epilog="Exit codes: 0 stopped cleanly, 1 failed (the supervisor was told why), "
                "2 usage error, 3 the supervisor vanished, 130/143 SIGINT/SIGTERM.")
-    worker.add_argument("--connect", required=True, metavar="ADDRESS", type=_address,
-                        help="the supervisor's control address (ipc://... or tcp://...)")
-    worker.add_argument("--name", required=True, metavar="NAME", type=_name,
-                        help="this worker's name in the run's plan (e.g. p1)")
-    worker.add_argument("--credentials", metavar="FILE",
-                        help="file holding this worker's credentials (JSON)")
-    worker.add_argument("--bind", metavar="ADDRESS", type=_address,
-                        help="where neighbours send DATA (default: beside the control socket)")
-    _app_dir(worker)
-    worker.add_argument("--run-dir", metavar="DIR", help=argparse.SUPPRESS)
-    worker.add_argument("--tick-file", metavar="FILE", help=argparse.SUPPRESS)
+    _joining(worker, "worker", "this worker's name in the run's plan (e.g. p1)",
+             "where neighbours send DATA (default: beside the control socket)")
+
+    group = commands.add_parser(
+        "group", help="join a run as a sub-supervisor (started by its supervisor)",
+        description="Join a run as one of its groups: start the workers and groups under "
+                    "it (--tree), speak for them to its supervisor, stop them when it says "
+                    "stop. Supervisors and agents start groups themselves; credentials as "
+                    "for `worker`.",
+        epilog="Exit codes: 0 stopped cleanly, 1 failed (the supervisor was told why), "
+               "2 usage error, 3 the supervisor vanished, 130/143 SIGINT/SIGTERM.")
+    group.add_argument("--tree", required=True, metavar="FILE",
+                       help="JSON: each child -> its node names (a worker) or its own tree "
+                            "(a group)")
+    _joining(group, "group", "this group's name in the run's plan",
+             "where the workers under it bind for DATA (default: beside its control socket)")
     return parser
+
+
+def _joining(command: argparse.ArgumentParser, what: str, name_help: str,
+             bind_help: str) -> None:
+    """The options of a process that joins a run: ``worker`` and ``group``."""
+    command.add_argument("--connect", required=True, metavar="ADDRESS", type=_address,
+                         help="the supervisor's control address (ipc://... or tcp://...)")
+    command.add_argument("--name", required=True, metavar="NAME", type=_name, help=name_help)
+    command.add_argument("--credentials", metavar="FILE",
+                         help=f"file holding this {what}'s credentials (JSON)")
+    command.add_argument("--bind", metavar="ADDRESS", type=_address, help=bind_help)
+    _app_dir(command)
+    command.add_argument("--run-dir", metavar="DIR", help=argparse.SUPPRESS)
+    command.add_argument("--tick-file", metavar="FILE", help=argparse.SUPPRESS)
 
 
 def _hosts_options(command: argparse.ArgumentParser) -> None:
@@ -207,8 +226,9 @@ def _hosts_options(command: argparse.ArgumentParser) -> None:
 
 def _processes(command: argparse.ArgumentParser) -> None:
     command.add_argument("--processes", type=_positive_int, metavar="P",
-                         help="spread the nodes over P worker processes (default: the "
-                              "file's placement, else one per core; 1 puts every node in one)")
+                         help="spread the nodes over P worker processes, without groups "
+                              "(default: the file's placement and groups, else one per core; "
+                              "1 puts every node in one)")
 
 
 def _app_dir(command: argparse.ArgumentParser) -> None:
@@ -221,7 +241,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``hiocluster`` console script; returns the exit code."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.command == "worker":
+    if args.command in ("worker", "group"):
         return _worker(parser, args)
     if args.command == "keygen":
         return _keygen(parser, args)
@@ -273,6 +293,11 @@ def _check(args: argparse.Namespace) -> int:
               f"{_names(worker.node_names)}")
     if len(layout.workers) > 20:
         print(f"  ... and {len(layout.workers) - 20} more workers")
+    if layout.groups:
+        print("groups: " + "; ".join(
+            f"{name} [{', '.join(members)}]"
+            + (f" on {layout.hosts[name].name}" if name in layout.hosts else "")
+            for name, members in layout.groups.items()))
     return EXIT_OK
 
 
@@ -352,8 +377,18 @@ def _worker(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
             text = os.environ.get(CREDENTIALS_ENV, "")
         credentials = Credentials.from_json(text)
     except (OSError, ValueError) as exc:
-        parser.error(f"worker: no usable credentials ({exc}): pass --credentials FILE or set "
-                     f"${CREDENTIALS_ENV}")
+        parser.error(f"{args.command}: no usable credentials ({exc}): pass --credentials "
+                     f"FILE or set ${CREDENTIALS_ENV}")
+    if args.command == "group":
+        from .group import GroupOptions, load_tree, run_group
+        try:
+            tree = load_tree(args.tree)
+        except ValueError as exc:
+            parser.error(f"group: --tree: {exc}")
+        return run_group(GroupOptions(connect=args.connect, name=args.name, tree=tree,
+                                      credentials=credentials, bind=args.bind,
+                                      app_dir=args.app_dir, run_dir=args.run_dir,
+                                      tick_file=args.tick_file))
     return run_worker(WorkerOptions(connect=args.connect, name=args.name,
                                     credentials=credentials, bind=args.bind,
                                     app_dir=args.app_dir, run_dir=args.run_dir,
@@ -376,6 +411,8 @@ def _json_error(args: argparse.Namespace, exc: ClusterError, fields: dict[str, A
 def summary(result: Any) -> str:
     """The human summary printed after a successful run."""
     processes = f"{result.processes} process" + ("es" if result.processes != 1 else "")
+    if result.groups:
+        processes += f" ({result.groups} group" + ("s)" if result.groups != 1 else ")")
     late = [f"late     {result.late_ticks} ticks started more than one tock late"] \
         if result.real else []
     return "\n".join([

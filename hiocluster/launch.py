@@ -17,13 +17,14 @@ Imports: transport (for Credentials) and the stdlib.
 
 from __future__ import annotations
 
+import json
 import mmap
 import os
 import signal
 import struct
 import subprocess
 import sys
-from typing import Callable, Protocol, Sequence
+from typing import Any, Callable, Mapping, Protocol, Sequence
 
 from .transport import CREDENTIALS_ENV, Credentials
 
@@ -70,9 +71,11 @@ class Launcher(Protocol):
 
 def worker_argv(connect: str, worker: str, *, app_dir: str | None = None,
                 run_dir: str | None = None, tick_file: str | None = None,
-                bind: str | None = None) -> list[str]:
-    """The ``hiocluster worker`` arguments that join ``worker`` to a run."""
-    argv = ["worker", "--connect", connect, "--name", worker]
+                bind: str | None = None, tree_file: str | None = None) -> list[str]:
+    """The ``hiocluster worker`` arguments that join ``worker`` to a run; with
+    ``tree_file``, the ``hiocluster group`` arguments of a sub-supervisor."""
+    argv = ["group", "--tree", tree_file] if tree_file else ["worker"]
+    argv += ["--connect", connect, "--name", worker]
     if bind:
         argv += ["--bind", bind]
     if app_dir:
@@ -172,14 +175,18 @@ class LocalLauncher:
         app_dir, bind: passed on (see ``hiocluster worker --help``).
         capture: give each worker's stderr to the caller (``LocalProcess.stderr``)
             instead of sharing this process's.
+        trees: the groups among the children: name -> its tree (see
+            hiocluster.groupcore); they run ``hiocluster group``.
         command: the program and leading arguments (default: this Python running
             ``-m hiocluster``); tests substitute misbehaving workers here.
     """
 
     def __init__(self, connect: str, credentials: Callable[[str], Credentials], run_dir: str,
                  *, app_dir: str | None = None, command: Sequence[str] | None = None,
-                 bind: str | None = None, capture: bool = False) -> None:
+                 bind: str | None = None, capture: bool = False,
+                 trees: Mapping[str, Any] | None = None) -> None:
         self.connect, self.credentials = connect, credentials
+        self.trees = dict(trees or {})
         self.app_dir, self.run_dir, self.bind, self.capture = app_dir, run_dir, bind, capture
         self.command = list(command or [sys.executable, "-m", "hiocluster"])
 
@@ -187,9 +194,14 @@ class LocalLauncher:
         env = dict(os.environ)
         env[CREDENTIALS_ENV] = self.credentials(worker).to_json()
         register = TickRegister(os.path.join(self.run_dir, f"t-{worker}"), create=True)
+        tree_file = None
+        if worker in self.trees:
+            tree_file = os.path.join(self.run_dir, f"tree-{worker}.json")
+            with open(tree_file, "w") as file:
+                json.dump(self.trees[worker], file)
         argv = self.command + worker_argv(self.connect, worker, app_dir=self.app_dir,
                                           run_dir=self.run_dir, tick_file=register.path,
-                                          bind=self.bind)
+                                          bind=self.bind, tree_file=tree_file)
         popen = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, close_fds=True,
                                  start_new_session=True,
                                  stderr=subprocess.PIPE if self.capture else None)

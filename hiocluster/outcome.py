@@ -41,6 +41,7 @@ class RunResult:
     unread: int
     rejected_frames: int
     window: str = "auto"
+    groups: int = 0            # sub-supervisor processes between the root and workers
     real: bool = False
     late_ticks: int = 0
     metrics: dict[str, int] = field(default_factory=dict)
@@ -63,8 +64,10 @@ class RunResult:
 
 
 def result_of(topology: Topology, books: Iterable[WorkerBook], chain: DigestChain,
-              sizer: WindowSizer, rejected: int, times: tuple[float, float, float]) -> RunResult:
-    """The result of a finished run: every book holds its worker's BYE.
+              sizer: WindowSizer, rejected: int, times: tuple[float, float, float],
+              processes: int, groups: int = 0) -> RunResult:
+    """The result of a finished run: every book holds its child's BYE (a group's sums
+    the workers under it); ``processes``: how many workers ran.
 
     ``times``: when the run started, its first GRANT went out, its last DONE came in.
     """
@@ -81,7 +84,7 @@ def result_of(topology: Topology, books: Iterable[WorkerBook], chain: DigestChai
     late = max(book.bye.stats.get("late", 0) for book in books)  # type: ignore[union-attr]
     return RunResult(
         topology=topology.name, ticks=topology.ticks, digest=chain.digest.hex(),
-        processes=len(books), nodes=len(topology.nodes), seconds=ticked - ticking,
+        processes=processes, groups=groups, nodes=len(topology.nodes), seconds=ticked - ticking,
         startup_seconds=ticking - started, messages=stats.get("messages", 0),
         undelivered=stats.get("undelivered", 0), unread=stats.get("unread", 0),
         rejected_frames=rejected + stats.get("rejected", 0),

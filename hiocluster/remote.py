@@ -13,6 +13,7 @@ Imports: launch, transport, protocol, errors.
 
 from __future__ import annotations
 
+import json
 import sys
 from typing import TYPE_CHECKING, Any
 
@@ -101,8 +102,11 @@ class AgentLink(Doer):
     def start(self, worker: str) -> RemoteProcess:
         """Ask the agent to start ``worker`` (the Launcher interface)."""
         process = self.processes[worker] = RemoteProcess(self, worker)
+        plan = self.supervisor.plan
+        tree = json.dumps(plan.tree(worker)) if worker in plan.groups else None
         self._send(proto.Launch(worker=worker, connect=self.supervisor.control_address,
-                                credentials=self.supervisor.credentials(worker).to_json()))
+                                credentials=self.supervisor.credentials(worker).to_json(),
+                                tree=tree))
         return process
 
     def signal(self, worker: str, kind: str) -> None:

@@ -83,6 +83,9 @@ class Supervision:
         self.owner = {name: name for name in self.books}
         self.nodes_of: dict[str, tuple[str, ...]] = {name: book.node_names
                                                       for name, book in self.books.items()}
+        #: every child -> the workers under it (a worker: itself)
+        self.leaves_of: dict[str, tuple[str, ...]] = {name: (name,) for name in self.books}
+        self.grouped: set[str] = set()  # the children that are groups
         self.phase = Phase.STARTING
         self.deadline = now + start_timeout
         self.started = now
@@ -121,6 +124,9 @@ class Supervision:
         elif isinstance(message, proto.Bye):
             self._maybe_finish(now)
         elif isinstance(message, proto.Error):
+            if message.code == "subtree" and self.owner.get(message.worker or "") != worker:
+                return self._refuse(book, book._nonsense(
+                    "ERROR.worker", f"{message.worker!r} is not under {worker}"), now)
             book.failed = True
             self.fail(worker_failure(book, message, self.nodes_of.__getitem__,
                                      self._tick_of(book), self.tick_timeout), now)
@@ -200,6 +206,29 @@ class Supervision:
 
     def _finished(self, now: float) -> None:
         raise NotImplementedError
+
+    def _addresses(self, now: float) -> dict[str, str] | None:
+        """Every worker's data address, from its HELLO or its group's; None (and the
+        run refused) when a HELLO does not fit the plan."""
+        addresses: dict[str, str] = {}
+        for name, book in self.books.items():
+            hello = book.hello
+            assert hello is not None
+            if name in self.grouped:
+                expected = set(self.leaves_of[name])
+                if set(hello.leaves) != expected or hello.data_address is not None:
+                    self._refuse(book, book._nonsense(
+                        "HELLO.leaves", f"names {sorted(hello.leaves)[:10]}, not the "
+                                        f"workers under {name}: {sorted(expected)[:10]}"), now)
+                    return None
+                addresses.update(hello.leaves)
+            elif hello.data_address is None or hello.leaves:
+                self._refuse(book, book._nonsense("HELLO.data_address",
+                                                  "a worker has one data address"), now)
+                return None
+            else:
+                addresses[name] = hello.data_address
+        return addresses
 
     # -- deadlines ------------------------------------------------------------
     def _check_silence(self, now: float) -> None:
@@ -304,10 +333,13 @@ class RunCore(Supervision):
         self.topology, self.plan, self.keys, self.wall = topology, plan, keys, wall
         self.sizer = WindowSizer(window, max(self.chain.sizes.values()), topology.tock,
                                  topology.real)
+        self.grouped = set(plan.groups) & set(plan.top)
         for name in plan.top:
-            for leaf in plan.leaves(name):
-                self.owner[leaf] = name
-                self.nodes_of[leaf] = plan.worker(leaf).node_names
+            self.leaves_of[name] = plan.leaves(name)
+            for member in plan.below(name) if name in plan.groups else ():
+                self.owner[member] = name
+                self.nodes_of[member] = tuple(node for leaf in plan.leaves(member)
+                                              for node in plan.worker(leaf).node_names)
         self.result: RunResult | None = None
 
     def interrupt(self, signum: int, now: float) -> None:
@@ -319,26 +351,16 @@ class RunCore(Supervision):
 
     def _all_hello(self, now: float) -> None:
         """Every child said HELLO: every worker's data address is known, SETUP all."""
-        addresses: dict[str, str] = {}
-        for name, book in self.books.items():
-            hello = book.hello
-            assert hello is not None
-            expected = set(self.plan.leaves(name)) if name in self.plan.groups else set()
-            if expected and set(hello.leaves) != expected:
-                return self._refuse(book, book._nonsense(
-                    "HELLO.leaves", f"names {sorted(hello.leaves)}, not the workers under "
-                                    f"{name}: {sorted(expected)}"), now)
-            if not expected and hello.data_address is None:
-                return self._refuse(book, book._nonsense("HELLO.data_address",
-                                                         "a worker needs a data address"), now)
-            addresses.update(hello.leaves if expected else {name: hello.data_address})
+        addresses = self._addresses(now)
+        if addresses is None:
+            return
         made = setups(self.topology, self.plan, addresses, self.keys)
         near = neighbours(self.topology, self.plan)
         for name, book in self.books.items():
             leaves = self.plan.leaves(name)
             book.neighbours = frozenset(peer for leaf in leaves for peer in near[leaf]
                                         if peer not in leaves)
-            if name not in self.plan.groups:
+            if name not in self.grouped:
                 self._send(book, made[name])
                 continue
             first = made[leaves[0]]
@@ -376,4 +398,5 @@ class RunCore(Supervision):
         if self.failure is None:
             self.result = result_of(self.topology, self.books.values(), self.chain,
                                     self.sizer, self.rejected,
-                                    (self.started, self.ticking, self.ticked))
+                                    (self.started, self.ticking, self.ticked),
+                                    len(self.plan.workers), len(self.plan.groups))

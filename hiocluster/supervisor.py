@@ -43,7 +43,7 @@ from .topology import Plan, Topology, plan as make_plan, resolve_classes
 from .transport import (NOBLOCK, SNDMORE, Context, Credentials, KeyPair, TransportError,
                         ZMQError, bound_address, facing, local_address, readable, sender)
 
-__all__ = ["Supervisor", "Switchboard", "ChildDoer", "RunResult", "run", "KILL_GRACE_S"]
+__all__ = ["Supervising", "Supervisor", "Switchboard", "ChildDoer", "RunResult", "run", "KILL_GRACE_S"]
 
 #: Seconds a worker gets to exit after its BYE (or a SIGTERM) before the next step.
 KILL_GRACE_S = 2.0
@@ -201,7 +201,80 @@ class ChildDoer(Doer):
         self.handle = None
 
 
-class Supervisor(DoDoer):
+class Supervising(DoDoer):
+    """What every supervisor process runs: a :class:`Switchboard` and a
+    :class:`ChildDoer` per child around a core that decides (the root's
+    :class:`~hiocluster.runcore.RunCore`, a group's
+    :class:`~hiocluster.groupcore.GroupCore`). Subclasses make ``core``,
+    ``context`` and ``listen`` before the doers enter, and say who starts each
+    child (:meth:`launcher_for`).
+
+    Args:
+        loop: the Loop this supervisor runs in (its poller wakes it).
+        children: the names of its children.
+        external: children started by someone else (``hiocluster worker``).
+        extra: more doers, run after the switchboard and before the children.
+        kill_grace: see :class:`Supervisor`.
+    """
+
+    def __init__(self, loop: Loop, children: Sequence[str], *, external: Sequence[str] = (),
+                 extra: Sequence[Doer] = (), kill_grace: float = KILL_GRACE_S,
+                 **kwa: Any) -> None:
+        self.loop, self.kill_grace = loop, kill_grace
+        self.switchboard = Switchboard(self)
+        self.children = {name: ChildDoer(self, name, name in external) for name in children}
+        self.core: Any = None           # made before the doers enter
+        self.context: Context | None = None
+        self.listen = ""
+        self.control_address = ""
+        self.on_listening: Callable[[Any], None] | None = None
+        super().__init__(doers=[self.switchboard, *extra, *self.children.values()], **kwa)
+
+    def enter(self, doers: Any = None) -> Any:  # type: ignore[override]
+        if doers is None:
+            self._open()
+        return super().enter(doers)
+
+    def recur(self, tyme: float, deeds: Any = None) -> bool:  # type: ignore[override]
+        super().recur(tyme, deeds)  # the switchboard, the extra doers, every child
+        core, now = self.core, time.monotonic()
+        core.poll(now)
+        for worker, frame in core.outbox:
+            self.switchboard.send(worker, frame)
+        core.outbox.clear()
+        for worker, kind in core.signals:
+            self.children[worker].signal(kind, now)
+        core.signals.clear()
+        self._after(now)
+        if not core.finished:
+            return False
+        for child in self.children.values():
+            child.wind_down(now)
+        return all(child.handle is None or child.reported for child in self.children.values())
+
+    def exit(self, deeds: Any = None) -> None:  # type: ignore[override]
+        try:
+            super().exit(deeds)
+        finally:
+            if deeds is None:
+                self._close()
+
+    def _open(self) -> None:
+        """Before any doer enters: make ``core``, ``context``, ``listen``."""
+        raise NotImplementedError
+
+    def _close(self) -> None:
+        """After every doer exited: close the context, remove files."""
+
+    def _after(self, now: float) -> None:
+        """What a subclass does once per cycle, after the core took its inputs."""
+
+    def launcher_for(self, worker: str) -> Any:
+        """Who starts child ``worker`` (a Launcher)."""
+        raise NotImplementedError
+
+
+class Supervisor(Supervising):
     """Run one topology's workers in windows of lockstep ticks.
 
     Args:
@@ -246,79 +319,53 @@ class Supervisor(DoDoer):
                  start_timeout: float = START_TIMEOUT, stop_timeout: float = STOP_TIMEOUT,
                  kill_grace: float = KILL_GRACE_S, keys: str | None = None,
                  **kwa: Any) -> None:
-        self.topology, self.plan, self.loop = topology, plan, loop
+        self.topology, self.plan = topology, plan
         self.app_dir = os.path.abspath(app_dir or os.getcwd())
         self.window, self.keep_digests = window, keep_digests
-        self.transport, self.listen = transport, listen or ""
         self.worker_command = worker_command
-        self.on_tick, self.on_ready, self.on_listening = on_tick, on_ready, on_listening
+        self.on_tick, self.on_ready = on_tick, on_ready
         self.start_timeout, self.stop_timeout = start_timeout, stop_timeout
-        self.kill_grace = kill_grace
-        if plan.groups:  # the topology reads them; the group process comes next
-            raise TopologyError("nested supervisors ([groups]) cannot run yet",
-                                key_path="groups")
-        names = [spec.name for spec in plan.workers]
-        unknown = sorted(set(external) - set(names))
+        names = list(plan.top)
+        unknown = sorted(set(external) - {spec.name for spec in plan.workers})
         if unknown:
             raise TopologyError(f"no worker named {', '.join(unknown)} in the plan "
                                 f"(workers: {', '.join(names[:10])})", key_path="--external")
+        grouped = sorted(set(external) - set(names))
+        if grouped:
+            raise TopologyError(f"{', '.join(grouped)} run under a group: its group starts "
+                                "them, not a hand", key_path="--external")
         hosts = {host.name: host for host in plan.hosts.values()}
         if hosts and keys is None:
             raise TopologyError("workers on other hosts need a keys directory (--keys DIR; "
                                 f"make it with: hiocluster keygen DIR supervisor "
                                 f"{' '.join(sorted(hosts))})", key_path="hosts")
-        self.switchboard = Switchboard(self)
         self.links = {name: AgentLink(self, host, KeyPair.load_public(
             os.path.join(keys, f"{name}.key"))) for name, host in hosts.items()}  # type: ignore
-        self.children = {name: ChildDoer(self, name, name in external) for name in names}
-        super().__init__(doers=[self.switchboard, *self.links.values(),
-                                *self.children.values()], **kwa)
+        super().__init__(loop, names, external=external, extra=list(self.links.values()),
+                         kill_grace=kill_grace, **kwa)
+        self.transport, self.listen = transport, listen or ""
+        self.on_listening = on_listening
         self.token = secrets.token_bytes(16)
         self.curve = transport == "tcp" or self.listen.startswith("tcp://") or bool(hosts)
         self.keys: KeyPair | None = None
         if self.curve:
             self.keys = KeyPair.load(os.path.join(keys, "supervisor.key_secret")) if keys \
                 else KeyPair.generate()
-        self.worker_keys = {name: KeyPair.generate() for name in names} if self.curve else {}
+        # every worker's and every group's: groups hand theirs on to those under them
+        self.worker_keys = {name: KeyPair.generate()
+                            for name in [*(spec.name for spec in plan.workers), *plan.groups]
+                            } if self.curve else {}
         if hosts and not self.listen:  # where the hosts reach us: the address facing them
             self.listen = f"tcp://{facing(next(iter(hosts.values())).agent)}:*"
         self.core: RunCore = None  # type: ignore[assignment]  # made in enter
-        self.context: Context | None = None
         self.run_dir: str | None = None
-        self.control_address = ""
         self.launcher: Any = None
         self._shown = 0
         self._ready_told = False
 
     # -- hio contexts -------------------------------------------------------------
-    def enter(self, doers: Any = None) -> Any:  # type: ignore[override]
-        if doers is None:
-            self._open()
-        return super().enter(doers)
-
-    def recur(self, tyme: float, deeds: Any = None) -> bool:  # type: ignore[override]
-        super().recur(tyme, deeds)  # the switchboard, then every child
-        core, now = self.core, time.monotonic()
-        core.poll(now)
-        for worker, frame in core.outbox:
-            self.switchboard.send(worker, frame)
-        core.outbox.clear()
-        for worker, kind in core.signals:
-            self.children[worker].signal(kind, now)
-        core.signals.clear()
-        self._tell(core)
-        if not core.finished:
-            return False
-        for child in self.children.values():
-            child.wind_down(now)
-        return all(child.handle is None or child.reported for child in self.children.values())
-
-    def exit(self, deeds: Any = None) -> None:  # type: ignore[override]
-        try:
-            super().exit(deeds)
-        finally:
-            if deeds is None:
-                self._close()
+    def _after(self, now: float) -> None:
+        self._tell(self.core)
 
     def interrupt(self, signum: int) -> None:
         """Stop the run cleanly at once (called from signal handlers)."""
@@ -350,9 +397,13 @@ class Supervisor(DoDoer):
         return self.links[host.name] if host is not None else self.launcher
 
     def credentials(self, worker: str) -> Credentials:
-        """What worker ``worker`` proves itself with (see transport.Credentials)."""
+        """What child ``worker`` proves itself with (see transport.Credentials); a
+        group also gets the key pairs of everyone under it."""
+        under = {}
+        if worker in self.plan.groups and self.curve:
+            under = {name: self.worker_keys[name] for name in self.plan.below(worker)}
         return Credentials(self.token, self.worker_keys.get(worker),
-                           self.keys.public if self.keys is not None else None)
+                           self.keys.public if self.keys is not None else None, under)
 
     def _credentials_path(self, worker: str) -> str:
         return os.path.join(self.run_dir or "", f"{worker}.credentials")
@@ -374,8 +425,8 @@ class Supervisor(DoDoer):
         self.listen = self.listen or local_address(self.transport, self.run_dir, "control")
         self.context = Context(self.keys, owner="supervisor")
         if self.context.gate is not None:
-            for name, pair in self.worker_keys.items():
-                self.context.gate.admit(name, pair.public)
+            for name in self.children:  # those under groups connect to their group
+                self.context.gate.admit(name, self.worker_keys[name].public)
             self.context.gate.open()
         self.core = RunCore(self.topology, self.plan, now=time.monotonic(), token=self.token,
                             keys={name: pair.public for name, pair in self.worker_keys.items()},
@@ -416,9 +467,12 @@ class _DeferredLauncher:
         supervisor = self.supervisor
         if self.launcher is None:
             assert supervisor.run_dir is not None
+            plan = supervisor.plan
             self.launcher = LocalLauncher(supervisor.control_address, supervisor.credentials,
                                           supervisor.run_dir, app_dir=supervisor.app_dir,
-                                          command=supervisor.worker_command)
+                                          command=supervisor.worker_command,
+                                          trees={name: plan.tree(name) for name in plan.top
+                                                 if name in plan.groups})
         return self.launcher.start(worker)
 
 

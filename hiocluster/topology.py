@@ -46,6 +46,8 @@ CLASS_PATH = re.compile(f"{_DOTTED}:{_DOTTED}")
 _PATTERN = re.compile(r"[A-Za-z0-9_*?\[\]!-]+")
 MAX_COUNT = 100_000
 SEED_LIMIT = 2**63
+#: Deepest nesting of ``[groups]``: a group inside a group ... this many deep.
+MAX_GROUP_DEPTH = 8
 
 _RUN_DEFAULTS: dict[str, int | float | bool] = {
     "ticks": 100, "tock": 1.0, "t0": 0.0, "seed": 0, "tick_timeout": 30.0, "capacity": 1024,
@@ -213,6 +215,11 @@ class Plan:
         if member not in self.groups:
             return (member,)
         return tuple(leaf for child in self.groups[member] for leaf in self.leaves(child))
+
+    def below(self, group: str) -> tuple[str, ...]:
+        """Every worker and group under ``group``, however deep."""
+        return tuple(name for child in self.groups[group]
+                     for name in (child, *(self.below(child) if child in self.groups else ())))
 
     def tree(self, member: str) -> Any:
         """``member`` as a sub-supervisor sees it: a worker -> its node names, a group ->
@@ -608,7 +615,8 @@ def plan(topology: Topology, processes: int | None = None, *,
     are spread over as many workers as there are cores (``cores``, default
     ``os.cpu_count()``), never more workers than nodes. An int P spreads nodes in
     declaration order over workers ``p0..p{P-1}`` in contiguous blocks (node i ->
-    worker i*P//n). Workers named in ``[hosts.*]`` run on those hosts.
+    worker i*P//n), with no groups: the file's ``[groups]`` name the workers of its
+    placement. Workers and groups named in ``[hosts.*]`` run on those hosts.
 
     Raises:
         TopologyError: P is not in 1..number of nodes (key path ``--processes``), or
@@ -631,7 +639,7 @@ def plan(topology: Topology, processes: int | None = None, *,
         workers = _blocks(nodes, count)
     names = [worker.name for worker in workers]
     try:
-        groups = _group_tree(topology.groups, names)
+        groups = _group_tree(topology.groups if processes is None else (), names)
         inside = {member for members in groups.values() for member in members}
         hosts: dict[str, HostSpec] = {}
         for host in topology.hosts:
@@ -675,6 +683,9 @@ def _group_tree(groups: tuple[tuple[str, tuple[str, ...]], ...],
                 raise _err(f"group {name!r} contains itself", f"groups.{name}")
             seen.add(member)
             member = parent.get(member)
+        if len(seen) > MAX_GROUP_DEPTH:
+            raise _err(f"group {name!r} is nested {len(seen)} deep (at most "
+                       f"{MAX_GROUP_DEPTH})", f"groups.{name}")
     return tree
 
 

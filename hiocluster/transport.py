@@ -30,8 +30,8 @@ import socket
 import sys
 import threading
 import time
-from dataclasses import dataclass
-from typing import Iterable
+from dataclasses import dataclass, field
+from typing import Any, Iterable
 
 import zmq
 import zmq.auth
@@ -163,18 +163,23 @@ class KeyPair:
 @dataclass(frozen=True)
 class Credentials:
     """What a worker proves itself with: the run's token and, over tcp, its own
-    CURVE key pair and the supervisor's public key. Travels as JSON: in the
-    environment (CREDENTIALS_ENV) of a worker the supervisor starts, or in a
-    file (``hiocluster worker --credentials FILE``)."""
+    CURVE key pair and the supervisor's public key. A group (a sub-supervisor)
+    also carries the key pairs of everyone under it (``under``), for its children.
+    Travels as JSON: in the environment (CREDENTIALS_ENV) of a process the
+    supervisor starts, or in a file (``hiocluster worker --credentials FILE``)."""
 
     token: bytes
     keys: KeyPair | None = None
     server: str | None = None
+    under: dict[str, KeyPair] = field(default_factory=dict)
 
     def to_json(self) -> str:
-        data: dict[str, str] = {"token": self.token.hex()}
+        data: dict[str, Any] = {"token": self.token.hex()}
         if self.keys is not None and self.server is not None:
             data.update(public=self.keys.public, secret=self.keys.secret, server=self.server)
+            if self.under:
+                data["under"] = {name: [pair.public, pair.secret]
+                                 for name, pair in self.under.items()}
         return json.dumps(data)
 
     @classmethod
@@ -186,12 +191,14 @@ class Credentials:
             keys = KeyPair(str(data["public"]), str(data["secret"])) if "secret" in data \
                 else None
             server = str(data["server"]) if keys is not None else None
-        except (ValueError, KeyError, TypeError) as exc:
+            under = {str(name): KeyPair(str(public), str(secret))
+                     for name, (public, secret) in data.get("under", {}).items()}
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise ValueError(f"not hiocluster credentials ({type(exc).__name__}: {exc})") \
                 from None
         if not 1 <= len(token) <= 64:
             raise ValueError("the token must be 1 to 64 bytes")
-        return cls(token, keys, server)
+        return cls(token, keys, server, under)
 
 
 #: The environment variable a worker reads its credentials from.

@@ -72,6 +72,18 @@ def test_examples_across_three_hosts_match_one_process(hosts: Hosts, keys: Path,
     assert across.processes == 4 and across.messages == reference.messages
 
 
+def test_groups_on_hosts_match_one_process(hosts: Hosts, keys: Path) -> None:
+    """A group per host (one of them nested): each host's workers are supervised on
+    their host, DATA still goes worker to worker across hosts."""
+    topology = load(REPO / "topologies" / "phold.toml").replace(
+        ticks=60, groups=(("g1", ("p0", "p1")), ("g2", ("p2", "g3")), ("g3", ("p3",))))
+    reference = run(topology, processes=1)
+    across = run(spread(topology, hosts, {"h1": ("g1",), "h2": ("g2",)}), keys=str(keys))
+    assert across.tick_digests == reference.tick_digests
+    assert across.processes == 4 and across.groups == 3
+    assert across.messages == reference.messages
+
+
 def slow_ring(ticks: int = 100_000) -> Topology:
     nodes = {name: {"sleep": 0.005} for name in "abcd"}
     return loads(ring_toml(nodes, {"p0": ["a"], "p1": ["b"], "p2": ["c"], "p3": ["d"]},

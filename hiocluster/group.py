@@ -1,0 +1,223 @@
+"""A group process: a sub-supervisor, as hio doers (``hiocluster group``).
+
+A :class:`Group` is a :class:`~hiocluster.supervisor.Supervising` like the
+root: a switchboard on its own control socket (ipc, in its own run directory)
+and a doer per child, which it starts as ``hiocluster worker`` (or ``hiocluster
+group``, for a group inside it). One more doer, :class:`ParentLink`, is its
+connection to its own supervisor: frames from there go to the
+:class:`~hiocluster.groupcore.GroupCore`, and what the core has to say goes
+back. The workers under it send DATA to each other directly, wherever they
+run; they bind their data sockets where the group was told to (``--bind``: an
+agent's advertised address), else beside their control socket.
+
+If its supervisor's connection stays down for ORPHAN_GRACE_S (or never comes
+up), it stops its children and exits with code 3, like an orphaned worker.
+SIGTERM or SIGINT stop its children cleanly and tell its supervisor.
+
+Imports: supervisor, groupcore, launch, loop, transport, watchdog, protocol.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from hio.base.doing import Doer
+
+from .groupcore import GroupCore, check_tree
+from .launch import LocalLauncher, TickRegister
+from .loop import Loop
+from .supervisor import Supervising
+from .transport import (NOBLOCK, Context, Credentials, KeyPair, TransportError,
+                        local_address, monitor_event, readable)
+from .watchdog import ORPHAN_GRACE_S
+from .worker import START_TIMEOUT, default_bind
+
+__all__ = ["GroupOptions", "Group", "ParentLink", "run_group"]
+
+
+@dataclass(frozen=True)
+class GroupOptions:
+    """How to join a run as a group (the ``hiocluster group`` command line)."""
+
+    connect: str                      # its supervisor's control address
+    name: str                         # the group's name in the plan
+    tree: dict[str, Any]              # its children (see groupcore.check_tree)
+    credentials: Credentials          # the run's token; CURVE keys over tcp
+    bind: str | None = None           # where the workers under it bind for DATA
+    app_dir: str | None = None
+    run_dir: str | None = None        # its supervisor's; its own goes inside it
+    tick_file: str | None = None      # a TickRegister its supervisor reads
+
+
+class ParentLink(Doer):
+    """The group's control connection to its own supervisor, as a doer."""
+
+    def __init__(self, group: Group, **kwa: Any) -> None:
+        super().__init__(**kwa)
+        self.group = group
+        self.dealer: Any = None
+        self.monitor: Any = None
+        self.connected = False
+        self.down_since = 0.0
+        self.deadline = time.monotonic() + START_TIMEOUT
+
+    def enter(self) -> None:
+        group, options = self.group, self.group.options
+        assert group.context is not None
+        self.dealer = group.context.control_dealer(options.connect, options.credentials.server)
+        self.monitor = group.context.monitor(self.dealer)
+        group.loop.poller.register(self.dealer)
+        group.loop.poller.register(self.monitor)
+
+    def recur(self, tyme: float) -> bool:
+        core, now = self.group.core, time.monotonic()
+        while readable(self.monitor):
+            if monitor_event(self.monitor) == "connected":
+                self.connected, self.down_since = True, 0.0
+            elif not self.down_since:
+                self.down_since = now
+        if not core.orphaned and ((self.down_since and now - self.down_since > ORPHAN_GRACE_S)
+                                  or (not self.connected and now > self.deadline)):
+            core.lost_parent(now)
+        for _ in range(1000):
+            if not readable(self.dealer):
+                break
+            core.from_parent(self.dealer.recv(NOBLOCK), now)
+        return False
+
+    def flush(self) -> None:
+        """Send what the core has for the supervisor."""
+        for frame in self.group.core.up:
+            self.dealer.send(frame, NOBLOCK)
+        self.group.core.up.clear()
+
+    def exit(self) -> None:
+        for sock in (self.dealer, self.monitor):
+            if sock is not None:
+                self.group.loop.poller.unregister(sock)
+
+
+class Group(Supervising):
+    """One group's process (see the module docstring)."""
+
+    def __init__(self, options: GroupOptions, loop: Loop, **kwa: Any) -> None:
+        self.options = options
+        self.parent_link = ParentLink(self)
+        super().__init__(loop, list(options.tree), extra=[self.parent_link], **kwa)
+        self.run_dir: str | None = None
+        self.register = TickRegister(options.tick_file) if options.tick_file else None
+        self.launcher: LocalLauncher | None = None
+        self.interrupts: list[int] = []   # signals caught, for the next cycle
+
+    def recur(self, tyme: float, deeds: Any = None) -> bool:  # type: ignore[override]
+        while self.interrupts:
+            self.core.interrupt(self.interrupts.pop(0), time.monotonic())
+        return super().recur(tyme, deeds)
+
+    def _after(self, now: float) -> None:
+        self.parent_link.flush()
+        if self.register is not None and self.core.ticking:
+            self.register.store(self.core.progress)
+
+    def launcher_for(self, worker: str) -> LocalLauncher:
+        if self.launcher is None:
+            options = self.options
+            bind = options.bind
+            if bind is None and options.connect.startswith("tcp://"):
+                bind = default_bind(options.connect, self.options.name)
+            assert self.run_dir is not None
+            self.launcher = LocalLauncher(
+                self.control_address, self.credentials, self.run_dir, app_dir=options.app_dir,
+                bind=bind, trees={name: sub for name, sub in options.tree.items()
+                                  if isinstance(sub, dict)})
+        return self.launcher
+
+    def credentials(self, child: str) -> Credentials:
+        """A child's: the run's token, its own key pair (and, for a group, those under
+        it) from this group's credentials."""
+        mine = self.options.credentials
+        pair = mine.under.get(child)
+        sub = self.options.tree[child]
+        under: dict[str, KeyPair] = {}
+        if pair is not None and isinstance(sub, dict):
+            under = {name: mine.under[name] for name in _names_below(sub)
+                     if name in mine.under}
+        server = mine.keys.public if mine.keys is not None else None
+        return Credentials(mine.token, pair, server, under)
+
+    @property
+    def exit_code(self) -> int:
+        return self.core.exit_code if self.core is not None else 1
+
+    # -- helpers --------------------------------------------------------------------
+    def _open(self) -> None:
+        options = self.options
+        try:
+            if options.run_dir:
+                self.run_dir = os.path.join(options.run_dir, f"g-{options.name}")
+                os.mkdir(self.run_dir, 0o700)
+            else:
+                root = os.environ.get("HIOCLUSTER_RUN_ROOT") or None
+                self.run_dir = tempfile.mkdtemp(prefix="hioc-", dir=root)
+        except OSError as exc:
+            raise TransportError(f"cannot make the group's run directory: {exc}") from exc
+        self.listen = local_address("ipc", self.run_dir, "control")
+        self.context = Context(options.credentials.keys, owner=f"group {options.name}")
+        if self.context.gate is not None:
+            self.context.gate.open()  # its own socket is ipc: no CURVE handshakes
+        self.core = GroupCore(options.name, options.tree, now=time.monotonic(),
+                              token=options.credentials.token, pid=os.getpid())
+
+    def _close(self) -> None:
+        if self.register is not None:
+            self.register.close()
+        if self.context is not None:
+            self.context.close()
+            self.context = None
+        if self.run_dir is not None:
+            shutil.rmtree(self.run_dir, ignore_errors=True)
+            self.run_dir = None
+
+
+def _names_below(tree: dict[str, Any]) -> list[str]:
+    return [name for child, sub in tree.items()
+            for name in (child, *(_names_below(sub) if isinstance(sub, dict) else ()))]
+
+
+def load_tree(path: str) -> dict[str, Any]:
+    """A group's tree from its file; raises ValueError naming what is wrong."""
+    try:
+        with open(path) as file:
+            return check_tree(json.load(file))
+    except (OSError, RecursionError) as exc:
+        raise ValueError(f"cannot read the tree {path}: {exc}") from None
+
+
+def run_group(options: GroupOptions) -> int:
+    """Run a group in this process; return its exit code."""
+    loop = Loop()
+    group = Group(options, loop)
+    loop.doers = [group]
+
+    def on_signal(signum: int, frame: Any) -> None:
+        group.interrupts.append(signum)
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        loop.run()
+    except TransportError as exc:
+        print(f"hiocluster group {options.name}: {exc}", file=sys.stderr, flush=True)
+        return 1
+    failure = group.core.failure if group.core is not None else None
+    if failure is not None and not group.core.told:  # else its supervisor says it
+        print(f"hiocluster group {options.name}: {failure}", file=sys.stderr, flush=True)
+    return group.exit_code
