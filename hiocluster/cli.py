@@ -7,6 +7,7 @@ SIGINT, 143 after SIGTERM (the whole process tree shut down cleanly first).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -385,6 +386,9 @@ def _worker(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
             tree = load_tree(args.tree)
         except ValueError as exc:
             parser.error(f"group: --tree: {exc}")
+        if args.run_dir:  # its supervisor wrote the file for it alone
+            with contextlib.suppress(OSError):
+                os.unlink(args.tree)
         return run_group(GroupOptions(connect=args.connect, name=args.name, tree=tree,
                                       credentials=credentials, bind=args.bind,
                                       app_dir=args.app_dir, run_dir=args.run_dir,

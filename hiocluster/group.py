@@ -11,7 +11,10 @@ run; they bind their data sockets where the group was told to (``--bind``: an
 agent's advertised address), else beside their control socket.
 
 If its supervisor's connection stays down for ORPHAN_GRACE_S (or never comes
-up), it stops its children and exits with code 3, like an orphaned worker.
+up), it stops its children and exits with code 3, removing what its vanished
+supervisor cannot, like an orphaned worker. Its run directory is a sibling of
+its supervisor's (ipc paths do not grow with depth); if the group itself is
+killed, its orphaned children remove it.
 SIGTERM or SIGINT stop its children cleanly and tell its supervisor.
 
 Imports: supervisor, groupcore, launch, loop, transport, watchdog, protocol.
@@ -38,7 +41,7 @@ from .supervisor import Supervising
 from .transport import (NOBLOCK, Context, Credentials, KeyPair, TransportError,
                         local_address, monitor_event, readable)
 from .watchdog import ORPHAN_GRACE_S
-from .worker import START_TIMEOUT, default_bind
+from .worker import START_TIMEOUT, default_bind, remove_orphan_files
 
 __all__ = ["GroupOptions", "Group", "ParentLink", "run_group"]
 
@@ -160,15 +163,12 @@ class Group(Supervising):
     # -- helpers --------------------------------------------------------------------
     def _open(self) -> None:
         options = self.options
-        try:
-            if options.run_dir:
-                self.run_dir = os.path.join(options.run_dir, f"g-{options.name}")
-                os.mkdir(self.run_dir, 0o700)
-            else:
-                root = os.environ.get("HIOCLUSTER_RUN_ROOT") or None
-                self.run_dir = tempfile.mkdtemp(prefix="hioc-", dir=root)
+        root = os.environ.get("HIOCLUSTER_RUN_ROOT") or None
+        try:  # beside its supervisor's, not inside: ipc paths stay short at any depth
+            self.run_dir = tempfile.mkdtemp(prefix="hioc-", dir=root)
         except OSError as exc:
-            raise TransportError(f"cannot make the group's run directory: {exc}") from exc
+            raise TransportError(f"cannot make the group's run directory under "
+                                 f"{root or tempfile.gettempdir()}: {exc}") from exc
         self.listen = local_address("ipc", self.run_dir, "control")
         self.context = Context(options.credentials.keys, owner=f"group {options.name}")
         if self.context.gate is not None:
@@ -179,12 +179,15 @@ class Group(Supervising):
     def _close(self) -> None:
         if self.register is not None:
             self.register.close()
+        orphaned = self.core is not None and self.core.orphaned
         if self.context is not None:
-            self.context.close()
+            self.context.close(linger=0 if orphaned else None)
             self.context = None
         if self.run_dir is not None:
             shutil.rmtree(self.run_dir, ignore_errors=True)
             self.run_dir = None
+        if orphaned:  # like an orphaned worker: the files its supervisor cannot remove
+            remove_orphan_files(self.options, "")
 
 
 def _names_below(tree: dict[str, Any]) -> list[str]:

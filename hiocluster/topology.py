@@ -46,8 +46,9 @@ CLASS_PATH = re.compile(f"{_DOTTED}:{_DOTTED}")
 _PATTERN = re.compile(r"[A-Za-z0-9_*?\[\]!-]+")
 MAX_COUNT = 100_000
 SEED_LIMIT = 2**63
-#: Deepest nesting of ``[groups]``: a group inside a group ... this many deep.
-MAX_GROUP_DEPTH = 8
+#: Deepest nesting of ``[groups]``: a group inside a group ... this many deep (a
+#: process per level; the bound keeps hostile trees from exhausting recursion).
+MAX_GROUP_DEPTH = 64
 
 _RUN_DEFAULTS: dict[str, int | float | bool] = {
     "ticks": 100, "tock": 1.0, "t0": 0.0, "seed": 0, "tick_timeout": 30.0, "capacity": 1024,

@@ -341,10 +341,10 @@ class Pacer:
         return 0.0
 
 
-def remove_orphan_files(options: WorkerOptions, data_address: str) -> None:
-    """An orphan's clean-up: its own data socket file and, for a worker the
-    supervisor started (``run_dir``), the supervisor's files: whoever comes last
-    removes the run directory."""
+def remove_orphan_files(options: Any, data_address: str) -> None:
+    """An orphan's clean-up: its own data socket file and, for a worker (or group)
+    the supervisor started (``run_dir``), the supervisor's files: whoever comes
+    last removes the run directory. ``options``: WorkerOptions or GroupOptions."""
     paths = [ipc_path(data_address), options.tick_file]
     if options.run_dir:  # and the supervisor's own: its socket, credentials for hand use
         paths.append(ipc_path(options.connect))

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -152,3 +153,48 @@ def test_readme_groups_example_runs_with_the_flat_digest() -> None:
     assert groups.startswith("[groups]")
     result = run(RING + "\n" + groups)
     assert result.groups == 2 and result.digest == run(RING).digest
+
+
+def test_groups_ten_deep_give_the_flat_digest() -> None:
+    """A chain of ten groups, one worker hanging off each of the first levels: the
+    run directories are siblings, so ipc paths do not grow with the depth."""
+    chain = "".join(f'g{i} = ["g{i + 1}"]\n' for i in range(1, 7))
+    groups = f'\n[groups]\ng0 = ["p0", "g1"]\n{chain}g7 = ["p1", "g8"]\ng8 = ["g9"]\n' \
+             'g9 = ["p2", "p3"]\n'
+    result = run(RING + groups)
+    assert result.groups == 10 and result.digest == run(RING).digest
+
+
+def test_cli_sigkilled_with_nested_groups_leaves_no_process_or_file(
+        tmp_path: Path, cli_env: dict[str, str], no_leaks: Path) -> None:
+    """kill -9 of the CLI: the top group is an orphan, stops everything under it,
+    and every run directory (root's, each group's) is removed by someone."""
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    nodes = {name: {"marker_dir": str(marks), "sleep": 0.01} for name in "abcd"}
+    path = tmp_path / "deep.toml"
+    path.write_text(ring_toml(nodes, {"p0": ["a"], "p1": ["b"], "p2": ["c"], "p3": ["d"]},
+                              ticks=100_000) + DEEP)
+    popen = subprocess.Popen(hiocluster_command("run", str(path)), env=cli_env, cwd=REPO,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        cli = psutil.Process(popen.pid)
+        deadline = time.monotonic() + 60
+        while not all((marks / f"{name}.ticking").exists() for name in "abcd"):
+            assert popen.poll() is None, popen.stderr.read() if popen.stderr else ""
+            assert time.monotonic() < deadline, "the run never started ticking"
+            time.sleep(0.02)
+        tree = cli.children(recursive=True)
+        assert len(tree) == 7  # g1, g2, g3 and four workers
+        popen.kill()
+        popen.wait(timeout=10)
+        gone, alive = psutil.wait_procs(tree, timeout=10)
+        assert alive == []
+    finally:
+        if popen.poll() is None:
+            popen.kill()
+        popen.communicate(timeout=30)
+    left = sorted(str(p.relative_to(no_leaks)) for p in no_leaks.rglob("*"))
+    assert left == [], f"left in the run root: {left}"
+    for name in "abcd":  # every node still ran its exit contexts
+        assert (marks / f"{name}.exit").read_text().split() in (["close", "exit"], ["exit"])

@@ -325,6 +325,11 @@ def test_an_orphaned_group_stops_its_children_and_tells_nobody() -> None:
     assert group.finished and group.exit_code == 3
 
 
+DEEPEST: dict[str, Any] = {"w": ["a"]}
+for _level in range(70):
+    DEEPEST = {f"g{_level}": DEEPEST}
+
+
 @pytest.mark.parametrize("tree, why", [
     ({}, "non-empty map"),
     ([], "non-empty map"),
@@ -332,7 +337,7 @@ def test_an_orphaned_group_stops_its_children_and_tells_nobody() -> None:
     ({"w0": ["a", 3]}, "non-empty list"),
     ({"-bad": ["a"]}, "not a worker or group name"),
     ({"g": {"w0": "a"}}, "non-empty list"),
-    ({"g": {"h": {"k": {"m": {"n": {"o": {"p": {"q": {"r": {"w": ["a"]}}}}}}}}}}, "deeper"),
+    (DEEPEST, "deeper"),
 ])
 def test_check_tree_names_what_is_wrong(tree: Any, why: str) -> None:
     with pytest.raises(ValueError, match=why):
@@ -363,7 +368,7 @@ def test_plan_of_groups() -> None:
     ('[groups]\nw0 = ["w1"]\n', "groups.w0", "has the name of a worker"),
     ('[groups]\ng = []\n', "groups.g", ""),
     ('[groups]\ng = "w0"\n', "groups.g", ""),
-    ("[groups]\n" + "".join(f'g{i} = ["g{i + 1}"]\n' for i in range(9)) + 'g9 = ["w0"]\n',
+    ("[groups]\n" + "".join(f'g{i} = ["g{i + 1}"]\n' for i in range(70)) + 'g70 = ["w0"]\n',
      "groups.g", "nested"),
 ])
 def test_bad_groups_are_named(groups: str, key_path: str, why: str) -> None:
