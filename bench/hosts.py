@@ -4,8 +4,10 @@ Makes three Linux network namespaces joined to this one by veth pairs (needs
 root), starts ``hiocluster agent`` in each, and runs topologies/ring.toml and
 topologies/phold.toml with their four workers spread over the hosts (tcp +
 CurveZMQ, every DATA frame host to host) beside the same four workers on this
-host over ipc, and over tcp + CurveZMQ, in the same run. Prints ticks/s and the
-ratios; the digests must be equal.
+host over ipc, and over tcp + CurveZMQ, and the same four workers under groups
+nested three deep (root > g1 > g2 > g3, one host, ipc), in the same run. Prints
+ticks/s and the ratios; the digests must be equal. (bench/groups.py compares
+trees with --window 1 too.)
 
     sudo python bench/hosts.py [--ticks 2000] [--repeat 3]
 """
@@ -28,6 +30,7 @@ from tests.netns import Hosts, skip_reason  # noqa: E402
 
 HOSTS = ("h1", "h2", "h3")
 SPREAD = {"h1": ("p1",), "h2": ("p2",), "h3": ("p3",)}   # p0 stays with the supervisor
+DEEP = (("g1", ("p0", "g2")), ("g2", ("p1", "g3")), ("g3", ("p2", "p3")))
 
 
 def measure(topology: Topology, **kwargs: object) -> tuple[float, str]:
@@ -58,12 +61,13 @@ def main() -> None:
                 across = topology.replace(hosts=tuple(
                     HostSpec(name, hosts.agent_address(HOSTS.index(name)), workers)
                     for name, workers in SPREAD.items()))
-                best = {"ipc": 0.0, "tcp": 0.0, "hosts": 0.0}
+                best = {"ipc": 0.0, "tcp": 0.0, "hosts": 0.0, "nested": 0.0}
                 digests = set()
                 for _ in range(args.repeat):
                     for label, (subject, extra) in {
                             "ipc": (topology, {}), "tcp": (topology, {"transport": "tcp"}),
-                            "hosts": (across, {"keys": str(keys)})}.items():
+                            "hosts": (across, {"keys": str(keys)}),
+                            "nested": (topology.replace(groups=DEEP), {})}.items():
                         rate, digest = measure(subject, **extra)
                         best[label] = max(best[label], rate)
                         digests.add(digest)
@@ -71,8 +75,9 @@ def main() -> None:
                 print(f"{example}: one host ipc {best['ipc']:,.0f} t/s, one host tcp+curve "
                       f"{best['tcp']:,.0f} t/s, three hosts tcp+curve {best['hosts']:,.0f} t/s; "
                       f"hosts/ipc {best['hosts'] / best['ipc']:.2f}x, "
-                      f"hosts/tcp {best['hosts'] / best['tcp']:.2f}x; digest "
-                      f"{digests.pop()[:16]}")
+                      f"hosts/tcp {best['hosts'] / best['tcp']:.2f}x; nested 3 deep "
+                      f"{best['nested']:,.0f} t/s, nested/ipc "
+                      f"{best['nested'] / best['ipc']:.2f}x; digest {digests.pop()[:16]}")
 
 
 if __name__ == "__main__":
