@@ -326,10 +326,13 @@ class Supervisor(Supervising):
         self.on_tick, self.on_ready = on_tick, on_ready
         self.start_timeout, self.stop_timeout = start_timeout, stop_timeout
         names = list(plan.top)
-        unknown = sorted(set(external) - {spec.name for spec in plan.workers})
+        workers = [spec.name for spec in plan.workers]
+        unknown = sorted(set(external) - set(workers))
         if unknown:
-            raise TopologyError(f"no worker named {', '.join(unknown)} in the plan "
-                                f"(workers: {', '.join(names[:10])})", key_path="--external")
+            what = "is a group: only workers" if unknown[0] in plan.groups else \
+                f"is no worker in the plan (workers: {', '.join(workers[:10])}); workers"
+            raise TopologyError(f"{unknown[0]} {what} can be started by hand",
+                                key_path="--external")
         grouped = sorted(set(external) - set(names))
         if grouped:
             raise TopologyError(f"{', '.join(grouped)} run under a group: its group starts "

@@ -90,7 +90,7 @@ def test_run_seed_changes_digest(cli_env: dict[str, str]) -> None:
     (["run", "no/such/file.toml"], "no such file"),
     (["frobnicate"], "invalid choice"),
     (["run", "topologies/ring.toml", "--window", "0"], "--window: must be at least 1"),
-    (["run", "topologies/ring.toml", "--external", "p9"], "no worker named p9"),
+    (["run", "topologies/ring.toml", "--external", "p9"], "p9 is no worker in the plan"),
     (["run", "topologies/ring.toml", "--listen", "http://x"], "--listen: expected ipc://"),
     (["worker", "--connect", "garbage", "--name", "p0"], "--connect: expected ipc://"),
     (["worker", "--connect", "tcp://127.0.0.1:9", "--name=.p"], "invalid worker name"),

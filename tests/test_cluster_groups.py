@@ -117,6 +117,8 @@ def test_a_killed_group_is_blamed_for_its_nodes_and_leaves_no_worker(tmp_path: P
 def test_external_workers_must_not_be_inside_a_group() -> None:
     with pytest.raises(TopologyError, match="run under a group"):
         run(RING + ONE, external=["p1"])
+    with pytest.raises(TopologyError, match="g1 is a group: only workers can be started"):
+        run(RING + ONE, external=["g1"])
 
 
 def test_cli_check_and_run_show_groups(cli_env: dict[str, str], tmp_path: Path) -> None:
