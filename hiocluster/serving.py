@@ -1,0 +1,341 @@
+"""hio's TCP, TLS and WSGI servers, extended for replicas that share one port.
+
+Subclasses of hio's own servers (``hio.core.tcp``, ``hio.core.http``), each
+replacing or extending as little as it can:
+
+* :class:`Server`, :class:`ServerTls`: the listening socket also sets
+  SO_REUSEPORT, so every replica of a service binds the same address and the
+  kernel spreads connections over them; connections get the server's idle
+  ``tymeout`` (hio passes it under the wrong keyword), and idle or cut-off
+  connections are closed and forgotten instead of held for ever.
+* :class:`WsgiServer`: hio's WSGI server on one of those, where an app that
+  raises gets a 500 response (logged with its traceback) instead of ending the
+  Doist; a request that is not complete within ``tymeout`` of its first byte is
+  closed (slowloris), as is a connection idle for ``tymeout``; the response
+  says ``Connection: close`` when the server will close the connection after
+  it; and closing a connection whose app never started no longer raises.
+
+Each server can say which file descriptors it waits on (:meth:`Server.watch`),
+so a replica's loop sleeps until one is ready (hiocluster.replica).
+
+Imports: hio and the stdlib.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import sys
+import traceback
+from typing import Any, Callable, Iterable, Iterator
+
+from hio.core.http import serving as http_serving
+from hio.core.tcp import serving as tcp_serving
+
+__all__ = ["Server", "ServerTls", "WsgiServer", "guard", "Watch", "IDLE_TYMEOUT"]
+
+logger = logging.getLogger("hiocluster.serving")
+
+#: Seconds a connection may stay idle (and a request may take to arrive) by default.
+IDLE_TYMEOUT = 60.0
+
+#: ``(fd, wants to write)``: what a server waits on.
+Watch = tuple[int, bool]
+
+
+class _ReusePort:
+    """The listening socket of hio's Acceptor, with SO_REUSEPORT."""
+
+    ha: Any
+    bs: int
+    bl: int
+    ss: Any
+    opened: bool
+
+    def open(self) -> bool:
+        # Replaces hio's Acceptor.open, which makes, configures and binds its socket
+        # in one method with no hook between socket() and bind(): SO_REUSEPORT must
+        # be set in between, so the whole (short) method is ours.
+        self.ss = sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        for option in (socket.SO_SNDBUF, socket.SO_RCVBUF):
+            if sock.getsockopt(socket.SOL_SOCKET, option) < 2 * self.bs:
+                sock.setsockopt(socket.SOL_SOCKET, option, self.bs)
+        sock.setblocking(False)
+        try:
+            sock.bind(self.ha)
+            sock.listen(self.bl)
+        except OSError as exc:
+            self.close()  # type: ignore[attr-defined]
+            logger.error("cannot listen on %s:%s: %s", *self.ha, exc)
+            return False
+        self.ha = sock.getsockname()
+        self.eha = (self.eha[0], self.ha[1])  # type: ignore[has-type]  # port 0: the one bound
+        self.opened = True
+        return True
+
+    def accept(self) -> tuple[Any, Any]:
+        # Extends hio's: a connection reset before we accepted it is not an error.
+        try:
+            return super().accept()  # type: ignore[misc]
+        except ConnectionAbortedError:
+            return (None, None)
+
+
+class _Refreshing:
+    """A connection whose idle timer restarts from now on activity."""
+
+    tymer: Any
+
+    def refresh(self) -> None:
+        # Replaces hio's Remoter.refresh, whose Tymer.restart() is lossless (it
+        # restarts from the previous deadline): every send or receive pushed the
+        # deadline a whole tymeout further, so a busy connection could never be
+        # found idle afterwards.
+        self.tymer.start()
+
+
+class Remoter(_Refreshing, tcp_serving.Remoter):
+    """hio's connection, with an idle timer that measures idleness."""
+
+
+class RemoterTls(_Refreshing, tcp_serving.RemoterTls):
+    """hio's TLS connection, with an idle timer that measures idleness."""
+
+
+class _Reaping:
+    """Closes and forgets connections that are cut off or idle past ``tymeout``."""
+
+    ixes: dict[Any, Any]
+    tymeout: float
+
+    def reap(self) -> None:
+        for ca, ix in list(self.ixes.items()):
+            if ix.cutoff or (self.tymeout > 0 and ix.tymer.expired):
+                if not ix.cutoff:
+                    ix.serviceSends()  # what is queued may still go out
+                self.removeIx(ca)  # type: ignore[attr-defined]
+
+    def watch(self) -> list[Watch]:
+        """The file descriptors to wait on: the listening socket and every
+        connection (for writing too while it has bytes queued)."""
+        found: list[Watch] = []
+        if self.ss is not None:  # type: ignore[attr-defined]
+            found.append((self.ss.fileno(), False))  # type: ignore[attr-defined]
+        for ix in self.ixes.values():
+            if ix.cs is not None:
+                found.append((ix.cs.fileno(), bool(ix.txbs)))
+        return found
+
+    def service(self) -> None:
+        super().service()  # type: ignore[misc]
+        self.reap()
+
+
+class Server(_ReusePort, _Reaping, tcp_serving.Server):
+    """hio's non-blocking TCP server on a shared port (see the module docstring).
+    ``tymeout``: seconds a connection may be idle (0: for ever)."""
+
+    Tymeout = IDLE_TYMEOUT
+
+    def serviceAxes(self) -> None:
+        # Replaces hio's, which passes the idle timeout to Remoter as ``timeout=``
+        # where Remoter takes ``tymeout=`` (so it never reached a connection).
+        self.serviceAccepts()
+        while self.axes:
+            cs, ca = self.axes.popleft()
+            self.ixes[ca] = Remoter(tymth=self.tymth, ha=cs.getsockname(),
+                                                ca=ca, cs=cs, bs=self.bs, wl=self.wl,
+                                                tymeout=self.tymeout)
+
+
+class ServerTls(_ReusePort, _Reaping, tcp_serving.ServerTls):
+    """hio's TLS server on a shared port; a handshake that does not finish within
+    ``tymeout`` is dropped too."""
+
+    Tymeout = IDLE_TYMEOUT
+
+    def serviceAxes(self) -> None:
+        # Replaces hio's for the same keyword as Server.serviceAxes.
+        self.serviceAccepts()
+        while self.axes:
+            cs, ca = self.axes.popleft()
+            try:
+                remoter = RemoterTls(
+                    tymth=self.tymth, ha=cs.getsockname(), ca=ca, bs=self.bs, cs=cs,
+                    wl=self.wl, tymeout=self.tymeout, context=self.context)
+            except OSError:  # gone before its handshake began
+                cs.close()
+                continue
+            self.cxes[ca] = remoter
+
+    def reap(self) -> None:
+        super().reap()
+        for ca, cx in list(self.cxes.items()):
+            if self.tymeout > 0 and cx.tymer.expired:  # a handshake that never ends
+                cx.close()
+                del self.cxes[ca]
+
+    def watch(self) -> list[Watch]:
+        found = super().watch()
+        # a handshake in progress waits for either direction
+        found += [(cx.cs.fileno(), False) for cx in self.cxes.values() if cx.cs is not None]
+        return found
+
+
+def guard(app: Callable) -> Callable:
+    """A WSGI app that never raises into the server: an exception before the
+    response started becomes a 500 (logged with its traceback); after that, the
+    response is cut and the connection closed. It adds ``Connection: close`` when
+    the server will close the connection after the response."""
+
+    def guarded(environ: dict[str, Any], start_response: Callable) -> Iterable[bytes]:
+        closing = not environ.get("hiocluster.keep_alive", True)
+
+        def start(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
+            if closing and not any(name.lower() == "connection" for name, _ in headers):
+                headers = [*headers, ("Connection", "close")]
+            return start_response(status, headers, exc_info)
+
+        try:
+            body = app(environ, start)
+            return _Guarded(iter(body), environ, start, body)
+        except Exception:
+            return _failure(environ, start, sys.exc_info())
+
+    return guarded
+
+
+def _failure(environ: dict[str, Any], start: Callable, exc_info: Any) -> list[bytes]:
+    logger.error("%s %s: the app raised\n%s", environ.get("REQUEST_METHOD"),
+                 environ.get("PATH_INFO"), "".join(traceback.format_exception(*exc_info)))
+    body = b"500 Internal Server Error\n"
+    start("500 Internal Server Error", [("Content-Type", "text/plain"),
+                                        ("Content-Length", str(len(body)))], exc_info)
+    return [body]
+
+
+class _Guarded:
+    """The app's body iterator: an exception while it is read is answered as in
+    :func:`guard` (hio's own handler logs it and leaves the response hanging)."""
+
+    def __init__(self, body: Iterator[bytes], environ: dict[str, Any], start: Callable,
+                 original: Any) -> None:
+        self.body, self.environ, self.start, self.original = body, environ, start, original
+        self.sent = False
+        self.failed: list[bytes] | None = None
+
+    def __iter__(self) -> _Guarded:
+        return self
+
+    def __next__(self) -> bytes:
+        if self.failed is not None:
+            if not self.failed:
+                raise StopIteration
+            return self.failed.pop(0)
+        try:
+            chunk = next(self.body)
+        except StopIteration:
+            if hasattr(self.original, "close"):
+                self.original.close()
+            raise
+        except Exception:
+            if self.sent:  # the head is out: all we can do is cut the connection
+                logger.error("%s %s: the app raised while sending its response\n%s",
+                             self.environ.get("REQUEST_METHOD"), self.environ.get("PATH_INFO"),
+                             traceback.format_exc())
+                self.environ["hiocluster.abort"] = True
+                raise StopIteration from None
+            self.failed = _failure(self.environ, self.start, sys.exc_info())
+            return self.failed.pop(0)
+        if chunk:
+            self.sent = True
+        return chunk
+
+
+class WsgiServer(http_serving.Server):
+    """hio's WSGI HTTP server (see the module docstring) on a shared port: plain,
+    or TLS with ``context`` (an ``ssl.SSLContext``) or ``certpath``/``keypath``.
+
+    Args:
+        app: the WSGI application.
+        ha: ``(host, port)`` to listen on.
+        tymeout: seconds a connection may stay idle, and a request may take from
+            its first byte to its last (0: no limit).
+        context, certpath, keypath: TLS (https) when given.
+    """
+
+    Tymeout = IDLE_TYMEOUT
+
+    def __init__(self, app: Callable, ha: tuple[str, int], *, tymeout: float | None = None,
+                 context: Any = None, certpath: str | None = None,
+                 keypath: str | None = None, bufsize: int = 8096, **kwa: Any) -> None:
+        tymeout = self.Tymeout if tymeout is None else tymeout
+        if context is not None or certpath or keypath:
+            servant: Any = ServerTls(ha=ha, bs=bufsize, tymeout=tymeout, context=context,
+                                     certpath=certpath, keypath=keypath, certify=0)
+        else:
+            servant = Server(ha=ha, bs=bufsize, tymeout=tymeout)
+        super().__init__(app=guard(app), servant=servant, ha=ha, tymeout=tymeout, **kwa)
+        self.tymeout = tymeout
+        self.started: dict[Any, float] = {}   # connection -> when its request began
+        self.served = 0                       # responses completed
+
+    def watch(self) -> list[Watch]:
+        return self.servant.watch()
+
+    @property
+    def busy(self) -> bool:
+        """An app's response is being produced: run again soon, do not sleep."""
+        return any(not rep.ended for rep in self.reps.values())
+
+    def buildEnviron(self, requestant: Any) -> dict[str, Any]:
+        # Extends hio's: tells the guarded app whether the connection stays open.
+        environ = super().buildEnviron(requestant)
+        environ["hiocluster.keep_alive"] = bool(requestant.persisted)
+        return environ
+
+    def serviceConnects(self) -> None:
+        # Extends hio's: hio never times out a kept-alive connection (it sets its
+        # tymeout to 0), and a request trickling in keeps refreshing the timer.
+        super().serviceConnects()
+        if self.tymeout <= 0:
+            return
+        now = self.servant.tyme
+        for ca, ix in list(self.servant.ixes.items()):
+            requestant = self.reqs.get(ca)
+            if requestant is None:
+                continue
+            if requestant.ended or not (requestant.msg or requestant.headed):
+                self.started.pop(ca, None)  # between requests: idle, by its timer
+                if ix.tymer.expired and (ca not in self.reps or self.reps[ca].ended):
+                    self.closeConnection(ca)
+                continue
+            began = self.started.setdefault(ca, now)
+            if now - began > self.tymeout:  # slow or stalled request
+                self.closeConnection(ca)
+
+    def serviceReps(self) -> None:
+        # Extends hio's: a response the app broke off closes its connection; count
+        # finished responses.
+        for ca, rep in list(self.reps.items()):
+            if rep.environ.get("hiocluster.abort") and rep.ended:
+                self.closeConnection(ca)
+        done = sum(1 for rep in self.reps.values() if not rep.ended)
+        super().serviceReps()
+        self.served += done - sum(1 for rep in self.reps.values() if not rep.ended)
+
+    def closeConnection(self, ca: Any) -> None:
+        # Extends hio's: a responder whose app never started has nothing to finish
+        # (hio would write to it and raise AssertionError, hiding the first error).
+        rep = self.reps.get(ca)
+        if rep is not None and not rep.started:
+            rep.ended = True
+        self.started.pop(ca, None)
+        if ca in self.servant.ixes or ca in self.reqs or ca in self.reps:
+            super().closeConnection(ca)
+
+    def close(self) -> None:
+        super().close()
+        self.started.clear()
