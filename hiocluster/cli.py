@@ -90,6 +90,20 @@ def _tcp(text: str) -> str:
     return address
 
 
+def _scale_target(text: str) -> tuple[str, int]:
+    name, equals, count = text.partition("=")
+    if not equals:
+        raise argparse.ArgumentTypeError(f"expected NAME=N, got {text!r}")
+    try:
+        value = int(count)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected NAME=N with N an integer, got "
+                                         f"{text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"N must be 0 or more, got {value}")
+    return _name(name), value
+
+
 def _window(text: str) -> int | None:
     if text == "auto":
         return None
@@ -137,6 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--external", metavar="NAME", action="append", default=[], type=_name,
                      help="do not start worker NAME: wait for it to be started by hand "
                           "(the command to use is printed); repeatable")
+    run.add_argument("--no-prefix", action="store_true",
+                     help="pass replicas' output through without the 'name | ' prefix")
 
     check = commands.add_parser("check", help="validate a topology without running it",
                                 description="Validate a topology (and import its node "
@@ -195,6 +211,51 @@ def build_parser() -> argparse.ArgumentParser:
                     "for `worker`.",
         epilog="Exit codes: 0 stopped cleanly, 1 failed (the supervisor was told why), "
                "2 usage error, 3 the supervisor vanished, 130/143 SIGINT/SIGTERM.")
+    replica = commands.add_parser(
+        "replica", help="serve as one replica of a service (started by hiocluster run)",
+        description="Serve as one replica of a service: the service's spec and the run's "
+                    "token come in $HIOCLUSTER_SERVICE and $HIOCLUSTER_CREDENTIALS; "
+                    "`hiocluster run` starts replicas itself.",
+        epilog="Exit codes: 0 stopped cleanly, 1 cannot serve, 2 usage error, 3 the "
+               "supervisor vanished.")
+    replica.add_argument("--connect", required=True, metavar="ADDRESS", type=_address,
+                         help="the run's services socket")
+    replica.add_argument("--name", required=True, metavar="SERVICE.REPLICA.INCARNATION",
+                         help="which replica this is")
+    _app_dir(replica)
+
+    status = commands.add_parser(
+        "status", help="show a running run's services and simulation",
+        description="Show a running run: each service's replicas (pid, state, restarts, "
+                    "uptime, CPU, memory, requests served) and the simulation's progress.",
+        epilog="Exit codes: 0 every replica serving, 3 some are not, 4 no run reachable.")
+    status.add_argument("--json", action="store_true", help="print the status as JSON")
+    scale = commands.add_parser(
+        "scale", help="change a service's number of replicas",
+        description="Change a service's number of replicas, without refusing "
+                    "connections: new replicas serve beside the others; removed ones "
+                    "drain first. Waits until done.",
+        epilog="Exit codes: 0 done, 1 refused, 3 not done in time, 4 no run reachable.")
+    scale.add_argument("target", metavar="NAME=N", type=_scale_target,
+                       help="the service and its new number of replicas")
+    restart = commands.add_parser(
+        "restart", help="rolling restart of a service",
+        description="Restart a service's replicas one at a time; each one's successor "
+                    "serves before it is stopped. Waits until done.",
+        epilog="Exit codes: 0 done, 1 refused, 3 not done in time, 4 no run reachable.")
+    restart.add_argument("service", metavar="NAME", type=_name, help="the service")
+    stop = commands.add_parser(
+        "stop", help="stop a running run",
+        description="Stop a running run: replicas drain and exit, a simulation stops.",
+        epilog="Exit codes: 0 stopped, 3 not stopped in time, 4 no run reachable.")
+    for command in (status, scale, restart, stop):
+        command.add_argument("--control", metavar="ADDRESS", type=_address,
+                             help="the run's control endpoint (default: $HIOCLUSTER_CONTROL, "
+                                  "else the one run found)")
+        if command is not status:
+            command.add_argument("--timeout", type=float, default=60.0, metavar="S",
+                                 help="seconds to wait until done (default 60)")
+
     group.add_argument("--tree", required=True, metavar="FILE",
                        help="JSON: each child -> its node names (a worker) or its own tree "
                             "(a group)")
@@ -248,6 +309,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _keygen(parser, args)
     if args.command == "agent":
         return _agent(args)
+    if args.command == "replica":
+        return _replica(parser, args)
+    if args.command in ("status", "scale", "restart", "stop"):
+        from .control import control_main
+        return control_main(args)
     try:
         return _check(args) if args.command == "check" else _run(args)
     except TopologyError as exc:  # also raised by run() for an impossible plan
@@ -270,7 +336,7 @@ def _load(args: argparse.Namespace) -> Any:
         changes["hosts"] = _hosts_from(args)
     if changes:
         topology = topology.replace(**changes)
-    return topology, plan(topology, args.processes)
+    return topology, plan(topology, args.processes) if topology.nodes else None
 
 
 def _names(names: Sequence[str], shown: int = 8) -> str:
@@ -280,34 +346,49 @@ def _names(names: Sequence[str], shown: int = 8) -> str:
 
 
 def _check(args: argparse.Namespace) -> int:
-    from .topology import resolve_classes
+    from .topology import resolve_classes, resolve_services
 
     topology, layout = _load(args)
-    resolve_classes(topology, args.app_dir)  # run() does this itself
-    print(f"ok: {topology.name}: {len(topology.nodes)} nodes, {len(topology.links)} links, "
-          f"{topology.ticks} ticks; {len(layout.workers)} workers on {os.cpu_count()} cores, "
-          f"{layout.crossing(topology.links)} links between workers")
-    for worker in layout.workers[:20]:
-        host = layout.hosts.get(worker.name)
-        where = f" on {host.name} ({host.agent})" if host is not None else ""
-        print(f"  {worker.name}{where}: {len(worker.nodes)} nodes: "
-              f"{_names(worker.node_names)}")
-    if len(layout.workers) > 20:
-        print(f"  ... and {len(layout.workers) - 20} more workers")
-    if layout.groups:
-        print("groups: " + "; ".join(
-            f"{name} [{', '.join(members)}]"
-            + (f" on {layout.hosts[name].name}" if name in layout.hosts else "")
-            for name, members in layout.groups.items()))
+    resolve_services(topology, args.app_dir)
+    if layout is not None:
+        resolve_classes(topology, args.app_dir)  # run() does this itself
+        print(f"ok: {topology.name}: {len(topology.nodes)} nodes, {len(topology.links)} "
+              f"links, {topology.ticks} ticks; {len(layout.workers)} workers on "
+              f"{os.cpu_count()} cores, {layout.crossing(topology.links)} links between "
+              "workers")
+        for worker in layout.workers[:20]:
+            host = layout.hosts.get(worker.name)
+            where = f" on {host.name} ({host.agent})" if host is not None else ""
+            print(f"  {worker.name}{where}: {len(worker.nodes)} nodes: "
+                  f"{_names(worker.node_names)}")
+        if len(layout.workers) > 20:
+            print(f"  ... and {len(layout.workers) - 20} more workers")
+        if layout.groups:
+            print("groups: " + "; ".join(
+                f"{name} [{', '.join(members)}]"
+                + (f" on {layout.hosts[name].name}" if name in layout.hosts else "")
+                for name, members in layout.groups.items()))
+    else:
+        print(f"ok: {topology.name}: {len(topology.services)} services")
+    for spec in topology.services:
+        print(f"service {spec.name}: {spec.replicas} x {spec.cls} on {spec.address}"
+              f"{' (tls)' if spec.tls else ''}; {spec.restart}, at most {spec.max_restarts} "
+              f"restarts in {spec.within:g} s")
     return EXIT_OK
 
 
 def _run(args: argparse.Namespace) -> int:
+    from .logs import Prefixer
     from .supervisor import run
 
     topology, _ = _load(args)
+    if topology.services and not topology.nodes:
+        return _serve(args, topology)
 
     def announce(supervisor: Any) -> None:  # once the control socket is bound
+        if topology.services:
+            print(f"hiocluster: control: HIOCLUSTER_CONTROL={supervisor.endpoint_address}",
+                  file=sys.stderr, flush=True)
         for name in args.external:
             print(f"hiocluster: waiting for worker {name}: "
                   f"{supervisor.worker_command_line(name)}", file=sys.stderr, flush=True)
@@ -317,7 +398,8 @@ def _run(args: argparse.Namespace) -> int:
             result = run(topology, processes=args.processes, app_dir=args.app_dir,
                          window=args.window, on_tick=on_tick, keep_digests=args.digests,
                          transport=args.transport, listen=args.listen, keys=args.keys,
-                         external=args.external, on_listening=announce)
+                         external=args.external, on_listening=announce,
+                         prefixer=Prefixer(prefix=not args.no_prefix))
         except Interrupted as exc:
             print(f"hiocluster: {exc}; every process was shut down", file=sys.stderr)
             _json_error(args, exc, {"signal": exc.signal})
@@ -397,6 +479,39 @@ def _worker(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
                                     credentials=credentials, bind=args.bind,
                                     app_dir=args.app_dir, run_dir=args.run_dir,
                                     tick_file=args.tick_file))
+
+
+def _serve(args: argparse.Namespace, topology: Any) -> int:
+    from .logs import Prefixer
+    from .servicecore import ServiceFailed
+    from .services import CONTROL_ENV, serve
+
+    def announce(run: Any) -> None:  # once the endpoint is bound
+        print(f"hiocluster: control: {CONTROL_ENV}={run.endpoint_address}", file=sys.stderr,
+              flush=True)
+
+    try:
+        result = serve(topology, app_dir=args.app_dir, on_listening=announce,
+                       prefixer=Prefixer(prefix=not args.no_prefix))
+    except ServiceFailed as exc:
+        return _failed(args, exc, {"service": exc.service})
+    if args.json:
+        print(json.dumps(result.to_json()))
+    else:
+        for row in result.services:
+            print(f"{row['service']}: stopped; {row['served']} served, "
+                  f"{row['restarts']} restarts")
+    return EXIT_OK
+
+
+def _replica(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    from .replica import options_from, run_replica
+
+    try:
+        options = options_from(args.connect, args.name, args.app_dir)
+    except ValueError as exc:
+        parser.error(f"replica: {exc}")
+    return run_replica(options)
 
 
 def _failed(args: argparse.Namespace, exc: ClusterError, fields: dict[str, Any]) -> int:

@@ -24,11 +24,13 @@ import signal
 import struct
 import subprocess
 import sys
+import time
 from typing import Any, Callable, Mapping, Protocol, Sequence
 
 from .transport import CREDENTIALS_ENV, Credentials
 
 __all__ = ["ProcessHandle", "Launcher", "LocalProcess", "LocalLauncher", "TickRegister",
+           "end_process",
            "worker_argv"]
 
 
@@ -116,7 +118,7 @@ class TickRegister:
 class LocalProcess:
     """A worker started as a child process of this one (see :class:`ProcessHandle`)."""
 
-    def __init__(self, popen: subprocess.Popen, register: TickRegister) -> None:
+    def __init__(self, popen: subprocess.Popen, register: TickRegister | None) -> None:
         self.popen = popen
         self.register = register
         self.pid: int | None = popen.pid
@@ -140,7 +142,7 @@ class LocalProcess:
         return None
 
     def last_tick(self) -> int | None:
-        tick = self.register.load()
+        tick = self.register.load() if self.register is not None else -1
         return tick if tick >= 0 else None
 
     def _signal(self, signum: int) -> None:
@@ -160,9 +162,22 @@ class LocalProcess:
         if self.sentinel is not None:
             os.close(self.sentinel)
             self.sentinel = None
-        if self.popen.stderr is not None:
-            self.popen.stderr.close()
-        self.register.close()
+        for pipe in (self.popen.stdout, self.popen.stderr):
+            if pipe is not None:
+                pipe.close()
+        if self.register is not None:
+            self.register.close()
+
+
+def end_process(handle: ProcessHandle, grace: float) -> None:
+    """Make sure ``handle``'s process is gone: SIGTERM, up to ``grace`` seconds,
+    SIGKILL, up to ``grace`` seconds (a forced exit, not the normal path)."""
+    for step in ("terminate", "kill"):
+        if handle.exitcode() is None:
+            getattr(handle, step)()
+            deadline = time.monotonic() + grace
+            while handle.exitcode() is None and time.monotonic() < deadline:
+                time.sleep(0.01)
 
 
 class LocalLauncher:

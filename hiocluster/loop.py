@@ -16,11 +16,11 @@ from __future__ import annotations
 import time
 from typing import Any, Iterable
 
-from hio.base.doing import Doist
+from hio.base.doing import Doer, Doist
 
-from .transport import Poller
+from .transport import NOBLOCK, SNDMORE, Poller, ZMQError
 
-__all__ = ["Loop", "MAX_WAIT_S"]
+__all__ = ["Loop", "RouterDoer", "MAX_WAIT_S"]
 
 #: Longest wait between cycles: deadlines and signals are looked at this often.
 MAX_WAIT_S = 0.05
@@ -69,3 +69,31 @@ class Loop(Doist):
                     self.wait()
         finally:
             self.exit()
+
+
+class RouterDoer(Doer):
+    """A doer that owns one bound ZeroMQ ROUTER socket in a :class:`Loop`: it is
+    polled from :meth:`attach` on, closed in ``exit``."""
+
+    router: Any = None
+    _loop: Loop | None = None
+
+    def attach(self, loop: Loop, router: Any) -> None:
+        self._loop, self.router = loop, router
+        loop.poller.register(router)
+
+    def reply(self, identity: bytes, frame: bytes) -> None:
+        """Send ``frame`` to the peer ``identity``; a peer that is gone is no error
+        (its process exit, or its silence, tells the core)."""
+        try:
+            self.router.send(identity, NOBLOCK | SNDMORE)
+            self.router.send(frame, NOBLOCK)
+        except ZMQError:
+            pass
+
+    def exit(self) -> None:
+        if self.router is not None:
+            if self._loop is not None:
+                self._loop.poller.unregister(self.router)
+            self.router.close(linger=0)
+            self.router = None

@@ -280,8 +280,8 @@ class Node(DoDoer):
         return digest_state(self.state())
 
 
-def load_class(path: str, app_dir: str | None = None) -> type[Node]:
-    """Import the Node subclass named ``"module:attr"``.
+def load_class(path: str, app_dir: str | None = None, base: type | None = None) -> Any:
+    """Import the Node subclass (or subclass of ``base``) named ``"module:attr"``.
 
     ``app_dir`` (default: the current directory) goes first on sys.path if absent,
     like gunicorn's and uvicorn's ``--app-dir``.
@@ -311,6 +311,7 @@ def load_class(path: str, app_dir: str | None = None) -> type[Node]:
                 from None
     if not isinstance(target, type):
         raise ImportError(f"{path!r} is not a class (it is a {type(target).__name__})")
-    if not issubclass(target, Node):
-        raise ImportError(f"{path!r} is not a subclass of hiocluster.node.Node")
+    base = base or Node
+    if not issubclass(target, base):
+        raise ImportError(f"{path!r} is not a subclass of {base.__module__}.{base.__qualname__}")
     return target

@@ -32,19 +32,31 @@ from typing import Any, Callable, Iterable, Iterator
 from hio.core.http import serving as http_serving
 from hio.core.tcp import serving as tcp_serving
 
-__all__ = ["Server", "ServerTls", "WsgiServer", "guard", "Watch", "IDLE_TYMEOUT"]
+__all__ = ["Server", "ServerTls", "WsgiServer", "guard", "listening_socket", "Watch",
+           "IDLE_TYMEOUT"]
 
 logger = logging.getLogger("hiocluster.serving")
 
 #: Seconds a connection may stay idle (and a request may take to arrive) by default.
 IDLE_TYMEOUT = 60.0
 
+#: Seconds a connection must have been quiet before a draining server closes it:
+#: a client that just connected is sending its request, not idling.
+DRAIN_IDLE_S = 0.25
+
 #: ``(fd, wants to write)``: what a server waits on.
 Watch = tuple[int, bool]
 
 
 class _ReusePort:
-    """The listening socket of hio's Acceptor, with SO_REUSEPORT."""
+    """hio's Acceptor with SO_REUSEPORT, or on listening sockets handed to it.
+
+    ``sockets``: listening sockets made by someone else (a replica gets its
+    supervisor's, so connections queued on them outlive the replica); the server
+    then binds nothing and accepts from all of them. Closing one only closes this
+    process's descriptor: never ``shutdown``, which would stop it for every
+    process that shares it.
+    """
 
     ha: Any
     bs: int
@@ -52,35 +64,90 @@ class _ReusePort:
     ss: Any
     opened: bool
 
+    def __init__(self, *args: Any, sockets: Iterable[socket.socket] = (), **kwa: Any) -> None:
+        self.inherited = list(sockets)
+        self.listeners: list[socket.socket] = []
+        super().__init__(*args, **kwa)
+
     def open(self) -> bool:
         # Replaces hio's Acceptor.open, which makes, configures and binds its socket
         # in one method with no hook between socket() and bind(): SO_REUSEPORT must
         # be set in between, so the whole (short) method is ours.
-        self.ss = sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        for option in (socket.SO_SNDBUF, socket.SO_RCVBUF):
-            if sock.getsockopt(socket.SOL_SOCKET, option) < 2 * self.bs:
-                sock.setsockopt(socket.SOL_SOCKET, option, self.bs)
-        sock.setblocking(False)
-        try:
-            sock.bind(self.ha)
-            sock.listen(self.bl)
-        except OSError as exc:
-            self.close()  # type: ignore[attr-defined]
-            logger.error("cannot listen on %s:%s: %s", *self.ha, exc)
-            return False
-        self.ha = sock.getsockname()
+        if self.inherited:
+            self.listeners, self.inherited = self.inherited, []
+            for sock in self.listeners:
+                sock.setblocking(False)
+        else:
+            try:
+                self.listeners = [listening_socket(self.ha, backlog=self.bl, bufsize=self.bs)]
+            except OSError as exc:
+                logger.error("cannot listen on %s:%s: %s", *self.ha, exc)
+                return False
+        self.ss = self.listeners[0]
+        self.ha = self.ss.getsockname()
         self.eha = (self.eha[0], self.ha[1])  # type: ignore[has-type]  # port 0: the one bound
         self.opened = True
         return True
 
     def accept(self) -> tuple[Any, Any]:
-        # Extends hio's: a connection reset before we accepted it is not an error.
-        try:
-            return super().accept()  # type: ignore[misc]
-        except ConnectionAbortedError:
-            return (None, None)
+        # Replaces hio's: from any of our listening sockets; a connection reset
+        # before we accepted it is not an error.
+        for sock in self.listeners:
+            try:
+                return sock.accept()
+            except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+                continue
+        return (None, None)
+
+    def close_listeners(self) -> None:
+        for sock in self.listeners:
+            sock.close()
+        self.listeners = []
+        self.ss = None
+        self.opened = False
+
+    def close(self) -> None:
+        # Replaces hio's Acceptor.close (and Server's, which adds closeAllIx): no
+        # shutdown of a listening socket that other processes may share.
+        self.close_listeners()
+        if hasattr(self, "ixes"):
+            self.closeAllIx()  # type: ignore[attr-defined]
+        for cx in getattr(self, "cxes", {}).values():  # handshakes in progress
+            cx.close()
+        getattr(self, "cxes", {}).clear()
+
+    def stop_accepting(self) -> None:
+        """Take every connection already queued, then close our listening sockets:
+        from now on the kernel hands new connections to the other replicas (or,
+        for a shared socket, leaves them queued for its other holders)."""
+        if not self.listeners:
+            return
+        self.serviceAxes()  # type: ignore[attr-defined]
+        self.close_listeners()
+
+    def listening(self) -> list[int]:
+        return [sock.fileno() for sock in self.listeners]
+
+
+def listening_socket(ha: tuple[str, int], *, backlog: int = 1024,
+                     bufsize: int = 8096) -> socket.socket:
+    """A non-blocking TCP socket listening on ``ha`` with SO_REUSEADDR and
+    SO_REUSEPORT (so replicas, and a supervisor's sockets for them, share the
+    address). Raises OSError."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        for option in (socket.SO_SNDBUF, socket.SO_RCVBUF):
+            if sock.getsockopt(socket.SOL_SOCKET, option) < 2 * bufsize:
+                sock.setsockopt(socket.SOL_SOCKET, option, bufsize)
+        sock.setblocking(False)
+        sock.bind(ha)
+        sock.listen(backlog)
+    except OSError:
+        sock.close()
+        raise
+    return sock
 
 
 class _Refreshing:
@@ -104,11 +171,29 @@ class RemoterTls(_Refreshing, tcp_serving.RemoterTls):
     """hio's TLS connection, with an idle timer that measures idleness."""
 
 
+
 class _Reaping:
-    """Closes and forgets connections that are cut off or idle past ``tymeout``."""
+    """Closes and forgets connections that are cut off or idle past ``tymeout``;
+    once :meth:`drain` was called, also those with nothing in flight."""
 
     ixes: dict[Any, Any]
     tymeout: float
+    draining = False
+
+    def drain(self) -> None:
+        """Stop accepting; close each connection once nothing is in flight on it."""
+        self.draining = True
+        self.stop_accepting()  # type: ignore[attr-defined]
+
+    @property
+    def connections(self) -> int:
+        """Open connections (a TLS handshake in progress counts)."""
+        return len(self.ixes) + len(getattr(self, "cxes", ()))
+
+    @property
+    def idle(self) -> bool:
+        """No connection is open."""
+        return not self.connections
 
     def reap(self) -> None:
         for ca, ix in list(self.ixes.items()):
@@ -116,17 +201,21 @@ class _Reaping:
                 if not ix.cutoff:
                     ix.serviceSends()  # what is queued may still go out
                 self.removeIx(ca)  # type: ignore[attr-defined]
+            elif self.draining and not ix.rxbs and not ix.txbs and \
+                    ix.tymer.elapsed >= DRAIN_IDLE_S:
+                self.removeIx(ca)  # type: ignore[attr-defined]
 
     def watch(self) -> list[Watch]:
         """The file descriptors to wait on: the listening socket and every
         connection (for writing too while it has bytes queued)."""
-        found: list[Watch] = []
-        if self.ss is not None:  # type: ignore[attr-defined]
-            found.append((self.ss.fileno(), False))  # type: ignore[attr-defined]
+        found: list[Watch] = [(fd, False) for fd in self.listening()]  # type: ignore
         for ix in self.ixes.values():
             if ix.cs is not None:
                 found.append((ix.cs.fileno(), bool(ix.txbs)))
         return found
+
+    def reap_handshakes(self) -> None:
+        """Plain TCP has none."""
 
     def service(self) -> None:
         super().service()  # type: ignore[misc]
@@ -135,7 +224,8 @@ class _Reaping:
 
 class Server(_ReusePort, _Reaping, tcp_serving.Server):
     """hio's non-blocking TCP server on a shared port (see the module docstring).
-    ``tymeout``: seconds a connection may be idle (0: for ever)."""
+    ``tymeout``: seconds a connection may be idle (0: for ever); ``sockets``:
+    listening sockets to accept from instead of binding ``ha``."""
 
     Tymeout = IDLE_TYMEOUT
 
@@ -172,6 +262,10 @@ class ServerTls(_ReusePort, _Reaping, tcp_serving.ServerTls):
 
     def reap(self) -> None:
         super().reap()
+        self.reap_handshakes()
+
+    def reap_handshakes(self) -> None:
+        """Drop handshakes that took longer than ``tymeout``."""
         for ca, cx in list(self.cxes.items()):
             if self.tymeout > 0 and cx.tymer.expired:  # a handshake that never ends
                 cx.close()
@@ -264,26 +358,45 @@ class WsgiServer(http_serving.Server):
         tymeout: seconds a connection may stay idle, and a request may take from
             its first byte to its last (0: no limit).
         context, certpath, keypath: TLS (https) when given.
+        sockets: listening sockets to serve instead of binding ``ha`` (see
+            :class:`Server`).
     """
 
     Tymeout = IDLE_TYMEOUT
 
     def __init__(self, app: Callable, ha: tuple[str, int], *, tymeout: float | None = None,
                  context: Any = None, certpath: str | None = None,
-                 keypath: str | None = None, bufsize: int = 8096, **kwa: Any) -> None:
+                 keypath: str | None = None, bufsize: int = 8096,
+                 sockets: Iterable[socket.socket] = (), **kwa: Any) -> None:
         tymeout = self.Tymeout if tymeout is None else tymeout
         if context is not None or certpath or keypath:
             servant: Any = ServerTls(ha=ha, bs=bufsize, tymeout=tymeout, context=context,
-                                     certpath=certpath, keypath=keypath, certify=0)
+                                     certpath=certpath, keypath=keypath, certify=0,
+                                     sockets=sockets)
         else:
-            servant = Server(ha=ha, bs=bufsize, tymeout=tymeout)
+            servant = Server(ha=ha, bs=bufsize, tymeout=tymeout, sockets=sockets)
         super().__init__(app=guard(app), servant=servant, ha=ha, tymeout=tymeout, **kwa)
         self.tymeout = tymeout
         self.started: dict[Any, float] = {}   # connection -> when its request began
         self.served = 0                       # responses completed
+        self.draining = False
 
     def watch(self) -> list[Watch]:
         return self.servant.watch()
+
+    def drain(self) -> None:
+        """Stop accepting; answer what is asked with ``Connection: close`` and close
+        each connection once its response is out."""
+        self.servant.stop_accepting()
+        self.draining = True
+
+    @property
+    def connections(self) -> int:
+        return self.servant.connections
+
+    @property
+    def idle(self) -> bool:
+        return self.servant.idle
 
     @property
     def busy(self) -> bool:
@@ -292,6 +405,8 @@ class WsgiServer(http_serving.Server):
 
     def buildEnviron(self, requestant: Any) -> dict[str, Any]:
         # Extends hio's: tells the guarded app whether the connection stays open.
+        if self.draining:
+            requestant.persisted = False  # closed after this response
         environ = super().buildEnviron(requestant)
         environ["hiocluster.keep_alive"] = bool(requestant.persisted)
         return environ
@@ -300,7 +415,8 @@ class WsgiServer(http_serving.Server):
         # Extends hio's: hio never times out a kept-alive connection (it sets its
         # tymeout to 0), and a request trickling in keeps refreshing the timer.
         super().serviceConnects()
-        if self.tymeout <= 0:
+        self.servant.reap_handshakes()
+        if self.tymeout <= 0 and not self.draining:
             return
         now = self.servant.tyme
         for ca, ix in list(self.servant.ixes.items()):
@@ -309,8 +425,12 @@ class WsgiServer(http_serving.Server):
                 continue
             if requestant.ended or not (requestant.msg or requestant.headed):
                 self.started.pop(ca, None)  # between requests: idle, by its timer
-                if ix.tymer.expired and (ca not in self.reps or self.reps[ca].ended):
+                expired = (self.draining and ix.tymer.elapsed >= DRAIN_IDLE_S) or \
+                    (self.tymeout > 0 and ix.tymer.expired)
+                if expired and not ix.txbs and (ca not in self.reps or self.reps[ca].ended):
                     self.closeConnection(ca)
+                continue
+            if self.tymeout <= 0:
                 continue
             began = self.started.setdefault(ca, now)
             if now - began > self.tymeout:  # slow or stalled request

@@ -35,13 +35,14 @@ from typing import Any, Callable, Sequence
 from hio.base.doing import DoDoer, Doer
 
 from .errors import ClusterError, Interrupted, TopologyError
-from .launch import LocalLauncher, ProcessHandle, worker_argv
-from .loop import Loop
+from .launch import LocalLauncher, ProcessHandle, end_process, worker_argv
+from .loop import Loop, RouterDoer
 from .remote import AgentLink
 from .runcore import START_TIMEOUT, STOP_TIMEOUT, RunCore, RunResult
-from .topology import Plan, Topology, plan as make_plan, resolve_classes
-from .transport import (NOBLOCK, SNDMORE, Context, Credentials, KeyPair, TransportError,
-                        ZMQError, bound_address, facing, local_address, readable, sender)
+from .topology import Plan, Topology, plan as make_plan, resolve_classes, resolve_services
+from .transport import (NOBLOCK, Context, Credentials, KeyPair, TransportError,
+                        bound_address, facing, ipc_address, local_address,
+                        readable, sender)
 
 __all__ = ["Supervising", "Supervisor", "Switchboard", "ChildDoer", "RunResult", "run", "KILL_GRACE_S"]
 
@@ -52,7 +53,7 @@ KILL_GRACE_S = 2.0
 EXIT_SETTLE_S = 0.25
 
 
-class Switchboard(Doer):
+class Switchboard(RouterDoer):
     """The supervisor's control socket, as a doer (see the module docstring)."""
 
     def __init__(self, supervisor: Supervisor, **kwa: Any) -> None:
@@ -65,9 +66,8 @@ class Switchboard(Doer):
 
     def enter(self) -> None:
         supervisor = self.supervisor
-        self.router = supervisor.context.control_router(supervisor.listen)
+        self.attach(supervisor.loop, supervisor.context.control_router(supervisor.listen))
         supervisor.control_address = bound_address(self.router)
-        supervisor.loop.poller.register(self.router)
         if supervisor.on_listening is not None:
             supervisor.on_listening(supervisor)
 
@@ -85,12 +85,12 @@ class Switchboard(Doer):
             worker, reply = core.admit(parts, sender(frames[-1]))
             if worker is None:
                 if reply is not None:
-                    self._send(parts[0], reply)
+                    self.reply(parts[0], reply)
                 continue
             self.worker_of[parts[0]], self.identity_of[worker] = worker, parts[0]
             children[worker].inbox.append(parts[1])
             for frame in self.waiting.pop(worker, []):
-                self._send(parts[0], frame)
+                self.reply(parts[0], frame)
         self.supervisor.loop.asap = True
         return False
 
@@ -100,21 +100,7 @@ class Switchboard(Doer):
         if identity is None:
             self.waiting.setdefault(worker, []).append(frame)
         else:
-            self._send(identity, frame)
-
-    def _send(self, identity: bytes, frame: bytes) -> None:
-        try:
-            self.router.send(identity, NOBLOCK | SNDMORE)
-            self.router.send(frame, NOBLOCK)
-        except ZMQError:
-            pass  # the peer is gone: its process exit (or silence) tells the core
-
-    def exit(self) -> None:
-        if self.router is not None:
-            self.supervisor.loop.poller.unregister(self.router)
-            self.router.close(linger=0)
-            self.router = None
-
+            self.reply(identity, frame)
 
 class ChildDoer(Doer):
     """One worker, as a doer (see the module docstring). An ``external`` worker is
@@ -189,13 +175,7 @@ class ChildDoer(Doer):
         handle = self.handle
         if handle is None:
             return
-        grace = self.supervisor.kill_grace
-        for step in ("terminate", "kill"):
-            if handle.exitcode() is None:
-                getattr(handle, step)()
-                deadline = time.monotonic() + grace
-                while handle.exitcode() is None and time.monotonic() < deadline:
-                    time.sleep(0.01)
+        end_process(handle, self.supervisor.kill_grace)
         self._forget_sentinel()
         handle.close()
         self.handle = None
@@ -318,7 +298,7 @@ class Supervisor(Supervising):
                  on_listening: Callable[[Supervisor], None] | None = None,
                  start_timeout: float = START_TIMEOUT, stop_timeout: float = STOP_TIMEOUT,
                  kill_grace: float = KILL_GRACE_S, keys: str | None = None,
-                 **kwa: Any) -> None:
+                 prefixer: Any = None, **kwa: Any) -> None:
         self.topology, self.plan = topology, plan
         self.app_dir = os.path.abspath(app_dir or os.getcwd())
         self.window, self.keep_digests = window, keep_digests
@@ -344,7 +324,14 @@ class Supervisor(Supervising):
                                 f"{' '.join(sorted(hosts))})", key_path="hosts")
         self.links = {name: AgentLink(self, host, KeyPair.load_public(
             os.path.join(keys, f"{name}.key"))) for name, host in hosts.items()}  # type: ignore
-        super().__init__(loop, names, external=external, extra=list(self.links.values()),
+        from .services import Endpoint, Services  # services import this module
+        self.endpoint = Endpoint(self)
+        self.endpoint_address = ""
+        self.services = Services(self, topology, app_dir=app_dir, prefixer=prefixer) \
+            if topology.services else None
+        extra = [*self.links.values(), self.endpoint, *([self.services] if self.services
+                                                         else [])]
+        super().__init__(loop, names, external=external, extra=extra,
                          kill_grace=kill_grace, **kwa)
         self.transport, self.listen = transport, listen or ""
         self.on_listening = on_listening
@@ -367,6 +354,18 @@ class Supervisor(Supervising):
         self._ready_told = False
 
     # -- hio contexts -------------------------------------------------------------
+    def recur(self, tyme: float, deeds: Any = None) -> bool:  # type: ignore[override]
+        done = super().recur(tyme, deeds)
+        services = self.services
+        if services is None:
+            return done
+        core, now = self.core, time.monotonic()
+        if services.core.failure is not None and not core.finished:
+            core.fail(services.core.failure, now)  # a failed service fails the run
+        if core.finished:
+            services.stop()  # the simulation is over: so are the services
+        return done and services.core.finished
+
     def _after(self, now: float) -> None:
         self._tell(self.core)
 
@@ -374,6 +373,35 @@ class Supervisor(Supervising):
         """Stop the run cleanly at once (called from signal handlers)."""
         if self.core is not None:
             self.core.interrupt(signum, time.monotonic())
+        if self.services is not None:
+            self.services.stop()
+
+    # -- the control endpoint (hiocluster status / stop) ------------------------------
+    def command(self, message: Any) -> Any:
+        from .services import answer_command
+        return answer_command(message, self.services, self.status,
+                              lambda: self.interrupt(signal.SIGTERM))
+
+    def status(self) -> dict[str, Any]:
+        """What ``hiocluster status`` shows of this run."""
+        core, now = self.core, time.monotonic()
+        done = core.progress if core.ticking else 0
+        seconds = now - core.ticking if core.ticking else 0.0
+        workers = {}
+        for name, book in core.books.items():
+            state = book.machine.state.name.lower()
+            if book.exitcode is not None:
+                state = f"exited {book.exitcode}"
+            elif book.failed:
+                state = "failed"
+            workers[name] = state
+        return {"topology": self.topology.name, "pid": os.getpid(),
+                "uptime": round(now - core.started, 3),
+                "simulation": {"tick": done, "ticks": self.topology.ticks,
+                               "rate": round(done / seconds, 3) if seconds > 0 else 0.0,
+                               "window": core.sizer.size, "state": core.phase.name.lower(),
+                               "workers": workers},
+                "services": self.services.status() if self.services is not None else []}
 
     # -- results --------------------------------------------------------------------
     @property
@@ -413,19 +441,18 @@ class Supervisor(Supervising):
 
     # -- helpers --------------------------------------------------------------------
     def _open(self) -> None:
-        root = os.environ.get("HIOCLUSTER_RUN_ROOT") or None
+        self.run_dir = make_run_dir()
         try:
-            self.run_dir = tempfile.mkdtemp(prefix="hioc-", dir=root)
-            os.chmod(self.run_dir, 0o700)
             for name, child in self.children.items():
                 if child.external:  # the worker started by hand reads it (mode 0600)
                     path = self._credentials_path(name)
                     with open(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600), "w") as file:
                         file.write(self.credentials(name).to_json())
         except OSError as exc:
-            raise TransportError(f"cannot make the run directory under "
-                                 f"{root or tempfile.gettempdir()}: {exc}") from exc
+            raise TransportError(f"cannot write into the run directory {self.run_dir}: "
+                                 f"{exc}") from exc
         self.listen = self.listen or local_address(self.transport, self.run_dir, "control")
+        self.endpoint_address = ipc_address(self.run_dir, "endpoint")
         self.context = Context(self.keys, owner="supervisor")
         if self.context.gate is not None:
             for name in self.children:  # those under groups connect to their group
@@ -441,12 +468,7 @@ class Supervisor(Supervising):
         self.launcher = _DeferredLauncher(self)
 
     def _close(self) -> None:
-        if self.context is not None:
-            self.context.close(linger=0)
-            self.context = None
-        if self.run_dir is not None:
-            shutil.rmtree(self.run_dir, ignore_errors=True)
-            self.run_dir = None
+        close_run(self)
 
     def _tell(self, core: RunCore) -> None:
         if self.on_ready is not None and not self._ready_told and core.ticking:
@@ -457,6 +479,30 @@ class Supervisor(Supervising):
             if done > self._shown:
                 self._shown = done
                 self.on_tick(done, self.topology.ticks)
+
+
+def make_run_dir() -> str:
+    """A new run directory (mode 0700) under ``$HIOCLUSTER_RUN_ROOT`` if set, else
+    the system temp directory. Raises TransportError."""
+    root = os.environ.get("HIOCLUSTER_RUN_ROOT") or None
+    try:
+        run_dir = tempfile.mkdtemp(prefix="hioc-", dir=root)
+        os.chmod(run_dir, 0o700)
+    except OSError as exc:
+        raise TransportError(f"cannot make the run directory under "
+                             f"{root or tempfile.gettempdir()}: {exc}") from exc
+    return run_dir
+
+
+def close_run(owner: Any) -> None:
+    """The end of a run's root: close ``owner.context`` (every socket) and remove
+    ``owner.run_dir``."""
+    if owner.context is not None:
+        owner.context.close(linger=0)
+        owner.context = None
+    if owner.run_dir is not None:
+        shutil.rmtree(owner.run_dir, ignore_errors=True)
+        owner.run_dir = None
 
 
 class _DeferredLauncher:
@@ -486,7 +532,7 @@ def run(topology: Topology, *, processes: int | None = None, app_dir: str | None
         on_ready: Callable[[Supervisor], None] | None = None, transport: str = "ipc",
         listen: str | None = None, external: Sequence[str] = (),
         on_listening: Callable[[Supervisor], None] | None = None,
-        check_classes: bool = True, keys: str | None = None,
+        check_classes: bool = True, keys: str | None = None, prefixer: Any = None,
         **timeouts: float) -> RunResult:
     """Run ``topology`` to completion in lockstep and return its result.
 
@@ -517,6 +563,7 @@ def run(topology: Topology, *, processes: int | None = None, app_dir: str | None
     plan = make_plan(topology, processes)
     if check_classes:
         resolve_classes(topology, app_dir)
+        resolve_services(topology, app_dir)
     if real is not None:
         topology = topology.replace(real=real)
     loop = Loop()
@@ -524,7 +571,7 @@ def run(topology: Topology, *, processes: int | None = None, app_dir: str | None
                             keep_digests=keep_digests, transport=transport, listen=listen,
                             external=external, worker_command=worker_command,
                             on_tick=on_tick, on_ready=on_ready, on_listening=on_listening,
-                            keys=keys, **timeouts)
+                            keys=keys, prefixer=prefixer, **timeouts)
     loop.doers = [supervisor]
     with _signals(supervisor, loop, handle_signals):
         loop.run()

@@ -1,7 +1,7 @@
 """Topology files: TOML text -> validated, immutable dataclasses -> placement plan.
 
 Owns the topology file format (``[run]``, ``[nodes.*]``, ``[[links]]``,
-``[placement]``, ``[groups]``, ``[hosts.*]``), its validation with errors that name the key path and, where it
+``[placement]``, ``[groups]``, ``[hosts.*]``, ``[services.*]``), its validation with errors that name the key path and, where it
 can be found, the line; ``count`` expansion of nodes, glob expansion of links and
 their canonical ids; and the mapping of nodes onto workers (:func:`plan`).
 
@@ -31,11 +31,13 @@ __all__ = [
     "Topology",
     "HostSpec",
     "WorkerSpec",
+    "ServiceSpec",
     "Plan",
     "loads",
     "load",
     "plan",
     "resolve_classes",
+    "resolve_services",
 ]
 
 NODE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_-]{0,63}")
@@ -49,6 +51,10 @@ SEED_LIMIT = 2**63
 #: Deepest nesting of ``[groups]``: a group inside a group ... this many deep (a
 #: process per level; the bound keeps hostile trees from exhausting recursion).
 MAX_GROUP_DEPTH = 64
+#: Most replicas one service may have (in the file, and through ``hiocluster scale``).
+MAX_REPLICAS = 256
+#: Restart strategies of a service, as Erlang/OTP names them.
+RESTART_POLICIES = ("one_for_one", "one_for_all")
 
 _RUN_DEFAULTS: dict[str, int | float | bool] = {
     "ticks": 100, "tock": 1.0, "t0": 0.0, "seed": 0, "tick_timeout": 30.0, "capacity": 1024,
@@ -113,6 +119,7 @@ class Topology:
     placement: tuple[tuple[str, tuple[str, ...]], ...] | None
     hosts: tuple[HostSpec, ...] = ()
     groups: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    services: tuple[ServiceSpec, ...] = ()
     source: str | None = field(default=None, repr=False, compare=False)
     _by_name: dict[str, NodeSpec] = field(init=False, repr=False, compare=False)
 
@@ -149,6 +156,45 @@ class HostSpec:
     name: str
     agent: str                    # tcp://HOST:PORT
     workers: tuple[str, ...]      # worker names (placement keys, or p0.. with --processes)
+
+
+@dataclass(frozen=True)
+class ServiceSpec:
+    """``[services.NAME]``: replicas of a node class serving on one address (see
+    hiocluster.service). ``tls``: ``(certificate, key)`` file paths, made absolute
+    against the topology file's directory."""
+
+    name: str
+    cls: str
+    listen: tuple[str, int]
+    replicas: int = 1
+    restart: str = "one_for_one"    # or "one_for_all"
+    max_restarts: int = 5           # at most this many restarts ...
+    within: float = 10.0            # ... in this many seconds, else the service fails
+    backoff: float = 0.1            # seconds before a restart, doubling per recent crash
+    backoff_max: float = 5.0
+    timeout: float = 60.0           # idle connection / slow request limit (0: none)
+    drain: float = 5.0              # seconds a stopping replica gets to finish
+    tls: tuple[str, str] | None = None
+    params: dict[str, Any] = field(default_factory=dict, hash=False)
+
+    @property
+    def address(self) -> str:
+        """``host:port``."""
+        return f"{self.listen[0]}:{self.listen[1]}"
+
+    def to_json(self) -> dict[str, Any]:
+        """JSON-able fields (what a replica process is started with)."""
+        return {key: list(value) if isinstance(value, tuple) else value
+                for key, value in dataclasses.asdict(self).items()}
+
+    @classmethod
+    def from_json(cls, body: dict[str, Any]) -> ServiceSpec:
+        body = dict(body)
+        body["listen"] = tuple(body["listen"])
+        if body.get("tls") is not None:
+            body["tls"] = tuple(body["tls"])
+        return cls(**body)
 
 
 @dataclass(frozen=True)
@@ -378,8 +424,8 @@ def _run(document: dict[str, Any]) -> dict[str, int | float | bool]:
 
 def _nodes(document: dict[str, Any]) -> tuple[NodeSpec, ...]:
     raw = _table(document.get("nodes", {}), "nodes")
-    if not raw:
-        raise _err("at least one node is required", "nodes")
+    if not raw and not document.get("services"):
+        raise _err("at least one node (or service) is required", "nodes")
     declared_by: dict[str, str] = {}
     nodes: list[NodeSpec] = []
     for key, body in raw.items():
@@ -504,6 +550,62 @@ def _hosts(document: dict[str, Any]) -> tuple[HostSpec, ...]:
     return tuple(hosts)
 
 
+_SERVICE_KEYS = ("class", "replicas", "listen", "restart", "max_restarts", "within",
+                 "backoff", "backoff_max", "timeout", "drain", "tls", "params")
+_LISTEN = re.compile(r"(?P<host>[A-Za-z0-9_.-]{1,253}):(?P<port>\d{1,5})")
+
+
+def _services(document: dict[str, Any], nodes: tuple[NodeSpec, ...],
+              base: str) -> tuple[ServiceSpec, ...]:
+    raw = _table(document.get("services", {}), "services")
+    services, listening = [], {}
+    for name, body in raw.items():
+        key_path = f"services.{name}"
+        _name(name, NODE_NAME, "service", key_path)
+        if any(node.name == name for node in nodes):
+            raise _err(f"service {name!r} has the name of a node", key_path)
+        _keys(_table(body, key_path), _SERVICE_KEYS, key_path, ("class", "listen"))
+        cls = _str(body["class"], f"{key_path}.class")
+        if not CLASS_PATH.fullmatch(cls):
+            raise _err(f"expected 'module.path:attr', got {cls!r}", f"{key_path}.class")
+        listen = _str(body["listen"], f"{key_path}.listen")
+        found = _LISTEN.fullmatch(listen)
+        if found is None:
+            raise _err(f"expected 'HOST:PORT', got {listen!r}", f"{key_path}.listen")
+        port = _int(int(found["port"]), f"{key_path}.listen", 1, 65535)
+        address = (found["host"], port)
+        if address in listening:
+            raise _err(f"{listen} is also where service {listening[address]} listens",
+                       f"{key_path}.listen")
+        listening[address] = name
+        restart = _str(body.get("restart", "one_for_one"), f"{key_path}.restart")
+        if restart not in RESTART_POLICIES:
+            raise _err(f"expected one of {', '.join(RESTART_POLICIES)}, got {restart!r}"
+                       f"{_suggest(restart, RESTART_POLICIES)}", f"{key_path}.restart")
+        numbers = {key: _number(body[key], f"{key_path}.{key}", positive=key != "timeout")
+                   for key in ("within", "backoff", "backoff_max", "timeout", "drain")
+                   if key in body}
+        if numbers.get("timeout", 0) < 0:
+            raise _err(f"must be >= 0, got {body['timeout']}", f"{key_path}.timeout")
+        tls = None
+        if "tls" in body:
+            table = _table(body["tls"], f"{key_path}.tls")
+            _keys(table, ("cert", "key"), f"{key_path}.tls", ("cert", "key"))
+            tls = tuple(os.path.join(base, _str(table[key], f"{key_path}.tls.{key}"))
+                        for key in ("cert", "key"))
+        services.append(ServiceSpec(
+            name, cls, address,
+            replicas=_int(body.get("replicas", 1), f"{key_path}.replicas", 1, MAX_REPLICAS),
+            restart=restart,
+            max_restarts=_int(body.get("max_restarts", 5), f"{key_path}.max_restarts", 0,
+                              10_000),
+            tls=tls,  # type: ignore[arg-type]
+            params=_plain(_table(body.get("params", {}), f"{key_path}.params"),
+                          f"{key_path}.params"),
+            **numbers))
+    return tuple(services)
+
+
 # --- line numbers (best effort: tomllib reports none for valid TOML) ---------------
 
 _HEADER = re.compile(r"\s*(\[\[?)([^\[\]]+)\]\]?\s*(?:#.*)?$")
@@ -574,7 +676,8 @@ def loads(text: str, *, path: str | None = None) -> Topology:
                                             else None)
         raise TopologyError(f"invalid TOML: {exc}", line=line, path=path) from exc
     try:
-        _keys(document, ("run", "nodes", "links", "placement", "groups", "hosts"), "")
+        _keys(document, ("run", "nodes", "links", "placement", "groups", "hosts", "services"),
+              "")
         run = _run(document)
         nodes = _nodes(document)
         names = {node.name: index for index, node in enumerate(nodes)}
@@ -582,6 +685,8 @@ def loads(text: str, *, path: str | None = None) -> Topology:
         placement = _placement(document, names)
         groups = _groups(document)
         hosts = _hosts(document)
+        services = _services(document, nodes,
+                             os.path.dirname(os.path.abspath(path)) if path else os.getcwd())
     except TopologyError as exc:
         _place(exc, text, path)
         raise
@@ -590,7 +695,7 @@ def loads(text: str, *, path: str | None = None) -> Topology:
         ticks=int(run["ticks"]), tock=float(run["tock"]), t0=float(run["t0"]),
         seed=int(run["seed"]), tick_timeout=float(run["tick_timeout"]),
         capacity=int(run["capacity"]), real=bool(run["real"]), nodes=nodes, links=links,
-        placement=placement, groups=groups, hosts=hosts, source=text,
+        placement=placement, groups=groups, hosts=hosts, services=services, source=text,
     )
 
 
@@ -624,6 +729,10 @@ def plan(topology: Topology, processes: int | None = None, *,
             a host names a worker the plan does not have (``hosts.<name>.workers``).
     """
     nodes = topology.nodes
+    if not nodes:
+        raise TopologyError("no nodes to simulate (this topology only has services: "
+                            "`hiocluster run` serves them)", key_path="nodes",
+                            path=topology.path)
     if processes is None:
         if topology.placement is not None:
             workers = tuple(WorkerSpec(name, tuple(topology.node(n) for n in members))
@@ -730,6 +839,32 @@ def resolve_classes(topology: Topology, app_dir: str | None = None) -> dict[str,
                     raise _err(f"node {node_name!r} ({topology.node(node_name).cls}) has no "
                                f"{kind} {box!r}; it has: {', '.join(boxes) or 'none'}",
                                f"links[{entry}].{end}")
+    except TopologyError as exc:
+        _place(exc, topology.source, topology.path)
+        raise
+    return classes
+
+
+def resolve_services(topology: Topology, app_dir: str | None = None) -> dict[str, type]:
+    """Import every service's class (a subclass of hiocluster.service.Service) and
+    check its TLS files exist.
+
+    Raises:
+        TopologyError: naming ``services.<name>.class`` or ``.tls``.
+    """
+    from hiocluster.node import load_class  # deferred: imports the runtime stack
+    from hiocluster.service import Service
+
+    classes: dict[str, type] = {}
+    try:
+        for service in topology.services:
+            try:
+                classes[service.name] = load_class(service.cls, app_dir, base=Service)
+            except ImportError as exc:
+                raise _err(str(exc), f"services.{service.name}.class") from exc
+            for what, path in zip(("cert", "key"), service.tls or ()):
+                if not os.path.isfile(path):
+                    raise _err(f"no such file: {path}", f"services.{service.name}.tls.{what}")
     except TopologyError as exc:
         _place(exc, topology.source, topology.path)
         raise

@@ -81,6 +81,11 @@ def ipc_address(run_dir: str, name: str) -> str:
     return f"ipc://{path}"
 
 
+#: Sockets a run's root supervisor binds in its run directory besides its control
+#: socket: an orphan (its supervisor killed) removes them on its way out.
+RUN_SOCKETS = ("endpoint", "services")
+
+
 def ipc_path(address: str) -> str | None:
     """The file behind an ``ipc://`` address (None for other transports)."""
     return address[len("ipc://"):] if address.startswith("ipc://") else None
@@ -325,10 +330,13 @@ class Context:
         """The supervisor's control socket, bound at ``address``."""
         return self._bound_router(address, MAX_CONTROL_FRAME * HARD_LIMIT_FACTOR)
 
-    def control_dealer(self, address: str, server_key: str | None = None) -> zmq.Socket:
+    def control_dealer(self, address: str, server_key: str | None = None, *,
+                       identity: bytes | None = None) -> zmq.Socket:
         """A worker's control socket, connected to its supervisor (whose CURVE public
-        key is ``server_key`` on tcp)."""
+        key is ``server_key`` on tcp); ``identity``: its routing id there."""
         sock = self._socket(zmq.DEALER, limit=MAX_SETUP_FRAME)
+        if identity is not None:
+            sock.setsockopt(zmq.ROUTING_ID, identity)
         sock.setsockopt(zmq.SNDHWM, 0)
         sock.setsockopt(zmq.RCVHWM, 0)
         self._client(sock, address, server_key)
@@ -418,8 +426,10 @@ class Poller:
         for item in items:
             self.register(item)
 
-    def register(self, item: zmq.Socket | int) -> None:
-        self._poller.register(item, zmq.POLLIN)
+    def register(self, item: zmq.Socket | int, write: bool = False) -> None:
+        """Wake when ``item`` is readable (and, with ``write``, writable); again for
+        an item already registered changes what it waits for."""
+        self._poller.register(item, zmq.POLLIN | (zmq.POLLOUT if write else 0))
 
     def unregister(self, item: zmq.Socket | int) -> None:
         self._poller.unregister(item)

@@ -37,7 +37,7 @@ from .exchange import Exchange, Unsendable
 from .host import NodeFailed, NodeHost, Terminated, TickOverrun, tail
 from .launch import TickRegister
 from .peers import DataFault, PeerSockets
-from .transport import NOBLOCK, Again, Context, Credentials, Poller, ipc_path
+from .transport import NOBLOCK, RUN_SOCKETS, Again, Context, Credentials, Poller, ipc_path
 from .watchdog import Watchdog
 
 __all__ = ["WorkerOptions", "Worker", "run_worker", "PROGRESS_S", "START_TIMEOUT"]
@@ -346,8 +346,9 @@ def remove_orphan_files(options: Any, data_address: str) -> None:
     the supervisor started (``run_dir``), the supervisor's files: whoever comes
     last removes the run directory. ``options``: WorkerOptions or GroupOptions."""
     paths = [ipc_path(data_address), options.tick_file]
-    if options.run_dir:  # and the supervisor's own: its socket, credentials for hand use
+    if options.run_dir:  # and the supervisor's own: its sockets, credentials for hand use
         paths.append(ipc_path(options.connect))
+        paths += [os.path.join(options.run_dir, name) for name in RUN_SOCKETS]
         with contextlib.suppress(OSError):
             paths += [os.path.join(options.run_dir, name) for name in os.listdir(options.run_dir)
                       if name.endswith(".credentials")]

@@ -18,7 +18,9 @@ from conftest import REPO
 from hiocluster.supervisor import RunResult, run
 from hiocluster.topology import Topology, load
 
-TOPOLOGY_FILES = sorted((REPO / "topologies").glob("*.toml"))
+#: The simulations among the examples (the others are services: test_cluster_services).
+TOPOLOGY_FILES = sorted(path for path in (REPO / "topologies").glob("*.toml")
+                        if "[services." not in path.read_text())
 #: Ticks for the placement comparison: enough to exercise links, fast on 2 cores.
 TEST_TICKS = 40
 

@@ -18,9 +18,10 @@ from hypothesis import given, settings, strategies as st
 from hiocluster import protocol as proto
 from hiocluster.errors import FrameError, LocalProtocolError, RemoteProtocolError
 from hiocluster.protocol import (CHILD_TRANSITIONS, MAX_CONTROL_FRAME, MAX_DATA_FRAME,
-                                 PARENT_TRANSITIONS, Bye, ChildMachine, ChildState, Data, Done,
-                                 Error, Grant, Hello, Message, ParentMachine, ParentState, Peer,
-                                 Progress, Ready, Setup, Stop, decode, decode_data, encode)
+                                 PARENT_TRANSITIONS, Answer, Bye, ChildMachine, ChildState,
+                                 Command, Data, Done, Error, Grant, Hello, Join, Load, Message,
+                                 ParentMachine, ParentState, Peer, Progress, Ready, Setup, Stop,
+                                 decode, decode_data, encode)
 from hiocluster.protocol.fields import MAX_STR
 
 C, P = ChildState, ParentState
@@ -50,6 +51,11 @@ SAMPLES: list[Message] = [
                  tick=3, node="a", peer="w1"),
     Error(code="terminated", detail="by SIGTERM"), DATA,
     Data(tick=0, source="w0", messages=[], acks=[]), Peer(worker="w1", token=TOKEN),
+    Join(service="web", replica=1, incarnation=3, token=TOKEN, pid=4321),
+    Load(served=10, connections=2), Command(command="status"),
+    Command(command="scale", service="web", replicas=4),
+    Answer(ok=True, detail="", status={"services": [{"name": "web"}]}),
+    Answer(ok=False, detail="no service 'wbe'"),
 ]
 
 

@@ -15,7 +15,8 @@ from .fields import (ADDRESS, BOOL, BYTES, CURVE_KEY, INT, NAME, NUMBER, POSITIV
 
 __all__ = ["Message", "Hello", "Setup", "Ready", "Grant", "Progress", "Done", "Stop", "Bye",
            "Error", "Data", "Peer", "Launch", "Launched", "Signal", "Exited", "Output",
-           "Ping", "MESSAGE_TYPES", "TO_AGENT", "FROM_AGENT", "NODE_ROW", "LINK_ROW"]
+           "Ping", "Join", "Load", "Command", "Answer", "MESSAGE_TYPES", "TO_AGENT",
+           "FROM_AGENT", "FROM_REPLICA", "TO_REPLICA", "COMMANDS", "NODE_ROW", "LINK_ROW"]
 
 
 @dataclass(slots=True)
@@ -270,10 +271,72 @@ class Ping(Message):
     SCHEMA = {}
 
 
+# -- a service's replicas, and the run's control endpoint (docs/protocol.md §12) ----
+
+
+@dataclass(slots=True)
+class Join(Message):
+    """replica → supervisor, once its servers listen: which replica of which service
+    (``incarnation`` counts its starts), proved by the run's ``token``."""
+
+    TYPE = "JOIN"
+    service: str
+    replica: int
+    incarnation: int
+    token: bytes
+    pid: int
+    SCHEMA = {"service": NAME, "replica": UINT, "incarnation": UINT, "token": TOKEN,
+              "pid": UINT}
+
+
+@dataclass(slots=True)
+class Load(Message):
+    """replica → supervisor, at most every LOAD_S while it serves: responses (or
+    messages) served so far and connections open now."""
+
+    TYPE = "LOAD"
+    served: int
+    connections: int
+    SCHEMA = {"served": UINT, "connections": UINT}
+
+
+#: What a shell may ask of a run's control endpoint.
+COMMANDS = ("status", "scale", "restart", "stop")
+
+
+@dataclass(slots=True)
+class Command(Message):
+    """a shell (``hiocluster status|scale|restart|stop``) → the run's endpoint."""
+
+    TYPE = "COMMAND"
+    command: str
+    service: str | None = None
+    replicas: int | None = None
+    SCHEMA = {"command": Check(lambda v: v in COMMANDS, f"one of {', '.join(COMMANDS)}"),
+              "service": optional(NAME), "replicas": optional(UINT)}
+
+
+@dataclass(slots=True)
+class Answer(Message):
+    """the run's endpoint → the shell: done (``ok``) or why not; ``status``: the
+    run's state (docs/protocol.md §12)."""
+
+    TYPE = "ANSWER"
+    ok: bool
+    detail: str
+    status: dict[str, Any] = field(default_factory=dict)
+    SCHEMA = {"ok": BOOL, "detail": TEXT,
+              "status": Check(lambda v: type(v) is dict, "a map")}
+
+
 MESSAGE_TYPES: dict[str, type[Message]] = {
     cls.TYPE: cls for cls in (Hello, Setup, Ready, Grant, Progress, Done, Stop, Bye, Error,
-                              Data, Peer, Launch, Launched, Signal, Exited, Output, Ping)
+                              Data, Peer, Launch, Launched, Signal, Exited, Output, Ping,
+                              Join, Load, Command, Answer)
 }
 #: What an agent accepts, and what a supervisor accepts from an agent.
 TO_AGENT = (Launch, Signal, Error)
 FROM_AGENT = (Launched, Exited, Output, Ping, Error)
+#: What a supervisor accepts from a replica, and a replica from its supervisor.
+FROM_REPLICA = (Join, Load, Bye, Error)
+TO_REPLICA = (Stop, Error)

@@ -1,0 +1,272 @@
+"""A replica process: one instance of a service's class, serving in real time.
+
+Its loop is a :class:`~hiocluster.loop.Loop`, a hio Doist that sleeps in one
+poll over the service's sockets (the listening socket, every connection; for
+writing too while bytes wait to go out), its control socket and a signal
+wake-up, bounded by the next hio timer. So an idle replica costs nearly
+nothing, and a request is answered in the cycle that its bytes wake (hio's own
+fixed-tock loop either spins or waits up to a tock).
+
+Life of a replica (docs/protocol.md §12): open the servers; JOIN (service,
+replica, incarnation, the run's token); serve, with a LOAD at most every LOAD_S
+when its counts changed; on STOP (or SIGTERM, or the supervisor gone: the
+orphan rule of workers) drain: stop accepting, finish what is in flight, BYE,
+exit 0. Started by the supervisor as ``hiocluster replica``.
+
+Imports: service, loop, watchdog, transport, protocol, node (load_class).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+import traceback
+from dataclasses import dataclass
+from typing import Any
+
+from hio.base.doing import Doer
+
+from . import protocol as proto
+from .errors import FrameError
+from .loop import Loop
+from .node import load_class
+from .service import Service
+from .topology import ServiceSpec
+from .transport import NOBLOCK, RUN_SOCKETS, Context, Credentials, ipc_path, readable
+from .watchdog import Watchdog
+
+__all__ = ["ReplicaOptions", "run_replica", "LOAD_S", "SERVICE_ENV", "LISTEN_FDS_ENV"]
+
+#: Most often a replica reports its counts (only when they changed).
+LOAD_S = 0.5
+#: The environment variable that carries the service's spec (JSON) to a replica.
+SERVICE_ENV = "HIOCLUSTER_SERVICE"
+#: The listening sockets a replica inherits: their descriptor numbers, "3,4".
+LISTEN_FDS_ENV = "HIOCLUSTER_LISTEN_FDS"
+#: Seconds to reach the supervisor at start.
+CONNECT_TIMEOUT = 10.0
+
+logger = logging.getLogger("hiocluster.replica")
+
+
+@dataclass(frozen=True)
+class ReplicaOptions:
+    """How to start one replica (the ``hiocluster replica`` command line)."""
+
+    connect: str
+    spec: ServiceSpec
+    index: int
+    incarnation: int
+    credentials: Credentials
+    app_dir: str | None = None
+    fds: tuple[int, ...] = ()     # inherited listening sockets
+
+    @property
+    def key(self) -> str:
+        return f"{self.spec.name}.{self.index}.{self.incarnation}"
+
+
+class _Serving(Doer):
+    """The service's servers as a doer: one step per cycle, then what to wake on."""
+
+    def __init__(self, replica: Replica, **kwa: Any) -> None:
+        super().__init__(**kwa)
+        self.replica = replica
+
+    def enter(self) -> None:
+        self.replica.service.wind(self.tymth)
+
+    def recur(self, tyme: float) -> bool:
+        self.replica.step()
+        return False
+
+
+class Replica:
+    """One replica's lifetime (see the module docstring)."""
+
+    def __init__(self, options: ReplicaOptions, service: Service) -> None:
+        self.options, self.service = options, service
+        self.loop = Loop([_Serving(self), *service.doers()])
+        self.watched: dict[int, bool] = {}
+        self.draining_since: float | None = None
+        self.stop_reason = ""
+        self.reported = (-1, -1)
+        self.report_at = 0.0
+        self.done = False
+        self.wake = socket.socketpair()
+        for end in self.wake:
+            end.setblocking(False)
+
+    # -- the loop -----------------------------------------------------------------
+    def run(self) -> int:
+        options = self.options
+        self.context = Context(options.credentials.keys, owner=f"replica {options.key}")
+        watchdog = None
+        old = signal.set_wakeup_fd(self.wake[1].fileno(), warn_on_full_buffer=False)
+        handlers = {signum: signal.signal(signum, self._signalled)
+                    for signum in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            self.control = self.context.control_dealer(
+                options.connect, options.credentials.server, identity=options.key.encode())
+            watchdog = Watchdog(self.context.monitor(self.control), CONNECT_TIMEOUT,
+                                lambda: 0.0)
+            watchdog.start()
+            try:
+                self.service.open()
+            except Exception as exc:
+                detail = f"{type(exc).__name__}: {exc}"
+                logger.error("%s cannot serve: %s", options.key, detail)
+                self._send(proto.Error(code="start", detail=detail))
+                return 1
+            self._send(proto.Join(service=options.spec.name, replica=options.index,
+                                  incarnation=options.incarnation,
+                                  token=options.credentials.token, pid=os.getpid()))
+            self.loop.poller.register(self.control)
+            self.loop.poller.register(self.wake[0].fileno())
+            self.loop.enter()
+            try:
+                while not self.done:
+                    self.loop.recur()
+                    self._control()
+                    if not self.done:
+                        self.loop.wait()
+            finally:
+                self.loop.exit()
+            if watchdog.orphaned:
+                self._remove_orphan_files()
+                return 3
+            self._send(proto.Bye(stats={"served": self.service.served}))
+            return 0
+        finally:
+            signal.set_wakeup_fd(old)
+            for signum, handler in handlers.items():
+                signal.signal(signum, handler)
+            if watchdog is not None:
+                watchdog.stop()
+            self.service.close()
+            self.context.close()
+            for end in self.wake:
+                end.close()
+
+    def step(self) -> None:
+        """One cycle of the service, then what to sleep on next."""
+        service = self.service
+        service.step()
+        watch = dict(service.watch())
+        poller = self.loop.poller
+        for fd in [fd for fd in self.watched if fd not in watch]:
+            poller.unregister(fd)
+            del self.watched[fd]
+        for fd, write in watch.items():
+            if self.watched.get(fd) != write:
+                poller.register(fd, write)
+                self.watched[fd] = write
+        if service.busy:
+            self.loop.asap = True
+
+    def _control(self) -> None:
+        """Frames from the supervisor, LOAD when due, the end of a drain."""
+        try:
+            while self.wake[0].recv(4096):
+                pass
+        except OSError:
+            pass
+        while readable(self.control):
+            data = self.control.recv(NOBLOCK)
+            try:
+                message = proto.decode(data, allowed=proto.TO_REPLICA)
+            except FrameError as exc:
+                logger.error("bad frame from the supervisor: %s", exc)
+                continue
+            if isinstance(message, proto.Stop):
+                self._drain(message.reason)
+            else:
+                logger.error("the supervisor says: %s", message.detail)  # type: ignore
+                self._drain("error")
+        now = time.monotonic()
+        service = self.service
+        counts = (service.served, service.connections)
+        if counts != self.reported and now >= self.report_at and self.draining_since is None:
+            self.reported, self.report_at = counts, now + LOAD_S
+            self._send(proto.Load(served=counts[0], connections=counts[1]))
+        if self.draining_since is not None and (
+                service.idle or now - self.draining_since > self.options.spec.drain):
+            self.done = True
+
+    def _remove_orphan_files(self) -> None:
+        """Our supervisor was killed: whoever is last out removes its run directory."""
+        path = ipc_path(self.options.connect)
+        if path is None:
+            return
+        run_dir = os.path.dirname(path)
+        for name in ("control", *RUN_SOCKETS):
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join(run_dir, name))
+        with contextlib.suppress(OSError):
+            os.rmdir(run_dir)
+
+    def _drain(self, reason: str) -> None:
+        if self.draining_since is None:
+            self.draining_since, self.stop_reason = time.monotonic(), reason
+            self.service.drain()
+
+    def _signalled(self, signum: int, frame: Any) -> None:
+        self._drain(signal.Signals(signum).name)
+
+    def _send(self, message: proto.Message) -> None:
+        try:
+            self.control.send(proto.encode(message), NOBLOCK)
+        except Exception as exc:  # the supervisor is gone: the orphan rule ends us
+            logger.debug("cannot send %s: %s", message.TYPE, exc)
+
+
+def run_replica(options: ReplicaOptions) -> int:
+    """Build the service's instance and serve until stopped; the exit code."""
+    try:
+        cls = load_class(options.spec.cls, options.app_dir, base=Service)
+        service = cls(options.spec, options.index)
+        service.sockets = [socket.socket(fileno=fd) for fd in options.fds]
+    except Exception as exc:
+        detail = f"{type(exc).__name__}: {exc}"
+        if not isinstance(exc, ImportError):
+            detail += "\n" + "".join(traceback.format_exc(limit=-4))
+        print(f"{options.key}: cannot make {options.spec.cls}: {detail}", file=sys.stderr)
+        return 1
+    return Replica(options, service).run()
+
+
+def options_from(connect: str, name: str, app_dir: str | None) -> ReplicaOptions:
+    """The options of ``hiocluster replica`` (``name``: service.replica.incarnation);
+    the spec and credentials come in the environment.
+
+    Raises:
+        ValueError: naming what is missing or malformed.
+    """
+    from .transport import CREDENTIALS_ENV
+
+    service, dot, rest = name.partition(".")
+    index, dot2, incarnation = rest.partition(".")
+    if not (dot and dot2 and index.isdigit() and incarnation.isdigit()):
+        raise ValueError(f"--name must be SERVICE.REPLICA.INCARNATION, got {name!r}")
+    try:
+        spec = ServiceSpec.from_json(json.loads(os.environ[SERVICE_ENV]))
+        credentials = Credentials.from_json(os.environ[CREDENTIALS_ENV])
+    except KeyError as exc:
+        raise ValueError(f"{exc.args[0]} is not set: replicas are started by "
+                         "hiocluster run") from None
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"bad {SERVICE_ENV}: {exc}") from None
+    if spec.name != service:
+        raise ValueError(f"--name {name} is not a replica of {spec.name}")
+    try:
+        fds = tuple(int(fd) for fd in os.environ.get(LISTEN_FDS_ENV, "").split(",") if fd)
+    except ValueError:
+        raise ValueError(f"bad {LISTEN_FDS_ENV}: {os.environ[LISTEN_FDS_ENV]!r}") from None
+    return ReplicaOptions(connect, spec, int(index), int(incarnation), credentials, app_dir,
+                          fds)

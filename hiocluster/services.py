@@ -1,0 +1,502 @@
+"""A run's services, as hio doers: replica processes kept alive, scaled, rolled.
+
+In the run's :class:`~hiocluster.loop.Loop`, beside (or instead of) a lockstep
+supervisor:
+
+================  =============================================================
+``Services``      a DoDoer: the :class:`~hiocluster.servicecore.ServiceCore`
+                  that decides, a board, and a ``ReplicaDoer`` per process
+                  (added as it starts, gone once it exited)
+``ServiceBoard``  a Doer: the ROUTER replicas connect to (ipc in the 0700 run
+                  directory): JOIN, LOAD, BYE, ERROR in; STOP out
+``ReplicaDoer``   a Doer per replica process: ``enter`` starts it, ``recur``
+                  passes its output on (prefixed) and notices its exit,
+                  ``exit`` makes sure it is gone
+``Endpoint``      a Doer: the run's control endpoint (``hiocluster status``,
+                  ``scale``, ``restart``, ``stop``)
+``ServiceRun``    the root of a run with services and no simulation
+================  =============================================================
+
+None of them blocks. :func:`serve` is the Python API behind ``hiocluster run``
+for such topologies.
+
+Imports: servicecore, replica (names only), launch, loop, logs, transport,
+protocol, topology, errors.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import subprocess
+import sys
+import time
+from typing import Any, Callable, Sequence
+
+import psutil
+from hio.base.doing import DoDoer, Doer
+
+from . import protocol as proto
+from .errors import FrameError
+from .launch import LocalProcess, end_process
+from .logs import Prefixer
+from .loop import Loop, RouterDoer
+from .replica import LISTEN_FDS_ENV, SERVICE_ENV
+from .serving import listening_socket
+from .servicecore import Replica, ServiceCore
+from .topology import Topology
+from .transport import (CREDENTIALS_ENV, NOBLOCK, Context, Credentials, ipc_address,
+                        readable)
+
+__all__ = ["Services", "ServiceBoard", "ReplicaDoer", "Endpoint", "ServiceRun", "serve",
+           "CONTROL_ENV", "ENDPOINT", "ServeResult"]
+
+#: Where shells find a run's control endpoint (``hiocluster status`` and friends).
+CONTROL_ENV = "HIOCLUSTER_CONTROL"
+#: The endpoint's socket file in the run directory.
+ENDPOINT = "endpoint"
+#: Seconds a replica process gets after SIGTERM at a forced exit, then SIGKILL.
+KILL_GRACE_S = 2.0
+
+
+class ReplicaDoer(Doer):
+    """One replica process (see the module docstring)."""
+
+    def __init__(self, services: Services, replica: Replica, **kwa: Any) -> None:
+        super().__init__(**kwa)
+        self.services, self.replica = services, replica
+        self.handle: LocalProcess | None = None
+        self.output: int | None = None
+        self.unstarted: int | None = None  # could not start: the exit code to report
+
+    def enter(self) -> None:
+        services, replica = self.services, self.replica
+        spec = services.core.services[replica.service].spec
+        try:
+            fds = [services.socket(replica.service, k).fileno() for k in replica.listeners]
+        except OSError as exc:
+            replica.error = f"cannot listen on {spec.address}: {exc.strerror or exc}"
+            services.say(f"{replica.label}: {replica.error}")
+            self.unstarted = 1
+            return
+        env = dict(os.environ)
+        env[LISTEN_FDS_ENV] = ",".join(map(str, fds))
+        env[CREDENTIALS_ENV] = Credentials(services.token).to_json()
+        env[SERVICE_ENV] = json.dumps(spec.to_json())
+        env[CONTROL_ENV] = services.endpoint_address
+        env["PYTHONUNBUFFERED"] = "1"
+        argv = [*services.command, "replica", "--connect", services.address,
+                "--name", replica.key, "--app-dir", services.app_dir]
+        popen = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, close_fds=True,
+                                 pass_fds=fds, start_new_session=True,
+                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        self.handle = LocalProcess(popen, None)
+        assert popen.stdout is not None
+        self.output = popen.stdout.fileno()
+        os.set_blocking(self.output, False)
+        poller = services.loop.poller
+        poller.register(self.output)
+        if self.handle.sentinel is not None:
+            poller.register(self.handle.sentinel)
+
+    def recur(self, tyme: float) -> bool:
+        if self.unstarted is not None:
+            self.services.core.exited(self.replica, self.unstarted, time.monotonic())
+            return True
+        self.read()
+        handle = self.handle
+        if handle is None:
+            return True
+        code = handle.exitcode()
+        if code is None:
+            return False
+        self.read()
+        self._release()
+        self.services.core.exited(self.replica, code, time.monotonic())
+        return True
+
+    def read(self) -> None:
+        """Pass on what the replica wrote (bounded per cycle)."""
+        if self.output is None:
+            return
+        for _ in range(16):
+            try:
+                data = os.read(self.output, 65536)
+            except BlockingIOError:
+                return
+            except OSError:
+                data = b""
+            if not data:
+                self.services.prefixer.flush(self.replica.label)
+                self.services.loop.poller.unregister(self.output)
+                self.output = None
+                return
+            self.services.prefixer.feed(self.replica.label, data)
+
+    def kill(self) -> None:
+        if self.handle is not None:
+            self.handle.kill()
+
+    def _release(self) -> None:
+        handle = self.handle
+        if handle is None:
+            return
+        poller = self.services.loop.poller
+        if self.output is not None:
+            poller.unregister(self.output)
+            self.output = None
+        if handle.sentinel is not None:
+            poller.unregister(handle.sentinel)
+        handle.close()
+        self.handle = None
+
+    def exit(self) -> None:
+        """A forced exit (the run ends early) may leave it running: end it."""
+        if self.handle is not None:
+            end_process(self.handle, KILL_GRACE_S)
+            self.read()
+            self._release()
+
+
+class ServiceBoard(RouterDoer):
+    """The socket replicas talk to the supervisor on (see the module docstring)."""
+
+    def __init__(self, services: Services, **kwa: Any) -> None:
+        super().__init__(**kwa)
+        self.services = services
+
+    def enter(self) -> None:
+        services = self.services
+        self.attach(services.loop, services.context.control_router(services.address))
+
+    def recur(self, tyme: float) -> bool:
+        core, now = self.services.core, time.monotonic()
+        for _ in range(10_000):  # bounded: a flood cannot starve the other doers
+            if not readable(self.router):
+                break
+            parts = self.router.recv_multipart(NOBLOCK)
+            replica = core.replica(parts[0].decode("utf-8", "replace"))
+            if replica is None or len(parts) != 2:
+                continue  # not a replica of ours (or one that exited): ignore it
+            try:
+                message = proto.decode(parts[1], allowed=proto.FROM_REPLICA)
+            except FrameError as exc:
+                self.services.say(f"{replica.label}: bad frame: {exc}; killed")
+                self.services.kill(replica)
+                continue
+            self.services.received(replica, message, now)
+        return False
+
+    def send(self, replica: Replica, message: proto.Message) -> None:
+        self.reply(replica.key.encode(), proto.encode(message))
+
+
+class Services(DoDoer):
+    """Every service of a run (see the module docstring).
+
+    Args:
+        owner: the run: gives ``loop``, ``context``, ``run_dir``, ``token``,
+            ``endpoint_address`` once it entered.
+        topology: the services to run.
+        app_dir: where replicas import service classes from.
+        command: program and leading arguments that run ``hiocluster``.
+        prefixer: where replicas' output and the run's service messages go.
+    """
+
+    def __init__(self, owner: Any, topology: Topology, *, app_dir: str | None = None,
+                 command: Sequence[str] | None = None, prefixer: Prefixer | None = None,
+                 **kwa: Any) -> None:
+        self.owner = owner
+        self.core = ServiceCore(topology.services)
+        self.app_dir = os.path.abspath(app_dir or os.getcwd())
+        self.command = list(command or [sys.executable, "-m", "hiocluster"])
+        self.prefixer = prefixer or Prefixer()
+        self.prefixer.reserve(["hiocluster", *(f"{spec.name}.{spec.replicas - 1}"
+                                               for spec in topology.services)])
+        self.board = ServiceBoard(self)
+        self.running: dict[str, ReplicaDoer] = {}
+        self.sockets: dict[str, dict[int, Any]] = {name: {} for name in self.core.services}
+        self.processes: dict[int, psutil.Process] = {}
+        self.started = False
+        super().__init__(doers=[self.board], **kwa)
+
+    # what the owner provides, once it entered
+    @property
+    def loop(self) -> Loop:
+        return self.owner.loop
+
+    @property
+    def context(self) -> Context:
+        return self.owner.context
+
+    @property
+    def token(self) -> bytes:
+        return self.owner.token
+
+    @property
+    def address(self) -> str:
+        return ipc_address(self.owner.run_dir, "services")
+
+    @property
+    def endpoint_address(self) -> str:
+        return self.owner.endpoint_address
+
+    def recur(self, tyme: float, deeds: Any = None) -> bool:  # type: ignore[override]
+        core, now = self.core, time.monotonic()
+        if not self.started:
+            self.started = True
+            core.start(now)
+        super().recur(tyme, deeds)
+        for key in [key for key, doer in self.running.items() if doer.done]:
+            doer = self.running.pop(key)
+            self.doers.remove(doer)
+        core.poll(now)
+        for kind, replica in core.actions:
+            if kind == "start":
+                doer = ReplicaDoer(self, replica)
+                self.running[replica.key] = doer
+                self.extend([doer])
+            elif kind == "stop":
+                self.board.send(replica, proto.Stop(reason="stop", drain=True))
+            else:
+                self.kill(replica)
+        core.actions.clear()
+        for line in core.log:
+            self.say(line)
+        core.log.clear()
+        for name, sockets in self.sockets.items():  # scaled to 0: refuse, do not queue
+            pool = core.services[name].pool
+            for k in [k for k in sockets if k >= pool]:
+                sockets.pop(k).close()
+        if core.finished:
+            self.close_sockets()
+        return core.finished
+
+    def socket(self, service: str, k: int) -> Any:
+        """Listening socket ``k`` of ``service`` (made on first use; the run holds
+        it so that connections queued on it outlive any one replica)."""
+        sockets = self.sockets[service]
+        if k not in sockets:
+            sockets[k] = listening_socket(self.core.services[service].spec.listen)
+        return sockets[k]
+
+    def close_sockets(self) -> None:
+        for sockets in self.sockets.values():
+            for sock in sockets.values():
+                sock.close()
+            sockets.clear()
+
+    def exit(self, deeds: Any = None) -> None:  # type: ignore[override]
+        try:
+            super().exit(deeds)
+        finally:
+            if deeds is None:
+                self.close_sockets()
+
+    def received(self, replica: Replica, message: proto.Message, now: float) -> None:
+        """A frame from ``replica``'s process."""
+        if isinstance(message, proto.Join):
+            doer = self.running.get(replica.key)
+            expected = (replica.service, replica.index, replica.incarnation, self.token,
+                        doer.handle.pid if doer is not None and doer.handle else None)
+            said = (message.service, message.replica, message.incarnation, message.token,
+                    message.pid)
+            if said != expected:
+                self.say(f"{replica.label}: JOIN does not match the replica started "
+                         "(service, replica, incarnation, token or pid): killed")
+                self.kill(replica)
+                return
+            self.core.joined(replica, message.pid, now)
+            try:
+                self.processes[message.pid] = process = psutil.Process(message.pid)
+                process.cpu_percent(None)  # the first call starts the measurement
+            except psutil.Error:
+                pass
+            spec = self.core.services[replica.service].spec
+            self.say(f"{replica.label} serving on {spec.address} (pid {message.pid})")
+        elif isinstance(message, proto.Load):
+            self.core.load(replica, message.served, message.connections)
+        elif isinstance(message, proto.Bye):
+            self.core.load(replica, message.stats.get("served", replica.served), 0)
+        elif isinstance(message, proto.Error):
+            replica.error = message.detail
+            self.say(f"{replica.label}: {message.detail}")
+
+    def kill(self, replica: Replica) -> None:
+        doer = self.running.get(replica.key)
+        if doer is not None:
+            doer.kill()
+
+    def say(self, line: str) -> None:
+        self.prefixer.write("hiocluster", [line])
+
+    def status(self) -> list[dict[str, Any]]:
+        """The core's status, with CPU (percent of a core) and RSS per replica."""
+        rows = self.core.status(time.monotonic())
+        for row in rows:
+            for replica in row["replicas"]:
+                process = self.processes.get(replica["pid"] or -1)
+                cpu, rss = None, None
+                if process is not None:
+                    try:
+                        with process.oneshot():
+                            cpu, rss = process.cpu_percent(None), process.memory_info().rss
+                    except psutil.Error:
+                        pass
+                replica["cpu"], replica["rss"] = cpu, rss
+        live = {replica.pid for replica in self.core.live()}
+        for pid in [pid for pid in self.processes if pid not in live]:
+            del self.processes[pid]
+        return rows
+
+    def stop(self) -> None:
+        self.core.stop(time.monotonic())
+
+
+class Endpoint(RouterDoer):
+    """The run's control endpoint: COMMAND in, ANSWER out (docs/protocol.md §12).
+    ``owner`` answers: ``command(message) -> Answer``."""
+
+    def __init__(self, owner: Any, **kwa: Any) -> None:
+        super().__init__(**kwa)
+        self.owner = owner
+
+    def enter(self) -> None:
+        owner = self.owner
+        self.attach(owner.loop, owner.context.control_router(owner.endpoint_address))
+
+    def recur(self, tyme: float) -> bool:
+        for _ in range(100):
+            if not readable(self.router):
+                break
+            parts = self.router.recv_multipart(NOBLOCK)
+            if len(parts) != 2:
+                continue
+            try:
+                message = proto.decode(parts[1], allowed=(proto.Command,))
+                answer = self.owner.command(message)
+            except FrameError as exc:
+                answer = proto.Answer(ok=False, detail=f"bad command: {exc}")
+            self.reply(parts[0], proto.encode(answer))  # a shell gone away is no error
+        return False
+
+
+def answer_command(message: proto.Command, services: Services | None,
+                   status: Callable[[], dict[str, Any]], stop: Callable[[], None]
+                   ) -> proto.Answer:
+    """What every run answers on its endpoint: ``status`` (the run's state),
+    ``scale``/``restart`` (its services), ``stop``."""
+    if message.command == "status":
+        return proto.Answer(ok=True, detail="", status=status())
+    if message.command == "stop":
+        stop()
+        return proto.Answer(ok=True, detail="stopping")
+    if services is None:
+        return proto.Answer(ok=False, detail="this run has no services")
+    if not message.service:
+        return proto.Answer(ok=False, detail=f"{message.command} needs a service name")
+    now = time.monotonic()
+    try:
+        if message.command == "scale":
+            if message.replicas is None:
+                return proto.Answer(ok=False, detail="scale needs a number of replicas")
+            detail = services.core.scale(message.service, message.replicas, now)
+        else:
+            detail = services.core.restart(message.service, now)
+    except KeyError as exc:
+        return proto.Answer(ok=False, detail=str(exc.args[0]))
+    except ValueError as exc:
+        return proto.Answer(ok=False, detail=str(exc))
+    return proto.Answer(ok=True, detail=detail)
+
+
+class ServiceRun(DoDoer):
+    """The root of a run of services only (see :func:`serve`)."""
+
+    def __init__(self, topology: Topology, loop: Loop, *, app_dir: str | None = None,
+                 command: Sequence[str] | None = None, prefixer: Prefixer | None = None,
+                 on_listening: Callable[[ServiceRun], None] | None = None, **kwa: Any) -> None:
+        self.topology, self.loop = topology, loop
+        self.token = secrets.token_bytes(16)
+        self.run_dir: str | None = None
+        self.context: Context | None = None
+        self.endpoint_address = ""
+        self.on_listening = on_listening
+        self.services = Services(self, topology, app_dir=app_dir, command=command,
+                                 prefixer=prefixer)
+        self.endpoint = Endpoint(self)
+        self.started = time.time()
+        super().__init__(doers=[self.endpoint, self.services], **kwa)
+
+    def enter(self, doers: Any = None) -> Any:  # type: ignore[override]
+        if doers is None:
+            from .supervisor import make_run_dir
+            self.run_dir = make_run_dir()
+            self.endpoint_address = ipc_address(self.run_dir, ENDPOINT)
+            self.context = Context(owner="supervisor")
+        deeds = super().enter(doers)
+        if doers is None and self.on_listening is not None:
+            self.on_listening(self)
+        return deeds
+
+    def recur(self, tyme: float, deeds: Any = None) -> bool:  # type: ignore[override]
+        super().recur(tyme, deeds)
+        return self.services.core.finished
+
+    def exit(self, deeds: Any = None) -> None:  # type: ignore[override]
+        try:
+            super().exit(deeds)
+        finally:
+            if deeds is None:
+                from .supervisor import close_run
+                close_run(self)
+
+    def interrupt(self, signum: int) -> None:
+        """SIGINT/SIGTERM: drain and stop every replica."""
+        self.services.stop()
+
+    def status(self) -> dict[str, Any]:
+        return {"topology": self.topology.name, "pid": os.getpid(),
+                "uptime": round(time.time() - self.started, 3),
+                "services": self.services.status(), "simulation": None}
+
+    def command(self, message: proto.Command) -> proto.Answer:
+        return answer_command(message, self.services, self.status, self.services.stop)
+
+
+class ServeResult:
+    """How a run of services ended: each service's final status row."""
+
+    def __init__(self, services: list[dict[str, Any]]) -> None:
+        self.services = services
+
+    def to_json(self) -> dict[str, Any]:
+        return {"services": self.services}
+
+
+def serve(topology: Topology, *, app_dir: str | None = None,
+          command: Sequence[str] | None = None, prefixer: Prefixer | None = None,
+          handle_signals: bool = True,
+          on_listening: Callable[[ServiceRun], None] | None = None) -> ServeResult:
+    """Run ``topology``'s services until stopped (SIGINT, SIGTERM, ``hiocluster
+    stop``) and return how they ended.
+
+    Raises:
+        ServiceFailed: a service restarted more often than its intensity allows;
+            every replica was stopped first.
+    """
+    from .supervisor import _signals
+    from .topology import resolve_services
+
+    resolve_services(topology, app_dir)
+    loop = Loop()
+    root = ServiceRun(topology, loop, app_dir=app_dir, command=command, prefixer=prefixer,
+                      on_listening=on_listening)
+    loop.doers = [root]
+    with _signals(root, loop, handle_signals):
+        loop.run()
+    if root.services.core.failure is not None:
+        raise root.services.core.failure
+    return ServeResult(root.services.core.status(time.monotonic()))
+

@@ -1,0 +1,478 @@
+"""Services end to end: `hiocluster run` of a topology with [services.*], real
+replica processes serving on one port (SO_REUSEPORT), real clients on loopback,
+`hiocluster status|scale|restart|stop` through the run's control endpoint.
+
+Tests synchronise on what the run says (its "serving on" lines, its status),
+never on sleeps; every load loop is bounded in count and time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import re
+import signal
+import socket
+import ssl
+import subprocess
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+import trustme
+
+from conftest import REPO, hiocluster_command
+from hiocluster import protocol as proto
+from hiocluster.control import ask
+
+TOPOLOGIES = REPO / "topologies"
+pytestmark = pytest.mark.timeout(120)
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def with_port(text: str, port: int) -> str:
+    """A topology's text with its listen port replaced by ``port``."""
+    return re.sub(r'listen = "127\.0\.0\.1:\d+"', f'listen = "127.0.0.1:{port}"', text)
+
+
+class Run:
+    """`hiocluster run TOPOLOGY` as a subprocess; its stderr read line by line."""
+
+    def __init__(self, path: Path, env: dict[str, str], *args: str) -> None:
+        self.proc = subprocess.Popen(
+            hiocluster_command("run", str(path), "--app-dir", str(REPO), *args), env=env,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
+        self.lines: queue.Queue[str | None] = queue.Queue()
+        self.log: list[str] = []
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+        self.control = self.expect(r"control: HIOCLUSTER_CONTROL=(\S+)").group(1)
+        self.stdout = ""
+
+    def _read(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            self.lines.put(line.rstrip("\n"))
+        self.lines.put(None)
+
+    def expect(self, pattern: str, timeout: float = 30.0) -> re.Match[str]:
+        """The next stderr line matching ``pattern`` (fails at EOF or time-out)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                line = self.lines.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                raise AssertionError(f"no line matching {pattern!r} within {timeout} s; "
+                                     f"seen: {self.log[-20:]}") from None
+            if line is None:
+                raise AssertionError(f"the run ended before {pattern!r}; seen: "
+                                     f"{self.log[-20:]}")
+            self.log.append(line)
+            found = re.search(pattern, line)
+            if found:
+                return found
+
+    def serving(self, count: int) -> list[int]:
+        """Wait for ``count`` more replicas to say they serve; their pids."""
+        return [int(self.expect(r"serving on \S+ \(pid (\d+)\)").group(1))
+                for _ in range(count)]
+
+    def status(self) -> dict[str, Any]:
+        return ask(self.control, proto.Command(command="status")).status
+
+    def until(self, check: Callable[[dict[str, Any]], bool], timeout: float = 20.0
+              ) -> dict[str, Any]:
+        """Poll the run's status until ``check`` holds (bounded)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            status = self.status()
+            if check(status):
+                return status
+            assert time.monotonic() < deadline, f"status never got there: {status}"
+            time.sleep(0.05)  # polling another process's state: nothing to wait on
+
+    def finish(self, timeout: float = 30.0) -> int:
+        """Wait for the run to end; its exit code (the rest of stderr goes to log,
+        stdout to ``self.stdout``)."""
+        self.proc.wait(timeout=timeout)
+        self.reader.join(timeout)
+        while not self.lines.empty():
+            line = self.lines.get_nowait()
+            if line is not None:
+                self.log.append(line)
+        assert self.proc.stdout is not None
+        self.stdout = self.proc.stdout.read()
+        return self.proc.returncode
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.finish(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        for pipe in (self.proc.stdout, self.proc.stderr):
+            if pipe is not None:
+                pipe.close()
+
+
+@pytest.fixture
+def start(cli_env: dict[str, str], tmp_path: Path):
+    runs: list[Run] = []
+
+    def starter(text: str, *args: str, name: str = "svc.toml") -> Run:
+        path = tmp_path / name
+        path.write_text(text)
+        run = Run(path, cli_env, *args)
+        runs.append(run)
+        return run
+
+    yield starter
+    for run in runs:
+        run.close()
+
+
+def echo_once(port: int, payload: bytes, timeout: float = 5.0) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        sock.sendall(payload)
+        got = b""
+        while len(got) < len(payload):
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            got += chunk
+        return got
+
+
+def get(port: int, path: str = "/hello", timeout: float = 5.0) -> tuple[int, bytes]:
+    """One HTTP/1.1 request on a new connection (Connection: close): status, body."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        sock.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    if not head.startswith(b"HTTP/1.1 "):
+        raise ConnectionError(f"no HTTP response: {data[:80]!r}")
+    return int(head.split()[1]), body
+
+
+class Load:
+    """``threads`` clients, each doing requests one after another on new
+    connections until stopped (bounded by ``limit`` requests and ``seconds``)."""
+
+    def __init__(self, port: int, threads: int = 4, limit: int = 20_000,
+                 seconds: float = 60.0) -> None:
+        self.port, self.limit, self.seconds = port, limit, seconds
+        self.ok, self.failed, self.errors = 0, 0, []  # type: ignore[var-annotated]
+        self.lock = threading.Lock()
+        self.stopping = threading.Event()
+        self.workers = [threading.Thread(target=self._work, daemon=True)
+                        for _ in range(threads)]
+
+    def __enter__(self) -> Load:
+        for worker in self.workers:
+            worker.start()
+        return self
+
+    def _work(self) -> None:
+        deadline = time.monotonic() + self.seconds
+        while not self.stopping.is_set() and time.monotonic() < deadline:
+            with self.lock:
+                if self.ok + self.failed >= self.limit:
+                    return
+            try:
+                status, _ = get(self.port)
+                good = status == 200
+            except OSError as exc:
+                good = False
+                error = repr(exc)
+            else:
+                error = f"status {status}"
+            with self.lock:
+                if good:
+                    self.ok += 1
+                else:
+                    self.failed += 1
+                    self.errors.append(error)
+
+    def done(self) -> int:
+        with self.lock:
+            return self.ok + self.failed
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stopping.set()
+        for worker in self.workers:
+            worker.join(30)
+
+
+def port_is_free(port: int) -> bool:
+    with socket.socket() as probe:  # no SO_REUSEPORT: fails while any replica listens
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def test_echo_example_spreads_connections_over_its_four_replicas(start) -> None:
+    port = free_port()
+    run = start(with_port((TOPOLOGIES / "echo.toml").read_text(), port))
+    pids = run.serving(4)
+    assert len(set(pids)) == 4
+    for i in range(64):
+        payload = f"message {i}\n".encode()
+        assert echo_once(port, payload) == payload
+    status = run.until(lambda s: s["services"][0]["served"] >= 64)
+    served = [replica["served"] for replica in status["services"][0]["replicas"]]
+    assert len(served) == 4 and all(count > 0 for count in served), served
+    assert sum(served) == 64
+    stop = subprocess.run(hiocluster_command("stop", "--control", run.control),
+                          capture_output=True, text=True, timeout=60, env=run_env(run))
+    assert stop.returncode == 0, stop.stderr
+    assert run.finish() == 0
+    assert "echo: stopped; 64 served, 0 restarts" in run.stdout
+    assert port_is_free(port)
+
+
+def run_env(run: Run) -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(REPO)}
+
+
+def test_status_table_and_exit_codes(start, cli_env: dict[str, str]) -> None:
+    port = free_port()
+    run = start(with_port((TOPOLOGIES / "http.toml").read_text(), port))
+    pids = run.serving(2)
+    env = {**cli_env, "HIOCLUSTER_CONTROL": run.control}
+    shown = subprocess.run(hiocluster_command("status"), capture_output=True, text=True,
+                           env=env, timeout=30)
+    assert shown.returncode == 0, shown.stderr
+    lines = shown.stdout.splitlines()
+    assert lines[1].split() == ["SERVICE", "REPLICA", "PID", "STATE", "RESTARTS", "UPTIME",
+                                "CPU", "RSS", "SERVED"]
+    rows = [line.split() for line in lines[2:4]]
+    assert [(row[0], row[1], int(row[2]), row[3]) for row in rows] == \
+        [("web", "0", pids[0], "serving"), ("web", "1", pids[1], "serving")] or \
+        sorted(int(row[2]) for row in rows) == sorted(pids)
+    assert lines[4] == f"web on 127.0.0.1:{port}: 2/2 serving, 0 restarts, 0 served"
+    as_json = subprocess.run(hiocluster_command("status", "--json"), capture_output=True,
+                             text=True, env=env, timeout=30)
+    body = json.loads(as_json.stdout)
+    assert body["control"] == run.control
+    replica = body["services"][0]["replicas"][0]
+    assert replica["rss"] > 1_000_000 and replica["cpu"] is not None
+    # found without being told where, as the only run under the run root
+    env.pop("HIOCLUSTER_CONTROL")
+    assert subprocess.run(hiocluster_command("status"), capture_output=True, env=env,
+                          timeout=30).returncode == 0
+    run.close()
+    gone = subprocess.run(hiocluster_command("status", "--control", run.control),
+                          capture_output=True, text=True, env=env, timeout=30)
+    assert gone.returncode == 4 and "no run at" in gone.stderr
+
+
+def test_kill_9_of_a_replica_under_load(start) -> None:
+    port = free_port()
+    run = start(with_port((TOPOLOGIES / "http.toml").read_text(), port))
+    pids = run.serving(2)
+    victim = run.status()["services"][0]["replicas"][0]["pid"]  # web.0's
+    with Load(port, threads=4) as load:
+        run.until(lambda s: s["services"][0]["served"] > 50)
+        before = load.done()
+        killed_at = time.monotonic()
+        os.kill(victim, signal.SIGKILL)
+        (new_pid,) = run.serving(1)
+        back_after = time.monotonic() - killed_at
+        after = load.done()
+        run.until(lambda s: s["services"][0]["served"] > 0 and all(
+            r["state"] == "serving" for r in s["services"][0]["replicas"]))
+        target = load.done() + 50
+        deadline = time.monotonic() + 30
+        while load.done() < target and time.monotonic() < deadline:
+            time.sleep(0.05)  # let the load run on: polling its counter
+    assert new_pid not in pids
+    assert back_after < 1.0, f"the replica was back after {back_after:.2f} s"
+    assert after > before  # the other replica kept serving meanwhile
+    assert load.failed <= 4, load.errors  # at most one in flight per client thread
+    assert load.ok > 100
+    status = run.status()["services"][0]
+    assert status["restarts"] == 1
+    assert any("web.0 was killed by signal 9: restarting in 0.1 s" in line for line in run.log)
+
+
+def test_rolling_restart_under_load_loses_no_request(start, cli_env: dict[str, str]) -> None:
+    port = free_port()
+    run = start(with_port((TOPOLOGIES / "http.toml").read_text(), port))
+    old = set(run.serving(2))
+    with Load(port, threads=4) as load:
+        run.until(lambda s: s["services"][0]["served"] > 50)
+        restart = subprocess.run(
+            hiocluster_command("restart", "web", "--control", run.control),
+            capture_output=True, text=True, env=cli_env, timeout=60)
+        during = load.done()
+    assert restart.returncode == 0, restart.stderr
+    assert "web: rolling restart of 2 replicas" in restart.stdout
+    new = {replica["pid"] for replica in run.status()["services"][0]["replicas"]}
+    assert len(new) == 2 and not new & old
+    assert during > 0 and load.failed == 0, load.errors
+    assert run.status()["services"][0]["restarts"] == 0  # a roll is no crash
+
+
+def test_scale_two_four_one_keeps_serving(start, cli_env: dict[str, str]) -> None:
+    port = free_port()
+    run = start(with_port((TOPOLOGIES / "http.toml").read_text(), port))
+    run.serving(2)
+    with Load(port, threads=2) as load:
+        for count in (4, 1):
+            scaled = subprocess.run(
+                hiocluster_command("scale", f"web={count}", "--control", run.control),
+                capture_output=True, text=True, env=cli_env, timeout=60)
+            assert scaled.returncode == 0, scaled.stderr
+            replicas = run.status()["services"][0]["replicas"]
+            assert [r["replica"] for r in replicas] == list(range(count))
+            assert all(r["state"] == "serving" for r in replicas)
+    assert load.ok > 0 and load.failed == 0, load.errors
+    bad = subprocess.run(hiocluster_command("scale", "wbe=2", "--control", run.control),
+                         capture_output=True, text=True, env=cli_env, timeout=60)
+    assert bad.returncode == 1 and "no service 'wbe' (services: web)" in bad.stderr
+
+
+def test_restart_intensity_exceeded_fails_the_run_cleanly(start) -> None:
+    run = start(f"""
+[services.flaky]
+class = "svc_nodes:CrashAtStart"
+replicas = 2
+listen = "127.0.0.1:{free_port()}"
+max_restarts = 3
+within = 30
+backoff = 0.05
+""")
+    code = run.finish(60)
+    assert code == 1
+    message = ("hiocluster: run failed: service flaky failed: 4 crashes within 30 s "
+               "(max_restarts = 3); the last: flaky.")
+    assert any(line.startswith(message) and line.endswith("exited with code 7")
+               for line in run.log), "\n".join(run.log)
+    assert any(re.fullmatch(r"flaky\.[01] +\| crash-at-start replica [01]: exiting with 7",
+                            line) for line in run.log), "\n".join(run.log)
+
+
+def test_https_example_with_certificates_made_now(start, tmp_path: Path) -> None:
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1", "localhost")
+    cert.cert_chain_pems[0].write_to_path(str(tmp_path / "cert.pem"))
+    cert.private_key_pem.write_to_path(str(tmp_path / "key.pem"))
+    port = free_port()
+    run = start(with_port((TOPOLOGIES / "https.toml").read_text(), port), name="https.toml")
+    run.serving(2)
+    context = ssl.create_default_context()
+    ca.configure_trust(context)
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
+        with context.wrap_socket(raw, server_hostname="localhost") as tls:
+            tls.sendall(b"GET /hello HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            data = b""
+            while chunk := tls.recv(65536):
+                data += chunk
+    assert data.startswith(b"HTTP/1.1 200 OK") and data.endswith(b"hello over TLS\n")
+    with pytest.raises((ConnectionError, OSError)):
+        get(port)  # plaintext to the TLS port: no HTTP answer, the connection is dropped
+
+
+def test_idle_connections_do_not_stop_service_and_go_after_the_timeout(start) -> None:
+    port = free_port()
+    text = with_port((TOPOLOGIES / "http.toml").read_text(), port)
+    run = start(text.replace("timeout = 30.0", "timeout = 1.5"))
+    run.serving(2)
+    idle = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(300)]
+    try:
+        assert get(port)[0] == 200  # served beside 300 idle connections
+        opened = time.monotonic()
+        for sock in idle:
+            assert sock.recv(1) == b""  # closed by the server (blocks until then)
+        waited = time.monotonic() - opened
+        assert waited < 10.0
+        assert get(port)[0] == 200
+    finally:
+        for sock in idle:
+            sock.close()
+
+
+def test_replica_output_is_prefixed_in_whole_lines(start) -> None:
+    port = free_port()
+    run = start(f"""
+[services.chat]
+class = "svc_nodes:Chatty"
+replicas = 2
+listen = "127.0.0.1:{port}"
+""")
+    run.serving(2)
+    for _ in range(10):
+        assert echo_once(port, b"ping") == b"ping"
+    for _ in range(10):
+        line = run.expect(r"got")
+        assert re.fullmatch(r"chat\.[01] +\| replica [01] got 4 bytes", line.group(0)) or \
+            re.fullmatch(r"chat\.[01] +\| replica [01] got 4 bytes", run.log[-1]), run.log[-1]
+
+
+def test_sigterm_drains_and_exits_zero(start) -> None:
+    port = free_port()
+    run = start(with_port((TOPOLOGIES / "echo.toml").read_text(), port))
+    run.serving(4)
+    run.proc.send_signal(signal.SIGTERM)
+    assert run.finish() == 0
+    assert "echo: stopped; 0 served, 0 restarts" in run.stdout
+    assert port_is_free(port)
+
+
+def test_kill_9_of_the_run_leaves_no_replica_file_or_port(start, no_leaks: Path) -> None:
+    port = free_port()
+    run = start(with_port((TOPOLOGIES / "echo.toml").read_text(), port))
+    pids = run.serving(4)
+    run.proc.kill()
+    assert run.finish() == -signal.SIGKILL
+    for pid in pids:  # orphans: each notices its supervisor is gone and exits
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.02)  # another process's exit: nothing to wait on but polling
+        else:
+            raise AssertionError(f"replica {pid} outlived its supervisor")
+    assert port_is_free(port)
+    assert list(no_leaks.iterdir()) == []  # the last orphan out removed the run directory
+
+
+def test_a_simulation_and_services_in_one_topology(start, cli_env: dict[str, str]) -> None:
+    port = free_port()
+    ring = (TOPOLOGIES / "ring.toml").read_text()
+    ring = re.sub(r"ticks = \d+", "ticks = 60", ring)
+    ring = re.sub(r"tock = [\d.]+", "tock = 0.05\nreal = true", ring)
+    run = start(ring + f"""
+[services.echo]
+class = "nodes.echo:Echo"
+replicas = 2
+listen = "127.0.0.1:{port}"
+""")
+    run.serving(2)
+    assert echo_once(port, b"during the simulation") == b"during the simulation"
+    shown = subprocess.run(hiocluster_command("status", "--control", run.control, "--json"),
+                           capture_output=True, text=True, env=cli_env, timeout=30)
+    status = json.loads(shown.stdout)
+    simulation = status["simulation"]
+    assert simulation["ticks"] == 60 and simulation["state"] in ("starting", "running")
+    assert sorted(simulation["workers"]) == ["p0", "p1", "p2", "p3"]
+    assert [row["service"] for row in status["services"]] == ["echo"]
+    assert run.finish(60) == 0  # the simulation ends, and the services with it
+    assert "60 ticks, 8 nodes on 4 processes" in run.stdout
+    assert port_is_free(port)

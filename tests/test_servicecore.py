@@ -1,0 +1,293 @@
+"""ServiceCore (hiocluster.servicecore), sans-IO: restart policies, intensity,
+backoff, scaling and rolling restarts, driven by hand with a fake clock."""
+
+from __future__ import annotations
+
+import pytest
+
+from hiocluster.servicecore import ReplicaState, ServiceCore, ServiceFailed
+from hiocluster.topology import ServiceSpec, loads
+
+
+def spec(**changes: object) -> ServiceSpec:
+    base = dict(name="web", cls="m:C", listen=("127.0.0.1", 8080), replicas=2)
+    base.update(changes)
+    return ServiceSpec(**base)  # type: ignore[arg-type]
+
+
+class Harness:
+    """A core and the processes it asked for: start, stop, kill are recorded."""
+
+    def __init__(self, *specs: ServiceSpec) -> None:
+        self.core = ServiceCore(specs, start_timeout=5.0)
+        self.now = 0.0
+        self.pids = 100
+
+    def take(self) -> list[tuple[str, str]]:
+        actions = [(kind, replica.key) for kind, replica in self.core.actions]
+        self.core.actions.clear()
+        return actions
+
+    def join_all(self) -> None:
+        for replica in self.core.live():
+            if replica.state is ReplicaState.STARTING:
+                self.pids += 1
+                self.core.joined(replica, self.pids, self.now)
+
+    def at(self, now: float) -> list[tuple[str, str]]:
+        self.now = now
+        self.core.poll(now)
+        return self.take()
+
+    def exit(self, key: str, code: int) -> None:
+        replica = self.core.replica(key)
+        assert replica is not None, key
+        self.core.exited(replica, code, self.now)
+
+
+def test_start_makes_each_replica_with_its_own_identity() -> None:
+    h = Harness(spec(), spec(name="echo", listen=("127.0.0.1", 7000), replicas=1))
+    h.core.start(0.0)
+    assert h.take() == [("start", "web.0.1"), ("start", "web.1.2"), ("start", "echo.0.3")]
+    assert not h.core.all_serving()
+    h.join_all()
+    assert h.core.all_serving()
+
+
+def test_one_for_one_restarts_the_dead_replica_after_its_backoff() -> None:
+    h = Harness(spec(backoff=0.1))
+    h.core.start(0.0)
+    h.take()
+    h.join_all()
+    h.now = 1.0
+    h.exit("web.1.2", -9)
+    assert h.take() == []
+    assert h.at(1.05) == []
+    assert h.at(1.1) == [("start", "web.1.3")]  # a fresh incarnation, same replica
+    rows = h.core.status(1.1)[0]
+    assert rows["restarts"] == 1
+    assert [r["state"] for r in rows["replicas"]] == ["serving", "starting"]
+    assert "web.1 was killed by signal 9: restarting in 0.1 s" in h.core.log
+
+
+def test_backoff_doubles_for_recent_crashes_and_is_capped() -> None:
+    h = Harness(spec(replicas=1, backoff=0.5, backoff_max=1.5, max_restarts=10, within=100))
+    h.core.start(0.0)
+    h.take()
+    delays, key = [], "web.0.1"
+    for crash in range(4):
+        h.join_all()
+        h.exit(key, 1)
+        when = h.now
+        while True:
+            h.now += 0.25
+            started = h.at(h.now)
+            if started:
+                break
+        delays.append(h.now - when)
+        key = started[0][1]
+    assert delays == [0.5, 1.0, 1.5, 1.5]
+
+
+def test_too_many_restarts_fail_the_service_and_stop_everything() -> None:
+    h = Harness(spec(replicas=2, max_restarts=2, within=10.0, backoff=0.1),
+                spec(name="other", listen=("127.0.0.1", 9), replicas=1))
+    h.core.start(0.0)
+    h.take()
+    h.join_all()
+    h.exit("web.0.1", 1)
+    h.at(0.2)
+    h.join_all()
+    h.exit("web.0.4", 1)
+    h.at(0.5)
+    h.join_all()
+    h.exit("web.0.5", 3)  # the third crash within 10 s: more than 2 restarts
+    assert isinstance(h.core.failure, ServiceFailed)
+    assert str(h.core.failure) == ("service web failed: 3 crashes within 10 s "
+                                   "(max_restarts = 2); the last: web.0 exited with code 3")
+    assert sorted(h.take()) == [("stop", "other.0.3"), ("stop", "web.1.2")]
+    assert not h.core.finished
+    h.exit("web.1.2", 0)
+    h.exit("other.0.3", 0)
+    assert h.core.finished
+    with pytest.raises(ValueError, match="has failed"):
+        h.core.scale("web", 3, h.now)
+
+
+def test_crashes_older_than_the_window_do_not_count() -> None:
+    h = Harness(spec(replicas=1, max_restarts=1, within=2.0, backoff=0.1))
+    h.core.start(0.0)
+    key = h.take()[0][1]
+    for crash in range(5):  # one crash every 3 s: never two within 2 s
+        h.join_all()
+        h.now += 3.0
+        h.exit(key, 1)
+        key = h.at(h.now + 0.1)[0][1]
+    assert h.core.failure is None
+
+
+def test_one_for_all_stops_the_others_and_restarts_all() -> None:
+    h = Harness(spec(replicas=3, restart="one_for_all", backoff=0.2))
+    h.core.start(0.0)
+    h.take()
+    h.join_all()
+    h.exit("web.1.2", -11)
+    assert sorted(h.take()) == [("stop", "web.0.1"), ("stop", "web.2.3")]
+    h.exit("web.0.1", 0)
+    h.exit("web.2.3", 0)  # drained on purpose: no crash
+    assert sorted(h.at(0.2)) == [("start", "web.0.4"), ("start", "web.1.5"),
+                                 ("start", "web.2.6")]
+    assert h.core.status(0.2)[0]["restarts"] == 3
+
+
+def test_scale_up_and_down_drains_the_highest_numbered() -> None:
+    h = Harness(spec(replicas=2))
+    h.core.start(0.0)
+    h.take()
+    h.join_all()
+    assert h.core.scale("web", 4, 1.0) == "web: 2 -> 4 replicas"
+    assert h.take() == [("start", "web.2.3"), ("start", "web.3.4")]
+    h.join_all()
+    assert [r.listeners for r in h.core.live()] == [(0,), (1,), (2,), (3,)]
+    h.core.scale("web", 1, 2.0)
+    # the three go; web.0 is rolled so that its successor takes over their sockets
+    assert h.take() == [("stop", "web.1.2"), ("stop", "web.2.3"), ("stop", "web.3.4"),
+                        ("start", "web.0.5")]
+    for key in ("web.1.2", "web.2.3", "web.3.4"):
+        h.exit(key, 0)
+    h.join_all()
+    assert h.take() == [("stop", "web.0.1")]
+    h.exit("web.0.1", 0)
+    assert h.take() == [] and h.at(3.0) == []
+    assert [(r.index, r.listeners) for r in h.core.live()] == [(0, (0, 1, 2, 3))]
+    assert h.core.all_serving()
+    h.core.scale("web", 2, 4.0)  # web.1 gets its socket back; web.0 may keep it too
+    assert h.take() == [("start", "web.1.6")]
+    assert h.core.listeners_for("web", 1) == (1, 3) and h.core.listeners_for("web", 0) == (0, 2)
+    h.core.scale("web", 0, 5.0)
+    assert h.core.listeners_for("web", 0) == ()
+    with pytest.raises(KeyError, match="no service 'wbe' .services: web."):
+        h.core.scale("wbe", 2, 3.0)
+    with pytest.raises(ValueError, match="0..256"):
+        h.core.scale("web", 257, 3.0)
+
+
+def test_a_replica_stopped_but_lingering_is_killed_after_its_drain() -> None:
+    h = Harness(spec(replicas=1, drain=2.0))
+    h.core.start(0.0)
+    h.take()
+    h.join_all()
+    h.core.scale("web", 0, 1.0)
+    assert h.take() == [("stop", "web.0.1")]
+    assert h.at(2.9) == []
+    assert h.at(3.0) == [("kill", "web.0.1")]
+    assert h.at(4.0) == []  # killed once
+
+
+def test_a_replica_that_never_joins_is_killed_and_restarted() -> None:
+    h = Harness(spec(replicas=1, backoff=0.1))
+    h.core.start(0.0)
+    h.take()
+    assert h.at(4.9) == []
+    assert h.at(5.1) == [("kill", "web.0.1")]
+    h.exit("web.0.1", -9)
+    assert h.at(5.2) == [("start", "web.0.2")]
+
+
+def test_rolling_restart_starts_a_successor_before_stopping_each() -> None:
+    h = Harness(spec(replicas=2))
+    h.core.start(0.0)
+    h.take()
+    h.join_all()
+    assert h.core.restart("web", 1.0) == "web: rolling restart of 2 replicas"
+    assert h.take() == [("start", "web.0.3")]  # old web.0 still serves
+    with pytest.raises(ValueError, match="already restarting"):
+        h.core.restart("web", 1.0)
+    h.join_all()
+    assert h.take() == [("stop", "web.0.1")]
+    assert h.core.all_serving()
+    h.exit("web.0.1", 0)
+    assert h.take() == [("start", "web.1.4")]
+    h.join_all()
+    assert h.take() == [("stop", "web.1.2")]
+    h.exit("web.1.2", 0)
+    assert h.take() == []
+    row = h.core.status(2.0)[0]
+    assert row["rolling"] == 0 and row["restarts"] == 0 and row["serving"] == 2
+    assert [r["incarnation"] for r in row["replicas"]] == [3, 4]
+
+
+def test_a_crash_during_a_roll_abandons_it_and_restarts_as_usual() -> None:
+    h = Harness(spec(replicas=2, backoff=0.1))
+    h.core.start(0.0)
+    h.take()
+    h.join_all()
+    h.core.restart("web", 1.0)
+    h.take()
+    h.now = 1.5
+    h.exit("web.0.3", 1)  # the successor dies before serving: web.0.1 serves on
+    assert h.core.status(1.5)[0]["rolling"] == 0
+    assert h.at(2.0) == []
+    assert h.core.all_serving()
+
+
+def test_stop_drains_every_replica_and_finishes_when_all_exited() -> None:
+    h = Harness(spec(replicas=2))
+    h.core.start(0.0)
+    h.take()
+    h.join_all()
+    h.core.exited(h.core.replica("web.1.2"), -9, 0.5)  # type: ignore[arg-type]
+    h.core.stop(0.6)
+    assert h.take() == [("stop", "web.0.1")]
+    assert h.at(1.0) == []  # the pending restart was dropped
+    h.exit("web.0.1", 0)
+    assert h.core.finished and h.core.failure is None
+
+
+def test_services_in_the_topology_file(tmp_path: object) -> None:
+    topology = loads("""
+[services.web]
+class = "nodes.web:Hello"
+replicas = 3
+listen = "127.0.0.1:8080"
+restart = "one_for_all"
+max_restarts = 4
+within = 5
+tls = { cert = "c.pem", key = "k.pem" }
+[services.web.params]
+greeting = "hi"
+""", path="/srv/site/web.toml")
+    (web,) = topology.services
+    assert (web.replicas, web.listen, web.restart, web.max_restarts, web.within) == \
+        (3, ("127.0.0.1", 8080), "one_for_all", 4, 5.0)
+    assert web.tls == ("/srv/site/c.pem", "/srv/site/k.pem")
+    assert web.params == {"greeting": "hi"} and not topology.nodes
+    assert ServiceSpec.from_json(web.to_json()) == web
+
+
+@pytest.mark.parametrize("body, key_path, message", [
+    ('class = "m:C"', "services.web", "missing required key 'listen'"),
+    ('class = "m:C"\nlisten = "nowhere"', "services.web.listen", "expected 'HOST:PORT'"),
+    ('class = "m:C"\nlisten = "h:70000"', "services.web.listen", "in 1..65535"),
+    ('class = "m:C"\nlisten = "h:80"\nreplicas = 0', "services.web.replicas", "in 1..256"),
+    ('class = "m:C"\nlisten = "h:80"\nrestart = "one_for_al"', "services.web.restart",
+     "did you mean 'one_for_all'"),
+    ('class = "m:C"\nlisten = "h:80"\nwithin = -1', "services.web.within", "> 0"),
+    ('class = "m:C"\nlisten = "h:80"\nreplica = 2', "services.web.replica",
+     "did you mean 'replicas'"),
+    ('class = "m:C"\nlisten = "h:80"\ntls = { cert = "c" }', "services.web.tls",
+     "missing required key 'key'"),
+    ('class = "C"\nlisten = "h:80"', "services.web.class", "module.path:attr"),
+])
+def test_bad_services_are_named(body: str, key_path: str, message: str) -> None:
+    from hiocluster.errors import TopologyError
+    with pytest.raises(TopologyError) as info:
+        loads(f"[services.web]\n{body}\n")
+    assert info.value.key_path == key_path and message in str(info.value), str(info.value)
+
+
+def test_two_services_cannot_share_an_address() -> None:
+    from hiocluster.errors import TopologyError
+    with pytest.raises(TopologyError, match="also where service a listens"):
+        loads('[services.a]\nclass = "m:C"\nlisten = "h:80"\n'
+              '[services.b]\nclass = "m:C"\nlisten = "h:80"\n')
