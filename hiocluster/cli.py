@@ -1,7 +1,10 @@
 """The ``hiocluster`` command: argument parsing, progress, summary, exit codes.
 
 Exit codes: 0 success, 1 failed run, 2 usage or topology error, 130 after
-SIGINT, 143 after SIGTERM (the whole process tree shut down cleanly first).
+SIGINT, 143 after SIGTERM (the whole process tree shut down cleanly first). A
+run of services only is stopped by design: 0 after SIGINT, SIGTERM or
+``hiocluster stop``, 1 when a service failed. ``status`` and friends: see
+hiocluster.control.
 """
 
 from __future__ import annotations
@@ -113,14 +116,21 @@ def _window(text: str) -> int | None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="hiocluster",
-        description="Run hio Doists across processes in deterministic lockstep.",
+        description="Run hio Doists across processes in deterministic lockstep, and hio "
+                    "servers as supervised replicas on one port.",
         epilog="Exit codes: 0 ok, 1 run failed, 2 usage or topology error, "
-               "130 interrupted (SIGINT), 143 terminated (SIGTERM).")
+               "130 interrupted (SIGINT), 143 terminated (SIGTERM); a run of services only "
+               "exits 0 when stopped, 1 when a service failed.")
     parser.add_argument("--version", action="version", version=f"hiocluster {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    run = commands.add_parser("run", help="run a topology in lockstep and print a summary",
-                              description="Run a topology in lockstep and print a summary.")
+    run = commands.add_parser(
+        "run", help="run a topology: its simulation in lockstep, its services",
+        description="Run a topology and print a summary: its nodes in lockstep until the "
+                    "last tick, its [services.*] as supervised replicas (until the "
+                    "simulation ends; without nodes, until SIGINT, SIGTERM or "
+                    "`hiocluster stop`). A run with services prints its control "
+                    "address (HIOCLUSTER_CONTROL=...) for `hiocluster status`.")
     run.add_argument("topology", metavar="TOPOLOGY", help="topology file (TOML)")
     run.add_argument("--ticks", type=_positive_int, metavar="N",
                      help="number of ticks (default: the file's run.ticks)")
@@ -415,6 +425,8 @@ def _run(args: argparse.Namespace) -> int:
         print(json.dumps(result.to_json()))
     else:
         print(summary(result))
+        if result.services:
+            print(services_summary(result.services))
     return EXIT_OK
 
 
@@ -498,10 +510,14 @@ def _serve(args: argparse.Namespace, topology: Any) -> int:
     if args.json:
         print(json.dumps(result.to_json()))
     else:
-        for row in result.services:
-            print(f"{row['service']}: stopped; {row['served']} served, "
-                  f"{row['restarts']} restarts")
+        print(services_summary(result.services))
     return EXIT_OK
+
+
+def services_summary(rows: list[dict[str, Any]]) -> str:
+    """One line per service, after a run."""
+    return "\n".join(f"{row['service']}: stopped; {row['served']} served, "
+                     f"{row['restarts']} restarts" for row in rows)
 
 
 def _replica(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:

@@ -34,6 +34,7 @@ class Loop(Doist):
         self.poller = Poller()
         self.max_wait = max_wait
         self.asap = False  # a doer has more to do at once: skip the next wait
+        self.due: float | None = None  # a doer wants a cycle by then (monotonic)
         self._origin = time.monotonic()
 
     def tick(self, tock: float | None = None) -> float:  # type: ignore[override]
@@ -50,12 +51,18 @@ class Loop(Doist):
         for _, retyme, _ in self.deeds:
             if retyme is not None and retyme > now:
                 timeout = min(timeout, retyme - now)
+        if self.due is not None:
+            timeout = max(0.0, min(timeout, self.due - time.monotonic()))
         return timeout
+
+    def wake_by(self, when: float) -> None:
+        """Run a cycle no later than ``when`` (monotonic seconds), once."""
+        self.due = when if self.due is None else min(self.due, when)
 
     def wait(self) -> None:
         """Sleep until a registered socket or fd is ready, or the next cycle is due."""
         timeout = self.timeout()
-        self.asap = False
+        self.asap, self.due = False, None
         if timeout > 0:
             self.poller.poll(timeout * 1000)
 

@@ -46,13 +46,16 @@ class RunResult:
     late_ticks: int = 0
     metrics: dict[str, int] = field(default_factory=dict)
     tick_digests: list[str] = field(default_factory=list)
+    #: a topology with services: each one's final status row (hiocluster.servicecore)
+    services: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def ticks_per_second(self) -> float:
         return self.ticks / self.seconds if self.seconds > 0 else 0.0
 
     def to_json(self) -> dict[str, Any]:
-        data = {key: value for key, value in self.__dict__.items() if key != "tick_digests"}
+        data = {key: value for key, value in self.__dict__.items()
+                if key not in ("tick_digests", "services")}
         data["ticks_per_second"] = round(self.ticks_per_second, 1)
         data["seconds"] = round(self.seconds, 6)
         data["startup_seconds"] = round(self.startup_seconds, 6)
@@ -60,6 +63,8 @@ class RunResult:
                                       else 0.0 for name, value in self.metrics.items()}
         if self.tick_digests:
             data["tick_digests"] = self.tick_digests
+        if self.services:
+            data["services"] = self.services
         return data
 
 

@@ -44,13 +44,18 @@ from .watchdog import Watchdog
 __all__ = ["ReplicaOptions", "run_replica", "LOAD_S", "SERVICE_ENV", "LISTEN_FDS_ENV"]
 
 #: Most often a replica reports its counts (only when they changed).
-LOAD_S = 0.5
+LOAD_S = 0.2
 #: The environment variable that carries the service's spec (JSON) to a replica.
 SERVICE_ENV = "HIOCLUSTER_SERVICE"
 #: The listening sockets a replica inherits: their descriptor numbers, "3,4".
 LISTEN_FDS_ENV = "HIOCLUSTER_LISTEN_FDS"
 #: Seconds to reach the supervisor at start.
 CONNECT_TIMEOUT = 10.0
+#: Longest sleep of an idle replica (its sockets, signals and timers wake it
+#: sooner): idle connections are reaped, and LOAD sent, on this scale.
+IDLE_WAIT_S = 0.5
+#: Longest sleep while draining (a drain ends as soon as nothing is in flight).
+DRAIN_WAIT_S = 0.05
 
 logger = logging.getLogger("hiocluster.replica")
 
@@ -92,8 +97,9 @@ class Replica:
 
     def __init__(self, options: ReplicaOptions, service: Service) -> None:
         self.options, self.service = options, service
-        self.loop = Loop([_Serving(self), *service.doers()])
+        self.loop = Loop([_Serving(self), *service.doers()], max_wait=IDLE_WAIT_S)
         self.watched: dict[int, bool] = {}
+        self.last_watch: list[tuple[int, bool]] = []
         self.draining_since: float | None = None
         self.stop_reason = ""
         self.reported = (-1, -1)
@@ -115,7 +121,7 @@ class Replica:
             self.control = self.context.control_dealer(
                 options.connect, options.credentials.server, identity=options.key.encode())
             watchdog = Watchdog(self.context.monitor(self.control), CONNECT_TIMEOUT,
-                                lambda: 0.0)
+                                lambda: 0.0, idle_check=IDLE_WAIT_S)
             watchdog.start()
             try:
                 self.service.open()
@@ -158,7 +164,13 @@ class Replica:
         """One cycle of the service, then what to sleep on next."""
         service = self.service
         service.step()
-        watch = dict(service.watch())
+        if service.busy:
+            self.loop.asap = True
+        listed = service.watch()
+        if listed == self.last_watch:  # the common case: nothing opened or closed
+            return
+        self.last_watch = listed
+        watch = dict(listed)
         poller = self.loop.poller
         for fd in [fd for fd in self.watched if fd not in watch]:
             poller.unregister(fd)
@@ -167,8 +179,6 @@ class Replica:
             if self.watched.get(fd) != write:
                 poller.register(fd, write)
                 self.watched[fd] = write
-        if service.busy:
-            self.loop.asap = True
 
     def _control(self) -> None:
         """Frames from the supervisor, LOAD when due, the end of a drain."""
@@ -214,6 +224,7 @@ class Replica:
     def _drain(self, reason: str) -> None:
         if self.draining_since is None:
             self.draining_since, self.stop_reason = time.monotonic(), reason
+            self.loop.max_wait = DRAIN_WAIT_S
             self.service.drain()
 
     def _signalled(self, signum: int, frame: Any) -> None:

@@ -250,6 +250,17 @@ class ServiceCore:
                 replica.kill_at = None
                 self.actions.append(("kill", replica))
 
+    def next_due(self) -> float | None:
+        """When :meth:`poll` has something to do next, if ever."""
+        times = [when for service in self.services.values()
+                 for when in service.pending.values()]
+        for replica in self.live():
+            if replica.state is ReplicaState.STARTING and replica.kill_at is None:
+                times.append(replica.started + self.start_timeout)
+            elif replica.kill_at is not None:
+                times.append(replica.kill_at)
+        return min(times, default=None)
+
     # -- state ----------------------------------------------------------------------
     def live(self) -> list[Replica]:
         """Every replica whose process has not exited, in service and index order."""

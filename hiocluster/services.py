@@ -58,6 +58,8 @@ CONTROL_ENV = "HIOCLUSTER_CONTROL"
 ENDPOINT = "endpoint"
 #: Seconds a replica process gets after SIGTERM at a forced exit, then SIGKILL.
 KILL_GRACE_S = 2.0
+#: Longest sleep of a run of services only: every deadline it has wakes it sooner.
+IDLE_WAIT_S = 1.0
 
 
 class ReplicaDoer(Doer):
@@ -269,6 +271,9 @@ class Services(DoDoer):
             pool = core.services[name].pool
             for k in [k for k in sockets if k >= pool]:
                 sockets.pop(k).close()
+        due = core.next_due()
+        if due is not None:
+            self.loop.wake_by(due)
         if core.finished:
             self.close_sockets()
         return core.finished
@@ -490,7 +495,7 @@ def serve(topology: Topology, *, app_dir: str | None = None,
     from .topology import resolve_services
 
     resolve_services(topology, app_dir)
-    loop = Loop()
+    loop = Loop(max_wait=IDLE_WAIT_S)  # replicas, shells and signals wake it sooner
     root = ServiceRun(topology, loop, app_dir=app_dir, command=command, prefixer=prefixer,
                       on_listening=on_listening)
     loop.doers = [root]

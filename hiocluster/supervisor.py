@@ -579,6 +579,8 @@ def run(topology: Topology, *, processes: int | None = None, app_dir: str | None
         raise supervisor.failure
     if supervisor.result is None:  # pragma: no cover - failures raise above
         raise RuntimeError("run ended without a result")
+    if supervisor.services is not None:
+        supervisor.result.services = supervisor.services.core.status(time.monotonic())
     return supervisor.result
 
 

@@ -38,15 +38,18 @@ class Watchdog(threading.Thread):
         connect_timeout: seconds to wait for the first connection to the supervisor.
         busy: returns the monotonic start of the tick being run (0.0 between ticks).
         tick_timeout: the deadline of one tick; None until SETUP says it.
+        idle_check: how often to look while connected with no tick deadline to
+            watch (a replica: the monitor's events wake it anyway).
     """
 
     def __init__(self, monitor: Any, connect_timeout: float,
-                 busy: Callable[[], float]) -> None:
+                 busy: Callable[[], float], idle_check: float = CHECK_S) -> None:
         super().__init__(name="hiocluster-watchdog", daemon=True)
         self.monitor = monitor
         self.connect_deadline = time.monotonic() + connect_timeout
         self.busy = busy
         self.tick_timeout: float | None = None
+        self.idle_check = idle_check
         self.orphaned = False
         self.overrun_since = 0.0     # the busy_since of the tick it interrupted
         self._stopped = threading.Event()
@@ -61,7 +64,8 @@ class Watchdog(threading.Thread):
     def run(self) -> None:
         connected, down_since = False, 0.0
         while not self._stopped.is_set():
-            if self.monitor.poll(CHECK_S * 1000):
+            quiet = connected and not down_since and self.tick_timeout is None
+            if self.monitor.poll((self.idle_check if quiet else CHECK_S) * 1000):
                 if monitor_event(self.monitor) == "connected":
                     connected, down_since = True, 0.0
                 elif not down_since:

@@ -1,8 +1,5 @@
-"""A TCP echo service (topologies/echo.toml): every byte comes back."""
-
-from __future__ import annotations
-
-from typing import Any
+"""A TCP echo service (topologies/echo.toml): every byte comes back. The
+README's example of a service class, verbatim."""
 
 from hiocluster.service import TcpService
 
@@ -10,5 +7,5 @@ from hiocluster.service import TcpService
 class Echo(TcpService):
     """Sends back whatever arrives, on the connection it came on."""
 
-    def receive(self, remoter: Any, data: bytes) -> None:
+    def receive(self, remoter, data: bytes) -> None:
         remoter.tx(data)

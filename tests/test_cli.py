@@ -197,7 +197,9 @@ def _python_blocks() -> list[str]:
 
 
 def test_readme_node_and_api_examples_run(tmp_path, no_leaks) -> None:
-    node_code, api_code = _python_blocks()
+    blocks = _python_blocks()
+    node_code = next(block for block in blocks if "class Counter" in block)
+    api_code = next(block for block in blocks if "hiocluster.run(" in block)
     (tmp_path / "counter.py").write_text(node_code)
     (tmp_path / "pair.toml").write_text(
         '[run]\nticks = 20\n[nodes.a]\nclass = "counter:Counter"\n[nodes.b]\n'

@@ -215,6 +215,13 @@ class Load:
             worker.join(30)
 
 
+def crashing(**settings: float) -> str:
+    """A topology whose service ``flaky`` crashes at every start."""
+    lines = "".join(f"{key} = {value}\n" for key, value in settings.items())
+    return (f'[services.flaky]\nclass = "svc_nodes:CrashAtStart"\n'
+            f'listen = "127.0.0.1:{free_port()}"\n{lines}')
+
+
 def port_is_free(port: int) -> bool:
     with socket.socket() as probe:  # no SO_REUSEPORT: fails while any replica listens
         try:
@@ -347,15 +354,7 @@ def test_scale_two_four_one_keeps_serving(start, cli_env: dict[str, str]) -> Non
 
 
 def test_restart_intensity_exceeded_fails_the_run_cleanly(start) -> None:
-    run = start(f"""
-[services.flaky]
-class = "svc_nodes:CrashAtStart"
-replicas = 2
-listen = "127.0.0.1:{free_port()}"
-max_restarts = 3
-within = 30
-backoff = 0.05
-""")
+    run = start(crashing(replicas=2, max_restarts=3, within=30, backoff=0.05))
     code = run.finish(60)
     assert code == 1
     message = ("hiocluster: run failed: service flaky failed: 4 crashes within 30 s "
@@ -475,4 +474,70 @@ listen = "127.0.0.1:{port}"
     assert [row["service"] for row in status["services"]] == ["echo"]
     assert run.finish(60) == 0  # the simulation ends, and the services with it
     assert "60 ticks, 8 nodes on 4 processes" in run.stdout
+    assert "echo: stopped; 1 served, 0 restarts" in run.stdout
     assert port_is_free(port)
+
+
+def test_status_says_3_while_a_replica_is_down_and_bad_commands_are_named(
+        start, cli_env: dict[str, str]) -> None:
+    import zmq
+
+    run = start(crashing(replicas=1, max_restarts=1000, backoff=5, backoff_max=5))
+    run.expect(r"flaky\.0 exited with code 7: restarting in 5 s")
+    env = {**cli_env, "HIOCLUSTER_CONTROL": run.control}
+    shown = subprocess.run(hiocluster_command("status"), capture_output=True, text=True,
+                           env=env, timeout=30)
+    assert shown.returncode == 3, shown.stdout + shown.stderr
+    assert re.search(r"flaky +0 +- +backoff +1 ", shown.stdout), shown.stdout
+    usage = subprocess.run(hiocluster_command("scale", "flaky=many"), capture_output=True,
+                           text=True, env=env, timeout=30)
+    assert usage.returncode == 2 and "expected NAME=N with N an integer" in usage.stderr
+    refused = subprocess.run(hiocluster_command("restart", "nope"), capture_output=True,
+                             text=True, env=env, timeout=30)
+    assert refused.returncode == 1 and "no service 'nope' (services: flaky)" in refused.stderr
+    too_many = subprocess.run(hiocluster_command("scale", "flaky=1000"), capture_output=True,
+                              text=True, env=env, timeout=30)
+    assert too_many.returncode == 1 and "replicas must be in 0..256" in too_many.stderr
+    context = zmq.Context()
+    try:  # a hostile frame on the endpoint: answered with what was wrong, run goes on
+        sock = context.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(run.control)
+        for frame in (b"\xc1garbage", proto.encode(proto.Answer(ok=True, detail="x"))):
+            sock.send(frame)
+            assert sock.poll(5000)
+            answer = proto.decode(sock.recv())
+            assert isinstance(answer, proto.Answer) and not answer.ok
+            assert answer.detail.startswith("bad command: ")
+        sock.close()
+    finally:
+        context.term()
+    assert run.status()["services"][0]["service"] == "flaky"
+
+
+def test_readme_services_examples_are_real(start, cli_env: dict[str, str]) -> None:
+    readme = (REPO / "README.md").read_text().split("## Services", 1)[1]
+    code = readme.split("```python\n", 1)[1].split("```", 1)[0]
+    assert code.split("class Echo", 1)[1] in (REPO / "nodes" / "echo.py").read_text()
+    toml = readme.split("```toml\n", 1)[1].split("```", 1)[0]
+    shown = readme.split("<!-- status-example -->\n```text\n", 1)[1].split("```", 1)[0]
+    port = free_port()
+    run = start(with_port(toml, port), name="echo.toml")
+    run.serving(4)
+    for i in range(64):
+        assert echo_once(port, b"%d" % i) == b"%d" % i
+    run.until(lambda s: s["services"][0]["served"] == 64)
+    victim = run.status()["services"][0]["replicas"][2]["pid"]
+    os.kill(victim, signal.SIGKILL)
+    run.serving(1)
+    run.until(lambda s: all(r["state"] == "serving" for r in s["services"][0]["replicas"]))
+    result = subprocess.run(hiocluster_command("status", "--control", run.control),
+                            capture_output=True, text=True, env=cli_env, timeout=30)
+    assert result.returncode == 0, result.stderr
+    for expected, actual in zip(shown.strip().splitlines(), result.stdout.strip().splitlines(),
+                                strict=True):
+        # pids, times, sizes and counts differ; the words and the layout do not
+        pattern = re.sub(r"\\\s+", r"\\s+", re.escape(expected))
+        pattern = re.sub(r"\d+(?:\\\.\d+)?", r"[0-9]+(?:\\.[0-9]+)?", pattern)
+        assert re.fullmatch(pattern, actual), (expected, actual)
+    assert result.stdout.strip().splitlines()[-1].endswith("4/4 serving, 1 restarts, 64 served")

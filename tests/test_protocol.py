@@ -833,3 +833,19 @@ def test_decode_mutated_done_is_message_or_frame_error(done: Done,
         parent.receive(data)
     except (FrameError, RemoteProtocolError):
         assert parent.state is P.ERROR
+
+
+def test_docs_services_table_lists_every_field() -> None:
+    """docs/protocol.md §12 names exactly the fields of the services' messages."""
+    section = DOCS.read_text(encoding="utf-8").split("## 12. Services", 1)[1]
+    fields: dict[str, set[str]] = {}
+    kind = ""
+    for line in section.splitlines():
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        if len(cells) != 5 or cells[0] in ("type", "---"):
+            continue
+        kind = cells[0] or kind
+        fields.setdefault(kind, set()).update(
+            name.strip("` ") for name in cells[2].split(","))
+    for message in (Join, Load, Command, Answer):
+        assert fields[message.TYPE] == set(message.SCHEMA), message.TYPE

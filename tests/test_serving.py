@@ -9,6 +9,7 @@ ever, no ``Connection: close``.
 
 from __future__ import annotations
 
+import os
 import socket
 import ssl
 from pathlib import Path
@@ -277,3 +278,30 @@ def test_https_works_and_plaintext_is_refused(clock: Clock, certificates: Any) -
         tls.close()
     finally:
         server.close()
+
+
+def test_servers_on_a_shared_listening_socket_hand_over_without_loss(clock: Clock) -> None:
+    """How replicas share their run's listening socket: one that stops accepting
+    closes only its descriptor, so what is queued (and what comes after) is
+    accepted by the next; nothing is refused."""
+    from hiocluster.serving import listening_socket
+
+    held = listening_socket(("127.0.0.1", 0))  # the run's: it never accepts
+    port = held.getsockname()[1]
+    old = Server(ha=("127.0.0.1", port), sockets=[socket.socket(fileno=os.dup(held.fileno()))])
+    new = Server(ha=("127.0.0.1", port), sockets=[socket.socket(fileno=os.dup(held.fileno()))])
+    try:
+        assert old.reopen() and new.reopen()
+        clock.wind(old, new)
+        queued = [connect(port) for _ in range(4)]  # nobody accepted them yet
+        old.stop_accepting()  # takes what is queued, closes its descriptor only
+        later = [connect(port) for _ in range(4)]
+        serve_until([old, new], lambda: len(old.ixes) + len(new.ixes) == 8)
+        assert len(old.ixes) == 4 and not old.listeners  # old took the queued ones ...
+        assert len(new.ixes) == 4  # ... and the new one what came after
+        for client in queued + later:
+            client.close()
+    finally:
+        for server in (old, new):
+            server.close()
+        held.close()
