@@ -294,6 +294,8 @@ def guard(app: Callable) -> Callable:
 
         try:
             body = app(environ, start)
+            if type(body) is list:  # nothing left to raise (falcon's usual answer)
+                return body
             return _Guarded(iter(body), environ, start, body)
         except Exception:
             return _failure(environ, start, sys.exc_info())
