@@ -382,6 +382,7 @@ class WsgiServer(http_serving.Server):
         self.started: dict[Any, float] = {}   # connection -> when its request began
         self.served = 0                       # responses completed
         self.draining = False
+        self.again = False                    # a pipelined request waits (see busy)
 
     def watch(self) -> list[Watch]:
         return self.servant.watch()
@@ -402,8 +403,10 @@ class WsgiServer(http_serving.Server):
 
     @property
     def busy(self) -> bool:
-        """An app's response is being produced: run again soon, do not sleep."""
-        return any(not rep.ended for rep in self.reps.values())
+        """An app's response is being produced, or a request that came in behind
+        the last response (pipelined) waits to be parsed: run again soon, do not
+        sleep (no socket will wake us for bytes already read)."""
+        return self.again or any(not rep.ended for rep in self.reps.values())
 
     def buildEnviron(self, requestant: Any) -> dict[str, Any]:
         # Extends hio's: tells the guarded app whether the connection stays open.
@@ -444,9 +447,13 @@ class WsgiServer(http_serving.Server):
         for ca, rep in list(self.reps.items()):
             if rep.environ.get("hiocluster.abort") and rep.ended:
                 self.closeConnection(ca)
-        done = sum(1 for rep in self.reps.values() if not rep.ended)
+        running = [(ca, rep) for ca, rep in self.reps.items() if not rep.ended]
         super().serviceReps()
-        self.served += done - sum(1 for rep in self.reps.values() if not rep.ended)
+        finished = [ca for ca, rep in running if rep.ended]
+        self.served += len(finished)
+        # hio parses a connection's next request only in the cycle after its last
+        # response ended: if its bytes are here already, say so (busy)
+        self.again = any(ca in self.reqs and self.reqs[ca].msg for ca in finished)
 
     def closeConnection(self, ca: Any) -> None:
         # Extends hio's: a responder whose app never started has nothing to finish

@@ -305,3 +305,51 @@ def test_servers_on_a_shared_listening_socket_hand_over_without_loss(clock: Cloc
         for server in (old, new):
             server.close()
         held.close()
+
+
+def test_closing_before_the_app_started_does_not_raise(clock: Clock) -> None:
+    """hio's closeConnection finishes a response whose app never started (writing
+    its end raises AssertionError, hiding whatever closed it); ours does not."""
+    from hio.core.http import serving as hio_http
+
+    for cls, raises in ((WsgiServer, False), (hio_http.Server, True)):
+        server = cls(app=hello_app, ha=("127.0.0.1", 0), tymeout=5.0) if raises else \
+            cls(hello_app, ("127.0.0.1", 0), tymeout=5.0)
+        assert server.reopen()
+        clock.wind(server)
+        client = connect(server.servant.ha[1] if not raises else server.servant.eha[1])
+        client.sendall(b"GET /x HTTP/1.1\r\nHost: x\r\n\r\n")
+
+        def parsed() -> bool:
+            server.serviceConnects()
+            server.servant.serviceReceivesAllIx()
+            server.serviceReqs()
+            return bool(server.reps)
+
+        serve_until([], parsed)
+        if raises:
+            with pytest.raises(AssertionError):
+                server.close()
+            server.servant.close()
+        else:
+            server.close()
+            assert not server.reps and not server.servant.ixes
+        client.close()
+
+
+def test_a_pipelined_request_keeps_the_server_busy_until_answered(wsgi: WsgiServer) -> None:
+    """Two requests in one write: the second is already read when the first is
+    answered, so no socket will wake a sleeping replica for it: ``busy`` says so."""
+    sock = connect(wsgi.servant.ha[1])
+    sock.sendall(b"GET /x HTTP/1.1\r\nHost: x\r\n\r\nGET /y HTTP/1.1\r\nHost: x\r\n\r\n")
+    got = bytearray()
+    serve_until([wsgi], lambda: got.extend(read_some(sock) or b"") or b"hello /x" in got)
+    for _ in range(100):  # what a replica's loop does: it sleeps unless busy
+        if b"hello /y" in got:
+            break
+        assert wsgi.busy, "the second request waits, but nothing would wake the loop"
+        wsgi.service()
+        got.extend(read_some(sock) or b"")
+    wsgi.service()  # the second response ends
+    assert not wsgi.busy and wsgi.served == 2
+    sock.close()
