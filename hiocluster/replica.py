@@ -19,6 +19,7 @@ Imports: service, loop, watchdog, transport, protocol, node (load_class).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -41,7 +42,8 @@ from .topology import ServiceSpec
 from .transport import NOBLOCK, RUN_SOCKETS, Context, Credentials, ipc_path, readable
 from .watchdog import Watchdog
 
-__all__ = ["ReplicaOptions", "run_replica", "LOAD_S", "SERVICE_ENV", "LISTEN_FDS_ENV"]
+__all__ = ["ReplicaOptions", "run_replica", "LOAD_S", "SERVICE_ENV", "LISTEN_FDS_ENV",
+           "PARENT_ENV"]
 
 #: Most often a replica reports its counts (only when they changed).
 LOAD_S = 0.2
@@ -49,6 +51,8 @@ LOAD_S = 0.2
 SERVICE_ENV = "HIOCLUSTER_SERVICE"
 #: The listening sockets a replica inherits: their descriptor numbers, "3,4".
 LISTEN_FDS_ENV = "HIOCLUSTER_LISTEN_FDS"
+#: The pid of the run that started a replica (its parent while the run lives).
+PARENT_ENV = "HIOCLUSTER_PARENT"
 #: Seconds to reach the supervisor at start.
 CONNECT_TIMEOUT = 10.0
 #: Longest sleep of an idle replica (its sockets, signals and timers wake it
@@ -71,10 +75,13 @@ class ReplicaOptions:
     credentials: Credentials
     app_dir: str | None = None
     fds: tuple[int, ...] = ()     # inherited listening sockets
+    spare: bool = False           # wait, warm, to be told which replica to become
+    parent: int | None = None     # the run's pid, where it is our parent
 
     @property
     def key(self) -> str:
-        return f"{self.spec.name}.{self.index}.{self.incarnation}"
+        """Its routing id: ``web.1.7``, or ``web.spare.3`` for a spare."""
+        return f"{self.spec.name}.{'spare' if self.spare else self.index}.{self.incarnation}"
 
 
 class _Serving(Doer):
@@ -121,7 +128,7 @@ class Replica:
             self.control = self.context.control_dealer(
                 options.connect, options.credentials.server, identity=options.key.encode())
             watchdog = Watchdog(self.context.monitor(self.control), CONNECT_TIMEOUT,
-                                lambda: 0.0, idle_check=IDLE_WAIT_S)
+                                lambda: 0.0, idle_check=IDLE_WAIT_S, parent=options.parent)
             watchdog.start()
             try:
                 self.service.open()
@@ -145,7 +152,7 @@ class Replica:
             finally:
                 self.loop.exit()
             if watchdog.orphaned:
-                self._remove_orphan_files()
+                remove_run_files(self.options.connect)
                 return 3
             self._send(proto.Bye(stats={"served": self.service.served}))
             return 0
@@ -209,18 +216,6 @@ class Replica:
                 service.idle or now - self.draining_since > self.options.spec.drain):
             self.done = True
 
-    def _remove_orphan_files(self) -> None:
-        """Our supervisor was killed: whoever is last out removes its run directory."""
-        path = ipc_path(self.options.connect)
-        if path is None:
-            return
-        run_dir = os.path.dirname(path)
-        for name in ("control", *RUN_SOCKETS):
-            with contextlib.suppress(OSError):
-                os.unlink(os.path.join(run_dir, name))
-        with contextlib.suppress(OSError):
-            os.rmdir(run_dir)
-
     def _drain(self, reason: str) -> None:
         if self.draining_since is None:
             self.draining_since, self.stop_reason = time.monotonic(), reason
@@ -237,16 +232,89 @@ class Replica:
             logger.debug("cannot send %s: %s", message.TYPE, exc)
 
 
+def remove_run_files(connect: str) -> None:
+    """An orphan's clean-up (its run was killed): the run directory's sockets and,
+    for whoever is last out, the directory."""
+    path = ipc_path(connect)
+    if path is None:
+        return
+    run_dir = os.path.dirname(path)
+    for name in ("control", *RUN_SOCKETS):
+        with contextlib.suppress(OSError):
+            os.unlink(os.path.join(run_dir, name))
+    with contextlib.suppress(OSError):
+        os.rmdir(run_dir)
+
+
+def standby(options: ReplicaOptions) -> ReplicaOptions | int:
+    """A spare's life until it is told which replica to become: the service's code
+    is imported, the run's listening sockets inherited; STANDBY, then wait for
+    ASSIGN (the options of that replica) or STOP, SIGTERM, SIGINT, the run gone
+    (an exit code)."""
+    signalled: list[int] = []
+    handlers = {signum: signal.signal(signum, lambda signum, frame: signalled.append(signum))
+                for signum in (signal.SIGTERM, signal.SIGINT)}
+    context = Context(owner=f"spare {options.key}")
+    watchdog = None
+    try:
+        control = context.control_dealer(options.connect, identity=options.key.encode())
+        watchdog = Watchdog(context.monitor(control), CONNECT_TIMEOUT, lambda: 0.0,
+                            idle_check=IDLE_WAIT_S, parent=options.parent)
+        watchdog.start()
+        control.send(proto.encode(proto.Standby(service=options.spec.name,
+                                                token=options.credentials.token,
+                                                pid=os.getpid())))
+        while True:
+            if watchdog.orphaned:
+                remove_run_files(options.connect)
+                return 3
+            if signalled:
+                return 0
+            if not control.poll(IDLE_WAIT_S * 1000):
+                continue
+            try:
+                message = proto.decode(control.recv(), allowed=proto.TO_REPLICA)
+            except FrameError as exc:
+                logger.error("bad frame from the supervisor: %s", exc)
+                continue
+            if not isinstance(message, proto.Assign):
+                return 0  # STOP (or an ERROR): a spare has nothing to drain
+            if any(k >= len(options.fds) for k in message.listeners):
+                logger.error("ASSIGN names listening sockets %s; this spare has %d",
+                             message.listeners, len(options.fds))
+                return 1
+            keep = tuple(options.fds[k] for k in message.listeners)
+            for fd in set(options.fds) - set(keep):
+                os.close(fd)
+            return dataclasses.replace(options, index=message.replica,
+                                       incarnation=message.incarnation, fds=keep,
+                                       spare=False)
+    finally:
+        if watchdog is not None:
+            watchdog.stop()
+        context.close(linger=0)
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
+
+
 def run_replica(options: ReplicaOptions) -> int:
-    """Build the service's instance and serve until stopped; the exit code."""
+    """Build the service's instance and serve until stopped; the exit code. A
+    spare imports the service's code first, then waits to be assigned."""
     try:
         cls = load_class(options.spec.cls, options.app_dir, base=Service)
+    except ImportError as exc:
+        print(f"{options.key}: cannot load {options.spec.cls}: {exc}", file=sys.stderr)
+        return 1
+    if options.spare:
+        assigned = standby(options)
+        if isinstance(assigned, int):
+            return assigned
+        options = assigned
+    try:
         service = cls(options.spec, options.index)
         service.sockets = [socket.socket(fileno=fd) for fd in options.fds]
     except Exception as exc:
-        detail = f"{type(exc).__name__}: {exc}"
-        if not isinstance(exc, ImportError):
-            detail += "\n" + "".join(traceback.format_exc(limit=-4))
+        detail = f"{type(exc).__name__}: {exc}\n" + "".join(traceback.format_exc(limit=-4))
         print(f"{options.key}: cannot make {options.spec.cls}: {detail}", file=sys.stderr)
         return 1
     return Replica(options, service).run()
@@ -263,8 +331,10 @@ def options_from(connect: str, name: str, app_dir: str | None) -> ReplicaOptions
 
     service, dot, rest = name.partition(".")
     index, dot2, incarnation = rest.partition(".")
-    if not (dot and dot2 and index.isdigit() and incarnation.isdigit()):
-        raise ValueError(f"--name must be SERVICE.REPLICA.INCARNATION, got {name!r}")
+    spare = index == "spare"
+    if not (dot and dot2 and (index.isdigit() or spare) and incarnation.isdigit()):
+        raise ValueError(f"--name must be SERVICE.REPLICA.INCARNATION or "
+                         f"SERVICE.spare.N, got {name!r}")
     try:
         spec = ServiceSpec.from_json(json.loads(os.environ[SERVICE_ENV]))
         credentials = Credentials.from_json(os.environ[CREDENTIALS_ENV])
@@ -279,5 +349,7 @@ def options_from(connect: str, name: str, app_dir: str | None) -> ReplicaOptions
         fds = tuple(int(fd) for fd in os.environ.get(LISTEN_FDS_ENV, "").split(",") if fd)
     except ValueError:
         raise ValueError(f"bad {LISTEN_FDS_ENV}: {os.environ[LISTEN_FDS_ENV]!r}") from None
-    return ReplicaOptions(connect, spec, int(index), int(incarnation), credentials, app_dir,
-                          fds)
+    parent = os.environ.get(PARENT_ENV, "")
+    return ReplicaOptions(connect, spec, -1 if spare else int(index), int(incarnation),
+                          credentials, app_dir, fds, spare,
+                          int(parent) if parent.isdigit() else None)

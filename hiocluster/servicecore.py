@@ -272,12 +272,14 @@ class ServiceCore:
         """Stopping (or failed), and every process has exited."""
         return (self.stopping or self.failure is not None) and not self.live()
 
-    def all_serving(self) -> bool:
-        """Every service has its replicas serving (and none failed)."""
+    def all_serving(self, name: str | None = None) -> bool:
+        """Every service (or service ``name``) has its replicas serving, and none
+        failed."""
+        services = self.services.values() if name is None else [self.services[name]]
         return all(not service.failed and sum(
             1 for index in range(service.desired)
             if any(r.state is ReplicaState.SERVING for r in service.live(index)))
-            == service.desired for service in self.services.values())
+            == service.desired for service in services)
 
     def status(self, now: float) -> list[dict[str, Any]]:
         """One row per service: its settings and a row per live replica (what

@@ -42,7 +42,7 @@ from .errors import FrameError
 from .launch import LocalProcess, end_process
 from .logs import Prefixer
 from .loop import Loop, RouterDoer
-from .replica import LISTEN_FDS_ENV, SERVICE_ENV
+from .replica import LISTEN_FDS_ENV, PARENT_ENV, SERVICE_ENV
 from .serving import listening_socket
 from .servicecore import Replica, ServiceCore
 from .topology import Topology
@@ -60,36 +60,66 @@ ENDPOINT = "endpoint"
 KILL_GRACE_S = 2.0
 #: Longest sleep of a run of services only: every deadline it has wakes it sooner.
 IDLE_WAIT_S = 1.0
+#: Seconds before a spare that died is replaced.
+SPARE_RETRY_S = 5.0
 
 
 class ReplicaDoer(Doer):
-    """One replica process (see the module docstring)."""
+    """One replica process (see the module docstring), or a spare: a process that
+    imported the service's code and holds all its listening sockets, waiting to
+    become a replica (:meth:`Services.start`) the moment one is needed."""
 
-    def __init__(self, services: Services, replica: Replica, **kwa: Any) -> None:
+    def __init__(self, services: Services, replica: Replica | None, *,
+                 spare: tuple[str, int] | None = None, **kwa: Any) -> None:
         super().__init__(**kwa)
         self.services, self.replica = services, replica
+        self.spare = spare                 # (service, serial) while a spare
+        self.standing = False              # a spare that said STANDBY
+        self.retired = False               # a spare told to go
+        self.listeners = 0                 # a spare: how many sockets it holds
         self.handle: LocalProcess | None = None
         self.output: int | None = None
         self.unstarted: int | None = None  # could not start: the exit code to report
 
+    @property
+    def service(self) -> str:
+        return self.replica.service if self.replica is not None else self.spare[0]  # type: ignore
+
+    @property
+    def key(self) -> str:
+        """Its routing id on the services socket."""
+        if self.replica is not None:
+            return self.replica.key
+        return f"{self.spare[0]}.spare.{self.spare[1]}"  # type: ignore[index]
+
+    @property
+    def label(self) -> str:
+        return self.replica.label if self.replica is not None else f"{self.service}.spare"
+
     def enter(self) -> None:
         services, replica = self.services, self.replica
-        spec = services.core.services[replica.service].spec
+        spec = services.core.services[self.service].spec
+        positions = replica.listeners if replica is not None else \
+            tuple(range(services.core.services[self.service].pool))
         try:
-            fds = [services.socket(replica.service, k).fileno() for k in replica.listeners]
+            fds = [services.socket(self.service, k).fileno() for k in positions]
         except OSError as exc:
-            replica.error = f"cannot listen on {spec.address}: {exc.strerror or exc}"
-            services.say(f"{replica.label}: {replica.error}")
+            error = f"cannot listen on {spec.address}: {exc.strerror or exc}"
+            services.say(f"{self.label}: {error}")
+            if replica is not None:
+                replica.error = error
             self.unstarted = 1
             return
+        self.listeners = len(fds)
         env = dict(os.environ)
         env[LISTEN_FDS_ENV] = ",".join(map(str, fds))
         env[CREDENTIALS_ENV] = Credentials(services.token).to_json()
         env[SERVICE_ENV] = json.dumps(spec.to_json())
         env[CONTROL_ENV] = services.endpoint_address
+        env[PARENT_ENV] = str(os.getpid())
         env["PYTHONUNBUFFERED"] = "1"
         argv = [*services.command, "replica", "--connect", services.address,
-                "--name", replica.key, "--app-dir", services.app_dir]
+                "--name", self.key, "--app-dir", services.app_dir]
         popen = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, close_fds=True,
                                  pass_fds=fds, start_new_session=True,
                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
@@ -102,9 +132,18 @@ class ReplicaDoer(Doer):
         if self.handle.sentinel is not None:
             poller.register(self.handle.sentinel)
 
+    def become(self, replica: Replica) -> None:
+        """This spare is now ``replica``: it is told so and joins as it."""
+        positions = list(replica.listeners)
+        self.services.board.reply(self.key.encode(), proto.encode(proto.Assign(
+            replica=replica.index, incarnation=replica.incarnation, listeners=positions)))
+        self.services.prefixer.flush(self.label)
+        self.replica, self.spare, self.standing = replica, None, False
+
     def recur(self, tyme: float) -> bool:
         if self.unstarted is not None:
-            self.services.core.exited(self.replica, self.unstarted, time.monotonic())
+            if self.replica is not None:
+                self.services.core.exited(self.replica, self.unstarted, time.monotonic())
             return True
         self.read()
         handle = self.handle
@@ -115,7 +154,10 @@ class ReplicaDoer(Doer):
             return False
         self.read()
         self._release()
-        self.services.core.exited(self.replica, code, time.monotonic())
+        if self.replica is not None:
+            self.services.core.exited(self.replica, code, time.monotonic())
+        else:
+            self.services.spare_exited(self, code)
         return True
 
     def read(self) -> None:
@@ -130,11 +172,11 @@ class ReplicaDoer(Doer):
             except OSError:
                 data = b""
             if not data:
-                self.services.prefixer.flush(self.replica.label)
+                self.services.prefixer.flush(self.label)
                 self.services.loop.poller.unregister(self.output)
                 self.output = None
                 return
-            self.services.prefixer.feed(self.replica.label, data)
+            self.services.prefixer.feed(self.label, data)
 
     def kill(self) -> None:
         if self.handle is not None:
@@ -178,7 +220,13 @@ class ServiceBoard(RouterDoer):
             if not readable(self.router):
                 break
             parts = self.router.recv_multipart(NOBLOCK)
-            replica = core.replica(parts[0].decode("utf-8", "replace"))
+            identity = parts[0].decode("utf-8", "replace")
+            replica = core.replica(identity)
+            if replica is None and len(parts) == 2:
+                spare = self.services.spares.get(identity)
+                if spare is not None:
+                    self.services.standby(spare, parts[1])
+                continue
             if replica is None or len(parts) != 2:
                 continue  # not a replica of ours (or one that exited): ignore it
             try:
@@ -218,6 +266,10 @@ class Services(DoDoer):
                                                for spec in topology.services)])
         self.board = ServiceBoard(self)
         self.running: dict[str, ReplicaDoer] = {}
+        self.spares: dict[str, ReplicaDoer] = {}    # routing id -> a spare's doer
+        self.spare_serial = 0
+        self.spare_failed: dict[str, float] = {}   # service -> when its spare last died
+        self.spare_after_start: set[str] = set()   # services whose replicas all served
         self.sockets: dict[str, dict[int, Any]] = {name: {} for name in self.core.services}
         self.processes: dict[int, psutil.Process] = {}
         self.started = False
@@ -256,9 +308,7 @@ class Services(DoDoer):
         core.poll(now)
         for kind, replica in core.actions:
             if kind == "start":
-                doer = ReplicaDoer(self, replica)
-                self.running[replica.key] = doer
-                self.extend([doer])
+                self.start(replica)
             elif kind == "stop":
                 self.board.send(replica, proto.Stop(reason="stop", drain=True))
             else:
@@ -267,6 +317,7 @@ class Services(DoDoer):
         for line in core.log:
             self.say(line)
         core.log.clear()
+        self.keep_spares(now)
         for name, sockets in self.sockets.items():  # scaled to 0: refuse, do not queue
             pool = core.services[name].pool
             for k in [k for k in sockets if k >= pool]:
@@ -274,9 +325,85 @@ class Services(DoDoer):
         due = core.next_due()
         if due is not None:
             self.loop.wake_by(due)
-        if core.finished:
+        finished = core.finished and not self.spares
+        if finished:
             self.close_sockets()
-        return core.finished
+        return finished
+
+    # -- spares -------------------------------------------------------------------
+    def start(self, replica: Replica) -> None:
+        """A process for ``replica``: a waiting spare of its service if there is one
+        holding the sockets it needs (it serves within milliseconds), else a new
+        process (a Python start-up: a few hundred milliseconds)."""
+        for key, spare in list(self.spares.items()):
+            if spare.service == replica.service and spare.standing and \
+                    spare.listeners > max(replica.listeners, default=-1):
+                del self.spares[key]
+                spare.become(replica)
+                self.running[replica.key] = spare
+                return
+        doer = ReplicaDoer(self, replica)
+        self.running[replica.key] = doer
+        self.extend([doer])
+
+    def keep_spares(self, now: float) -> None:
+        """One spare per service (``spare = true``) once its replicas serve; a spare
+        that holds too few sockets (the service grew) is replaced; none while
+        stopping."""
+        core = self.core
+        for name, service in core.services.items():
+            mine = [doer for doer in self.spares.values() if doer.service == name]
+            if core.all_serving(name):
+                self.spare_after_start.add(name)  # its first replicas have started
+            wanted = service.spec.spare and not core.stopping and not service.failed \
+                and service.pool > 0 and name in self.spare_after_start \
+                and now - self.spare_failed.get(name, -1e9) > SPARE_RETRY_S
+            for doer in mine:
+                if not wanted or (doer.handle is not None and doer.listeners < service.pool):
+                    self.retire(doer)
+            if wanted and not any(doer.listeners >= service.pool for doer in mine):
+                self.spare_serial += 1
+                doer = ReplicaDoer(self, None, spare=(name, self.spare_serial))
+                self.spares[doer.key] = doer
+                self.extend([doer])
+
+    def retire(self, doer: ReplicaDoer) -> None:
+        """A spare that is not needed: STOP (it exits at once), or SIGKILL before
+        it said STANDBY."""
+        if doer.retired:
+            return
+        doer.retired = True
+        if doer.standing:
+            self.board.reply(doer.key.encode(), proto.encode(proto.Stop(reason="stop")))
+        elif doer.handle is not None:
+            doer.kill()
+        doer.standing, doer.listeners = False, -1  # never assigned now
+
+    def standby(self, doer: ReplicaDoer, data: bytes) -> None:
+        """A frame from a spare: STANDBY, checked like a JOIN."""
+        try:
+            message = proto.decode(data, allowed=(proto.Standby,))
+        except FrameError as exc:
+            self.say(f"{doer.label}: bad frame: {exc}; killed")
+            doer.kill()
+            return
+        assert isinstance(message, proto.Standby)
+        if (message.service, message.token, message.pid) != \
+                (doer.service, self.token, doer.handle.pid if doer.handle else None):
+            self.say(f"{doer.label}: STANDBY does not match the spare started: killed")
+            doer.kill()
+            return
+        if doer.listeners > 0:
+            doer.standing = True
+
+    def spare_exited(self, doer: ReplicaDoer, code: int) -> None:
+        self.spares.pop(doer.key, None)
+        if doer in self.doers:
+            self.doers.remove(doer)
+        if code != 0 and not doer.retired and not self.core.stopping:
+            self.say(f"{doer.label} (a standby process) exited with code {code}; "
+                     f"another in {SPARE_RETRY_S:g} s")
+            self.spare_failed[doer.service] = time.monotonic()
 
     def socket(self, service: str, k: int) -> Any:
         """Listening socket ``k`` of ``service`` (made on first use; the run holds
@@ -350,6 +477,10 @@ class Services(DoDoer):
                     except psutil.Error:
                         pass
                 replica["cpu"], replica["rss"] = cpu, rss
+        for row in rows:
+            row["spare"] = next((doer.handle.pid for doer in self.spares.values()
+                                 if doer.service == row["service"] and doer.standing
+                                 and doer.handle is not None), None)
         live = {replica.pid for replica in self.core.live()}
         for pid in [pid for pid in self.processes if pid not in live]:
             del self.processes[pid]

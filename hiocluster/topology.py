@@ -175,6 +175,7 @@ class ServiceSpec:
     backoff_max: float = 5.0
     timeout: float = 60.0           # idle connection / slow request limit (0: none)
     drain: float = 5.0              # seconds a stopping replica gets to finish
+    spare: bool = True              # keep a warm standby process (fast restarts)
     tls: tuple[str, str] | None = None
     params: dict[str, Any] = field(default_factory=dict, hash=False)
 
@@ -551,7 +552,7 @@ def _hosts(document: dict[str, Any]) -> tuple[HostSpec, ...]:
 
 
 _SERVICE_KEYS = ("class", "replicas", "listen", "restart", "max_restarts", "within",
-                 "backoff", "backoff_max", "timeout", "drain", "tls", "params")
+                 "backoff", "backoff_max", "timeout", "drain", "spare", "tls", "params")
 _LISTEN = re.compile(r"(?P<host>[A-Za-z0-9_.-]{1,253}):(?P<port>\d{1,5})")
 
 
@@ -587,6 +588,9 @@ def _services(document: dict[str, Any], nodes: tuple[NodeSpec, ...],
                    if key in body}
         if numbers.get("timeout", 0) < 0:
             raise _err(f"must be >= 0, got {body['timeout']}", f"{key_path}.timeout")
+        spare = body.get("spare", True)
+        if not isinstance(spare, bool):
+            raise _err(f"expected bool, got {_type_name(spare)}", f"{key_path}.spare")
         tls = None
         if "tls" in body:
             table = _table(body["tls"], f"{key_path}.tls")
@@ -600,6 +604,7 @@ def _services(document: dict[str, Any], nodes: tuple[NodeSpec, ...],
             max_restarts=_int(body.get("max_restarts", 5), f"{key_path}.max_restarts", 0,
                               10_000),
             tls=tls,  # type: ignore[arg-type]
+            spare=spare,
             params=_plain(_table(body.get("params", {}), f"{key_path}.params"),
                           f"{key_path}.params"),
             **numbers))

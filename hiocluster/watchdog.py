@@ -15,6 +15,7 @@ Imports: transport (for the monitor socket's events) and the stdlib.
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 import time
@@ -40,16 +41,21 @@ class Watchdog(threading.Thread):
         tick_timeout: the deadline of one tick; None until SETUP says it.
         idle_check: how often to look while connected with no tick deadline to
             watch (a replica: the monitor's events wake it anyway).
+        parent: the pid of the supervisor that started this process, where it is
+            its parent: once it is not, the supervisor is gone (no need to wait
+            for a connection that will never come).
     """
 
     def __init__(self, monitor: Any, connect_timeout: float,
-                 busy: Callable[[], float], idle_check: float = CHECK_S) -> None:
+                 busy: Callable[[], float], idle_check: float = CHECK_S,
+                 parent: int | None = None) -> None:
         super().__init__(name="hiocluster-watchdog", daemon=True)
         self.monitor = monitor
         self.connect_deadline = time.monotonic() + connect_timeout
         self.busy = busy
         self.tick_timeout: float | None = None
         self.idle_check = idle_check
+        self.parent = parent
         self.orphaned = False
         self.overrun_since = 0.0     # the busy_since of the tick it interrupted
         self._stopped = threading.Event()
@@ -73,7 +79,8 @@ class Watchdog(threading.Thread):
                 continue
             now = time.monotonic()
             if (down_since and now - down_since > ORPHAN_GRACE_S) or \
-                    (not connected and not down_since and now > self.connect_deadline):
+                    (not connected and not down_since and now > self.connect_deadline) or \
+                    (self.parent is not None and os.getppid() != self.parent):
                 if not self._stopped.is_set():
                     self.orphaned = True
                     signal.pthread_kill(self._main, signal.SIGTERM)

@@ -18,10 +18,10 @@ from hypothesis import given, settings, strategies as st
 from hiocluster import protocol as proto
 from hiocluster.errors import FrameError, LocalProtocolError, RemoteProtocolError
 from hiocluster.protocol import (CHILD_TRANSITIONS, MAX_CONTROL_FRAME, MAX_DATA_FRAME,
-                                 PARENT_TRANSITIONS, Answer, Bye, ChildMachine, ChildState,
-                                 Command, Data, Done, Error, Grant, Hello, Join, Load, Message,
-                                 ParentMachine, ParentState, Peer, Progress, Ready, Setup, Stop,
-                                 decode, decode_data, encode)
+                                 PARENT_TRANSITIONS, Answer, Assign, Bye, ChildMachine,
+                                 ChildState, Command, Data, Done, Error, Grant, Hello, Join, Load,
+                                 Message, ParentMachine, ParentState, Peer, Progress, Ready,
+                                 Setup, Standby, Stop, decode, decode_data, encode)
 from hiocluster.protocol.fields import MAX_STR
 
 C, P = ChildState, ParentState
@@ -53,6 +53,8 @@ SAMPLES: list[Message] = [
     Data(tick=0, source="w0", messages=[], acks=[]), Peer(worker="w1", token=TOKEN),
     Join(service="web", replica=1, incarnation=3, token=TOKEN, pid=4321),
     Load(served=10, connections=2), Command(command="status"),
+    Standby(service="web", token=TOKEN, pid=77), Assign(replica=2, incarnation=9,
+                                                        listeners=[2, 0]),
     Command(command="scale", service="web", replicas=4),
     Answer(ok=True, detail="", status={"services": [{"name": "web"}]}),
     Answer(ok=False, detail="no service 'wbe'"),
@@ -847,5 +849,5 @@ def test_docs_services_table_lists_every_field() -> None:
         kind = cells[0] or kind
         fields.setdefault(kind, set()).update(
             name.strip("` ") for name in cells[2].split(","))
-    for message in (Join, Load, Command, Answer):
+    for message in (Join, Load, Standby, Assign, Command, Answer):
         assert fields[message.TYPE] == set(message.SCHEMA), message.TYPE

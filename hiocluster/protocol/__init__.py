@@ -22,9 +22,9 @@ from .frames import (VERSION, check_unpacks, decode, decode_data, encode, from_b
 from .machines import (CHILD_TRANSITIONS, PARENT_TRANSITIONS, ChildMachine, ChildState,
                        ParentMachine, ParentState)
 from .messages import (COMMANDS, FROM_AGENT, FROM_REPLICA, MESSAGE_TYPES, TO_AGENT, TO_REPLICA,
-                       Answer, Bye, Command, Data, Done, Error, Exited, Grant, Hello, Join,
-                       Launch, Launched, Load, Message, Output, Peer, Ping, Progress, Ready,
-                       Setup, Signal, Stop)
+                       Answer, Assign, Bye, Command, Data, Done, Error, Exited, Grant, Hello,
+                       Join, Launch, Launched, Load, Message, Output, Peer, Ping, Progress,
+                       Ready, Setup, Signal, Standby, Stop)
 from .versions import local_versions, mismatches
 
 __all__ = [
@@ -33,7 +33,7 @@ __all__ = [
     "check_unpacks",
     "Message", "Hello", "Setup", "Ready", "Grant", "Progress", "Done", "Stop", "Bye",
     "Error", "Data", "Peer", "Launch", "Launched", "Signal", "Exited", "Output", "Ping",
-    "Join", "Load", "Command", "Answer", "COMMANDS", "FROM_REPLICA", "TO_REPLICA",
+    "Join", "Load", "Standby", "Assign", "Command", "Answer", "COMMANDS", "FROM_REPLICA", "TO_REPLICA",
     "TO_AGENT", "FROM_AGENT", "MESSAGE_TYPES", "ChildMachine", "ParentMachine", "ChildState",
     "ParentState", "CHILD_TRANSITIONS", "PARENT_TRANSITIONS", "local_versions", "mismatches",
 ]

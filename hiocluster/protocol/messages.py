@@ -15,7 +15,8 @@ from .fields import (ADDRESS, BOOL, BYTES, CURVE_KEY, INT, NAME, NUMBER, POSITIV
 
 __all__ = ["Message", "Hello", "Setup", "Ready", "Grant", "Progress", "Done", "Stop", "Bye",
            "Error", "Data", "Peer", "Launch", "Launched", "Signal", "Exited", "Output",
-           "Ping", "Join", "Load", "Command", "Answer", "MESSAGE_TYPES", "TO_AGENT",
+           "Ping", "Join", "Load", "Standby", "Assign", "Command", "Answer", "MESSAGE_TYPES",
+           "TO_AGENT",
            "FROM_AGENT", "FROM_REPLICA", "TO_REPLICA", "COMMANDS", "NODE_ROW", "LINK_ROW"]
 
 
@@ -300,6 +301,31 @@ class Load(Message):
     SCHEMA = {"served": UINT, "connections": UINT}
 
 
+@dataclass(slots=True)
+class Standby(Message):
+    """a spare → the run, once its service's code is imported: ready to become a
+    replica at once (proved by the run's ``token``)."""
+
+    TYPE = "STANDBY"
+    service: str
+    token: bytes
+    pid: int
+    SCHEMA = {"service": NAME, "token": TOKEN, "pid": UINT}
+
+
+@dataclass(slots=True)
+class Assign(Message):
+    """the run → a spare: become replica ``replica`` (its ``incarnation``-th start),
+    accepting from the service's listening sockets ``listeners`` (positions in
+    the spare's inherited descriptors)."""
+
+    TYPE = "ASSIGN"
+    replica: int
+    incarnation: int
+    listeners: list[int]
+    SCHEMA = {"replica": UINT, "incarnation": UINT, "listeners": ListOf(UINT)}
+
+
 #: What a shell may ask of a run's control endpoint.
 COMMANDS = ("status", "scale", "restart", "stop")
 
@@ -332,11 +358,11 @@ class Answer(Message):
 MESSAGE_TYPES: dict[str, type[Message]] = {
     cls.TYPE: cls for cls in (Hello, Setup, Ready, Grant, Progress, Done, Stop, Bye, Error,
                               Data, Peer, Launch, Launched, Signal, Exited, Output, Ping,
-                              Join, Load, Command, Answer)
+                              Join, Load, Standby, Assign, Command, Answer)
 }
 #: What an agent accepts, and what a supervisor accepts from an agent.
 TO_AGENT = (Launch, Signal, Error)
 FROM_AGENT = (Launched, Exited, Output, Ping, Error)
 #: What a supervisor accepts from a replica, and a replica from its supervisor.
-FROM_REPLICA = (Join, Load, Bye, Error)
-TO_REPLICA = (Stop, Error)
+FROM_REPLICA = (Join, Load, Standby, Bye, Error)
+TO_REPLICA = (Stop, Assign, Error)
