@@ -229,6 +229,18 @@ class ServiceCore:
         for replica in self.live():
             self._stop(replica, now)
 
+    def fail(self, name: str, reason: str, now: float) -> None:
+        """Service ``name`` cannot run at all (``reason``): the run stops."""
+        service = self._service(name)
+        service.failed = reason
+        self.log.append(f"service {name} failed: {reason}")
+        self.failure = ServiceFailed(name, f"service {name} failed: {reason}")
+        service.pending.clear()
+        for replica in self.live():
+            replica.retiring = True
+            self._stop(replica, now)
+        self.stopping = True
+
     def poll(self, now: float) -> None:
         """Act on the time: due restarts, start and drain deadlines."""
         for service in self.services.values():
@@ -351,18 +363,11 @@ class ServiceCore:
         while service.crashes and now - service.crashes[0][0] > spec.within:
             service.crashes.popleft()
         if len(service.crashes) > spec.max_restarts:
-            service.failed = (f"{len(service.crashes)} crashes within {spec.within:g} s "
-                              f"(max_restarts = {spec.max_restarts}); the last: "
-                              f"{replica.label} {_how(code)}"
-                              + (f" ({replica.error})" if replica.error else ""))
-            self.log.append(f"service {spec.name} failed: {service.failed}")
-            self.failure = ServiceFailed(spec.name, f"service {spec.name} failed: "
-                                         f"{service.failed}")
-            service.pending.clear()
-            for other in self.live():  # the whole run stops
-                other.retiring = True
-                self._stop(other, now)
-            self.stopping = True
+            failed = (f"{len(service.crashes)} crashes within {spec.within:g} s "
+                      f"(max_restarts = {spec.max_restarts}); the last: "
+                      f"{replica.label} {_how(code)}"
+                      + (f" ({replica.error})" if replica.error else ""))
+            self.fail(spec.name, failed, now)  # the whole run stops
             return
         if service.rolling or service.roll_index is not None:
             self.log.append(f"{spec.name}: rolling restart abandoned: {replica.label} "

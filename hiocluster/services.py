@@ -300,7 +300,16 @@ class Services(DoDoer):
         core, now = self.core, time.monotonic()
         if not self.started:
             self.started = True
-            core.start(now)
+            for name, service in core.services.items():
+                try:  # every listening socket first: a taken address fails at once
+                    for k in range(service.pool):
+                        self.socket(name, k)
+                except OSError as exc:
+                    core.fail(name, f"cannot listen on {service.spec.address}: "
+                                    f"{exc.strerror or exc}", now)
+                    break
+            else:
+                core.start(now)
         super().recur(tyme, deeds)
         for key in [key for key, doer in self.running.items() if doer.done]:
             doer = self.running.pop(key)

@@ -545,3 +545,15 @@ def test_readme_services_examples_are_real(start, cli_env: dict[str, str]) -> No
         pattern = re.sub(r"\d+(?:\\\.\d+)?", r"[0-9]+(?:\\.[0-9]+)?", pattern)
         assert re.fullmatch(pattern, actual), (expected, actual)
     assert result.stdout.strip().splitlines()[-1].endswith("4/4 serving, 1 restarts, 64 served")
+
+
+def test_an_address_taken_by_another_program_fails_at_once(start) -> None:
+    with socket.socket() as squatter:  # no SO_REUSEPORT: nobody may share it
+        squatter.bind(("127.0.0.1", 0))
+        squatter.listen()
+        port = squatter.getsockname()[1]
+        run = start(with_port((TOPOLOGIES / "http.toml").read_text(), port))
+        assert run.finish(60) == 1
+    assert run.log[-1] == (f"hiocluster: run failed: service web failed: cannot listen on "
+                           f"127.0.0.1:{port}: Address already in use")
+    assert not any("serving on" in line for line in run.log)
