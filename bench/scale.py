@@ -73,7 +73,7 @@ def measure(path: Path, processes: int) -> None:
     result = supervisor.run(topology, processes=processes, handle_signals=False,
                             app_dir=str(REPO), on_ready=found.append, on_tick=on_tick)
     workers = [value for name, value in rss.items() if name != "supervisor"]
-    print(f"  run: {result.nodes:,} nodes on {result.processes} workers: load {loaded:.2f} s, "
+    print(f"  run: {result.node_count:,} nodes on {result.processes} workers: load {loaded:.2f} s, "
           f"time to first tick {result.startup_seconds:.2f} s, {result.ticks} ticks in "
           f"{result.seconds:.2f} s ({result.ticks_per_second:,.1f} ticks/s), "
           f"{result.messages:,} messages")

@@ -147,6 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="print one JSON object on stdout instead of the summary")
     run.add_argument("--digests", action="store_true",
                      help="with --json, include every tick's run digest")
+    run.add_argument("--output", metavar="FILE",
+                     help="after a finished run, write one JSON line per node to FILE: "
+                          "its result() and its metrics")
     _app_dir(run)
     run.add_argument("--transport", choices=("ipc", "tcp"), default="ipc",
                      help="how local processes talk: unix sockets (default) or TCP on "
@@ -421,13 +424,28 @@ def _run(args: argparse.Namespace) -> int:
             raise
         except ClusterError as exc:
             return _failed(args, exc, {})
+    if args.output:
+        try:
+            with open(args.output, "w", encoding="utf-8") as file:
+                for line in result.lines():
+                    file.write(json.dumps(line, default=_jsonable) + "\n")
+        except OSError as exc:
+            print(f"hiocluster: cannot write --output {args.output}: {exc}", file=sys.stderr)
+            return EXIT_FAILED
     if args.json:
-        print(json.dumps(result.to_json()))
+        print(json.dumps(result.to_json(), default=_jsonable))
     else:
         print(summary(result))
         if result.services:
             print(services_summary(result.services))
     return EXIT_OK
+
+
+def _jsonable(value: Any) -> Any:
+    """What JSON cannot say of a msgpack value: bytes become their hex."""
+    if isinstance(value, (bytes, bytearray)):
+        return value.hex()
+    raise TypeError(f"not JSON: {type(value).__name__}")
 
 
 def _agent(args: argparse.Namespace) -> int:
@@ -551,7 +569,7 @@ def summary(result: Any) -> str:
     late = [f"late     {result.late_ticks} ticks started more than one tock late"] \
         if result.real else []
     return "\n".join([
-        f"{result.topology}: {result.ticks} ticks, {result.nodes} nodes on "
+        f"{result.topology}: {result.ticks} ticks, {result.node_count} nodes on "
         f"{processes} in {result.seconds:.3f} s "
         f"({result.ticks_per_second:,.0f} ticks/s; start-up {result.startup_seconds:.3f} s)",
         f"digest   {result.digest}",
@@ -559,7 +577,19 @@ def summary(result: Any) -> str:
         f"at stop, {result.unread} unread in inboxes; {result.rejected_frames} frames "
         "rejected",
     ] + late + [f"metric   {name} {value:,} ({value / result.seconds:,.0f}/s)"
-         for name, value in result.metrics.items() if result.seconds > 0])
+         for name, value in result.metrics.items() if result.seconds > 0]
+        + [_spread(name, kind, [metrics[name] for metrics in result.node_metrics.values()
+                                if name in metrics])
+           for name, kind in result.metric_kinds.items()])
+
+
+def _spread(name: str, kind: str, values: list[float]) -> str:
+    """A gauge's or a duration's line: min, mean and max over the nodes."""
+    if not values:
+        return f"metric   {name} ({kind}): no node reported it"
+    mean = sum(values) / len(values)
+    return (f"metric   {name} ({kind}) min {min(values):,.6g} mean {mean:,.6g} "
+            f"max {max(values):,.6g} over {len(values)} nodes")
 
 
 class _progress:

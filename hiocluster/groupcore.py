@@ -238,9 +238,15 @@ class GroupCore(Supervision):
         stats: dict[str, int] = {}
         metrics: dict[str, int] = {}
         received: dict[str, int] = {}
+        results: dict[str, Any] = {}
+        per_node: dict[str, dict[str, Any]] = {}
+        kinds: dict[str, str] = {}
         for book in self.books.values():
             bye = book.bye
             assert bye is not None
+            results.update(bye.results)
+            per_node.update(bye.node_metrics)
+            kinds.update(bye.kinds)
             for name, value in bye.stats.items():
                 stats[name] = max(stats.get(name, 0), value) if name == "late" \
                     else stats.get(name, 0) + value
@@ -249,7 +255,8 @@ class GroupCore(Supervision):
             for peer, count in bye.received.items():  # frames from outside: how far it got
                 if peer not in self.owner:
                     received[peer] = max(received.get(peer, 0), count)
-        self._up(proto.Bye(stats=stats, metrics=metrics, received=received))
+        self._up(proto.Bye(stats=stats, metrics=metrics, received=received, results=results,
+                           node_metrics=per_node, kinds=kinds))
 
     # -- failing ------------------------------------------------------------------
     def fail(self, error: ClusterError, now: float, *, tell: bool = True) -> None:

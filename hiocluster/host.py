@@ -14,15 +14,16 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import math
 import time
 import traceback
 from collections import Counter, deque
-from typing import Iterator
+from typing import Any, Iterator
 
 from hio.base.doing import Doist
 
 from . import protocol as proto
-from .errors import ClusterError
+from .errors import ClusterError, FrameError
 from .node import Clock, Node, load_class, pack_state
 
 __all__ = ["NodeHost", "NodeFailed", "TickOverrun", "Terminated", "blame", "tail",
@@ -63,15 +64,16 @@ class NodeHost:
 
     def __init__(self, setup: proto.Setup, app_dir: str | None) -> None:
         classes = {}
-        for name, path, _ in setup.nodes:
+        for name, path, *_ in setup.nodes:
             try:
                 classes[name] = load_class(path, app_dir)
             except ImportError as exc:
                 raise NodeFailed(name, -1, str(exc)) from None
         self.nodes: list[Node] = []
-        for name, _, params in setup.nodes:
+        for name, _, params, index, count in setup.nodes:
             with blame(name, -1):
-                self.nodes.append(classes[name](name, params, seed=setup.seed))
+                self.nodes.append(classes[name](name, params, seed=setup.seed,
+                                                ticks=setup.ticks, index=index, count=count))
         self.by_name = {node.name: node for node in self.nodes}
         self.clock = Clock()
         for node in self.nodes:
@@ -145,18 +147,55 @@ class NodeHost:
                 failures.append((deed[2].name, tail(traceback.format_exc())))
         return failures
 
-    def metrics(self) -> dict[str, int]:
-        """The sum over nodes of :meth:`Node.metrics` (checked: names and uints)."""
+    def metrics(self) -> tuple[dict[str, int], dict[str, dict[str, Any]], dict[str, str]]:
+        """Every node's :meth:`Node.metrics`, checked: the sum of the counters, each
+        node's own, and the kind of each metric that is not a counter."""
         total: Counter[str] = Counter()
+        per_node: dict[str, dict[str, Any]] = {}
+        kinds: dict[str, str] = {}
         for node in self.nodes:
             with blame(node.name, self.tick):
                 metrics = node.metrics()
+                declared = dict(getattr(node, "metric_kinds", {}))
                 for name, value in metrics.items():
-                    if not (proto.is_name(name) and proto.UINT.ok(value)):
-                        raise ValueError(f"metrics() gave {name!r}: {value!r}; expected names "
-                                         "of A-Z a-z 0-9 _ . - and integers >= 0")
-            total.update(metrics)
-        return dict(total)
+                    kind = declared.get(name, "counter")
+                    if kind not in proto.METRIC_KINDS:
+                        raise ValueError(f"metric_kinds gives {name!r} the kind {kind!r}; "
+                                         f"kinds: {', '.join(proto.METRIC_KINDS)}")
+                    good = proto.UINT.ok(value) if kind == "counter" else \
+                        type(value) in (int, float) and math.isfinite(value)
+                    if not (proto.is_name(name) and good):
+                        raise ValueError(
+                            f"metrics() gave {name!r}: {value!r}; expected names of A-Z a-z "
+                            "0-9 _ . - and " + ("integers >= 0 (a counter; declare other "
+                                                "kinds in metric_kinds)" if kind == "counter"
+                                                else "finite numbers"))
+                    if kind != "counter":
+                        kinds[name] = kind
+            total.update({name: value for name, value in metrics.items()
+                          if name not in kinds})
+            per_node[node.name] = dict(metrics)
+        return dict(total), per_node, kinds
+
+    def results(self) -> dict[str, Any]:
+        """Every node's :meth:`Node.result` (after the last tick of a finished run),
+        checked to travel in a control frame."""
+        results: dict[str, Any] = {}
+        for node in self.nodes:
+            with blame(node.name, self.tick):
+                value = node.result()
+                try:
+                    proto.check_control_value(value)
+                except FrameError as exc:
+                    raise ValueError(f"result() returned a {type(value).__name__} that "
+                                     f"cannot be sent: {exc}") from None
+            results[node.name] = value
+        return results
+
+    def tell_outcome(self, outcome: str) -> None:
+        """What every node's ``exit()`` will see in ``self.outcome``."""
+        for node in self.nodes:
+            node.outcome = outcome
 
     def unread(self) -> int:
         """Messages still waiting in inboxes."""

@@ -214,18 +214,26 @@ class Node(DoDoer):
     Subclasses set ``inboxes``/``outboxes`` and override :meth:`setup`,
     :meth:`step` and :meth:`state`. ``self.params`` holds the topology's params,
     ``self.rng`` a ``random.Random`` seeded from (run seed, node name),
-    ``self.tick`` the current lockstep tick. See hio's DoDoer for the rest.
+    ``self.tick`` the current lockstep tick, ``self.ticks`` the run's length;
+    a node made by ``count`` knows ``self.index`` (0 .. count-1) and
+    ``self.count`` (None otherwise). See hio's DoDoer for the rest.
     """
 
     inboxes: ClassVar[tuple[str, ...]] = ()
     outboxes: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, name: str, params: dict[str, Any] | None = None, *, seed: int = 0,
+                 ticks: int = 0, index: int | None = None, count: int | None = None,
                  **kwa: Any) -> None:
         super().__init__(doers=[], **kwa)
         self.name = name
         self.params = dict(params or {})
         self.seed = seed
+        self.ticks = ticks  # the run's length: ticks 0 .. ticks-1
+        self.index, self.count = index, count
+        #: how the run ended, for ``exit()``: "finished", "failed" or "interrupted"
+        #: (None while it runs)
+        self.outcome: str | None = None
         self.rng = random.Random(derive_seed(seed, name))
         self.clock = Clock()  # a worker gives all its nodes one clock
         self.sequence = 0  # send sequence across all outboxes: the delivery order key
@@ -244,13 +252,25 @@ class Node(DoDoer):
         """What this node's digest covers: any msgpack-packable value."""
         return None
 
-    def metrics(self) -> dict[str, int]:
-        """Counters to report at the end of a run, e.g. ``{"events": 51297}``.
+    #: The kind of each metric that is not a counter: ``{"queue": "gauge",
+    #: "wait": "duration"}``. Counters are summed over nodes and shown with a rate;
+    #: gauges and durations (any finite number) per node: min, mean and max.
+    metric_kinds: ClassVar[dict[str, str]] = {}
 
-        Summed over all nodes (names: 1-64 of A-Z a-z 0-9 _ . -; values: ints
-        >= 0) and shown with their rate per second of ticking.
+    def metrics(self) -> dict[str, Any]:
+        """This node's metrics at the end of a run, e.g. ``{"events": 51297}``
+        (names: 1-64 of A-Z a-z 0-9 _ . -; a counter's value: an int >= 0). Each
+        node's are in the result (``RunResult.node_metrics``), the counters also
+        summed (``RunResult.metrics``).
         """
         return {}
+
+    def result(self) -> Any:
+        """What this node hands back when the run finished (msgpack-able, string map
+        keys): ``RunResult.nodes[name]``, "results" in ``--json``, a line of
+        ``--output``. Called after the last tick, before ``exit()``; not called
+        when the run failed or was interrupted."""
+        return None
 
     @property
     def tick(self) -> int:
@@ -270,6 +290,9 @@ class Node(DoDoer):
         except BaseException as exc:
             if not hasattr(exc, "hiocluster_node"):
                 exc.hiocluster_node = self.name  # type: ignore[attr-defined]
+            # hio runs this node's exit() as the exception leaves its generator
+            # (a signal reaches a node as the worker's Terminated: not its failure)
+            self.outcome = "interrupted" if type(exc).__name__ == "Terminated" else "failed"
             raise
         return False
 

@@ -33,7 +33,7 @@ class RunResult:
     ticks: int
     digest: str
     processes: int
-    nodes: int
+    node_count: int            # "nodes" in to_json()
     seconds: float
     startup_seconds: float
     messages: int
@@ -48,14 +48,22 @@ class RunResult:
     tick_digests: list[str] = field(default_factory=list)
     #: a topology with services: each one's final status row (hiocluster.servicecore)
     services: list[dict[str, Any]] = field(default_factory=list)
+    #: every node's :meth:`Node.result`, by name
+    nodes: dict[str, Any] = field(default_factory=dict)
+    #: every node's own metrics, by name
+    node_metrics: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: the kind of every metric that is not a counter ("gauge", "duration")
+    metric_kinds: dict[str, str] = field(default_factory=dict)
 
     @property
     def ticks_per_second(self) -> float:
         return self.ticks / self.seconds if self.seconds > 0 else 0.0
 
     def to_json(self) -> dict[str, Any]:
-        data = {key: value for key, value in self.__dict__.items()
-                if key not in ("tick_digests", "services")}
+        data = {("nodes" if key == "node_count" else key): value
+                for key, value in self.__dict__.items()
+                if key not in ("tick_digests", "services", "nodes", "node_metrics",
+                               "metric_kinds")}
         data["ticks_per_second"] = round(self.ticks_per_second, 1)
         data["seconds"] = round(self.seconds, 6)
         data["startup_seconds"] = round(self.startup_seconds, 6)
@@ -65,7 +73,18 @@ class RunResult:
             data["tick_digests"] = self.tick_digests
         if self.services:
             data["services"] = self.services
+        if any(value is not None for value in self.nodes.values()):
+            data["results"] = self.nodes
+        if any(self.node_metrics.values()):
+            data["node_metrics"] = self.node_metrics
+            data["metric_kinds"] = self.metric_kinds
         return data
+
+    def lines(self) -> list[dict[str, Any]]:
+        """One JSON-able row per node, by name: what ``--output`` writes."""
+        return [{"node": name, "result": self.nodes.get(name),
+                 "metrics": self.node_metrics.get(name, {})}
+                for name in sorted(set(self.nodes) | set(self.node_metrics))]
 
 
 def result_of(topology: Topology, books: Iterable[WorkerBook], chain: DigestChain,
@@ -80,22 +99,30 @@ def result_of(topology: Topology, books: Iterable[WorkerBook], chain: DigestChai
     stats: dict[str, int] = {}
     metrics: dict[str, int] = {}
     books = list(books)
+    results: dict[str, Any] = {}
+    per_node: dict[str, dict[str, Any]] = {}
+    kinds: dict[str, str] = {}
     for book in books:
         assert book.bye is not None
         for name, value in book.bye.stats.items():
             stats[name] = stats.get(name, 0) + value
         for name, value in book.bye.metrics.items():
             metrics[name] = metrics.get(name, 0) + value
+        results.update(book.bye.results)
+        per_node.update(book.bye.node_metrics)
+        kinds.update(book.bye.kinds)
     late = max(book.bye.stats.get("late", 0) for book in books)  # type: ignore[union-attr]
     return RunResult(
         topology=topology.name, ticks=topology.ticks, digest=chain.digest.hex(),
-        processes=processes, groups=groups, nodes=len(topology.nodes), seconds=ticked - ticking,
+        processes=processes, groups=groups, node_count=len(topology.nodes),
+        seconds=ticked - ticking,
         startup_seconds=ticking - started, messages=stats.get("messages", 0),
         undelivered=stats.get("undelivered", 0), unread=stats.get("unread", 0),
         rejected_frames=rejected + stats.get("rejected", 0),
         window=str(sizer.size) if sizer.fixed else "auto", real=topology.real,
         late_ticks=late, metrics=dict(sorted(metrics.items())),
-        tick_digests=chain.tick_digests)
+        tick_digests=chain.tick_digests, nodes=dict(sorted(results.items())),
+        node_metrics=dict(sorted(per_node.items())), metric_kinds=dict(sorted(kinds.items())))
 
 
 KINDS: dict[str, type[RunFailed]] = {

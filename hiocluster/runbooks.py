@@ -188,7 +188,8 @@ def setups(topology: Topology, plan: Plan, addresses: Mapping[str, str],
         made[spec.name] = proto.Setup(
             t0=topology.t0, tock=topology.tock, seed=topology.seed, ticks=topology.ticks,
             real=topology.real, tick_timeout=topology.tick_timeout,
-            nodes=[[node.name, node.cls, node.params] for node in spec.nodes],
+            nodes=[[node.name, node.cls, node.params, node.index, node.count]
+                   for node in spec.nodes],
             links=rows[spec.name], peers=peers,
             keys={peer: keys[peer] for peer in peers} if keys else {})
     return made

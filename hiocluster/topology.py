@@ -67,13 +67,16 @@ class NodeSpec:
     """One node: its unique name, its class as ``"module:attr"`` and its params.
 
     ``table`` is the ``[nodes.<table>]`` key that declared it (differs from
-    ``name`` when ``count`` expanded it); empty when built by hand.
+    ``name`` when ``count`` expanded it); empty when built by hand. ``index``
+    and ``count``: where ``count`` made it, its number and how many there are.
     """
 
     name: str
     cls: str
     params: dict[str, Any] = field(default_factory=dict, hash=False)
     table: str = field(default="", repr=False, compare=False)
+    index: int | None = None      # made by ``count``: its number, 0 .. count-1
+    count: int | None = None      # made by ``count``: how many its table made
 
 
 @dataclass(frozen=True)
@@ -432,24 +435,46 @@ def _nodes(document: dict[str, Any]) -> tuple[NodeSpec, ...]:
     for key, body in raw.items():
         key_path = f"nodes.{key}"
         _name(key, NODE_NAME, "node", key_path)
-        _keys(_table(body, key_path), ("class", "params", "count"), key_path, ("class",))
+        _keys(_table(body, key_path), ("class", "params", "count", "per_index"), key_path,
+              ("class",))
         cls = _str(body["class"], f"{key_path}.class")
         if not CLASS_PATH.fullmatch(cls):
             raise _err(f"expected 'module.path:attr', got {cls!r}", f"{key_path}.class")
         params = _table(body.get("params", {}), f"{key_path}.params")
         names = [key]
+        count = None
         if "count" in body:
             count = _int(body["count"], f"{key_path}.count", 1, MAX_COUNT)
             width = len(str(count - 1))
             names = [f"{key}{i:0{width}d}" for i in range(count)]
-        for name in names:
+        per_index = _per_index(body, count, key_path)
+        for i, name in enumerate(names):
             _name(name, NODE_NAME, "node", key_path)
             if name in declared_by:
                 raise _err(f"duplicate node name {name!r} (also declared by "
                            f"{declared_by[name]})", key_path)
             declared_by[name] = key_path
-            nodes.append(NodeSpec(name, cls, _plain(params, f"{key_path}.params"), table=key))
+            own = {**params, **{param: values[i] for param, values in per_index.items()}}
+            nodes.append(NodeSpec(name, cls, _plain(own, f"{key_path}.params"), table=key,
+                                  index=i if count is not None else None, count=count))
     return tuple(nodes)
+
+
+def _per_index(body: dict[str, Any], count: int | None, key_path: str) -> dict[str, list[Any]]:
+    """``per_index = { param = [value for node 0, node 1, ...] }``: params that vary
+    with the index of the nodes ``count`` makes."""
+    if "per_index" not in body:
+        return {}
+    table = _table(body["per_index"], f"{key_path}.per_index")
+    if count is None:
+        raise _err("per_index needs count (it gives each of the count nodes its own "
+                   "value)", f"{key_path}.per_index")
+    for param, values in table.items():
+        values = _array(values, f"{key_path}.per_index.{param}")
+        if len(values) != count:
+            raise _err(f"has {len(values)} values for {count} nodes (count = {count})",
+                       f"{key_path}.per_index.{param}")
+    return table
 
 
 def _links(document: dict[str, Any], names: dict[str, int],

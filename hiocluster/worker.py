@@ -157,13 +157,21 @@ class Worker:
             self.exchange.drain(self.tick)
         elif self.exchange is not None:
             self.peers.take_arrived()
-        failures = self.host.exit() if self.host is not None else []
+        finished = message.drain and message.reason == "done"
+        host = self.host
+        results = host.results() if host is not None and finished else {}
+        if host is not None:
+            host.tell_outcome("finished" if finished else "interrupted"
+                              if message.reason.startswith("Interrupted") else "failed")
+        failures = host.exit() if host is not None else []
         if failures:
             raise NodeFailed(failures[0][0], self.tick, failures[0][1])
-        metrics = self.host.metrics() if self.host is not None else {}
+        metrics, per_node, kinds = host.metrics() if host is not None else ({}, {}, {})
         self._stop_watching()
         self._send(proto.Bye(stats=self._stats(), metrics=metrics,
-                             received=self.exchange.received if self.exchange else {}))
+                             received=self.exchange.received if self.exchange else {},
+                             results=results, node_metrics=per_node if finished else {},
+                             kinds=kinds))
         self._close(clean=True)
         return 0
 
@@ -172,6 +180,8 @@ class Worker:
         """Run exit contexts, tell the supervisor what happened, close, return the exit code."""
         self._stop_watching()
         try:
+            if self.host is not None:
+                self.host.tell_outcome("interrupted" if code == "terminated" else "failed")
             failures = self.host.exit() if self.host is not None else []
         except Terminated:
             failures = []

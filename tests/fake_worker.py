@@ -94,7 +94,7 @@ class Fake:
             out.setsockopt(zmq.LINGER, 0)
             out.connect(address)
             out.send(proto.encode(proto.Peer(worker=self.args.name, token=self.token)))
-        names = sorted(name for name, _, _ in setup.nodes)
+        names = sorted(row[0] for row in setup.nodes)
         self.records = b"".join(name.encode() + bytes(32) for name in names)
         self.send(proto.Ready(digests=self.records))
         grant = self.next()

@@ -152,7 +152,7 @@ def test_a_real_worker_told_error_runs_its_exits_and_answers(tmp_path: Path,
         boss.send(proto.Setup(t0=0.0, tock=1.0, seed=1, ticks=10, real=False,
                               tick_timeout=10.0, peers={}, links=[],
                               nodes=[["a", "tests.faulty:FaultyNode",
-                                      {"marker_dir": str(marks)}]]))
+                                      {"marker_dir": str(marks)}, None, None]]))
         ready = boss.receive()
         assert isinstance(ready, proto.Ready) and ready.digests.startswith(b"a")
         boss.send(proto.Grant(until=2))

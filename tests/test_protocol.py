@@ -34,7 +34,8 @@ RECORDS = b"a" + bytes(32) + b"b" + bytes(range(32))
 HELLO = Hello(worker="w0", token=TOKEN, pid=4242, versions=proto.local_versions(),
               data_address="ipc:///tmp/hioc-x/d-w0")
 SETUP = Setup(t0=0.0, tock=0.5, seed=7, ticks=10, real=False, tick_timeout=30.0,
-              nodes=[["a", "nodes.ring:RingNode", {"tokens": 3}], ["b", "m:B", {}]],
+              nodes=[["a", "nodes.ring:RingNode", {"tokens": 3}, None, None],
+                     ["b", "m:B", {}, 1, 4]],
               links=[[0, "a", "out", "c", "in", 16, "w0", "w1"],
                      [1, "c", "out", "a", "in", 1, "w1", "w0"]],
               peers={"w1": "tcp://198.18.0.2:40001"})
@@ -309,8 +310,9 @@ BAD_FIELDS = [  # (valid message, field name, bad value, expected FrameError.fie
     (SETUP, "links", [[0, "a", "out", "c d", "in", 1, "w0", "w1"]], "SETUP.links[0][3]"),
     (SETUP, "links", [SETUP.links[0], "x"], "SETUP.links[1]"),
     (SETUP, "nodes", [["a", "m:A"]], "SETUP.nodes[0]"),
-    (SETUP, "nodes", [["a", "m:A", []]], "SETUP.nodes[0][2]"),
-    (SETUP, "nodes", [["a b", "m:A", {}]], "SETUP.nodes[0][0]"),
+    (SETUP, "nodes", [["a", "m:A", [], None, None]], "SETUP.nodes[0][2]"),
+    (SETUP, "nodes", [["a b", "m:A", {}, None, None]], "SETUP.nodes[0][0]"),
+    (SETUP, "nodes", [["a", "m:A", {}, -1, 4]], "SETUP.nodes[0][3]"),
     (SETUP, "tock", 0, "SETUP.tock"),
     (SETUP, "tock", -0.5, "SETUP.tock"),
     (SETUP, "tock", float("nan"), "SETUP.tock"),

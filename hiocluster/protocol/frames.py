@@ -20,7 +20,7 @@ from .fields import MAX_ARRAY, MAX_CONTROL_FRAME, MAX_DATA_FRAME, MAX_MAP, MAX_S
 from .messages import MESSAGE_TYPES, Data, Message
 
 __all__ = ["VERSION", "encode", "decode", "decode_data", "reload_data", "from_body",
-           "check_unpacks"]
+           "check_unpacks", "check_control_value"]
 
 #: The protocol version every frame carries; a peer speaking another is refused.
 VERSION = 2
@@ -111,6 +111,17 @@ def from_body(cls: type[Message], body: dict[str, Any]) -> Message:
         FrameError: a field is invalid.
     """
     return _decode([VERSION, cls.TYPE, body], (cls,))
+
+
+def check_control_value(value: Any) -> None:
+    """Raise FrameError unless ``value`` survives a control frame's round trip
+    (msgpack-able, string map keys, strings up to MAX_STR): what a node's
+    ``result()`` may be."""
+    try:
+        data = msgpack.packb(value, use_bin_type=True)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise FrameError(f"not msgpack-able: {exc}", field="value", code="unpackable") from exc
+    _unpack(data, MAX_CONTROL_FRAME)
 
 
 def check_unpacks(data: bytes) -> bytes:

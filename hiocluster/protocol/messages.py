@@ -10,14 +10,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from .fields import (ADDRESS, BOOL, BYTES, CURVE_KEY, INT, NAME, NUMBER, POSITIVE, STATS,
+from .fields import (ADDRESS, ANY, BOOL, BYTES, CURVE_KEY, INT, NAME, NUMBER, POSITIVE, STATS,
                      TEXT, TOKEN, UINT, Check, LinkRun, ListOf, MapOf, TupleOf, optional)
 
 __all__ = ["Message", "Hello", "Setup", "Ready", "Grant", "Progress", "Done", "Stop", "Bye",
            "Error", "Data", "Peer", "Launch", "Launched", "Signal", "Exited", "Output",
            "Ping", "Join", "Load", "Standby", "Assign", "Command", "Answer", "MESSAGE_TYPES",
            "TO_AGENT",
-           "FROM_AGENT", "FROM_REPLICA", "TO_REPLICA", "COMMANDS", "NODE_ROW", "LINK_ROW"]
+           "FROM_AGENT", "FROM_REPLICA", "TO_REPLICA", "COMMANDS", "NODE_ROW", "LINK_ROW",
+           "METRIC_KINDS"]
 
 
 @dataclass(slots=True)
@@ -49,8 +50,10 @@ class Hello(Message):
               "data_address": optional(ADDRESS), "leaves": MapOf(NAME, ADDRESS)}
 
 
-#: ``[name, "module:attr", params]``: one node this worker builds.
-NODE_ROW = TupleOf(NAME, TEXT, Check(lambda v: type(v) is dict, "a map"))
+#: ``[name, "module:attr", params, index, count]``: one node this worker builds
+#: (``index``/``count``: nil unless ``count`` made it).
+NODE_ROW = TupleOf(NAME, TEXT, Check(lambda v: type(v) is dict, "a map"), optional(UINT),
+                   optional(UINT))
 #: ``[id, source, outbox, target, inbox, capacity, source worker, target worker]``.
 LINK_ROW = TupleOf(UINT, NAME, NAME, NAME, NAME, UINT, NAME, NAME)
 
@@ -137,16 +140,29 @@ class Stop(Message):
     SCHEMA = {"reason": TEXT, "drain": BOOL}
 
 
+#: What a metric is: a counter is summed over nodes and shown with a rate; a
+#: gauge or a duration is shown per node (min, mean, max), without a rate.
+METRIC_KINDS = ("counter", "gauge", "duration")
+
+
 @dataclass(slots=True)
 class Bye(Message):
     """worker → supervisor: exit contexts ran; counters, the sum of its nodes'
-    :meth:`Node.metrics`, and how many DATA frames arrived from each neighbour."""
+    counter metrics (:meth:`Node.metrics`), and how many DATA frames arrived from
+    each neighbour; after a finished run, each node's :meth:`Node.result` and
+    metrics, and the kind of each metric that is not a counter."""
 
     TYPE = "BYE"
     stats: dict[str, int] = field(default_factory=dict)
     metrics: dict[str, int] = field(default_factory=dict)
     received: dict[str, int] = field(default_factory=dict)
-    SCHEMA = {"stats": STATS, "metrics": STATS, "received": MapOf(NAME, UINT)}
+    results: dict[str, Any] = field(default_factory=dict)
+    node_metrics: dict[str, dict[str, Any]] = field(default_factory=dict)
+    kinds: dict[str, str] = field(default_factory=dict)
+    SCHEMA = {"stats": STATS, "metrics": STATS, "received": MapOf(NAME, UINT),
+              "results": MapOf(NAME, ANY), "node_metrics": MapOf(NAME, MapOf(NAME, NUMBER)),
+              "kinds": MapOf(NAME, Check(lambda v: v in METRIC_KINDS,
+                                         f"one of {', '.join(METRIC_KINDS)}"))}
 
 
 @dataclass(slots=True)
