@@ -15,6 +15,7 @@ import dataclasses
 import datetime
 import difflib
 import fnmatch
+import heapq
 import math
 import os
 import re
@@ -749,10 +750,10 @@ def plan(topology: Topology, processes: int | None = None, *,
 
     ``processes`` None uses the topology's ``[placement]``; without one, the nodes
     are spread over as many workers as there are cores (``cores``, default
-    ``os.cpu_count()``), never more workers than nodes. An int P spreads nodes in
-    declaration order over workers ``p0..p{P-1}`` in contiguous blocks (node i ->
-    worker i*P//n), with no groups: the file's ``[groups]`` name the workers of its
-    placement. Workers and groups named in ``[hosts.*]`` run on those hosts.
+    ``os.cpu_count()``), never more workers than nodes. An int P splits the link
+    graph into P balanced parts with few links between them (:func:`_partition`;
+    without links: contiguous blocks of the file's order), workers ``p0..p{P-1}``,
+    with no groups: the file's ``[groups]`` name the workers of its placement. Workers and groups named in ``[hosts.*]`` run on those hosts.
 
     Raises:
         TopologyError: P is not in 1..number of nodes (key path ``--processes``), or
@@ -768,7 +769,8 @@ def plan(topology: Topology, processes: int | None = None, *,
             workers = tuple(WorkerSpec(name, tuple(topology.node(n) for n in members))
                             for name, members in topology.placement)
         else:
-            workers = _blocks(nodes, min(len(nodes), cores or os.cpu_count() or 1))
+            workers = _partition(nodes, topology.links,
+                                 min(len(nodes), cores or os.cpu_count() or 1))
     else:
         try:
             count = _int(processes, "--processes", 1, len(nodes))
@@ -776,7 +778,7 @@ def plan(topology: Topology, processes: int | None = None, *,
             exc.message += f" (the topology has {len(nodes)} nodes)"
             _place(exc, None, topology.path)
             raise
-        workers = _blocks(nodes, count)
+        workers = _partition(nodes, topology.links, count)
     names = [worker.name for worker in workers]
     try:
         groups = _group_tree(topology.groups if processes is None else (), names)
@@ -827,6 +829,102 @@ def _group_tree(groups: tuple[tuple[str, tuple[str, ...]], ...],
             raise _err(f"group {name!r} is nested {len(seen)} deep (at most "
                        f"{MAX_GROUP_DEPTH})", f"groups.{name}")
     return tree
+
+
+def _partition(nodes: tuple[NodeSpec, ...], links: tuple[LinkSpec, ...],
+               count: int) -> tuple[WorkerSpec, ...]:
+    """``count`` workers of nearly equal size with few links between them: METIS
+    (pymetis, when installed) or a plain greedy growing of regions, on the graph
+    of links (both directions, weighted by how many links join two nodes), or
+    contiguous blocks of the file's order where those are as balanced and cut as
+    few links (a chain). Deterministic for a given topology; without links,
+    blocks. Workers are numbered by their first node in the file's order."""
+    index = {node.name: i for i, node in enumerate(nodes)}
+    weights: dict[tuple[int, int], int] = {}
+    for link in links:
+        a, b = index[link.source], index[link.target]
+        if a != b:
+            pair = (min(a, b), max(a, b))
+            weights[pair] = weights.get(pair, 0) + 1
+    if count == 1 or count >= len(nodes) or not weights:
+        return _blocks(nodes, count)
+    neighbours: list[list[tuple[int, int]]] = [[] for _ in nodes]
+    for (a, b), weight in sorted(weights.items()):
+        neighbours[a].append((b, weight))
+        neighbours[b].append((a, weight))
+    n = len(nodes)
+
+    def score(parts: list[int]) -> tuple[int, int]:  # the largest part, then the cut
+        cut = sum(weight for (a, b), weight in weights.items() if parts[a] != parts[b])
+        return max(parts.count(part) for part in range(count)), cut
+
+    # the partitioner's split, unless the file's own order does as well (a chain)
+    parts = min(_metis(neighbours, count) or _grow(neighbours, count),
+                [i * count // n for i in range(n)], key=score)
+    members: list[list[NodeSpec]] = [[] for _ in range(count)]
+    for i, part in enumerate(parts):
+        members[part].append(nodes[i])
+    if not all(members):  # a partitioner that left a part empty: do not trust it
+        return _blocks(nodes, count)
+    members.sort(key=lambda block: index[block[0].name])
+    return tuple(WorkerSpec(f"p{j}", tuple(block)) for j, block in enumerate(members))
+
+
+def _metis(neighbours: list[list[tuple[int, int]]], count: int) -> list[int] | None:
+    """METIS's k-way partition, the most balanced (then fewest cut links) of a few
+    fixed seeds: the same topology, the same plan. None without pymetis."""
+    try:
+        import pymetis  # optional: pip install "hiocluster[graph]"
+    except ImportError:
+        return None
+    xadj, adjncy, eweights = [0], [], []
+    for row in neighbours:
+        adjncy += [b for b, _ in row]
+        eweights += [weight for _, weight in row]
+        xadj.append(len(adjncy))
+    best: tuple[int, int, list[int]] | None = None
+    for seed in range(1, 9):  # METIS's balance varies with its seed: keep the best
+        options = pymetis.Options(seed=seed)
+        if hasattr(pymetis, "CSRAdjacency"):  # pymetis >= 2025.2
+            cut, parts = pymetis.part_graph(count, pymetis.CSRAdjacency(xadj, adjncy),
+                                            eweights=eweights, options=options)
+        else:
+            cut, parts = pymetis.part_graph(count, xadj=xadj, adjncy=adjncy,
+                                            eweights=eweights, options=options)
+        score = (max(parts.count(part) for part in range(count)), cut, list(parts))
+        if best is None or score[:2] < best[:2]:
+            best = score
+    return best[2] if best is not None else None
+
+
+def _grow(neighbours: list[list[tuple[int, int]]], count: int) -> list[int]:
+    """Without METIS, greedy graph growing: each part starts at the unplaced node
+    with the fewest unplaced neighbours (a corner of what is left) and takes, one
+    at a time, the unplaced node with the most link weight into the part (ties:
+    the fewest unplaced neighbours, then the file's order), until it has its
+    share: compact regions, so few links between them."""
+    n = len(neighbours)
+    parts = [-1] * n
+    free = [len(row) for row in neighbours]  # unplaced neighbours of each node
+    for part in range(count):
+        size = n * (part + 1) // count - n * part // count
+        gain: dict[int, int] = {}
+        heap: list[tuple[int, int, int]] = []
+        for _ in range(size):
+            while heap and (parts[heap[0][2]] >= 0 or -heap[0][0] != gain.get(heap[0][2])):
+                heapq.heappop(heap)  # stale entries
+            if heap:
+                node = heapq.heappop(heap)[2]
+            else:  # a new region: a corner of what is left
+                node = min((i for i in range(n) if parts[i] < 0), key=lambda i: (free[i], i))
+            parts[node] = part
+            gain.pop(node, None)
+            for other, weight in neighbours[node]:
+                free[other] -= 1
+                if parts[other] < 0:
+                    gain[other] = gain.get(other, 0) + weight
+                    heapq.heappush(heap, (-gain[other], free[other], other))
+    return parts
 
 
 def _blocks(nodes: tuple[NodeSpec, ...], count: int) -> tuple[WorkerSpec, ...]:

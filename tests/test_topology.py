@@ -11,7 +11,8 @@ import pytest
 from hypothesis import given, strategies as st
 
 from hiocluster.errors import TopologyError
-from hiocluster.topology import LinkSpec, NodeSpec, load, loads, plan, resolve_classes
+from hiocluster.topology import (LinkSpec, NodeSpec, Plan, Topology, load, loads, plan,
+                                 resolve_classes)
 
 AB = '[nodes.a]\nclass = "m:A"\n[nodes.b]\nclass = "m:B"\n'
 LP = '[nodes.lp]\nclass = "m:A"\ncount = 3\n'
@@ -270,3 +271,48 @@ def test_resolve_classes_rejects_missing_box(app: str) -> None:
     assert info.value.key_path == "links[0].to" and info.value.line == 7
     assert info.value.message == (
         "node 'b' (topo_app_mod:Ring) has no inbox 'inn'; it has: in")
+
+
+def _grid(side: int, torus: bool = False) -> str:
+    """A side x side grid of nodes, each linked both ways to its 4 neighbours."""
+    lines = ['[nodes.t]', 'class = "m:A"', f"count = {side * side}"]
+    width = len(str(side * side - 1))
+    for r in range(side):
+        for c in range(side):
+            for dr, dc in ((0, 1), (1, 0), (0, -1), (-1, 0)):
+                rr, cc = r + dr, c + dc
+                if torus:
+                    rr, cc = rr % side, cc % side
+                elif not (0 <= rr < side and 0 <= cc < side):
+                    continue
+                lines += ["[[links]]", f'from = "t{r * side + c:0{width}d}.out"',
+                          f'to = "t{rr * side + cc:0{width}d}.in"']
+    return "\n".join(lines) + "\n"
+
+
+def _bands(top: Topology, count: int) -> int:
+    """Links between workers when the file's order is cut into ``count`` blocks."""
+    from hiocluster.topology import _blocks
+    return Plan(_blocks(top.nodes, count)).crossing(top.links)
+
+
+def test_processes_split_the_link_graph_into_blocks_not_bands() -> None:
+    grid = loads(_grid(8))
+    layout = plan(grid, 4)
+    assert sorted(len(worker.nodes) for worker in layout.workers) == [16, 16, 16, 16]
+    assert layout.crossing(grid.links) == 32 < _bands(grid, 4) == 48  # 4 quadrants
+    assert plan(grid, 4) == layout  # deterministic
+    torus = loads(_grid(8, torus=True))
+    assert plan(torus, 4).crossing(torus.links) <= _bands(torus, 4)
+    assert plan(torus, 16).crossing(torus.links) < _bands(torus, 16)
+
+
+def test_without_pymetis_regions_are_grown(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+    monkeypatch.setitem(sys.modules, "pymetis", None)  # import pymetis: ImportError
+    grid = loads(_grid(8))
+    layout = plan(grid, 4)
+    assert sorted(len(worker.nodes) for worker in layout.workers) == [16, 16, 16, 16]
+    assert layout.crossing(grid.links) <= _bands(grid, 4)  # plain: no better than bands
+    assert plan(grid, 4) == layout
+    assert layout.workers[0].node_names[0] == "t00"
