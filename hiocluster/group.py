@@ -75,8 +75,8 @@ class ParentLink(Doer):
     def enter(self) -> None:
         group, options = self.group, self.group.options
         assert group.context is not None
-        self.dealer = group.context.control_dealer(options.connect, options.credentials.server)
-        self.monitor = group.context.monitor(self.dealer)
+        self.dealer, self.monitor = group.context.monitored_dealer(
+            options.connect, options.credentials.server)
         group.loop.poller.register(self.dealer)
         group.loop.poller.register(self.monitor)
 

@@ -34,6 +34,7 @@ import msgpack
 from hio.base.doing import DoDoer
 
 from .errors import LinkFull
+from .protocol import arrays
 
 __all__ = ["Node", "Inbox", "Outbox", "Link", "Clock", "derive_seed", "digest_state",
            "load_class"]
@@ -46,7 +47,7 @@ def derive_seed(run_seed: int, node_name: str) -> int:
 
 
 #: msgpack's packer for digests: one, reused (it resets itself after every pack)
-pack_state = msgpack.Packer(use_bin_type=True).pack
+pack_state = msgpack.Packer(use_bin_type=True, default=arrays.default).pack
 
 
 def digest_state(state: Any) -> bytes:

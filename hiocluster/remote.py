@@ -94,8 +94,8 @@ class AgentLink(Doer):
 
     def enter(self) -> None:
         context, poller = self.supervisor.context, self.supervisor.loop.poller
-        self.socket = context.control_dealer(self.host.agent, self.agent_key)
-        self.monitor = context.monitor(self.socket, refusals=True)
+        self.socket, self.monitor = context.monitored_dealer(self.host.agent, self.agent_key,
+                                                             refusals=True)
         poller.register(self.socket)
         poller.register(self.monitor)
 

@@ -125,9 +125,9 @@ class Replica:
         handlers = {signum: signal.signal(signum, self._signalled)
                     for signum in (signal.SIGTERM, signal.SIGINT)}
         try:
-            self.control = self.context.control_dealer(
+            self.control, monitor = self.context.monitored_dealer(
                 options.connect, options.credentials.server, identity=options.key.encode())
-            watchdog = Watchdog(self.context.monitor(self.control), CONNECT_TIMEOUT,
+            watchdog = Watchdog(monitor, CONNECT_TIMEOUT,
                                 lambda: 0.0, idle_check=IDLE_WAIT_S, parent=options.parent)
             watchdog.start()
             try:
@@ -257,8 +257,9 @@ def standby(options: ReplicaOptions) -> ReplicaOptions | int:
     context = Context(owner=f"spare {options.key}")
     watchdog = None
     try:
-        control = context.control_dealer(options.connect, identity=options.key.encode())
-        watchdog = Watchdog(context.monitor(control), CONNECT_TIMEOUT, lambda: 0.0,
+        control, monitor = context.monitored_dealer(options.connect,
+                                                    identity=options.key.encode())
+        watchdog = Watchdog(monitor, CONNECT_TIMEOUT, lambda: 0.0,
                             idle_check=IDLE_WAIT_S, parent=options.parent)
         watchdog.start()
         control.send(proto.encode(proto.Standby(service=options.spec.name,

@@ -117,6 +117,7 @@ class ChildDoer(Doer):
         self.escalate: list[tuple[float, str]] = []   # (when, "terminate" | "kill")
         self.forgot = False  # its sentinel is no longer polled
         self.settle: float | None = None  # exited without its BYE: wait for frames until
+        self.killed_at: float | None = None  # when SIGKILL was sent (or asked of an agent)
 
     def enter(self) -> None:
         if not self.external:
@@ -135,7 +136,16 @@ class ChildDoer(Doer):
             code = handle.exitcode()
             if code is None:
                 while self.escalate and self.escalate[0][0] <= now:
-                    getattr(handle, self.escalate.pop(0)[1])()
+                    step = self.escalate.pop(0)[1]
+                    getattr(handle, step)()
+                    if step == "kill":
+                        self.killed_at = now
+                if self.killed_at is not None and now - self.killed_at > \
+                        self.supervisor.kill_grace and hasattr(handle, "lost"):
+                    # a process on another host whose agent never answers: do not
+                    # wait for it for ever
+                    handle.lost(f"no word from its host {self.supervisor.kill_grace:g} s "
+                                "after SIGKILL was asked for")
                 return False
             if core.awaits_word(self.name):
                 # Its last frames can still be on their way (the kernel, then

@@ -31,7 +31,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import zmq
 import zmq.auth
@@ -331,16 +331,33 @@ class Context:
         return self._bound_router(address, MAX_CONTROL_FRAME * HARD_LIMIT_FACTOR)
 
     def control_dealer(self, address: str, server_key: str | None = None, *,
-                       identity: bytes | None = None) -> zmq.Socket:
+                       identity: bytes | None = None,
+                       before: Callable[[zmq.Socket], None] | None = None) -> zmq.Socket:
         """A worker's control socket, connected to its supervisor (whose CURVE public
-        key is ``server_key`` on tcp); ``identity``: its routing id there."""
+        key is ``server_key`` on tcp); ``identity``: its routing id there;
+        ``before``: called with the socket before it connects (to attach a monitor
+        that must not miss the first handshake)."""
         sock = self._socket(zmq.DEALER, limit=MAX_SETUP_FRAME)
         if identity is not None:
             sock.setsockopt(zmq.ROUTING_ID, identity)
+        if before is not None:
+            before(sock)
         sock.setsockopt(zmq.SNDHWM, 0)
         sock.setsockopt(zmq.RCVHWM, 0)
         self._client(sock, address, server_key)
         return _attach(sock, address, "connect")
+
+    def monitored_dealer(self, address: str, server_key: str | None = None, *,
+                         identity: bytes | None = None,
+                         refusals: bool = False) -> tuple[zmq.Socket, zmq.Socket]:
+        """A control socket as :meth:`control_dealer` makes it, and its monitor
+        (:meth:`monitor`), attached before it connects: the first handshake (or
+        refusal) is never missed."""
+        made: list[zmq.Socket] = []
+        sock = self.control_dealer(address, server_key, identity=identity,
+                                   before=lambda sock: made.append(
+                                       self.monitor(sock, refusals=refusals)))
+        return sock, made[0]
 
     def data_router(self, address: str) -> zmq.Socket:
         """A worker's data inbox, bound at ``address`` (``tcp://host:*`` picks a port)."""

@@ -103,12 +103,12 @@ class Worker:
         self.context = Context(credentials.keys, owner=f"worker {self.name}")
         self.watchdog: Watchdog | None = None
         try:
-            self.control = self.context.control_dealer(self.options.connect,
-                                                       credentials.server)
+            self.control, monitor = self.context.monitored_dealer(self.options.connect,
+                                                                  credentials.server)
             self.peers = PeerSockets(self.context, self.options.bind or default_bind(
                 self.options.connect, self.name), self.name, credentials.token)
             self.poller = Poller([self.control, self.peers.socket])
-            self.watchdog = Watchdog(self.context.monitor(self.control), START_TIMEOUT,
+            self.watchdog = Watchdog(monitor, START_TIMEOUT,
                                      lambda: self.host.busy_since if self.host else 0.0)
             self.watchdog.start()
             return self._run()

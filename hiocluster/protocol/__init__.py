@@ -10,6 +10,7 @@ The wire format is specified in docs/protocol.md; keep the two in step.
 ``frames``     encode and decode: bytes ⇄ messages, bounded and validated
 ``machines``   the two ends of a control connection as transition tables
 ``versions``   what a run's digests depend on (checked at HELLO)
+``arrays``     numpy arrays as msgpack ext type 1 (payloads, results, states)
 =============  ==============================================================
 
 Imports: stdlib, msgpack and hiocluster.errors only.

@@ -16,6 +16,7 @@ from typing import Any
 import msgpack
 
 from ..errors import FrameError
+from . import arrays
 from .fields import MAX_ARRAY, MAX_CONTROL_FRAME, MAX_DATA_FRAME, MAX_MAP, MAX_STR, short
 from .messages import MESSAGE_TYPES, Data, Message
 
@@ -25,7 +26,8 @@ __all__ = ["VERSION", "encode", "decode", "decode_data", "reload_data", "from_bo
 #: The protocol version every frame carries; a peer speaking another is refused.
 VERSION = 2
 
-_pack = msgpack.Packer(use_bin_type=True).pack  # resets itself after every pack
+# resets itself after every pack; arrays become ext type 1 (see arrays)
+_pack = msgpack.Packer(use_bin_type=True, default=arrays.default).pack
 
 
 def encode(message: Message) -> bytes:
@@ -52,10 +54,12 @@ def _unpack(data: bytes, limit: int, payloads: bool = False) -> Any:
         if payloads:  # user payloads: any string length, int map keys, as packb allows
             return msgpack.unpackb(data, raw=False, strict_map_key=False, use_list=True,
                                    max_str_len=limit, max_bin_len=limit,
-                                   max_array_len=MAX_ARRAY, max_map_len=MAX_MAP, max_ext_len=0)
+                                   max_array_len=MAX_ARRAY, max_map_len=MAX_MAP,
+                                   max_ext_len=limit, ext_hook=arrays.ext_hook)
         return msgpack.unpackb(data, raw=False, strict_map_key=True, use_list=True,
                                max_str_len=MAX_STR, max_bin_len=limit, max_array_len=MAX_ARRAY,
-                               max_map_len=MAX_MAP, max_ext_len=0)
+                               max_map_len=MAX_MAP, max_ext_len=limit,
+                               ext_hook=arrays.ext_hook)
     except msgpack.ExtraData as exc:
         raise FrameError("trailing bytes after the frame", field="frame",
                          code="bad-msgpack") from exc
@@ -118,7 +122,7 @@ def check_control_value(value: Any) -> None:
     (msgpack-able, string map keys, strings up to MAX_STR): what a node's
     ``result()`` may be."""
     try:
-        data = msgpack.packb(value, use_bin_type=True)
+        data = msgpack.packb(value, use_bin_type=True, default=arrays.default)
     except (TypeError, ValueError, OverflowError) as exc:
         raise FrameError(f"not msgpack-able: {exc}", field="value", code="unpackable") from exc
     _unpack(data, MAX_CONTROL_FRAME)
