@@ -135,7 +135,7 @@ class RunFailed(ClusterError):
         at = f"tick {self.tick}" if self.tick is not None else "start-up"
         nodes = ", ".join(self.nodes) or "-"
         text = f"worker {self.worker} (node {nodes}) failed at {at}: {self.cause}"
-        if self.detail:
+        if self.detail and self.detail.strip() != self.cause.strip():
             text += "\n" + self.detail.rstrip()
         return text
 

@@ -15,14 +15,18 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import math
+import os
+import sys
 import time
 import traceback
 from collections import Counter, deque
 from typing import Any, Iterator
 
+import hio
 from hio.base.doing import Doist
 
 from . import protocol as proto
+from .protocol.fields import short
 from .errors import ClusterError, FrameError
 from .node import Clock, Node, load_class, pack_state
 
@@ -30,14 +34,24 @@ __all__ = ["NodeHost", "NodeFailed", "TickOverrun", "Terminated", "blame", "tail
            "TRACEBACK_LINES"]
 
 #: Traceback lines sent up with a node failure.
-TRACEBACK_LINES = 12
+TRACEBACK_LINES = 12        # (kept for callers of tail(): frames now, not lines)
+#: Most frames of the user's code shown in a failure's traceback.
+TRACEBACK_FRAMES = 8
+#: Longest exception message kept whole (the rest is counted, not shown).
+MAX_MESSAGE = 2000
+#: Where hiocluster's and hio's own frames live: left out of a user's traceback.
+_INTERNAL = tuple(os.path.dirname(module.__file__) + os.sep
+                  for module in (sys.modules[__name__.rpartition(".")[0]], hio))
 
 
 class NodeFailed(ClusterError):
     """A node's own code raised (or produced something unsendable)."""
 
-    def __init__(self, node: str, tick: int, detail: str, code: str = "node-error") -> None:
+    def __init__(self, node: str, tick: int, detail: str, code: str = "node-error",
+                 cause: str | None = None) -> None:
         self.node, self.tick, self.detail, self.code = node, tick, detail, code
+        #: one line, what a run's summary says (``detail`` has the rest)
+        self.cause = cause or detail
         super().__init__(f"node {node} failed at tick {tick}")
 
 
@@ -107,7 +121,7 @@ class NodeHost:
         except BaseException as exc:  # SystemExit from a node is the node's failure too
             name: str = getattr(exc, "hiocluster_node", "?")
             code = "tick-timeout" if isinstance(exc, TickOverrun) else "node-error"
-            raise NodeFailed(name, tick, tail(traceback.format_exc()), code) from exc
+            raise NodeFailed(name, tick, explain(exc), code, headline(exc)) from exc
         finally:
             self.busy_since = 0.0
 
@@ -121,10 +135,16 @@ class NodeHost:
         except Terminated:
             raise
         except BaseException:
-            detail = tail(traceback.format_exc())
+            detail = explain()
         for name, state in self._states:  # which node was it? run them one by one
-            with blame(name.decode(), self.tick):
-                pack_state(state())
+            with blame(name.decode(), self.tick, "state()"):
+                value = state()
+            try:
+                pack_state(value)
+            except (TypeError, ValueError, OverflowError) as exc:
+                raise NodeFailed(name.decode(), self.tick, (
+                    f"state() returned {short(value)} (a {type(value).__name__}), "
+                    f"which cannot be digested: {exc}")) from None
         raise NodeFailed("?", self.tick, detail)  # a state() that failed only once
 
     def exit(self) -> list[tuple[str, str]]:
@@ -144,7 +164,7 @@ class NodeHost:
             except Terminated:
                 raise
             except BaseException:
-                failures.append((deed[2].name, tail(traceback.format_exc())))
+                failures.append((deed[2].name, explain()))
         return failures
 
     def metrics(self) -> tuple[dict[str, int], dict[str, dict[str, Any]], dict[str, str]]:
@@ -203,17 +223,44 @@ class NodeHost:
 
 
 @contextlib.contextmanager
-def blame(node: str, tick: int) -> Iterator[None]:
-    """Turn anything a node's own code raises into NodeFailed naming that node."""
+def blame(node: str, tick: int, what: str = "") -> Iterator[None]:
+    """Turn anything a node's own code raises into NodeFailed naming that node (and,
+    with ``what``, the hook that raised: ``state()``)."""
     try:
         yield
     except (NodeFailed, Terminated):
         raise
-    except BaseException:
-        raise NodeFailed(node, tick, tail(traceback.format_exc())) from None
+    except BaseException as exc:
+        detail, cause = explain(), headline(exc)
+        if what:
+            detail, cause = f"{what} raised\n{detail}", f"{what} raised {cause}"
+        raise NodeFailed(node, tick, detail, cause=cause) from None
+
+
+def explain(exc: BaseException | None = None) -> str:
+    """The exception being handled (or ``exc``), for a user: the frames of their
+    own code (hiocluster's and hio's left out, at most TRACEBACK_FRAMES, whole),
+    then the exception's type and message (cut after MAX_MESSAGE characters)."""
+    exc = exc if exc is not None else sys.exc_info()[1]
+    assert exc is not None
+    summary = traceback.TracebackException.from_exception(exc)
+    frames = [frame for frame in summary.stack
+              if not frame.filename.startswith(_INTERNAL)] or list(summary.stack)[-1:]
+    lines = traceback.StackSummary.from_list(frames[-TRACEBACK_FRAMES:]).format()
+    message = "".join(summary.format_exception_only()).rstrip()
+    if len(message) > MAX_MESSAGE:
+        message = f"{message[:MAX_MESSAGE]}... ({len(message) - MAX_MESSAGE} more characters)"
+    head = "Traceback (most recent call last; hiocluster's and hio's frames left out):\n"
+    return (head + "".join(lines) if lines else "") + message
+
+
+def headline(exc: BaseException) -> str:
+    """``Type: the first line of the message``, cut after 300 characters."""
+    line = "".join(traceback.format_exception_only(exc)).strip().splitlines()[0]
+    return line if len(line) <= 300 else line[:300] + "..."
 
 
 def tail(text: str, lines: int = TRACEBACK_LINES) -> str:
-    """The last ``lines`` lines of a traceback."""
+    """The last ``lines`` lines of a traceback text."""
     return "\n".join(text.rstrip().splitlines()[-lines:])
 

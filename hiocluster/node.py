@@ -321,7 +321,9 @@ def load_class(path: str, app_dir: str | None = None, base: type | None = None) 
         target: Any = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
         if exc.name and (module_name + ".").startswith(exc.name + "."):
-            raise ImportError(f"module {module_name!r} not found") from exc
+            raise ImportError(f"module {module_name!r} not found (looked in the app dir "
+                              f"{directory} and on sys.path; where is it? pass --app-dir "
+                              "DIR)") from exc
         raise ImportError(f"importing {module_name!r} failed: {type(exc).__name__}: {exc}") \
             from exc
     except Exception as exc:  # the user's module raised while importing: say so

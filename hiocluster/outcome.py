@@ -154,7 +154,8 @@ def worker_failure(book: WorkerBook, message: proto.Error, nodes_of: Callable[[s
                          cause=f"sent {book.name} an invalid DATA frame: {message.field}: "
                                f"{message.detail}")
     if message.code == "node-error":
-        cause = message.detail.strip().splitlines()[-1] if message.detail else "error"
+        cause = message.cause or (message.detail.strip().splitlines()[-1] if message.detail
+                                  else "error")
         return NodeError(worker=book.name, nodes=nodes, tick=tick, cause=cause,
                          detail=message.detail)
     if message.code == "tick-timeout":

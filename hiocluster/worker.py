@@ -27,14 +27,13 @@ import os
 import signal
 import sys
 import time
-import traceback
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
 from . import protocol as proto
 from .errors import FrameError, ProtocolError, RemoteProtocolError
 from .exchange import Exchange, Unsendable
-from .host import NodeFailed, NodeHost, Terminated, TickOverrun, tail
+from .host import NodeFailed, NodeHost, Terminated, TickOverrun, explain
 from .launch import TickRegister
 from .peers import DataFault, PeerSockets
 from .transport import NOBLOCK, RUN_SOCKETS, Again, Context, Credentials, Poller, ipc_path
@@ -120,7 +119,7 @@ class Worker:
             return self._fail("terminated", f"by {signal.Signals(signum).name}",
                               code_out=128 + signum)
         except NodeFailed as exc:
-            return self._fail(exc.code, exc.detail, node=exc.node)
+            return self._fail(exc.code, exc.detail, node=exc.node, cause=exc.cause)
         except Unsendable as exc:
             return self._fail("node-error", exc.detail, node=exc.node)
         except DataFault as exc:
@@ -129,7 +128,7 @@ class Worker:
         except (FrameError, ProtocolError) as exc:
             return self._fail(exc.code, str(exc), field=exc.field)
         except Exception:
-            return self._fail("worker-error", tail(traceback.format_exc()))
+            return self._fail("worker-error", explain())
 
     def _run(self) -> int:
         assert self.peers is not None
@@ -176,7 +175,8 @@ class Worker:
         return 0
 
     def _fail(self, code: str, detail: str, *, node: str | None = None, field: str = "",
-              peer: str | None = None, code_out: int = 1, tell: bool = True) -> int:
+              peer: str | None = None, code_out: int = 1, tell: bool = True,
+              cause: str | None = None) -> int:
         """Run exit contexts, tell the supervisor what happened, close, return the exit code."""
         self._stop_watching()
         try:
@@ -195,7 +195,7 @@ class Worker:
                 detail = "..." + detail[-MAX_DETAIL:]
             error = proto.Error(code=code, detail=detail, field=field, node=node, peer=peer,
                                 tick=self.host.tick if self.host and self.host.tick >= 0
-                                else None)
+                                else None, cause=cause)
             with contextlib.suppress(Exception):  # it also sees our exit code
                 self.control.send(proto.encode(error))
         self._close(clean=False, orphaned=not tell)

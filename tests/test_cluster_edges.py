@@ -164,7 +164,7 @@ def test_state_raising_is_a_node_error_naming_the_node() -> None:
     with pytest.raises(NodeError) as caught:
         run(topology({"a": "BadState", "b": "StepCounter"}, ticks=5), processes=1)
     assert caught.value.nodes == ("a",)
-    assert caught.value.cause == "ValueError: state boom"
+    assert caught.value.cause == "state() raised ValueError: state boom"
 
 
 @pytest.mark.parametrize("window", [1, 3, None])
@@ -175,7 +175,7 @@ def test_state_raising_names_node_and_tick_in_any_window(window: int | None) -> 
         run(topology({"a": "BadState", "b": "StepCounter"}, ticks=6), processes=2,
             window=window)
     assert (caught.value.worker, caught.value.nodes, caught.value.tick) == ("p0", ("a",), 2)
-    assert caught.value.cause == "ValueError: state boom"
+    assert caught.value.cause == "state() raised ValueError: state boom"
 
 
 def test_sys_exit_in_a_node_names_the_node_and_runs_sibling_exits(tmp_path: Path) -> None:
