@@ -43,6 +43,9 @@ IDLE_TYMEOUT = 60.0
 #: Seconds a connection must have been quiet before a draining server closes it:
 #: a client that just connected is sending its request, not idling.
 DRAIN_IDLE_S = 0.25
+#: The same for a connection that has not sent a byte yet (its client may be
+#: slow to send its first request, on a busy machine): it is given longer.
+DRAIN_FRESH_S = 2.0
 
 #: ``(fd, wants to write)``: what a server waits on.
 Watch = tuple[int, bool]
@@ -155,12 +158,26 @@ class _Refreshing:
 
     tymer: Any
 
+    heard = False  # the client has sent something
+
     def refresh(self) -> None:
         # Replaces hio's Remoter.refresh, whose Tymer.restart() is lossless (it
         # restarts from the previous deadline): every send or receive pushed the
         # deadline a whole tymeout further, so a busy connection could never be
         # found idle afterwards.
         self.tymer.start()
+
+    def receive(self) -> Any:
+        # Extends hio's: remembers that the client has spoken (see drain_quiet).
+        data = super().receive()  # type: ignore[misc]
+        if data:
+            self.heard = True
+        return data
+
+    @property
+    def drain_quiet(self) -> float:
+        """Seconds of quiet after which a draining server closes this connection."""
+        return DRAIN_IDLE_S if self.heard else DRAIN_FRESH_S
 
 
 class Remoter(_Refreshing, tcp_serving.Remoter):
@@ -202,7 +219,7 @@ class _Reaping:
                     ix.serviceSends()  # what is queued may still go out
                 self.removeIx(ca)  # type: ignore[attr-defined]
             elif self.draining and not ix.rxbs and not ix.txbs and \
-                    ix.tymer.elapsed >= DRAIN_IDLE_S:
+                    ix.tymer.elapsed >= ix.drain_quiet:
                 self.removeIx(ca)  # type: ignore[attr-defined]
 
     def watch(self) -> list[Watch]:
@@ -430,7 +447,7 @@ class WsgiServer(http_serving.Server):
                 continue
             if requestant.ended or not (requestant.msg or requestant.headed):
                 self.started.pop(ca, None)  # between requests: idle, by its timer
-                expired = (self.draining and ix.tymer.elapsed >= DRAIN_IDLE_S) or \
+                expired = (self.draining and ix.tymer.elapsed >= ix.drain_quiet) or \
                     (self.tymeout > 0 and ix.tymer.expired)
                 if expired and not ix.txbs and (ca not in self.reps or self.reps[ca].ended):
                     self.closeConnection(ca)

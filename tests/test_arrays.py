@@ -103,3 +103,20 @@ def test_arrays_cross_processes_as_they_cross_nothing() -> None:
             assert got["last"].dtype == np.float32 and got["last"].shape == (3, 2)
             # the last frame delivered is the neighbour's tile of the tick before
             assert np.array_equal((got["last"] * 1.5 + 1).astype("<f4"), left)
+
+
+@pytest.mark.parametrize("array", [
+    np.random.default_rng(1).random((128, 128)),
+    np.arange(5000, dtype=">i4"),
+    np.arange(40000, dtype="<f4").reshape(200, 200)[:, ::2],   # not contiguous
+    np.ones((70, 70, 3), dtype=bool),
+    np.arange(512, dtype="<c16"),
+    np.zeros(100),                                               # small: packed
+])
+def test_a_big_array_is_digested_in_place_to_the_packed_digest(array: np.ndarray) -> None:
+    import hashlib
+
+    from hiocluster.node import digest_state, pack_state
+    from hiocluster.protocol import arrays
+    assert digest_state(array) == hashlib.sha256(pack_state(array)).digest()
+    assert (arrays.digest(array) is None) == (array.nbytes < arrays.DIGEST_DIRECT_BYTES)

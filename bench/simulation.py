@@ -1,0 +1,129 @@
+"""Simulation benchmark: the heat example's cell updates/s, beside what numpy does
+alone, in the same run.
+
+Runs the 2-D heat stencil of nodes/heat.py on a grid of T x T tiles of S x S
+cells (default 4 x 4 tiles of 128 x 128, the issue's case) for N ticks:
+
+* ``numpy, one array``: :func:`nodes.heat.reference` on the whole grid;
+* ``tiles by hand``: the same tiles stepped in one process without hiocluster:
+  each tick, every tile's halo is copied from its neighbours' edges and the tile
+  updated with the same functions the nodes use;
+* ``hiocluster P=1``, ``P=2`` and one process per tile: ``hiocluster.run`` of
+  the heat topology (ticking time only: start-up is reported apart).
+
+Every figure is the best of R rounds. Printed: cell updates/s of each, the
+hiocluster runs as ratios to the hand-stepped tiles, and hiocluster's own cost
+at P=1 (its time less the hand-stepped time) per tick, per node per tick and per
+message. Target (the issue): at P=1 with 16 tiles of 128 x 128, hiocluster adds
+<= 20 % to the hand-stepped tiles.
+
+    python bench/simulation.py [--tiles 4] [--size 128] [--ticks 100] [--repeat 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import numpy as np
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+from hiocluster.build import Builder  # noqa: E402
+from hiocluster.supervisor import run  # noqa: E402
+from nodes.heat import initial, reference, shifted, update  # noqa: E402
+
+ALPHA = 0.2
+
+
+def by_hand(tiles: int, size: int, steps: int) -> float:
+    """Seconds for ``steps`` updates of every tile, halos copied by hand."""
+    fields = {(r, c): initial(size, size, r * size, c * size)
+              for r in range(tiles) for c in range(tiles)}
+    zeros = np.zeros(size)
+    started = time.perf_counter()
+    for _ in range(steps):
+        edges = {key: (u[0, :].copy(), u[-1, :].copy(), u[:, 0].copy(), u[:, -1].copy())
+                 for key, u in fields.items()}
+        new = {}
+        for (r, c), u in fields.items():
+            top = edges[(r - 1, c)][1] if r > 0 else zeros
+            bottom = edges[(r + 1, c)][0] if r < tiles - 1 else zeros
+            west = edges[(r, c - 1)][3] if c > 0 else zeros
+            east = edges[(r, c + 1)][2] if c < tiles - 1 else zeros
+            new[(r, c)] = update(u, *shifted(u, top, bottom, west, east), ALPHA)
+        fields = new
+    return time.perf_counter() - started
+
+
+def one_array(tiles: int, size: int, steps: int) -> float:
+    started = time.perf_counter()
+    reference(tiles * size, tiles * size, steps, ALPHA)
+    return time.perf_counter() - started
+
+
+def topology(tiles: int, size: int, ticks: int):
+    b = Builder("heat", ticks=ticks, seed=1)
+    b.nodes("t", "nodes.heat:Tile", count=tiles * tiles,
+            params={"size": size, "columns": tiles, "alpha": ALPHA})
+    b.grid("t", shape=(tiles, tiles))
+    return b.build()
+
+
+def hiocluster(tiles: int, size: int, ticks: int, processes: int) -> tuple[float, float, int]:
+    """(ticking seconds, start-up seconds, messages) of one run."""
+    result = run(topology(tiles, size, ticks), processes=processes, app_dir=REPO,
+                 handle_signals=False)
+    return result.seconds, result.startup_seconds, result.messages
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tiles", type=int, default=4, help="tiles per side (default 4)")
+    parser.add_argument("--size", type=int, default=128, help="cells per tile side")
+    parser.add_argument("--ticks", type=int, default=100)
+    parser.add_argument("--repeat", type=int, default=3)
+    args = parser.parse_args()
+    tiles, size, ticks = args.tiles, args.size, args.ticks
+    steps, nodes = ticks - 1, tiles * tiles
+    cells = (tiles * size) ** 2
+    placements = [1, 2, nodes]
+    best: dict[str, float] = {}
+    startup: dict[int, float] = {}
+    messages = 0
+
+    def keep(name: str, seconds: float) -> None:
+        best[name] = min(best.get(name, seconds), seconds)
+
+    for round_ in range(args.repeat):  # interleaved, so drift hits every figure alike
+        print(f"# round {round_ + 1}/{args.repeat}", file=sys.stderr, flush=True)
+        keep("numpy, one array", one_array(tiles, size, steps))
+        keep("tiles by hand", by_hand(tiles, size, steps))
+        for processes in placements:
+            seconds, start, messages = hiocluster(tiles, size, ticks, processes)
+            keep(f"hiocluster P={processes}", seconds)
+            startup[processes] = min(startup.get(processes, start), start)
+
+    print(f"# hiocluster simulation benchmark: {os.cpu_count()} cpus, {tiles}x{tiles} "
+          f"tiles of {size}x{size} ({cells:,} cells), {ticks} ticks ({steps} updates), "
+          f"best of {args.repeat}")
+    hand = best["tiles by hand"]
+    for name, seconds in best.items():
+        rate = cells * steps / seconds
+        ratio = f"  {hand / seconds:.2f}x tiles by hand" if name.startswith("hio") else ""
+        print(f"{name:<18} {rate / 1e6:8.1f} M cell updates/s ({seconds:.3f} s){ratio}")
+    print("start-up: " + ", ".join(f"P={p} {s:.2f} s" for p, s in startup.items()))
+    own = best["hiocluster P=1"] - hand
+    print(f"hiocluster's own cost at P=1: {own / ticks * 1e3:.3f} ms per tick, "
+          f"{own / ticks / nodes * 1e6:.1f} us per node per tick, "
+          f"{own / max(1, messages) * 1e6:.1f} us per message ({messages:,} messages)")
+    added = best["hiocluster P=1"] / hand - 1
+    verdict = "met" if added <= 0.20 else "MISSED"
+    print(f"targets: P=1 adds <= 20% to the tiles by hand: {verdict} ({added:+.1%})")
+
+
+if __name__ == "__main__":
+    main()
