@@ -147,6 +147,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="print one JSON object on stdout instead of the summary")
     run.add_argument("--digests", action="store_true",
                      help="with --json, include every tick's run digest")
+    run.add_argument("--trace", metavar="FILE",
+                     help="record where each tick's time goes and write it to FILE as "
+                          "Chrome Trace Event JSON (Perfetto, chrome://tracing); the "
+                          "summary names the slowest process and node")
     run.add_argument("--output", metavar="FILE",
                      help="after a finished run, write one JSON line per node to FILE: "
                           "its result() and its metrics")
@@ -237,6 +241,15 @@ def build_parser() -> argparse.ArgumentParser:
                          help="which replica this is")
     _app_dir(replica)
 
+    report = commands.add_parser(
+        "report", help="summarise a trace written by run --trace",
+        description="Print where a traced run's ticks went (per process: tick time p50 "
+                    "and p99, time waiting for neighbours; the slowest process and "
+                    "node) and, with --png, draw ticks/s over time and each process's "
+                    "time running vs waiting (needs matplotlib).")
+    report.add_argument("trace", metavar="TRACE", help="a file written by run --trace")
+    report.add_argument("--png", metavar="FILE", help="also write this picture")
+
     status = commands.add_parser(
         "status", help="show a running run's services and simulation",
         description="Show a running run: each service's replicas (pid, state, restarts, "
@@ -324,6 +337,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _agent(args)
     if args.command == "replica":
         return _replica(parser, args)
+    if args.command == "report":
+        return _report(args)
     if args.command in ("status", "scale", "restart", "stop"):
         from .control import control_main
         return control_main(args)
@@ -412,7 +427,8 @@ def _run(args: argparse.Namespace) -> int:
                          window=args.window, on_tick=on_tick, keep_digests=args.digests,
                          transport=args.transport, listen=args.listen, keys=args.keys,
                          external=args.external, on_listening=announce,
-                         prefixer=Prefixer(prefix=not args.no_prefix))
+                         prefixer=Prefixer(prefix=not args.no_prefix),
+                         trace=bool(args.trace))
         except Interrupted as exc:
             print(f"hiocluster: {exc}; every process was shut down", file=sys.stderr)
             _json_error(args, exc, {"signal": exc.signal})
@@ -424,6 +440,14 @@ def _run(args: argparse.Namespace) -> int:
             raise
         except ClusterError as exc:
             return _failed(args, exc, {})
+    if args.trace:
+        from .trace import chrome
+        try:
+            with open(args.trace, "w", encoding="utf-8") as file:
+                json.dump(chrome(result.trace), file)
+        except OSError as exc:
+            print(f"hiocluster: cannot write --trace {args.trace}: {exc}", file=sys.stderr)
+            return EXIT_FAILED
     if args.output:
         try:
             with open(args.output, "w", encoding="utf-8") as file:
@@ -436,6 +460,9 @@ def _run(args: argparse.Namespace) -> int:
         print(json.dumps(result.to_json(), default=_jsonable))
     else:
         print(summary(result))
+        if result.trace:
+            from .trace import lines
+            print("\n".join(lines(result.trace)))
         if result.services:
             print(services_summary(result.services))
     return EXIT_OK
@@ -536,6 +563,26 @@ def services_summary(rows: list[dict[str, Any]]) -> str:
     """One line per service, after a run."""
     return "\n".join(f"{row['service']}: stopped; {row['served']} served, "
                      f"{row['restarts']} restarts" for row in rows)
+
+
+def _report(args: argparse.Namespace) -> int:
+    from .trace import lines, load, plot
+
+    try:
+        trace = load(args.trace)
+    except ValueError as exc:
+        print(f"hiocluster: report: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    print("\n".join(lines(trace)))
+    if args.png:
+        try:
+            plot(trace, args.png)
+        except ImportError:
+            print("hiocluster: report: --png needs matplotlib (pip install matplotlib)",
+                  file=sys.stderr)
+            return EXIT_FAILED
+        print(f"wrote {args.png}")
+    return EXIT_OK
 
 
 def _replica(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:

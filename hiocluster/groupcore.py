@@ -241,10 +241,12 @@ class GroupCore(Supervision):
         results: dict[str, Any] = {}
         per_node: dict[str, dict[str, Any]] = {}
         kinds: dict[str, str] = {}
+        trace: dict[str, list[Any]] = {}
         for book in self.books.values():
             bye = book.bye
             assert bye is not None
             results.update(bye.results)
+            trace.update(bye.trace)
             per_node.update(bye.node_metrics)
             kinds.update(bye.kinds)
             for name, value in bye.stats.items():
@@ -256,7 +258,7 @@ class GroupCore(Supervision):
                 if peer not in self.owner:
                     received[peer] = max(received.get(peer, 0), count)
         self._up(proto.Bye(stats=stats, metrics=metrics, received=received, results=results,
-                           node_metrics=per_node, kinds=kinds))
+                           node_metrics=per_node, kinds=kinds, trace=trace))
 
     # -- failing ------------------------------------------------------------------
     def fail(self, error: ClusterError, now: float, *, tell: bool = True) -> None:

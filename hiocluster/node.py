@@ -25,6 +25,7 @@ import importlib
 import os
 import random
 import sys
+import time
 from collections import Counter, deque
 from itertools import repeat
 from operator import itemgetter
@@ -60,10 +61,12 @@ class Clock:
     """The lockstep tick, shared by every node of a worker: one store per tick, not
     one per node."""
 
-    __slots__ = ("tick",)
+    __slots__ = ("tick", "spans")
 
     def __init__(self) -> None:
         self.tick = -1
+        #: with --trace, [node, start, end] (wall seconds) of every step of this tick
+        self.spans: list[list[Any]] | None = None
 
 
 class Link:
@@ -285,10 +288,14 @@ class Node(DoDoer):
 
         Returns False: a node lives as long as the run.
         """
+        spans = self.clock.spans
+        began = time.time() if spans is not None else 0.0
         try:
             self.step()
             if self.deeds:
                 super().recur(tyme, deeds)
+            if spans is not None:  # --trace: when this node stepped
+                spans.append([self.name, began, time.time()])
         except BaseException as exc:
             if not hasattr(exc, "hiocluster_node"):
                 exc.hiocluster_node = self.name  # type: ignore[attr-defined]

@@ -54,6 +54,8 @@ class RunResult:
     node_metrics: dict[str, dict[str, Any]] = field(default_factory=dict)
     #: the kind of every metric that is not a counter ("gauge", "duration")
     metric_kinds: dict[str, str] = field(default_factory=dict)
+    #: with trace=True: each worker's rows, one per tick (see hiocluster.trace)
+    trace: dict[str, list[Any]] = field(default_factory=dict)
 
     @property
     def ticks_per_second(self) -> float:
@@ -63,7 +65,7 @@ class RunResult:
         data = {("nodes" if key == "node_count" else key): value
                 for key, value in self.__dict__.items()
                 if key not in ("tick_digests", "services", "nodes", "node_metrics",
-                               "metric_kinds")}
+                               "metric_kinds", "trace")}
         data["ticks_per_second"] = round(self.ticks_per_second, 1)
         data["seconds"] = round(self.seconds, 6)
         data["startup_seconds"] = round(self.startup_seconds, 6)
@@ -100,6 +102,7 @@ def result_of(topology: Topology, books: Iterable[WorkerBook], chain: DigestChai
     metrics: dict[str, int] = {}
     books = list(books)
     results: dict[str, Any] = {}
+    traces: dict[str, list[Any]] = {}
     per_node: dict[str, dict[str, Any]] = {}
     kinds: dict[str, str] = {}
     for book in books:
@@ -109,6 +112,7 @@ def result_of(topology: Topology, books: Iterable[WorkerBook], chain: DigestChai
         for name, value in book.bye.metrics.items():
             metrics[name] = metrics.get(name, 0) + value
         results.update(book.bye.results)
+        traces.update(book.bye.trace)
         per_node.update(book.bye.node_metrics)
         kinds.update(book.bye.kinds)
     late = max(book.bye.stats.get("late", 0) for book in books)  # type: ignore[union-attr]
@@ -122,7 +126,8 @@ def result_of(topology: Topology, books: Iterable[WorkerBook], chain: DigestChai
         window=str(sizer.size) if sizer.fixed else "auto", real=topology.real,
         late_ticks=late, metrics=dict(sorted(metrics.items())),
         tick_digests=chain.tick_digests, nodes=dict(sorted(results.items())),
-        node_metrics=dict(sorted(per_node.items())), metric_kinds=dict(sorted(kinds.items())))
+        node_metrics=dict(sorted(per_node.items())), metric_kinds=dict(sorted(kinds.items())),
+        trace=dict(sorted(traces.items())))
 
 
 KINDS: dict[str, type[RunFailed]] = {

@@ -169,7 +169,8 @@ def neighbours(topology: Topology, plan: Plan) -> dict[str, set[str]]:
 
 
 def setups(topology: Topology, plan: Plan, addresses: Mapping[str, str],
-           keys: Mapping[str, str] | None = None) -> dict[str, proto.Setup]:
+           keys: Mapping[str, str] | None = None, trace: bool = False
+           ) -> dict[str, proto.Setup]:
     """One SETUP per worker: its nodes, the links touching them, its neighbours'
     data ``addresses`` and, with ``keys`` (every worker's CURVE public key), theirs."""
     worker_of = plan.node_to_worker
@@ -191,5 +192,5 @@ def setups(topology: Topology, plan: Plan, addresses: Mapping[str, str],
             nodes=[[node.name, node.cls, node.params, node.index, node.count]
                    for node in spec.nodes],
             links=rows[spec.name], peers=peers,
-            keys={peer: keys[peer] for peer in peers} if keys else {})
+            keys={peer: keys[peer] for peer in peers} if keys else {}, trace=trace)
     return made

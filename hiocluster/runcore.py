@@ -324,13 +324,14 @@ class RunCore(Supervision):
                  versions: dict[str, str] | None = None,
                  keys: dict[str, str] | None = None,
                  start_timeout: float = START_TIMEOUT,
-                 stop_timeout: float = STOP_TIMEOUT) -> None:
+                 stop_timeout: float = STOP_TIMEOUT, trace: bool = False) -> None:
         members = {name: [node for leaf in plan.leaves(name)
                           for node in plan.worker(leaf).node_names] for name in plan.top}
         super().__init__(members, now=now, token=token, keep_digests=keep_digests,
                          versions=versions, tick_timeout=topology.tick_timeout,
                          start_timeout=start_timeout, stop_timeout=stop_timeout)
         self.topology, self.plan, self.keys, self.wall = topology, plan, keys, wall
+        self.trace = trace
         self.sizer = WindowSizer(window, max(self.chain.sizes.values()), topology.tock,
                                  topology.real)
         self.grouped = set(plan.groups) & set(plan.top)
@@ -354,7 +355,7 @@ class RunCore(Supervision):
         addresses = self._addresses(now)
         if addresses is None:
             return
-        made = setups(self.topology, self.plan, addresses, self.keys)
+        made = setups(self.topology, self.plan, addresses, self.keys, self.trace)
         near = neighbours(self.topology, self.plan)
         for name, book in self.books.items():
             leaves = self.plan.leaves(name)

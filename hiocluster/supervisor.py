@@ -308,8 +308,9 @@ class Supervisor(Supervising):
                  on_listening: Callable[[Supervisor], None] | None = None,
                  start_timeout: float = START_TIMEOUT, stop_timeout: float = STOP_TIMEOUT,
                  kill_grace: float = KILL_GRACE_S, keys: str | None = None,
-                 prefixer: Any = None, **kwa: Any) -> None:
+                 prefixer: Any = None, trace: bool = False, **kwa: Any) -> None:
         self.topology, self.plan = topology, plan
+        self.trace = trace
         self.app_dir = os.path.abspath(app_dir or os.getcwd())
         self.window, self.keep_digests = window, keep_digests
         self.worker_command = worker_command
@@ -472,7 +473,7 @@ class Supervisor(Supervising):
                             keys={name: pair.public for name, pair in self.worker_keys.items()},
                             window=self.window, keep_digests=self.keep_digests,
                             wall=time.time, start_timeout=self.start_timeout,
-                            stop_timeout=self.stop_timeout)
+                            stop_timeout=self.stop_timeout, trace=self.trace)
         # the launcher needs the bound address: the switchboard binds in its enter,
         # which hio runs before any child's (doers enter in order)
         self.launcher = _DeferredLauncher(self)
@@ -543,7 +544,7 @@ def run(topology: Topology, *, processes: int | None = None, app_dir: str | None
         listen: str | None = None, external: Sequence[str] = (),
         on_listening: Callable[[Supervisor], None] | None = None,
         check_classes: bool = True, keys: str | None = None, prefixer: Any = None,
-        **timeouts: float) -> RunResult:
+        trace: bool = False, **timeouts: float) -> RunResult:
     """Run ``topology`` to completion in lockstep and return its result.
 
     Args:
@@ -559,6 +560,8 @@ def run(topology: Topology, *, processes: int | None = None, app_dir: str | None
         handle_signals: on the main thread, turn SIGINT/SIGTERM into a clean stop.
         worker_command, on_ready, on_listening, transport, listen, external, keys: see
             :class:`Supervisor`.
+        trace: record where each tick's time goes (``RunResult.trace``; see
+            hiocluster.trace).
         check_classes: import the node classes here first and check every link's
             boxes exist (TopologyError naming the key); tests of the workers'
             own start-up errors turn it off.
@@ -581,7 +584,7 @@ def run(topology: Topology, *, processes: int | None = None, app_dir: str | None
                             keep_digests=keep_digests, transport=transport, listen=listen,
                             external=external, worker_command=worker_command,
                             on_tick=on_tick, on_ready=on_ready, on_listening=on_listening,
-                            keys=keys, prefixer=prefixer, **timeouts)
+                            keys=keys, prefixer=prefixer, trace=trace, **timeouts)
     loop.doers = [supervisor]
     with _signals(supervisor, loop, handle_signals):
         loop.run()

@@ -49,6 +49,9 @@ START_TIMEOUT = 60.0
 FAIL_LINGER_MS = 500
 #: Longest ERROR detail sent up (well inside the protocol's string limit).
 MAX_DETAIL = 8000
+#: How many values a worker's trace may hold (--trace): it travels in its BYE, a
+#: control frame; the ticks after that are not traced.
+MAX_TRACE_VALUES = 1_000_000
 
 
 @dataclass(frozen=True)
@@ -94,6 +97,8 @@ class Worker:
         self.pacer: Pacer | None = None   # real-time runs only
         self.peers: PeerSockets | None = None
         self.register = TickRegister(options.tick_file) if options.tick_file else None
+        self.trace: list[list[Any]] | None = None  # with --trace: a row per tick
+        self.trace_room = 0
 
     # -- lifetime -------------------------------------------------------------
     def run(self) -> int:
@@ -170,7 +175,8 @@ class Worker:
         self._send(proto.Bye(stats=self._stats(), metrics=metrics,
                              received=self.exchange.received if self.exchange else {},
                              results=results, node_metrics=per_node if finished else {},
-                             kinds=kinds))
+                             kinds=kinds, trace={self.name: self.trace}
+                             if self.trace is not None and finished else {}))
         self._close(clean=True)
         return 0
 
@@ -215,6 +221,8 @@ class Worker:
     def _setup(self, setup: proto.Setup) -> None:
         if setup.real:
             self.pacer = Pacer(setup.tock)
+        if setup.trace:
+            self.trace, self.trace_room = [], MAX_TRACE_VALUES
         self.host = host = NodeHost(setup, self.options.app_dir)
         self.exchange = Exchange(self.name, host.by_name, setup.links)
         assert self.watchdog is not None and self.peers is not None
@@ -233,17 +241,32 @@ class Worker:
         records = []
         self.report_at = time.monotonic() + PROGRESS_S
         register = self.register
+        trace = self.trace
         for tick in range(self.tick + 1, grant.until + 1):
             if register is not None:
                 register.store(tick)
+            if trace is not None:
+                waited = time.time()
             if tick:
                 self._gather(tick - 1)
                 exchange.deliver(tick - 1)
             if self.pacer is not None:
                 self._pace(tick)
+            if trace is not None:
+                ran = time.time()
+                host.clock.spans = spans = []
             host.run_tick(tick)
+            if trace is not None:
+                stepped = time.time()
             peers.send(exchange.outgoing(tick))
+            if trace is not None:
+                sent = time.time()
             records.append(host.records())
+            if trace is not None and self.trace_room > 0:
+                # [tick, waiting from, running from, sending from, hashing from, done,
+                #  [[node, from, to], ...]] (wall seconds)
+                trace.append([tick, waited, ran, stepped, sent, time.time(), spans])
+                self.trace_room -= 6 + 3 * len(spans)
             self.tick = tick
             if time.monotonic() >= self.report_at:
                 self._report()

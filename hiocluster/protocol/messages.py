@@ -77,10 +77,12 @@ class Setup(Message):
     peers: dict[str, str]
     keys: dict[str, str] = field(default_factory=dict)
     leaves: dict[str, dict[str, Any]] = field(default_factory=dict)
+    trace: bool = False
     SCHEMA = {"t0": NUMBER, "tock": POSITIVE, "seed": UINT, "ticks": UINT, "real": BOOL,
               "tick_timeout": POSITIVE, "nodes": ListOf(NODE_ROW), "links": ListOf(LINK_ROW),
               "peers": MapOf(NAME, ADDRESS), "keys": MapOf(NAME, CURVE_KEY),
-              "leaves": MapOf(NAME, Check(lambda v: type(v) is dict, "a map"))}
+              "leaves": MapOf(NAME, Check(lambda v: type(v) is dict, "a map")),
+              "trace": BOOL}
 
 
 @dataclass(slots=True)
@@ -159,7 +161,9 @@ class Bye(Message):
     results: dict[str, Any] = field(default_factory=dict)
     node_metrics: dict[str, dict[str, Any]] = field(default_factory=dict)
     kinds: dict[str, str] = field(default_factory=dict)
+    trace: dict[str, list[Any]] = field(default_factory=dict)
     SCHEMA = {"stats": STATS, "metrics": STATS, "received": MapOf(NAME, UINT),
+              "trace": MapOf(NAME, ListOf(ANY)),
               "results": MapOf(NAME, ANY), "node_metrics": MapOf(NAME, MapOf(NAME, NUMBER)),
               "kinds": MapOf(NAME, Check(lambda v: v in METRIC_KINDS,
                                          f"one of {', '.join(METRIC_KINDS)}"))}
