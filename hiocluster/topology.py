@@ -22,9 +22,10 @@ import os
 import random
 import re
 import tomllib
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from hiocluster.errors import TopologyError
 
@@ -972,13 +973,16 @@ def _partition(nodes: tuple[NodeSpec, ...], links: tuple[LinkSpec, ...],
         neighbours[b].append((a, weight))
     n = len(nodes)
 
-    def score(parts: list[int]) -> tuple[int, int]:  # the largest part, then the cut
+    even = math.ceil(n / count) + n // (100 * count)  # parts within 1 % count as even
+
+    def score(parts: list[int]) -> tuple[int, int]:  # balance (to 1 %), then the cut
         cut = sum(weight for (a, b), weight in weights.items() if parts[a] != parts[b])
-        return max(parts.count(part) for part in range(count)), cut
+        return max(max(Counter(parts).values()), even), cut
 
     # the partitioner's split, unless the file's own order does as well (a chain)
-    parts = min(_metis(neighbours, count) or _grow(neighbours, count),
-                [i * count // n for i in range(n)], key=score)
+    blocks = [i * count // n for i in range(n)]
+    parts = min(_metis(neighbours, count, score(blocks), score)
+                or _grow(neighbours, count), blocks, key=score)
     members: list[list[NodeSpec]] = [[] for _ in range(count)]
     for i, part in enumerate(parts):
         members[part].append(nodes[i])
@@ -988,9 +992,11 @@ def _partition(nodes: tuple[NodeSpec, ...], links: tuple[LinkSpec, ...],
     return tuple(WorkerSpec(f"p{j}", tuple(block)) for j, block in enumerate(members))
 
 
-def _metis(neighbours: list[list[tuple[int, int]]], count: int) -> list[int] | None:
-    """METIS's k-way partition, the most balanced (then fewest cut links) of a few
-    fixed seeds: the same topology, the same plan. None without pymetis."""
+def _metis(neighbours: list[list[tuple[int, int]]], count: int, to_beat: tuple[int, int],
+           score: Callable[[list[int]], tuple[int, int]]) -> list[int] | None:
+    """METIS's k-way partition: of a few fixed seeds, the first whose ``score``
+    (balance, then links cut) beats ``to_beat`` (the file's order), else the best:
+    the same topology, the same plan. None without pymetis."""
     try:
         import pymetis  # optional: pip install "hiocluster[graph]"
     except ImportError:
@@ -1000,19 +1006,21 @@ def _metis(neighbours: list[list[tuple[int, int]]], count: int) -> list[int] | N
         adjncy += [b for b, _ in row]
         eweights += [weight for _, weight in row]
         xadj.append(len(adjncy))
-    best: tuple[int, int, list[int]] | None = None
-    for seed in range(1, 9):  # METIS's balance varies with its seed: keep the best
+    best: tuple[tuple[int, int], list[int]] | None = None
+    for seed in range(1, 9):  # METIS's balance varies with its seed
         options = pymetis.Options(seed=seed)
         if hasattr(pymetis, "CSRAdjacency"):  # pymetis >= 2025.2
-            cut, parts = pymetis.part_graph(count, pymetis.CSRAdjacency(xadj, adjncy),
-                                            eweights=eweights, options=options)
+            _, parts = pymetis.part_graph(count, pymetis.CSRAdjacency(xadj, adjncy),
+                                          eweights=eweights, options=options)
         else:
-            cut, parts = pymetis.part_graph(count, xadj=xadj, adjncy=adjncy,
-                                            eweights=eweights, options=options)
-        score = (max(parts.count(part) for part in range(count)), cut, list(parts))
-        if best is None or score[:2] < best[:2]:
-            best = score
-    return best[2] if best is not None else None
+            _, parts = pymetis.part_graph(count, xadj=xadj, adjncy=adjncy,
+                                          eweights=eweights, options=options)
+        found = (score(list(parts)), list(parts))
+        if best is None or found[0] < best[0]:
+            best = found
+        if found[0] < to_beat:
+            break  # better than the file's order: good enough
+    return best[1] if best is not None else None
 
 
 def _grow(neighbours: list[list[tuple[int, int]]], count: int) -> list[int]:
