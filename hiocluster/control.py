@@ -7,7 +7,7 @@ waits until the run got there. Exit codes as supervisorctl's: 0 ok, 3 some
 replica is not serving (status) or the run did not get there in time, 4 the
 run cannot be reached, 2 usage, 1 the run refused (e.g. no such service).
 
-Imports: protocol, transport (zmq), the stdlib.
+Imports: protocol, transport, the stdlib.
 """
 
 from __future__ import annotations
@@ -20,10 +20,9 @@ import tempfile
 import time
 from typing import Any
 
-import zmq
-
 from . import protocol as proto
 from .errors import ClusterError, FrameError
+from .transport import TransportError, request
 
 __all__ = ["Unreachable", "find_endpoint", "ask", "format_status", "control_main",
            "EXIT_NOT_RUNNING", "EXIT_UNREACHABLE"]
@@ -70,23 +69,15 @@ def ask(address: str, command: proto.Command, *, timeout: float = ANSWER_TIMEOUT
     path = address[len("ipc://"):] if address.startswith("ipc://") else None
     if path is not None and not os.path.exists(path):
         raise Unreachable(f"no run at {address} (no such socket)")
-    context = zmq.Context()
-    sock = context.socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.setsockopt(zmq.MAXMSGSIZE, proto.MAX_CONTROL_FRAME)
     try:
-        sock.connect(address)
-        sock.send(proto.encode(command))
-        if not sock.poll(timeout * 1000):
+        data = request(address, proto.encode(command), timeout, proto.MAX_CONTROL_FRAME)
+        if data is None:
             raise Unreachable(f"no answer from {address} within {timeout:g} s")
-        answer = proto.decode(sock.recv(), allowed=(proto.Answer,))
-        assert isinstance(answer, proto.Answer)
-        return answer
-    except (zmq.ZMQError, FrameError) as exc:
+        answer = proto.decode(data, allowed=(proto.Answer,))
+    except (TransportError, FrameError) as exc:
         raise Unreachable(f"cannot talk to the run at {address}: {exc}") from exc
-    finally:
-        sock.close(0)
-        context.term()
+    assert isinstance(answer, proto.Answer)
+    return answer
 
 
 def serving(status: dict[str, Any]) -> bool:

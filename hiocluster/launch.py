@@ -60,6 +60,10 @@ class ProcessHandle(Protocol):
     def kill(self) -> None:
         """Stop it now (SIGKILL)."""
 
+    def lost(self, why: str) -> None:
+        """Nothing more will be heard of it (SIGKILL was asked for long ago): count it
+        as gone, for ``why``."""
+
     def close(self) -> None:
         """Release what the handle holds (after the process ended)."""
 
@@ -157,6 +161,9 @@ class LocalProcess:
 
     def kill(self) -> None:
         self._signal(signal.SIGKILL)
+
+    def lost(self, why: str) -> None:
+        """A local SIGKILL always lands: its exit code will come."""
 
     def close(self) -> None:
         if self.sentinel is not None:

@@ -108,7 +108,7 @@ class Replica:
         self.watched: dict[int, bool] = {}
         self.last_watch: list[tuple[int, bool]] = []
         self.draining_since: float | None = None
-        self.stop_reason = ""
+        self.signalled = False  # a signal arrived: its wake-up bytes wait to be read
         self.reported = (-1, -1)
         self.report_at = 0.0
         self.done = False
@@ -189,11 +189,11 @@ class Replica:
 
     def _control(self) -> None:
         """Frames from the supervisor, LOAD when due, the end of a drain."""
-        try:
-            while self.wake[0].recv(4096):
-                pass
-        except OSError:
-            pass
+        if self.signalled:  # only then has the wake-up socket bytes to take
+            self.signalled = False
+            with contextlib.suppress(OSError):
+                while self.wake[0].recv(4096):
+                    pass
         while readable(self.control):
             data = self.control.recv(NOBLOCK)
             try:
@@ -218,11 +218,13 @@ class Replica:
 
     def _drain(self, reason: str) -> None:
         if self.draining_since is None:
-            self.draining_since, self.stop_reason = time.monotonic(), reason
+            logger.debug("%s drains: %s", self.options.key, reason)
+            self.draining_since = time.monotonic()
             self.loop.max_wait = DRAIN_WAIT_S
             self.service.drain()
 
     def _signalled(self, signum: int, frame: Any) -> None:
+        self.signalled = True
         self._drain(signal.Signals(signum).name)
 
     def _send(self, message: proto.Message) -> None:

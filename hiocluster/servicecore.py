@@ -72,7 +72,6 @@ class Replica:
     served: int = 0
     connections: int = 0
     kill_at: float | None = None       # when stopping: SIGKILL if still there
-    exitcode: int | None = None
     listeners: tuple[int, ...] = ()    # the service's listening sockets it accepts from
     retiring: bool = False             # stopped on purpose: its exit is no crash
     error: str | None = None           # what it said in an ERROR frame
@@ -155,7 +154,7 @@ class ServiceCore:
         if replica.state is ReplicaState.EXITED:
             return
         was = replica.state
-        replica.state, replica.exitcode = ReplicaState.EXITED, code
+        replica.state = ReplicaState.EXITED
         self._by_key.pop(replica.key, None)
         service = self.services[replica.service]
         service.served_gone += replica.served

@@ -141,8 +141,8 @@ class ChildDoer(Doer):
                     if step == "kill":
                         self.killed_at = now
                 if self.killed_at is not None and now - self.killed_at > \
-                        self.supervisor.kill_grace and hasattr(handle, "lost"):
-                    # a process on another host whose agent never answers: do not
+                        self.supervisor.kill_grace:
+                    # e.g. a process on another host whose agent never answers: do not
                     # wait for it for ever
                     handle.lost(f"no word from its host {self.supervisor.kill_grace:g} s "
                                 "after SIGKILL was asked for")

@@ -527,8 +527,12 @@ _DIRECTIONS = {"n": (-1, 0), "s": (1, 0), "e": (0, 1), "w": (0, -1),
                "ne": (-1, 1), "nw": (-1, -1), "se": (1, 1), "sw": (1, -1)}
 _OPPOSITE = {"n": "s", "s": "n", "e": "w", "w": "e", "ne": "sw", "sw": "ne", "nw": "se",
              "se": "nw"}
-_PATTERN_KEYS = ("kind", "nodes", "from", "to", "capacity", "shape", "neighbours", "boxes",
-                 "k", "seed")
+_LINE_KEYS = ("kind", "nodes", "from", "to", "capacity")
+_GRID_KEYS = (*_LINE_KEYS, "shape", "neighbours", "boxes")
+#: The keys each kind of pattern takes.
+_PATTERN_KEYS = {"ring": _LINE_KEYS, "line": _LINE_KEYS, "all": _LINE_KEYS,
+                 "random": (*_LINE_KEYS, "k", "seed"), "grid": _GRID_KEYS,
+                 "torus": _GRID_KEYS}
 
 
 def _pattern(entry: dict[str, Any], j: int, names: dict[str, int], run_seed: int,
@@ -538,9 +542,7 @@ def _pattern(entry: dict[str, Any], j: int, names: dict[str, int], run_seed: int
     if kind not in PATTERN_KINDS:
         raise _err(f"expected kind = one of {', '.join(PATTERN_KINDS)}, got {kind!r}"
                    f"{_suggest(kind, PATTERN_KINDS)}", f"{key_path}.kind")
-    allowed = {"ring": 5, "line": 5, "all": 5, "random": 5, "grid": 8, "torus": 8}[kind]
-    keys = _PATTERN_KEYS[:allowed] + (("k", "seed") if kind == "random" else ())
-    _keys(entry, keys, key_path, ("kind", "nodes"))
+    _keys(entry, _PATTERN_KEYS[kind], key_path, ("kind", "nodes"))
     members = _pattern_nodes(entry["nodes"], names, f"{key_path}.nodes")
     outbox = _name(_str(entry.get("from", "out"), f"{key_path}.from"), BOX_NAME, "box",
                    f"{key_path}.from")

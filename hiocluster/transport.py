@@ -395,6 +395,25 @@ class Context:
         self._context.term()
 
 
+def request(address: str, frame: bytes, timeout: float, limit: int) -> bytes | None:
+    """Send ``frame`` to the ROUTER at ``address`` and return its one answer (at
+    most ``limit`` bytes), or None after ``timeout`` seconds. A shell's single
+    question to a running run. Raises TransportError."""
+    context = zmq.Context()
+    sock = context.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.MAXMSGSIZE, limit)
+    try:
+        sock.connect(address)
+        sock.send(frame)
+        return sock.recv() if sock.poll(timeout * 1000) else None
+    except zmq.ZMQError as exc:
+        raise TransportError(f"cannot talk to {address}: {exc}") from exc
+    finally:
+        sock.close(0)
+        context.term()
+
+
 def bound_address(sock: zmq.Socket) -> str:
     """The address a socket is bound at, with the port a wildcard picked."""
     return sock.getsockopt(zmq.LAST_ENDPOINT).decode()

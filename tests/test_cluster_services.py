@@ -174,7 +174,7 @@ class Load:
                  seconds: float = 60.0) -> None:
         self.port, self.limit, self.seconds = port, limit, seconds
         self.ok, self.failed, self.errors = 0, 0, []  # type: ignore[var-annotated]
-        self.lock = threading.Lock()
+        self.lock = threading.Condition()
         self.stopping = threading.Event()
         self.workers = [threading.Thread(target=self._work, daemon=True)
                         for _ in range(threads)]
@@ -204,10 +204,16 @@ class Load:
                 else:
                     self.failed += 1
                     self.errors.append(error)
+                self.lock.notify_all()
 
     def done(self) -> int:
         with self.lock:
             return self.ok + self.failed
+
+    def reach(self, count: int, timeout: float = 30.0) -> bool:
+        """Wait until ``count`` requests are done (True), or ``timeout`` passed."""
+        with self.lock:
+            return self.lock.wait_for(lambda: self.ok + self.failed >= count, timeout)
 
     def __exit__(self, *exc_info: object) -> None:
         self.stopping.set()
@@ -304,10 +310,7 @@ def test_kill_9_of_a_replica_under_load(start) -> None:
         after = load.done()
         run.until(lambda s: s["services"][0]["served"] > 0 and all(
             r["state"] == "serving" for r in s["services"][0]["replicas"]))
-        target = load.done() + 50
-        deadline = time.monotonic() + 30
-        while load.done() < target and time.monotonic() < deadline:
-            time.sleep(0.05)  # let the load run on: polling its counter
+        assert load.reach(load.done() + 50)  # the load runs on against both
     assert new_pid not in pids and new_pid == spare
     assert back_after < 1.0, f"the replica was back after {back_after:.2f} s"
     assert after > before  # the other replica kept serving meanwhile
