@@ -6,6 +6,9 @@ those states in, tick by tick (docs/protocol.md §7)::
     fold(D, state) = sha256(D + Σ over nodes in name order: utf8(name) + node digest)
     D_setup = fold(32 zero bytes, state after set-up);  D_n = fold(D_n-1, state after tick n)
 
+A node digest is xxh3_128 of the node's packed state (16 bytes): fast enough to
+cost less than the work it proves; sha256 chains them into the run digest.
+
 A worker cannot fold (it sees only its own nodes), so it sends *records*: per
 tick, ``utf8(name) + node digest`` for each of its nodes in name order. The
 supervisor splices the workers' records into the global name order and hashes.
@@ -20,7 +23,7 @@ from __future__ import annotations
 import hashlib
 from typing import Iterable, Mapping
 
-from .protocol import DIGEST_SIZE
+from .protocol.fields import DIGEST_SIZE, RUN_DIGEST_SIZE
 
 __all__ = ["DigestChain", "record_size"]
 
@@ -59,7 +62,7 @@ class DigestChain:
                 runs.append([worker, start, end])
         self._runs = [tuple(run) for run in runs]
         self.keep = keep
-        self.digest = b"\0" * DIGEST_SIZE
+        self.digest = b"\0" * RUN_DIGEST_SIZE
         self.tick_digests: list[str] = []
         self.folded = 0  # states folded in; the first is the state after set-up
 

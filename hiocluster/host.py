@@ -13,7 +13,6 @@ Imports: hio, node, protocol, errors.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import math
 import os
 import sys
@@ -24,6 +23,7 @@ from typing import Any, Iterator
 
 import hio
 from hio.base.doing import Doist
+from xxhash import xxh3_128_digest
 
 from . import protocol as proto
 from .protocol import arrays
@@ -127,14 +127,14 @@ class NodeHost:
             self.busy_since = 0.0
 
     def records(self) -> bytes:
-        """This state's digest records: ``utf8(name) + sha256(packb(state()))`` per
+        """This state's digest records: ``utf8(name) + xxh3_128(packb(state()))`` per
         node, by name (docs/protocol.md §7). The hot loop of a big worker."""
-        sha256, pack, direct = hashlib.sha256, pack_state, arrays.digest
+        hash_, pack, direct = xxh3_128_digest, pack_state, arrays.digest
         try:
             if "numpy" not in sys.modules:  # no array can be in a state: the short way
-                return b"".join([name + sha256(pack(state())).digest()
+                return b"".join([name + hash_(pack(state()))
                                  for name, state in self._states])
-            return b"".join([name + (direct(value) or sha256(pack(value)).digest())
+            return b"".join([name + (direct(value) or hash_(pack(value)))
                              for name, state in self._states for value in (state(),)])
         except Terminated:
             raise

@@ -33,6 +33,7 @@ from typing import Any, ClassVar
 
 import msgpack
 from hio.base.doing import DoDoer
+from xxhash import xxh3_128_digest
 
 from .errors import LinkFull
 from .protocol import arrays
@@ -52,9 +53,9 @@ pack_state = msgpack.Packer(use_bin_type=True, default=arrays.default).pack
 
 
 def digest_state(state: Any) -> bytes:
-    """sha256 of the msgpack packing of ``state`` (protocol.DIGEST_SIZE bytes); a big
+    """xxh3_128 of the msgpack packing of ``state`` (protocol.DIGEST_SIZE bytes); a big
     array is hashed in place, to the same digest (protocol.arrays.digest)."""
-    return arrays.digest(state) or hashlib.sha256(pack_state(state)).digest()
+    return arrays.digest(state) or xxh3_128_digest(pack_state(state))
 
 
 class Clock:
@@ -306,7 +307,7 @@ class Node(DoDoer):
         return False
 
     def digest(self) -> bytes:
-        """sha256 of :meth:`state`, packed with msgpack: the node digest the run digest
+        """xxh3_128 of :meth:`state`, packed with msgpack: the node digest the run digest
         folds in (docs/protocol.md §7). Workers compute exactly this without calling
         it, so override :meth:`state`, never this."""
         return digest_state(self.state())

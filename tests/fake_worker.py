@@ -95,7 +95,7 @@ class Fake:
             out.connect(address)
             out.send(proto.encode(proto.Peer(worker=self.args.name, token=self.token)))
         names = sorted(row[0] for row in setup.nodes)
-        self.records = b"".join(name.encode() + bytes(32) for name in names)
+        self.records = b"".join(name.encode() + bytes(proto.DIGEST_SIZE) for name in names)
         self.send(proto.Ready(digests=self.records))
         grant = self.next()
         if self.mode == "deaf":

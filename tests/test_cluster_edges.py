@@ -22,6 +22,8 @@ import zmq
 
 from conftest import REPO, connect_ready
 from hiocluster import protocol as proto
+
+V = proto.VERSION
 from hiocluster import supervisor
 from hiocluster.errors import FrameError, NodeError, TopologyError
 from hiocluster.node import Node
@@ -224,11 +226,11 @@ HELLO_BODY = {"worker": "a", "token": b"t", "pid": 1, "versions": {},
 
 
 @pytest.mark.parametrize("frame, field", [
-    ([2, "HELLO", dict(HELLO_BODY, worker=[1])], "HELLO.worker"),
-    ([2, "HELLO", dict(HELLO_BODY, versions={"hio": {}})], "HELLO.versions.hio"),
-    ([2, "PROGRESS", {"tick": 0, "waiting": [[1]]}], "PROGRESS.waiting[0]"),
-    ([2, "PEER", {"worker": {}, "token": b"t"}], "PEER.worker"),
-    ([2, "DATA", {"tick": 0, "source": [1], "messages": [], "acks": []}], "DATA.source"),
+    ([V, "HELLO", dict(HELLO_BODY, worker=[1])], "HELLO.worker"),
+    ([V, "HELLO", dict(HELLO_BODY, versions={"hio": {}})], "HELLO.versions.hio"),
+    ([V, "PROGRESS", {"tick": 0, "waiting": [[1]]}], "PROGRESS.waiting[0]"),
+    ([V, "PEER", {"worker": {}, "token": b"t"}], "PEER.worker"),
+    ([V, "DATA", {"tick": 0, "source": [1], "messages": [], "acks": []}], "DATA.source"),
 ])
 def test_unhashable_name_field_is_a_frame_error(frame: list[Any], field: str) -> None:
     data = msgpack.packb(frame, use_bin_type=True)
@@ -248,7 +250,7 @@ def test_stranger_with_unhashable_hello_cannot_kill_the_run() -> None:
         stranger.setsockopt(zmq.LINGER, 0)
         sockets.append(stranger)
         connect_ready(stranger, sup.control_address)
-        stranger.send(msgpack.packb([2, "HELLO", dict(HELLO_BODY, worker=[1])]))
+        stranger.send(msgpack.packb([V, "HELLO", dict(HELLO_BODY, worker=[1])]))
 
     try:
         result = run(topology({"a": "StepCounter"}, ticks=30), on_ready=on_ready)

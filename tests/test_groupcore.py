@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 from hiocluster import protocol as proto
+from hiocluster.protocol import DIGEST_SIZE
 from hiocluster.errors import NodeError, ProcessExited, RunFailed, TopologyError
 from hiocluster.groupcore import DEFER_S, GroupCore, check_tree, tree_groups, tree_leaves
 from hiocluster.runcore import Phase, RunCore, Supervision
@@ -60,7 +61,7 @@ NESTED = '[groups]\ng = ["w0", "h"]\nh = ["w1", "k"]\nk = ["w2", "w3"]\n'
 
 def records(nodes: list[str], tick: int) -> bytes:
     """A worker's digest records of the state after ``tick`` (-1: after set-up)."""
-    return b"".join(name.encode() + hashlib.sha256(f"{name}@{tick}".encode()).digest()
+    return b"".join(name.encode() + hashlib.sha256(f"{name}@{tick}".encode()).digest()[:DIGEST_SIZE]
                     for name in sorted(nodes))
 
 

@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from hiocluster import protocol as proto
+from hiocluster.protocol import DIGEST_SIZE
 from hiocluster.chain import DigestChain, record_size
 from hiocluster.errors import (Interrupted, NodeError, ProcessExited, RunFailed, TickTimeout)
 from hiocluster.runcore import SILENCE_GRACE_S, Phase, RunCore
@@ -52,7 +53,7 @@ NODES = {"w0": ["a", "b"], "w1": ["c"], "w2": ["z"]}
 
 
 def digest(node: str, tick: int) -> bytes:
-    return hashlib.sha256(f"{node}@{tick}".encode()).digest()
+    return hashlib.sha256(f"{node}@{tick}".encode()).digest()[:DIGEST_SIZE]
 
 
 def records(worker: str, tick: int) -> bytes:
@@ -170,11 +171,11 @@ def test_the_digest_does_not_depend_on_windows_or_placement() -> None:
 def test_the_chain_splices_records_of_interleaved_workers() -> None:
     chain = DigestChain({"x": ["b", "d"], "y": ["a", "c", "e"]})
     assert chain.sizes == {"x": record_size("bd"), "y": record_size("ace")}
-    x = b"b" + b"1" * 32 + b"d" + b"2" * 32
-    y = b"a" + b"3" * 32 + b"c" + b"4" * 32 + b"e" + b"5" * 32
+    x = b"b" + b"1" * DIGEST_SIZE + b"d" + b"2" * DIGEST_SIZE
+    y = b"a" + b"3" * DIGEST_SIZE + b"c" + b"4" * DIGEST_SIZE + b"e" + b"5" * DIGEST_SIZE
     chain.fold({"x": x, "y": y}, 1)
-    whole = b"a" + b"3" * 32 + b"b" + b"1" * 32 + b"c" + b"4" * 32 + b"d" + b"2" * 32 \
-        + b"e" + b"5" * 32
+    whole = b"a" + b"3" * DIGEST_SIZE + b"b" + b"1" * DIGEST_SIZE + b"c" + b"4" * DIGEST_SIZE + b"d" + b"2" * DIGEST_SIZE \
+        + b"e" + b"5" * DIGEST_SIZE
     assert chain.digest == hashlib.sha256(b"\0" * 32 + whole).digest()
     assert chain.check("x", x * 2, 2) is None and "expected" in chain.check("x", x, 2)
 

@@ -11,17 +11,17 @@ travel as the Python numbers they hold.
 
 numpy is optional: it is imported only when an array is sent or arrives.
 
-Imports: stdlib, msgpack; numpy when there is an array.
+Imports: stdlib, msgpack, xxhash; numpy when there is an array.
 """
 
 from __future__ import annotations
 
-import hashlib
 import math
 import sys
 from typing import Any
 
 import msgpack
+import xxhash
 
 __all__ = ["ARRAY_EXT", "default", "ext_hook", "digest", "ARRAY_KINDS", "MAX_DIMENSIONS"]
 
@@ -88,7 +88,7 @@ _FIXEXT = {1: 0xD4, 2: 0xD5, 4: 0xD6, 8: 0xD7, 16: 0xD8}
 
 
 def digest(value: Any) -> bytes | None:
-    """sha256 of ``packb(value)`` when ``value`` is a big array, computed without
+    """xxh3_128 of ``packb(value)`` when ``value`` is a big array, computed without
     packing it: the msgpack header bytes, then the array's own memory (no copy of
     a C-ordered array). None for anything else (pack it). The same bytes are
     hashed either way, so a digest never depends on which way it was made."""
@@ -107,6 +107,6 @@ def digest(value: Any) -> bytes | None:
         ext = b"\xc8" + inner.to_bytes(2, "big") + bytes([ARRAY_EXT])
     else:
         ext = b"\xc9" + inner.to_bytes(4, "big") + bytes([ARRAY_EXT])
-    hasher = hashlib.sha256(ext + head)
+    hasher = xxhash.xxh3_128(ext + head)
     hasher.update(numpy.ascontiguousarray(value).reshape(-1).view(numpy.uint8))
     return hasher.digest()

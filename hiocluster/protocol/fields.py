@@ -19,7 +19,7 @@ from ..errors import FrameError
 
 __all__ = [
     "MAX_CONTROL_FRAME", "MAX_SETUP_FRAME", "MAX_DATA_FRAME", "MAX_STR", "MAX_ARRAY",
-    "MAX_MAP", "MAX_INT", "NAME_RE", "DIGEST_SIZE", "Check", "ListOf", "MapOf", "TupleOf",
+    "MAX_MAP", "MAX_INT", "NAME_RE", "DIGEST_SIZE", "RUN_DIGEST_SIZE", "Check", "ListOf", "MapOf", "TupleOf",
     "LinkRun", "optional", "UINT", "INT", "NUMBER", "POSITIVE", "BOOL", "NAME", "TEXT", "ADDRESS",
     "BYTES", "TOKEN", "CURVE_KEY", "ANY", "STATS", "is_name",
 ]
@@ -39,7 +39,10 @@ MAX_INT = 2**63 - 1
 
 NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}\Z")
 ADDRESS_RE = re.compile(r"(ipc|tcp)://[^\s]{1,200}\Z")
-DIGEST_SIZE = 32
+#: Bytes of a node digest (xxh3_128 of the packed state, docs/protocol.md §7).
+DIGEST_SIZE = 16
+#: Bytes of the run digest (sha256 chained over the node digests).
+RUN_DIGEST_SIZE = 32
 
 _REPR = reprlib.Repr()
 _REPR.maxlevel, _REPR.maxstring, _REPR.maxother = 3, 40, 40

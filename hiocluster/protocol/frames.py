@@ -24,7 +24,7 @@ __all__ = ["VERSION", "encode", "decode", "decode_data", "reload_data", "from_bo
            "check_unpacks", "check_control_value"]
 
 #: The protocol version every frame carries; a peer speaking another is refused.
-VERSION = 2
+VERSION = 3
 
 # resets itself after every pack; arrays become ext type 1 (see arrays)
 _pack = msgpack.Packer(use_bin_type=True, default=arrays.default).pack
