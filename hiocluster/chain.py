@@ -25,7 +25,7 @@ from typing import Iterable, Mapping
 
 from .protocol.fields import DIGEST_SIZE, RUN_DIGEST_SIZE
 
-__all__ = ["DigestChain", "record_size"]
+__all__ = ["DigestChain", "record_size", "digested", "digested_between"]
 
 _sha256 = hashlib.sha256
 
@@ -35,15 +35,35 @@ def record_size(names: Iterable[str]) -> int:
     return sum(len(name.encode()) + DIGEST_SIZE for name in names)
 
 
+def digested(tick: int, every: int, ticks: int) -> bool:
+    """Whether the state after ``tick`` is digested: every ``every``-th tick
+    (ticks every−1, 2·every−1, …) and always the run's last (``digest_every``)."""
+    return (tick + 1) % every == 0 or tick == ticks - 1
+
+
+def digested_between(first: int, last: int, every: int, ticks: int) -> int:
+    """How many of ticks ``first`` .. ``last`` (inclusive) are digested."""
+    if last < first:
+        return 0
+    count = (last + 1) // every - first // every
+    if last == ticks - 1 and ticks % every:
+        count += 1  # the last tick, off the every-th beat
+    return count
+
+
 class DigestChain:
     """Fold per-worker digest records into the run digest, one state at a time.
 
     Args:
         workers: each worker's node names.
-        keep: keep the run digest after every tick (``tick_digests``).
+        keep: keep the run digest after every digested tick (``tick_digests``).
+        every, ticks: which ticks are digested (:func:`digested`); a group learns
+            them from its SETUP and sets them then.
     """
 
-    def __init__(self, workers: Mapping[str, Iterable[str]], keep: bool = False) -> None:
+    def __init__(self, workers: Mapping[str, Iterable[str]], keep: bool = False,
+                 every: int = 1, ticks: int = 0) -> None:
+        self.every, self.ticks = every, ticks
         owner: dict[str, tuple[str, int, int]] = {}  # node -> (worker, start, end)
         self.sizes: dict[str, int] = {}
         for worker, names in workers.items():
@@ -65,6 +85,10 @@ class DigestChain:
         self.digest = b"\0" * RUN_DIGEST_SIZE
         self.tick_digests: list[str] = []
         self.folded = 0  # states folded in; the first is the state after set-up
+
+    def states(self, first: int, last: int) -> int:
+        """How many states ticks ``first`` .. ``last`` hold (the digested ones)."""
+        return digested_between(first, last, self.every, self.ticks)
 
     def check(self, worker: str, records: bytes, states: int) -> str | None:
         """Why ``records`` cannot be ``states`` states of ``worker`` (None if they can)."""

@@ -205,6 +205,7 @@ class GroupCore(Supervision):
                       tell=False)
             return
         self.tick_timeout = setup.tick_timeout
+        self.chain.every, self.chain.ticks = setup.digest_every, setup.ticks
         for child, book in self.books.items():
             under = self.leaves_of[child]
             book.neighbours = frozenset(peer for leaf in under
@@ -215,7 +216,8 @@ class GroupCore(Supervision):
             else:
                 self._send(book, proto.Setup(
                     t0=setup.t0, tock=setup.tock, seed=setup.seed, ticks=setup.ticks,
-                    real=setup.real, tick_timeout=setup.tick_timeout, nodes=[], links=[],
+                    real=setup.real, tick_timeout=setup.tick_timeout,
+                    digest_every=setup.digest_every, nodes=[], links=[],
                     peers={}, leaves={leaf: setup.leaves[leaf] for leaf in under}))
 
     def _all_ready(self, now: float) -> None:
@@ -224,7 +226,7 @@ class GroupCore(Supervision):
             {name: b.ready for name, b in self.books.items()}, 1)))  # type: ignore[misc]
 
     def _all_done(self, now: float) -> None:
-        states = self.granted - self.done_until
+        states = self.chain.states(self.done_until + 1, self.granted)
         digests = self.chain.splice({name: b.pending for name, b in self.books.items()},
                                     states)
         self.done_until = self.granted

@@ -57,7 +57,8 @@ class WorkerBook:
         message = self.machine.receive(data)
         self.heard = now
         if isinstance(message, proto.Done):
-            self._digests(chain, message.digests, message.until - done_before, "DONE.digests")
+            self._digests(chain, message.digests, chain.states(done_before + 1, message.until),
+                          "DONE.digests")
             self.pending = message.digests
             self._advance(message.until, (), now)
         elif isinstance(message, proto.Progress):
@@ -189,6 +190,7 @@ def setups(topology: Topology, plan: Plan, addresses: Mapping[str, str],
         made[spec.name] = proto.Setup(
             t0=topology.t0, tock=topology.tock, seed=topology.seed, ticks=topology.ticks,
             real=topology.real, tick_timeout=topology.tick_timeout,
+            digest_every=topology.digest_every,
             nodes=[[node.name, node.cls, node.params, node.index, node.count]
                    for node in spec.nodes],
             links=rows[spec.name], peers=peers,

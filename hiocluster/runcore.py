@@ -92,6 +92,7 @@ class Supervision:
         self.ticking = self.ticked = 0.0  # first GRANT, last DONE folded
         self.window_start = now
         self.granted = -1
+        self.window_first = 0  # the first tick of the window granted last
         self.outbox: list[tuple[str, bytes]] = []     # (child, frame) to send
         self.signals: list[tuple[str, str]] = []      # (child, "terminate" | "kill")
         self.failure: ClusterError | None = None
@@ -331,6 +332,7 @@ class RunCore(Supervision):
                          versions=versions, tick_timeout=topology.tick_timeout,
                          start_timeout=start_timeout, stop_timeout=stop_timeout)
         self.topology, self.plan, self.keys, self.wall = topology, plan, keys, wall
+        self.chain.every, self.chain.ticks = topology.digest_every, topology.ticks
         self.trace = trace
         self.sizer = WindowSizer(window, max(self.chain.sizes.values()), topology.tock,
                                  topology.real)
@@ -367,7 +369,8 @@ class RunCore(Supervision):
             first = made[leaves[0]]
             self._send(book, proto.Setup(
                 t0=first.t0, tock=first.tock, seed=first.seed, ticks=first.ticks,
-                real=first.real, tick_timeout=first.tick_timeout, nodes=[], links=[],
+                real=first.real, tick_timeout=first.tick_timeout,
+                digest_every=first.digest_every, nodes=[], links=[],
                 peers={}, leaves={leaf: made[leaf].to_body() for leaf in leaves}))
 
     def _all_ready(self, now: float) -> None:
@@ -381,15 +384,16 @@ class RunCore(Supervision):
         start = None
         if self.topology.real and self.granted < 0 and self.wall is not None:
             start = self.wall() + REAL_START_LEAD_S
+        self.window_first = self.granted + 1
         self.granted, self.window_start = until, now
         for book in self.books.values():
             self._send(book, proto.Grant(until=until, start=start))
 
     def _all_done(self, now: float) -> None:
-        states = self.granted - (self.chain.folded - 2)  # folded: set-up + ticks 0..
+        states = self.chain.states(self.window_first, self.granted)
         self.chain.fold({name: b.pending for name, b in self.books.items()}, states)
         self.ticked = now
-        self.sizer.observe(states, now - self.window_start)
+        self.sizer.observe(self.granted + 1 - self.window_first, now - self.window_start)
         if self.granted >= self.topology.ticks - 1:
             self._stop(now, drain=True)
         else:

@@ -62,7 +62,7 @@ RESTART_POLICIES = ("one_for_one", "one_for_all")
 
 _RUN_DEFAULTS: dict[str, int | float | bool] = {
     "ticks": 100, "tock": 1.0, "t0": 0.0, "seed": 0, "tick_timeout": 30.0, "capacity": 1024,
-    "real": False,
+    "real": False, "digest_every": 1,
 }
 
 
@@ -128,6 +128,7 @@ class Topology:
     hosts: tuple[HostSpec, ...] = ()
     groups: tuple[tuple[str, tuple[str, ...]], ...] = ()
     services: tuple[ServiceSpec, ...] = ()
+    digest_every: int = 1
     source: str | None = field(default=None, repr=False, compare=False)
     _by_name: dict[str, NodeSpec] = field(init=False, repr=False, compare=False)
 
@@ -375,7 +376,7 @@ def _run_value(key: str, value: object) -> int | float | bool:
         if not isinstance(value, bool):
             raise _err(f"expected bool, got {_type_name(value)}", key_path)
         return value
-    if key in ("ticks", "capacity"):
+    if key in ("ticks", "capacity", "digest_every"):
         return _int(value, key_path, 1)
     if key == "seed":
         return _int(value, key_path, 0, SEED_LIMIT - 1)
@@ -846,8 +847,8 @@ def loads(text: str, *, path: str | None = None) -> Topology:
         name=Path(path).stem if path else "<string>", path=path,
         ticks=int(run["ticks"]), tock=float(run["tock"]), t0=float(run["t0"]),
         seed=int(run["seed"]), tick_timeout=float(run["tick_timeout"]),
-        capacity=int(run["capacity"]), real=bool(run["real"]), nodes=nodes, links=links,
-        placement=placement, groups=groups, hosts=hosts, services=services, source=text,
+        capacity=int(run["capacity"]), real=bool(run["real"]),
+        digest_every=int(run["digest_every"]), nodes=nodes, links=links, placement=placement, groups=groups, hosts=hosts, services=services, source=text,
     )
 
 

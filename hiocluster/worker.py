@@ -91,6 +91,7 @@ class Worker:
         self.name = options.name
         self.machine = proto.ChildMachine(options.name)
         self.host: NodeHost | None = None
+        self.digest_every, self.last_tick = 1, -1  # which ticks are digested (SETUP)
         self.exchange: Exchange | None = None
         self.tick = -1                    # the last tick run
         self.report_at = 0.0              # when the next PROGRESS is due
@@ -224,6 +225,7 @@ class Worker:
         if setup.trace:
             self.trace, self.trace_room = [], MAX_TRACE_VALUES
         self.host = host = NodeHost(setup, self.options.app_dir)
+        self.digest_every, self.last_tick = setup.digest_every, setup.ticks - 1
         self.exchange = Exchange(self.name, host.by_name, setup.links)
         assert self.watchdog is not None and self.peers is not None
         self.watchdog.tick_timeout = setup.tick_timeout
@@ -242,6 +244,7 @@ class Worker:
         self.report_at = time.monotonic() + PROGRESS_S
         register = self.register
         trace = self.trace
+        every, last = self.digest_every, self.last_tick
         for tick in range(self.tick + 1, grant.until + 1):
             if register is not None:
                 register.store(tick)
@@ -261,7 +264,8 @@ class Worker:
             peers.send(exchange.outgoing(tick))
             if trace is not None:
                 sent = time.time()
-            records.append(host.records())
+            if (tick + 1) % every == 0 or tick == last:  # chain.digested, inlined
+                records.append(host.records())
             if trace is not None and self.trace_room > 0:
                 # [tick, waiting from, running from, sending from, hashing from, done,
                 #  [[node, from, to], ...]] (wall seconds)

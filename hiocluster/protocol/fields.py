@@ -19,8 +19,8 @@ from ..errors import FrameError
 
 __all__ = [
     "MAX_CONTROL_FRAME", "MAX_SETUP_FRAME", "MAX_DATA_FRAME", "MAX_STR", "MAX_ARRAY",
-    "MAX_MAP", "MAX_INT", "NAME_RE", "DIGEST_SIZE", "RUN_DIGEST_SIZE", "Check", "ListOf", "MapOf", "TupleOf",
-    "LinkRun", "optional", "UINT", "INT", "NUMBER", "POSITIVE", "BOOL", "NAME", "TEXT", "ADDRESS",
+    "MAX_MAP", "MAX_INT", "NAME_RE", "DIGEST_SIZE", "RUN_DIGEST_SIZE", "Check", "ListOf",
+    "MapOf", "TupleOf", "LinkRun", "optional", "UINT", "COUNT", "INT", "NUMBER", "POSITIVE", "BOOL", "NAME", "TEXT", "ADDRESS",
     "BYTES", "TOKEN", "CURVE_KEY", "ANY", "STATS", "is_name",
 ]
 
@@ -147,6 +147,7 @@ def optional(check: Check) -> Check:
 
 UINT = Check(lambda v: type(v) is int and 0 <= v <= MAX_INT, "an integer 0..2**63-1")
 INT = Check(lambda v: type(v) is int and -MAX_INT - 1 <= v <= MAX_INT, "a 64-bit integer")
+COUNT = Check(lambda v: type(v) is int and 1 <= v <= MAX_INT, "an integer 1..2**63-1")
 NUMBER = Check(lambda v: type(v) in (int, float) and math.isfinite(v), "a finite number")
 POSITIVE = Check(lambda v: type(v) in (int, float) and math.isfinite(v) and v > 0,
                  "a finite number > 0")

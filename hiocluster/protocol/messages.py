@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from .fields import (ADDRESS, ANY, BOOL, BYTES, CURVE_KEY, INT, NAME, NUMBER, POSITIVE, STATS,
+from .fields import (ADDRESS, ANY, BOOL, BYTES, COUNT, CURVE_KEY, INT, NAME, NUMBER, POSITIVE, STATS,
                      TEXT, TOKEN, UINT, Check, LinkRun, ListOf, MapOf, TupleOf, optional)
 
 __all__ = ["Message", "Hello", "Setup", "Ready", "Grant", "Progress", "Done", "Stop", "Bye",
@@ -78,11 +78,12 @@ class Setup(Message):
     keys: dict[str, str] = field(default_factory=dict)
     leaves: dict[str, dict[str, Any]] = field(default_factory=dict)
     trace: bool = False
+    digest_every: int = 1
     SCHEMA = {"t0": NUMBER, "tock": POSITIVE, "seed": UINT, "ticks": UINT, "real": BOOL,
               "tick_timeout": POSITIVE, "nodes": ListOf(NODE_ROW), "links": ListOf(LINK_ROW),
               "peers": MapOf(NAME, ADDRESS), "keys": MapOf(NAME, CURVE_KEY),
               "leaves": MapOf(NAME, Check(lambda v: type(v) is dict, "a map")),
-              "trace": BOOL}
+              "trace": BOOL, "digest_every": COUNT}
 
 
 @dataclass(slots=True)
