@@ -144,16 +144,18 @@ def build_parser() -> argparse.ArgumentParser:
                      help="pace ticks to the wall clock: tick n starts tock x n seconds "
                           "after the start (default: the file's run.real)")
     run.add_argument("--json", action="store_true",
-                     help="print one JSON object on stdout instead of the summary")
+                     help="print one JSON object on stdout instead of the summary "
+                          "(arrays in results as {dtype, shape, data}, bytes as hex)")
     run.add_argument("--digests", action="store_true",
-                     help="with --json, include every tick's run digest")
+                     help="also print every tick's run digest (after the summary, or as "
+                          "tick_digests with --json)")
     run.add_argument("--trace", metavar="FILE",
                      help="record where each tick's time goes and write it to FILE as "
                           "Chrome Trace Event JSON (Perfetto, chrome://tracing); the "
                           "summary names the slowest process and node")
     run.add_argument("--output", metavar="FILE",
                      help="after a finished run, write one JSON line per node to FILE: "
-                          "its result() and its metrics")
+                          "its result() and its metrics (JSON as --json's)")
     _app_dir(run)
     run.add_argument("--transport", choices=("ipc", "tcp"), default="ipc",
                      help="how local processes talk: unix sockets (default) or TCP on "
@@ -452,27 +454,24 @@ def _run(args: argparse.Namespace) -> int:
         try:
             with open(args.output, "w", encoding="utf-8") as file:
                 for line in result.lines():
-                    file.write(json.dumps(line, default=_jsonable) + "\n")
+                    file.write(json.dumps(line) + "\n")
         except OSError as exc:
             print(f"hiocluster: cannot write --output {args.output}: {exc}", file=sys.stderr)
             return EXIT_FAILED
     if args.json:
-        print(json.dumps(result.to_json(), default=_jsonable))
+        print(json.dumps(result.to_json()))
     else:
         print(summary(result))
+        if result.tick_digests:
+            width = len(str(len(result.tick_digests) - 1))
+            print("\n".join(f"tick {tick:>{width}} {digest}"
+                             for tick, digest in enumerate(result.tick_digests)))
         if result.trace:
             from .trace import lines
             print("\n".join(lines(result.trace)))
         if result.services:
             print(services_summary(result.services))
     return EXIT_OK
-
-
-def _jsonable(value: Any) -> Any:
-    """What JSON cannot say of a msgpack value: bytes become their hex."""
-    if isinstance(value, (bytes, bytearray)):
-        return value.hex()
-    raise TypeError(f"not JSON: {type(value).__name__}")
 
 
 def _agent(args: argparse.Namespace) -> int:

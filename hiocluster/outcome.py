@@ -10,6 +10,7 @@ Imports: chain, windows, runbooks, topology, protocol, errors.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
@@ -21,7 +22,7 @@ from .runbooks import WorkerBook
 from .topology import Topology
 from .windows import WindowSizer
 
-__all__ = ["RunResult", "result_of", "worker_failure", "subtree_error", "refusal", "placed",
+__all__ = ["RunResult", "jsonable", "result_of", "worker_failure", "subtree_error", "refusal", "placed",
            "late_start", "silent", "lost_frame", "error_frame"]
 
 
@@ -80,13 +81,48 @@ class RunResult:
         if any(self.node_metrics.values()):
             data["node_metrics"] = self.node_metrics
             data["metric_kinds"] = self.metric_kinds
-        return data
+        return jsonable(data)
 
     def lines(self) -> list[dict[str, Any]]:
         """One JSON-able row per node, by name: what ``--output`` writes."""
-        return [{"node": name, "result": self.nodes.get(name),
-                 "metrics": self.node_metrics.get(name, {})}
+        return [jsonable({"node": name, "result": self.nodes.get(name),
+                          "metrics": self.node_metrics.get(name, {})})
                 for name in sorted(set(self.nodes) | set(self.node_metrics))]
+
+
+def jsonable(value: Any) -> Any:
+    """``value`` (anything a result may hold: msgpack values and numpy's) as plain
+    JSON values, the one form of every JSON output (``--json``, ``--output``):
+
+    - a numpy array: ``{"dtype": "<f8", "shape": [16, 16], "data": [...]}``,
+      ``dtype`` numpy's ``dtype.str`` (as in protocol §2), ``data`` the elements
+      flat in C order (``numpy.asarray(data, dtype).reshape(shape)`` gives the
+      array back, bit for bit); a complex element is ``[real, imag]``;
+    - a numpy scalar: the Python number it holds (a complex one ``[real, imag]``);
+    - bytes: their hex (a map key too; other keys as JSON writes them);
+    - maps, lists and tuples: the same, inside.
+    """
+    if isinstance(value, dict):
+        return {(key.hex() if isinstance(key, (bytes, bytearray)) else key): jsonable(item)
+                for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(item) for item in value]
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return bytes(value).hex()
+    if isinstance(value, complex):
+        return [value.real, value.imag]
+    numpy = sys.modules.get("numpy")  # not imported: the value cannot be numpy's
+    if numpy is not None:
+        if isinstance(value, numpy.ndarray):
+            flat = numpy.ascontiguousarray(value).reshape(-1)
+            kind = flat.dtype.kind
+            data = flat.tolist() if kind in "biuf" else \
+                numpy.stack([flat.real, flat.imag], axis=-1).tolist() if kind == "c" else \
+                jsonable(flat.tolist())
+            return {"dtype": value.dtype.str, "shape": list(value.shape), "data": data}
+        if isinstance(value, numpy.generic):
+            return jsonable(value.item())
+    return value
 
 
 def result_of(topology: Topology, books: Iterable[WorkerBook], chain: DigestChain,
