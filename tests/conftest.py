@@ -115,7 +115,7 @@ def hiocluster_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "hiocluster", *args]
 
 
-def connect_ready(sock: zmq.Socket, address: str, timeout: float = 10.0) -> None:
+def connect_ready(sock: zmq.Socket, address: str, timeout: float = 30.0) -> None:
     """Connect ``sock`` and wait until ZeroMQ's handshake with the peer is done.
 
     Frames sent afterwards are on their way into the peer's queue: tests that
