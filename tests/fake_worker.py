@@ -43,7 +43,7 @@ from hiocluster.transport import CREDENTIALS_ENV, Credentials
 
 FAKE_COMMAND = [sys.executable, "-m", "tests.fake_worker"]
 #: How long the fake waits for SETUP and GRANT, and then for the verdict.
-START_S, VERDICT_S = 30.0, 2.0
+START_S, VERDICT_S = 30.0, 30.0
 
 
 class Fake:

@@ -21,9 +21,10 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 import uuid
 from pathlib import Path
+
+from tests.waiting import wait_until
 
 REPO = Path(__file__).resolve().parent.parent
 LOCK = "/tmp/hiocluster-netns.lock"
@@ -130,11 +131,8 @@ class Hosts:
         for namespace in self.namespaces:
             ip("netns", "del", namespace, check=False)
         ip("link", "del", self.bridge, check=False)
-        deadline = time.monotonic() + 10
-        while self.leftovers() and time.monotonic() < deadline:
-            time.sleep(0.05)
-        left = self.leftovers()
-        assert not left, f"network namespaces or links left behind: {left}"
+        wait_until(lambda: not self.leftovers(), 30,
+                   f"the network namespaces and links {self.namespaces + [self.bridge]} to go")
         bad = {name: code for name, code in codes.items() if code != 128 + signal.SIGTERM}
         assert not bad, f"agents that did not stop cleanly on SIGTERM: {bad}"
 

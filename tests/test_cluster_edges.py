@@ -202,7 +202,7 @@ def test_bad_metrics_name_the_node() -> None:
 
 def test_unround_trippable_payload_fails_fast_naming_the_sender() -> None:
     text = topology({"a": "TupleKeySender", "b": "Sink"}, ("a.out -> b.in",), ticks=5,
-                    tick_timeout=3)
+                    tick_timeout=30)
     with pytest.raises(NodeError) as caught:
         run(text, processes=2)
     assert caught.value.nodes == ("a",)
@@ -254,7 +254,7 @@ def test_stranger_with_unhashable_hello_cannot_kill_the_run() -> None:
 
     try:
         result = run(topology({"a": "StepCounter"}, ticks=30), on_ready=on_ready)
-        reply = proto.decode(sockets[0].recv()) if sockets[0].poll(10_000) else None
+        reply = proto.decode(sockets[0].recv()) if sockets[0].poll(30_000) else None
     finally:
         for sock in sockets:
             sock.close(linger=0)

@@ -16,9 +16,8 @@ import json
 import shutil
 import signal
 import subprocess
-import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import psutil
 import pytest
@@ -30,6 +29,7 @@ from hiocluster.topology import loads, resolve_classes
 
 from conftest import REPO, hiocluster_command
 from tests.faulty import ring_toml
+from tests.waiting import wait_until
 
 
 def run_failing(text: str, **kwargs: Any) -> RunFailed:
@@ -137,16 +137,13 @@ def test_hung_node_times_out_the_tick(tmp_path: Path) -> None:
                       "sleeper": {"marker_dir": marks, "fail_at": 2, "fail": "hang"},
                       "b": {"marker_dir": marks}},
                      {"p0": ["a"], "p1": ["sleeper"], "p2": ["b"]}, tick_timeout=1.5)
-    started = time.monotonic()
-    error = run_failing(text)
-    elapsed = time.monotonic() - started
+    error = run_failing(text)  # the node sleeps 60 s: the 1.5 s deadline ends the run
     assert type(error) is TickTimeout
     assert error.worker == "p1"
     assert error.nodes == ("sleeper",)
     assert error.tick == 2
     assert "1.5 s" in error.cause
     assert "TickOverrun" in error.detail and "in _fault" in error.detail  # where it hung
-    assert elapsed < 10, f"a 1.5 s tick deadline took {elapsed:.1f} s to fail the run"
     assert_exited_cleanly(tmp_path, ["a", "b"])
     # the worker's watchdog interrupted the hung node, which still left through hio's exit
     assert exit_lines(tmp_path, "sleeper") == ["exit"]
@@ -221,17 +218,6 @@ def _workers_of(cli: psutil.Process) -> list[psutil.Process]:
     return workers
 
 
-def _poll(condition: Callable[[], Any], timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.02)
-
-
 def _gone(process: psutil.Process) -> bool:
     try:
         return process.status() == psutil.STATUS_ZOMBIE
@@ -266,7 +252,7 @@ def _wait_ticking(popen: subprocess.Popen, marks: Path) -> list[psutil.Process]:
         workers = _workers_of(cli)
         ticking = all((marks / f"{name}.ticking").exists() for name in "abc")
         return workers if len(workers) == 3 and ticking else None
-    return _poll(ready, 60, "3 ticking workers")
+    return wait_until(ready, 60, "3 ticking workers")
 
 
 def _finish(popen: subprocess.Popen) -> None:
@@ -278,11 +264,11 @@ def _finish(popen: subprocess.Popen) -> None:
 def _sigkill_cli_and_wait_for_workers(popen: subprocess.Popen, marks: Path) -> None:
     workers = _wait_ticking(popen, marks)
     popen.send_signal(signal.SIGKILL)
-    popen.wait(timeout=10)
-    killed = time.monotonic()
-    _poll(lambda: all(_gone(w) for w in workers), 1.5,
-          "workers to exit after the supervisor vanished")
-    assert time.monotonic() - killed < 1.5
+    popen.wait(timeout=30)
+    # orphans leave 0.2 s after their control connection dropped (docs/protocol.md §9);
+    # without that rule they would wait for a GRANT for ever: a generous bound suffices
+    wait_until(lambda: all(_gone(w) for w in workers), 30,
+               "workers to exit after the supervisor vanished")
 
 
 def test_cli_failed_run_exits_1_with_the_failure_in_json(tmp_path: Path,
@@ -370,12 +356,10 @@ def test_interrupt_from_the_api_stops_cleanly(tmp_path: Path, window: int | None
             stopped.append(done)
             found[0].interrupt(signal.SIGTERM)
 
-    started = time.monotonic()
-    with pytest.raises(Interrupted) as info:
+    with pytest.raises(Interrupted) as info:  # not the 100,000 ticks' end
         supervisor.run(loads(text), app_dir=str(REPO), handle_signals=False, window=window,
                        on_ready=found.append, on_tick=on_tick)
     assert info.value.signal == signal.SIGTERM
-    assert time.monotonic() - started < 30
     if window == 1:  # at most the tick already granted ran after the interrupt
         assert ticks[-1] <= stopped[0] + 1, (stopped, ticks[-3:])
     assert found[0].result is None

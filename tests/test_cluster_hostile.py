@@ -46,7 +46,7 @@ def run(text: str, **kwargs: Any) -> supervisor.RunResult:
     return supervisor.run(loads(text), app_dir=str(REPO), handle_signals=False, **kwargs)
 
 
-def receive(sock: zmq.Socket, count: int, timeout: float = 10.0) -> list[list[bytes]]:
+def receive(sock: zmq.Socket, count: int, timeout: float = 30.0) -> list[list[bytes]]:
     """Up to ``count`` multipart messages, waiting at most ``timeout`` seconds for each."""
     replies = []
     while len(replies) < count and sock.poll(timeout * 1000):
@@ -171,12 +171,15 @@ context = zmq.Context(); sock = context.socket(zmq.DEALER)
 sock.setsockopt(zmq.ROUTING_ID, bytes.fromhex({identity.hex()!r}))
 sock.setsockopt(zmq.SNDHWM, 4); sock.setsockopt(zmq.LINGER, 0)
 sock.connect({address!r})
-blob, sent, refused = b"x" * {size}, 0, 0
-while sent < {frames} and refused < 500:  # until it takes no more for 0.5 s
+blob, sent, refused_since = b"x" * {size}, 0, None
+while sent < {frames}:  # until it takes no more for 0.5 s
     try:
-        sock.send(blob, zmq.NOBLOCK); sent += 1; refused = 0
+        sock.send(blob, zmq.NOBLOCK); sent += 1; refused_since = None
     except zmq.Again:
-        refused += 1; time.sleep(0.001)
+        refused_since = refused_since or time.monotonic()
+        if time.monotonic() - refused_since > 0.5:
+            break
+        time.sleep(0.001)
 print(sent, flush=True)
 sys.stdin.read()
 """

@@ -185,9 +185,7 @@ def test_an_orphaned_external_worker_exits_and_removes_its_socket(
         data_socket = Path(hello.data_address[len("ipc://"):])
         assert data_socket.exists()
         boss.close()                      # the supervisor vanishes
-        gone = time.monotonic()
-        assert worker.wait(timeout=10) == 3
-        assert time.monotonic() - gone < 5
+        assert worker.wait(timeout=30) == 3  # the orphan rule's exit code (protocol.md §9)
     finally:
         if worker.poll() is None:
             worker.kill()

@@ -21,6 +21,7 @@ from hio.base import tyming
 from hio.core.tcp import serving as hio_tcp
 
 from hiocluster.serving import Server, ServerTls, WsgiServer
+from tests.waiting import wait_until
 
 
 class Clock:
@@ -43,19 +44,20 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def serve_until(servers: list[Any], done: Callable[[], bool], rounds: int = 2000) -> None:
-    """Service the servers until ``done()`` (bounded: a test that hangs fails)."""
-    for _ in range(rounds):
+def serve_until(servers: list[Any], done: Callable[[], bool], timeout: float = 30.0) -> None:
+    """Service the servers until ``done()``, bounded by ``timeout`` seconds (a test
+    that hangs fails); between rounds a short sleep lets loopback and TLS bytes move."""
+
+    def serve() -> bool:
         for server in servers:
             server.service()
-        if done():
-            return
-        os.sched_yield()  # the kernel's turn: loopback and TLS bytes move
-    raise AssertionError("the servers never got there")
+        return done()
+
+    wait_until(serve, timeout, what="the servers to get there", interval=0.001)
 
 
 def connect(port: int) -> socket.socket:
-    sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+    sock = socket.create_connection(("127.0.0.1", port), timeout=30)
     sock.setblocking(False)
     return sock
 
@@ -251,7 +253,7 @@ def test_https_works_and_plaintext_is_refused(clock: Clock, certificates: Any) -
         raw.close()
         context = ssl.create_default_context()
         ca.configure_trust(context)
-        tls = context.wrap_socket(socket.create_connection(("127.0.0.1", port), timeout=5),
+        tls = context.wrap_socket(socket.create_connection(("127.0.0.1", port), timeout=30),
                                   server_hostname="127.0.0.1", do_handshake_on_connect=False)
         tls.setblocking(False)
 
@@ -344,12 +346,16 @@ def test_a_pipelined_request_keeps_the_server_busy_until_answered(wsgi: WsgiServ
     sock.sendall(b"GET /x HTTP/1.1\r\nHost: x\r\n\r\nGET /y HTTP/1.1\r\nHost: x\r\n\r\n")
     got = bytearray()
     serve_until([wsgi], lambda: got.extend(read_some(sock) or b"") or b"hello /x" in got)
-    for _ in range(100):  # what a replica's loop does: it sleeps unless busy
+
+    def answered() -> bool:  # what a replica's loop does: it sleeps unless busy
         if b"hello /y" in got:
-            break
+            return True
         assert wsgi.busy, "the second request waits, but nothing would wake the loop"
         wsgi.service()
         got.extend(read_some(sock) or b"")
+        return False
+
+    wait_until(answered, what="the pipelined second response", interval=0.001)
     wsgi.service()  # the second response ends
     assert not wsgi.busy and wsgi.served == 2
     sock.close()
