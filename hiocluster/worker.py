@@ -249,7 +249,10 @@ class Worker:
                 waited = time.time()
             if tick:
                 self._gather(tick - 1)
-                exchange.deliver(tick - 1)
+                try:
+                    exchange.deliver(tick - 1)
+                except RemoteProtocolError as exc:  # a neighbour's over-large ack: its fault
+                    raise DataFault(exc.worker or "", exc) from exc
             if self.pacer is not None:
                 self._pace(tick)
             if trace is not None:

@@ -15,6 +15,8 @@ MODE says:
 * ``old-hio``: HELLO claims another hio version (start-up must refuse it);
 * ``bad-link``: DATA to its neighbours naming a link that does not join them;
 * ``forged-source``: DATA to its neighbours claiming to come from another worker;
+* ``bad-ack``: DATA to its neighbours acknowledging 10**6 messages on every link
+  from them (more than were ever in flight);
 * ``silent``: never says anything (start-up must time out and kill it);
 * ``deaf``: ignores SIGTERM, joins, and then never answers anything, STOP included
   (the supervisor must escalate to SIGKILL).
@@ -127,6 +129,12 @@ class Fake:
             self.send(proto.Progress(tick=until + 3, waiting=[]))
         elif mode == "stranger-waiting":
             self.send(proto.Progress(tick=None, waiting=["nobody"]))
+        elif mode == "bad-ack":  # acknowledges 10**6 messages on each link into it
+            for peer, out in self.outs.items():
+                acks = [[row[0], 10**6] for row in self.setup.links
+                        if row[6] == peer and row[7] == self.args.name]
+                out.send(proto.encode(proto.Data(tick=0, source=self.args.name, messages=[],
+                                                 acks=acks)))
         elif mode in ("bad-link", "forged-source"):
             source = "p0" if mode == "forged-source" else self.args.name
             messages = [] if mode == "forged-source" else [[10**6, [0], ["x"]]]
