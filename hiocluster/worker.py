@@ -317,14 +317,11 @@ class Worker:
             self.peers.take_one()
 
     def _await_control(self) -> proto.Message:
-        """The next control frame, serving the data socket meanwhile (once SETUP
-        said who the neighbours are)."""
+        """The next control frame, serving the data socket meanwhile (a neighbour's
+        PEER that comes before our SETUP is held until SETUP names the neighbours)."""
         control = self.control
         while True:
-            if self.exchange is None:
-                ready = [control] if control.poll(PROGRESS_S * 1000) else []
-            else:
-                ready = self.poller.poll(PROGRESS_S * 1000)
+            ready = self.poller.poll(PROGRESS_S * 1000)
             if control in ready:
                 return self.machine.receive(control.recv(NOBLOCK))
             if ready and self.peers is not None:
