@@ -13,6 +13,9 @@ MODE says:
 * ``bad-progress``: PROGRESS for a tick outside the window;
 * ``stranger-waiting``: PROGRESS waiting for a worker that is not its neighbour;
 * ``old-hio``: HELLO claims another hio version (start-up must refuse it);
+* ``bad-hello``: a malformed HELLO, with the run's token: ``versions.protocol`` is
+  the int 2, not the string "2" (start-up must fail at once, naming the field);
+* ``error-after-setup``: answers SETUP with ERROR ``worker-error`` and exits;
 * ``bad-link``: DATA to its neighbours naming a link that does not join them;
 * ``forged-source``: DATA to its neighbours claiming to come from another worker;
 * ``bad-ack``: DATA to its neighbours acknowledging 10**6 messages on every link
@@ -84,6 +87,8 @@ class Fake:
         versions = proto.local_versions()
         if self.mode == "old-hio":
             versions["hio"] = "0.0.1"
+        elif self.mode == "bad-hello":
+            versions["protocol"] = 2  # type: ignore[assignment]
         self.send(proto.Hello(worker=self.args.name, token=self.token, pid=os.getpid(),
                               versions=versions,
                               data_address=self.data.getsockopt(zmq.LAST_ENDPOINT).decode()))
@@ -91,6 +96,9 @@ class Fake:
         if not isinstance(setup, proto.Setup):
             return
         self.setup = setup
+        if self.mode == "error-after-setup":
+            self.send(proto.Error(code="worker-error", detail="the fake gives up after SETUP"))
+            return
         for peer, address in setup.peers.items():
             out = self.outs[peer] = self.context.socket(zmq.DEALER)
             out.setsockopt(zmq.LINGER, 0)

@@ -4,15 +4,25 @@
   it, naming the field (not on the worker that received it);
 * a PEER that arrives before the receiver has its own SETUP is held, not refused,
   and judged once SETUP names the neighbours;
+* a malformed HELLO from a worker of the run (it carries the run's token, or comes
+  with the worker's CURVE key) fails the run at once naming the field, instead of
+  a wait for a valid HELLO; a stranger's is refused and the run goes on;
+* a worker started by hand that answered ERROR (or was refused, or never joined)
+  is not waited for: nobody can see its process end, and it will say nothing more.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import signal
 import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import msgpack
 import pytest
 import zmq
 
@@ -20,6 +30,7 @@ from hiocluster import protocol as proto
 from hiocluster import supervisor
 from hiocluster.errors import RunFailed
 from hiocluster.peers import PeerSockets
+from hiocluster.runcore import Phase
 from hiocluster.topology import loads
 from hiocluster.transport import CREDENTIALS_ENV, Context, Credentials
 
@@ -27,6 +38,8 @@ from conftest import REPO, connect_ready, hiocluster_command
 from tests.fake_worker import FAKE_COMMAND
 from tests.faulty import FAULTY, ring_toml
 from tests.test_cluster_windows import HandSupervisor
+from tests.test_runcore import Run
+from tests.test_runcore import TOKEN as RUN_TOKEN
 from tests.waiting import wait_until
 
 TOKEN = b"k" * 16
@@ -141,3 +154,188 @@ def test_a_real_worker_holds_a_peer_that_came_before_its_setup(
         context.destroy(linger=0)
     assert isinstance(bye, proto.Bye)
     assert bye.stats["rejected"] == 0 and bye.received == {"p1": 1}
+
+
+# -- 3. a malformed HELLO: a worker of the run's fails the run, a stranger's does not ---
+
+
+class StartRun(Run):
+    """tests.test_runcore's Run, where a worker that never said HELLO (a malformed
+    one, or none) reads what the core sends it without a machine of its own."""
+
+    def flush(self) -> None:
+        for worker, frame in self.core.outbox:
+            if self.machines[worker].state is proto.ChildState.START:
+                self.inbox[worker].append(proto.decode(frame, limit=proto.MAX_SETUP_FRAME))
+        self.core.outbox[:] = [(worker, frame) for worker, frame in self.core.outbox
+                               if self.machines[worker].state is not proto.ChildState.START]
+        super().flush()
+
+
+def _bad_hello(worker: str = "w1", token: bytes | None = RUN_TOKEN) -> bytes:
+    """A HELLO whose ``versions.protocol`` is the int 2 (the spec says the string "2")."""
+    body: dict[str, Any] = {"worker": worker, "pid": 1,
+                            "versions": dict(proto.local_versions(), protocol=2),
+                            "data_address": f"ipc:///tmp/d-{worker}"}
+    if token is not None:
+        body["token"] = token
+    return msgpack.packb([proto.VERSION, "HELLO", body], use_bin_type=True)
+
+
+@pytest.mark.parametrize("sender, token", [(None, RUN_TOKEN),   # ipc: its token proves it
+                                           ("w1", None)])       # tcp: its CURVE key does
+def test_a_malformed_hello_from_a_worker_of_the_run_fails_the_run_naming_the_field(
+        sender: str | None, token: bytes | None) -> None:
+    run = StartRun(stop_timeout=60.0)
+    run.hello("w0")
+    joined, reply = run.core.admit([b"id", _bad_hello("w1", token)], sender)
+    assert (joined, reply) == ("w1", None)
+    run.core.receive("w1", _bad_hello("w1", token), run.now)
+    run.flush()
+    failure = run.core.failure
+    field = "HELLO.versions.protocol" if token else "HELLO.token"
+    assert isinstance(failure, RunFailed) and failure.worker == "w1", failure
+    assert failure.tick is None and field in failure.cause
+    error = run.last("w1")
+    assert isinstance(error, proto.Error) and (error.code, error.field) == ("bad-field", field)
+    assert run.core.phase is Phase.STOPPING  # at once: no 60 s wait for a valid HELLO
+
+
+@pytest.mark.parametrize("frame, field", [
+    (_bad_hello("w1", b"wrong"), "HELLO.versions.protocol"),   # the run's token it is not
+    (_bad_hello("w1", None), "HELLO.token"),                   # no token at all
+    (_bad_hello("w9"), "HELLO.versions.protocol"),             # no worker of the run
+    (msgpack.packb([proto.VERSION, "READY", {"worker": "w1", "token": RUN_TOKEN}],
+                   use_bin_type=True), "type"),               # not a HELLO
+])
+def test_a_malformed_hello_from_a_stranger_is_refused_and_the_run_goes_on(
+        frame: bytes, field: str) -> None:
+    run = StartRun()
+    joined, reply = run.core.admit([b"id", frame])
+    assert joined is None and reply is not None
+    assert proto.decode(reply).field == field  # type: ignore[attr-defined]
+    assert run.core.failure is None and run.core.rejected == 1
+    run.start()  # w1 itself joins as usual
+    assert run.core.phase is Phase.RUNNING
+
+
+def test_a_malformed_hello_from_an_already_joined_worker_stays_a_strangers() -> None:
+    run = StartRun()
+    run.hello("w1")
+    joined, reply = run.core.admit([b"other", _bad_hello("w1")])
+    assert joined is None and reply is not None and run.core.failure is None
+
+
+# -- 4. a worker started by hand is not waited for once it can say nothing more ---------
+
+
+def test_a_worker_started_by_hand_that_answered_error_is_not_waited_for() -> None:
+    run = StartRun(stop_timeout=60.0, external=["w1"])
+    run.start()
+    run.say("w1", proto.Error(code="worker-error", detail="it gives up"))
+    for worker in ("w0", "w2"):
+        assert isinstance(run.last(worker), proto.Stop)
+        run.say(worker, proto.Bye())
+    assert run.core.finished  # at once: not after the 60 s stop deadline
+    failure = run.core.failure
+    assert isinstance(failure, RunFailed) and failure.worker == "w1"
+    assert failure.cause == "worker-error: it gives up"
+
+
+def test_a_started_worker_that_answered_error_is_still_waited_for_until_it_exits() -> None:
+    run = StartRun(stop_timeout=60.0)
+    run.start()
+    run.say("w1", proto.Error(code="worker-error", detail="it gives up"))
+    for worker in ("w0", "w2"):
+        run.say(worker, proto.Bye())
+    assert not run.core.finished  # its process is there to watch: it exits by itself
+    run.core.exited("w1", 1, run.now)
+    assert run.core.finished
+
+
+def test_a_worker_started_by_hand_that_never_joined_is_not_waited_for() -> None:
+    run = StartRun(stop_timeout=60.0, external=["w2"])
+    run.hello("w0")
+    run.hello("w1", versions=dict(proto.local_versions(), hio="0.0.1"))  # w1 is refused
+    run.core.exited("w1", 1, run.now)
+    run.say("w0", proto.Bye())
+    assert run.core.finished
+    assert isinstance(run.core.failure, RunFailed) and run.core.failure.worker == "w1"
+
+
+def test_a_worker_started_by_hand_stuck_at_start_is_not_said_to_be_killed() -> None:
+    run = StartRun(start_timeout=5.0, external=["w2"])
+    run.hello("w0")
+    run.hello("w1")
+    run.core.poll(run.now + 6.0)
+    failure = run.core.failure
+    assert isinstance(failure, RunFailed) and failure.worker == "w2"
+    assert "started by hand: not killed" in failure.cause
+
+
+# -- the same with real processes: the worker started by hand is a fake one -------------
+
+
+def _run_with_a_hand_started_worker(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                    mode: str, *, start_s: float, stop_s: float,
+                                    bound: float = 30.0) -> dict[str, Any]:
+    """ring3 with p1 started by hand as tests.fake_worker in ``mode`` (see
+    tests/external_run.py); the outcome, which must come within ``bound`` seconds."""
+    topology = tmp_path / "ring.toml"
+    topology.write_text(ring3())
+    monkeypatch.setenv("FAKE_WORKER", f"p1:{mode}:{tmp_path / 'fake.json'}")
+    driver = subprocess.Popen([sys.executable, "-m", "tests.external_run", str(topology), "p1",
+                               str(start_s), str(stop_s)], cwd=REPO, stdout=subprocess.PIPE,
+                              text=True, start_new_session=True)
+    try:
+        out, _ = driver.communicate(timeout=bound)
+    except subprocess.TimeoutExpired:
+        os.killpg(driver.pid, signal.SIGKILL)  # it and the fake; its workers orphan out
+        driver.communicate()
+        raise AssertionError(f"the run did not end within {bound:g} s") from None
+    assert driver.returncode == 0
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def test_a_hand_started_worker_with_a_malformed_hello_fails_the_run_at_once(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    outcome = _run_with_a_hand_started_worker(tmp_path, monkeypatch, "bad-hello",
+                                              start_s=60.0, stop_s=60.0)
+    assert (outcome.get("failure"), outcome.get("worker")) == ("RunFailed", "p1"), outcome
+    assert "HELLO.versions.protocol" in outcome["cause"]
+    received = json.loads((tmp_path / "fake.json").read_text())
+    assert [(entry["type"], entry.get("field")) for entry in received] == [
+        ("ERROR", "HELLO.versions.protocol")]
+
+
+def test_a_hand_started_worker_that_answered_error_ends_the_run_promptly(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    outcome = _run_with_a_hand_started_worker(tmp_path, monkeypatch, "error-after-setup",
+                                              start_s=60.0, stop_s=60.0)
+    assert (outcome.get("failure"), outcome.get("worker")) == ("RunFailed", "p1"), outcome
+    assert outcome["cause"] == "worker-error: the fake gives up after SETUP"
+
+
+def test_strangers_malformed_hellos_are_refused_while_the_run_goes_on() -> None:
+    text = ring3()
+    baseline = run(text)
+    context = zmq.Context()
+    strangers: list[zmq.Socket] = []
+
+    def on_listening(sup: supervisor.Supervisor) -> None:
+        for frame in (_bad_hello("p1", b"wrong"), _bad_hello("p1", None)):
+            sock = context.socket(zmq.DEALER)
+            sock.setsockopt(zmq.LINGER, 0)
+            connect_ready(sock, sup.control_address)
+            sock.send(frame)
+            strangers.append(sock)
+
+    try:
+        result = run(text, on_listening=on_listening)
+        replies = [proto.decode(sock.recv()) if sock.poll(30_000) else None
+                   for sock in strangers]
+    finally:
+        context.destroy(linger=0)
+    assert result.digest == baseline.digest and result.rejected_frames == 2
+    assert [(reply.code, reply.field) for reply in replies] == [  # type: ignore[union-attr]
+        ("bad-field", "HELLO.versions.protocol"), ("bad-field", "HELLO.token")]
