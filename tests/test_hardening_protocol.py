@@ -8,16 +8,20 @@
   with the worker's CURVE key) fails the run at once naming the field, instead of
   a wait for a valid HELLO; a stranger's is refused and the run goes on;
 * a worker started by hand that answered ERROR (or was refused, or never joined)
-  is not waited for: nobody can see its process end, and it will say nothing more.
+  is not waited for: nobody can see its process end, and it will say nothing more;
+* the control endpoint answers every bad command, a multipart one included, with
+  ANSWER ``ok: false`` saying what was wrong (docs/protocol.md §12).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -339,3 +343,60 @@ def test_strangers_malformed_hellos_are_refused_while_the_run_goes_on() -> None:
     assert result.digest == baseline.digest and result.rejected_frames == 2
     assert [(reply.code, reply.field) for reply in replies] == [  # type: ignore[union-attr]
         ("bad-field", "HELLO.versions.protocol"), ("bad-field", "HELLO.token")]
+
+
+# -- 5. the control endpoint's answers to bad commands -----------------------------------
+
+
+def test_the_control_endpoint_answers_every_bad_command_and_the_run_goes_on(
+        cli_env: dict[str, str]) -> None:
+    """p1 is started by hand only once the endpoint has answered: the run waits for it."""
+    answers: list[proto.Message | None] = []
+    hand: list[subprocess.Popen] = []
+    asks = [[b"two", b"frames"], [b"\xc1"], [proto.encode(proto.Answer(ok=True, detail=""))],
+            [proto.encode(proto.Command(command="scale", service="web", replicas=2))],
+            [proto.encode(proto.Command(command="status"))]]
+
+    def ask(sup: supervisor.Supervisor) -> None:
+        context = zmq.Context()
+        sock = context.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.MAXMSGSIZE, proto.MAX_CONTROL_FRAME)
+        try:
+            sock.connect(sup.endpoint_address)
+            for frames in asks:
+                sock.send_multipart(frames)
+                answers.append(proto.decode(sock.recv()) if sock.poll(30_000) else None)
+        finally:
+            context.destroy(linger=0)
+            argv = shlex.split(sup.worker_command_line("p1"))
+            hand.append(subprocess.Popen([sys.executable, "-m", *argv], env=cli_env))
+
+    asking: list[threading.Thread] = []
+
+    def on_listening(sup: supervisor.Supervisor) -> None:
+        asking.append(threading.Thread(target=ask, args=(sup,)))
+        asking[0].start()
+
+    try:
+        result = run(ring3(), external=["p1"], on_listening=on_listening)
+    finally:
+        for thread in asking:
+            thread.join(timeout=60)
+        for process in hand:
+            try:
+                process.wait(timeout=30)
+            finally:
+                if process.poll() is None:
+                    process.kill()
+                    process.wait()
+    assert result.ticks == 20
+    assert all(isinstance(answer, proto.Answer) for answer in answers), answers
+    details = [(answer.ok, answer.detail) for answer in answers]  # type: ignore[union-attr]
+    assert details[:4] == [
+        (False, "bad command: frame: expected one frame, got 2"),
+        (False, details[1][1]), (False, details[2][1]), (False, "this run has no services")]
+    assert details[1][1].startswith("bad command: frame: not valid msgpack")
+    assert details[2][1].startswith("bad command: type: unknown or unexpected message type")
+    status = answers[4].status  # type: ignore[union-attr]
+    assert details[4][0] and status["simulation"]["workers"]["p1"] == "await_hello"
