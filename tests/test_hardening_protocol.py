@@ -10,13 +10,16 @@
 * a worker started by hand that answered ERROR (or was refused, or never joined)
   is not waited for: nobody can see its process end, and it will say nothing more;
 * the control endpoint answers every bad command, a multipart one included, with
-  ANSWER ``ok: false`` saying what was wrong (docs/protocol.md §12).
+  ANSWER ``ok: false`` saying what was wrong (docs/protocol.md §12);
+* docs/protocol.md's tables of HELLO versions and of the run directory's entries
+  are what the code does.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import signal
 import subprocess
@@ -400,3 +403,62 @@ def test_the_control_endpoint_answers_every_bad_command_and_the_run_goes_on(
     assert details[2][1].startswith("bad command: type: unknown or unexpected message type")
     status = answers[4].status  # type: ignore[union-attr]
     assert details[4][0] and status["simulation"]["workers"]["p1"] == "await_hello"
+
+
+# -- 6. the docs' tables are the code's ------------------------------------------------
+
+DOCS = REPO / "docs" / "protocol.md"
+
+
+def _doc_rows(heading: str, columns: int) -> list[list[str]]:
+    """The body rows of the first table after ``heading`` with ``columns`` cells."""
+    section = DOCS.read_text(encoding="utf-8").split(heading, 1)[1]
+    rows = []
+    for line in section.splitlines():
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        if line.strip().startswith("|") and len(cells) == columns:
+            rows.append(cells)
+        elif rows:
+            break
+    return [row for row in rows[1:] if not set(row[0]) <= {"-", " "}]
+
+
+def test_docs_hello_versions_table_is_what_a_worker_sends() -> None:
+    rows = {key.strip("`"): (pattern.strip("`"), example.strip("`"))
+            for key, pattern, _, example in _doc_rows("### HELLO versions", 4)}
+    ours = proto.local_versions()
+    assert set(rows) == set(ours)
+    for key, (pattern, example) in rows.items():
+        assert re.fullmatch(pattern, ours[key]), (key, pattern, ours[key])
+        assert re.fullmatch(pattern, example), (key, pattern, example)
+    assert rows["protocol"][1] == str(proto.VERSION) == ours["protocol"]
+
+
+def test_docs_run_directory_table_names_every_entry(cli_env: dict[str, str]) -> None:
+    documented = ["[^/]+".join(map(re.escape, re.split(r"<[a-z]+>", entry.strip("`"))))
+                  for entry, _, _ in _doc_rows("There is no token file", 3)]
+    seen: list[str] = []
+    hand: list[subprocess.Popen] = []
+
+    def on_listening(sup: supervisor.Supervisor) -> None:  # p1 is started by hand
+        argv = shlex.split(sup.worker_command_line("p1"))
+        hand.append(subprocess.Popen([sys.executable, "-m", *argv], env=cli_env))
+
+    def on_ready(sup: supervisor.Supervisor) -> None:
+        assert sup.run_dir is not None
+        seen.extend(sorted(os.listdir(sup.run_dir)))
+
+    try:
+        run(ring3(), external=["p1"], on_listening=on_listening, on_ready=on_ready)
+    finally:
+        for process in hand:
+            try:
+                process.wait(timeout=30)
+            finally:
+                if process.poll() is None:
+                    process.kill()
+                    process.wait()
+    assert "p1.credentials" in seen and "t-p0" in seen and "d-p2" in seen, seen
+    assert "t-p1" not in seen  # nobody here registers the ticks of a worker started by hand
+    for entry in seen:
+        assert any(re.fullmatch(pattern, entry) for pattern in documented), (entry, documented)
