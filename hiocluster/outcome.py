@@ -241,14 +241,20 @@ def late_start(books: Iterable[WorkerBook],
     stuck, what = (quiet, "HELLO") if quiet else (late, "READY")
     first = stuck[0]
     return TickTimeout(worker=first.name, nodes=first.node_names, tick=None,
-                       cause=f"no {what} within {seconds:g} s of start (killed)"), stuck
+                       cause=f"no {what} within {seconds:g} s of start{_killed(first)}"), stuck
 
 
 def silent(book: WorkerBook, seconds: float, tick_timeout: float) -> TickTimeout:
     """A worker owing DONE said nothing for ``seconds``: stuck inside a tick."""
     return TickTimeout(worker=book.name, nodes=book.node_names, tick=book.progress + 1,
                        cause=f"silent for {seconds:.1f} s on one tick, past the "
-                             f"{tick_timeout:g} s tick deadline (killed)")
+                             f"{tick_timeout:g} s tick deadline{_killed(book)}")
+
+
+def _killed(book: WorkerBook) -> str:
+    """What the supervisor does to a worker stuck at a deadline: a process it started
+    is killed; one started by hand it cannot signal (it is left to the orphan rule)."""
+    return " (started by hand: not killed)" if book.external else " (killed)"
 
 
 def lost_frame(sender: str, nodes: tuple[str, ...], receiver: WorkerBook) -> RunFailed:

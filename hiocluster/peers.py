@@ -8,11 +8,17 @@ neighbour's. One DEALER per neighbour sends. Anything from a connection that
 has not proved itself is a stranger's: refused, counted, logged (the first
 LOG_REFUSED).
 
+A neighbour may dial before this worker has its own SETUP (it got its SETUP
+first): its PEER, if it carries the token, is held (one per connection, at most
+EARLY_PEERS) and judged once SETUP says who the neighbours are, never refused
+for being early.
+
 Imports: exchange, transport, protocol, errors.
 """
 
 from __future__ import annotations
 
+import hmac
 import sys
 from typing import Any
 
@@ -21,10 +27,12 @@ from .errors import ClusterError, FrameError, ProtocolError
 from .exchange import Exchange
 from .transport import NOBLOCK, Again, Context, bound_address, sender
 
-__all__ = ["PeerSockets", "DataFault", "LOG_REFUSED"]
+__all__ = ["PeerSockets", "DataFault", "LOG_REFUSED", "EARLY_PEERS"]
 
 #: Refused data frames from strangers logged one by one; after that only counted.
 LOG_REFUSED = 10
+#: PEER frames held until SETUP says who the neighbours are (one per connection).
+EARLY_PEERS = 1024
 
 
 class DataFault(ClusterError):
@@ -51,6 +59,7 @@ class PeerSockets:
         self.exchange: Exchange | None = None
         self.peer_of: dict[bytes, str] = {}      # connection -> neighbour
         self.outs: dict[str, Any] = {}           # neighbour -> DEALER
+        self.early: dict[bytes, tuple[list[bytes], str | None]] = {}  # PEERs before SETUP
         self.refused = 0
 
     def connect(self, exchange: Exchange, addresses: dict[str, str],
@@ -67,6 +76,9 @@ class PeerSockets:
         for peer in exchange.neighbours:
             out = self.outs[peer] = self.context.data_dealer(addresses[peer], keys.get(peer))
             out.send(hello)
+        early, self.early = self.early, {}
+        for parts, key in early.values():  # the PEERs that came before SETUP, in order
+            self._admit(parts, key)
 
     def send(self, frames: list[tuple[str, bytes]]) -> None:
         """Send each ``(neighbour, frame)``."""
@@ -112,29 +124,40 @@ class PeerSockets:
     def _admit(self, parts: list[bytes], key: str | None) -> None:
         """A frame on a connection not yet known: a neighbour's PEER, or a stranger's.
         ``key``: the name of the CURVE key it came with (None without CURVE)."""
-        why = "not a PEER frame"
-        if len(parts) == 2 and self.exchange is not None:
-            try:
-                peer = proto.decode(parts[1], limit=proto.MAX_DATA_FRAME,
-                                    allowed=(proto.Peer,))
-            except FrameError as exc:
-                why = str(exc)
-            else:
-                assert isinstance(peer, proto.Peer)
-                if peer.worker not in self.exchange.neighbours:
-                    why = f"{peer.worker!r} is not a neighbour"
-                elif peer.token != self.token:
-                    why = "wrong token"
-                elif key is not None and key != peer.worker:
-                    why = f"the CURVE key of {key or 'nobody'!r} cannot speak for {peer.worker!r}"
-                elif peer.worker in self.peer_of.values():
-                    why = f"{peer.worker!r} is already connected"
-                else:
-                    self.peer_of[parts[0]] = peer.worker
-                    return
+        why = self._judge(parts, key)
+        if why is None:
+            return
         self.refused += 1
         if self.refused <= LOG_REFUSED:
             print(f"hiocluster worker {self.worker}: refused a frame on the data socket: "
                   f"{why}" + (" (further refusals are only counted)"
                               if self.refused == LOG_REFUSED else ""),
                   file=sys.stderr, flush=True)
+
+    def _judge(self, parts: list[bytes], key: str | None) -> str | None:
+        """Admit (or, before SETUP, hold) a connection's first frame and return None,
+        or say why it is refused."""
+        if len(parts) != 2:
+            return "not a PEER frame"
+        try:
+            peer = proto.decode(parts[1], limit=proto.MAX_DATA_FRAME, allowed=(proto.Peer,))
+        except FrameError as exc:
+            return str(exc)
+        assert isinstance(peer, proto.Peer)
+        if self.exchange is not None and peer.worker not in self.exchange.neighbours:
+            return f"{peer.worker!r} is not a neighbour"
+        if not hmac.compare_digest(peer.token, self.token):
+            return "wrong token"
+        if self.exchange is None:  # before our SETUP: who the neighbours are comes with it
+            if parts[0] in self.early:
+                return "a second frame before SETUP on a connection that said PEER"
+            if len(self.early) >= EARLY_PEERS:
+                return f"more than {EARLY_PEERS} PEER frames before SETUP"
+            self.early[parts[0]] = (parts, key)
+            return None
+        if key is not None and key != peer.worker:
+            return f"the CURVE key of {key or 'nobody'!r} cannot speak for {peer.worker!r}"
+        if peer.worker in self.peer_of.values():
+            return f"{peer.worker!r} is already connected"
+        self.peer_of[parts[0]] = peer.worker
+        return None

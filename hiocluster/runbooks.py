@@ -28,9 +28,10 @@ class WorkerBook:
     from its DONE and PROGRESS frames; ``heard`` when it last said anything.
     """
 
-    def __init__(self, name: str, node_names: tuple[str, ...]) -> None:
+    def __init__(self, name: str, node_names: tuple[str, ...], external: bool = False) -> None:
         self.name = name
         self.node_names = node_names
+        self.external = external             # started by hand: no process to watch
         self.machine = proto.ParentMachine(name)
         self.joined = False                  # a connection proved it is this worker
         self.neighbours: frozenset[str] = frozenset()
@@ -103,8 +104,11 @@ class WorkerBook:
 
     @property
     def settled(self) -> bool:
-        """Nothing more to wait for: it said BYE, or its process ended."""
-        return self.bye is not None or self.exitcode is not None
+        """Nothing more to wait for: it said BYE, or its process ended; for a worker
+        started by hand (whose process nobody here can see end): it failed (its
+        ERROR was its last word, or it was refused) or it never joined."""
+        return self.bye is not None or self.exitcode is not None or (
+            self.external and (self.failed or not self.joined))
 
     @property
     def ready_or_failed(self) -> bool:
@@ -140,7 +144,11 @@ def claim(books: Mapping[str, WorkerBook], token: bytes, parts: list[bytes],
     try:
         hello = proto.decode(parts[1], allowed=(proto.Hello,))
     except FrameError as exc:
-        return exc
+        book = _malformed(books, token, parts[1], sender)
+        if book is None:
+            return exc
+        book.joined = True  # its machine refuses the frame, naming the field: the run fails
+        return book
     assert isinstance(hello, proto.Hello)
     book = books.get(hello.worker)
     if book is None:
@@ -155,6 +163,20 @@ def claim(books: Mapping[str, WorkerBook], token: bytes, parts: list[bytes],
         book.joined = True
         return book
     return ProtocolError(why, field="HELLO.worker", code="unknown-peer")
+
+
+def _malformed(books: Mapping[str, WorkerBook], token: bytes, data: bytes,
+               sender: str | None) -> WorkerBook | None:
+    """The worker of the run that an invalid HELLO provably comes from (one that has
+    not joined yet): the owner of the CURVE key it came with, else the worker it
+    names if it carries the run's token. None: a stranger's."""
+    name, proof = proto.claimed_by(data)
+    if sender is not None:
+        name = sender
+    elif type(proof) is not bytes or not hmac.compare_digest(proof, token):
+        return None
+    book = books.get(name) if type(name) is str else None
+    return book if book is not None and not book.joined and not book.failed else None
 
 
 def neighbours(topology: Topology, plan: Plan) -> dict[str, set[str]]:

@@ -67,13 +67,15 @@ class Supervision:
         keep_digests: keep the run digest after every tick.
         versions: what workers must match (default: this process's).
         tick_timeout: the tick deadline, seconds.
+        external: children started by hand: no process here to watch or signal.
     """
 
     def __init__(self, members: Mapping[str, Sequence[str]], *, now: float, token: bytes,
                  keep_digests: bool = False, versions: dict[str, str] | None = None,
                  tick_timeout: float = 30.0, start_timeout: float = START_TIMEOUT,
-                 stop_timeout: float = STOP_TIMEOUT) -> None:
-        self.books = {name: WorkerBook(name, tuple(nodes)) for name, nodes in members.items()}
+                 stop_timeout: float = STOP_TIMEOUT, external: Sequence[str] = ()) -> None:
+        self.books = {name: WorkerBook(name, tuple(nodes), name in external)
+                      for name, nodes in members.items()}
         self.chain = DigestChain({name: book.node_names for name, book in self.books.items()},
                                  keep=keep_digests)
         self.token = token
@@ -325,12 +327,14 @@ class RunCore(Supervision):
                  versions: dict[str, str] | None = None,
                  keys: dict[str, str] | None = None,
                  start_timeout: float = START_TIMEOUT,
-                 stop_timeout: float = STOP_TIMEOUT, trace: bool = False) -> None:
+                 stop_timeout: float = STOP_TIMEOUT, trace: bool = False,
+                 external: Sequence[str] = ()) -> None:
         members = {name: [node for leaf in plan.leaves(name)
                           for node in plan.worker(leaf).node_names] for name in plan.top}
         super().__init__(members, now=now, token=token, keep_digests=keep_digests,
                          versions=versions, tick_timeout=topology.tick_timeout,
-                         start_timeout=start_timeout, stop_timeout=stop_timeout)
+                         start_timeout=start_timeout, stop_timeout=stop_timeout,
+                         external=external)
         self.topology, self.plan, self.keys, self.wall = topology, plan, keys, wall
         self.chain.every, self.chain.ticks = topology.digest_every, topology.ticks
         self.trace = trace

@@ -516,9 +516,10 @@ class Endpoint(RouterDoer):
             if not readable(self.router):
                 break
             parts = self.router.recv_multipart(NOBLOCK)
-            if len(parts) != 2:
-                continue
             try:
+                if len(parts) != 2:
+                    raise FrameError(f"expected one frame, got {len(parts) - 1}",
+                                     code="multipart")
                 message = proto.decode(parts[1], allowed=(proto.Command,))
                 answer = self.owner.command(message)
             except FrameError as exc:

@@ -473,7 +473,9 @@ class Supervisor(Supervising):
                             keys={name: pair.public for name, pair in self.worker_keys.items()},
                             window=self.window, keep_digests=self.keep_digests,
                             wall=time.time, start_timeout=self.start_timeout,
-                            stop_timeout=self.stop_timeout, trace=self.trace)
+                            stop_timeout=self.stop_timeout, trace=self.trace,
+                            external=[name for name, child in self.children.items()
+                                      if child.external])
         # the launcher needs the bound address: the switchboard binds in its enter,
         # which hio runs before any child's (doers enter in order)
         self.launcher = _DeferredLauncher(self)

@@ -252,7 +252,10 @@ class Worker:
                 waited = time.time()
             if tick:
                 self._gather(tick - 1)
-                exchange.deliver(tick - 1)
+                try:
+                    exchange.deliver(tick - 1)
+                except RemoteProtocolError as exc:  # a neighbour's over-large ack: its fault
+                    raise DataFault(exc.worker or "", exc) from exc
             if self.pacer is not None:
                 self._pace(tick)
             if trace is not None:
@@ -318,14 +321,11 @@ class Worker:
             self.peers.take_one()
 
     def _await_control(self) -> proto.Message:
-        """The next control frame, serving the data socket meanwhile (once SETUP
-        said who the neighbours are)."""
+        """The next control frame, serving the data socket meanwhile (a neighbour's
+        PEER that comes before our SETUP is held until SETUP names the neighbours)."""
         control = self.control
         while True:
-            if self.exchange is None:
-                ready = [control] if control.poll(PROGRESS_S * 1000) else []
-            else:
-                ready = self.poller.poll(PROGRESS_S * 1000)
+            ready = self.poller.poll(PROGRESS_S * 1000)
             if control in ready:
                 return self.machine.receive(control.recv(NOBLOCK))
             if ready and self.peers is not None:

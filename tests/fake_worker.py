@@ -13,8 +13,13 @@ MODE says:
 * ``bad-progress``: PROGRESS for a tick outside the window;
 * ``stranger-waiting``: PROGRESS waiting for a worker that is not its neighbour;
 * ``old-hio``: HELLO claims another hio version (start-up must refuse it);
+* ``bad-hello``: a malformed HELLO, with the run's token: ``versions.protocol`` is
+  the int 2, not the string "2" (start-up must fail at once, naming the field);
+* ``error-after-setup``: answers SETUP with ERROR ``worker-error`` and exits;
 * ``bad-link``: DATA to its neighbours naming a link that does not join them;
 * ``forged-source``: DATA to its neighbours claiming to come from another worker;
+* ``bad-ack``: DATA to its neighbours acknowledging 10**6 messages on every link
+  from them (more than were ever in flight);
 * ``silent``: never says anything (start-up must time out and kill it);
 * ``deaf``: ignores SIGTERM, joins, and then never answers anything, STOP included
   (the supervisor must escalate to SIGKILL).
@@ -82,6 +87,8 @@ class Fake:
         versions = proto.local_versions()
         if self.mode == "old-hio":
             versions["hio"] = "0.0.1"
+        elif self.mode == "bad-hello":
+            versions["protocol"] = 2  # type: ignore[assignment]
         self.send(proto.Hello(worker=self.args.name, token=self.token, pid=os.getpid(),
                               versions=versions,
                               data_address=self.data.getsockopt(zmq.LAST_ENDPOINT).decode()))
@@ -89,6 +96,9 @@ class Fake:
         if not isinstance(setup, proto.Setup):
             return
         self.setup = setup
+        if self.mode == "error-after-setup":
+            self.send(proto.Error(code="worker-error", detail="the fake gives up after SETUP"))
+            return
         for peer, address in setup.peers.items():
             out = self.outs[peer] = self.context.socket(zmq.DEALER)
             out.setsockopt(zmq.LINGER, 0)
@@ -127,6 +137,12 @@ class Fake:
             self.send(proto.Progress(tick=until + 3, waiting=[]))
         elif mode == "stranger-waiting":
             self.send(proto.Progress(tick=None, waiting=["nobody"]))
+        elif mode == "bad-ack":  # acknowledges 10**6 messages on each link into it
+            for peer, out in self.outs.items():
+                acks = [[row[0], 10**6] for row in self.setup.links
+                        if row[6] == peer and row[7] == self.args.name]
+                out.send(proto.encode(proto.Data(tick=0, source=self.args.name, messages=[],
+                                                 acks=acks)))
         elif mode in ("bad-link", "forged-source"):
             source = "p0" if mode == "forged-source" else self.args.name
             messages = [] if mode == "forged-source" else [[10**6, [0], ["x"]]]

@@ -21,7 +21,7 @@ from .fields import MAX_ARRAY, MAX_CONTROL_FRAME, MAX_DATA_FRAME, MAX_MAP, MAX_S
 from .messages import MESSAGE_TYPES, Data, Message
 
 __all__ = ["VERSION", "encode", "decode", "decode_data", "reload_data", "from_body",
-           "check_unpacks", "check_control_value"]
+           "check_unpacks", "check_control_value", "claimed_by"]
 
 #: The protocol version every frame carries; a peer speaking another is refused.
 VERSION = 3
@@ -93,6 +93,22 @@ def decode_data(data: bytes) -> Data:
         FrameError: with ``field`` naming what was wrong.
     """
     return _decode(_unpack(data, MAX_DATA_FRAME, payloads=True), (Data,))  # type: ignore
+
+
+def claimed_by(data: bytes, limit: int = MAX_CONTROL_FRAME) -> tuple[Any, Any]:
+    """``(worker, token)`` as a HELLO frame that fails :func:`decode` carries them
+    (either None where it has none): a worker of the run whose HELLO is malformed
+    still proves who it is with the run's token, so its run can fail at once,
+    naming the bad field, instead of waiting for a valid HELLO that never comes.
+    Only values of msgpack that unpacks within ``limit``, of type ``"HELLO"``."""
+    try:
+        frame = _unpack(data, limit)
+    except FrameError:
+        return None, None
+    if type(frame) is list and len(frame) == 3 and frame[1] == "HELLO" \
+            and type(frame[2]) is dict:
+        return frame[2].get("worker"), frame[2].get("token")
+    return None, None
 
 
 def reload_data(data: bytes) -> Data:
