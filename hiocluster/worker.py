@@ -297,6 +297,8 @@ class Worker:
         """PROGRESS to the supervisor, and a look at the control socket for STOP."""
         self.report_at = time.monotonic() + PROGRESS_S
         self._take_control()
+        if self.peers is not None and self.exchange is not None:
+            self.peers.check()  # a data connection that dropped is made again
         if self.machine.state is proto.ChildState.RUNNING:
             self._send(proto.Progress(tick=self.tick if self.tick >= 0 else None,
                                       waiting=waiting or []), checked=False)
@@ -326,6 +328,8 @@ class Worker:
                 return self.machine.receive(control.recv(NOBLOCK))
             if ready and self.peers is not None:
                 self.peers.take_one()
+            elif self.exchange is not None and self.peers is not None:
+                self.peers.check()
 
     def _take_control(self) -> None:
         """A control frame mid-window can only be STOP or ERROR (the machine says so)."""
