@@ -65,6 +65,7 @@ class PeerSockets:
         self.connections: dict[str, deque[bytes]] = {}   # neighbour -> its latest ones
         self.outs: dict[str, Any] = {}           # neighbour -> DEALER
         self.monitors: dict[str, Any] = {}       # neighbour -> its DEALER's monitor
+        self.up: dict[str, bool] = {}            # neighbour -> its DEALER is connected
         self.kept: dict[str, deque[tuple[int, bytes]]] = {}  # neighbour -> (tick, frame)
         self.addresses: dict[str, str] = {}
         self.keys: dict[str, str] = {}
@@ -90,7 +91,7 @@ class PeerSockets:
     def _dial(self, peer: str) -> None:
         out, self.monitors[peer] = self.context.data_dealer(self.addresses[peer],
                                                             self.keys.get(peer))
-        self.outs[peer] = out
+        self.outs[peer], self.up[peer] = out, False
         out.send(self._hello, NOBLOCK)  # queued until the connection is made
         for _, frame in self.kept[peer]:
             out.send(frame, NOBLOCK)
@@ -111,14 +112,15 @@ class PeerSockets:
             except Again:  # its connection dropped: the frame goes when it is made again
                 pass
 
-    def check(self) -> None:
+    def check(self, redial: bool = True) -> None:
         """Make again every outgoing connection that dropped (or never came up): a
         new socket and routing id, PEER, then every frame kept for that neighbour."""
         for peer, monitor in self.monitors.items():
             down = False
             while readable(monitor):
-                down = monitor_event(monitor) != "connected"
-            if down:
+                self.up[peer] = monitor_event(monitor) == "connected"
+                down = down or not self.up[peer]
+            if down and redial:
                 self.redials += 1
                 if self.redials <= LOG_REFUSED:
                     print(f"hiocluster worker {self.worker}: the data connection to {peer} "
@@ -126,6 +128,14 @@ class PeerSockets:
                           "frame(s)", file=sys.stderr, flush=True)
                 self.context.discard(self.outs[peer], monitor)
                 self._dial(peer)
+
+    def drop_unconnected(self) -> None:
+        """Before a clean close: close at once the sockets to neighbours not connected
+        now (what they hold can never leave: the close would wait out its linger)."""
+        self.check(redial=False)
+        for peer, up in self.up.items():
+            if not up:
+                self.context.discard(self.outs[peer], self.monitors[peer])
 
     def take_one(self) -> None:
         """One message from the receiving socket (a poll said there is one).

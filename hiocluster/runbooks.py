@@ -139,6 +139,9 @@ def claim(books: Mapping[str, WorkerBook], token: bytes, parts: list[bytes],
     try:
         hello = proto.decode(parts[1], allowed=(proto.Hello,))
     except FrameError as exc:
+        # without its traceback: the frames in it hold the stranger's bytes in a
+        # reference cycle (through the caller's frame), kept until a full collection
+        exc.__traceback__ = exc.__cause__ = exc.__context__ = None
         return exc
     assert isinstance(hello, proto.Hello)
     book = books.get(hello.worker)

@@ -24,7 +24,7 @@ every socket is CurveZMQ (encrypted, and authenticated by ZAP through
 fails closed): a bound socket admits only the public keys it was told, and
 every message it receives carries the name of the key that sent it
 (:func:`sender`). TCP connections send ZeroMQ heartbeats, so a peer that
-vanishes is noticed within HEARTBEAT_TIMEOUT_MS.
+vanishes is noticed within the heartbeat timeout (:func:`heartbeat_timeout_ms`).
 
 zmq errors stop here: they become :class:`TransportError`.
 """
@@ -56,7 +56,8 @@ from .protocol import MAX_CONTROL_FRAME, MAX_DATA_FRAME, MAX_SETUP_FRAME
 __all__ = ["TransportError", "Context", "Poller", "KeyPair", "Credentials", "Gate",
            "CREDENTIALS_ENV", "write_key_pair", "TRANSPORTS",
            "ipc_address", "local_address", "bound_address", "ipc_path", "readable", "sender",
-           "facing", "resolve", "resolved", "HEARTBEAT_TIMEOUT_MS", "routing_id",
+           "facing", "resolve", "resolved", "HEARTBEAT_TIMEOUT_MS", "heartbeat_timeout_ms",
+           "routing_id",
            "unpredictable_ids",
            "monitor_event", "Again", "ZMQError", "NOBLOCK", "SNDMORE"]
 
@@ -66,15 +67,23 @@ TRANSPORTS = ("ipc", "tcp")
 #: The supervisor's control socket admits frames up to twice the limit, so an
 #: oversized one can still be read and answered with ERROR "oversized".
 HARD_LIMIT_FACTOR = 2
-#: Frames a bound socket queues per connection before it stops reading from it:
-#: a stranger cannot make us hold more than this many of its frames.
-BOUND_RCVHWM = 16
+#: Frames a bound socket queues per connection before it stops reading from it: a
+#: stranger cannot make us hold more than this many of its frames (plus the one
+#: being read), each at most the socket's MAXMSGSIZE.
+BOUND_RCVHWM = 4
+#: The largest frame a run's control endpoint reads: a COMMAND is a few dozen bytes.
+ENDPOINT_LIMIT = 65536
 #: Linger on a clean close: long enough for queued frames to leave, never forever.
 CLEAN_LINGER_MS = 2000
-#: ZeroMQ heartbeats on tcp: a PING this often; no traffic for the timeout drops the
-#: connection (and the monitor says so): a vanished host is noticed within 0.5 s.
+#: ZeroMQ heartbeats on tcp: a PING every HEARTBEAT_IVL_MS; a connection silent for
+#: the heartbeat timeout is dropped (and the monitor says so). The timeout is how much
+#: loss a link may show before it counts as down: by default HEARTBEAT_TIMEOUT_MS (a
+#: vanished host is noticed within 0.5 s); on a lossy link, raise it with
+#: $HIOCLUSTER_HEARTBEAT_TIMEOUT_MS (each process reads it: agents too).
 HEARTBEAT_IVL_MS = 100
 HEARTBEAT_TIMEOUT_MS = 400
+HEARTBEAT_ENV = "HIOCLUSTER_HEARTBEAT_TIMEOUT_MS"
+MAX_HEARTBEAT_TIMEOUT_MS = 600_000
 #: The ZAP domain of every CURVE server socket.
 ZAP_DOMAIN = "hiocluster"
 #: Refused CURVE keys logged one by one; after that only counted.
@@ -103,6 +112,19 @@ def unpredictable_ids() -> None:
     if _seeded_in != os.getpid():
         ctypes.CDLL(None).srand(int.from_bytes(os.urandom(4), "little"))
         _seeded_in = os.getpid()
+
+
+def heartbeat_timeout_ms() -> int:
+    """The heartbeat timeout of this process: $HIOCLUSTER_HEARTBEAT_TIMEOUT_MS, else
+    HEARTBEAT_TIMEOUT_MS. Raises TransportError naming a bad value."""
+    text = os.environ.get(HEARTBEAT_ENV, "").strip()
+    if not text:
+        return HEARTBEAT_TIMEOUT_MS
+    value = int(text) if text.isdigit() else 0
+    if not 2 * HEARTBEAT_IVL_MS <= value <= MAX_HEARTBEAT_TIMEOUT_MS:
+        raise TransportError(f"${HEARTBEAT_ENV} must be a whole number of milliseconds from "
+                             f"{2 * HEARTBEAT_IVL_MS} to {MAX_HEARTBEAT_TIMEOUT_MS}, not {text!r}")
+    return value
 
 
 def ipc_address(run_dir: str, name: str) -> str:
@@ -310,6 +332,7 @@ class Context:
     """
 
     def __init__(self, keys: KeyPair | None = None, owner: str = "process") -> None:
+        self.heartbeat_ms = heartbeat_timeout_ms()
         unpredictable_ids()
         self._context = zmq.Context()
         self._sockets: list[zmq.Socket] = []
@@ -332,8 +355,8 @@ class Context:
         if not address.startswith("tcp://"):
             return
         sock.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_IVL_MS)
-        sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS)
-        sock.setsockopt(zmq.HEARTBEAT_TTL, HEARTBEAT_TIMEOUT_MS)
+        sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, self.heartbeat_ms)
+        sock.setsockopt(zmq.HEARTBEAT_TTL, self.heartbeat_ms)
         if self.keys is None:
             return
         sock.setsockopt(zmq.CURVE_PUBLICKEY, self.keys.public.encode("ascii"))
@@ -363,6 +386,11 @@ class Context:
     def control_router(self, address: str) -> zmq.Socket:
         """The supervisor's control socket, bound at ``address``."""
         return self._bound_router(address, MAX_CONTROL_FRAME * HARD_LIMIT_FACTOR)
+
+    def endpoint_router(self, address: str) -> zmq.Socket:
+        """A run's control endpoint (``hiocluster status``), bound at ``address``: a
+        bigger frame than ENDPOINT_LIMIT drops its connection."""
+        return self._bound_router(address, ENDPOINT_LIMIT)
 
     def control_dealer(self, address: str, server_key: str | None = None, *,
                        identity: bytes | None = None,

@@ -177,6 +177,8 @@ class Worker:
                              results=results, node_metrics=per_node if finished else {},
                              kinds=kinds, trace={self.name: self.trace}
                              if self.trace is not None and finished else {}))
+        if self.peers is not None:
+            self.peers.drop_unconnected()
         self._close(clean=True)
         return 0
 
