@@ -77,7 +77,12 @@ class Exchange:
         self._acks_for = {peer: frozenset(link.id for link in out_to.get(peer, ()))
                           for peer in self.neighbours}
         self._queues: dict[str, deque[proto.Data]] = {peer: deque() for peer in self.neighbours}
-        self._next: dict[str, int] = dict.fromkeys(self.neighbours, 0)
+        #: per neighbour, the tick of the next frame expected (= frames arrived)
+        self.next_tick: dict[str, int] = dict.fromkeys(self.neighbours, 0)
+        #: neighbours that connected again: frames they resent that are already here
+        #: are dropped (counted in ``duplicates``), not refused as stale
+        self.resumed: set[str] = set()
+        self.duplicates = 0
         self._local: proto.Data | None = None
         self.sent_tick = -1          # the last tick whose frames went out
         self.messages = 0            # messages put on any link, local ones included
@@ -92,12 +97,15 @@ class Exchange:
             RemoteProtocolError: valid, but wrong for this run (``worker`` = source).
         """
         frame = proto.decode_data(raw)
-        expected = self._next[source]
+        expected = self.next_tick[source]
         if frame.source != source:
             raise _reject(f"frame from {source} claims to come from {frame.source!r}", source,
                           expected, "DATA.source", "wrong-source")
         if frame.tick != expected or frame.tick > self.sent_tick + 1:
             stale = frame.tick < expected
+            if stale and source in self.resumed:
+                self.duplicates += 1
+                return
             raise _reject(f"frame of tick {frame.tick}, expected tick {expected}"
                           + (" (a tick from the past)" if stale else ""), source, expected,
                           "DATA.tick", "stale-tick" if stale else "wrong-tick")
@@ -108,7 +116,7 @@ class Exchange:
         if not self._acks_for[source].issuperset(acked) or len(set(acked)) != len(acked):
             self._explain_ids(acked, self._acks_for[source], source, "DATA.acks", expected)
         self._queues[source].append(frame)
-        self._next[source] = expected + 1
+        self.next_tick[source] = expected + 1
 
     def _explain_ids(self, ids: list[int], allowed: frozenset[int], source: str, field: str,
                      tick: int) -> None:
@@ -124,12 +132,12 @@ class Exchange:
 
     def missing(self, tick: int) -> list[str]:
         """Neighbours whose frame of ``tick`` has not arrived yet (sorted)."""
-        return [peer for peer, after in self._next.items() if after <= tick]
+        return [peer for peer, after in self.next_tick.items() if after <= tick]
 
     @property
     def received(self) -> dict[str, int]:
         """How many frames arrived from each neighbour."""
-        return dict(self._next)
+        return dict(self.next_tick)
 
     def _take(self, tick: int) -> list[proto.Data]:
         """Every frame of ``tick``: the neighbours' (all must be in), then our own."""

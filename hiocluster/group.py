@@ -10,7 +10,7 @@ back. The workers under it send DATA to each other directly, wherever they
 run; they bind their data sockets where the group was told to (``--bind``: an
 agent's advertised address), else beside their control socket.
 
-If its supervisor's connection stays down for ORPHAN_GRACE_S (or never comes
+If its supervisor's connection stays down for ``orphan_grace()`` (or never comes
 up), it stops its children and exits with code 3, removing what its vanished
 supervisor cannot, like an orphaned worker. Its run directory is a sibling of
 its supervisor's (ipc paths do not grow with depth); if the group itself is
@@ -40,7 +40,7 @@ from .loop import Loop
 from .supervisor import Supervising
 from .transport import (NOBLOCK, Context, Credentials, KeyPair, TransportError,
                         local_address, monitor_event, readable)
-from .watchdog import ORPHAN_GRACE_S
+from .watchdog import orphan_grace
 from .worker import START_TIMEOUT, default_bind, remove_orphan_files
 
 __all__ = ["GroupOptions", "Group", "ParentLink", "run_group"]
@@ -71,6 +71,7 @@ class ParentLink(Doer):
         self.connected = False
         self.down_since = 0.0
         self.deadline = time.monotonic() + START_TIMEOUT
+        self.grace = orphan_grace()
 
     def enter(self) -> None:
         group, options = self.group, self.group.options
@@ -87,7 +88,7 @@ class ParentLink(Doer):
                 self.connected, self.down_since = True, 0.0
             elif not self.down_since:
                 self.down_since = now
-        if not core.orphaned and ((self.down_since and now - self.down_since > ORPHAN_GRACE_S)
+        if not core.orphaned and ((self.down_since and now - self.down_since > self.grace)
                                   or (not self.connected and now > self.deadline)):
             core.lost_parent(now)
         for _ in range(1000):

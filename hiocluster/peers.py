@@ -1,12 +1,20 @@
 """A worker's data sockets: where its neighbours' DATA arrives, and where its goes.
 
-One bound ROUTER receives; ZeroMQ names each connection, and a connection
-becomes a neighbour's once its first frame, PEER, carries the run's token and,
-over tcp, comes with that neighbour's CURVE key (docs/protocol.md §1). Every
-later frame on it goes to the :class:`~hiocluster.exchange.Exchange` as that
-neighbour's. One DEALER per neighbour sends. Anything from a connection that
-has not proved itself is a stranger's: refused, counted, logged (the first
-LOG_REFUSED).
+One bound ROUTER receives; each connection has its sender's random routing
+id, and becomes a neighbour's once its first frame, PEER, carries the run's
+token and, over tcp, comes with that neighbour's CURVE key (docs/protocol.md
+§1). Every later frame on it goes to the :class:`~hiocluster.exchange.Exchange`
+as that neighbour's. Anything from a connection that has not proved itself is
+a stranger's: refused, counted, logged (the first LOG_REFUSED).
+
+One DEALER per neighbour sends, and keeps the frames its neighbour may not
+have yet: a neighbour that sent its frame of tick j had ours of tick j-1, so
+only ours from tick j on (two at most) are kept. A DEALER never reconnects by
+itself: once its connection drops (a heartbeat timeout on a lossy link, a
+reset), :meth:`PeerSockets.check` replaces it with a new one — a new routing
+id, PEER again, then the kept frames. The receiver takes the new connection
+as the same neighbour's and drops the resent frames it already has
+(docs/protocol.md §7, "Lost connections").
 
 A neighbour may dial before this worker has its own SETUP (it got its SETUP
 first): its PEER, if it carries the token, is held (one per connection, at most
@@ -20,12 +28,13 @@ from __future__ import annotations
 
 import hmac
 import sys
+from collections import deque
 from typing import Any
 
 from . import protocol as proto
 from .errors import ClusterError, FrameError, ProtocolError
 from .exchange import Exchange
-from .transport import NOBLOCK, Again, Context, bound_address, sender
+from .transport import NOBLOCK, Again, Context, bound_address, monitor_event, readable, sender
 
 __all__ = ["PeerSockets", "DataFault", "LOG_REFUSED", "EARLY_PEERS"]
 
@@ -33,6 +42,9 @@ __all__ = ["PeerSockets", "DataFault", "LOG_REFUSED", "EARLY_PEERS"]
 LOG_REFUSED = 10
 #: PEER frames held until SETUP says who the neighbours are (one per connection).
 EARLY_PEERS = 1024
+#: Connections of one neighbour whose frames are still taken (a dropped one's last
+#: frames can still be queued here when its replacement arrives).
+KEEP_CONNECTIONS = 4
 
 
 class DataFault(ClusterError):
@@ -58,33 +70,84 @@ class PeerSockets:
         self.address = bound_address(self.socket)
         self.exchange: Exchange | None = None
         self.peer_of: dict[bytes, str] = {}      # connection -> neighbour
+        self.connections: dict[str, deque[bytes]] = {}   # neighbour -> its latest ones
         self.outs: dict[str, Any] = {}           # neighbour -> DEALER
         self.early: dict[bytes, tuple[list[bytes], str | None]] = {}  # PEERs before SETUP
+        self.monitors: dict[str, Any] = {}       # neighbour -> its DEALER's monitor
+        self.up: dict[str, bool] = {}            # neighbour -> its DEALER is connected
+        self.kept: dict[str, deque[tuple[int, bytes]]] = {}  # neighbour -> (tick, frame)
+        self.addresses: dict[str, str] = {}
+        self.keys: dict[str, str] = {}
         self.refused = 0
+        self.redials = 0                         # outgoing connections made again
 
     def connect(self, exchange: Exchange, addresses: dict[str, str],
                 keys: dict[str, str]) -> None:
         """Admit every neighbour's CURVE key (``keys``, over tcp), then dial every
         neighbour of ``exchange`` and say PEER to it."""
         self.exchange = exchange
+        self.addresses, self.keys = addresses, keys
         gate = self.context.gate
         if gate is not None:
             for peer in exchange.neighbours:
                 gate.admit(peer, keys[peer])
             gate.open()
-        hello = proto.encode(proto.Peer(worker=self.worker, token=self.token))
+        self._hello = proto.encode(proto.Peer(worker=self.worker, token=self.token))
         for peer in exchange.neighbours:
-            out = self.outs[peer] = self.context.data_dealer(addresses[peer], keys.get(peer))
-            out.send(hello)
+            self.kept[peer] = deque()
+            self._dial(peer)
         early, self.early = self.early, {}
         for parts, key in early.values():  # the PEERs that came before SETUP, in order
             self._admit(parts, key)
 
+    def _dial(self, peer: str) -> None:
+        out, self.monitors[peer] = self.context.data_dealer(self.addresses[peer],
+                                                            self.keys.get(peer))
+        self.outs[peer], self.up[peer] = out, False
+        out.send(self._hello, NOBLOCK)  # queued until the connection is made
+        for _, frame in self.kept[peer]:
+            out.send(frame, NOBLOCK)
+
     def send(self, frames: list[tuple[str, bytes]]) -> None:
-        """Send each ``(neighbour, frame)``."""
-        outs = self.outs
+        """Send each ``(neighbour, frame)`` (of the exchange's last tick sent), and
+        keep it until the neighbour is known to have it."""
+        assert self.exchange is not None
+        outs, kept, arrived = self.outs, self.kept, self.exchange.next_tick
+        tick = self.exchange.sent_tick
         for peer, frame in frames:
-            outs[peer].send(frame)
+            mine = kept[peer]
+            mine.append((tick, frame))
+            while mine[0][0] < arrived[peer] - 1:  # its frame of tick j is here: it had ours of j-1
+                mine.popleft()
+            try:
+                outs[peer].send(frame, NOBLOCK)
+            except Again:  # its connection dropped: the frame goes when it is made again
+                pass
+
+    def check(self, redial: bool = True) -> None:
+        """Make again every outgoing connection that dropped (or never came up): a
+        new socket and routing id, PEER, then every frame kept for that neighbour."""
+        for peer, monitor in self.monitors.items():
+            down = False
+            while readable(monitor):
+                self.up[peer] = monitor_event(monitor) == "connected"
+                down = down or not self.up[peer]
+            if down and redial:
+                self.redials += 1
+                if self.redials <= LOG_REFUSED:
+                    print(f"hiocluster worker {self.worker}: the data connection to {peer} "
+                          f"dropped; connecting again, resending {len(self.kept[peer])} "
+                          "frame(s)", file=sys.stderr, flush=True)
+                self.context.discard(self.outs[peer], monitor)
+                self._dial(peer)
+
+    def drop_unconnected(self) -> None:
+        """Before a clean close: close at once the sockets to neighbours not connected
+        now (what they hold can never leave: the close would wait out its linger)."""
+        self.check(redial=False)
+        for peer, up in self.up.items():
+            if not up:
+                self.context.discard(self.outs[peer], self.monitors[peer])
 
     def take_one(self) -> None:
         """One message from the receiving socket (a poll said there is one).
@@ -120,6 +183,18 @@ class PeerSockets:
             except DataFault as fault:
                 print(f"hiocluster worker {self.worker}: after the run failed, {fault}",
                       file=sys.stderr, flush=True)
+
+    def _prove(self, identity: bytes, peer: str) -> None:
+        """Connection ``identity`` is neighbour ``peer``'s. A neighbour's second one
+        replaces a dropped one: its resent frames may be here already."""
+        assert self.exchange is not None
+        mine = self.connections.setdefault(peer, deque())
+        if mine:
+            self.exchange.resumed.add(peer)
+        mine.append(identity)
+        self.peer_of[identity] = peer
+        if len(mine) > KEEP_CONNECTIONS:
+            del self.peer_of[mine.popleft()]
 
     def _admit(self, parts: list[bytes], key: str | None) -> None:
         """A frame on a connection not yet known: a neighbour's PEER, or a stranger's.
@@ -157,7 +232,5 @@ class PeerSockets:
             return None
         if key is not None and key != peer.worker:
             return f"the CURVE key of {key or 'nobody'!r} cannot speak for {peer.worker!r}"
-        if peer.worker in self.peer_of.values():
-            return f"{peer.worker!r} is already connected"
-        self.peer_of[parts[0]] = peer.worker
+        self._prove(parts[0], peer.worker)
         return None

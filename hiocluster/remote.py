@@ -21,8 +21,8 @@ from hio.base.doing import Doer
 
 from . import protocol as proto
 from .errors import FrameError
-from .transport import (HEARTBEAT_TIMEOUT_MS, NOBLOCK, Again, ZMQError, monitor_event,
-                        readable)
+from .transport import (NOBLOCK, Again, ZMQError, monitor_event,
+                        heartbeat_timeout_ms, readable)
 
 if TYPE_CHECKING:
     from .topology import HostSpec
@@ -122,7 +122,7 @@ class AgentLink(Doer):
                            "this supervisor's key (is supervisor.key in its keys directory?)")
             elif self.connected:
                 self._lose(f"host {self.host.name} lost: its agent at {self.host.agent} went "
-                           f"silent for {HEARTBEAT_TIMEOUT_MS / 1000:g} s")
+                           f"silent for {heartbeat_timeout_ms() / 1000:g} s")
         while self.pending and self._flush():
             pass
         while self.socket is not None and readable(self.socket):

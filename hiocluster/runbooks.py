@@ -146,6 +146,9 @@ def claim(books: Mapping[str, WorkerBook], token: bytes, parts: list[bytes],
     except FrameError as exc:
         book = _malformed(books, token, parts[1], sender)
         if book is None:
+            # without its traceback: the frames in it hold the stranger's bytes in a
+            # reference cycle (through the caller's frame), kept until a full collection
+            exc.__traceback__ = exc.__cause__ = exc.__context__ = None
             return exc
         book.joined = True  # its machine refuses the frame, naming the field: the run fails
         return book

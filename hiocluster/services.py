@@ -509,7 +509,7 @@ class Endpoint(RouterDoer):
 
     def enter(self) -> None:
         owner = self.owner
-        self.attach(owner.loop, owner.context.control_router(owner.endpoint_address))
+        self.attach(owner.loop, owner.context.endpoint_router(owner.endpoint_address))
 
     def recur(self, tyme: float) -> bool:
         for _ in range(100):

@@ -2,11 +2,20 @@
 
 Control plane: the supervisor binds one ROUTER; each worker connects one
 DEALER. Data plane: each worker binds one ROUTER for what its neighbours send
-it, and connects one DEALER to each neighbour's ROUTER. Every bound socket is a
-ROUTER, so ZeroMQ itself names each connection (a routing id nobody can choose
-or take over); a connection says which worker it is once, with a frame that
-carries the run's secret token, and every later frame on it is that worker's
+it, and connects one DEALER to each neighbour's ROUTER. Every connecting socket
+sets its own routing id: 16 random bytes (:func:`routing_id`), so a bound
+ROUTER never has to name one of ours, and nobody can guess one to take it
+over. A connection says which worker it is once, with a frame that carries the
+run's secret token, and every later frame on it is that worker's
 (docs/protocol.md §1).
+
+libzmq names an anonymous peer (one that sets no routing id: only a stranger
+now) ``0x00`` + a 32-bit counter drawn from the C library's ``rand()``, and
+aborts the process if that name is already held by a peer that chose it.
+:func:`unpredictable_ids` seeds ``rand()`` from the OS in every process before
+its first socket, so the counter cannot be predicted (unseeded, it is the same
+in every process); ROUTER_HANDOVER stays off, so a peer claiming a routing id
+in use is never attached (and never renamed with a generated one).
 
 Addresses are ``ipc://`` inside the run directory (mode 0700: only this user
 can connect) by default, or ``tcp://`` on ports the system picks. Over tcp
@@ -15,7 +24,7 @@ every socket is CurveZMQ (encrypted, and authenticated by ZAP through
 fails closed): a bound socket admits only the public keys it was told, and
 every message it receives carries the name of the key that sent it
 (:func:`sender`). TCP connections send ZeroMQ heartbeats, so a peer that
-vanishes is noticed within HEARTBEAT_TIMEOUT_MS.
+vanishes is noticed within the heartbeat timeout (:func:`heartbeat_timeout_ms`).
 
 zmq errors stop here: they become :class:`TransportError`.
 """
@@ -23,9 +32,11 @@ zmq errors stop here: they become :class:`TransportError`.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import json
 import logging
 import os
+import secrets
 import socket
 import sys
 import threading
@@ -45,7 +56,9 @@ from .protocol import MAX_CONTROL_FRAME, MAX_DATA_FRAME, MAX_SETUP_FRAME
 __all__ = ["TransportError", "Context", "Poller", "KeyPair", "Credentials", "Gate",
            "CREDENTIALS_ENV", "write_key_pair", "TRANSPORTS",
            "ipc_address", "local_address", "bound_address", "ipc_path", "readable", "sender",
-           "facing", "resolve", "resolved", "HEARTBEAT_TIMEOUT_MS",
+           "facing", "resolve", "resolved", "HEARTBEAT_TIMEOUT_MS", "heartbeat_timeout_ms",
+           "routing_id",
+           "unpredictable_ids",
            "monitor_event", "Again", "ZMQError", "NOBLOCK", "SNDMORE"]
 
 #: How workers on one host reach each other: unix sockets, or TCP on loopback.
@@ -54,15 +67,23 @@ TRANSPORTS = ("ipc", "tcp")
 #: The supervisor's control socket admits frames up to twice the limit, so an
 #: oversized one can still be read and answered with ERROR "oversized".
 HARD_LIMIT_FACTOR = 2
-#: Frames a bound socket queues per connection before it stops reading from it:
-#: a stranger cannot make us hold more than this many of its frames.
-BOUND_RCVHWM = 16
+#: Frames a bound socket queues per connection before it stops reading from it: a
+#: stranger cannot make us hold more than this many of its frames (plus the one
+#: being read), each at most the socket's MAXMSGSIZE.
+BOUND_RCVHWM = 4
+#: The largest frame a run's control endpoint reads: a COMMAND is a few dozen bytes.
+ENDPOINT_LIMIT = 65536
 #: Linger on a clean close: long enough for queued frames to leave, never forever.
 CLEAN_LINGER_MS = 2000
-#: ZeroMQ heartbeats on tcp: a PING this often; no traffic for the timeout drops the
-#: connection (and the monitor says so): a vanished host is noticed within 0.5 s.
+#: ZeroMQ heartbeats on tcp: a PING every HEARTBEAT_IVL_MS; a connection silent for
+#: the heartbeat timeout is dropped (and the monitor says so). The timeout is how much
+#: loss a link may show before it counts as down: by default HEARTBEAT_TIMEOUT_MS (a
+#: vanished host is noticed within 0.5 s); on a lossy link, raise it with
+#: $HIOCLUSTER_HEARTBEAT_TIMEOUT_MS (each process reads it: agents too).
 HEARTBEAT_IVL_MS = 100
 HEARTBEAT_TIMEOUT_MS = 400
+HEARTBEAT_ENV = "HIOCLUSTER_HEARTBEAT_TIMEOUT_MS"
+MAX_HEARTBEAT_TIMEOUT_MS = 600_000
 #: The ZAP domain of every CURVE server socket.
 ZAP_DOMAIN = "hiocluster"
 #: Refused CURVE keys logged one by one; after that only counted.
@@ -71,6 +92,39 @@ LOG_REFUSED_KEYS = 10
 
 class TransportError(ClusterError):
     """A socket could not be bound, connected or used."""
+
+
+#: Bytes in the routing id every connecting socket of ours sets (libzmq's own are 5).
+ROUTING_ID_BYTES = 16
+_seeded_in: int | None = None     # the pid whose rand() was seeded
+
+
+def routing_id() -> bytes:
+    """A routing id for one connecting socket: 16 random bytes, never one libzmq
+    generates (those are 5 bytes) and never guessable by another peer."""
+    return secrets.token_bytes(ROUTING_ID_BYTES)
+
+
+def unpredictable_ids() -> None:
+    """Seed the C library's ``rand()`` from the OS, once per process (again after a
+    fork): libzmq draws the first routing id it gives an anonymous peer from it."""
+    global _seeded_in
+    if _seeded_in != os.getpid():
+        ctypes.CDLL(None).srand(int.from_bytes(os.urandom(4), "little"))
+        _seeded_in = os.getpid()
+
+
+def heartbeat_timeout_ms() -> int:
+    """The heartbeat timeout of this process: $HIOCLUSTER_HEARTBEAT_TIMEOUT_MS, else
+    HEARTBEAT_TIMEOUT_MS. Raises TransportError naming a bad value."""
+    text = os.environ.get(HEARTBEAT_ENV, "").strip()
+    if not text:
+        return HEARTBEAT_TIMEOUT_MS
+    value = int(text) if text.isdigit() else 0
+    if not 2 * HEARTBEAT_IVL_MS <= value <= MAX_HEARTBEAT_TIMEOUT_MS:
+        raise TransportError(f"${HEARTBEAT_ENV} must be a whole number of milliseconds from "
+                             f"{2 * HEARTBEAT_IVL_MS} to {MAX_HEARTBEAT_TIMEOUT_MS}, not {text!r}")
+    return value
 
 
 def ipc_address(run_dir: str, name: str) -> str:
@@ -278,6 +332,8 @@ class Context:
     """
 
     def __init__(self, keys: KeyPair | None = None, owner: str = "process") -> None:
+        self.heartbeat_ms = heartbeat_timeout_ms()
+        unpredictable_ids()
         self._context = zmq.Context()
         self._sockets: list[zmq.Socket] = []
         self.keys = keys
@@ -299,8 +355,8 @@ class Context:
         if not address.startswith("tcp://"):
             return
         sock.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_IVL_MS)
-        sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, HEARTBEAT_TIMEOUT_MS)
-        sock.setsockopt(zmq.HEARTBEAT_TTL, HEARTBEAT_TIMEOUT_MS)
+        sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, self.heartbeat_ms)
+        sock.setsockopt(zmq.HEARTBEAT_TTL, self.heartbeat_ms)
         if self.keys is None:
             return
         sock.setsockopt(zmq.CURVE_PUBLICKEY, self.keys.public.encode("ascii"))
@@ -323,6 +379,7 @@ class Context:
         sock.setsockopt(zmq.RCVHWM, BOUND_RCVHWM)
         sock.setsockopt(zmq.SNDHWM, 0)              # replies are few and bounded
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)    # a send to a gone peer raises
+        sock.setsockopt(zmq.ROUTER_HANDOVER, 0)     # a routing id in use is never taken
         self._secure(sock, address, None)
         return _attach(sock, address, "bind")
 
@@ -330,16 +387,21 @@ class Context:
         """The supervisor's control socket, bound at ``address``."""
         return self._bound_router(address, MAX_CONTROL_FRAME * HARD_LIMIT_FACTOR)
 
+    def endpoint_router(self, address: str) -> zmq.Socket:
+        """A run's control endpoint (``hiocluster status``), bound at ``address``: a
+        bigger frame than ENDPOINT_LIMIT drops its connection."""
+        return self._bound_router(address, ENDPOINT_LIMIT)
+
     def control_dealer(self, address: str, server_key: str | None = None, *,
                        identity: bytes | None = None,
                        before: Callable[[zmq.Socket], None] | None = None) -> zmq.Socket:
         """A worker's control socket, connected to its supervisor (whose CURVE public
-        key is ``server_key`` on tcp); ``identity``: its routing id there;
+        key is ``server_key`` on tcp); ``identity``: its routing id there (default:
+        :func:`routing_id`);
         ``before``: called with the socket before it connects (to attach a monitor
         that must not miss the first handshake)."""
         sock = self._socket(zmq.DEALER, limit=MAX_SETUP_FRAME)
-        if identity is not None:
-            sock.setsockopt(zmq.ROUTING_ID, identity)
+        sock.setsockopt(zmq.ROUTING_ID, routing_id() if identity is None else identity)
         if before is not None:
             before(sock)
         sock.setsockopt(zmq.SNDHWM, 0)
@@ -363,25 +425,51 @@ class Context:
         """A worker's data inbox, bound at ``address`` (``tcp://host:*`` picks a port)."""
         return self._bound_router(address, MAX_DATA_FRAME)
 
-    def data_dealer(self, address: str, server_key: str | None = None) -> zmq.Socket:
-        """A worker's data outbox to one neighbour, connected to its inbox."""
+    def data_dealer(self, address: str, server_key: str | None = None
+                    ) -> tuple[zmq.Socket, zmq.Socket]:
+        """A worker's data outbox to one neighbour, connected to its inbox, and its
+        monitor (:meth:`monitor`, with refusals and failed connects), attached before
+        it connects. It never reconnects by itself (RECONNECT_IVL -1): a connection
+        that drops is replaced by a new socket, with a new routing id, that proves
+        itself again (hiocluster.peers); frames never arrive on a connection whose
+        first frame was not its PEER."""
         sock = self._socket(zmq.DEALER, limit=MAX_DATA_FRAME)
+        sock.setsockopt(zmq.ROUTING_ID, routing_id())
         sock.setsockopt(zmq.SNDHWM, 0)  # the protocol bounds it: two ticks ahead at most
-        self._client(sock, address, server_key)
-        return _attach(sock, address, "connect")
+        sock.setsockopt(zmq.RECONNECT_IVL, -1)
+        monitor = self.monitor(sock, refusals=True, closed=True)
+        try:
+            self._client(sock, address, server_key)
+        except TransportError:
+            self.discard(monitor)
+            raise
+        return _attach(sock, address, "connect"), monitor
 
-    def monitor(self, sock: zmq.Socket, *, refusals: bool = False) -> zmq.Socket:
+    def monitor(self, sock: zmq.Socket, *, refusals: bool = False,
+                closed: bool = False) -> zmq.Socket:
         """A socket that reports ``sock``'s connects and disconnects (monitor_event),
-        and with ``refusals`` the handshakes the other side refused.
+        with ``refusals`` the handshakes the other side refused, and with ``closed``
+        a connect that failed for good.
 
         Closed by :meth:`close` with the rest: stop the thread that reads it first.
         """
         events = zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED
         if refusals:
             events |= zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+        if closed:
+            events |= zmq.EVENT_CLOSED
         monitor = sock.get_monitor_socket(events)
         self._sockets.append(monitor)
         return monitor
+
+    def discard(self, *socks: zmq.Socket) -> None:
+        """Close these sockets of this context now (linger 0): what they still hold
+        is dropped."""
+        for sock in socks:
+            if sock in self._sockets:
+                self._sockets.remove(sock)
+            if not sock.closed:
+                sock.close(linger=0)
 
     def close(self, *, linger: int | None = None) -> None:
         """Close every socket (``linger`` ms, default the clean linger) and the context."""
@@ -399,10 +487,12 @@ def request(address: str, frame: bytes, timeout: float, limit: int) -> bytes | N
     """Send ``frame`` to the ROUTER at ``address`` and return its one answer (at
     most ``limit`` bytes), or None after ``timeout`` seconds. A shell's single
     question to a running run. Raises TransportError."""
+    unpredictable_ids()
     context = zmq.Context()
     sock = context.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.MAXMSGSIZE, limit)
+    sock.setsockopt(zmq.ROUTING_ID, routing_id())
     try:
         sock.connect(address)
         sock.send(frame)

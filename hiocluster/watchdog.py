@@ -3,7 +3,7 @@
 Runs beside the worker's main thread, so it works while a node is busy:
 
 * **orphan rule** (docs/protocol.md §9): once the control connection to the
-  supervisor has been down for ORPHAN_GRACE_S (or never came up within the
+  supervisor has been down for :func:`orphan_grace` (or never came up within the
   start-up time), the supervisor is gone: the worker is sent SIGTERM, so it
   leaves through its exit contexts;
 * **tick deadline**: once one tick has run ``tick_timeout`` seconds, the main
@@ -21,14 +21,21 @@ import threading
 import time
 from typing import Any, Callable
 
-from .transport import monitor_event
+from .transport import heartbeat_timeout_ms, monitor_event
 
-__all__ = ["Watchdog", "CHECK_S", "ORPHAN_GRACE_S"]
+__all__ = ["Watchdog", "CHECK_S", "ORPHAN_GRACE_S", "orphan_grace"]
 
 #: How often the watchdog looks (it also wakes on every connection event).
 CHECK_S = 0.05
-#: How long the supervisor's connection may stay down before the worker is an orphan.
+#: How long the supervisor's connection may stay down before the worker is an orphan,
+#: beyond the heartbeat timeout (time for ZeroMQ to connect again over a lossy link).
 ORPHAN_GRACE_S = 0.2
+
+
+def orphan_grace() -> float:
+    """Seconds the supervisor's connection may stay down: ORPHAN_GRACE_S plus the
+    heartbeat timeout (a connection dropped by a lossy link comes back by then)."""
+    return ORPHAN_GRACE_S + heartbeat_timeout_ms() / 1000
 
 
 class Watchdog(threading.Thread):
@@ -69,6 +76,7 @@ class Watchdog(threading.Thread):
 
     def run(self) -> None:
         connected, down_since = False, 0.0
+        grace = orphan_grace()
         while not self._stopped.is_set():
             quiet = connected and not down_since and self.tick_timeout is None
             if self.monitor.poll((self.idle_check if quiet else CHECK_S) * 1000):
@@ -78,7 +86,7 @@ class Watchdog(threading.Thread):
                     down_since = time.monotonic()
                 continue
             now = time.monotonic()
-            if (down_since and now - down_since > ORPHAN_GRACE_S) or \
+            if (down_since and now - down_since > grace) or \
                     (not connected and not down_since and now > self.connect_deadline) or \
                     (self.parent is not None and os.getppid() != self.parent):
                 if not self._stopped.is_set():

@@ -178,6 +178,8 @@ class Worker:
                              results=results, node_metrics=per_node if finished else {},
                              kinds=kinds, trace={self.name: self.trace}
                              if self.trace is not None and finished else {}))
+        if self.peers is not None:
+            self.peers.drop_unconnected()
         self._close(clean=True)
         return 0
 
@@ -304,6 +306,8 @@ class Worker:
         """PROGRESS to the supervisor, and a look at the control socket for STOP."""
         self.report_at = time.monotonic() + PROGRESS_S
         self._take_control()
+        if self.peers is not None and self.exchange is not None:
+            self.peers.check()  # a data connection that dropped is made again
         if self.machine.state is proto.ChildState.RUNNING:
             self._send(proto.Progress(tick=self.tick if self.tick >= 0 else None,
                                       waiting=waiting or []), checked=False)
@@ -330,6 +334,8 @@ class Worker:
                 return self.machine.receive(control.recv(NOBLOCK))
             if ready and self.peers is not None:
                 self.peers.take_one()
+            elif self.exchange is not None and self.peers is not None:
+                self.peers.check()
 
     def _take_control(self) -> None:
         """A control frame mid-window can only be STOP or ERROR (the machine says so)."""
