@@ -1,27 +1,34 @@
 """``hiocluster agent``: a daemon that starts workers on its host for supervisors.
 
 A supervisor whose topology places workers on this host connects to the agent
-(CurveZMQ: the agent admits only the public keys in its keys directory) and
-sends LAUNCH per worker; the agent starts ``hiocluster worker`` with the
-credentials that came with it, binding its data socket on the agent's own
-address, and reports LAUNCHED, the worker's stderr (OUTPUT) and its end
-(EXITED, with the tick from its tick register). SIGNAL terminates or kills a
-worker. Every 0.1 s the agent PINGs each supervisor it serves; once a ping
-cannot be sent (ZeroMQ heartbeats dropped the connection: the supervisor
-vanished, or the link to it is cut) it stops every worker that supervisor had
-started here and removes their files (docs/protocol.md §10).
+(CurveZMQ: the agent admits only the supervisor public keys it was told to
+trust, ``--trust``: never another agent's key, nor a worker's) and sends LAUNCH
+per worker; the agent starts ``hiocluster worker`` with the credentials that
+came with it, binding its data socket on the agent's own address, and reports
+LAUNCHED, the worker's stderr (OUTPUT) and its end (EXITED, with the tick from
+its tick register). SIGNAL terminates or kills a worker. Every 0.1 s the agent
+PINGs each supervisor it serves; once a ping cannot be sent (ZeroMQ heartbeats
+dropped the connection: the supervisor vanished, or the link to it is cut) it
+stops every worker that supervisor had started here and removes their files
+(docs/protocol.md §10).
+
+Each supervisor's workers get a directory ``hioc-a<agent pid>-*`` under the run
+root (``$HIOCLUSTER_RUN_ROOT``, else the temp directory), which is also the run
+root of everything they start (a group's own directory goes inside it). An
+agent that starts sweeps the directories of agents that are dead (killed with
+SIGKILL, say): whatever their workers could not remove themselves.
 
 Imports: launch, loop, transport, protocol, errors.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import shutil
 import signal
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +39,7 @@ from hio.base.doing import Doer
 from . import protocol as proto
 from .errors import FrameError
 from .groupcore import check_tree
-from .launch import LocalLauncher, LocalProcess
+from .launch import RUN_ROOT_ENV, LocalLauncher, LocalProcess, make_run_dir, run_root
 from .loop import Loop
 from .transport import (NOBLOCK, SNDMORE, Context, Credentials, KeyPair, TransportError,
                         ZMQError, readable, resolve, resolved)
@@ -43,6 +50,8 @@ __all__ = ["AgentOptions", "Agent", "run_agent", "PING_S"]
 PING_S = 0.1
 #: Seconds a worker gets between SIGTERM and SIGKILL when its supervisor is gone.
 STOP_GRACE_S = 2.0
+#: How an agent's directories start: ``hioc-a<pid>-`` (whose they are, for the sweep).
+DIR_PREFIX = "hioc-a"
 
 
 @dataclass(frozen=True)
@@ -52,6 +61,7 @@ class AgentOptions:
     listen: str                    # tcp://HOST:PORT
     keys: str                      # the keys directory
     name: str                      # this host's name: its key pair is NAME.key_secret
+    trust: tuple[str, ...] = ()    # the supervisors' public keys (files, relative to keys)
     app_dir: str | None = None     # where workers import node classes from
     advertise: str | None = None   # the host workers bind on (default: listen's host)
 
@@ -76,20 +86,29 @@ class Agent(Doer):
         self.listen = resolved(options.listen)
         host = self.listen[len("tcp://"):].rsplit(":", 1)[0]
         self.advertise = resolve(options.advertise) if options.advertise else host
+        self.warnings = [warning for name, address in (
+            (options.listen[len("tcp://"):].rpartition(":")[0], host),
+            (options.advertise, self.advertise)) if name
+            for warning in [_loopback_warning(name, address)] if warning]
         self.sessions: dict[bytes, Session] = {}
         self.rejected = 0
         self.stop_requested = 0
         self.ping_at = 0.0
+        self.context: Context | None = None
 
     # -- hio ------------------------------------------------------------------------
     def enter(self) -> None:
-        keys_dir = Path(self.options.keys)
-        keys = KeyPair.load(str(keys_dir / f"{self.options.name}.key_secret"))
+        keys = KeyPair.load(os.path.join(self.options.keys, f"{self.options.name}.key_secret"))
+        trusted = trusted_keys(self.options, keys)
+        for warning in self.warnings:
+            print(f"hiocluster agent {self.options.name}: warning: {warning}",
+                  file=sys.stderr, flush=True)
+        sweep(os.getpid())
         self.context = Context(keys, owner=f"agent {self.options.name}")
         gate = self.context.gate
         assert gate is not None
-        for public in sorted(keys_dir.glob("*.key")):
-            gate.admit(public.stem, KeyPair.load_public(str(public)))
+        for name, public in trusted.items():
+            gate.admit(name, public)
         gate.open()
         self.router = self.context.control_router(self.listen)
         self.loop.poller.register(self.router)
@@ -119,7 +138,8 @@ class Agent(Doer):
                 _stop_now(handle)
             shutil.rmtree(session.run_dir, ignore_errors=True)
         self.sessions.clear()
-        self.context.close(linger=0)
+        if self.context is not None:  # None: enter failed before it was made
+            self.context.close(linger=0)
 
     # -- supervisors' messages --------------------------------------------------------
     def _receive(self, parts: list[bytes]) -> None:
@@ -136,8 +156,12 @@ class Agent(Doer):
         if session is not None and session.ended:
             return
         if session is None:
-            session = self.sessions[identity] = Session(
-                identity, tempfile.mkdtemp(prefix="hioc-agent-"))
+            try:
+                run_dir = make_run_dir(prefix=f"{DIR_PREFIX}{os.getpid()}-")
+            except TransportError as exc:
+                self._send(identity, proto.Error(code="agent-error", detail=str(exc)))
+                return
+            session = self.sessions[identity] = Session(identity, run_dir)
         if isinstance(message, proto.Launch):
             self._launch(session, message)
         elif isinstance(message, proto.Signal):
@@ -149,8 +173,9 @@ class Agent(Doer):
 
     def _launch(self, session: Session, launch: proto.Launch) -> None:
         if launch.worker in session.workers:
+            what = "group" if launch.tree is not None else "worker"
             self._send(session.identity, proto.Error(
-                code="duplicate", detail=f"worker {launch.worker} runs here already",
+                code="duplicate", detail=f"{what} {launch.worker} runs here already",
                 field="LAUNCH.worker"))
             return
         try:
@@ -169,7 +194,8 @@ class Agent(Doer):
                 return
         launcher = LocalLauncher(launch.connect, lambda worker: credentials, session.run_dir,
                                  app_dir=self.options.app_dir, capture=True,
-                                 bind=f"tcp://{self.advertise}:*", trees=trees)
+                                 bind=f"tcp://{self.advertise}:*", trees=trees,
+                                 env={RUN_ROOT_ENV: session.run_dir})
         handle = session.workers[launch.worker] = launcher.start(launch.worker)
         if handle.sentinel is not None:
             self.loop.poller.register(handle.sentinel)
@@ -232,6 +258,66 @@ class Agent(Doer):
             return False
 
 
+def trusted_keys(options: AgentOptions, own: KeyPair) -> dict[str, str]:
+    """The supervisors' public keys an agent admits (name -> key), from ``--trust``
+    (paths relative to the keys directory). Raises TransportError for a file that
+    is no public key, for the agent's own key, and for none at all."""
+    if not options.trust:
+        raise TransportError("trusts no supervisor key: give --trust FILE (a supervisor's "
+                             "public key, e.g. supervisor.key)")
+    trusted = {}
+    for given in options.trust:
+        path = os.path.join(options.keys, given)
+        public = KeyPair.load_public(path)
+        if public == own.public:
+            raise TransportError(f"--trust {given}: {path} is this agent's own public key; "
+                                 "trust the supervisors' keys (e.g. supervisor.key), never "
+                                 "an agent's")
+        trusted[Path(path).stem] = public
+    return trusted
+
+
+def _loopback_warning(name: str, address: str) -> str | None:
+    """What to say when host ``name`` (not an address) resolves to a loopback address:
+    no other host reaches it there (Debian maps a host's own name to 127.0.1.1)."""
+    try:
+        ipaddress.ip_address(name)
+        return None  # an address given as such is meant
+    except ValueError:
+        pass
+    if not ipaddress.ip_address(address).is_loopback:
+        return None
+    return (f"{name} resolves to {address}, a loopback address: no other host can reach "
+            f"this agent or its workers there (see /etc/hosts); use the address other hosts "
+            f"reach this one at")
+
+
+def sweep(me: int) -> list[str]:
+    """Remove the directories that agents now dead left under the run root (theirs, and
+    an earlier process's with this pid ``me``); return them."""
+    swept = []
+    try:
+        entries = list(Path(run_root()).glob(f"{DIR_PREFIX}*-*"))
+    except OSError:
+        return swept
+    for entry in entries:
+        owner = entry.name[len(DIR_PREFIX):].partition("-")[0]
+        if owner.isdigit() and (int(owner) == me or not _alive(int(owner))):
+            shutil.rmtree(entry, ignore_errors=True)
+            swept.append(str(entry))
+    return swept
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's
+    return True
+
+
 def _stop_now(handle: LocalProcess) -> None:
     """SIGTERM, a short grace, SIGKILL: the agent is going away."""
     handle.terminate()
@@ -246,16 +332,16 @@ def _stop_now(handle: LocalProcess) -> None:
 def run_agent(options: AgentOptions) -> int:
     """Run an agent until SIGINT or SIGTERM; return its exit code."""
     loop = Loop()
-    agent = Agent(options, loop)
-    loop.doers = [agent]
-
-    def on_signal(signum: int, frame: Any) -> None:
-        agent.stop_requested = signum
-        loop.asap = True
-
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, on_signal)
     try:
+        agent = Agent(options, loop)
+        loop.doers = [agent]
+
+        def on_signal(signum: int, frame: Any) -> None:
+            agent.stop_requested = signum
+            loop.asap = True
+
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, on_signal)
         loop.run()
     except TransportError as exc:
         print(f"hiocluster agent {options.name}: {exc}", file=sys.stderr)

@@ -185,8 +185,9 @@ def build_parser() -> argparse.ArgumentParser:
         "agent", help="start workers on this host for supervisors elsewhere",
         description="Run until SIGINT or SIGTERM, starting workers on this host for "
                     "supervisors whose topology places workers here. Every connection is "
-                    "CurveZMQ: the agent's key pair is DIR/NAME.key_secret; it admits the "
-                    "supervisors whose public keys (*.key) are in DIR.",
+                    "CurveZMQ: the agent's key pair is DIR/NAME.key_secret; it admits only "
+                    "the supervisors whose public keys it is told to --trust (never another "
+                    "agent's key: any key it admits can make it run code).",
         epilog="Exit codes: 0, 130/143 after SIGINT/SIGTERM (every worker stopped), 1 when "
                "it cannot start (a key or the address).")
     agent.add_argument("--listen", required=True, metavar="ADDRESS", type=_tcp,
@@ -194,6 +195,9 @@ def build_parser() -> argparse.ArgumentParser:
     agent.add_argument("--keys", required=True, metavar="DIR", help="the keys directory")
     agent.add_argument("--name", required=True, metavar="NAME", type=_name,
                        help="this host's name in topologies (its key pair: NAME.key_secret)")
+    agent.add_argument("--trust", required=True, metavar="KEY", action="append",
+                       help="a supervisor's public key file to accept LAUNCH from (relative "
+                            "to DIR, e.g. supervisor.key); repeatable")
     agent.add_argument("--advertise", metavar="HOST",
                        help="the address workers here bind and neighbours reach (default: "
                             "the host of --listen)")
@@ -478,6 +482,7 @@ def _agent(args: argparse.Namespace) -> int:
     from .agent import AgentOptions, run_agent
 
     return run_agent(AgentOptions(listen=args.listen, keys=args.keys, name=args.name,
+                                  trust=tuple(args.trust),
                                   app_dir=os.path.abspath(args.app_dir or os.getcwd()),
                                   advertise=args.advertise))
 

@@ -120,6 +120,7 @@ class Group(Supervising):
         self.register = TickRegister(options.tick_file) if options.tick_file else None
         self.launcher: LocalLauncher | None = None
         self.interrupts: list[int] = []   # signals caught, for the next cycle
+        self.parent = os.getppid()        # who started it: once gone, its files are ours
 
     def recur(self, tyme: float, deeds: Any = None) -> bool:  # type: ignore[override]
         while self.interrupts:
@@ -187,7 +188,7 @@ class Group(Supervising):
         if self.run_dir is not None:
             shutil.rmtree(self.run_dir, ignore_errors=True)
             self.run_dir = None
-        if orphaned:  # like an orphaned worker: the files its supervisor cannot remove
+        if orphaned or os.getppid() != self.parent:  # the files its starter cannot remove
             remove_orphan_files(self.options, "")
 
 

@@ -24,14 +24,33 @@ import signal
 import struct
 import subprocess
 import sys
+import tempfile
 import time
 from typing import Any, Callable, Mapping, Protocol, Sequence
 
-from .transport import CREDENTIALS_ENV, Credentials
+from .transport import CREDENTIALS_ENV, Credentials, TransportError
 
 __all__ = ["ProcessHandle", "Launcher", "LocalProcess", "LocalLauncher", "TickRegister",
-           "end_process",
-           "worker_argv"]
+           "end_process", "make_run_dir", "run_root", "RUN_ROOT_ENV", "worker_argv"]
+
+#: Where run directories go (default: the system temp directory).
+RUN_ROOT_ENV = "HIOCLUSTER_RUN_ROOT"
+
+
+def run_root() -> str:
+    """``$HIOCLUSTER_RUN_ROOT`` if set, else the system temp directory."""
+    return os.environ.get(RUN_ROOT_ENV) or tempfile.gettempdir()
+
+
+def make_run_dir(prefix: str = "hioc-") -> str:
+    """A new run directory (mode 0700) under :func:`run_root`. Raises TransportError."""
+    root = run_root()
+    try:
+        run_dir = tempfile.mkdtemp(prefix=prefix, dir=root)
+        os.chmod(run_dir, 0o700)
+    except OSError as exc:
+        raise TransportError(f"cannot make the run directory under {root}: {exc}") from exc
+    return run_dir
 
 
 class ProcessHandle(Protocol):
@@ -199,6 +218,7 @@ class LocalLauncher:
             instead of sharing this process's.
         trees: the groups among the children: name -> its tree (see
             hiocluster.groupcore); they run ``hiocluster group``.
+        env: set in each child's environment (besides this process's own).
         command: the program and leading arguments (default: this Python running
             ``-m hiocluster``); tests substitute misbehaving workers here.
     """
@@ -206,14 +226,16 @@ class LocalLauncher:
     def __init__(self, connect: str, credentials: Callable[[str], Credentials], run_dir: str,
                  *, app_dir: str | None = None, command: Sequence[str] | None = None,
                  bind: str | None = None, capture: bool = False,
-                 trees: Mapping[str, Any] | None = None) -> None:
+                 trees: Mapping[str, Any] | None = None,
+                 env: Mapping[str, str] | None = None) -> None:
         self.connect, self.credentials = connect, credentials
+        self.env = dict(env or {})
         self.trees = dict(trees or {})
         self.app_dir, self.run_dir, self.bind, self.capture = app_dir, run_dir, bind, capture
         self.command = list(command or [sys.executable, "-m", "hiocluster"])
 
     def start(self, worker: str) -> LocalProcess:
-        env = dict(os.environ)
+        env = dict(os.environ, **self.env)
         env[CREDENTIALS_ENV] = self.credentials(worker).to_json()
         register = TickRegister(os.path.join(self.run_dir, f"t-{worker}"), create=True)
         tree_file = None

@@ -6,7 +6,10 @@ asks it to LAUNCH workers, and keeps a :class:`RemoteProcess` per worker — the
 same :class:`~hiocluster.launch.ProcessHandle` a local worker has, so the
 supervisor's ChildDoers cannot tell them apart. When the connection drops
 (ZeroMQ heartbeats: the host vanished, its link is cut, or its agent is
-stopped), every worker on that host is lost at once.
+stopped), every worker on that host is lost at once; so they are when the
+first contact fails: nothing takes the TCP connection within the heartbeat time
+(no agent runs there, or it listens on another address), or nothing completes
+the handshake within HANDSHAKE_S.
 
 Imports: launch, transport, protocol, errors.
 """
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from typing import TYPE_CHECKING, Any
 
 from hio.base.doing import Doer
@@ -27,7 +31,18 @@ from .transport import (NOBLOCK, Again, ZMQError, monitor_event,
 if TYPE_CHECKING:
     from .topology import HostSpec
 
-__all__ = ["AgentLink", "RemoteProcess"]
+__all__ = ["AgentLink", "RemoteProcess", "first_contact_s", "HANDSHAKE_S"]
+
+
+
+def first_contact_s() -> float:
+    """How soon an agent's host must take the TCP connection: the heartbeat time
+    (what a connected host may stay silent before it is lost)."""
+    return heartbeat_timeout_ms() / 1000
+
+
+#: ... and the agent complete the CurveZMQ handshake this soon after.
+HANDSHAKE_S = 10.0
 
 
 class RemoteProcess:
@@ -91,13 +106,17 @@ class AgentLink(Doer):
         self.socket: Any = None
         self.monitor: Any = None
         self.connected = False
+        self.reached = False          # TCP connected, at least once
+        self.retried = False          # an attempt to connect failed
+        self.contact_by = 0.0         # monotonic: when the first contact is overdue
 
     def enter(self) -> None:
         context, poller = self.supervisor.context, self.supervisor.loop.poller
         self.socket, self.monitor = context.monitored_dealer(self.host.agent, self.agent_key,
-                                                             refusals=True)
+                                                             refusals=True, contact=True)
         poller.register(self.socket)
         poller.register(self.monitor)
+        self.contact_by = time.monotonic() + first_contact_s()
 
     def start(self, worker: str) -> RemoteProcess:
         """Ask the agent to start ``worker`` (the Launcher interface)."""
@@ -117,17 +136,39 @@ class AgentLink(Doer):
             event = monitor_event(self.monitor)
             if event == "connected":
                 self.connected = True
+            elif event == "reached":
+                self.reached = True
+            elif event == "retrying":
+                self.retried = True
             elif event == "refused":
                 self._lose(f"host {self.host.name}: its agent at {self.host.agent} refused "
-                           "this supervisor's key (is supervisor.key in its keys directory?)")
+                           "this supervisor's key (does it --trust supervisor.key?)")
             elif self.connected:
                 self._lose(f"host {self.host.name} lost: its agent at {self.host.agent} went "
                            f"silent for {heartbeat_timeout_ms() / 1000:g} s")
+        if not self.connected and self.monitor is not None:
+            self._first_contact(time.monotonic())
         while self.pending and self._flush():
             pass
         while self.socket is not None and readable(self.socket):
             self._receive(self.socket.recv(NOBLOCK))
         return False
+
+    def _first_contact(self, now: float) -> None:
+        """Lose the host's workers once its first contact is overdue (once)."""
+        if self.reached and now >= self.contact_by + HANDSHAKE_S:
+            self._lose(f"host {self.host.name}: something at {self.host.agent} took the "
+                       f"connection but completed no CurveZMQ handshake within "
+                       f"{HANDSHAKE_S:g} s (a stopped agent, or no agent at that address)")
+        elif not self.reached and now >= self.contact_by:
+            how = "refused the connection" if self.retried else \
+                f"did not answer within {first_contact_s():g} s"
+            self._lose(f"host {self.host.name}: no agent answers at {self.host.agent} "
+                       f"({how}): is `hiocluster agent` running there, listening on that "
+                       "address?")
+        else:
+            return
+        self.contact_by = float("inf")
 
     def exit(self) -> None:
         if self.socket is not None:

@@ -26,7 +26,6 @@ import secrets
 import shutil
 import signal
 import socket
-import tempfile
 import threading
 import time
 from collections import deque
@@ -35,7 +34,7 @@ from typing import Any, Callable, Sequence
 from hio.base.doing import DoDoer, Doer
 
 from .errors import ClusterError, Interrupted, TopologyError
-from .launch import LocalLauncher, ProcessHandle, end_process, worker_argv
+from .launch import LocalLauncher, ProcessHandle, end_process, make_run_dir, worker_argv
 from .loop import Loop, RouterDoer
 from .remote import AgentLink
 from .runcore import START_TIMEOUT, STOP_TIMEOUT, RunCore, RunResult
@@ -492,19 +491,6 @@ class Supervisor(Supervising):
             if done > self._shown:
                 self._shown = done
                 self.on_tick(done, self.topology.ticks)
-
-
-def make_run_dir() -> str:
-    """A new run directory (mode 0700) under ``$HIOCLUSTER_RUN_ROOT`` if set, else
-    the system temp directory. Raises TransportError."""
-    root = os.environ.get("HIOCLUSTER_RUN_ROOT") or None
-    try:
-        run_dir = tempfile.mkdtemp(prefix="hioc-", dir=root)
-        os.chmod(run_dir, 0o700)
-    except OSError as exc:
-        raise TransportError(f"cannot make the run directory under "
-                             f"{root or tempfile.gettempdir()}: {exc}") from exc
-    return run_dir
 
 
 def close_run(owner: Any) -> None:

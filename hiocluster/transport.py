@@ -410,15 +410,16 @@ class Context:
         return _attach(sock, address, "connect")
 
     def monitored_dealer(self, address: str, server_key: str | None = None, *,
-                         identity: bytes | None = None,
-                         refusals: bool = False) -> tuple[zmq.Socket, zmq.Socket]:
+                         identity: bytes | None = None, refusals: bool = False,
+                         contact: bool = False) -> tuple[zmq.Socket, zmq.Socket]:
         """A control socket as :meth:`control_dealer` makes it, and its monitor
         (:meth:`monitor`), attached before it connects: the first handshake (or
         refusal) is never missed."""
         made: list[zmq.Socket] = []
         sock = self.control_dealer(address, server_key, identity=identity,
                                    before=lambda sock: made.append(
-                                       self.monitor(sock, refusals=refusals)))
+                                       self.monitor(sock, refusals=refusals,
+                                                    contact=contact)))
         return sock, made[0]
 
     def data_router(self, address: str) -> zmq.Socket:
@@ -446,10 +447,11 @@ class Context:
         return _attach(sock, address, "connect"), monitor
 
     def monitor(self, sock: zmq.Socket, *, refusals: bool = False,
-                closed: bool = False) -> zmq.Socket:
+                closed: bool = False, contact: bool = False) -> zmq.Socket:
         """A socket that reports ``sock``'s connects and disconnects (monitor_event),
-        with ``refusals`` the handshakes the other side refused, and with ``closed``
-        a connect that failed for good.
+        with ``refusals`` the handshakes the other side refused, with ``closed``
+        a connect that failed for good, and with ``contact`` each TCP connection
+        made ("reached") and each attempt that failed ("retrying").
 
         Closed by :meth:`close` with the rest: stop the thread that reads it first.
         """
@@ -458,6 +460,8 @@ class Context:
             events |= zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
         if closed:
             events |= zmq.EVENT_CLOSED
+        if contact:
+            events |= zmq.EVENT_CONNECTED | zmq.EVENT_CONNECT_RETRIED
         monitor = sock.get_monitor_socket(events)
         self._sockets.append(monitor)
         return monitor
@@ -534,14 +538,18 @@ def readable(sock: zmq.Socket) -> bool:
 
 
 def monitor_event(monitor: zmq.Socket) -> str:
-    """Read one event from a monitor socket: "connected", "disconnected" or "refused"
-    (the other side refused the handshake: our key, or no CURVE)."""
+    """Read one event from a monitor socket: "connected", "disconnected", "refused"
+    (the other side refused the handshake: our key, or no CURVE) or, where asked
+    for, "reached" (a TCP connection, before its handshake) and "retrying" (an
+    attempt to connect failed)."""
     event = recv_monitor_message(monitor)["event"]
-    if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
-        return "connected"
-    if event in (zmq.EVENT_HANDSHAKE_FAILED_AUTH, zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL):
-        return "refused"
-    return "disconnected"
+    return _EVENTS.get(event, "disconnected")
+
+
+_EVENTS = {zmq.EVENT_HANDSHAKE_SUCCEEDED: "connected",
+           zmq.EVENT_HANDSHAKE_FAILED_AUTH: "refused",
+           zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: "refused",
+           zmq.EVENT_CONNECTED: "reached", zmq.EVENT_CONNECT_RETRIED: "retrying"}
 
 
 class Poller:

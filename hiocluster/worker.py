@@ -100,6 +100,7 @@ class Worker:
         self.register = TickRegister(options.tick_file) if options.tick_file else None
         self.trace: list[list[Any]] | None = None  # with --trace: a row per tick
         self.trace_room = 0
+        self.parent = os.getppid()        # who started it: once gone, its files are ours
 
     # -- lifetime -------------------------------------------------------------
     def run(self) -> int:
@@ -162,6 +163,8 @@ class Worker:
             self.exchange.drain(self.tick)
         elif self.exchange is not None:
             self.peers.take_arrived()
+            for sock in (self.peers.socket, *self.peers.outs.values()):
+                sock.close(linger=0)  # no drain: frames still queued (to a dead peer) are moot
         finished = message.drain and message.reason == "done"
         host = self.host
         results = host.results() if host is not None and finished else {}
@@ -197,8 +200,7 @@ class Worker:
         for name, text in failures:
             detail += f"\nwhile exiting node {name}:\n{text}"
         if not tell or self.options.run_dir is None:  # nobody else will say it
-            print(f"hiocluster worker {self.name}: {code}: {detail.strip().splitlines()[-1]}",
-                  file=sys.stderr, flush=True)
+            say(f"hiocluster worker {self.name}: {code}: {detail.strip().splitlines()[-1]}")
         if tell and getattr(self, "control", None) is not None:
             if len(detail) > MAX_DETAIL:  # keep the end: the exception itself
                 detail = "..." + detail[-MAX_DETAIL:]
@@ -217,7 +219,7 @@ class Worker:
     def _close(self, *, clean: bool, orphaned: bool = False) -> None:
         """Close every socket; an orphan also removes the files its supervisor cannot."""
         self.context.close(linger=0 if orphaned else None if clean else FAIL_LINGER_MS)
-        if orphaned:
+        if orphaned or os.getppid() != self.parent:  # or an agent killed: nobody else will
             remove_orphan_files(self.options, self.peers.address if self.peers else "")
 
     # -- start-up ---------------------------------------------------------------
@@ -382,6 +384,18 @@ class Pacer:
         if behind > self.tock:  # it missed its slot entirely
             self.late += 1
         return 0.0
+
+
+def say(line: str) -> None:
+    """Write ``line`` on stderr. A stderr nobody reads any more (the pipe of an agent
+    that is gone) is no reason to fail, nor to skip the clean-up after: from then on
+    this process's stderr is /dev/null."""
+    try:
+        print(line, file=sys.stderr, flush=True)
+    except OSError:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stderr.fileno())
+        os.close(devnull)
 
 
 def remove_orphan_files(options: Any, data_address: str) -> None:

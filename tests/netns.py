@@ -92,15 +92,22 @@ class Hosts:
         return f"tcp://{self.address(index)}:{AGENT_PORT}"
 
     def start_agent(self, index: int, name: str, timeout: float = 30.0,
-                    temp: Path | None = None) -> subprocess.Popen:
+                    temp: Path | None = None, *, listen: str | None = None,
+                    trust: tuple[str, ...] = ("supervisor.key",),
+                    env: dict[str, str] | None = None,
+                    stderr: int | None = None) -> subprocess.Popen:
         """Start ``hiocluster agent`` as host ``name`` in namespace ``index`` (with
-        TMPDIR ``temp`` if given); return once it says it listens."""
-        env = dict(os.environ, **({"TMPDIR": str(temp)} if temp else {}))
-        agent = subprocess.Popen(
-            ["ip", "netns", "exec", self.namespaces[index], sys.executable, "-m", "hiocluster",
-             "agent", "--listen", self.agent_address(index), "--keys", str(self.keys),
-             "--name", name, "--app-dir", str(REPO)],
-            cwd=REPO, stdout=subprocess.PIPE, text=True, env=env)
+        TMPDIR ``temp`` if given, listening at ``listen`` if given, trusting the
+        supervisor keys ``trust``, with ``env`` added to its environment and its
+        stderr to ``stderr``); return once it says it listens."""
+        env = dict(os.environ, **({"TMPDIR": str(temp)} if temp else {}), **(env or {}))
+        argv = ["ip", "netns", "exec", self.namespaces[index], sys.executable, "-m",
+                "hiocluster", "agent", "--listen", listen or self.agent_address(index),
+                "--keys", str(self.keys), "--name", name, "--app-dir", str(REPO)]
+        for key in trust:
+            argv += ["--trust", key]
+        agent = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.PIPE, stderr=stderr,
+                                 text=True, env=env)
         self.agents[name] = agent
         assert agent.stdout is not None
         ready, _, _ = select.select([agent.stdout], [], [], timeout)

@@ -183,13 +183,15 @@ def test_workers_stderr_comes_back_prefixed_with_host_and_worker(
 
 
 def test_an_agent_stops_its_workers_when_the_supervisor_vanishes(
-        tmp_path: Path, keys: Path, cli_env: dict[str, str]) -> None:
-    temp = tmp_path / "agent-tmp"
-    temp.mkdir()
+        tmp_path: Path, keys: Path, cli_env: dict[str, str], no_leaks: Path) -> None:
     marks = tmp_path / "marks"
     marks.mkdir()
     with Hosts(2, keys) as hosts:
-        agents = start_agents(hosts, ("h1", "h2"), temp=temp)
+        agents = start_agents(hosts, ("h1", "h2"))
+
+        def agent_dirs() -> list[Path]:  # in the run root, as every run directory
+            return list(no_leaks.glob("hioc-a*"))
+
         nodes = {name: {"marker_dir": str(marks), "sleep": 0.005} for name in "abc"}
         cli = _cli_across(tmp_path, keys, hosts, nodes, 100_000, cli_env)
         try:
@@ -200,14 +202,13 @@ def test_an_agent_stops_its_workers_when_the_supervisor_vanishes(
             wait_until(ticking, 60, "the run to tick")
             remote = [child for agent in agents
                       for child in psutil.Process(agent.pid).children()]
-            assert len(remote) == 2 and list(temp.iterdir()), "workers run in the agents' dirs"
+            assert len(remote) == 2 and len(agent_dirs()) == 2, "workers run in the agents' dirs"
             cli.kill()  # the supervisor vanishes without a word
             cli.communicate(timeout=30)
             psutil.wait_procs(remote, timeout=30)
             assert not [p for p in remote if p.is_running()
                         and p.status() != psutil.STATUS_ZOMBIE]
-            wait_until(lambda: not list(temp.iterdir()), 30,
-                       "the agents to remove their run files")
+            wait_until(lambda: not agent_dirs(), 30, "the agents to remove their run files")
             assert all(agent.poll() is None for agent in agents)  # agents serve on
         finally:
             if cli.poll() is None:

@@ -59,9 +59,18 @@ def test_hosts_keys_and_plan_agree(services: dict[str, Any],
     assert set(keygen.names) == {"supervisor", *agents}
     assert dict(run.host) == {name: args.listen for name, args in agents.items()}
     assert all(args.name == name and args.keys == run.keys for name, args in agents.items())
+    # keys have roles: an agent takes LAUNCH from the supervisor's key only
+    assert all(args.trust == ["supervisor.key"] for args in agents.values())
     assert {host for _, host in run.place} == set(agents)
     supervisor = next(name for name, args in parsed.items() if args.command == "run")
-    assert set(services[supervisor]["depends_on"]) == {"keys", *agents}
+    depends = services[supervisor]["depends_on"]
+    assert set(depends) == {"keys", *agents}
+    # a host that does not answer fails a run at once: start once every agent listens
+    for name, args in agents.items():
+        assert depends[name]["condition"] == "service_healthy"
+        probe = services[name]["healthcheck"]["test"]
+        port = int(args.listen.rpartition(":")[2])
+        assert probe[:3] == ["CMD", "python", "-c"] and f"('{name}', {port})" in probe[3]
     # the plan the supervisor will run is valid: ring.toml's workers on those hosts
     argv = ["check", run.topology]
     for name, address in run.host:
