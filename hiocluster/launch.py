@@ -30,8 +30,17 @@ from typing import Any, Callable, Mapping, Protocol, Sequence
 from .transport import CREDENTIALS_ENV, Credentials
 
 __all__ = ["ProcessHandle", "Launcher", "LocalProcess", "LocalLauncher", "TickRegister",
-           "end_process",
-           "worker_argv"]
+           "end_process", "worker_argv", "PARENT_ENV", "parent_from_env"]
+
+#: The pid of the process that started a worker or group (its parent while that
+#: lives): once its parent is another, it is an orphan (docs/protocol.md §9).
+PARENT_ENV = "HIOCLUSTER_PARENT"
+
+
+def parent_from_env() -> int | None:
+    """The pid in ``$HIOCLUSTER_PARENT`` (None: started by hand)."""
+    text = os.environ.get(PARENT_ENV, "")
+    return int(text) if text.isdigit() else None
 
 
 class ProcessHandle(Protocol):
@@ -215,6 +224,7 @@ class LocalLauncher:
     def start(self, worker: str) -> LocalProcess:
         env = dict(os.environ)
         env[CREDENTIALS_ENV] = self.credentials(worker).to_json()
+        env[PARENT_ENV] = str(os.getpid())
         register = TickRegister(os.path.join(self.run_dir, f"t-{worker}"), create=True)
         tree_file = None
         if worker in self.trees:

@@ -26,6 +26,7 @@ import secrets
 import shutil
 import signal
 import socket
+import subprocess
 import tempfile
 import threading
 import time
@@ -363,6 +364,7 @@ class Supervisor(Supervising):
         self.launcher: Any = None
         self._shown = 0
         self._ready_told = False
+        self._early_signal: int | None = None
 
     # -- hio contexts -------------------------------------------------------------
     def recur(self, tyme: float, deeds: Any = None) -> bool:  # type: ignore[override]
@@ -381,8 +383,11 @@ class Supervisor(Supervising):
         self._tell(self.core)
 
     def interrupt(self, signum: int) -> None:
-        """Stop the run cleanly at once (called from signal handlers)."""
-        if self.core is not None:
+        """Stop the run cleanly at once (called from signal handlers); before the
+        core exists, as soon as it does."""
+        if self.core is None:
+            self._early_signal = signum
+        else:
             self.core.interrupt(signum, time.monotonic())
         if self.services is not None:
             self.services.stop()
@@ -474,6 +479,8 @@ class Supervisor(Supervising):
                             window=self.window, keep_digests=self.keep_digests,
                             wall=time.time, start_timeout=self.start_timeout,
                             stop_timeout=self.stop_timeout, trace=self.trace)
+        if self._early_signal is not None:  # it stops before it starts anyone
+            self.core.interrupt(self._early_signal, time.monotonic())
         # the launcher needs the bound address: the switchboard binds in its enter,
         # which hio runs before any child's (doers enter in order)
         self.launcher = _DeferredLauncher(self)
@@ -492,17 +499,57 @@ class Supervisor(Supervising):
                 self.on_tick(done, self.topology.ticks)
 
 
+#: The guardian of a run directory: a shell that makes the directory, says its path,
+#: and removes it once its stdin reaches end of file, that is once the process that
+#: started it is gone, however it went (kill -9 included). It runs in its own session,
+#: deaf to the signals of a terminal or a process group.
+_GUARDIAN = ('trap "" HUP INT TERM PIPE; d=$(mktemp -d "$0/hioc-XXXXXXXX") || exit 1; '
+             'echo "$d"; read _; rm -rf -- "$d"')
+_guardians: dict[str, subprocess.Popen] = {}
+
+
 def make_run_dir() -> str:
     """A new run directory (mode 0700) under ``$HIOCLUSTER_RUN_ROOT`` if set, else
-    the system temp directory. Raises TransportError."""
-    root = os.environ.get("HIOCLUSTER_RUN_ROOT") or None
+    the system temp directory, removed by :func:`remove_run_dir` or, should this
+    process die first, by its guardian. Raises TransportError."""
+    root = os.environ.get("HIOCLUSTER_RUN_ROOT") or tempfile.gettempdir()
     try:
-        run_dir = tempfile.mkdtemp(prefix="hioc-", dir=root)
-        os.chmod(run_dir, 0o700)
+        guardian = subprocess.Popen(["/bin/sh", "-c", _GUARDIAN, root], stdin=subprocess.PIPE,
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                    close_fds=True, start_new_session=True)
     except OSError as exc:
-        raise TransportError(f"cannot make the run directory under "
-                             f"{root or tempfile.gettempdir()}: {exc}") from exc
-    return run_dir
+        raise TransportError(f"cannot make the run directory under {root}: {exc}") from exc
+    assert guardian.stdout is not None and guardian.stderr is not None
+    with guardian.stdout:
+        path = guardian.stdout.readline().decode(errors="replace").rstrip("\n")
+    if not path:
+        with guardian.stderr:
+            error = guardian.stderr.read().decode(errors="replace").strip()
+        _release(guardian)
+        raise TransportError(f"cannot make the run directory under {root}: {error}")
+    guardian.stderr.close()
+    path = os.path.abspath(path)
+    _guardians[path] = guardian
+    return path
+
+
+def remove_run_dir(path: str) -> None:
+    """Remove a run directory made by :func:`make_run_dir`, and let its guardian go."""
+    shutil.rmtree(path, ignore_errors=True)
+    guardian = _guardians.pop(path, None)
+    if guardian is not None:
+        _release(guardian)
+
+
+def _release(guardian: subprocess.Popen) -> None:
+    """End of file to a guardian, and wait for it (it exits at once)."""
+    assert guardian.stdin is not None
+    guardian.stdin.close()
+    try:
+        guardian.wait(KILL_GRACE_S)
+    except subprocess.TimeoutExpired:  # pragma: no cover - a shell that hangs
+        guardian.kill()
+        guardian.wait()
 
 
 def close_run(owner: Any) -> None:
@@ -512,7 +559,7 @@ def close_run(owner: Any) -> None:
         owner.context.close(linger=0)
         owner.context = None
     if owner.run_dir is not None:
-        shutil.rmtree(owner.run_dir, ignore_errors=True)
+        remove_run_dir(owner.run_dir)
         owner.run_dir = None
 
 
