@@ -246,3 +246,35 @@ def test_survivors_of_a_killed_worker_stop_by_themselves(window: int | None) -> 
         assert caught.value.worker == "b" and caught.value.cause == "signal SIGKILL"
         codes = {name: child.exitcode for name, child in found[-1].children.items()}
         assert codes == {"a": 0, "b": -signal.SIGKILL, "c": 0, "d": 0}, codes
+
+
+# -- what is said about a group --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("victim", ["g1", "g2"])
+def test_a_killed_group_is_called_a_group(victim: str) -> None:
+    """A group's process that dies is reported as ``group NAME``, at the top of the
+    tree or deeper (where its parent group tells the root)."""
+    text = ring_toml({name: {"sleep": 0.002} for name in "abcd"},
+                     {"p0": ["a"], "p1": ["b"], "p2": ["c"], "p3": ["d"]},
+                     ticks=100_000) + DEEP
+    found: list[supervisor.Supervisor] = []
+    killed: list[int] = []
+
+    def on_tick(done: int, total: int) -> None:
+        if done >= 5 and not killed:
+            handle = found[0].children["g1"].handle
+            assert handle is not None and handle.pid is not None
+            pid = handle.pid
+            if victim == "g2":  # g1's child running `hiocluster group ... --name g2`
+                pid = next(child.pid for child in psutil.Process(pid).children()
+                           if "g2" in child.cmdline())
+            killed.append(pid)
+            os.kill(pid, signal.SIGKILL)
+
+    with pytest.raises(RunFailed) as caught:
+        supervisor.run(loads(text), app_dir=str(REPO), handle_signals=False,
+                       on_ready=found.append, on_tick=on_tick)
+    assert caught.value.worker == victim and caught.value.kind == "group"
+    assert str(caught.value).startswith(f"group {victim} (node "), str(caught.value)
+    assert "worker g" not in str(caught.value)
