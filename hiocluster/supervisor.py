@@ -21,6 +21,7 @@ Imports: hio, runcore, topology, launch, loop, transport, protocol, errors.
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import shutil
@@ -41,12 +42,14 @@ from .loop import Loop, RouterDoer
 from .remote import AgentLink
 from .runcore import START_TIMEOUT, STOP_TIMEOUT, RunCore, RunResult
 from .topology import Plan, Topology, plan as make_plan, resolve_classes, resolve_services
-from .transport import (NOBLOCK, Context, Credentials, KeyPair, TransportError,
-                        bound_address, facing, ipc_address, local_address,
+from .transport import (ENDPOINT_RECORD, NOBLOCK, Context, Credentials, KeyPair, TransportError,
+                        bound_address, facing, local_address,
                         readable, sender)
 
 __all__ = ["Supervising", "Supervisor", "Switchboard", "ChildDoer", "RunResult", "run", "KILL_GRACE_S"]
 
+#: The gate's name for the key of shells at a tcp endpoint (no worker's name).
+SHELL = ".shell"
 #: Seconds a worker gets to exit after its BYE (or a SIGTERM) before the next step.
 KILL_GRACE_S = 2.0
 #: Seconds a worker's frames get to arrive after its process is seen to exit
@@ -69,8 +72,6 @@ class Switchboard(RouterDoer):
         supervisor = self.supervisor
         self.attach(supervisor.loop, supervisor.context.control_router(supervisor.listen))
         supervisor.control_address = bound_address(self.router)
-        if supervisor.on_listening is not None:
-            supervisor.on_listening(supervisor)
 
     def recur(self, tyme: float) -> bool:
         router, children, core = self.router, self.supervisor.children, self.supervisor.core
@@ -337,7 +338,7 @@ class Supervisor(Supervising):
         self.links = {name: AgentLink(self, host, KeyPair.load_public(
             os.path.join(keys, f"{name}.key"))) for name, host in hosts.items()}  # type: ignore
         from .services import Endpoint, Services  # services import this module
-        self.endpoint = Endpoint(self)
+        self.endpoint = Endpoint(self, on_bound=self._endpoint_bound)
         self.endpoint_address = ""
         self.services = Services(self, topology, app_dir=app_dir, prefixer=prefixer) \
             if topology.services else None
@@ -365,6 +366,7 @@ class Supervisor(Supervising):
         self._shown = 0
         self._ready_told = False
         self._early_signal: int | None = None
+        self.shell_keys: KeyPair | None = None  # a tcp endpoint's shells'
 
     # -- hio contexts -------------------------------------------------------------
     def recur(self, tyme: float, deeds: Any = None) -> bool:  # type: ignore[override]
@@ -468,9 +470,14 @@ class Supervisor(Supervising):
             raise TransportError(f"cannot write into the run directory {self.run_dir}: "
                                  f"{exc}") from exc
         self.listen = self.listen or local_address(self.transport, self.run_dir, "control")
-        self.endpoint_address = ipc_address(self.run_dir, "endpoint")
+        # the endpoint follows the transport: over tcp no unix path at all (CURVE, its
+        # keys for shells in the run directory: see hiocluster.control)
+        self.endpoint_address = local_address(self.transport, self.run_dir, "endpoint")
         self.context = Context(self.keys, owner="supervisor")
         if self.context.gate is not None:
+            if self.endpoint_address.startswith("tcp://"):
+                self.shell_keys = KeyPair.generate()
+                self.context.gate.admit(SHELL, self.shell_keys.public)
             for name in self.children:  # those under groups connect to their group
                 self.context.gate.admit(name, self.worker_keys[name].public)
             self.context.gate.open()
@@ -487,6 +494,19 @@ class Supervisor(Supervising):
 
     def _close(self) -> None:
         close_run(self)
+
+    def _endpoint_bound(self) -> None:
+        """The endpoint is bound: a tcp one's address and keys go in the run directory
+        (mode 0600), where shells of this user find them; then say we listen."""
+        if self.shell_keys is not None and self.keys is not None:
+            assert self.run_dir is not None
+            record = {"address": self.endpoint_address, "public": self.shell_keys.public,
+                      "secret": self.shell_keys.secret, "server": self.keys.public}
+            path = os.path.join(self.run_dir, ENDPOINT_RECORD)
+            with open(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600), "w") as file:
+                json.dump(record, file)
+        if self.on_listening is not None:
+            self.on_listening(self)
 
     def _tell(self, core: RunCore) -> None:
         if self.on_ready is not None and not self._ready_told and core.ticking:

@@ -18,6 +18,7 @@ root after each test; the tests here also wait for it (generously) themselves.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -278,3 +279,46 @@ def test_a_killed_group_is_called_a_group(victim: str) -> None:
     assert caught.value.worker == victim and caught.value.kind == "group"
     assert str(caught.value).startswith(f"group {victim} (node "), str(caught.value)
     assert "worker g" not in str(caught.value)
+
+
+# -- --transport tcp: no unix path for the control endpoint ----------------------------------
+
+
+def test_a_tcp_run_binds_no_unix_socket_and_status_still_finds_it(
+        tmp_path: Path, cli_env: dict[str, str], no_leaks: Path) -> None:
+    """Under a run root too long for a unix socket path, a tcp run still runs: its
+    control endpoint is tcp (CURVE; its keys in the run directory), and ``status``
+    finds and reaches it; ``stop`` stops it."""
+    root = no_leaks / ("r" * 90)
+    root.mkdir()
+    env = dict(cli_env, HIOCLUSTER_RUN_ROOT=str(root))
+    topology = _topology(tmp_path, "flat")
+    popen = subprocess.Popen(hiocluster_command("run", str(topology), "--transport", "tcp"),
+                             env=env, cwd=REPO, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        wait_until(lambda: popen.poll() is not None or
+                   any((tmp_path / "marks").glob("*.ticking")), timeout=60,
+                   what="the tcp run to tick")
+        assert popen.poll() is None, popen.communicate()[1]
+        sockets = [path for path in root.rglob("*") if path.is_socket()]
+        assert sockets == []
+        status = subprocess.run(hiocluster_command("status", "--json"), env=env, cwd=REPO,
+                                capture_output=True, text=True, timeout=60)
+        assert status.returncode == 0, status.stderr
+        answer = json.loads(status.stdout)
+        assert answer["control"].startswith("tcp://127.0.0.1:")
+        assert answer["simulation"]["ticks"] == 100_000
+        stop = subprocess.run(hiocluster_command("stop"), env=env, cwd=REPO,
+                              capture_output=True, text=True, timeout=60)
+        assert stop.returncode == 0, stop.stderr
+        _, stderr = popen.communicate(timeout=60)
+        assert popen.returncode == 143, stderr
+        assert "ipc path too long" not in stderr
+    finally:
+        if popen.poll() is None:
+            popen.kill()
+            popen.communicate(timeout=30)
+        wait_until(lambda: not any(root.iterdir()), timeout=GONE_S,
+                   what="the run directory to be removed")
+        root.rmdir()
