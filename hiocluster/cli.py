@@ -510,8 +510,12 @@ def _keygen(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
 
 
 def _worker(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    from .launch import parent_from_env
     from .transport import CREDENTIALS_ENV, Credentials
+    from .watchdog import parent_gone
     from .worker import WorkerOptions, run_worker
+
+    parent = parent_from_env()
 
     try:
         if args.credentials:
@@ -528,6 +532,10 @@ def _worker(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         try:
             tree = load_tree(args.tree)
         except ValueError as exc:
+            if parent_gone(parent):  # its supervisor, and the file, are gone already
+                print(f"hiocluster group {args.name}: orphaned: its supervisor is gone",
+                      file=sys.stderr)
+                return 3
             parser.error(f"group: --tree: {exc}")
         if args.run_dir:  # its supervisor wrote the file for it alone
             with contextlib.suppress(OSError):
@@ -535,11 +543,11 @@ def _worker(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         return run_group(GroupOptions(connect=args.connect, name=args.name, tree=tree,
                                       credentials=credentials, bind=args.bind,
                                       app_dir=args.app_dir, run_dir=args.run_dir,
-                                      tick_file=args.tick_file))
+                                      tick_file=args.tick_file, parent=parent))
     return run_worker(WorkerOptions(connect=args.connect, name=args.name,
                                     credentials=credentials, bind=args.bind,
                                     app_dir=args.app_dir, run_dir=args.run_dir,
-                                    tick_file=args.tick_file))
+                                    tick_file=args.tick_file, parent=parent))
 
 
 def _serve(args: argparse.Namespace, topology: Any) -> int:

@@ -22,7 +22,7 @@ from typing import Any
 
 from . import protocol as proto
 from .errors import ClusterError, FrameError
-from .transport import TransportError, request
+from .transport import ENDPOINT_RECORD, KeyPair, TransportError, request
 
 __all__ = ["Unreachable", "find_endpoint", "ask", "format_status", "control_main",
            "EXIT_NOT_RUNNING", "EXIT_UNREACHABLE"]
@@ -44,16 +44,20 @@ def find_endpoint(given: str | None = None) -> str:
     env = os.environ.get("HIOCLUSTER_CONTROL")
     if env:
         return env
-    root = os.environ.get("HIOCLUSTER_RUN_ROOT") or tempfile.gettempdir()
+    root = _root()
     found = []
-    for path in sorted(glob.glob(os.path.join(root, "hioc-*", "endpoint"))):
+    candidates = [f"ipc://{path}" for path in sorted(glob.glob(os.path.join(root, "hioc-*",
+                                                                            "endpoint")))]
+    for address in [*candidates, *_tcp_endpoints()]:
         try:
-            if os.stat(os.path.dirname(path)).st_uid != os.getuid():
+            path = address[len("ipc://"):]
+            if address.startswith("ipc://") and \
+                    os.stat(os.path.dirname(path)).st_uid != os.getuid():
                 continue
-            ask(f"ipc://{path}", proto.Command(command="status"), timeout=1.0)
+            ask(address, proto.Command(command="status"), timeout=1.0)
         except (OSError, Unreachable):
             continue
-        found.append(f"ipc://{path}")
+        found.append(address)
     if not found:
         raise Unreachable(f"no run found under {root} (set HIOCLUSTER_CONTROL or pass "
                           "--control ADDRESS; a run prints its address when it starts)")
@@ -63,14 +67,36 @@ def find_endpoint(given: str | None = None) -> str:
     return found[0]
 
 
+def _root() -> str:
+    return os.environ.get("HIOCLUSTER_RUN_ROOT") or tempfile.gettempdir()
+
+
+def _tcp_endpoints() -> dict[str, tuple[KeyPair, str]]:
+    """The tcp endpoints of this user's runs under the run root (a run directory is
+    theirs alone): address -> (the shells' CURVE key pair, the run's public key)."""
+    found = {}
+    for path in sorted(glob.glob(os.path.join(_root(), "hioc-*", ENDPOINT_RECORD))):
+        try:
+            with open(path, encoding="utf-8") as file:
+                record = json.load(file)
+            found[str(record["address"])] = (KeyPair(str(record["public"]),
+                                                      str(record["secret"])),
+                                             str(record["server"]))
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    return found
+
+
 def ask(address: str, command: proto.Command, *, timeout: float = ANSWER_TIMEOUT_S
         ) -> proto.Answer:
     """Send ``command`` to the run at ``address``; its answer. Raises Unreachable."""
     path = address[len("ipc://"):] if address.startswith("ipc://") else None
     if path is not None and not os.path.exists(path):
         raise Unreachable(f"no run at {address} (no such socket)")
+    curve = _tcp_endpoints().get(address) if address.startswith("tcp://") else None
     try:
-        data = request(address, proto.encode(command), timeout, proto.MAX_CONTROL_FRAME)
+        data = request(address, proto.encode(command), timeout, proto.MAX_CONTROL_FRAME,
+                       curve)
         if data is None:
             raise Unreachable(f"no answer from {address} within {timeout:g} s")
         answer = proto.decode(data, allowed=(proto.Answer,))

@@ -120,11 +120,13 @@ class RunFailed(ClusterError):
         tick: the tick at which it failed (None before the first tick).
         cause: short human cause: "exit code 3", "signal SIGKILL", "ValueError: ...".
         detail: more lines (a traceback), possibly empty.
+        kind: "worker", or "group" when ``worker`` is a group (a sub-supervisor).
     """
 
     def __init__(self, *, worker: str, nodes: tuple[str, ...] | list[str], tick: int | None,
-                 cause: str, detail: str = "") -> None:
+                 cause: str, detail: str = "", kind: str = "worker") -> None:
         self.worker = worker
+        self.kind = kind
         self.nodes = tuple(nodes)
         self.tick = tick
         self.cause = cause
@@ -134,7 +136,7 @@ class RunFailed(ClusterError):
     def __str__(self) -> str:
         at = f"tick {self.tick}" if self.tick is not None else "start-up"
         nodes = ", ".join(self.nodes) or "-"
-        text = f"worker {self.worker} (node {nodes}) failed at {at}: {self.cause}"
+        text = f"{self.kind} {self.worker} (node {nodes}) failed at {at}: {self.cause}"
         if self.detail and self.detail.strip() != self.cause.strip():
             text += "\n" + self.detail.rstrip()
         return text

@@ -10,11 +10,12 @@ back. The workers under it send DATA to each other directly, wherever they
 run; they bind their data sockets where the group was told to (``--bind``: an
 agent's advertised address), else beside their control socket.
 
-If its supervisor's connection stays down for ``orphan_grace()`` (or never comes
-up), it stops its children and exits with code 3, removing what its vanished
+If the process that started it is no longer its parent, or its supervisor's
+connection stays down for ``orphan_grace()`` (or never comes up), it stops its
+children and exits with code 3, removing what its vanished
 supervisor cannot, like an orphaned worker. Its run directory is a sibling of
-its supervisor's (ipc paths do not grow with depth); if the group itself is
-killed, its orphaned children remove it.
+its supervisor's (ipc paths do not grow with depth), kept by a guardian
+(supervisor.make_run_dir): if the group itself is killed, the directory goes too.
 SIGTERM or SIGINT stop its children cleanly and tell its supervisor.
 
 Imports: supervisor, groupcore, launch, loop, transport, watchdog, protocol.
@@ -24,10 +25,8 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -37,10 +36,10 @@ from hio.base.doing import Doer
 from .groupcore import GroupCore, check_tree
 from .launch import LocalLauncher, TickRegister
 from .loop import Loop
-from .supervisor import Supervising
+from .supervisor import Supervising, make_run_dir, remove_run_dir
 from .transport import (NOBLOCK, Context, Credentials, KeyPair, TransportError,
                         local_address, monitor_event, readable)
-from .watchdog import orphan_grace
+from .watchdog import orphan_grace, parent_gone
 from .worker import START_TIMEOUT, default_bind, remove_orphan_files
 
 __all__ = ["GroupOptions", "Group", "ParentLink", "run_group"]
@@ -58,6 +57,7 @@ class GroupOptions:
     app_dir: str | None = None
     run_dir: str | None = None        # its supervisor's; its own goes inside it
     tick_file: str | None = None      # a TickRegister its supervisor reads
+    parent: int | None = None         # the pid of the process that started it, if one did
 
 
 class ParentLink(Doer):
@@ -89,7 +89,8 @@ class ParentLink(Doer):
             elif not self.down_since:
                 self.down_since = now
         if not core.orphaned and ((self.down_since and now - self.down_since > self.grace)
-                                  or (not self.connected and now > self.deadline)):
+                                  or (not self.connected and now > self.deadline)
+                                  or parent_gone(self.group.options.parent)):
             core.lost_parent(now)
         for _ in range(1000):
             if not readable(self.dealer):
@@ -117,7 +118,7 @@ class Group(Supervising):
         self.parent_link = ParentLink(self)
         super().__init__(loop, list(options.tree), extra=[self.parent_link], **kwa)
         self.run_dir: str | None = None
-        self.register = TickRegister(options.tick_file) if options.tick_file else None
+        self.register: TickRegister | None = None
         self.launcher: LocalLauncher | None = None
         self.interrupts: list[int] = []   # signals caught, for the next cycle
         self.parent = os.getppid()        # who started it: once gone, its files are ours
@@ -165,12 +166,13 @@ class Group(Supervising):
     # -- helpers --------------------------------------------------------------------
     def _open(self) -> None:
         options = self.options
-        root = os.environ.get("HIOCLUSTER_RUN_ROOT") or None
-        try:  # beside its supervisor's, not inside: ipc paths stay short at any depth
-            self.run_dir = tempfile.mkdtemp(prefix="hioc-", dir=root)
-        except OSError as exc:
-            raise TransportError(f"cannot make the group's run directory under "
-                                 f"{root or tempfile.gettempdir()}: {exc}") from exc
+        if options.tick_file:
+            try:
+                self.register = TickRegister(options.tick_file)
+            except OSError as exc:
+                raise TransportError(f"cannot open its tick register: {exc}") from exc
+        # beside its supervisor's, not inside: ipc paths stay short at any depth
+        self.run_dir = make_run_dir()
         self.listen = local_address("ipc", self.run_dir, "control")
         self.context = Context(options.credentials.keys, owner=f"group {options.name}")
         if self.context.gate is not None:
@@ -186,7 +188,7 @@ class Group(Supervising):
             self.context.close(linger=0 if orphaned else None)
             self.context = None
         if self.run_dir is not None:
-            shutil.rmtree(self.run_dir, ignore_errors=True)
+            remove_run_dir(self.run_dir)
             self.run_dir = None
         if orphaned or os.getppid() != self.parent:  # the files its starter cannot remove
             remove_orphan_files(self.options, "")
@@ -220,8 +222,13 @@ def run_group(options: GroupOptions) -> int:
     try:
         loop.run()
     except TransportError as exc:
-        print(f"hiocluster group {options.name}: {exc}", file=sys.stderr, flush=True)
-        return 1
+        orphaned = parent_gone(options.parent)  # e.g. its files went with its supervisor
+        if orphaned:
+            remove_orphan_files(options, "")
+        print(f"hiocluster group {options.name}: "
+              f"{'orphaned: its supervisor is gone' if orphaned else exc}", file=sys.stderr,
+              flush=True)
+        return 3 if orphaned else 1
     failure = group.core.failure if group.core is not None else None
     if failure is not None and not group.core.told:  # else its supervisor says it
         print(f"hiocluster group {options.name}: {failure}", file=sys.stderr, flush=True)

@@ -290,7 +290,7 @@ class GroupCore(Supervision):
         """A failure of the group itself (not of a worker under it)."""
         return RunFailed(worker=self.name, nodes=tuple(sorted(
             node for book in self.books.values() for node in book.node_names)),
-            tick=self._tick(), cause=cause)
+            tick=self._tick(), cause=cause, kind="group")
 
     def _tick(self) -> int | None:
         return self.done_until + 1 if self.ticking else None

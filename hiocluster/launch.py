@@ -31,7 +31,8 @@ from typing import Any, Callable, Mapping, Protocol, Sequence
 from .transport import CREDENTIALS_ENV, Credentials, TransportError
 
 __all__ = ["ProcessHandle", "Launcher", "LocalProcess", "LocalLauncher", "TickRegister",
-           "end_process", "make_run_dir", "run_root", "RUN_ROOT_ENV", "worker_argv"]
+           "end_process", "make_run_dir", "run_root", "RUN_ROOT_ENV", "worker_argv",
+           "PARENT_ENV", "parent_from_env"]
 
 #: Where run directories go (default: the system temp directory).
 RUN_ROOT_ENV = "HIOCLUSTER_RUN_ROOT"
@@ -51,6 +52,17 @@ def make_run_dir(prefix: str = "hioc-") -> str:
     except OSError as exc:
         raise TransportError(f"cannot make the run directory under {root}: {exc}") from exc
     return run_dir
+
+
+#: The pid of the process that started a worker or group (its parent while that
+#: lives): once its parent is another, it is an orphan (docs/protocol.md §9).
+PARENT_ENV = "HIOCLUSTER_PARENT"
+
+
+def parent_from_env() -> int | None:
+    """The pid in ``$HIOCLUSTER_PARENT`` (None: started by hand)."""
+    text = os.environ.get(PARENT_ENV, "")
+    return int(text) if text.isdigit() else None
 
 
 class ProcessHandle(Protocol):
@@ -237,6 +249,7 @@ class LocalLauncher:
     def start(self, worker: str) -> LocalProcess:
         env = dict(os.environ, **self.env)
         env[CREDENTIALS_ENV] = self.credentials(worker).to_json()
+        env[PARENT_ENV] = str(os.getpid())
         register = TickRegister(os.path.join(self.run_dir, f"t-{worker}"), create=True)
         tree_file = None
         if worker in self.trees:

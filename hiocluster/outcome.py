@@ -229,7 +229,7 @@ def placed(failure: ProcessExited, books: Iterable[WorkerBook]) -> ProcessExited
     if tick == failure.tick:
         return failure
     return ProcessExited(worker=failure.worker, nodes=failure.nodes, tick=tick,
-                         exitcode=failure.exitcode, cause=failure.cause)
+                         exitcode=failure.exitcode, cause=failure.cause, kind=failure.kind)
 
 
 def late_start(books: Iterable[WorkerBook],

@@ -88,6 +88,7 @@ class Supervision:
         #: every child -> the workers under it (a worker: itself)
         self.leaves_of: dict[str, tuple[str, ...]] = {name: (name,) for name in self.books}
         self.grouped: set[str] = set()  # the children that are groups
+        self.groups: set[str] = set()   # every group under this supervisor, at any depth
         self.phase = Phase.STARTING
         self.deadline = now + start_timeout
         self.started = now
@@ -255,6 +256,8 @@ class Supervision:
     # -- stopping -------------------------------------------------------------
     def fail(self, error: ClusterError, now: float) -> None:
         """The run cannot go on: keep the first failure, stop everyone else."""
+        if isinstance(error, RunFailed) and error.worker in self.grouped | self.groups:
+            error.kind = "group"  # a sub-supervisor's process: said so
         if self.failure is None:
             self.failure = error
         if self.phase in (Phase.STARTING, Phase.RUNNING):
@@ -283,7 +286,9 @@ class Supervision:
             missing = [b for b in self.books.values() if b.bye is None]
             if missing:
                 self.failure = RunFailed(worker=missing[0].name, nodes=missing[0].node_names,
-                                         tick=self.granted, cause="no BYE after STOP")
+                                         tick=self.granted, cause="no BYE after STOP",
+                                         kind="group" if missing[0].name in self.grouped
+                                         else "worker")
         elif isinstance(self.failure, ProcessExited):
             self.failure = placed(self.failure, self.books.values())
         self._finished(now)
@@ -341,6 +346,7 @@ class RunCore(Supervision):
         self.sizer = WindowSizer(window, max(self.chain.sizes.values()), topology.tock,
                                  topology.real)
         self.grouped = set(plan.groups) & set(plan.top)
+        self.groups = set(plan.groups)
         for name in plan.top:
             self.leaves_of[name] = plan.leaves(name)
             for member in plan.below(name) if name in plan.groups else ():

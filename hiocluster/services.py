@@ -46,8 +46,8 @@ from .replica import LISTEN_FDS_ENV, PARENT_ENV, SERVICE_ENV
 from .serving import listening_socket
 from .servicecore import Replica, ServiceCore
 from .topology import Topology
-from .transport import (CREDENTIALS_ENV, NOBLOCK, Context, Credentials, ipc_address,
-                        readable)
+from .transport import (CREDENTIALS_ENV, NOBLOCK, Context, Credentials, bound_address,
+                        ipc_address, readable)
 
 __all__ = ["Services", "ServiceBoard", "ReplicaDoer", "Endpoint", "ServiceRun", "serve",
            "CONTROL_ENV", "ENDPOINT", "ServeResult"]
@@ -501,15 +501,20 @@ class Services(DoDoer):
 
 class Endpoint(RouterDoer):
     """The run's control endpoint: COMMAND in, ANSWER out (docs/protocol.md §12).
-    ``owner`` answers: ``command(message) -> Answer``."""
+    ``owner`` answers: ``command(message) -> Answer``; ``on_bound()`` is called once
+    it is bound (``owner.endpoint_address`` then has a tcp endpoint's port)."""
 
-    def __init__(self, owner: Any, **kwa: Any) -> None:
+    def __init__(self, owner: Any, on_bound: Callable[[], None] | None = None,
+                 **kwa: Any) -> None:
         super().__init__(**kwa)
-        self.owner = owner
+        self.owner, self.on_bound = owner, on_bound
 
     def enter(self) -> None:
         owner = self.owner
         self.attach(owner.loop, owner.context.endpoint_router(owner.endpoint_address))
+        owner.endpoint_address = bound_address(self.router)
+        if self.on_bound is not None:
+            self.on_bound()
 
     def recur(self, tyme: float) -> bool:
         for _ in range(100):

@@ -21,11 +21,14 @@ Imports: hio, runcore, topology, launch, loop, transport, protocol, errors.
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import shutil
 import signal
 import socket
+import subprocess
+import tempfile
 import threading
 import time
 from collections import deque
@@ -34,17 +37,19 @@ from typing import Any, Callable, Sequence
 from hio.base.doing import DoDoer, Doer
 
 from .errors import ClusterError, Interrupted, TopologyError
-from .launch import LocalLauncher, ProcessHandle, end_process, make_run_dir, worker_argv
+from .launch import LocalLauncher, ProcessHandle, end_process, run_root, worker_argv
 from .loop import Loop, RouterDoer
 from .remote import AgentLink
 from .runcore import START_TIMEOUT, STOP_TIMEOUT, RunCore, RunResult
 from .topology import Plan, Topology, plan as make_plan, resolve_classes, resolve_services
-from .transport import (NOBLOCK, Context, Credentials, KeyPair, TransportError,
-                        bound_address, facing, ipc_address, local_address,
+from .transport import (ENDPOINT_RECORD, NOBLOCK, Context, Credentials, KeyPair, TransportError,
+                        bound_address, facing, local_address,
                         readable, sender)
 
 __all__ = ["Supervising", "Supervisor", "Switchboard", "ChildDoer", "RunResult", "run", "KILL_GRACE_S"]
 
+#: The gate's name for the key of shells at a tcp endpoint (no worker's name).
+SHELL = ".shell"
 #: Seconds a worker gets to exit after its BYE (or a SIGTERM) before the next step.
 KILL_GRACE_S = 2.0
 #: Seconds a worker's frames get to arrive after its process is seen to exit
@@ -67,8 +72,6 @@ class Switchboard(RouterDoer):
         supervisor = self.supervisor
         self.attach(supervisor.loop, supervisor.context.control_router(supervisor.listen))
         supervisor.control_address = bound_address(self.router)
-        if supervisor.on_listening is not None:
-            supervisor.on_listening(supervisor)
 
     def recur(self, tyme: float) -> bool:
         router, children, core = self.router, self.supervisor.children, self.supervisor.core
@@ -335,7 +338,7 @@ class Supervisor(Supervising):
         self.links = {name: AgentLink(self, host, KeyPair.load_public(
             os.path.join(keys, f"{name}.key"))) for name, host in hosts.items()}  # type: ignore
         from .services import Endpoint, Services  # services import this module
-        self.endpoint = Endpoint(self)
+        self.endpoint = Endpoint(self, on_bound=self._endpoint_bound)
         self.endpoint_address = ""
         self.services = Services(self, topology, app_dir=app_dir, prefixer=prefixer) \
             if topology.services else None
@@ -362,6 +365,8 @@ class Supervisor(Supervising):
         self.launcher: Any = None
         self._shown = 0
         self._ready_told = False
+        self._early_signal: int | None = None
+        self.shell_keys: KeyPair | None = None  # a tcp endpoint's shells'
 
     # -- hio contexts -------------------------------------------------------------
     def recur(self, tyme: float, deeds: Any = None) -> bool:  # type: ignore[override]
@@ -380,8 +385,11 @@ class Supervisor(Supervising):
         self._tell(self.core)
 
     def interrupt(self, signum: int) -> None:
-        """Stop the run cleanly at once (called from signal handlers)."""
-        if self.core is not None:
+        """Stop the run cleanly at once (called from signal handlers); before the
+        core exists, as soon as it does."""
+        if self.core is None:
+            self._early_signal = signum
+        else:
             self.core.interrupt(signum, time.monotonic())
         if self.services is not None:
             self.services.stop()
@@ -462,9 +470,14 @@ class Supervisor(Supervising):
             raise TransportError(f"cannot write into the run directory {self.run_dir}: "
                                  f"{exc}") from exc
         self.listen = self.listen or local_address(self.transport, self.run_dir, "control")
-        self.endpoint_address = ipc_address(self.run_dir, "endpoint")
+        # the endpoint follows the transport: over tcp no unix path at all (CURVE, its
+        # keys for shells in the run directory: see hiocluster.control)
+        self.endpoint_address = local_address(self.transport, self.run_dir, "endpoint")
         self.context = Context(self.keys, owner="supervisor")
         if self.context.gate is not None:
+            if self.endpoint_address.startswith("tcp://"):
+                self.shell_keys = KeyPair.generate()
+                self.context.gate.admit(SHELL, self.shell_keys.public)
             for name in self.children:  # those under groups connect to their group
                 self.context.gate.admit(name, self.worker_keys[name].public)
             self.context.gate.open()
@@ -475,12 +488,27 @@ class Supervisor(Supervising):
                             stop_timeout=self.stop_timeout, trace=self.trace,
                             external=[name for name, child in self.children.items()
                                       if child.external])
+        if self._early_signal is not None:  # it stops before it starts anyone
+            self.core.interrupt(self._early_signal, time.monotonic())
         # the launcher needs the bound address: the switchboard binds in its enter,
         # which hio runs before any child's (doers enter in order)
         self.launcher = _DeferredLauncher(self)
 
     def _close(self) -> None:
         close_run(self)
+
+    def _endpoint_bound(self) -> None:
+        """The endpoint is bound: a tcp one's address and keys go in the run directory
+        (mode 0600), where shells of this user find them; then say we listen."""
+        if self.shell_keys is not None and self.keys is not None:
+            assert self.run_dir is not None
+            record = {"address": self.endpoint_address, "public": self.shell_keys.public,
+                      "secret": self.shell_keys.secret, "server": self.keys.public}
+            path = os.path.join(self.run_dir, ENDPOINT_RECORD)
+            with open(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600), "w") as file:
+                json.dump(record, file)
+        if self.on_listening is not None:
+            self.on_listening(self)
 
     def _tell(self, core: RunCore) -> None:
         if self.on_ready is not None and not self._ready_told and core.ticking:
@@ -493,6 +521,59 @@ class Supervisor(Supervising):
                 self.on_tick(done, self.topology.ticks)
 
 
+#: The guardian of a run directory: a shell that makes the directory, says its path,
+#: and removes it once its stdin reaches end of file, that is once the process that
+#: started it is gone, however it went (kill -9 included). It runs in its own session,
+#: deaf to the signals of a terminal or a process group.
+_GUARDIAN = ('trap "" HUP INT TERM PIPE; d=$(mktemp -d "$0/hioc-XXXXXXXX") || exit 1; '
+             'echo "$d"; read _; rm -rf -- "$d"')
+_guardians: dict[str, subprocess.Popen] = {}
+
+
+def make_run_dir() -> str:
+    """A new run directory (mode 0700) under ``$HIOCLUSTER_RUN_ROOT`` if set, else
+    the system temp directory, removed by :func:`remove_run_dir` or, should this
+    process die first, by its guardian. Raises TransportError."""
+    root = run_root()
+    try:
+        guardian = subprocess.Popen(["/bin/sh", "-c", _GUARDIAN, root], stdin=subprocess.PIPE,
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                    close_fds=True, start_new_session=True)
+    except OSError as exc:
+        raise TransportError(f"cannot make the run directory under {root}: {exc}") from exc
+    assert guardian.stdout is not None and guardian.stderr is not None
+    with guardian.stdout:
+        path = guardian.stdout.readline().decode(errors="replace").rstrip("\n")
+    if not path:
+        with guardian.stderr:
+            error = guardian.stderr.read().decode(errors="replace").strip()
+        _release(guardian)
+        raise TransportError(f"cannot make the run directory under {root}: {error}")
+    guardian.stderr.close()
+    path = os.path.abspath(path)
+    _guardians[path] = guardian
+    return path
+
+
+def remove_run_dir(path: str) -> None:
+    """Remove a run directory made by :func:`make_run_dir`, and let its guardian go."""
+    shutil.rmtree(path, ignore_errors=True)
+    guardian = _guardians.pop(path, None)
+    if guardian is not None:
+        _release(guardian)
+
+
+def _release(guardian: subprocess.Popen) -> None:
+    """End of file to a guardian, and wait for it (it exits at once)."""
+    assert guardian.stdin is not None
+    guardian.stdin.close()
+    try:
+        guardian.wait(KILL_GRACE_S)
+    except subprocess.TimeoutExpired:  # pragma: no cover - a shell that hangs
+        guardian.kill()
+        guardian.wait()
+
+
 def close_run(owner: Any) -> None:
     """The end of a run's root: close ``owner.context`` (every socket) and remove
     ``owner.run_dir``."""
@@ -500,7 +581,7 @@ def close_run(owner: Any) -> None:
         owner.context.close(linger=0)
         owner.context = None
     if owner.run_dir is not None:
-        shutil.rmtree(owner.run_dir, ignore_errors=True)
+        remove_run_dir(owner.run_dir)
         owner.run_dir = None
 
 

@@ -138,6 +138,9 @@ def ipc_address(run_dir: str, name: str) -> str:
 #: Sockets a run's root supervisor binds in its run directory besides its control
 #: socket: an orphan (its supervisor killed) removes them on its way out.
 RUN_SOCKETS = ("endpoint", "services")
+#: The file in a run directory that records a tcp control endpoint: its address and
+#: the CURVE keys a shell of the run's user connects with (JSON, mode 0600).
+ENDPOINT_RECORD = "endpoint.tcp"
 
 
 def ipc_path(address: str) -> str | None:
@@ -487,16 +490,22 @@ class Context:
         self._context.term()
 
 
-def request(address: str, frame: bytes, timeout: float, limit: int) -> bytes | None:
+def request(address: str, frame: bytes, timeout: float, limit: int,
+            curve: tuple[KeyPair, str] | None = None) -> bytes | None:
     """Send ``frame`` to the ROUTER at ``address`` and return its one answer (at
     most ``limit`` bytes), or None after ``timeout`` seconds. A shell's single
-    question to a running run. Raises TransportError."""
+    question to a running run; ``curve``: our key pair and the server's public key,
+    for a CURVE server. Raises TransportError."""
     unpredictable_ids()
     context = zmq.Context()
     sock = context.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.MAXMSGSIZE, limit)
     sock.setsockopt(zmq.ROUTING_ID, routing_id())
+    if curve is not None:
+        sock.curve_publickey, sock.curve_secretkey = (curve[0].public.encode("ascii"),
+                                                      curve[0].secret.encode("ascii"))
+        sock.curve_serverkey = curve[1].encode("ascii")
     try:
         sock.connect(address)
         sock.send(frame)

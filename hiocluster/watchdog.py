@@ -2,10 +2,11 @@
 
 Runs beside the worker's main thread, so it works while a node is busy:
 
-* **orphan rule** (docs/protocol.md §9): once the control connection to the
-  supervisor has been down for :func:`orphan_grace` (or never came up within the
-  start-up time), the supervisor is gone: the worker is sent SIGTERM, so it
-  leaves through its exit contexts;
+* **orphan rule** (docs/protocol.md §9): once the process that started the
+  worker is no longer its parent, or the control connection to the supervisor
+  has been down for :func:`orphan_grace` (or never came up within the start-up
+  time), the supervisor is gone: the worker is sent SIGTERM, so it leaves
+  through its exit contexts;
 * **tick deadline**: once one tick has run ``tick_timeout`` seconds, the main
   thread gets SIGUSR1, whose handler raises ``TickOverrun`` inside the node
   that is running, so the failure names it.
@@ -23,7 +24,7 @@ from typing import Any, Callable
 
 from .transport import heartbeat_timeout_ms, monitor_event
 
-__all__ = ["Watchdog", "CHECK_S", "ORPHAN_GRACE_S", "orphan_grace"]
+__all__ = ["Watchdog", "CHECK_S", "ORPHAN_GRACE_S", "orphan_grace", "parent_gone"]
 
 #: How often the watchdog looks (it also wakes on every connection event).
 CHECK_S = 0.05
@@ -36,6 +37,13 @@ def orphan_grace() -> float:
     """Seconds the supervisor's connection may stay down: ORPHAN_GRACE_S plus the
     heartbeat timeout (a connection dropped by a lossy link comes back by then)."""
     return ORPHAN_GRACE_S + heartbeat_timeout_ms() / 1000
+
+
+def parent_gone(parent: int | None) -> bool:
+    """Whether the process that started this one (pid ``parent``, None: nobody we
+    know) is gone: this one was handed to another parent. Race-free: a pid that is
+    reused never becomes our parent again."""
+    return parent is not None and os.getppid() != parent
 
 
 class Watchdog(threading.Thread):
@@ -88,7 +96,7 @@ class Watchdog(threading.Thread):
             now = time.monotonic()
             if (down_since and now - down_since > grace) or \
                     (not connected and not down_since and now > self.connect_deadline) or \
-                    (self.parent is not None and os.getppid() != self.parent):
+                    parent_gone(self.parent):
                 if not self._stopped.is_set():
                     self.orphaned = True
                     signal.pthread_kill(self._main, signal.SIGTERM)

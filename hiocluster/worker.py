@@ -37,7 +37,7 @@ from .host import NodeFailed, NodeHost, Terminated, TickOverrun, explain
 from .launch import TickRegister
 from .peers import DataFault, PeerSockets
 from .transport import NOBLOCK, RUN_SOCKETS, Again, Context, Credentials, Poller, ipc_path
-from .watchdog import Watchdog
+from .watchdog import Watchdog, parent_gone
 
 __all__ = ["WorkerOptions", "Worker", "run_worker", "PROGRESS_S", "START_TIMEOUT"]
 
@@ -65,6 +65,7 @@ class WorkerOptions:
     app_dir: str | None = None        # where node classes are imported from
     run_dir: str | None = None        # the supervisor's; the last orphan out removes it
     tick_file: str | None = None      # a TickRegister the supervisor reads
+    parent: int | None = None         # the pid of the process that started it, if one did
 
 
 def default_bind(connect: str, name: str) -> str:
@@ -97,7 +98,7 @@ class Worker:
         self.report_at = 0.0              # when the next PROGRESS is due
         self.pacer: Pacer | None = None   # real-time runs only
         self.peers: PeerSockets | None = None
-        self.register = TickRegister(options.tick_file) if options.tick_file else None
+        self.register: TickRegister | None = None
         self.trace: list[list[Any]] | None = None  # with --trace: a row per tick
         self.trace_room = 0
         self.parent = os.getppid()        # who started it: once gone, its files are ours
@@ -109,19 +110,21 @@ class Worker:
         self.context = Context(credentials.keys, owner=f"worker {self.name}")
         self.watchdog: Watchdog | None = None
         try:
+            if self.options.tick_file:
+                self.register = TickRegister(self.options.tick_file)
             self.control, monitor = self.context.monitored_dealer(self.options.connect,
                                                                   credentials.server)
             self.peers = PeerSockets(self.context, self.options.bind or default_bind(
                 self.options.connect, self.name), self.name, credentials.token)
             self.poller = Poller([self.control, self.peers.socket])
             self.watchdog = Watchdog(monitor, START_TIMEOUT,
-                                     lambda: self.host.busy_since if self.host else 0.0)
+                                     lambda: self.host.busy_since if self.host else 0.0,
+                                     parent=self.options.parent)
             self.watchdog.start()
             return self._run()
         except Terminated as exc:
-            if self.watchdog is not None and self.watchdog.orphaned:
-                return self._fail("orphaned", f"no supervisor at {self.options.connect} "
-                                  "(gone, or never there)", code_out=3, tell=False)
+            if self._orphaned():
+                return self._orphan()
             signum = exc.args[0] if exc.args else signal.SIGTERM
             return self._fail("terminated", f"by {signal.Signals(signum).name}",
                               code_out=128 + signum)
@@ -135,7 +138,17 @@ class Worker:
         except (FrameError, ProtocolError) as exc:
             return self._fail(exc.code, str(exc), field=exc.field)
         except Exception:
+            if self._orphaned():  # e.g. its run directory went with its supervisor
+                return self._orphan()
             return self._fail("worker-error", explain())
+
+    def _orphaned(self) -> bool:
+        return (self.watchdog is not None and self.watchdog.orphaned) or \
+            parent_gone(self.options.parent)
+
+    def _orphan(self) -> int:
+        return self._fail("orphaned", f"no supervisor at {self.options.connect} (gone, or "
+                          "never there)", code_out=3, tell=False)
 
     def _run(self) -> int:
         assert self.peers is not None
@@ -183,7 +196,7 @@ class Worker:
                              if self.trace is not None and finished else {}))
         if self.peers is not None:
             self.peers.drop_unconnected()
-        self._close(clean=True)
+        self._close(clean=True, drained=message.drain)
         return 0
 
     def _fail(self, code: str, detail: str, *, node: str | None = None, field: str = "",
@@ -216,11 +229,18 @@ class Worker:
         if self.watchdog is not None:
             self.watchdog.stop()
 
-    def _close(self, *, clean: bool, orphaned: bool = False) -> None:
-        """Close every socket; an orphan also removes the files its supervisor cannot."""
+    def _close(self, *, clean: bool, orphaned: bool = False, drained: bool = False) -> None:
+        """Close every socket; an orphan also removes the files its supervisor cannot.
+        Only a drained stop waits for frames to its neighbours to leave: after any other,
+        one queued for a neighbour that died must not hold up the exit."""
+        if self.peers is not None and not drained:
+            for sock in (self.peers.socket, *self.peers.outs.values()):
+                sock.close(linger=0)
         self.context.close(linger=0 if orphaned else None if clean else FAIL_LINGER_MS)
         if orphaned or os.getppid() != self.parent:  # or an agent killed: nobody else will
-            remove_orphan_files(self.options, self.peers.address if self.peers else "")
+            remove_orphan_files(self.options, self.peers.address if self.peers else
+                                self.options.bind or default_bind(self.options.connect,
+                                                                  self.name))
 
     # -- start-up ---------------------------------------------------------------
     def _setup(self, setup: proto.Setup) -> None:
