@@ -515,26 +515,42 @@ _TOKEN = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
 _REQUEST_LINE = re.compile(_TOKEN + rb" [^\x00-\x20\x7f]+ HTTP/(\d)\.\d")
 _FIELD_NAME = re.compile(_TOKEN)
 _HEAD_END = re.compile(rb"\r?\n\r?\n")
+#: header lines hio reads right: ``name: value`` CRLF (value without CR, LF; not
+#: starting with a space)
+_CANONICAL = re.compile(rb"(?:" + _TOKEN + rb": [^\s][^\r\n]*\r\n|" + _TOKEN + rb": \r\n)*")
+_METHODS = frozenset(method.encode() for method in httping.METHODS)
 _REASONS = {400: "Bad Request", 413: "Content Too Large", 431: "Request Header Fields Too Large",
             501: "Not Implemented", 505: "HTTP Version Not Supported"}
 
 
-def _checked_head(head: bytes) -> bytes:
+def _checked_head(head: bytes) -> bytes | None:
     """The request line and header lines ``head`` (without the blank line that
     ends them), checked (RFC 9112) and rewritten as hio's parser reads them:
     ``name: value`` (hio splits on ``": "`` and raises ValueError on ``Host:x``,
-    valid HTTP, and on a line without a colon). Raises Rejected."""
-    lines = head.split(b"\n")
-    request = lines[0][:-1] if lines[0].endswith(b"\r") else lines[0]
+    valid HTTP, and on a line without a colon); None when ``head`` is already
+    so (the usual case, checked by one regular expression). Raises Rejected."""
+    line_end = head.find(b"\n")
+    request = head if line_end < 0 else head[:line_end]
+    if request.endswith(b"\r"):
+        request = request[:-1]
     found = _REQUEST_LINE.fullmatch(request)
     if found is None:
         raise Rejected(400, f"bad request line {bytes(request[:60])!r}")
     if found[1] != b"1":
         raise Rejected(505, f"HTTP version {bytes(request.rsplit(b' ', 1)[1])!r}")
-    if request.split(b" ", 1)[0].decode() not in httping.METHODS:
+    if request[:request.find(b" ")] not in _METHODS:
         raise Rejected(501, f"method {bytes(request.split(b' ', 1)[0][:20])!r}")
-    if len(lines) - 1 > httping.MAX_HEADERS:
-        raise Rejected(431, f"{len(lines) - 1} header lines (at most {httping.MAX_HEADERS})")
+    count = head.count(b"\n")
+    if count > httping.MAX_HEADERS:
+        raise Rejected(431, f"{count} header lines (at most {httping.MAX_HEADERS})")
+    if line_end < 0:
+        return head + b"\r\n\r\n"
+    fields = head[line_end + 1:] + b"\r\n"
+    lower = fields.lower()
+    if b"content-length" not in lower and b"transfer-encoding" not in lower and \
+            _CANONICAL.fullmatch(fields):
+        return None  # hio reads it as it is
+    lines = head.split(b"\n")
     out = [request]
     lengths = set()
     chunked = False
@@ -580,17 +596,25 @@ class Requestant(http_serving.Requestant):
             return
         msg = self.msg
         while True:
-            while msg[:1] in (b"\r", b"\n") and msg:  # blank lines before a request
+            while msg and msg[0] in b"\r\n":  # blank lines before a request
                 del msg[:1]
-            end = _HEAD_END.search(msg, 0, MAX_HEAD + 4)
-            if end is not None:
+            end = msg.find(b"\r\n\r\n", 0, MAX_HEAD + 4)  # the usual end, else a bare LF's
+            if end >= 0:
+                start, stop = end, end + 4
                 break
+            if b"\n\n" in msg or b"\n\r\n" in msg:
+                found = _HEAD_END.search(msg, 0, MAX_HEAD + 4)
+                if found is not None:
+                    start, stop = found.start(), found.end()
+                    break
             if len(msg) > MAX_HEAD:
                 raise Rejected(431, f"request head over {MAX_HEAD} bytes")
             if self.closed:
                 raise httping.PrematureClosure("connection closed within the request head")
             yield None
-        msg[:end.end()] = _checked_head(bytes(msg[:end.start()]))
+        checked = _checked_head(bytes(msg[:start]))
+        if checked is not None:
+            msg[:stop] = checked
         for result in super().parseHead():
             if result is not None and self.length is not None and \
                     self.length > self.max_body:
