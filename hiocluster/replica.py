@@ -9,7 +9,10 @@ fixed-tock loop either spins or waits up to a tock).
 
 Life of a replica (docs/protocol.md §12): open the servers; JOIN (service,
 replica, incarnation, the run's token); serve, with a LOAD at most every LOAD_S
-when its counts changed; on STOP (or SIGTERM, or the supervisor gone: the
+when its counts changed, and at least every quarter of its ``heartbeat`` (the
+run kills a replica that fell silent for ``heartbeat`` seconds: its loop hangs,
+or it was stopped); SIGHUP, SIGUSR1 and SIGUSR2 are ignored with a line said
+(their default would end the replica: there is no reload yet); on STOP (or SIGTERM, or the supervisor gone: the
 orphan rule of workers) drain: stop accepting, finish what is in flight, BYE,
 exit 0. Started by the supervisor as ``hiocluster replica``.
 
@@ -38,6 +41,7 @@ from .errors import FrameError
 from .loop import Loop
 from .node import load_class
 from .service import Service
+from .serving import WRITE_ONLY
 from .topology import ServiceSpec
 from .transport import NOBLOCK, RUN_SOCKETS, Context, Credentials, ipc_path, readable
 from .watchdog import Watchdog
@@ -60,6 +64,9 @@ CONNECT_TIMEOUT = 10.0
 IDLE_WAIT_S = 0.5
 #: Longest sleep while draining (a drain ends as soon as nothing is in flight).
 DRAIN_WAIT_S = 0.05
+#: Signals whose default action would end a replica (or a run), ignored: a
+#: closing SSH session sends SIGHUP; there is no reload for them to mean yet.
+IGNORED_SIGNALS = (signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
 
 logger = logging.getLogger("hiocluster.replica")
 
@@ -105,12 +112,14 @@ class Replica:
     def __init__(self, options: ReplicaOptions, service: Service) -> None:
         self.options, self.service = options, service
         self.loop = Loop([_Serving(self), *service.doers()], max_wait=IDLE_WAIT_S)
-        self.watched: dict[int, bool] = {}
-        self.last_watch: list[tuple[int, bool]] = []
+        self.watched: dict[int, int] = {}
+        self.last_watch: list[tuple[int, int]] = []
         self.draining_since: float | None = None
         self.signalled = False  # a signal arrived: its wake-up bytes wait to be read
+        self.ignored: list[int] = []  # ignored signals not yet said
         self.reported = (-1, -1)
         self.report_at = 0.0
+        self.beat_at = 0.0      # a LOAD is due by then even if nothing changed
         self.done = False
         self.wake = socket.socketpair()
         for end in self.wake:
@@ -124,6 +133,8 @@ class Replica:
         old = signal.set_wakeup_fd(self.wake[1].fileno(), warn_on_full_buffer=False)
         handlers = {signum: signal.signal(signum, self._signalled)
                     for signum in (signal.SIGTERM, signal.SIGINT)}
+        handlers.update({signum: signal.signal(signum, self._ignore)
+                         for signum in IGNORED_SIGNALS})
         try:
             self.control, monitor = self.context.monitored_dealer(
                 options.connect, options.credentials.server, identity=options.key.encode())
@@ -171,9 +182,9 @@ class Replica:
         """One cycle of the service, then what to sleep on next."""
         service = self.service
         service.step()
-        if service.busy:
-            self.loop.asap = True
         listed = service.watch()
+        if service.busy:  # after watch: it tells the servers what waits
+            self.loop.asap = True
         if listed == self.last_watch:  # the common case: nothing opened or closed
             return
         self.last_watch = listed
@@ -182,10 +193,10 @@ class Replica:
         for fd in [fd for fd in self.watched if fd not in watch]:
             poller.unregister(fd)
             del self.watched[fd]
-        for fd, write in watch.items():
-            if self.watched.get(fd) != write:
-                poller.register(fd, write)
-                self.watched[fd] = write
+        for fd, mode in watch.items():
+            if self.watched.get(fd) != mode:
+                poller.register(fd, bool(mode), read=mode != WRITE_ONLY)
+                self.watched[fd] = mode
 
     def _control(self) -> None:
         """Frames from the supervisor, LOAD when due, the end of a drain."""
@@ -194,6 +205,9 @@ class Replica:
             with contextlib.suppress(OSError):
                 while self.wake[0].recv(4096):
                     pass
+            while self.ignored:
+                logger.warning("%s: %s ignored (there is no reload)", self.options.key,
+                               signal.Signals(self.ignored.pop(0)).name)
         while readable(self.control):
             data = self.control.recv(NOBLOCK)
             try:
@@ -209,9 +223,12 @@ class Replica:
         now = time.monotonic()
         service = self.service
         counts = (service.served, service.connections)
-        if counts != self.reported and now >= self.report_at and self.draining_since is None:
+        if self.draining_since is None and ((counts != self.reported and now >= self.report_at)
+                                            or now >= self.beat_at):
             self.reported, self.report_at = counts, now + LOAD_S
+            self.beat_at = now + self.options.spec.heartbeat / 4
             self._send(proto.Load(served=counts[0], connections=counts[1]))
+        self.loop.wake_by(self.beat_at)
         if self.draining_since is not None and (
                 service.idle or now - self.draining_since > self.options.spec.drain):
             self.done = True
@@ -226,6 +243,10 @@ class Replica:
     def _signalled(self, signum: int, frame: Any) -> None:
         self.signalled = True
         self._drain(signal.Signals(signum).name)
+
+    def _ignore(self, signum: int, frame: Any) -> None:
+        self.signalled = True
+        self.ignored.append(signum)
 
     def _send(self, message: proto.Message) -> None:
         try:
@@ -256,6 +277,8 @@ def standby(options: ReplicaOptions) -> ReplicaOptions | int:
     signalled: list[int] = []
     handlers = {signum: signal.signal(signum, lambda signum, frame: signalled.append(signum))
                 for signum in (signal.SIGTERM, signal.SIGINT)}
+    handlers.update({signum: signal.signal(signum, signal.SIG_IGN)
+                     for signum in IGNORED_SIGNALS})
     context = Context(owner=f"spare {options.key}")
     watchdog = None
     try:

@@ -13,8 +13,8 @@ address (SO_REUSEPORT: the kernel spreads connections over them). Subclass
 
 Each instance sees ``self.name``, ``self.replica`` (0, 1, ...), ``self.params``
 (the table ``[services.NAME.params]``), ``self.listen`` (``(host, port)``),
-``self.timeout`` (idle connections and slow requests are closed after it) and
-``self.tls`` (``(certificate, key)`` paths, or None) and ``self.sockets``: the
+``self.timeout`` (idle connections and slow requests are closed after it),
+``self.max_body`` (the largest HTTP request body, bytes) and ``self.tls`` (``(certificate, key)`` paths, or None) and ``self.sockets``: the
 listening sockets its run made for it (pass them to your servers: connections
 queued on them outlive a replica that dies or restarts).
 
@@ -23,12 +23,16 @@ Imports: hio, serving, topology.
 
 from __future__ import annotations
 
+import logging
+import traceback
 from typing import Any, Callable
 
 from .serving import Server, ServerTls, Watch, WsgiServer
 from .topology import ServiceSpec
 
 __all__ = ["Service", "TcpService", "WsgiService"]
+
+logger = logging.getLogger("hiocluster.service")
 
 
 class Service:
@@ -42,6 +46,7 @@ class Service:
         self.name, self.replica = spec.name, replica
         self.params = dict(spec.params)
         self.listen, self.timeout, self.tls = spec.listen, spec.timeout, spec.tls
+        self.max_body = spec.max_body
         self.sockets: list[Any] = []   # set by the replica before open()
         self.servers: list[Any] = []
 
@@ -118,7 +123,8 @@ class TcpService(Service):
 
     def receive(self, remoter: Any, data: bytes) -> None:
         """``data`` arrived on connection ``remoter`` (hio's Remoter: answer with
-        ``remoter.tx(bytes)``)."""
+        ``remoter.tx(bytes)``). An exception closes this connection (logged with
+        its traceback), not the replica."""
         raise NotImplementedError
 
     def step(self) -> None:
@@ -127,11 +133,17 @@ class TcpService(Service):
         for server in self.servers:
             server.serviceConnects()
             server.serviceReceivesAllIx()
-            for remoter in list(server.ixes.values()):
+            for ca, remoter in list(server.ixes.items()):
                 if remoter.rxbs:
                     data = bytes(remoter.rxbs)
                     remoter.clearRxbs()
-                    self.receive(remoter, data)
+                    try:
+                        self.receive(remoter, data)
+                    except Exception:
+                        logger.error("%s: receive() raised; connection %s closed\n%s",
+                                     self.name, ca, traceback.format_exc())
+                        server.removeIx(ca)
+                        continue
                     self.count += 1
             server.serviceSendsAllIx()
             server.reap()
@@ -151,4 +163,4 @@ class WsgiService(Service):
     def make_servers(self) -> list[Any]:
         cert, key = self.tls if self.tls is not None else (None, None)
         return [WsgiServer(self.app(), self.listen, tymeout=self.timeout, certpath=cert,
-                           keypath=key, sockets=self.sockets)]
+                           keypath=key, sockets=self.sockets, max_body=self.max_body)]

@@ -23,7 +23,9 @@ The rules, as Erlang/OTP supervisors have them:
   is asked to stop, so the address never has fewer replicas serving.
 
 A replica that does not join within ``start_timeout`` seconds is killed (and
-counts as a crash). Imports: stdlib and hiocluster.errors, topology (specs).
+counts as a crash), as is one that serves but is not heard from (JOIN, LOAD) for
+its service's ``heartbeat`` seconds: its loop hangs, or it was SIGSTOPped; its
+listening sockets are the run's, so its successor takes the connections queued. Imports: stdlib and hiocluster.errors, topology (specs).
 """
 
 from __future__ import annotations
@@ -72,6 +74,8 @@ class Replica:
     served: int = 0
     connections: int = 0
     kill_at: float | None = None       # when stopping: SIGKILL if still there
+    heard: float = 0.0                 # when it last said something (JOIN, LOAD)
+    hung: bool = False                 # killed for silence
     listeners: tuple[int, ...] = ()    # the service's listening sockets it accepts from
     retiring: bool = False             # stopped on purpose: its exit is no crash
     error: str | None = None           # what it said in an ERROR frame
@@ -136,6 +140,7 @@ class ServiceCore:
         if replica.state is not ReplicaState.STARTING:
             return
         replica.state, replica.pid, replica.serving_since = ReplicaState.SERVING, pid, now
+        replica.heard = now
         service = self.services[replica.service]
         if self.stopping or service.failed:
             self._stop(replica, now)
@@ -146,8 +151,12 @@ class ServiceCore:
                 old.retiring = True
                 self._stop(old, now)
 
-    def load(self, replica: Replica, served: int, connections: int) -> None:
+    def load(self, replica: Replica, served: int, connections: int,
+             now: float | None = None) -> None:
+        """``replica`` reported its counts (at ``now``: it is alive)."""
         replica.served, replica.connections = served, connections
+        if now is not None:
+            replica.heard = now
 
     def exited(self, replica: Replica, code: int, now: float) -> None:
         """``replica``'s process ended with ``code`` (negative: the signal)."""
@@ -254,6 +263,14 @@ class ServiceCore:
                                 f"{self.start_timeout:g} s: killed")
                 replica.kill_at = now
                 self.actions.append(("kill", replica))
+            elif replica.state is ReplicaState.SERVING and not replica.hung and \
+                    now - replica.heard > self._heartbeat(replica):
+                self.log.append(f"{replica.label} (pid {replica.pid}) silent for "
+                                f"{now - replica.heard:.1f} s (heartbeat = "
+                                f"{self._heartbeat(replica):g} s): hung, killed")
+                replica.hung = True
+                replica.error = "hung"
+                self.actions.append(("kill", replica))
             elif replica.state is ReplicaState.STOPPING and replica.kill_at is not None \
                     and now >= replica.kill_at:
                 self.log.append(f"{replica.label} still running {replica_drain(self, replica):g} "
@@ -268,6 +285,8 @@ class ServiceCore:
         for replica in self.live():
             if replica.state is ReplicaState.STARTING and replica.kill_at is None:
                 times.append(replica.started + self.start_timeout)
+            elif replica.state is ReplicaState.SERVING and not replica.hung:
+                times.append(replica.heard + self._heartbeat(replica))
             elif replica.kill_at is not None:
                 times.append(replica.kill_at)
         return min(times, default=None)
@@ -323,6 +342,9 @@ class ServiceCore:
         return rows
 
     # -- helpers --------------------------------------------------------------------
+    def _heartbeat(self, replica: Replica) -> float:
+        return self.services[replica.service].spec.heartbeat
+
     def _service(self, name: str) -> _Service:
         if name not in self.services:
             raise KeyError(f"no service {name!r} (services: {', '.join(self.services)})")

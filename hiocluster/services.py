@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import signal
 import subprocess
 import sys
 import time
@@ -273,6 +274,7 @@ class Services(DoDoer):
         self.sockets: dict[str, dict[int, Any]] = {name: {} for name in self.core.services}
         self.processes: dict[int, psutil.Process] = {}
         self.started = False
+        self.signals: list[int] = []               # ignored signals, not yet said
         super().__init__(doers=[self.board], **kwa)
 
     # what the owner provides, once it entered
@@ -326,6 +328,9 @@ class Services(DoDoer):
         for line in core.log:
             self.say(line)
         core.log.clear()
+        while self.signals:
+            self.say(f"{signal.Signals(self.signals.pop(0)).name} ignored "
+                     "(there is no reload; SIGTERM or `hiocluster stop` stops the run)")
         self.keep_spares(now)
         for name, sockets in self.sockets.items():  # scaled to 0: refuse, do not queue
             pool = core.services[name].pool
@@ -419,7 +424,10 @@ class Services(DoDoer):
         it so that connections queued on it outlive any one replica)."""
         sockets = self.sockets[service]
         if k not in sockets:
-            sockets[k] = listening_socket(self.core.services[service].spec.listen)
+            # the first: no other program (another run, though it sets SO_REUSEPORT
+            # too) may listen there, or it would silently take part of the traffic
+            sockets[k] = listening_socket(self.core.services[service].spec.listen,
+                                          alone=not sockets)
         return sockets[k]
 
     def close_sockets(self) -> None:
@@ -457,12 +465,17 @@ class Services(DoDoer):
             spec = self.core.services[replica.service].spec
             self.say(f"{replica.label} serving on {spec.address} (pid {message.pid})")
         elif isinstance(message, proto.Load):
-            self.core.load(replica, message.served, message.connections)
+            self.core.load(replica, message.served, message.connections, now)
         elif isinstance(message, proto.Bye):
             self.core.load(replica, message.stats.get("served", replica.served), 0)
         elif isinstance(message, proto.Error):
             replica.error = message.detail
             self.say(f"{replica.label}: {message.detail}")
+
+    def ignored(self, signum: int) -> None:
+        """A signal the run ignores (SIGHUP...) arrived: said at the next cycle (a
+        signal handler must not write)."""
+        self.signals.append(signum)
 
     def kill(self, replica: Replica) -> None:
         doer = self.running.get(replica.key)

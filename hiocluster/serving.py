@@ -7,13 +7,21 @@ replacing or extending as little as it can:
   SO_REUSEPORT, so every replica of a service binds the same address and the
   kernel spreads connections over them; connections get the server's idle
   ``tymeout`` (hio passes it under the wrong keyword), and idle or cut-off
-  connections are closed and forgotten instead of held for ever.
+  connections are closed and forgotten instead of held for ever. Out of file
+  descriptors, a server stops accepting for a moment (hio's accept raises);
+  a connection's buffer is bounded (it is not read while ``rx_cap`` bytes wait
+  to be handled or ``TX_PAUSE`` bytes to go out), and an error on one socket
+  closes that connection only (hio's send raises on EPIPE).
 * :class:`WsgiServer`: hio's WSGI server on one of those, where an app that
   raises gets a 500 response (logged with its traceback) instead of ending the
-  Doist; a request that is not complete within ``tymeout`` of its first byte is
-  closed (slowloris), as is a connection idle for ``tymeout``; the response
-  says ``Connection: close`` when the server will close the connection after
-  it; and closing a connection whose app never started no longer raises.
+  Doist; a request that hio's parser rejects or chokes on (hio raises
+  ValueError on ``Host:x``, a header line without a colon, a bad chunk size) is
+  answered 400 (431: head over MAX_HEAD; 413: body over ``max_body``; 501, 505)
+  and its connection closed, never the server; a request that is not complete
+  within ``tymeout`` of its first byte is closed (slowloris), as is a connection
+  idle for ``tymeout``; the response says ``Connection: close`` when the server
+  will close the connection after it, and the connection closes as soon as the
+  response is out; closing a connection whose app never started no longer raises.
 
 Each server can say which file descriptors it waits on (:meth:`Server.watch`),
 so a replica's loop sleeps until one is ready (hiocluster.replica).
@@ -23,17 +31,21 @@ Imports: hio and the stdlib.
 
 from __future__ import annotations
 
+import errno
 import logging
+import re
 import socket
 import sys
+import time
 import traceback
 from typing import Any, Callable, Iterable, Iterator
 
+from hio.core.http import httping
 from hio.core.http import serving as http_serving
 from hio.core.tcp import serving as tcp_serving
 
 __all__ = ["Server", "ServerTls", "WsgiServer", "guard", "listening_socket", "Watch",
-           "IDLE_TYMEOUT"]
+           "IDLE_TYMEOUT", "MAX_BODY", "MAX_HEAD", "WRITE_ONLY"]
 
 logger = logging.getLogger("hiocluster.serving")
 
@@ -47,8 +59,29 @@ DRAIN_IDLE_S = 0.25
 #: slow to send its first request, on a busy machine): it is given longer.
 DRAIN_FRESH_S = 2.0
 
-#: ``(fd, wants to write)``: what a server waits on.
-Watch = tuple[int, bool]
+#: Largest request body a WSGI server takes by default (bytes; 413 beyond).
+MAX_BODY = 1 << 20
+#: Largest request head (request line and headers, bytes; 431 beyond).
+MAX_HEAD = 64 << 10
+#: Bytes a connection may hold unread before its body is judged too large: room
+#: for chunk framing (1-byte chunks take 6 bytes each) is made by the parser
+#: consuming as it goes; this is only the slack for one partial chunk line.
+RX_SLACK = 64 << 10
+#: A connection is not read while this many bytes wait to go out to it (a client
+#: that sends and does not read its answers is slowed to its own pace).
+TX_PAUSE = 1 << 20
+#: Most bytes read from one connection per cycle: a fast sender cannot hold a
+#: cycle (and every other connection, and the request timeout) for long.
+READ_BUDGET = 256 << 10
+#: Seconds a server stops accepting when it is out of file descriptors.
+ACCEPT_PAUSE_S = 0.1
+#: Errors of accept() that mean "out of descriptors or memory", not a bad socket.
+_STARVED = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+
+#: ``(fd, wants to write)``: what a server waits on; ``(fd, WRITE_ONLY)``: only
+#: for writing (a connection that is not read until its answers went out).
+Watch = tuple[int, int]
+WRITE_ONLY = 2
 
 
 class _ReusePort:
@@ -92,14 +125,34 @@ class _ReusePort:
         self.opened = True
         return True
 
+    paused_until = 0.0   # out of descriptors: no accept() before (monotonic)
+    starved = False      # said so (once until an accept succeeds again)
+
     def accept(self) -> tuple[Any, Any]:
         # Replaces hio's: from any of our listening sockets; a connection reset
-        # before we accepted it is not an error.
+        # before we accepted it is not an error; out of descriptors (EMFILE), stop
+        # accepting for ACCEPT_PAUSE_S (hio raises, ending the process).
+        if self.paused_until and time.monotonic() < self.paused_until:
+            return (None, None)
         for sock in self.listeners:
             try:
-                return sock.accept()
+                found = sock.accept()
             except (BlockingIOError, InterruptedError, ConnectionAbortedError):
                 continue
+            except OSError as exc:
+                if exc.errno not in _STARVED:
+                    raise
+                self.paused_until = time.monotonic() + ACCEPT_PAUSE_S
+                if not self.starved:
+                    self.starved = True
+                    logger.warning("%s:%s: cannot accept (%s): not accepting for a moment;"
+                                   " serving the %d connections open", *self.ha,
+                                   exc.strerror, len(getattr(self, "ixes", ())))
+                return (None, None)
+            if self.starved:
+                self.starved = False
+                logger.warning("%s:%s: accepting again", *self.ha)
+            return found
         return (None, None)
 
     def close_listeners(self) -> None:
@@ -129,14 +182,25 @@ class _ReusePort:
         self.close_listeners()
 
     def listening(self) -> list[int]:
+        """The listening sockets to wait on (none while accepting is paused)."""
+        if self.paused_until and time.monotonic() < self.paused_until:
+            return []
         return [sock.fileno() for sock in self.listeners]
 
 
 def listening_socket(ha: tuple[str, int], *, backlog: int = 1024,
-                     bufsize: int = 8096) -> socket.socket:
+                     bufsize: int = 8096, alone: bool = False) -> socket.socket:
     """A non-blocking TCP socket listening on ``ha`` with SO_REUSEADDR and
     SO_REUSEPORT (so replicas, and a supervisor's sockets for them, share the
-    address). Raises OSError."""
+    address). ``alone``: first check that no other socket listens there (another
+    run's, though it set SO_REUSEPORT too, would silently share our traffic).
+    Raises OSError (EADDRINUSE when taken)."""
+    if alone:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            # without SO_REUSEPORT, bind fails while anyone listens on ha; with
+            # SO_REUSEADDR, connections of a past run in TIME_WAIT do not count
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind(ha)
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -173,6 +237,55 @@ class _Refreshing:
         if data:
             self.heard = True
         return data
+
+    rx_cap = MAX_BODY + MAX_HEAD + RX_SLACK   # set by the server
+    more = False   # stopped reading at READ_BUDGET: read again at once
+    rxbs: bytearray
+    txbs: bytearray
+    cutoff: bool
+
+    @property
+    def reading(self) -> bool:
+        """Whether to read more: fewer than ``rx_cap`` bytes wait to be handled and
+        fewer than TX_PAUSE to go out."""
+        return len(self.rxbs) < self.rx_cap and len(self.txbs) < TX_PAUSE
+
+    def serviceReceives(self) -> None:
+        # Replaces hio's, which reads until the socket is empty (a fast sender
+        # fills memory, 300 MB in one cycle) and raises on unexpected errors.
+        rxbs = self.rxbs
+        budget = READ_BUDGET
+        try:
+            while not self.cutoff and len(rxbs) < self.rx_cap and len(self.txbs) < TX_PAUSE:
+                data = self.receive()
+                if not data:
+                    return
+                rxbs.extend(data)
+                budget -= len(data)
+                if budget <= 0:  # more may wait (in TLS, where poll cannot see it)
+                    self.more = True
+                    return
+        except OSError as exc:
+            logger.debug("connection %s: %s", getattr(self, "ca", "?"), exc)
+            self.cutoff = True
+
+    def serviceSends(self) -> None:
+        # Extends hio's, whose send raises on EPIPE (a client that went away).
+        try:
+            super().serviceSends()  # type: ignore[misc]
+        except OSError as exc:
+            logger.debug("connection %s: %s", getattr(self, "ca", "?"), exc)
+            self.cutoff = True
+
+    def watched(self) -> Watch | None:
+        """What this connection waits on (None: nothing, it is not read for now
+        and has nothing to send)."""
+        if self.cs is None:  # type: ignore[attr-defined]
+            return None
+        fd = self.cs.fileno()  # type: ignore[attr-defined]
+        if self.reading:
+            return (fd, bool(self.txbs))
+        return (fd, WRITE_ONLY) if self.txbs else None
 
     @property
     def drain_quiet(self) -> float:
@@ -226,10 +339,23 @@ class _Reaping:
         """The file descriptors to wait on: the listening socket and every
         connection (for writing too while it has bytes queued)."""
         found: list[Watch] = [(fd, False) for fd in self.listening()]  # type: ignore
+        more = False
         for ix in self.ixes.values():
-            if ix.cs is not None:
-                found.append((ix.cs.fileno(), bool(ix.txbs)))
+            if ix.more:
+                ix.more, more = False, True
+            item = ix.watched()
+            if item is not None:
+                found.append(item)
+        self.hurry = more
         return found
+
+    hurry = False  # a connection has more to read (see Remoter.more)
+
+    @property
+    def busy(self) -> bool:
+        """A connection stopped reading at its budget: run again at once. (Known
+        after :meth:`watch`.)"""
+        return self.hurry
 
     def reap_handshakes(self) -> None:
         """Plain TCP has none."""
@@ -242,9 +368,11 @@ class _Reaping:
 class Server(_ReusePort, _Reaping, tcp_serving.Server):
     """hio's non-blocking TCP server on a shared port (see the module docstring).
     ``tymeout``: seconds a connection may be idle (0: for ever); ``sockets``:
-    listening sockets to accept from instead of binding ``ha``."""
+    listening sockets to accept from instead of binding ``ha``; ``rx_cap``: most
+    bytes read from one connection and not yet handled."""
 
     Tymeout = IDLE_TYMEOUT
+    rx_cap = MAX_BODY + MAX_HEAD + RX_SLACK
 
     def serviceAxes(self) -> None:
         # Replaces hio's, which passes the idle timeout to Remoter as ``timeout=``
@@ -252,9 +380,14 @@ class Server(_ReusePort, _Reaping, tcp_serving.Server):
         self.serviceAccepts()
         while self.axes:
             cs, ca = self.axes.popleft()
-            self.ixes[ca] = Remoter(tymth=self.tymth, ha=cs.getsockname(),
-                                                ca=ca, cs=cs, bs=self.bs, wl=self.wl,
-                                                tymeout=self.tymeout)
+            try:
+                remoter = Remoter(tymth=self.tymth, ha=cs.getsockname(), ca=ca, cs=cs,
+                                  bs=self.bs, wl=self.wl, tymeout=self.tymeout)
+            except OSError:  # gone already
+                cs.close()
+                continue
+            remoter.rx_cap = self.rx_cap
+            self.ixes[ca] = remoter
 
 
 class ServerTls(_ReusePort, _Reaping, tcp_serving.ServerTls):
@@ -262,6 +395,7 @@ class ServerTls(_ReusePort, _Reaping, tcp_serving.ServerTls):
     ``tymeout`` is dropped too."""
 
     Tymeout = IDLE_TYMEOUT
+    rx_cap = MAX_BODY + MAX_HEAD + RX_SLACK
 
     def serviceAxes(self) -> None:
         # Replaces hio's for the same keyword as Server.serviceAxes.
@@ -275,6 +409,7 @@ class ServerTls(_ReusePort, _Reaping, tcp_serving.ServerTls):
             except OSError:  # gone before its handshake began
                 cs.close()
                 continue
+            remoter.rx_cap = self.rx_cap
             self.cxes[ca] = remoter
 
     def reap(self) -> None:
@@ -367,6 +502,171 @@ class _Guarded:
         return chunk
 
 
+class Rejected(Exception):
+    """A request answered with ``status`` (400, 413, 431...) and its connection
+    closed: ``reason`` says why."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+
+
+_TOKEN = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
+_REQUEST_LINE = re.compile(_TOKEN + rb" [^\x00-\x20\x7f]+ HTTP/(\d)\.\d")
+_FIELD_NAME = re.compile(_TOKEN)
+_HEAD_END = re.compile(rb"\r?\n\r?\n")
+#: header lines hio reads right: ``name: value`` CRLF (value without CR, LF; not
+#: starting with a space)
+_CANONICAL = re.compile(rb"(?:" + _TOKEN + rb": [^\s][^\r\n]*\r\n|" + _TOKEN + rb": \r\n)*")
+_METHODS = frozenset(method.encode() for method in httping.METHODS)
+_REASONS = {400: "Bad Request", 413: "Content Too Large", 431: "Request Header Fields Too Large",
+            501: "Not Implemented", 505: "HTTP Version Not Supported"}
+
+
+def _checked_head(head: bytes) -> bytes | None:
+    """The request line and header lines ``head`` (without the blank line that
+    ends them), checked (RFC 9112) and rewritten as hio's parser reads them:
+    ``name: value`` (hio splits on ``": "`` and raises ValueError on ``Host:x``,
+    valid HTTP, and on a line without a colon); None when ``head`` is already
+    so (the usual case, checked by one regular expression). Raises Rejected."""
+    line_end = head.find(b"\n")
+    request = head if line_end < 0 else head[:line_end]
+    if request.endswith(b"\r"):
+        request = request[:-1]
+    found = _REQUEST_LINE.fullmatch(request)
+    if found is None:
+        raise Rejected(400, f"bad request line {bytes(request[:60])!r}")
+    if found[1] != b"1":
+        raise Rejected(505, f"HTTP version {bytes(request.rsplit(b' ', 1)[1])!r}")
+    if request[:request.find(b" ")] not in _METHODS:
+        raise Rejected(501, f"method {bytes(request.split(b' ', 1)[0][:20])!r}")
+    count = head.count(b"\n")
+    if count > httping.MAX_HEADERS:
+        raise Rejected(431, f"{count} header lines (at most {httping.MAX_HEADERS})")
+    if line_end < 0:
+        return head + b"\r\n\r\n"
+    fields = head[line_end + 1:] + b"\r\n"
+    lower = fields.lower()
+    if b"content-length" not in lower and b"transfer-encoding" not in lower and \
+            _CANONICAL.fullmatch(fields):
+        return None  # hio reads it as it is
+    lines = head.split(b"\n")
+    out = [request]
+    lengths = set()
+    chunked = False
+    for line in lines[1:]:
+        if line.endswith(b"\r"):
+            line = line[:-1]
+        name, colon, value = line.partition(b":")
+        if not colon or not _FIELD_NAME.fullmatch(name):  # also obs-fold, "Host :x"
+            raise Rejected(400, f"bad header line {bytes(line[:60])!r}")
+        value = value.strip(b" \t")
+        lower = name.lower()
+        if lower == b"content-length":
+            if not value.isdigit():
+                raise Rejected(400, f"Content-Length {bytes(value[:30])!r}")
+            lengths.add(int(value))
+        elif lower == b"transfer-encoding":
+            if value.lower() != b"chunked":
+                raise Rejected(501, f"Transfer-Encoding {bytes(value[:30])!r}")
+            chunked = True
+        out.append(name + b": " + value)
+    if len(lengths) > 1 or (lengths and chunked):  # ambiguous: a smuggling attempt
+        raise Rejected(400, "conflicting Content-Length / Transfer-Encoding")
+    out.extend((b"", b""))
+    return b"\r\n".join(out)
+
+
+class Requestant(http_serving.Requestant):
+    """hio's request parser, made safe for anything a client sends: the head is
+    bounded (MAX_HEAD), checked and normalised before hio parses it; the body is
+    bounded (``max_body``); whatever is wrong, or whatever hio raises, becomes an
+    error response (:attr:`rejected`) queued on the connection, never an
+    exception out of :meth:`parse`."""
+
+    def __init__(self, *, max_body: int = MAX_BODY, **kwa: Any) -> None:
+        self.max_body = max_body
+        self.rejected: int | None = None   # the status answered, once rejected
+        super().__init__(**kwa)
+
+    def parseHead(self) -> Iterator[bool | None]:
+        # Extends hio's: waits for the whole head first (bounded), checks and
+        # normalises it (see _checked_head), then lets hio parse it in one go.
+        if self.headed:
+            return
+        msg = self.msg
+        while True:
+            while msg and msg[0] in b"\r\n":  # blank lines before a request
+                del msg[:1]
+            end = msg.find(b"\r\n\r\n", 0, MAX_HEAD + 4)  # the usual end, else a bare LF's
+            if end >= 0:
+                start, stop = end, end + 4
+                break
+            if b"\n\n" in msg or b"\n\r\n" in msg:
+                found = _HEAD_END.search(msg, 0, MAX_HEAD + 4)
+                if found is not None:
+                    start, stop = found.start(), found.end()
+                    break
+            if len(msg) > MAX_HEAD:
+                raise Rejected(431, f"request head over {MAX_HEAD} bytes")
+            if self.closed:
+                raise httping.PrematureClosure("connection closed within the request head")
+            yield None
+        checked = _checked_head(bytes(msg[:start]))
+        if checked is not None:
+            msg[:stop] = checked
+        for result in super().parseHead():
+            if result is not None and self.length is not None and \
+                    self.length > self.max_body:
+                raise Rejected(413, f"Content-Length {self.length} over max_body "
+                                    f"{self.max_body}")
+            yield result
+
+    def parse(self) -> None:
+        # Extends hio's: nothing escapes; a body grown past max_body is refused.
+        try:
+            super().parse()
+        except Exception as exc:  # hio raises ValueError, IndexError... on bad input
+            status = exc.status if isinstance(exc, Rejected) else 400
+            self.reject(status, f"{type(exc).__name__}: {exc}")
+            return
+        if self.errored:  # hio's own HTTPException: the error is said, not raised
+            self.reject(400, self.error or "")
+        elif self.headed and (len(self.body) > self.max_body or (
+                not self.ended and len(self.msg) > self.max_body + RX_SLACK)):
+            self.reject(413, f"body over max_body {self.max_body}")
+
+    def reject(self, status: int, reason: str) -> None:
+        """Answer ``status`` (unless the client is gone) and end this request: its
+        connection is closed once the answer is out."""
+        logger.debug("%s: request rejected, %d: %s", self.remoter.ca, status, reason)
+        if self.parser is not None:
+            self.parser.close()
+            self.parser = None
+        self.rejected, self.errored, self.error = status, True, ""
+        self.ended, self.persisted = True, False
+        if not self.closed and not self.remoter.cutoff:
+            text = f"{status} {_REASONS.get(status, 'Bad Request')}"
+            body = f"{text}\n".encode()
+            self.remoter.tx(f"HTTP/1.1 {text}\r\nContent-Type: text/plain\r\n"
+                            f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+                            .encode() + body)
+
+
+class Responder(http_serving.Responder):
+    """hio's WSGI responder; anything raised while answering (hio's write raises
+    on a str body, a bad status...) ends this response and its connection only."""
+
+    def service(self) -> None:
+        try:
+            super().service()
+        except Exception:
+            logger.error("%s %s: answering failed\n%s", self.environ.get("REQUEST_METHOD"),
+                         self.environ.get("PATH_INFO"), traceback.format_exc())
+            self.environ["hiocluster.abort"] = True
+            self.ended = True
+
+
 class WsgiServer(http_serving.Server):
     """hio's WSGI HTTP server (see the module docstring) on a shared port: plain,
     or TLS with ``context`` (an ``ssl.SSLContext``) or ``certpath``/``keypath``.
@@ -376,6 +676,8 @@ class WsgiServer(http_serving.Server):
         ha: ``(host, port)`` to listen on.
         tymeout: seconds a connection may stay idle, and a request may take from
             its first byte to its last (0: no limit).
+        max_body: largest request body in bytes (413 beyond; the connection is
+            not read further than that).
         context, certpath, keypath: TLS (https) when given.
         sockets: listening sockets to serve instead of binding ``ha`` (see
             :class:`Server`).
@@ -384,7 +686,7 @@ class WsgiServer(http_serving.Server):
     Tymeout = IDLE_TYMEOUT
 
     def __init__(self, app: Callable, ha: tuple[str, int], *, tymeout: float | None = None,
-                 context: Any = None, certpath: str | None = None,
+                 max_body: int = MAX_BODY, context: Any = None, certpath: str | None = None,
                  keypath: str | None = None, bufsize: int = 8096,
                  sockets: Iterable[socket.socket] = (), **kwa: Any) -> None:
         tymeout = self.Tymeout if tymeout is None else tymeout
@@ -394,12 +696,15 @@ class WsgiServer(http_serving.Server):
                                      sockets=sockets)
         else:
             servant = Server(ha=ha, bs=bufsize, tymeout=tymeout, sockets=sockets)
+        servant.rx_cap = max_body + MAX_HEAD + RX_SLACK
         super().__init__(app=guard(app), servant=servant, ha=ha, tymeout=tymeout, **kwa)
         self.tymeout = tymeout
+        self.max_body = max_body
         self.started: dict[Any, float] = {}   # connection -> when its request began
         self.served = 0                       # responses completed
         self.draining = False
         self.again = False                    # a pipelined request waits (see busy)
+        self.closing: set[Any] = set()        # answered; closed once the bytes are out
 
     def watch(self) -> list[Watch]:
         return self.servant.watch()
@@ -423,7 +728,8 @@ class WsgiServer(http_serving.Server):
         """An app's response is being produced, or a request that came in behind
         the last response (pipelined) waits to be parsed: run again soon, do not
         sleep (no socket will wake us for bytes already read)."""
-        return self.again or any(not rep.ended for rep in self.reps.values())
+        return self.again or self.servant.hurry or \
+            any(not rep.ended for rep in self.reps.values())
 
     def buildEnviron(self, requestant: Any) -> dict[str, Any]:
         # Extends hio's: tells the guarded app whether the connection stays open.
@@ -434,54 +740,107 @@ class WsgiServer(http_serving.Server):
         return environ
 
     def serviceConnects(self) -> None:
-        # Extends hio's: hio never times out a kept-alive connection (it sets its
-        # tymeout to 0), and a request trickling in keeps refreshing the timer.
-        super().serviceConnects()
-        self.servant.reap_handshakes()
-        if self.tymeout <= 0 and not self.draining:
-            return
-        now = self.servant.tyme
-        for ca, ix in list(self.servant.ixes.items()):
-            requestant = self.reqs.get(ca)
+        # Replaces hio's, which makes hio's Requestant (ours cannot be raised out
+        # of) and never times out a kept-alive connection (it sets its tymeout to
+        # 0); a request trickling in must be whole within tymeout of its first byte.
+        servant = self.servant
+        servant.serviceConnects()
+        servant.reap_handshakes()
+        reqs, reps = self.reqs, self.reps
+        tymeout, draining = self.tymeout, self.draining
+        now = servant.tyme
+        for ca, ix in list(servant.ixes.items()):
+            if ix.cutoff:
+                self.closeConnection(ca)
+                continue
+            requestant = reqs.get(ca)
             if requestant is None:
+                reqs[ca] = Requestant(msg=ix.rxbs, remoter=ix, max_body=self.max_body)
+                continue
+            if tymeout <= 0 and not draining:
                 continue
             if requestant.ended or not (requestant.msg or requestant.headed):
                 self.started.pop(ca, None)  # between requests: idle, by its timer
-                expired = (self.draining and ix.tymer.elapsed >= ix.drain_quiet) or \
-                    (self.tymeout > 0 and ix.tymer.expired)
-                if expired and not ix.txbs and (ca not in self.reps or self.reps[ca].ended):
+                expired = (draining and ix.tymer.elapsed >= ix.drain_quiet) or \
+                    (tymeout > 0 and ix.tymer.expired)
+                if expired and not ix.txbs and (ca not in reps or reps[ca].ended):
                     self.closeConnection(ca)
                 continue
-            if self.tymeout <= 0:
+            if tymeout <= 0:
                 continue
             began = self.started.setdefault(ca, now)
-            if now - began > self.tymeout:  # slow or stalled request
+            if now - began > tymeout:  # slow or stalled request
                 self.closeConnection(ca)
+
+    def serviceReqs(self) -> None:
+        # Replaces hio's: a request our Requestant rejected was answered (400, 413,
+        # 431...) and its connection closes once that is out; the responder is
+        # ours, so nothing the app or hio raises while answering escapes either.
+        reps = self.reps
+        for ca, requestant in list(self.reqs.items()):
+            if requestant.parser is None:
+                continue
+            requestant.parse()
+            if not requestant.ended:
+                continue
+            if requestant.errored:
+                self.started.pop(ca, None)
+                self.closing.add(ca)
+                continue
+            environ = self.buildEnviron(requestant)
+            chunkable = requestant.version >= (1, 1)
+            responder = reps.get(ca)
+            if responder is None:
+                reps[ca] = Responder(incomer=requestant.remoter, app=self.app,
+                                     environ=environ, chunkable=chunkable)
+            else:
+                responder.reset(environ=environ, chunkable=chunkable)
 
     def serviceReps(self) -> None:
         # Extends hio's: a response the app broke off closes its connection; count
-        # finished responses.
-        for ca, rep in list(self.reps.items()):
-            if rep.environ.get("hiocluster.abort") and rep.ended:
-                self.closeConnection(ca)
+        # finished responses; note the connections to close once they are out.
         running = [(ca, rep) for ca, rep in self.reps.items() if not rep.ended]
         super().serviceReps()
         finished = [ca for ca, rep in running if rep.ended]
         self.served += len(finished)
+        reqs = self.reqs
+        for ca in finished:
+            requestant = reqs.get(ca)
+            if requestant is None or not requestant.persisted or \
+                    self.reps[ca].environ.get("hiocluster.abort"):
+                self.closing.add(ca)
         # hio parses a connection's next request only in the cycle after its last
         # response ended: if its bytes are here already, say so (busy)
-        self.again = any(ca in self.reqs and self.reqs[ca].msg for ca in finished)
+        self.again = any(ca in reqs and reqs[ca].msg for ca in finished)
+
+    def service(self) -> None:
+        # Extends hio's: a connection that closes after its response closes as soon
+        # as the response is out, not a cycle later (hio waits for a cycle that
+        # finds its bytes gone: an idle replica sleeps for IDLE_WAIT_S before it).
+        super().service()
+        if self.closing:
+            ixes = self.servant.ixes
+            for ca in list(self.closing):
+                ix = ixes.get(ca)
+                if ix is None or not ix.txbs or ix.cutoff:
+                    self.closeConnection(ca)
 
     def closeConnection(self, ca: Any) -> None:
         # Extends hio's: a responder whose app never started has nothing to finish
-        # (hio would write to it and raise AssertionError, hiding the first error).
+        # (hio would write to it and raise AssertionError, hiding the first error);
+        # what is queued (an error response) goes out first.
         rep = self.reps.get(ca)
         if rep is not None and not rep.started:
             rep.ended = True
         self.started.pop(ca, None)
-        if ca in self.servant.ixes or ca in self.reqs or ca in self.reps:
+        self.closing.discard(ca)
+        ix = self.servant.ixes.get(ca)
+        if ix is not None and ix.txbs and not ix.cutoff:
+            ix.serviceSends()
+        if ix is not None or ca in self.reqs or ca in self.reps:
             super().closeConnection(ca)
 
     def close(self) -> None:
         super().close()
         self.started.clear()
+        self.closing.clear()

@@ -667,7 +667,8 @@ def run(topology: Topology, *, processes: int | None = None, app_dir: str | None
 
 
 class _signals:
-    """SIGINT/SIGTERM stop the run cleanly, and wake the loop at once."""
+    """SIGINT/SIGTERM stop the run cleanly, and wake the loop at once; in a run with
+    services, SIGHUP, SIGUSR1 and SIGUSR2 are ignored (said in the log)."""
 
     def __init__(self, supervisor: Supervisor, loop: Loop, enabled: bool) -> None:
         self.supervisor, self.loop = supervisor, loop
@@ -686,9 +687,16 @@ class _signals:
         self.loop.poller.register(self.pair[0].fileno())
         for signum in (signal.SIGINT, signal.SIGTERM):
             self.restore[signum] = signal.signal(signum, self._handle)
+        if getattr(self.supervisor, "services", None) is not None:
+            from .replica import IGNORED_SIGNALS  # SIGHUP must never end services
+            for signum in IGNORED_SIGNALS:
+                self.restore[signum] = signal.signal(signum, self._handle)
 
     def _handle(self, signum: int, frame: Any) -> None:
-        self.supervisor.interrupt(signum)
+        if signum in (signal.SIGINT, signal.SIGTERM):
+            self.supervisor.interrupt(signum)
+        else:
+            self.supervisor.services.ignored(signum)
         assert self.pair is not None
         try:
             while self.pair[0].recv(4096):  # the wakeup bytes: keep the pair drained

@@ -184,6 +184,8 @@ class ServiceSpec:
     backoff_max: float = 5.0
     timeout: float = 60.0           # idle connection / slow request limit (0: none)
     drain: float = 5.0              # seconds a stopping replica gets to finish
+    heartbeat: float = 5.0          # a serving replica silent this long is hung: killed
+    max_body: int = 1 << 20         # largest HTTP request body, bytes (413 beyond)
     spare: bool = True              # keep a warm standby process (fast restarts)
     tls: tuple[str, str] | None = None
     params: dict[str, Any] = field(default_factory=dict, hash=False)
@@ -700,7 +702,8 @@ def _hosts(document: dict[str, Any]) -> tuple[HostSpec, ...]:
 
 
 _SERVICE_KEYS = ("class", "replicas", "listen", "restart", "max_restarts", "within",
-                 "backoff", "backoff_max", "timeout", "drain", "spare", "tls", "params")
+                 "backoff", "backoff_max", "timeout", "drain", "heartbeat", "max_body",
+                 "spare", "tls", "params")
 _LISTEN = re.compile(r"(?P<host>[A-Za-z0-9_.-]{1,253}):(?P<port>\d{1,5})")
 
 
@@ -732,8 +735,11 @@ def _services(document: dict[str, Any], nodes: tuple[NodeSpec, ...],
             raise _err(f"expected one of {', '.join(RESTART_POLICIES)}, got {restart!r}"
                        f"{_suggest(restart, RESTART_POLICIES)}", f"{key_path}.restart")
         numbers = {key: _number(body[key], f"{key_path}.{key}", positive=key != "timeout")
-                   for key in ("within", "backoff", "backoff_max", "timeout", "drain")
+                   for key in ("within", "backoff", "backoff_max", "timeout", "drain",
+                               "heartbeat")
                    if key in body}
+        if "max_body" in body:
+            numbers["max_body"] = _int(body["max_body"], f"{key_path}.max_body", 1, 1 << 40)
         if numbers.get("timeout", 0) < 0:
             raise _err(f"must be >= 0, got {body['timeout']}", f"{key_path}.timeout")
         spare = body.get("spare", True)

@@ -569,10 +569,12 @@ class Poller:
         for item in items:
             self.register(item)
 
-    def register(self, item: zmq.Socket | int, write: bool = False) -> None:
-        """Wake when ``item`` is readable (and, with ``write``, writable); again for
-        an item already registered changes what it waits for."""
-        self._poller.register(item, zmq.POLLIN | (zmq.POLLOUT if write else 0))
+    def register(self, item: zmq.Socket | int, write: bool = False, read: bool = True) -> None:
+        """Wake when ``item`` is readable (and, with ``write``, writable; without
+        ``read``, only writable); again for an item already registered changes
+        what it waits for."""
+        self._poller.register(item, (zmq.POLLIN if read else 0) |
+                              (zmq.POLLOUT if write else 0))
 
     def unregister(self, item: zmq.Socket | int) -> None:
         self._poller.unregister(item)
