@@ -132,54 +132,21 @@ def build_parser() -> argparse.ArgumentParser:
                     "`hiocluster stop`). A run with services prints its control "
                     "address (HIOCLUSTER_CONTROL=...) for `hiocluster status`.")
     run.add_argument("topology", metavar="TOPOLOGY", help="topology file (TOML)")
-    run.add_argument("--ticks", type=_positive_int, metavar="N",
-                     help="number of ticks (default: the file's run.ticks)")
-    run.add_argument("--seed", type=_seed, metavar="S",
-                     help="run seed (default: the file's run.seed)")
-    _processes(run)
-    run.add_argument("--window", type=_window, default=None, metavar="N",
-                     help="ticks granted at once (default: auto, sized to ~0.1 s of work); "
-                          "1 supervises every tick; results never depend on it")
-    run.add_argument("--real", action="store_true", default=None,
-                     help="pace ticks to the wall clock: tick n starts tock x n seconds "
-                          "after the start (default: the file's run.real)")
-    run.add_argument("--json", action="store_true",
-                     help="print one JSON object on stdout instead of the summary "
-                          "(arrays in results as {dtype, shape, data}, bytes as hex)")
-    run.add_argument("--digests", action="store_true",
-                     help="also print every tick's run digest (after the summary, or as "
-                          "tick_digests with --json)")
-    run.add_argument("--trace", metavar="FILE",
-                     help="record where each tick's time goes and write it to FILE as "
-                          "Chrome Trace Event JSON (Perfetto, chrome://tracing); the "
-                          "summary names the slowest process and node")
-    run.add_argument("--output", metavar="FILE",
-                     help="after a finished run, write one JSON line per node to FILE: "
-                          "its result() and its metrics (JSON as --json's)")
-    _app_dir(run)
-    run.add_argument("--transport", choices=("ipc", "tcp"), default="ipc",
-                     help="how local processes talk: unix sockets (default) or TCP on "
-                          "127.0.0.1; results are identical")
-    run.add_argument("--listen", metavar="ADDRESS", type=_address,
-                     help="bind the control socket here (e.g. tcp://127.0.0.1:7000), for "
-                          "workers started by hand")
-    run.add_argument("--keys", metavar="DIR",
-                     help="CurveZMQ keys for a run across hosts: DIR/supervisor.key_secret "
-                          "and DIR/<host>.key for each host (see keygen)")
-    _hosts_options(run)
-    run.add_argument("--external", metavar="NAME", action="append", default=[], type=_name,
-                     help="do not start worker NAME: wait for it to be started by hand "
-                          "(the command to use is printed); repeatable")
-    run.add_argument("--no-prefix", action="store_true",
-                     help="pass replicas' output through without the 'name | ' prefix")
+    _run_options(run)
 
-    check = commands.add_parser("check", help="validate a topology without running it",
-                                description="Validate a topology (and import its node "
-                                            "classes) without running it; print the plan.")
+    check = commands.add_parser(
+        "check", help="validate a topology without running it",
+        description="Validate a topology (and import its node classes) without running "
+                    "it; print the plan. It takes every option of `run`, so a run's "
+                    "command line checks as it is: those that shape the run (--ticks, "
+                    "--seed, --real, --processes, --host, --place, --transport, --listen, "
+                    "--keys, --external) are applied and checked as `run` checks them; "
+                    "those about output (--json, --digests, --trace, --output, "
+                    "--no-prefix, --window) are accepted and unused.",
+        epilog="Exit codes: 0 ok, 2 usage or topology error (or an option `run` would "
+               "refuse, e.g. --keys DIR without the keys).")
     check.add_argument("topology", metavar="TOPOLOGY", help="topology file (TOML)")
-    _processes(check)
-    _hosts_options(check)
-    _app_dir(check)
+    _run_options(check)
 
     agent = commands.add_parser(
         "agent", help="start workers on this host for supervisors elsewhere",
@@ -256,26 +223,33 @@ def build_parser() -> argparse.ArgumentParser:
         "status", help="show a running run's services and simulation",
         description="Show a running run: each service's replicas (pid, state, restarts, "
                     "uptime, CPU, memory, requests served) and the simulation's progress.",
-        epilog="Exit codes: 0 every replica serving, 3 some are not, 4 no run reachable.")
+        epilog="Exit codes: 0 every replica serving, 3 some are not, 4 no run reachable, "
+               "2 usage (also: several runs found; name one with --control).")
     status.add_argument("--json", action="store_true", help="print the status as JSON")
     scale = commands.add_parser(
         "scale", help="change a service's number of replicas",
         description="Change a service's number of replicas, without refusing "
                     "connections: new replicas serve beside the others; removed ones "
                     "drain first. Waits until done.",
-        epilog="Exit codes: 0 done, 1 refused, 3 not done in time, 4 no run reachable.")
+        epilog="Exit codes: 0 done, 1 refused, 3 not done in time, 4 no run reachable, "
+               "2 usage (also: several runs found; name one with --control).")
     scale.add_argument("target", metavar="NAME=N", type=_scale_target,
                        help="the service and its new number of replicas")
     restart = commands.add_parser(
         "restart", help="rolling restart of a service",
         description="Restart a service's replicas one at a time; each one's successor "
                     "serves before it is stopped. Waits until done.",
-        epilog="Exit codes: 0 done, 1 refused, 3 not done in time, 4 no run reachable.")
+        epilog="Exit codes: 0 done, 1 refused, 3 not done in time, 4 no run reachable, "
+               "2 usage (also: several runs found; name one with --control).")
     restart.add_argument("service", metavar="NAME", type=_name, help="the service")
     stop = commands.add_parser(
         "stop", help="stop a running run",
-        description="Stop a running run: replicas drain and exit, a simulation stops.",
-        epilog="Exit codes: 0 stopped, 3 not stopped in time, 4 no run reachable.")
+        description="Stop a running run: replicas drain and exit, a simulation stops. "
+                    "Prints 'stopping', then 'stopped' once the run confirms it stopped.",
+        epilog="Exit codes: 0 stopped (the run confirmed it), 1 refused, or the run "
+               "vanished (e.g. was killed) or failed before confirming its stop, 2 usage "
+               "(also: several runs found; name one with --control), 3 not stopped in "
+               "time, 4 no run reachable.")
     for command in (status, scale, restart, stop):
         command.add_argument("--control", metavar="ADDRESS", type=_address,
                              help="the run's control endpoint (default: $HIOCLUSTER_CONTROL, "
@@ -290,6 +264,52 @@ def build_parser() -> argparse.ArgumentParser:
     _joining(group, "group", "this group's name in the run's plan",
              "where the workers under it bind for DATA (default: beside its control socket)")
     return parser
+
+
+def _run_options(command: argparse.ArgumentParser) -> None:
+    """The options of ``run``, which ``check`` takes too: any run's command line
+    checks as it is."""
+    command.add_argument("--ticks", type=_positive_int, metavar="N",
+                         help="number of ticks (default: the file's run.ticks)")
+    command.add_argument("--seed", type=_seed, metavar="S",
+                         help="run seed (default: the file's run.seed)")
+    _processes(command)
+    command.add_argument("--window", type=_window, default=None, metavar="N",
+                         help="ticks granted at once (default: auto, sized to ~0.1 s of work); "
+                              "1 supervises every tick; results never depend on it")
+    command.add_argument("--real", action="store_true", default=None,
+                         help="pace ticks to the wall clock: tick n starts tock x n seconds "
+                              "after the start (default: the file's run.real)")
+    command.add_argument("--json", action="store_true",
+                         help="print one JSON object on stdout instead of the summary "
+                              "(arrays in results as {dtype, shape, data}, bytes as hex)")
+    command.add_argument("--digests", action="store_true",
+                         help="also print every tick's run digest (after the summary, or as "
+                              "tick_digests with --json)")
+    command.add_argument("--trace", metavar="FILE",
+                         help="record where each tick's time goes and write it to FILE as "
+                              "Chrome Trace Event JSON (Perfetto, chrome://tracing); the "
+                              "summary names the slowest process and node")
+    command.add_argument("--output", metavar="FILE",
+                         help="after a finished run, write one JSON line per node to FILE: "
+                              "its result() and its metrics (JSON as --json's)")
+    _app_dir(command)
+    command.add_argument("--transport", choices=("ipc", "tcp"), default="ipc",
+                         help="how local processes talk: unix sockets (default) or TCP on "
+                              "127.0.0.1; results are identical")
+    command.add_argument("--listen", metavar="ADDRESS", type=_address,
+                         help="bind the control socket here (e.g. tcp://127.0.0.1:7000), for "
+                              "workers started by hand")
+    command.add_argument("--keys", metavar="DIR",
+                         help="CurveZMQ keys for a run across hosts: DIR/supervisor.key_secret "
+                              "and DIR/<host>.key for each host (see keygen)")
+    _hosts_options(command)
+    command.add_argument("--external", metavar="NAME", action="append", default=[],
+                         type=_name,
+                         help="do not start worker NAME: wait for it to be started by hand "
+                              "(the command to use is printed); repeatable")
+    command.add_argument("--no-prefix", action="store_true",
+                         help="pass replicas' output through without the 'name | ' prefix")
 
 
 def _joining(command: argparse.ArgumentParser, what: str, name_help: str,
@@ -382,6 +402,17 @@ def _check(args: argparse.Namespace) -> int:
     resolve_services(topology, args.app_dir)
     if layout is not None:
         resolve_classes(topology, args.app_dir)  # run() does this itself
+        from .loop import Loop
+        from .supervisor import Supervisor
+        try:  # run()'s own checks of --transport, --listen, --keys, --external: made,
+            # never entered, it starts nothing
+            Supervisor(topology, layout, Loop(), app_dir=args.app_dir, keys=args.keys,
+                       transport=args.transport, listen=args.listen, external=args.external)
+        except TopologyError:
+            raise
+        except ClusterError as exc:
+            print(f"hiocluster: check: {exc}", file=sys.stderr)
+            return EXIT_USAGE
         print(f"ok: {topology.name}: {len(topology.nodes)} nodes, {len(topology.links)} "
               f"links, {topology.ticks} ticks; {len(layout.workers)} workers on "
               f"{os.cpu_count()} cores, {layout.crossing(topology.links)} links between "

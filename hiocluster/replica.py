@@ -151,7 +151,7 @@ class Replica:
                         self.loop.wait()
             finally:
                 self.loop.exit()
-            if watchdog.orphaned:
+            if watchdog.orphaned or watchdog.parent_gone():  # e.g. killed as it stopped us
                 remove_run_files(self.options.connect)
                 return 3
             self._send(proto.Bye(stats={"served": self.service.served}))

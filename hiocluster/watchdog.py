@@ -67,6 +67,10 @@ class Watchdog(threading.Thread):
         if self.is_alive():
             self.join(1.0)
 
+    def parent_gone(self) -> bool:
+        """The supervisor that started this process is not its parent any more."""
+        return self.parent is not None and os.getppid() != self.parent
+
     def run(self) -> None:
         connected, down_since = False, 0.0
         while not self._stopped.is_set():
@@ -80,7 +84,7 @@ class Watchdog(threading.Thread):
             now = time.monotonic()
             if (down_since and now - down_since > ORPHAN_GRACE_S) or \
                     (not connected and not down_since and now > self.connect_deadline) or \
-                    (self.parent is not None and os.getppid() != self.parent):
+                    self.parent_gone():
                 if not self._stopped.is_set():
                     self.orphaned = True
                     signal.pthread_kill(self._main, signal.SIGTERM)

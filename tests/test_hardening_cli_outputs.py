@@ -118,3 +118,111 @@ def test_jsonable_says_every_result_value_in_json() -> None:
     assert said["c"] == {"dtype": "<c16", "shape": [2], "data": [[1.0, 2.0], [-0.0, -0.5]]}
     assert said["scalars"] == [float(np.float32(0.1)), -3, True, [0.0, 1.0]]
     assert said["raw"] == "00ff" and said["01"] == [1, [2]] and said["3"] is None
+
+
+# -- hiocluster stop says what it saw ------------------------------------------------
+
+@pytest.fixture
+def runs(cli_env: dict[str, str], tmp_path: Path):
+    """Start `hiocluster run` of a one-replica echo service on a free port."""
+    from test_cluster_services import Run, free_port, with_port
+
+    started: list[Run] = []
+
+    def start() -> tuple[Run, int]:
+        port = free_port()
+        text = with_port((REPO / "topologies" / "echo.toml").read_text(), port)
+        path = tmp_path / f"echo{len(started)}.toml"
+        path.write_text(text.replace("replicas = 4", "replicas = 1"))
+        run = Run(path, cli_env)
+        started.append(run)
+        run.serving(1)
+        return run, port
+
+    yield start
+    for run in started:
+        run.close()
+
+
+def test_stop_says_stopped_when_the_run_confirms_it(runs, cli_env) -> None:
+    run, _ = runs()
+    done = cli(cli_env, "stop", "--control", run.control)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == ["stopping", "stopped"]
+    assert run.finish() == 0
+
+
+def test_stop_of_a_run_killed_while_stopping_is_no_success(runs, cli_env) -> None:
+    import signal
+    import socket
+
+    run, port = runs()
+    # a client that has not sent a byte holds the replica's drain for 2 s: the run
+    # is still stopping when it is killed
+    with socket.create_connection(("127.0.0.1", port), timeout=10):
+        stop = subprocess.Popen(hiocluster_command("stop", "--control", run.control),
+                                env=cli_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True)
+        try:
+            assert stop.stdout.readline() == "stopping\n"
+            run.proc.kill()
+            out, err = stop.communicate(timeout=TIMEOUT)
+        finally:
+            if stop.poll() is None:
+                stop.kill()
+                stop.communicate()
+    assert run.finish() == -signal.SIGKILL
+    assert stop.returncode == 1, (out, err)
+    assert "stopped" not in out
+    assert err.strip() == (f"hiocluster: stop: the run echo0 (pid {run.proc.pid}) vanished "
+                           "before confirming its stop (killed, or it crashed)")
+
+
+# -- several runs: say which -----------------------------------------------------------
+
+def test_several_runs_are_listed_and_exit_2(runs, cli_env) -> None:
+    first, _ = runs()
+    second, _ = runs()
+    env = {key: value for key, value in cli_env.items() if key != "HIOCLUSTER_CONTROL"}
+    for command in (["status"], ["scale", "echo=2"], ["restart", "echo"], ["stop"]):
+        done = cli(env, *command)
+        assert done.returncode == 2, (command, done.stdout, done.stderr)
+        lines = done.stderr.splitlines()
+        assert lines[0].startswith(f"hiocluster: {command[0]}: 2 runs under ")
+        assert "--control" in lines[0]
+        listed = sorted(line.split()[0] for line in lines[1:])
+        assert listed == sorted([first.control, second.control])
+        assert "Traceback" not in done.stderr
+    for run in (first, second):  # nothing was done to either
+        assert run.status()["services"][0]["desired"] == 1
+        assert run.proc.poll() is None
+
+
+# -- check takes run's flags ------------------------------------------------------------
+
+def test_check_takes_every_option_of_run() -> None:
+    from hiocluster.cli import build_parser
+
+    commands = build_parser()._subparsers._group_actions[0].choices  # type: ignore
+    options = {name: {option for action in commands[name]._actions
+                      for option in action.option_strings} for name in ("run", "check")}
+    assert "--keys" in options["run"]
+    assert options["check"] == options["run"]
+
+
+def test_check_applies_and_checks_the_run_options(cli_env, tmp_path) -> None:
+    ring = str(REPO / "topologies" / "ring.toml")
+    keys = tmp_path / "keys"
+    assert cli(cli_env, "keygen", str(keys), "supervisor").returncode == 0
+    same = ["--app-dir", str(REPO), "--transport", "tcp", "--ticks", "7", "--external",
+            "p1", "--json", "--output", str(tmp_path / "out"), "--window", "2"]
+    done = cli(cli_env, "check", ring, "--keys", str(keys), *same)
+    assert done.returncode == 0, done.stderr
+    assert ", 7 ticks;" in done.stdout.splitlines()[0]
+    assert not (tmp_path / "out").exists()  # checked, not run
+    missing = cli(cli_env, "check", ring, "--keys", str(tmp_path / "none"), *same)
+    assert missing.returncode == 2
+    assert missing.stderr.startswith("hiocluster: check: cannot read a CURVE key pair from "
+                                     f"{tmp_path / 'none' / 'supervisor.key_secret'}")
+    unknown = cli(cli_env, "check", ring, "--app-dir", str(REPO), "--external", "p9")
+    assert unknown.returncode == 2 and "p9 is no worker in the plan" in unknown.stderr
