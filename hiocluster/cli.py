@@ -3,8 +3,9 @@
 Exit codes: 0 success, 1 failed run, 2 usage or topology error, 130 after
 SIGINT, 143 after SIGTERM (the whole process tree shut down cleanly first). A
 run of services only is stopped by design: 0 after SIGINT, SIGTERM or
-``hiocluster stop``, 1 when a service failed. ``status`` and friends: see
-hiocluster.control.
+``hiocluster stop``, 1 when a service failed. Resource exhaustion (open files,
+disk space, a read-only run root) is a failed run: one line naming it, exit 1.
+``status`` and friends: see hiocluster.control.
 """
 
 from __future__ import annotations
@@ -118,7 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="hiocluster",
         description="Run hio Doists across processes in deterministic lockstep, and hio "
                     "servers as supervised replicas on one port.",
-        epilog="Exit codes: 0 ok, 1 run failed, 2 usage or topology error, "
+        epilog="Exit codes: 0 ok, 1 run failed (also: out of open files, disk space or "
+               "a writable run root, named in one line), 2 usage or topology error, "
                "130 interrupted (SIGINT), 143 terminated (SIGTERM); a run of services only "
                "exits 0 when stopped, 1 when a service failed.")
     parser.add_argument("--version", action="version", version=f"hiocluster {__version__}")
@@ -373,6 +375,69 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # e.g. `hiocluster run ... | head -1`: the reader left
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_FAILED
+    except OSError as exc:  # the machine ran out of something: one line, no traceback
+        if _exhausted(exc) is None:
+            raise
+        return _failed(args, Exhausted(str(exc)).with_cause(exc), {})
+
+
+class Exhausted(ClusterError):
+    """The machine ran out of something a run needs: open files, disk space or
+    inodes under the run root, a writable run root, memory."""
+
+    def with_cause(self, cause: BaseException) -> Exhausted:
+        self.__cause__ = cause
+        return self
+
+
+#: Open files a run holds besides its children's, and per child process (measured:
+#: a ring of 8 workers needs 47; the margin is for services' sockets and pipes).
+FILES_BASE, FILES_PER_PROCESS = 24, 6
+
+
+def _enough_files(processes: int) -> None:
+    """Make sure ``processes`` children fit in RLIMIT_NOFILE: raise the soft limit
+    (up to the hard one) if need be, else Exhausted naming it. Checked up front:
+    libzmq aborts the whole process when it runs out of descriptors in its own
+    thread, and an abort cleans nothing up."""
+    import resource
+
+    need = FILES_BASE + FILES_PER_PROCESS * processes
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= need:
+        return
+    if hard == resource.RLIM_INFINITY or hard >= need:
+        wanted = 2 * need if hard == resource.RLIM_INFINITY else min(hard, 2 * need)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+        return
+    raise Exhausted(f"too many open files (RLIMIT_NOFILE {soft}): {processes} processes "
+                    f"need about {need}; raise the limit (ulimit -n {need})")
+
+
+def _exhausted(exc: BaseException) -> str | None:
+    """What ran out, if ``exc`` (or what caused it) says a resource did: e.g. "no
+    space left on device (PATH)", "too many open files (RLIMIT_NOFILE 32)"."""
+    import errno
+    import resource
+    import tempfile
+
+    seen: BaseException | None = exc
+    while seen is not None:
+        code = getattr(seen, "errno", None)
+        if code in (errno.EMFILE, errno.ENFILE):
+            soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+            return "too many open files in the system (fs.file-max)" \
+                if code == errno.ENFILE else f"too many open files (RLIMIT_NOFILE {soft})"
+        if code in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+            path = getattr(seen, "filename", None) or \
+                f"{os.environ.get('HIOCLUSTER_RUN_ROOT') or tempfile.gettempdir()}, the run root"
+            what = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota "
+                    "exceeded", errno.EROFS: "read-only file system"}[code]
+            return f"{what} ({path})"
+        if code == errno.ENOMEM:
+            return "out of memory"
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 def _load(args: argparse.Namespace) -> Any:
@@ -442,7 +507,12 @@ def _run(args: argparse.Namespace) -> int:
     from .logs import Prefixer
     from .supervisor import run
 
-    topology, _ = _load(args)
+    topology, layout = _load(args)
+    try:
+        _enough_files(sum(spec.replicas + 1 for spec in topology.services)  # +1: a spare
+                      + (len(layout.workers) + len(layout.groups) if layout else 0))
+    except Exhausted as exc:
+        return _failed(args, exc, {})
     if topology.services and not topology.nodes:
         return _serve(args, topology)
 
@@ -582,6 +652,8 @@ def _serve(args: argparse.Namespace, topology: Any) -> int:
                        prefixer=Prefixer(prefix=not args.no_prefix))
     except ServiceFailed as exc:
         return _failed(args, exc, {"service": exc.service})
+    except ClusterError as exc:  # e.g. no run directory: the run root is full
+        return _failed(args, exc, {})
     if args.json:
         print(json.dumps(result.to_json()))
     else:
@@ -626,6 +698,9 @@ def _replica(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
 
 
 def _failed(args: argparse.Namespace, exc: ClusterError, fields: dict[str, Any]) -> int:
+    resource = _exhausted(exc)
+    if resource is not None and not str(exc).startswith(resource):
+        exc = Exhausted(f"{resource}: {exc}").with_cause(exc)
     print(f"hiocluster: run failed: {exc}", file=sys.stderr)
     _json_error(args, exc, fields)
     return EXIT_FAILED

@@ -226,3 +226,109 @@ def test_check_applies_and_checks_the_run_options(cli_env, tmp_path) -> None:
                                      f"{tmp_path / 'none' / 'supervisor.key_secret'}")
     unknown = cli(cli_env, "check", ring, "--app-dir", str(REPO), "--external", "p9")
     assert unknown.returncode == 2 and "p9 is no worker in the plan" in unknown.stderr
+
+
+# -- resource exhaustion: one line naming the resource, nothing left behind ------------
+
+@pytest.fixture
+def tmpfs(tmp_path: Path):
+    """Mount a small tmpfs (``options``) at a fresh directory; always unmounted."""
+    import os
+
+    mounted: list[Path] = []
+
+    def mount(name: str, options: str) -> Path:
+        if os.geteuid() != 0:
+            pytest.skip("mounting a tmpfs needs root")
+        where = tmp_path / name
+        where.mkdir()
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(where)],
+                              capture_output=True, text=True, timeout=30)
+        if done.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+        mounted.append(where)
+        return where
+
+    yield mount
+    for where in mounted:
+        subprocess.run(["umount", str(where)], check=True, timeout=30)
+
+
+def _full(root: Path) -> None:
+    """Fill ``root``'s blocks (inodes are left)."""
+    with open(root / "fill", "wb", buffering=0) as file:
+        with pytest.raises(OSError, match="No space left on device"):
+            for _ in range(10_000):  # 64 KiB is 16 of them
+                file.write(b"\0" * 4096)
+    assert sorted(path.name for path in root.iterdir()) == ["fill"]
+
+
+def _one_line(done: subprocess.CompletedProcess[str], *words: str) -> str:
+    assert done.returncode in (1, 2), (done.returncode, done.stderr)
+    assert "Traceback" not in done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, lines
+    for word in words:
+        assert word in lines[0], (word, lines[0])
+    return lines[0]
+
+
+def _echo(tmp_path: Path) -> str:
+    from test_cluster_services import free_port, with_port
+
+    path = tmp_path / "echo.toml"
+    path.write_text(with_port((REPO / "topologies" / "echo.toml").read_text(), free_port()))
+    return str(path)
+
+
+def test_a_full_run_root_is_one_line(cli_env, tmpfs) -> None:
+    root = tmpfs("full", "size=64k")
+    _full(root)
+    env = {**cli_env, "HIOCLUSTER_RUN_ROOT": str(root)}
+    done = cli(env, "run", "topologies/ring.toml", "--app-dir", str(REPO))
+    line = _one_line(done, "no space left on device", str(root))
+    assert line.startswith("hiocluster: run failed: ")
+    assert sorted(path.name for path in root.iterdir()) == ["fill"]  # nothing left
+
+
+@pytest.mark.parametrize("how,words", [
+    ("size=64k,ro", ["read-only file system"]),
+    ("size=64k,nr_inodes=1", ["no space left on device"]),  # no inode for the run dir
+])
+def test_a_services_run_with_a_read_only_or_full_root_is_one_line(
+        cli_env, tmpfs, tmp_path, how: str, words: list[str]) -> None:
+    root = tmpfs("root", how)
+    env = {**cli_env, "HIOCLUSTER_RUN_ROOT": str(root)}
+    done = cli(env, "run", _echo(tmp_path), "--app-dir", str(REPO))
+    _one_line(done, *words, str(root))
+    assert list(root.iterdir()) == []
+
+
+def _nofile(soft: int, hard: int | None = None):
+    import resource
+
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, soft if hard is None else hard))
+    return limit
+
+
+def test_too_few_open_files_is_one_line_naming_the_limit(cli_env, tmp_path) -> None:
+    for argv in (["topologies/ring.toml", "--processes", "8"], [_echo(tmp_path)]):
+        done = subprocess.run(hiocluster_command("run", *argv, "--app-dir", str(REPO)),
+                              cwd=REPO, env=cli_env, capture_output=True, text=True,
+                              timeout=TIMEOUT, preexec_fn=_nofile(32))
+        _one_line(done, "too many open files (RLIMIT_NOFILE 32)", "ulimit -n")
+
+
+def test_a_low_soft_open_files_limit_is_raised_to_what_the_run_needs(cli_env) -> None:
+    import resource
+
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    if hard != resource.RLIM_INFINITY and hard < 256:
+        pytest.skip(f"the hard limit here ({hard}) leaves no room")
+    done = subprocess.run(hiocluster_command("run", "topologies/ring.toml", "--processes",
+                                             "8", "--app-dir", str(REPO), "--json"),
+                          cwd=REPO, env=cli_env, capture_output=True, text=True,
+                          timeout=TIMEOUT, preexec_fn=_nofile(32, hard))
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["processes"] == 8
