@@ -130,14 +130,14 @@ def runs(cli_env: dict[str, str], tmp_path: Path):
     started: list[Run] = []
 
     def start() -> tuple[Run, int]:
+        """A run serving; its replica's pid."""
         port = free_port()
         text = with_port((REPO / "topologies" / "echo.toml").read_text(), port)
         path = tmp_path / f"echo{len(started)}.toml"
         path.write_text(text.replace("replicas = 4", "replicas = 1"))
         run = Run(path, cli_env)
         started.append(run)
-        run.serving(1)
-        return run, port
+        return run, run.serving(1)[0]
 
     yield start
     for run in started:
@@ -153,13 +153,13 @@ def test_stop_says_stopped_when_the_run_confirms_it(runs, cli_env) -> None:
 
 
 def test_stop_of_a_run_killed_while_stopping_is_no_success(runs, cli_env) -> None:
+    import os
     import signal
-    import socket
 
-    run, port = runs()
-    # a client that has not sent a byte holds the replica's drain for 2 s: the run
-    # is still stopping when it is killed
-    with socket.create_connection(("127.0.0.1", port), timeout=10):
+    run, replica = runs()
+    # its replica frozen, the run cannot finish stopping: it is killed while stopping
+    os.kill(replica, signal.SIGSTOP)
+    try:
         stop = subprocess.Popen(hiocluster_command("stop", "--control", run.control),
                                 env=cli_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 text=True)
@@ -171,6 +171,8 @@ def test_stop_of_a_run_killed_while_stopping_is_no_success(runs, cli_env) -> Non
             if stop.poll() is None:
                 stop.kill()
                 stop.communicate()
+    finally:
+        os.kill(replica, signal.SIGCONT)  # an orphan now: it cleans up and exits
     assert run.finish() == -signal.SIGKILL
     assert stop.returncode == 1, (out, err)
     assert "stopped" not in out
