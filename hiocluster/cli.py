@@ -3,8 +3,9 @@
 Exit codes: 0 success, 1 failed run, 2 usage or topology error, 130 after
 SIGINT, 143 after SIGTERM (the whole process tree shut down cleanly first). A
 run of services only is stopped by design: 0 after SIGINT, SIGTERM or
-``hiocluster stop``, 1 when a service failed. ``status`` and friends: see
-hiocluster.control.
+``hiocluster stop``, 1 when a service failed. Resource exhaustion (open files,
+disk space, a read-only run root) is a failed run: one line naming it, exit 1.
+``status`` and friends: see hiocluster.control.
 """
 
 from __future__ import annotations
@@ -118,7 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="hiocluster",
         description="Run hio Doists across processes in deterministic lockstep, and hio "
                     "servers as supervised replicas on one port.",
-        epilog="Exit codes: 0 ok, 1 run failed, 2 usage or topology error, "
+        epilog="Exit codes: 0 ok, 1 run failed (also: out of open files, disk space or "
+               "a writable run root, named in one line), 2 usage or topology error, "
                "130 interrupted (SIGINT), 143 terminated (SIGTERM); a run of services only "
                "exits 0 when stopped, 1 when a service failed.")
     parser.add_argument("--version", action="version", version=f"hiocluster {__version__}")
@@ -132,54 +134,21 @@ def build_parser() -> argparse.ArgumentParser:
                     "`hiocluster stop`). A run with services prints its control "
                     "address (HIOCLUSTER_CONTROL=...) for `hiocluster status`.")
     run.add_argument("topology", metavar="TOPOLOGY", help="topology file (TOML)")
-    run.add_argument("--ticks", type=_positive_int, metavar="N",
-                     help="number of ticks (default: the file's run.ticks)")
-    run.add_argument("--seed", type=_seed, metavar="S",
-                     help="run seed (default: the file's run.seed)")
-    _processes(run)
-    run.add_argument("--window", type=_window, default=None, metavar="N",
-                     help="ticks granted at once (default: auto, sized to ~0.1 s of work); "
-                          "1 supervises every tick; results never depend on it")
-    run.add_argument("--real", action="store_true", default=None,
-                     help="pace ticks to the wall clock: tick n starts tock x n seconds "
-                          "after the start (default: the file's run.real)")
-    run.add_argument("--json", action="store_true",
-                     help="print one JSON object on stdout instead of the summary "
-                          "(arrays in results as {dtype, shape, data}, bytes as hex)")
-    run.add_argument("--digests", action="store_true",
-                     help="also print every tick's run digest (after the summary, or as "
-                          "tick_digests with --json)")
-    run.add_argument("--trace", metavar="FILE",
-                     help="record where each tick's time goes and write it to FILE as "
-                          "Chrome Trace Event JSON (Perfetto, chrome://tracing); the "
-                          "summary names the slowest process and node")
-    run.add_argument("--output", metavar="FILE",
-                     help="after a finished run, write one JSON line per node to FILE: "
-                          "its result() and its metrics (JSON as --json's)")
-    _app_dir(run)
-    run.add_argument("--transport", choices=("ipc", "tcp"), default="ipc",
-                     help="how local processes talk: unix sockets (default) or TCP on "
-                          "127.0.0.1; results are identical")
-    run.add_argument("--listen", metavar="ADDRESS", type=_address,
-                     help="bind the control socket here (e.g. tcp://127.0.0.1:7000), for "
-                          "workers started by hand")
-    run.add_argument("--keys", metavar="DIR",
-                     help="CurveZMQ keys for a run across hosts: DIR/supervisor.key_secret "
-                          "and DIR/<host>.key for each host (see keygen)")
-    _hosts_options(run)
-    run.add_argument("--external", metavar="NAME", action="append", default=[], type=_name,
-                     help="do not start worker NAME: wait for it to be started by hand "
-                          "(the command to use is printed); repeatable")
-    run.add_argument("--no-prefix", action="store_true",
-                     help="pass replicas' output through without the 'name | ' prefix")
+    _run_options(run)
 
-    check = commands.add_parser("check", help="validate a topology without running it",
-                                description="Validate a topology (and import its node "
-                                            "classes) without running it; print the plan.")
+    check = commands.add_parser(
+        "check", help="validate a topology without running it",
+        description="Validate a topology (and import its node classes) without running "
+                    "it; print the plan. It takes every option of `run`, so a run's "
+                    "command line checks as it is: those that shape the run (--ticks, "
+                    "--seed, --real, --processes, --host, --place, --transport, --listen, "
+                    "--keys, --external) are applied and checked as `run` checks them; "
+                    "those about output (--json, --digests, --trace, --output, "
+                    "--no-prefix, --window) are accepted and unused.",
+        epilog="Exit codes: 0 ok, 2 usage or topology error (or an option `run` would "
+               "refuse, e.g. --keys DIR without the keys).")
     check.add_argument("topology", metavar="TOPOLOGY", help="topology file (TOML)")
-    _processes(check)
-    _hosts_options(check)
-    _app_dir(check)
+    _run_options(check)
 
     agent = commands.add_parser(
         "agent", help="start workers on this host for supervisors elsewhere",
@@ -260,26 +229,33 @@ def build_parser() -> argparse.ArgumentParser:
         "status", help="show a running run's services and simulation",
         description="Show a running run: each service's replicas (pid, state, restarts, "
                     "uptime, CPU, memory, requests served) and the simulation's progress.",
-        epilog="Exit codes: 0 every replica serving, 3 some are not, 4 no run reachable.")
+        epilog="Exit codes: 0 every replica serving, 3 some are not, 4 no run reachable, "
+               "2 usage (also: several runs found; name one with --control).")
     status.add_argument("--json", action="store_true", help="print the status as JSON")
     scale = commands.add_parser(
         "scale", help="change a service's number of replicas",
         description="Change a service's number of replicas, without refusing "
                     "connections: new replicas serve beside the others; removed ones "
                     "drain first. Waits until done.",
-        epilog="Exit codes: 0 done, 1 refused, 3 not done in time, 4 no run reachable.")
+        epilog="Exit codes: 0 done, 1 refused, 3 not done in time, 4 no run reachable, "
+               "2 usage (also: several runs found; name one with --control).")
     scale.add_argument("target", metavar="NAME=N", type=_scale_target,
                        help="the service and its new number of replicas")
     restart = commands.add_parser(
         "restart", help="rolling restart of a service",
         description="Restart a service's replicas one at a time; each one's successor "
                     "serves before it is stopped. Waits until done.",
-        epilog="Exit codes: 0 done, 1 refused, 3 not done in time, 4 no run reachable.")
+        epilog="Exit codes: 0 done, 1 refused, 3 not done in time, 4 no run reachable, "
+               "2 usage (also: several runs found; name one with --control).")
     restart.add_argument("service", metavar="NAME", type=_name, help="the service")
     stop = commands.add_parser(
         "stop", help="stop a running run",
-        description="Stop a running run: replicas drain and exit, a simulation stops.",
-        epilog="Exit codes: 0 stopped, 3 not stopped in time, 4 no run reachable.")
+        description="Stop a running run: replicas drain and exit, a simulation stops. "
+                    "Prints 'stopping', then 'stopped' once the run confirms it stopped.",
+        epilog="Exit codes: 0 stopped (the run confirmed it), 1 refused, or the run "
+               "vanished (e.g. was killed) or failed before confirming its stop, 2 usage "
+               "(also: several runs found; name one with --control), 3 not stopped in "
+               "time, 4 no run reachable.")
     for command in (status, scale, restart, stop):
         command.add_argument("--control", metavar="ADDRESS", type=_address,
                              help="the run's control endpoint (default: $HIOCLUSTER_CONTROL, "
@@ -294,6 +270,52 @@ def build_parser() -> argparse.ArgumentParser:
     _joining(group, "group", "this group's name in the run's plan",
              "where the workers under it bind for DATA (default: beside its control socket)")
     return parser
+
+
+def _run_options(command: argparse.ArgumentParser) -> None:
+    """The options of ``run``, which ``check`` takes too: any run's command line
+    checks as it is."""
+    command.add_argument("--ticks", type=_positive_int, metavar="N",
+                         help="number of ticks (default: the file's run.ticks)")
+    command.add_argument("--seed", type=_seed, metavar="S",
+                         help="run seed (default: the file's run.seed)")
+    _processes(command)
+    command.add_argument("--window", type=_window, default=None, metavar="N",
+                         help="ticks granted at once (default: auto, sized to ~0.1 s of work); "
+                              "1 supervises every tick; results never depend on it")
+    command.add_argument("--real", action="store_true", default=None,
+                         help="pace ticks to the wall clock: tick n starts tock x n seconds "
+                              "after the start (default: the file's run.real)")
+    command.add_argument("--json", action="store_true",
+                         help="print one JSON object on stdout instead of the summary "
+                              "(arrays in results as {dtype, shape, data}, bytes as hex)")
+    command.add_argument("--digests", action="store_true",
+                         help="also print every tick's run digest (after the summary, or as "
+                              "tick_digests with --json)")
+    command.add_argument("--trace", metavar="FILE",
+                         help="record where each tick's time goes and write it to FILE as "
+                              "Chrome Trace Event JSON (Perfetto, chrome://tracing); the "
+                              "summary names the slowest process and node")
+    command.add_argument("--output", metavar="FILE",
+                         help="after a finished run, write one JSON line per node to FILE: "
+                              "its result() and its metrics (JSON as --json's)")
+    _app_dir(command)
+    command.add_argument("--transport", choices=("ipc", "tcp"), default="ipc",
+                         help="how local processes talk: unix sockets (default) or TCP on "
+                              "127.0.0.1; results are identical")
+    command.add_argument("--listen", metavar="ADDRESS", type=_address,
+                         help="bind the control socket here (e.g. tcp://127.0.0.1:7000), for "
+                              "workers started by hand")
+    command.add_argument("--keys", metavar="DIR",
+                         help="CurveZMQ keys for a run across hosts: DIR/supervisor.key_secret "
+                              "and DIR/<host>.key for each host (see keygen)")
+    _hosts_options(command)
+    command.add_argument("--external", metavar="NAME", action="append", default=[],
+                         type=_name,
+                         help="do not start worker NAME: wait for it to be started by hand "
+                              "(the command to use is printed); repeatable")
+    command.add_argument("--no-prefix", action="store_true",
+                         help="pass replicas' output through without the 'name | ' prefix")
 
 
 def _joining(command: argparse.ArgumentParser, what: str, name_help: str,
@@ -357,6 +379,69 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # e.g. `hiocluster run ... | head -1`: the reader left
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_FAILED
+    except OSError as exc:  # the machine ran out of something: one line, no traceback
+        if _exhausted(exc) is None:
+            raise
+        return _failed(args, Exhausted(str(exc)).with_cause(exc), {})
+
+
+class Exhausted(ClusterError):
+    """The machine ran out of something a run needs: open files, disk space or
+    inodes under the run root, a writable run root, memory."""
+
+    def with_cause(self, cause: BaseException) -> Exhausted:
+        self.__cause__ = cause
+        return self
+
+
+#: Open files a run holds besides its children's, and per child process (measured:
+#: a ring of 8 workers needs 47; the margin is for services' sockets and pipes).
+FILES_BASE, FILES_PER_PROCESS = 24, 6
+
+
+def _enough_files(processes: int) -> None:
+    """Make sure ``processes`` children fit in RLIMIT_NOFILE: raise the soft limit
+    (up to the hard one) if need be, else Exhausted naming it. Checked up front:
+    libzmq aborts the whole process when it runs out of descriptors in its own
+    thread, and an abort cleans nothing up."""
+    import resource
+
+    need = FILES_BASE + FILES_PER_PROCESS * processes
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= need:
+        return
+    if hard == resource.RLIM_INFINITY or hard >= need:
+        wanted = 2 * need if hard == resource.RLIM_INFINITY else min(hard, 2 * need)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+        return
+    raise Exhausted(f"too many open files (RLIMIT_NOFILE {soft}): {processes} processes "
+                    f"need about {need}; raise the limit (ulimit -n {need})")
+
+
+def _exhausted(exc: BaseException) -> str | None:
+    """What ran out, if ``exc`` (or what caused it) says a resource did: e.g. "no
+    space left on device (PATH)", "too many open files (RLIMIT_NOFILE 32)"."""
+    import errno
+    import resource
+    import tempfile
+
+    seen: BaseException | None = exc
+    while seen is not None:
+        code = getattr(seen, "errno", None)
+        if code in (errno.EMFILE, errno.ENFILE):
+            soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+            return "too many open files in the system (fs.file-max)" \
+                if code == errno.ENFILE else f"too many open files (RLIMIT_NOFILE {soft})"
+        if code in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+            path = getattr(seen, "filename", None) or \
+                f"{os.environ.get('HIOCLUSTER_RUN_ROOT') or tempfile.gettempdir()}, the run root"
+            what = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota "
+                    "exceeded", errno.EROFS: "read-only file system"}[code]
+            return f"{what} ({path})"
+        if code == errno.ENOMEM:
+            return "out of memory"
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 def _load(args: argparse.Namespace) -> Any:
@@ -386,6 +471,17 @@ def _check(args: argparse.Namespace) -> int:
     resolve_services(topology, args.app_dir)
     if layout is not None:
         resolve_classes(topology, args.app_dir)  # run() does this itself
+        from .loop import Loop
+        from .supervisor import Supervisor
+        try:  # run()'s own checks of --transport, --listen, --keys, --external: made,
+            # never entered, it starts nothing
+            Supervisor(topology, layout, Loop(), app_dir=args.app_dir, keys=args.keys,
+                       transport=args.transport, listen=args.listen, external=args.external)
+        except TopologyError:
+            raise
+        except ClusterError as exc:
+            print(f"hiocluster: check: {exc}", file=sys.stderr)
+            return EXIT_USAGE
         print(f"ok: {topology.name}: {len(topology.nodes)} nodes, {len(topology.links)} "
               f"links, {topology.ticks} ticks; {len(layout.workers)} workers on "
               f"{os.cpu_count()} cores, {layout.crossing(topology.links)} links between "
@@ -415,7 +511,12 @@ def _run(args: argparse.Namespace) -> int:
     from .logs import Prefixer
     from .supervisor import run
 
-    topology, _ = _load(args)
+    topology, layout = _load(args)
+    try:
+        _enough_files(sum(spec.replicas + 1 for spec in topology.services)  # +1: a spare
+                      + (len(layout.workers) + len(layout.groups) if layout else 0))
+    except Exhausted as exc:
+        return _failed(args, exc, {})
     if topology.services and not topology.nodes:
         return _serve(args, topology)
 
@@ -564,6 +665,8 @@ def _serve(args: argparse.Namespace, topology: Any) -> int:
                        prefixer=Prefixer(prefix=not args.no_prefix))
     except ServiceFailed as exc:
         return _failed(args, exc, {"service": exc.service})
+    except ClusterError as exc:  # e.g. no run directory: the run root is full
+        return _failed(args, exc, {})
     if args.json:
         print(json.dumps(result.to_json()))
     else:
@@ -608,6 +711,9 @@ def _replica(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
 
 
 def _failed(args: argparse.Namespace, exc: ClusterError, fields: dict[str, Any]) -> int:
+    resource = _exhausted(exc)
+    if resource is not None and not str(exc).startswith(resource):
+        exc = Exhausted(f"{resource}: {exc}").with_cause(exc)
     print(f"hiocluster: run failed: {exc}", file=sys.stderr)
     _json_error(args, exc, fields)
     return EXIT_FAILED

@@ -2,10 +2,12 @@
 
 Finds the run (``--control ADDRESS``, else ``$HIOCLUSTER_CONTROL``, else the one
 run of this user under the run root that answers), sends one COMMAND, reads
-the ANSWER (docs/protocol.md §12), and for ``scale``, ``restart`` and ``stop``
-waits until the run got there. Exit codes as supervisorctl's: 0 ok, 3 some
-replica is not serving (status) or the run did not get there in time, 4 the
-run cannot be reached, 2 usage, 1 the run refused (e.g. no such service).
+the ANSWER (docs/protocol.md §12); for ``scale`` and ``restart`` waits until
+the run got there, for ``stop`` until the run's second ANSWER says it stopped.
+Exit codes as supervisorctl's: 0 ok, 3 some replica is not serving (status) or
+the run did not get there in time, 4 the run cannot be reached, 2 usage (also:
+several runs found, none named), 1 the run refused (e.g. no such service), or
+it vanished or failed before confirming its stop.
 
 Imports: protocol, transport, the stdlib.
 """
@@ -22,12 +24,12 @@ from typing import Any
 
 from . import protocol as proto
 from .errors import ClusterError, FrameError
-from .transport import ENDPOINT_RECORD, KeyPair, TransportError, request
+from .transport import ENDPOINT_RECORD, Asking, Gone, KeyPair, TransportError, request
 
-__all__ = ["Unreachable", "find_endpoint", "ask", "format_status", "control_main",
+__all__ = ["Unreachable", "SeveralRuns", "find_endpoint", "ask", "format_status", "control_main",
            "EXIT_NOT_RUNNING", "EXIT_UNREACHABLE"]
 
-EXIT_OK, EXIT_REFUSED, EXIT_NOT_RUNNING, EXIT_UNREACHABLE = 0, 1, 3, 4
+EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_NOT_RUNNING, EXIT_UNREACHABLE = 0, 1, 2, 3, 4
 #: Seconds to wait for an answer.
 ANSWER_TIMEOUT_S = 5.0
 
@@ -36,9 +38,15 @@ class Unreachable(ClusterError):
     """No run answers at the control endpoint (or none was found)."""
 
 
+class SeveralRuns(ClusterError):
+    """More than one run answers under the run root: which one is for the user to
+    say (``--control``); the message lists them."""
+
+
 def find_endpoint(given: str | None = None) -> str:
     """The control address: ``given``, ``$HIOCLUSTER_CONTROL``, or the only run
-    under the run root that answers. Raises Unreachable saying what was tried."""
+    under the run root that answers. Raises Unreachable saying what was tried, or
+    SeveralRuns listing the runs found."""
     if given:
         return given
     env = os.environ.get("HIOCLUSTER_CONTROL")
@@ -54,17 +62,19 @@ def find_endpoint(given: str | None = None) -> str:
             if address.startswith("ipc://") and \
                     os.stat(os.path.dirname(path)).st_uid != os.getuid():
                 continue
-            ask(address, proto.Command(command="status"), timeout=1.0)
+            status = ask(address, proto.Command(command="status"), timeout=1.0).status
         except (OSError, Unreachable):
             continue
-        found.append(address)
+        found.append((address, status))
     if not found:
         raise Unreachable(f"no run found under {root} (set HIOCLUSTER_CONTROL or pass "
                           "--control ADDRESS; a run prints its address when it starts)")
     if len(found) > 1:
-        raise Unreachable(f"{len(found)} runs under {root}: say which with --control "
-                          f"(one of: {', '.join(found)})")
-    return found[0]
+        raise SeveralRuns(f"{len(found)} runs under {root}: say which with --control "
+                          "ADDRESS (or $HIOCLUSTER_CONTROL):\n" + "\n".join(
+                              f"  {address}  {status.get('topology')} (pid "
+                              f"{status.get('pid')})" for address, status in found))
+    return found[0][0]
 
 
 def _root() -> str:
@@ -87,20 +97,32 @@ def _tcp_endpoints() -> dict[str, tuple[KeyPair, str]]:
     return found
 
 
+def _curve(address: str) -> tuple[KeyPair, str] | None:
+    """The shells' key pair and the run's public key for a tcp endpoint (else None)."""
+    return _tcp_endpoints().get(address) if address.startswith("tcp://") else None
+
+
 def ask(address: str, command: proto.Command, *, timeout: float = ANSWER_TIMEOUT_S
         ) -> proto.Answer:
     """Send ``command`` to the run at ``address``; its answer. Raises Unreachable."""
     path = address[len("ipc://"):] if address.startswith("ipc://") else None
     if path is not None and not os.path.exists(path):
         raise Unreachable(f"no run at {address} (no such socket)")
-    curve = _tcp_endpoints().get(address) if address.startswith("tcp://") else None
+    curve = _curve(address)
     try:
         data = request(address, proto.encode(command), timeout, proto.MAX_CONTROL_FRAME,
                        curve)
-        if data is None:
-            raise Unreachable(f"no answer from {address} within {timeout:g} s")
+    except TransportError as exc:
+        raise Unreachable(f"cannot talk to the run at {address}: {exc}") from exc
+    if data is None:
+        raise Unreachable(f"no answer from {address} within {timeout:g} s")
+    return _answer(address, data)
+
+
+def _answer(address: str, data: bytes) -> proto.Answer:
+    try:
         answer = proto.decode(data, allowed=(proto.Answer,))
-    except (TransportError, FrameError) as exc:
+    except FrameError as exc:
         raise Unreachable(f"cannot talk to the run at {address}: {exc}") from exc
     assert isinstance(answer, proto.Answer)
     return answer
@@ -177,13 +199,13 @@ def control_main(args: Any) -> int:
             else:
                 print(format_status(answer.status))
             return EXIT_OK if serving(answer.status) else EXIT_NOT_RUNNING
+        if args.command == "stop":
+            return _stop(address, args.timeout)
         if args.command == "scale":
             name, replicas = args.target
             command = proto.Command(command="scale", service=name, replicas=replicas)
-        elif args.command == "restart":
-            command = proto.Command(command="restart", service=args.service)
         else:
-            command = proto.Command(command="stop")
+            command = proto.Command(command="restart", service=args.service)
         answer = ask(address, command)
         if not answer.ok:
             print(f"hiocluster: {args.command}: {answer.detail}", file=sys.stderr)
@@ -193,20 +215,52 @@ def control_main(args: Any) -> int:
     except Unreachable as exc:
         print(f"hiocluster: {exc}", file=sys.stderr)
         return EXIT_UNREACHABLE
+    except SeveralRuns as exc:
+        print(f"hiocluster: {args.command}: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+def _stop(address: str, timeout: float) -> int:
+    """``stop``: "stopped" (exit 0) only when the run says so, its second ANSWER
+    (docs/protocol.md §12); otherwise what was seen, and a non-zero exit."""
+    status = ask(address, proto.Command(command="status")).status
+    run = f"the run {status.get('topology')} (pid {status.get('pid')})"
+    try:
+        with Asking(address, proto.MAX_CONTROL_FRAME, _curve(address)) as asking:
+            asking.send(proto.encode(proto.Command(command="stop")))
+            data = asking.receive(ANSWER_TIMEOUT_S)
+            if data is None:
+                raise Unreachable(f"no answer from {address} within {ANSWER_TIMEOUT_S:g} s")
+            answer = _answer(address, data)
+            if not answer.ok:
+                print(f"hiocluster: stop: {answer.detail}", file=sys.stderr)
+                return EXIT_REFUSED
+            print(answer.detail, flush=True)  # "stopping"
+            data = asking.receive(timeout)
+    except Gone:
+        print(f"hiocluster: stop: {run} vanished before confirming its stop (killed, or "
+              "it crashed)", file=sys.stderr)
+        return EXIT_REFUSED
+    except TransportError as exc:
+        raise Unreachable(f"cannot talk to the run at {address}: {exc}") from exc
+    if data is None:
+        print(f"hiocluster: stop: {run} did not stop within {timeout:g} s", file=sys.stderr)
+        return EXIT_NOT_RUNNING
+    answer = _answer(address, data)
+    if not answer.ok:
+        print(f"hiocluster: stop: {answer.detail}", file=sys.stderr)
+        return EXIT_REFUSED
+    print(answer.detail)
+    return EXIT_OK
 
 
 def _wait(address: str, args: Any) -> int:
-    """Until the run got where the command sends it (bounded by ``--timeout``)."""
+    """Until the run got where ``scale`` or ``restart`` sends it (bounded by
+    ``--timeout``)."""
     deadline = time.monotonic() + args.timeout
     while time.monotonic() < deadline:
-        try:
-            status = ask(address, proto.Command(command="status"), timeout=2.0).status
-        except Unreachable:
-            if args.command == "stop":
-                print("stopped")
-                return EXIT_OK
-            raise
-        if args.command != "stop" and serving(status):
+        status = ask(address, proto.Command(command="status"), timeout=2.0).status
+        if serving(status):
             print(format_status(status))
             return EXIT_OK
         failed = [row["failed"] for row in status.get("services") or [] if row["failed"]]

@@ -84,6 +84,8 @@ class RouterDoer(Doer):
 
     router: Any = None
     _loop: Loop | None = None
+    #: ms its last frames get to leave when it closes (0: dropped)
+    linger_ms = 0
 
     def attach(self, loop: Loop, router: Any) -> None:
         self._loop, self.router = loop, router
@@ -102,5 +104,5 @@ class RouterDoer(Doer):
         if self.router is not None:
             if self._loop is not None:
                 self._loop.poller.unregister(self.router)
-            self.router.close(linger=0)
+            self.router.close(linger=self.linger_ms)
             self.router = None

@@ -44,7 +44,7 @@ from .service import Service
 from .serving import WRITE_ONLY
 from .topology import ServiceSpec
 from .transport import NOBLOCK, RUN_SOCKETS, Context, Credentials, ipc_path, readable
-from .watchdog import Watchdog
+from .watchdog import Watchdog, parent_gone
 
 __all__ = ["ReplicaOptions", "run_replica", "LOAD_S", "SERVICE_ENV", "LISTEN_FDS_ENV",
            "PARENT_ENV"]
@@ -162,7 +162,7 @@ class Replica:
                         self.loop.wait()
             finally:
                 self.loop.exit()
-            if watchdog.orphaned:
+            if watchdog.orphaned or parent_gone(watchdog.parent):  # e.g. killed as it stopped us
                 remove_run_files(self.options.connect)
                 return 3
             self._send(proto.Bye(stats={"served": self.service.served}))

@@ -39,7 +39,7 @@ import psutil
 from hio.base.doing import DoDoer, Doer
 
 from . import protocol as proto
-from .errors import FrameError
+from .errors import ClusterError, FrameError, Interrupted
 from .launch import LocalProcess, end_process
 from .logs import Prefixer
 from .loop import Loop, RouterDoer
@@ -61,6 +61,8 @@ ENDPOINT = "endpoint"
 KILL_GRACE_S = 2.0
 #: Longest sleep of a run of services only: every deadline it has wakes it sooner.
 IDLE_WAIT_S = 1.0
+#: ms the endpoint's "stopped" answers get to leave before its socket closes.
+STOPPED_LINGER_MS = 1000
 #: Seconds before a spare that died is replaced.
 SPARE_RETRY_S = 5.0
 
@@ -521,6 +523,7 @@ class Endpoint(RouterDoer):
                  **kwa: Any) -> None:
         super().__init__(**kwa)
         self.owner, self.on_bound = owner, on_bound
+        self.stopping: list[bytes] = []  # shells that asked to stop: told once stopped
 
     def enter(self) -> None:
         owner = self.owner
@@ -528,6 +531,20 @@ class Endpoint(RouterDoer):
         owner.endpoint_address = bound_address(self.router)
         if self.on_bound is not None:
             self.on_bound()
+
+    def exit(self) -> None:
+        """The run has stopped: each shell that asked gets its second ANSWER, how
+        it ended (``owner.failure``); a shell that sees the connection close
+        without it knows the run did not end by its own hand."""
+        if self.router is not None and self.stopping:
+            failure = self.owner.failure
+            answer = proto.Answer(ok=True, detail="stopped") \
+                if failure is None or isinstance(failure, Interrupted) else \
+                proto.Answer(ok=False, detail=f"stopped: the run failed: {failure}")
+            for identity in self.stopping:
+                self.reply(identity, proto.encode(answer))
+            self.linger_ms = STOPPED_LINGER_MS
+        super().exit()
 
     def recur(self, tyme: float) -> bool:
         for _ in range(100):
@@ -540,6 +557,8 @@ class Endpoint(RouterDoer):
                                      code="multipart")
                 message = proto.decode(parts[1], allowed=(proto.Command,))
                 answer = self.owner.command(message)
+                if message.command == "stop" and answer.ok:
+                    self.stopping.append(parts[0])
             except FrameError as exc:
                 answer = proto.Answer(ok=False, detail=f"bad command: {exc}")
             self.reply(parts[0], proto.encode(answer))  # a shell gone away is no error
@@ -619,6 +638,10 @@ class ServiceRun(DoDoer):
     def interrupt(self, signum: int) -> None:
         """SIGINT/SIGTERM: drain and stop every replica."""
         self.services.stop()
+
+    @property
+    def failure(self) -> ClusterError | None:
+        return self.services.core.failure
 
     def status(self) -> dict[str, Any]:
         return {"topology": self.topology.name, "pid": os.getpid(),

@@ -54,6 +54,7 @@ from .errors import ClusterError
 from .protocol import MAX_CONTROL_FRAME, MAX_DATA_FRAME, MAX_SETUP_FRAME
 
 __all__ = ["TransportError", "Context", "Poller", "KeyPair", "Credentials", "Gate",
+           "Asking", "Gone", "request",
            "CREDENTIALS_ENV", "write_key_pair", "TRANSPORTS",
            "ipc_address", "local_address", "bound_address", "ipc_path", "readable", "sender",
            "facing", "resolve", "resolved", "HEARTBEAT_TIMEOUT_MS", "heartbeat_timeout_ms",
@@ -490,31 +491,87 @@ class Context:
         self._context.term()
 
 
+class Gone(TransportError):
+    """The run closed its end of a shell's connection (it exited, or was killed)."""
+
+
+class Asking:
+    """A shell's conversation with a running run's ROUTER at ``address``: frames
+    out, answers in (at most ``limit`` bytes each), and whether the run closed the
+    connection while the shell waited. Raises TransportError."""
+
+    #: How long an answer sent just before the run closed may still take to show.
+    LAST_WORDS_MS = 500
+
+    def __init__(self, address: str, limit: int,
+                 curve: tuple[KeyPair, str] | None = None) -> None:
+        unpredictable_ids()
+        self.address = address
+        self.context = zmq.Context()
+        self.sock = self.context.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.setsockopt(zmq.MAXMSGSIZE, limit)
+        self.sock.setsockopt(zmq.ROUTING_ID, routing_id())
+        if curve is not None:  # our key pair, and the server's public key
+            self.sock.curve_publickey, self.sock.curve_secretkey = (
+                curve[0].public.encode("ascii"), curve[0].secret.encode("ascii"))
+            self.sock.curve_serverkey = curve[1].encode("ascii")
+        self.monitor = self.sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        try:
+            self.sock.connect(address)
+        except zmq.ZMQError as exc:
+            self.close()
+            raise TransportError(f"cannot talk to {address}: {exc}") from exc
+
+    def __enter__(self) -> Asking:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def send(self, frame: bytes) -> None:
+        try:
+            self.sock.send(frame)
+        except zmq.ZMQError as exc:
+            raise TransportError(f"cannot talk to {self.address}: {exc}") from exc
+
+    def receive(self, timeout: float) -> bytes | None:
+        """The next answer within ``timeout`` seconds, or None. Raises Gone when
+        the run closed the connection without one (what it sent before closing
+        is answered first)."""
+        poller = zmq.Poller()
+        poller.register(self.sock, zmq.POLLIN)
+        poller.register(self.monitor, zmq.POLLIN)
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0:
+            ready = dict(poller.poll(left * 1000))
+            if self.sock in ready:
+                return self.sock.recv()
+            if self.monitor in ready and monitor_event(self.monitor) == "disconnected":
+                if self.sock.poll(self.LAST_WORDS_MS):
+                    return self.sock.recv()
+                raise Gone(f"{self.address} closed the connection")
+        return None
+
+    def close(self) -> None:
+        self.sock.disable_monitor()
+        self.monitor.close(0)
+        self.sock.close(0)
+        self.context.term()
+
+
 def request(address: str, frame: bytes, timeout: float, limit: int,
             curve: tuple[KeyPair, str] | None = None) -> bytes | None:
     """Send ``frame`` to the ROUTER at ``address`` and return its one answer (at
-    most ``limit`` bytes), or None after ``timeout`` seconds. A shell's single
-    question to a running run; ``curve``: our key pair and the server's public key,
-    for a CURVE server. Raises TransportError."""
-    unpredictable_ids()
-    context = zmq.Context()
-    sock = context.socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.setsockopt(zmq.MAXMSGSIZE, limit)
-    sock.setsockopt(zmq.ROUTING_ID, routing_id())
-    if curve is not None:
-        sock.curve_publickey, sock.curve_secretkey = (curve[0].public.encode("ascii"),
-                                                      curve[0].secret.encode("ascii"))
-        sock.curve_serverkey = curve[1].encode("ascii")
-    try:
-        sock.connect(address)
-        sock.send(frame)
-        return sock.recv() if sock.poll(timeout * 1000) else None
-    except zmq.ZMQError as exc:
-        raise TransportError(f"cannot talk to {address}: {exc}") from exc
-    finally:
-        sock.close(0)
-        context.term()
+    most ``limit`` bytes), or None after ``timeout`` seconds or once the run closed
+    the connection. A shell's single question to a running run. Raises
+    TransportError."""
+    with Asking(address, limit, curve) as asking:
+        asking.send(frame)
+        try:
+            return asking.receive(timeout)
+        except Gone:
+            return None
 
 
 def bound_address(sock: zmq.Socket) -> str:

@@ -118,3 +118,219 @@ def test_jsonable_says_every_result_value_in_json() -> None:
     assert said["c"] == {"dtype": "<c16", "shape": [2], "data": [[1.0, 2.0], [-0.0, -0.5]]}
     assert said["scalars"] == [float(np.float32(0.1)), -3, True, [0.0, 1.0]]
     assert said["raw"] == "00ff" and said["01"] == [1, [2]] and said["3"] is None
+
+
+# -- hiocluster stop says what it saw ------------------------------------------------
+
+@pytest.fixture
+def runs(cli_env: dict[str, str], tmp_path: Path):
+    """Start `hiocluster run` of a one-replica echo service on a free port."""
+    from test_cluster_services import Run, free_port, with_port
+
+    started: list[Run] = []
+
+    def start() -> tuple[Run, int]:
+        """A run serving; its replica's pid."""
+        port = free_port()
+        text = with_port((REPO / "topologies" / "echo.toml").read_text(), port)
+        path = tmp_path / f"echo{len(started)}.toml"
+        path.write_text(text.replace("replicas = 4", "replicas = 1"))
+        run = Run(path, cli_env)
+        started.append(run)
+        return run, run.serving(1)[0]
+
+    yield start
+    for run in started:
+        run.close()
+
+
+def test_stop_says_stopped_when_the_run_confirms_it(runs, cli_env) -> None:
+    run, _ = runs()
+    done = cli(cli_env, "stop", "--control", run.control)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == ["stopping", "stopped"]
+    assert run.finish() == 0
+
+
+def test_stop_of_a_run_killed_while_stopping_is_no_success(runs, cli_env) -> None:
+    import os
+    import signal
+
+    run, replica = runs()
+    # its replica frozen, the run cannot finish stopping: it is killed while stopping
+    os.kill(replica, signal.SIGSTOP)
+    try:
+        stop = subprocess.Popen(hiocluster_command("stop", "--control", run.control),
+                                env=cli_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True)
+        try:
+            assert stop.stdout.readline() == "stopping\n"
+            run.proc.kill()
+            out, err = stop.communicate(timeout=TIMEOUT)
+        finally:
+            if stop.poll() is None:
+                stop.kill()
+                stop.communicate()
+    finally:
+        os.kill(replica, signal.SIGCONT)  # an orphan now: it cleans up and exits
+    assert run.finish() == -signal.SIGKILL
+    assert stop.returncode == 1, (out, err)
+    assert "stopped" not in out
+    assert err.strip() == (f"hiocluster: stop: the run echo0 (pid {run.proc.pid}) vanished "
+                           "before confirming its stop (killed, or it crashed)")
+
+
+# -- several runs: say which -----------------------------------------------------------
+
+def test_several_runs_are_listed_and_exit_2(runs, cli_env) -> None:
+    first, _ = runs()
+    second, _ = runs()
+    env = {key: value for key, value in cli_env.items() if key != "HIOCLUSTER_CONTROL"}
+    for command in (["status"], ["scale", "echo=2"], ["restart", "echo"], ["stop"]):
+        done = cli(env, *command)
+        assert done.returncode == 2, (command, done.stdout, done.stderr)
+        lines = done.stderr.splitlines()
+        assert lines[0].startswith(f"hiocluster: {command[0]}: 2 runs under ")
+        assert "--control" in lines[0]
+        listed = sorted(line.split()[0] for line in lines[1:])
+        assert listed == sorted([first.control, second.control])
+        assert "Traceback" not in done.stderr
+    for run in (first, second):  # nothing was done to either
+        assert run.status()["services"][0]["desired"] == 1
+        assert run.proc.poll() is None
+
+
+# -- check takes run's flags ------------------------------------------------------------
+
+def test_check_takes_every_option_of_run() -> None:
+    from hiocluster.cli import build_parser
+
+    commands = build_parser()._subparsers._group_actions[0].choices  # type: ignore
+    options = {name: {option for action in commands[name]._actions
+                      for option in action.option_strings} for name in ("run", "check")}
+    assert "--keys" in options["run"]
+    assert options["check"] == options["run"]
+
+
+def test_check_applies_and_checks_the_run_options(cli_env, tmp_path) -> None:
+    ring = str(REPO / "topologies" / "ring.toml")
+    keys = tmp_path / "keys"
+    assert cli(cli_env, "keygen", str(keys), "supervisor").returncode == 0
+    same = ["--app-dir", str(REPO), "--transport", "tcp", "--ticks", "7", "--external",
+            "p1", "--json", "--output", str(tmp_path / "out"), "--window", "2"]
+    done = cli(cli_env, "check", ring, "--keys", str(keys), *same)
+    assert done.returncode == 0, done.stderr
+    assert ", 7 ticks;" in done.stdout.splitlines()[0]
+    assert not (tmp_path / "out").exists()  # checked, not run
+    missing = cli(cli_env, "check", ring, "--keys", str(tmp_path / "none"), *same)
+    assert missing.returncode == 2
+    assert missing.stderr.startswith("hiocluster: check: cannot read a CURVE key pair from "
+                                     f"{tmp_path / 'none' / 'supervisor.key_secret'}")
+    unknown = cli(cli_env, "check", ring, "--app-dir", str(REPO), "--external", "p9")
+    assert unknown.returncode == 2 and "p9 is no worker in the plan" in unknown.stderr
+
+
+# -- resource exhaustion: one line naming the resource, nothing left behind ------------
+
+@pytest.fixture
+def tmpfs(tmp_path: Path):
+    """Mount a small tmpfs (``options``) at a fresh directory; always unmounted."""
+    import os
+
+    mounted: list[Path] = []
+
+    def mount(name: str, options: str) -> Path:
+        if os.geteuid() != 0:
+            pytest.skip("mounting a tmpfs needs root")
+        where = tmp_path / name
+        where.mkdir()
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(where)],
+                              capture_output=True, text=True, timeout=30)
+        if done.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+        mounted.append(where)
+        return where
+
+    yield mount
+    for where in mounted:
+        subprocess.run(["umount", str(where)], check=True, timeout=30)
+
+
+def _full(root: Path) -> None:
+    """Fill ``root``'s blocks (inodes are left)."""
+    with open(root / "fill", "wb", buffering=0) as file:
+        with pytest.raises(OSError, match="No space left on device"):
+            for _ in range(10_000):  # 64 KiB is 16 of them
+                file.write(b"\0" * 4096)
+    assert sorted(path.name for path in root.iterdir()) == ["fill"]
+
+
+def _one_line(done: subprocess.CompletedProcess[str], *words: str) -> str:
+    assert done.returncode in (1, 2), (done.returncode, done.stderr)
+    assert "Traceback" not in done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, lines
+    for word in words:
+        assert word in lines[0], (word, lines[0])
+    return lines[0]
+
+
+def _echo(tmp_path: Path) -> str:
+    from test_cluster_services import free_port, with_port
+
+    path = tmp_path / "echo.toml"
+    path.write_text(with_port((REPO / "topologies" / "echo.toml").read_text(), free_port()))
+    return str(path)
+
+
+def test_a_full_run_root_is_one_line(cli_env, tmpfs) -> None:
+    root = tmpfs("full", "size=64k")
+    _full(root)
+    env = {**cli_env, "HIOCLUSTER_RUN_ROOT": str(root)}
+    done = cli(env, "run", "topologies/ring.toml", "--app-dir", str(REPO))
+    line = _one_line(done, "no space left on device", str(root))
+    assert line.startswith("hiocluster: run failed: ")
+    assert sorted(path.name for path in root.iterdir()) == ["fill"]  # nothing left
+
+
+@pytest.mark.parametrize("how,words", [
+    ("size=64k,ro", ["read-only file system"]),
+    ("size=64k,nr_inodes=1", ["no space left on device"]),  # no inode for the run dir
+])
+def test_a_services_run_with_a_read_only_or_full_root_is_one_line(
+        cli_env, tmpfs, tmp_path, how: str, words: list[str]) -> None:
+    root = tmpfs("root", how)
+    env = {**cli_env, "HIOCLUSTER_RUN_ROOT": str(root)}
+    done = cli(env, "run", _echo(tmp_path), "--app-dir", str(REPO))
+    _one_line(done, *words, str(root))
+    assert list(root.iterdir()) == []
+
+
+def _nofile(soft: int, hard: int | None = None):
+    import resource
+
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, soft if hard is None else hard))
+    return limit
+
+
+def test_too_few_open_files_is_one_line_naming_the_limit(cli_env, tmp_path) -> None:
+    for argv in (["topologies/ring.toml", "--processes", "8"], [_echo(tmp_path)]):
+        done = subprocess.run(hiocluster_command("run", *argv, "--app-dir", str(REPO)),
+                              cwd=REPO, env=cli_env, capture_output=True, text=True,
+                              timeout=TIMEOUT, preexec_fn=_nofile(32))
+        _one_line(done, "too many open files (RLIMIT_NOFILE 32)", "ulimit -n")
+
+
+def test_a_low_soft_open_files_limit_is_raised_to_what_the_run_needs(cli_env) -> None:
+    import resource
+
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    if hard != resource.RLIM_INFINITY and hard < 256:
+        pytest.skip(f"the hard limit here ({hard}) leaves no room")
+    done = subprocess.run(hiocluster_command("run", "topologies/ring.toml", "--processes",
+                                             "8", "--app-dir", str(REPO), "--json"),
+                          cwd=REPO, env=cli_env, capture_output=True, text=True,
+                          timeout=TIMEOUT, preexec_fn=_nofile(32, hard))
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["processes"] == 8
