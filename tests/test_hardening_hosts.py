@@ -160,9 +160,6 @@ def test_a_host_that_does_not_answer_fails_the_run_at_once(keys: Path, agent: st
     assert "no agent answers" in error.cause, error.cause
 
 
-@pytest.mark.xfail(strict=True, reason="a group is named 'worker' in RunFailed; the fix for "
-                   "local groups (another helper's) covers groups on hosts: their failures "
-                   "go through the same RunCore.exited; drop this mark once it is merged")
 def test_a_group_on_a_host_that_does_not_answer_is_named_a_group(keys: Path) -> None:
     with Hosts(2, keys) as hosts:
         hosts.start_agent(0, "h1")
