@@ -548,6 +548,10 @@ def make_run_dir() -> str:
         with guardian.stderr:
             error = guardian.stderr.read().decode(errors="replace").strip()
         _release(guardian)
+        try:  # the same attempt here, for the error as an OSError (its errno names the cause)
+            shutil.rmtree(tempfile.mkdtemp(prefix="hioc-", dir=root), ignore_errors=True)
+        except OSError as exc:
+            raise TransportError(f"cannot make the run directory under {root}: {exc}") from exc
         raise TransportError(f"cannot make the run directory under {root}: {error}")
     guardian.stderr.close()
     path = os.path.abspath(path)

@@ -49,8 +49,8 @@ def test_every_command_is_a_hiocluster_invocation(services: dict[str, Any]) -> N
                                                                          "run"}
 
 
-def test_hosts_keys_and_plan_agree(services: dict[str, Any],
-                                   cli_env: dict[str, str]) -> None:
+def test_hosts_keys_and_plan_agree(services: dict[str, Any], cli_env: dict[str, str],
+                                   tmp_path: Path) -> None:
     parser = build_parser()
     parsed = {name: parser.parse_args(service["command"]) for name, service in services.items()}
     agents = {name: args for name, args in parsed.items() if args.command == "agent"}
@@ -72,9 +72,14 @@ def test_hosts_keys_and_plan_agree(services: dict[str, Any],
         port = int(args.listen.rpartition(":")[2])
         assert probe[:3] == ["CMD", "python", "-c"] and f"('{name}', {port})" in probe[3]
     # the plan the supervisor will run is valid: ring.toml's workers on those hosts
-    argv = ["check", run.topology]
-    for name, address in run.host:
-        argv += ["--host", f"{name}={address}"]
+    keys = tmp_path / "keys"  # what the compose file's keys service makes
+    made = subprocess.run(hiocluster_command("keygen", str(keys), *keygen.names), cwd=REPO,
+                          env=cli_env, capture_output=True, text=True, timeout=60)
+    assert made.returncode == 0, made.stderr
+    argv = ["check", run.topology, "--keys", str(keys)]
+    for name, address in run.host:  # the containers' names resolve only in compose's
+        port = address.rpartition(":")[2]  # network: their addresses checked above
+        argv += ["--host", f"{name}=tcp://127.0.0.1:{port}"]
     for worker, host in run.place:
         argv += ["--place", f"{worker}={host}"]
     done = subprocess.run(hiocluster_command(*argv), cwd=REPO, env=cli_env,

@@ -57,7 +57,7 @@ def exchange(server: WsgiServer, request: bytes) -> bytes:
             return True
         return chunk == b""
 
-    serve_until([server], closed, rounds=20_000)
+    serve_until([server], closed)
     sock.close()
     return bytes(got)
 
