@@ -51,7 +51,7 @@ DOERS = 10
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _barrier_child(address: str, index: int) -> None:
+def _barrier_child(address: str, run_dir: str, index: int) -> None:
     context = zmq.Context()
     sock = context.socket(zmq.DEALER)
     sock.setsockopt(zmq.ROUTING_ID, b"c%d" % index)
@@ -67,24 +67,28 @@ def _barrier_child(address: str, index: int) -> None:
 
 
 @contextlib.contextmanager
-def barrier_children(n: int) -> Iterator[tuple[zmq.Socket, list]]:
-    """A ROUTER over ipc with ``n`` echoing DEALER children; yields (router, identities)."""
+def children(n: int, target: Callable[..., None] | None = None, *args: object
+             ) -> Iterator[tuple[zmq.Socket, list]]:
+    """A ROUTER over ipc with ``n`` children running ``target(address, run_dir,
+    index, *args)`` (default: echo); yields (router, identities) once each said
+    hello, and tells each "stop" at the end."""
     run_dir = tempfile.mkdtemp(prefix="hioc-bench-")
     address = f"ipc://{run_dir}/barrier"
     context = zmq.Context()
     router = context.socket(zmq.ROUTER)
     router.bind(address)
     mp = multiprocessing.get_context("forkserver")
-    children = [mp.Process(target=_barrier_child, args=(address, i)) for i in range(n)]
-    for child in children:
+    started = [mp.Process(target=target or _barrier_child, args=(address, run_dir, i, *args))
+               for i in range(n)]
+    for child in started:
         child.start()
-    identities = [router.recv_multipart()[0] for _ in children]
+    identities = [router.recv_multipart()[0] for _ in started]
     try:
         yield router, identities
     finally:
         for identity in identities:
             router.send_multipart([identity, b"stop"])
-        for child in children:
+        for child in started:
             child.join()
             child.close()
         router.close(linger=0)
@@ -94,7 +98,7 @@ def barrier_children(n: int) -> Iterator[tuple[zmq.Socket, list]]:
 
 def raw_barrier(n: int, ticks: int) -> float:
     """Ticks/s of a bare ROUTER/DEALER barrier over ipc with ``n`` children."""
-    with barrier_children(n) as (router, identities):
+    with children(n) as (router, identities):
         start = time.perf_counter()
         for tick in range(ticks):
             payload = b"%d" % tick
@@ -105,7 +109,7 @@ def raw_barrier(n: int, ticks: int) -> float:
         return ticks / (time.perf_counter() - start)
 
 
-def _ring_child(control: str, run_dir: str, index: int, n: int, window: int) -> None:
+def _ring_child(control: str, run_dir: str, index: int, n: int) -> None:
     """One process of the minimal ring: PUSH to the next, PULL from the previous."""
     context = zmq.Context()
     parent = context.socket(zmq.DEALER)
@@ -122,9 +126,10 @@ def _ring_child(control: str, run_dir: str, index: int, n: int, window: int) -> 
     parent.send(b"hello")
     tick = 0
     while True:
-        until = int(parent.recv())
-        if until < 0:
+        message = parent.recv()
+        if message == b"stop":
             break
+        until = int(message)
         while tick <= until:
             if tick and ring:
                 inbound.recv()  # the previous process's frame of tick - 1
@@ -145,18 +150,7 @@ def minimal_ring(n: int, ticks: int, window: int = 64) -> float:
     """Ticks/s of a minimal pyzmq ring: each of ``n`` children steps a Doist of
     DOERS doers, sends one frame to the next and waits for the previous one's;
     the parent grants windows of ``window`` ticks (what hiocluster does, by hand)."""
-    run_dir = tempfile.mkdtemp(prefix="hioc-bench-")
-    context = zmq.Context()
-    router = context.socket(zmq.ROUTER)
-    control = f"ipc://{run_dir}/control"
-    router.bind(control)
-    mp = multiprocessing.get_context("forkserver")
-    children = [mp.Process(target=_ring_child, args=(control, run_dir, i, n, window))
-                for i in range(n)]
-    for child in children:
-        child.start()
-    try:
-        identities = [router.recv_multipart()[0] for _ in children]
+    with children(n, _ring_child, n) as (router, identities):
         start = time.perf_counter()
         granted = -1
         while granted < ticks - 1:
@@ -165,17 +159,7 @@ def minimal_ring(n: int, ticks: int, window: int = 64) -> float:
                 router.send_multipart([identity, b"%d" % granted])
             for _ in identities:
                 router.recv_multipart()
-        elapsed = time.perf_counter() - start
-        for identity in identities:
-            router.send_multipart([identity, b"-1"])
-        return ticks / elapsed
-    finally:
-        for child in children:
-            child.join()
-            child.close()
-        router.close(linger=0)
-        context.term()
-        shutil.rmtree(run_dir, ignore_errors=True)
+        return ticks / (time.perf_counter() - start)
 
 
 def bare_doist(doers: int, ticks: int) -> float:
