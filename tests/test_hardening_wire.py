@@ -72,7 +72,11 @@ def lossy(monkeypatch: pytest.MonkeyPatch):
     """Every worker's data address, as SETUP hands it to its neighbours, is a relay
     (tests/relay.py) that delays each chunk 50 ms and breaks some connections:
     the first three of each worker's inbox are reset, stalled (until ZeroMQ's
-    heartbeat gives up) and reset again, each after a few dozen chunks."""
+    heartbeat gives up) and reset again, each after a few dozen chunks. The
+    heartbeat timeout is 2 s (HIOCLUSTER_HEARTBEAT_TIMEOUT_MS, every process of
+    the run): a loaded 2-core machine misses 0.4 s heartbeats by itself, and a
+    link that drops over and over for that is a test of the load, not of this."""
+    monkeypatch.setenv("HIOCLUSTER_HEARTBEAT_TIMEOUT_MS", "2000")
     relays: list[Relay] = []
     addresses = RunCore._addresses
 
