@@ -386,13 +386,7 @@ def test_the_control_endpoint_answers_every_bad_command_and_the_run_goes_on(
     finally:
         for thread in asking:
             thread.join(timeout=60)
-        for process in hand:
-            try:
-                process.wait(timeout=30)
-            finally:
-                if process.poll() is None:
-                    process.kill()
-                    process.wait()
+        _reap(hand)
     assert result.ticks == 20
     assert all(isinstance(answer, proto.Answer) for answer in answers), answers
     details = [(answer.ok, answer.detail) for answer in answers]  # type: ignore[union-attr]
@@ -451,14 +445,19 @@ def test_docs_run_directory_table_names_every_entry(cli_env: dict[str, str]) -> 
     try:
         run(ring3(), external=["p1"], on_listening=on_listening, on_ready=on_ready)
     finally:
-        for process in hand:
-            try:
-                process.wait(timeout=30)
-            finally:
-                if process.poll() is None:
-                    process.kill()
-                    process.wait()
+        _reap(hand)
     assert "p1.credentials" in seen and "t-p0" in seen and "d-p2" in seen, seen
     assert "t-p1" not in seen  # nobody here registers the ticks of a worker started by hand
     for entry in seen:
         assert any(re.fullmatch(pattern, entry) for pattern in documented), (entry, documented)
+
+
+def _reap(processes: list) -> None:
+    """Wait for each hand-started process (30 s), killing one that stays."""
+    for process in processes:
+        try:
+            process.wait(timeout=30)
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
