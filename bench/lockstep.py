@@ -31,6 +31,7 @@ import argparse
 import contextlib
 import multiprocessing
 import os
+import resource
 import shutil
 import sys
 import tempfile
@@ -137,7 +138,7 @@ def _ring_child(control: str, run_dir: str, index: int, n: int) -> None:
             if ring:
                 outbound.send(b"%d" % tick)
             tick += 1
-        parent.send(b"done")
+        parent.send(b"%.6f" % time.process_time())  # done: and the CPU it used so far
     if ring:
         inbound.recv()  # the last tick's frame
     doist.exit()
@@ -150,16 +151,38 @@ def minimal_ring(n: int, ticks: int, window: int = 64) -> float:
     """Ticks/s of a minimal pyzmq ring: each of ``n`` children steps a Doist of
     DOERS doers, sends one frame to the next and waits for the previous one's;
     the parent grants windows of ``window`` ticks (what hiocluster does, by hand)."""
+    return _minimal_ring(n, ticks, window)[0]
+
+
+def _minimal_ring(n: int, ticks: int, window: int = 64) -> tuple[float, float]:
+    """(ticks/s, CPU µs per child per tick after the first window)."""
     with children(n, _ring_child, n) as (router, identities):
         start = time.perf_counter()
-        granted = -1
+        granted, first, cpu = -1, {}, {}
         while granted < ticks - 1:
             granted = min(ticks - 1, granted + window)
             for identity in identities:
                 router.send_multipart([identity, b"%d" % granted])
             for _ in identities:
-                router.recv_multipart()
-        return ticks / (time.perf_counter() - start)
+                identity, used = router.recv_multipart()
+                first.setdefault(identity, float(used))
+                cpu[identity] = float(used)
+        rate = ticks / (time.perf_counter() - start)
+    spent = sum(cpu[identity] - first[identity] for identity in cpu) / n
+    return rate, spent / max(1, ticks - window) * 1e6
+
+
+def cpu_per_worker_tick(n: int, ticks: int) -> float:
+    """CPU µs per worker per tick of a hiocluster ring of ``n`` workers (automatic
+    windows): the CPU its worker processes used (all threads, from getrusage) in
+    a run of ``ticks`` ticks minus a run of ticks/5, so start-up cancels out."""
+    def used(length: int) -> float:
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cluster(n, length, True, None)
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        return after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+    short = ticks // 5
+    return max(0.0, used(ticks) - used(short)) / (n * (ticks - short)) * 1e6
 
 
 def bare_doist(doers: int, ticks: int) -> float:
@@ -247,6 +270,14 @@ def main() -> None:
               f"{none:>6,.0f} t/s {ring:>6,.0f} t/s {strict:>5,.0f} t/s | "
               f"{ring / minimal:>7.2f}x {ring / raw:>7.2f}x {strict / raw:>7.2f}x "
               f"{none / bare:>8.2f}x")
+    print("CPU per worker-tick (all threads), ring, automatic windows:")
+    worst_cpu = 0.0
+    for n in [int(size) for size in args.sizes.split(",") if int(size) > 1]:
+        mine = min(cpu_per_worker_tick(n, ticks * 2) for _ in range(repeat))
+        minimal_cpu = min(_minimal_ring(n, ticks * 2)[1] for _ in range(repeat))
+        worst_cpu = max(worst_cpu, mine / minimal_cpu)
+        print(f"{n:>3} hiocluster {mine:>7.1f} µs  minimal ring {minimal_cpu:>6.1f} µs  "
+              f"ratio {mine / minimal_cpu:.2f}x")
     many_ticks = max(20, ticks // 100)
     many, bare_many = best(repeat, lambda: many_nodes(10_000, 2, many_ticks),
                            lambda: bare_doist(10_000, many_ticks))
@@ -262,7 +293,8 @@ def main() -> None:
           f"N=1 >= 0.5x bare Doist: {verdict(n1_bare, 0.5)} ({n1_bare:.2f}x); "
           f"--window 1 >= 0.8x raw: {verdict(worst['w1'], 0.8)} (worst {worst['w1']:.2f}x); "
           f"10,000 nodes >= 0.3x bare: {verdict(many / bare_many, 0.3)} "
-          f"({many / bare_many:.2f}x)")
+          f"({many / bare_many:.2f}x); worker CPU per tick <= 2x the minimal ring's: "
+          f"{verdict(2.0, worst_cpu)} (worst {worst_cpu:.2f}x)")
 
 
 if __name__ == "__main__":

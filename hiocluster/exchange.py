@@ -1,12 +1,17 @@
 """The worker's data plane, sans-IO: DATA frames in and out, delivery, credit.
 
-Every tick a worker sends exactly one DATA frame to each neighbour (a worker it
-shares a link with, either way) and runs tick n only once it holds each
-neighbour's frame of tick n-1 (docs/protocol.md §7). :class:`Exchange` keeps
-the books for that: it validates and queues incoming frames per neighbour, says
+A worker sends a DATA frame of tick n to every neighbour it has links into,
+every tick, and runs tick n only once it holds the frame of tick n-1 of every
+neighbour with links into it (docs/protocol.md §7). Credit flows back with a
+fixed lag of L ticks (SETUP ``credit_lag``): the takes of L ticks travel
+together in the frame of every L-th tick (n+1 a multiple of L) and count at the
+source from tick n+L on, so a worker waits on a neighbour it only sends to once
+every L ticks, for a frame sent L ticks before. :class:`Exchange` keeps the
+books for that: it validates and queues incoming frames per neighbour, says
 which are still missing, delivers a tick's messages into inboxes in canonical
-order (source node name, then send sequence), returns credit, and packs the
-outgoing frames. It holds no socket; the worker's shell moves the bytes.
+order (source node name, then send sequence), returns credit when it is due,
+and packs the outgoing frames. It holds no socket; the worker's shell moves the
+bytes.
 
 Imports: node, protocol, errors. Never zmq or hio.
 """
@@ -23,6 +28,9 @@ from .errors import ClusterError, FrameError, RemoteProtocolError
 from .node import Inbox, Link, Node
 
 __all__ = ["Exchange", "Unsendable"]
+
+#: One incoming frame as the exchange keeps it: (tick, messages, acks)
+Frame = tuple[int, list[list[Any]], list[list[int]]]
 
 
 class Unsendable(ClusterError):
@@ -45,11 +53,14 @@ class Exchange:
         nodes: its nodes by name (their boxes get attached to the links).
         rows: SETUP link rows ``[id, source, outbox, target, inbox, capacity,
             source worker, target worker]``: every link touching these nodes.
+        lag: the run's credit lag L (SETUP ``credit_lag``): the takes of ticks
+            n-L+1 .. n, with n+1 a multiple of L, count at the source from tick n+L.
     """
 
     def __init__(self, worker: str, nodes: Mapping[str, Node],
-                 rows: Iterable[list[Any]]) -> None:
+                 rows: Iterable[list[Any]], lag: int = 1) -> None:
         self.worker = worker
+        self.lag = lag
         self.links: dict[int, Link] = {}
         self.inbox_of: dict[int, Inbox] = {}
         self.local_links: list[Link] = []            # both ends here
@@ -68,25 +79,40 @@ class Exchange:
             elif t_worker == worker:
                 in_from.setdefault(s_worker, []).append(link)
             self.links[link_id] = link
-        #: every neighbour, sorted: one DATA frame each way per tick
+        #: every neighbour (a worker sharing a link either way), sorted
         self.neighbours: tuple[str, ...] = tuple(sorted(out_to.keys() | in_from.keys()))
+        #: neighbours with links into this worker: a frame from each every tick
+        self.upstream: tuple[str, ...] = tuple(sorted(in_from))
+        #: neighbours this worker only sends to: a frame (their acks) every lag ticks
+        self.downstream: tuple[str, ...] = tuple(sorted(out_to.keys() - in_from.keys()))
         self._out_to = {peer: out_to.get(peer, []) for peer in self.neighbours}
         self._in_from = {peer: in_from.get(peer, []) for peer in self.neighbours}
         self._accepts = {peer: frozenset(link.id for link in in_from.get(peer, ()))
                          for peer in self.neighbours}
         self._acks_for = {peer: frozenset(link.id for link in out_to.get(peer, ()))
                           for peer in self.neighbours}
-        self._queues: dict[str, deque[proto.Data]] = {peer: deque() for peer in self.neighbours}
-        #: per neighbour, the tick of the next frame expected (= frames arrived)
-        self.next_tick: dict[str, int] = dict.fromkeys(self.neighbours, 0)
+        self._queues: dict[str, deque[Frame]] = {peer: deque() for peer in self.neighbours}
+        #: per neighbour, the ticks between its frames: 1, or lag for acks alone
+        self._step = {peer: 1 if peer in in_from else lag for peer in self.neighbours}
+        #: per neighbour, the tick of the next frame expected from it
+        self.next_tick: dict[str, int] = {peer: step - 1 for peer, step in self._step.items()}
+        #: per neighbour, 1 + the tick of the last frame from it (0: none yet)
+        self.arrived: dict[str, int] = dict.fromkeys(self.neighbours, 0)
         #: neighbours that connected again: frames they resent that are already here
         #: are dropped (counted in ``duplicates``), not refused as stale
         self.resumed: set[str] = set()
         self.duplicates = 0
-        self._local: proto.Data | None = None
+        #: acks by the tick they count from: [(source worker, field, [link id, count])]
+        self._due: dict[int, list[tuple[str, str, list[int]]]] = {}
+        self._local: Frame | None = None
         self.sent_tick = -1          # the last tick whose frames went out
         self.messages = 0            # messages put on any link, local ones included
         self.undelivered = 0         # messages of the last tick, drained at STOP
+
+    def acks_due(self, tick: int) -> bool:
+        """True if acks sent with the frames of ``tick - lag`` count from ``tick``."""
+        lag = self.lag
+        return tick % lag == lag - 1 and tick >= 2 * lag - 1
 
     # -- incoming ---------------------------------------------------------
     def accept(self, source: str, raw: bytes) -> None:
@@ -96,27 +122,48 @@ class Exchange:
             FrameError: not a valid DATA frame.
             RemoteProtocolError: valid, but wrong for this run (``worker`` = source).
         """
-        frame = proto.decode_data(raw)
+        tick, claimed, messages, acks = proto.read_data(raw)
         expected = self.next_tick[source]
-        if frame.source != source:
-            raise _reject(f"frame from {source} claims to come from {frame.source!r}", source,
+        if claimed != source:
+            raise _reject(f"frame from {source} claims to come from {claimed!r}", source,
                           expected, "DATA.source", "wrong-source")
-        if frame.tick != expected or frame.tick > self.sent_tick + 1:
-            stale = frame.tick < expected
+        if tick != expected or tick > self._ahead(source):
+            stale = tick < self.arrived[source]
             if stale and source in self.resumed:
                 self.duplicates += 1
                 return
-            raise _reject(f"frame of tick {frame.tick}, expected tick {expected}"
+            raise _reject(f"frame of tick {tick}, expected tick {expected}"
                           + (" (a tick from the past)" if stale else ""), source, expected,
                           "DATA.tick", "stale-tick" if stale else "wrong-tick")
-        ids = [row[0] for row in frame.messages]
-        if not self._accepts[source].issuperset(ids) or len(set(ids)) != len(ids):
-            self._explain_ids(ids, self._accepts[source], source, "DATA.messages", expected)
-        acked = [row[0] for row in frame.acks]
-        if not self._acks_for[source].issuperset(acked) or len(set(acked)) != len(acked):
-            self._explain_ids(acked, self._acks_for[source], source, "DATA.acks", expected)
-        self._queues[source].append(frame)
-        self.next_tick[source] = expected + 1
+        if messages:
+            ids = [row[0] for row in messages]
+            if not self._accepts[source].issuperset(ids) or len(set(ids)) != len(ids):
+                self._explain_ids(ids, self._accepts[source], source, "DATA.messages",
+                                  expected)
+        if acks:
+            acked = [row[0] for row in acks]
+            if not self._acks_for[source].issuperset(acked) or len(set(acked)) != len(acked):
+                self._explain_ids(acked, self._acks_for[source], source, "DATA.acks",
+                                  expected)
+            if (tick + 1) % self.lag:
+                raise _reject(f"acks in the frame of tick {tick}: they travel only every "
+                              f"{self.lag} ticks", source, tick, "DATA.acks", "bad-ack")
+        self._queues[source].append((tick, messages, acks))
+        self.next_tick[source] = tick + self._step[source]
+        self.arrived[source] = tick + 1
+
+    def _ahead(self, peer: str) -> int:
+        """The furthest tick ``peer`` can have run: one past ours if it waits for our
+        data, else as far as the acks we sent let it go."""
+        if self._out_to[peer]:
+            return self.sent_tick + 1
+        lag = self.lag
+        return (self.sent_tick + 1) // lag * lag - 1 + 2 * lag - 1
+
+    def safe_before(self, peer: str) -> int:
+        """Our frames to ``peer`` of ticks before this one are surely there: the last
+        tick it ran (a frame of it arrived) needed no later one."""
+        return self.arrived[peer] - 1 - (0 if self._out_to[peer] else self.lag - 1)
 
     def _explain_ids(self, ids: list[int], allowed: frozenset[int], source: str, field: str,
                      tick: int) -> None:
@@ -131,43 +178,52 @@ class Exchange:
             seen.add(link_id)
 
     def missing(self, tick: int) -> list[str]:
-        """Neighbours whose frame of ``tick`` has not arrived yet (sorted)."""
-        return [peer for peer, after in self.next_tick.items() if after <= tick]
+        """Neighbours whose frame needed before running ``tick`` has not arrived: the
+        upstream ones' of tick-1, and when acks are due, the others' of tick-lag."""
+        next_tick = self.next_tick
+        missing = [peer for peer in self.upstream if next_tick[peer] < tick]
+        if self.downstream and self.acks_due(tick):
+            before = tick - self.lag + 1
+            missing += [peer for peer in self.downstream if next_tick[peer] < before]
+        return missing
 
     @property
     def received(self) -> dict[str, int]:
-        """How many frames arrived from each neighbour."""
-        return dict(self.next_tick)
+        """Per neighbour, 1 + the tick of the last frame from it (how far it got)."""
+        return dict(self.arrived)
 
-    def _take(self, tick: int) -> list[proto.Data]:
-        """Every frame of ``tick``: the neighbours' (all must be in), then our own."""
-        frames = [self._queues[peer].popleft() for peer in self.neighbours]
+    def _take(self, tick: int) -> list[tuple[str, Frame]]:
+        """Every frame due before ``tick``: the upstream neighbours' of tick-1 (all must
+        be in), the downstream ones' acks of tick-lag when due, our own local one."""
+        queues = self._queues
+        frames = [(peer, queues[peer].popleft()) for peer in self.upstream]
+        if self.downstream and self.acks_due(tick):
+            frames += [(peer, queues[peer].popleft()) for peer in self.downstream]
         local, self._local = self._local, None
-        if local is not None and local.tick == tick:
-            frames.append(local)
+        if local is not None and local[0] == tick - 1:
+            frames.append((self.worker, local))
         return frames
 
     def deliver(self, tick: int) -> None:
-        """Return credit, then fill inboxes with the messages of ``tick``: by source
-        node name, then send sequence (docs/protocol.md §7 step 2).
+        """Before running ``tick``: count the acks due now, then fill inboxes with the
+        messages of tick-1, by source node name, then send sequence
+        (docs/protocol.md §7 step 2).
 
         Raises:
             RemoteProtocolError: a neighbour acknowledged more than was in flight.
         """
-        links, inbox_of = self.links, self.inbox_of
+        links, inbox_of, due, lag = self.links, self.inbox_of, self._due, self.lag
         runs: dict[Inbox, list[tuple[Link, list[int], list[Any]]]] = {}
-        for frame in self._take(tick):
-            for index, (link_id, count) in enumerate(frame.acks):
-                link = links[link_id]
-                if count > link.sent - link.acked:
-                    raise _reject(f"acks {count} on link {link_id} but only "
-                                  f"{link.sent - link.acked} are in flight", frame.source, tick,
-                                  f"DATA.acks[{index}][1]", "bad-ack")
-                link.acked += count
-            for link_id, sequences, payloads in frame.messages:
+        for peer, (sent, messages, acks) in self._take(tick):
+            if acks:
+                due.setdefault(sent + lag, []).extend(
+                    (peer, f"DATA.acks[{index}][1]", row) for index, row in enumerate(acks))
+            for link_id, sequences, payloads in messages:
                 if payloads:
                     runs.setdefault(inbox_of[link_id], []).append(
                         (links[link_id], sequences, payloads))
+        if due:
+            self._count_acks(tick)
         for inbox, group in runs.items():  # inboxes are independent: their order is moot
             if len(group) == 1:
                 inbox._deliver(group[0][0], group[0][2])
@@ -184,17 +240,28 @@ class Exchange:
                     for _, link, payload in merged:
                         inbox._deliver(link, [payload])
 
+    def _count_acks(self, tick: int) -> None:
+        links = self.links
+        for peer, field, (link_id, count) in self._due.pop(tick, ()):
+            link = links[link_id]
+            if count > link.sent - link.acked:
+                raise _reject(f"acks {count} on link {link_id} but only "
+                              f"{link.sent - link.acked} are in flight", peer, tick,
+                              field, "bad-ack")
+            link.acked += count
+
     def drain(self, tick: int) -> None:
-        """Take the last tick's frames without delivering them (a clean STOP): their
-        messages count as undelivered, never dropped unseen."""
-        self.undelivered += sum(len(row[2]) for frame in self._take(tick)
-                                for row in frame.messages)
+        """Take the frames due before ``tick`` without delivering them (a clean STOP
+        after tick-1): their messages count as undelivered, never dropped unseen."""
+        self.undelivered += sum(len(row[2]) for _, frame in self._take(tick)
+                                for row in frame[1])
 
     # -- outgoing ---------------------------------------------------------
     def outgoing(self, tick: int) -> list[tuple[str, bytes]]:
-        """The DATA frame of ``tick`` for every neighbour, sorted by neighbour (an
-        empty frame where there is nothing to say); keeps the local frame for the
-        next :meth:`deliver`.
+        """The DATA frames of ``tick``: one for every neighbour this worker has links
+        into (empty where there is nothing to say), and, when ``tick`` + 1 is a
+        multiple of the lag, one with the acks for every other; sorted by neighbour.
+        Keeps the local frame for the next :meth:`deliver`.
 
         Raises:
             Unsendable: a payload does not survive msgpack; names node and link.
@@ -202,30 +269,38 @@ class Exchange:
         self.sent_tick = tick
         if not self.links:
             return []
-        local = self._frame(tick, self.local_links, self.local_links)
-        if local.messages or local.acks:
-            # through msgpack and back, so local payloads look exactly like remote ones
-            self._local = self._pack(local, proto.reload_data)
+        acking = (tick + 1) % self.lag == 0
+        if self.local_links:
+            local = self._frame(tick, self.local_links, self.local_links, acking)
+            if local.messages or local.acks:
+                # through msgpack and back, so local payloads look exactly like remote ones
+                reloaded = self._pack(local, proto.reload_data)
+                self._local = (tick, reloaded.messages, reloaded.acks)
         frames = []
         for peer in self.neighbours:
-            frame = self._frame(tick, self._out_to[peer], self._in_from[peer])
+            out_links = self._out_to[peer]
+            if not out_links and not acking:
+                continue
+            frame = self._frame(tick, out_links, self._in_from[peer], acking)
             if frame.messages:
                 frames.append((peer, self._pack(frame, proto.check_unpacks)))
             else:
                 frames.append((peer, proto.encode(frame)))
         return frames
 
-    def _frame(self, tick: int, out_links: list[Link], in_links: list[Link]) -> proto.Data:
+    def _frame(self, tick: int, out_links: list[Link], in_links: list[Link],
+               acking: bool) -> proto.Data:
         messages, acks = [], []
         for link in out_links:
             if link.payloads:
                 messages.append([link.id, link.sequences, link.payloads])
                 self.messages += len(link.payloads)
                 link.sequences, link.payloads = [], []
-        for link in in_links:
-            if link.taken:
-                acks.append([link.id, link.taken])
-                link.taken = 0
+        if acking:
+            for link in in_links:
+                if link.taken:
+                    acks.append([link.id, link.taken])
+                    link.taken = 0
         return proto.Data(tick, self.worker, messages, acks)
 
     def _pack(self, frame: proto.Data, unpack: Callable[[bytes], Any]) -> Any:

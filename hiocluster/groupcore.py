@@ -214,11 +214,8 @@ class GroupCore(Supervision):
             if child not in self.grouped:
                 self._send(book, bodies[child])
             else:
-                self._send(book, proto.Setup(
-                    t0=setup.t0, tock=setup.tock, seed=setup.seed, ticks=setup.ticks,
-                    real=setup.real, tick_timeout=setup.tick_timeout,
-                    digest_every=setup.digest_every, nodes=[], links=[],
-                    peers={}, leaves={leaf: setup.leaves[leaf] for leaf in under}))
+                self._send(book, setup.for_group({leaf: setup.leaves[leaf]
+                                                  for leaf in under}))
 
     def _all_ready(self, now: float) -> None:
         self.phase, self.ticking = Phase.RUNNING, now

@@ -12,7 +12,8 @@ worker does the moving; this module only holds the buffers.
 
 Back pressure (invariant 4): every link has a capacity. A message counts
 against it from ``put`` until the receiving node takes it out of its inbox;
-the receiver's takes reach the sender one tick later, in every placement alike.
+the receiver's takes reach the sender a fixed number of ticks later (the run's
+credit lag, docs/protocol.md §7), in every placement alike.
 ``put`` on a link without credit raises :class:`~hiocluster.errors.LinkFull`.
 
 Imports: hio, stdlib, hiocluster.errors and hiocluster.protocol only.

@@ -8,8 +8,10 @@ as that neighbour's. Anything from a connection that has not proved itself is
 a stranger's: refused, counted, logged (the first LOG_REFUSED).
 
 One DEALER per neighbour sends, and keeps the frames its neighbour may not
-have yet: a neighbour that sent its frame of tick j had ours of tick j-1, so
-only ours from tick j on (two at most) are kept. A DEALER never reconnects by
+have yet: once a frame of the neighbour's tick j is here, it ran tick j, so it
+had every frame of ours that tick j needed (:meth:`Exchange.safe_before`); only
+the later ones are kept (two, or about two credit lags for a neighbour we only
+send acks). A DEALER never reconnects by
 itself: once its connection drops (a heartbeat timeout on a lossy link, a
 reset), :meth:`PeerSockets.check` replaces it with a new one — a new routing
 id, PEER again, then the kept frames. The receiver takes the new connection
@@ -112,12 +114,13 @@ class PeerSockets:
         """Send each ``(neighbour, frame)`` (of the exchange's last tick sent), and
         keep it until the neighbour is known to have it."""
         assert self.exchange is not None
-        outs, kept, arrived = self.outs, self.kept, self.exchange.next_tick
-        tick = self.exchange.sent_tick
+        exchange = self.exchange
+        outs, kept, tick = self.outs, self.kept, exchange.sent_tick
         for peer, frame in frames:
             mine = kept[peer]
             mine.append((tick, frame))
-            while mine[0][0] < arrived[peer] - 1:  # its frame of tick j is here: it had ours of j-1
+            safe = exchange.safe_before(peer)  # it ran a tick that needed all of ours before
+            while mine[0][0] < safe:
                 mine.popleft()
             try:
                 outs[peer].send(frame, NOBLOCK)

@@ -215,7 +215,7 @@ def setups(topology: Topology, plan: Plan, addresses: Mapping[str, str],
         made[spec.name] = proto.Setup(
             t0=topology.t0, tock=topology.tock, seed=topology.seed, ticks=topology.ticks,
             real=topology.real, tick_timeout=topology.tick_timeout,
-            digest_every=topology.digest_every,
+            digest_every=topology.digest_every, credit_lag=topology.lag,
             nodes=[[node.name, node.cls, node.params, node.index, node.count]
                    for node in spec.nodes],
             links=rows[spec.name], peers=peers,

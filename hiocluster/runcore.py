@@ -376,12 +376,8 @@ class RunCore(Supervision):
             if name not in self.grouped:
                 self._send(book, made[name])
                 continue
-            first = made[leaves[0]]
-            self._send(book, proto.Setup(
-                t0=first.t0, tock=first.tock, seed=first.seed, ticks=first.ticks,
-                real=first.real, tick_timeout=first.tick_timeout,
-                digest_every=first.digest_every, nodes=[], links=[],
-                peers={}, leaves={leaf: made[leaf].to_body() for leaf in leaves}))
+            self._send(book, made[leaves[0]].for_group(
+                {leaf: made[leaf].to_body() for leaf in leaves}))
 
     def _all_ready(self, now: float) -> None:
         self.chain.fold({name: b.ready for name, b in self.books.items()}, 1)  # type: ignore

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from hiocluster.errors import TopologyError
+from hiocluster.protocol.fields import MAX_CREDIT_LAG
 
 __all__ = [
     "NodeSpec",
@@ -60,9 +61,14 @@ MAX_REPLICAS = 256
 #: Restart strategies of a service, as Erlang/OTP names them.
 RESTART_POLICIES = ("one_for_one", "one_for_all")
 
-_RUN_DEFAULTS: dict[str, int | float | bool] = {
+#: Most ticks between a message's take and its credit at the source that ``[run]
+#: credit_lag = "auto"`` (the default) picks: with more, a worker waits less often on
+#: the neighbours it only sends to; links need about 2 x lag capacity to flow freely.
+AUTO_CREDIT_LAG = 8
+
+_RUN_DEFAULTS: dict[str, int | float | bool | str] = {
     "ticks": 100, "tock": 1.0, "t0": 0.0, "seed": 0, "tick_timeout": 30.0, "capacity": 1024,
-    "real": False, "digest_every": 1,
+    "real": False, "digest_every": 1, "credit_lag": "auto",
 }
 
 
@@ -129,6 +135,7 @@ class Topology:
     groups: tuple[tuple[str, tuple[str, ...]], ...] = ()
     services: tuple[ServiceSpec, ...] = ()
     digest_every: int = 1
+    credit_lag: int | None = None     # None: "auto", see :attr:`lag`
     source: str | None = field(default=None, repr=False, compare=False)
     _by_name: dict[str, NodeSpec] = field(init=False, repr=False, compare=False)
 
@@ -141,6 +148,16 @@ class Topology:
             return self._by_name[name]
         except KeyError:
             raise KeyError(f"no node named {name!r}") from None
+
+    @property
+    def lag(self) -> int:
+        """The credit lag the run uses: ``credit_lag``, or with "auto" the largest of
+        1 .. AUTO_CREDIT_LAG that leaves every link 4 x lag of capacity (so a link
+        fed one message a tick never waits for credit)."""
+        if self.credit_lag is not None:
+            return self.credit_lag
+        smallest = min((link.capacity for link in self.links), default=self.capacity)
+        return max(1, min(AUTO_CREDIT_LAG, smallest // 4))
 
     def replace(self, **changes: Any) -> Topology:
         """Return a copy with ``changes`` applied; run settings are re-validated.
@@ -372,7 +389,7 @@ def _keys(table: dict[str, Any], allowed: tuple[str, ...], prefix: str,
             raise _err(f"missing required key {key!r}", prefix)
 
 
-def _run_value(key: str, value: object) -> int | float | bool:
+def _run_value(key: str, value: object) -> int | float | bool | None:
     key_path = f"run.{key}"
     if key == "real":
         if not isinstance(value, bool):
@@ -380,6 +397,12 @@ def _run_value(key: str, value: object) -> int | float | bool:
         return value
     if key in ("ticks", "capacity", "digest_every"):
         return _int(value, key_path, 1)
+    if key == "credit_lag":
+        if value == "auto" or value is None:
+            return None
+        if isinstance(value, str):
+            raise _err(f'expected an int or "auto", got {value!r}', key_path)
+        return _int(value, key_path, 1, MAX_CREDIT_LAG)
     if key == "seed":
         return _int(value, key_path, 0, SEED_LIMIT - 1)
     return _number(value, key_path, positive=key != "t0")
@@ -428,7 +451,7 @@ def _endpoint(value: object, key_path: str) -> tuple[str, str]:
 
 # --- the sections -----------------------------------------------------------------
 
-def _run(document: dict[str, Any]) -> dict[str, int | float | bool]:
+def _run(document: dict[str, Any]) -> dict[str, Any]:
     run = _table(document.get("run", {}), "run")
     _keys(run, tuple(_RUN_DEFAULTS), "run")
     return {key: _run_value(key, run.get(key, default)) for key, default in _RUN_DEFAULTS.items()}
@@ -854,7 +877,7 @@ def loads(text: str, *, path: str | None = None) -> Topology:
         ticks=int(run["ticks"]), tock=float(run["tock"]), t0=float(run["t0"]),
         seed=int(run["seed"]), tick_timeout=float(run["tick_timeout"]),
         capacity=int(run["capacity"]), real=bool(run["real"]),
-        digest_every=int(run["digest_every"]), nodes=nodes, links=links, placement=placement, groups=groups, hosts=hosts, services=services, source=text,
+        digest_every=int(run["digest_every"]), credit_lag=run["credit_lag"], nodes=nodes, links=links, placement=placement, groups=groups, hosts=hosts, services=services, source=text,
     )
 
 

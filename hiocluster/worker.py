@@ -8,8 +8,9 @@ anywhere else.
 
 Life of a worker (docs/protocol.md §6): HELLO; SETUP (build nodes, dial every
 neighbour, READY); then per GRANT, for every tick n up to ``until``: wait for
-each neighbour's DATA frame of tick n-1, deliver, pace to the wall clock in
-real-time runs, ``Doist.recur()``, send one DATA frame to each neighbour, hash;
+the DATA frame of tick n-1 of each neighbour with links into it (and, every
+credit lag, the acks of the others), deliver, pace to the wall clock in
+real-time runs, ``Doist.recur()``, send the tick's DATA frames, hash;
 DONE. PROGRESS every PROGRESS_S while a window runs. STOP: drain, exit
 contexts, BYE.
 
@@ -171,9 +172,9 @@ class Worker:
             self._remote_error(message)
         if not isinstance(message, proto.Stop):
             raise RemoteProtocolError(f"unexpected {message.TYPE}", code="protocol")
-        if message.drain and self.exchange is not None:
-            self._gather(self.tick)
-            self.exchange.drain(self.tick)
+        if message.drain and self.exchange is not None and self.tick >= 0:
+            self._gather(self.tick + 1)
+            self.exchange.drain(self.tick + 1)
         elif self.exchange is not None:
             self.peers.take_arrived()
             for sock in (self.peers.socket, *self.peers.outs.values()):
@@ -250,7 +251,7 @@ class Worker:
             self.trace, self.trace_room = [], MAX_TRACE_VALUES
         self.host = host = NodeHost(setup, self.options.app_dir)
         self.digest_every, self.last_tick = setup.digest_every, setup.ticks - 1
-        self.exchange = Exchange(self.name, host.by_name, setup.links)
+        self.exchange = Exchange(self.name, host.by_name, setup.links, setup.credit_lag)
         assert self.watchdog is not None and self.peers is not None
         self.watchdog.tick_timeout = setup.tick_timeout
         self.peers.connect(self.exchange, setup.peers, setup.keys)
@@ -275,9 +276,9 @@ class Worker:
             if trace is not None:
                 waited = time.time()
             if tick:
-                self._gather(tick - 1)
+                self._gather(tick)
                 try:
-                    exchange.deliver(tick - 1)
+                    exchange.deliver(tick)
                 except RemoteProtocolError as exc:  # a neighbour's over-large ack: its fault
                     raise DataFault(exc.worker or "", exc) from exc
             if self.pacer is not None:
@@ -306,7 +307,7 @@ class Worker:
         self._send(proto.Done(until=grant.until, digests=b"".join(records)), checked=False)
 
     def _gather(self, tick: int) -> None:
-        """Wait until every neighbour's DATA frame of ``tick`` is in."""
+        """Wait until every DATA frame needed before running ``tick`` is in."""
         exchange = self.exchange
         assert exchange is not None
         missing = exchange.missing(tick)

@@ -144,23 +144,26 @@ def ring_toml(nodes: dict[str, dict[str, Any]], placement: dict[str, list[str]] 
 
 
 def mesh_toml(cls: str, nodes: int, *, ticks: int, seed: int, capacity: int,
-              params: str = "") -> str:
-    """TOML for a full mesh of ``nodes`` nodes of class ``cls`` (globs: every pair)."""
+              params: str = "", lag: int | None = None, ring: bool = False) -> str:
+    """TOML for a full mesh of ``nodes`` nodes of class ``cls`` (globs: every pair),
+    or with ``ring`` a one-way ring (lp_i -> lp_i+1, so each worker has neighbours it
+    only sends to); ``lag``: the run's credit_lag (default auto)."""
+    links = "\n".join(f'[[links]]\nfrom = "lp{i}.out"\nto = "lp{(i + 1) % nodes}.in"\n'
+                      for i in range(nodes)) if ring else \
+        '[[links]]\nfrom = "lp*.out"\nto = "lp*.in"\n'
     return f"""
 [run]
 ticks = {ticks}
 seed = {seed}
 capacity = {capacity}
+{f"credit_lag = {lag}" if lag is not None else ""}
 
 [nodes.lp]
 class = "{cls}"
 count = {nodes}
 {f"params = {{ {params} }}" if params else ""}
 
-[[links]]
-from = "lp*.out"
-to = "lp*.in"
-"""
+{links}"""
 
 
 class Mixer(Node):

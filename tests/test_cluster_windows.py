@@ -38,11 +38,13 @@ def run(topology: Any, **kwargs: Any) -> supervisor.RunResult:
 
 @settings(max_examples=6, derandomize=True)
 @given(nodes=st.integers(2, 5), capacity=st.integers(1, 5), seed=st.integers(0, 2**63 - 1),
-       ticks=st.integers(5, 25), data=st.data())
+       ticks=st.integers(5, 25), lag=st.sampled_from([None, 1, 2, 3, 8]),
+       ring=st.booleans(), data=st.data())
 def test_windows_never_change_a_digest(nodes: int, capacity: int, seed: int, ticks: int,
+                                       lag: int | None, ring: bool,
                                        data: st.DataObject) -> None:
     topology = loads(mesh_toml("tests.faulty:Mixer", nodes, ticks=ticks, seed=seed,
-                               capacity=capacity))
+                               capacity=capacity, lag=lag, ring=ring))
     processes = data.draw(st.integers(1, nodes), label="processes")
     reference = run(topology, processes=1, keep_digests=True)
     for window in (1, 7, None):

@@ -39,9 +39,10 @@ ROWS = [[0, "a", "out", "c", "in", 4, "w0", "w1"],
         [3, "c", "out", "a", "in", 4, "w1", "w0"]]
 
 
-def make(worker: str, names: list[str], rows: list[list[Any]] = ROWS) -> tuple[Exchange, dict]:
+def make(worker: str, names: list[str], rows: list[list[Any]] = ROWS,
+         lag: int = 1) -> tuple[Exchange, dict]:
     nodes = {name: Box(name, seed=1) for name in names}
-    return Exchange(worker, nodes, rows), nodes
+    return Exchange(worker, nodes, rows, lag), nodes
 
 
 def swap(tick: int, *exchanges: Exchange) -> None:
@@ -75,8 +76,8 @@ def test_delivery_is_by_source_name_then_sequence() -> None:
     left["a"].outbox["out"].put("a-out1")
     left["a"].outbox["side"].put("a-side2")
     swap(0, w0, w1)
-    assert w1.missing(0) == [] and w1.missing(1) == ["w0"]
-    w1.deliver(0)
+    assert w1.missing(1) == [] and w1.missing(2) == ["w0"]
+    w1.deliver(1)
     right["c"].take()
     assert right["c"].got == [("a", "a-side0"), ("a", "a-out1"), ("a", "a-side2"),
                               ("b", "b0")]
@@ -92,12 +93,12 @@ def test_credit_returns_one_tick_after_the_take() -> None:
     with pytest.raises(LinkFull):
         out.put(3)
     swap(0, w0, w1)
-    w1.deliver(0)
-    w0.deliver(0)
+    w1.deliver(1)
+    w0.deliver(1)
     right["c"].take()              # c takes both during tick 1
     swap(1, w0, w1)
     assert out.room() == 0         # the ack is on its way
-    w0.deliver(1)
+    w0.deliver(2)
     assert out.room() == 2
 
 
@@ -108,7 +109,7 @@ def test_local_links_go_through_msgpack_and_wait_a_tick() -> None:
     assert w0.outgoing(0) == []
     nodes["b"].take()
     assert nodes["b"].got == []
-    w0.deliver(0)
+    w0.deliver(1)
     nodes["b"].take()
     assert nodes["b"].got == [("a", [1, "tuple"])]  # as msgpack gives it back
 
@@ -129,7 +130,7 @@ def test_drain_counts_the_last_ticks_messages_as_undelivered() -> None:
     left["a"].outbox["out"].put(1)
     left["b"].outbox["out"].put(2)
     swap(0, w0, w1)
-    w1.drain(0)
+    w1.drain(1)
     assert w1.undelivered == 2 and not right["c"].inbox["in"]
 
 
@@ -185,6 +186,132 @@ def test_an_ack_beyond_what_is_in_flight_is_refused_at_delivery() -> None:
     w0.outgoing(0)
     w0.accept("w1", proto.encode(proto.Data(0, "w1", [], [[0, 2]])))
     with pytest.raises(RemoteProtocolError) as info:
-        w0.deliver(0)
+        w0.deliver(1)
     assert (info.value.field, info.value.code, info.value.worker) == ("DATA.acks[0][1]",
                                                                       "bad-ack", "w1")
+
+
+# -- credit lag (SETUP credit_lag = L) ------------------------------------------------
+ONE_WAY = ROWS[:3]  # w0 only sends to w1: w1 is downstream, and only sends acks
+
+
+def lockstep(ticks: int, exchanges: list[Exchange], each: Any = None) -> list[list[str]]:
+    """Run ``ticks`` ticks as workers would: before each, what is missing must be in
+    (the frames are passed at once), deliver, ``each(tick)``, send. Returns who
+    sent frames to whom at each tick."""
+    by_name = {exchange.worker: exchange for exchange in exchanges}
+    sent = []
+    for tick in range(ticks):
+        for exchange in exchanges:
+            if tick:
+                assert exchange.missing(tick) == []
+                exchange.deliver(tick)
+        if each is not None:
+            each(tick)
+        row = []
+        for exchange in exchanges:
+            for peer, frame in exchange.outgoing(tick):
+                by_name[peer].accept(exchange.worker, frame)
+                row.append(f"{exchange.worker}>{peer}")
+        sent.append(row)
+    return sent
+
+
+@pytest.mark.parametrize("lag", [1, 2, 3, 5])
+def test_a_downstream_neighbour_sends_only_every_lag_ticks(lag: int) -> None:
+    w0, _ = make("w0", ["a", "b"], ONE_WAY, lag)
+    w1, _ = make("w1", ["c"], ONE_WAY, lag)
+    assert (w0.upstream, w0.downstream, w1.upstream, w1.downstream) == \
+        ((), ("w1",), ("w0",), ())
+    sent = lockstep(4 * lag, [w0, w1])
+    for tick, row in enumerate(sent):
+        assert row == ["w0>w1"] + (["w1>w0"] if (tick + 1) % lag == 0 else [])
+    # w0 waits on w1 only when acks are due: for the frame sent lag ticks before
+    waits = [tick for tick in range(1, 6 * lag) if w0.acks_due(tick)]
+    assert waits == [tick for tick in range(2 * lag - 1, 6 * lag, lag)]
+
+
+def _credit_run(lag: int, local: bool) -> tuple[list[int], list[int]]:
+    """c takes one message per tick; b fills its link (capacity 2) every tick. Returns
+    b's room at the start of each tick and the ticks c took in; all nodes in one
+    worker (``local``) or c apart."""
+    if local:
+        rows = [row[:6] + ["w0", "w0"] for row in ONE_WAY]
+        w0, nodes = make("w0", ["a", "b", "c"], rows, lag)
+        exchanges, left, right = [w0], nodes, nodes
+    else:
+        w0, left = make("w0", ["a", "b"], ONE_WAY, lag)
+        w1, right = make("w1", ["c"], ONE_WAY, lag)
+        exchanges = [w0, w1]
+    out, inbox = left["b"].outbox["out"], right["c"].inbox["in"]
+    rooms: list[int] = []
+    takes: list[int] = []
+
+    def each(tick: int) -> None:
+        rooms.append(out.room())
+        if inbox:
+            inbox.get()
+            takes.append(tick)
+        while out.room():
+            out.put(tick)
+
+    lockstep(10 * lag + 3, exchanges, each)
+    return rooms, takes
+
+
+@pytest.mark.parametrize("lag", [1, 2, 4])
+def test_credit_counts_lag_ticks_after_the_batch_of_takes(lag: int) -> None:
+    """A take in tick k is acked with its batch at the end of tick e (the first e >= k
+    with e+1 a multiple of lag) and counts at the source from tick e+lag on."""
+    rooms, takes = _credit_run(lag, local=False)
+
+    def acked(tick: int) -> int:
+        return sum(1 for k in takes if k // lag * lag + lag - 1 + lag <= tick)
+
+    # b filled the link every tick, so the room at tick t is what came back since t-1
+    expected = [2] + [acked(tick) - acked(tick - 1) for tick in range(1, len(rooms))]
+    assert rooms == expected
+    assert sum(rooms[1:]) > 0            # credit came back, ...
+    assert rooms[1:2 * lag - 1] == [0] * (2 * lag - 2)  # ... never before 2 lags
+
+
+@pytest.mark.parametrize("lag", [1, 3])
+def test_credit_is_the_same_whatever_the_placement(lag: int) -> None:
+    assert _credit_run(lag, local=True) == _credit_run(lag, local=False)
+
+
+def test_acks_only_travel_on_every_lag_th_tick() -> None:
+    w0, _ = make("w0", ["a", "b"], ONE_WAY, 4)
+    w0.outgoing(0)
+    with pytest.raises(RemoteProtocolError) as info:  # from w1 only ticks 3, 7, ...
+        w0.accept("w1", proto.encode(proto.Data(0, "w1", [], [[0, 1]])))
+    assert (info.value.field, info.value.code) == ("DATA.tick", "wrong-tick")
+    both, _ = make("w0", ["a", "b"], ROWS, 4)           # both ways: a frame every tick,
+    both.outgoing(0)
+    with pytest.raises(RemoteProtocolError) as info:   # acks only in ticks 3, 7, ...
+        both.accept("w1", proto.encode(proto.Data(0, "w1", [], [[0, 1]])))
+    assert (info.value.field, info.value.code) == ("DATA.acks", "bad-ack")
+
+
+def test_an_upstream_neighbour_may_run_two_lags_ahead_not_more() -> None:
+    """w1 only acks w0's frames (lag 3): having sent its acks of tick 2, it lets w0
+    run ticks up to 2 + 2*3 - 1 = 7 (tick 8 needs w1's acks of tick 5)."""
+    w1, _ = make("w1", ["c"], ONE_WAY, 3)
+    for tick in range(3):
+        w1.outgoing(tick)
+    for tick in range(8):
+        w1.accept("w0", proto.encode(proto.Data(tick, "w0", [], [])))
+    with pytest.raises(RemoteProtocolError) as info:
+        w1.accept("w0", proto.encode(proto.Data(8, "w0", [], [])))
+    assert (info.value.field, info.value.code) == ("DATA.tick", "wrong-tick")
+
+
+def test_resending_keeps_what_a_neighbour_may_still_need() -> None:
+    lag = 4
+    w0, _ = make("w0", ["a", "b"], ONE_WAY, lag)
+    w1, _ = make("w1", ["c"], ONE_WAY, lag)
+    lockstep(9, [w0, w1])
+    # w1 sent its frames of ticks 3 and 7: it ran tick 8, which needed w0's tick 7
+    assert w0.arrived == {"w1": 8} and w0.safe_before("w1") == 7
+    # w0 sends w1 only acks: w1's frame of tick 8 says it had them up to tick 8-4
+    assert w1.arrived == {"w0": 9} and w1.safe_before("w0") == 5

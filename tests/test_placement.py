@@ -24,12 +24,15 @@ from tests.faulty import mesh_toml
 @given(cls=st.sampled_from(["nodes.phold:PholdLP", "tests.faulty:Mixer"]),
        lps=st.integers(2, 5), population=st.integers(1, 6),
        remote=st.sampled_from([0.0, 0.3, 0.9, 1.0]), capacity=st.integers(1, 6),
-       seed=st.integers(0, 2**63 - 1), ticks=st.integers(5, 20), data=st.data())
+       seed=st.integers(0, 2**63 - 1), ticks=st.integers(5, 20),
+       lag=st.sampled_from([None, 1, 2, 5]), ring=st.booleans(), data=st.data())
 def test_random_topologies_identical_in_every_placement(cls: str, lps: int, population: int,
                                                         remote: float, capacity: int,
                                                         seed: int, ticks: int,
+                                                        lag: int | None, ring: bool,
                                                         data: st.DataObject) -> None:
     topology = loads(mesh_toml(cls, lps, ticks=ticks, seed=seed, capacity=capacity,
+                               lag=lag, ring=ring,
                                params=f"population = {population}, remote_fraction = "
                                       f"{remote}, mean_delay = 0.7"))
     spread = data.draw(st.integers(2, lps), label="processes")

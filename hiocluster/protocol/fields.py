@@ -36,6 +36,9 @@ MAX_STR = 64 * 1024
 MAX_ARRAY = 4 * 1024 * 1024
 MAX_MAP = 1024 * 1024
 MAX_INT = 2**63 - 1
+#: Largest credit lag (SETUP ``credit_lag``, ``[run] credit_lag``): a worker may hold
+#: about two lags of frames per neighbour.
+MAX_CREDIT_LAG = 4096
 
 NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}\Z")
 ADDRESS_RE = re.compile(r"(ipc|tcp)://[^\s]{1,200}\Z")
@@ -129,7 +132,7 @@ class TupleOf(Check):
         return super().explain(value, path)
 
 
-def _is_sequences(value: Any) -> bool:
+def is_sequences(value: Any) -> bool:
     """A list of strictly increasing integers in 0..MAX_INT (checked at C speed)."""
     if type(value) is not list:
         return False
@@ -177,6 +180,8 @@ BYTES = Check(lambda v: type(v) is bytes, "bytes")
 TOKEN = Check(lambda v: type(v) is bytes and 1 <= len(v) <= 64, "1 to 64 bytes")
 CURVE_KEY = Check(lambda v: type(v) is str and len(v) == 40 and v.isascii(),
                   "a CURVE public key (40 characters of Z85)")
+CREDIT_LAG = Check(lambda v: type(v) is int and 1 <= v <= MAX_CREDIT_LAG,
+                   f"an integer 1..{MAX_CREDIT_LAG}")
 ANY = Check(lambda v: True, "anything")
 STATS = MapOf(NAME, UINT)
 
@@ -187,7 +192,7 @@ class LinkRun(TupleOf):
     __slots__ = ("shape_ok",)
 
     def __init__(self) -> None:
-        super().__init__(UINT, Check(_is_sequences, "an array of increasing integers"),
+        super().__init__(UINT, Check(is_sequences, "an array of increasing integers"),
                          Check(lambda v: type(v) is list, "an array"))
         shape_ok = self.shape_ok = self.ok
         self.ok = lambda v: shape_ok(v) and len(v[1]) == len(v[2])

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from .fields import (ADDRESS, ANY, BOOL, BYTES, COUNT, CURVE_KEY, INT, NAME, NUMBER, POSITIVE, STATS,
+from .fields import (ADDRESS, ANY, BOOL, BYTES, COUNT, CREDIT_LAG, CURVE_KEY, INT, NAME, NUMBER, POSITIVE, STATS,
                      TEXT, TOKEN, UINT, Check, LinkRun, ListOf, MapOf, TupleOf, optional)
 
 __all__ = ["Message", "Hello", "Setup", "Ready", "Grant", "Progress", "Done", "Stop", "Bye",
@@ -79,11 +79,20 @@ class Setup(Message):
     leaves: dict[str, dict[str, Any]] = field(default_factory=dict)
     trace: bool = False
     digest_every: int = 1
+    credit_lag: int = 1
     SCHEMA = {"t0": NUMBER, "tock": POSITIVE, "seed": UINT, "ticks": UINT, "real": BOOL,
               "tick_timeout": POSITIVE, "nodes": ListOf(NODE_ROW), "links": ListOf(LINK_ROW),
               "peers": MapOf(NAME, ADDRESS), "keys": MapOf(NAME, CURVE_KEY),
               "leaves": MapOf(NAME, Check(lambda v: type(v) is dict, "a map")),
-              "trace": BOOL, "digest_every": COUNT}
+              "trace": BOOL, "digest_every": COUNT, "credit_lag": CREDIT_LAG}
+
+    def for_group(self, leaves: dict[str, dict[str, Any]]) -> Setup:
+        """The SETUP of a sub-supervisor: this run-wide part, and ``leaves`` (the SETUP
+        body of every worker under it); no nodes, links or peers of its own."""
+        return Setup(t0=self.t0, tock=self.tock, seed=self.seed, ticks=self.ticks,
+                     real=self.real, tick_timeout=self.tick_timeout,
+                     digest_every=self.digest_every, credit_lag=self.credit_lag, nodes=[],
+                     links=[], peers={}, leaves=leaves)
 
 
 @dataclass(slots=True)
