@@ -137,16 +137,16 @@ class LocalPeers(DataPlane):
     def _receive(self, fd: int) -> None:
         """One message from connection ``fd``: a frame, a fragment, or its end."""
         identity, conn = self.conns[fd]
-        try:
-            size, _, flags, _ = conn.recvmsg_into([self.buffer])
+        try:  # with MSG_TRUNC: the message's whole length, even where it did not fit
+            size = conn.recv_into(self.buffer, 0, socket.MSG_TRUNC)
         except (BlockingIOError, InterruptedError):
             return
         except OSError:
-            size, flags = 0, 0
+            size = 0
         if size == 0:  # closed (no frame is empty)
             self._drop(fd)
             return
-        if flags & socket.MSG_TRUNC:
+        if size > len(self.buffer):
             self._bad(fd, f"a message longer than {CHUNK + len(MORE)} bytes", "oversized")
             return
         view = self.view
