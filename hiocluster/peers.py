@@ -21,6 +21,11 @@ first): its PEER, if it carries the token, is held (one per connection, at most
 EARLY_PEERS) and judged once SETUP says who the neighbours are, never refused
 for being early.
 
+What does not depend on ZeroMQ (PEER judging, early PEERs, proven
+connections, refusals, kept frames) is :class:`DataPlane`, shared with the
+local data plane (hiocluster.localnet: unix SEQPACKET sockets,
+``--transport local``); :class:`PeerSockets` adds the ZeroMQ sockets.
+
 Imports: exchange, transport, protocol, errors.
 """
 

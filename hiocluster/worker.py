@@ -16,7 +16,7 @@ contexts, BYE.
 Started by the supervisor, or by hand: ``hiocluster worker --connect ADDRESS
 --name NAME`` (see :func:`run_worker`).
 
-Imports: host, exchange, peers, watchdog, launch, transport, protocol, errors.
+Imports: host, exchange, peers, localnet, watchdog, launch, transport, protocol, errors.
 Never topology or supervisor.
 """
 

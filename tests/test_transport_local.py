@@ -10,14 +10,17 @@ fixture checks that no socket file is left in the run root.
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import stat
+import subprocess
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from hiocluster import protocol as proto
 from hiocluster import supervisor
 from hiocluster.errors import ProcessExited, RunFailed, TopologyError
 from hiocluster.launch import worker_argv
@@ -26,7 +29,7 @@ from hiocluster.node import Node
 from hiocluster.loop import Loop
 from hiocluster.topology import Topology, load, loads, plan as make_plan
 
-from conftest import REPO
+from conftest import REPO, hiocluster_command
 from test_cluster_hostile import _data_junk, ring3
 from test_examples import TOPOLOGY_FILES, TEST_TICKS
 from tests.fake_worker import FAKE_COMMAND
@@ -193,3 +196,67 @@ def test_hand_started_and_launched_workers_are_told_the_local_data_plane() -> No
     assert sup.data == "local" and sup.transport == "ipc"  # control stays on ZeroMQ
     assert worker_argv("ipc:///r/control", "p1", data=sup.data)[-2:] == ["--data", "local"]
     assert "--data" not in worker_argv("ipc:///r/control", "p1")
+
+
+def test_cli_runs_local_and_refuses_it_across_hosts(cli_env: dict[str, str]) -> None:
+    ring = str(REPO / "topologies" / "ring.toml")
+    digests = []
+    for transport in ("ipc", "local"):
+        done = subprocess.run(hiocluster_command("run", ring, "--json", "--transport",
+                                                 transport), env=cli_env, cwd=str(REPO),
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        digests.append(json.loads(done.stdout)["digest"])
+    assert digests[0] == digests[1]
+    refused = subprocess.run(hiocluster_command(
+        "check", ring, "--transport", "local", "--host", "far=tcp://198.18.0.2:7000",
+        "--place", "p1=far"), env=cli_env, cwd=str(REPO), capture_output=True, text=True,
+        timeout=120)
+    assert refused.returncode == 2, refused.stderr
+    assert "--transport local" in refused.stderr and "Traceback" not in refused.stderr
+
+
+def test_local_peers_hold_an_early_peer_until_setup_and_refuse_a_stranger(
+        tmp_path: Path) -> None:
+    """As the ZeroMQ data plane does (test_hardening_protocol): a neighbour's PEER
+    before SETUP is held, a wrong token refused at once, both judged by DataPlane."""
+    from types import SimpleNamespace
+
+    from hiocluster.localnet import LocalPeers
+    from hiocluster.transport import Poller
+    from tests.waiting import wait_until
+
+    token = b"k" * 16
+    p1_inbox = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    p1_inbox.bind(str(tmp_path / "d-p1"))
+    p1_inbox.listen(4)
+    peers = LocalPeers(f"unix://{tmp_path}/d-p0", "p0", token)
+    poller = Poller()
+    peers.watch(poller)
+    early, stranger = _stranger(peers.path), _stranger(peers.path)
+    try:
+        early.send(proto.encode(proto.Peer(worker="p1", token=token)))
+        stranger.send(proto.encode(proto.Peer(worker="p2", token=b"wrong")))
+
+        def serve() -> bool:
+            peers.serve(poller.poll(100))
+            return peers.refused == 1 and len(peers.early) == 1
+
+        wait_until(serve, 30, "the early PEER held and the stranger refused")
+        accepted: list[tuple[str, bytes]] = []
+        exchange = SimpleNamespace(neighbours=("p1",),
+                                   accept=lambda source, raw: accepted.append((source, raw)))
+        peers.connect(exchange, {"p1": f"unix://{tmp_path}/d-p1"}, {})  # type: ignore[arg-type]
+        data = proto.encode(proto.Data(tick=0, source="p1", messages=[], acks=[]))
+        early.send(data)
+        wait_until(lambda: peers.serve(poller.poll(100)) or accepted, 30, "p1's DATA frame")
+        assert accepted == [("p1", data)] and peers.refused == 1
+        conn, _ = p1_inbox.accept()  # and p0 said PEER to p1 in turn
+        with conn:
+            assert proto.decode(conn.recv(4096), limit=proto.MAX_DATA_FRAME) == \
+                proto.Peer(worker="p0", token=token)
+    finally:
+        for sock in (early, stranger, p1_inbox):
+            sock.close()
+        peers.close(drop=True)
+    assert not (tmp_path / "d-p0").exists()
