@@ -57,7 +57,8 @@ def _address(text: str) -> str:
     from .protocol.fields import ADDRESS_RE
 
     if ADDRESS_RE.match(text) is None:
-        raise argparse.ArgumentTypeError(f"expected ipc://PATH or tcp://HOST:PORT, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected ipc://PATH, tcp://HOST:PORT or unix://PATH, "
+                                         f"got {text!r}")
     return text
 
 
@@ -300,9 +301,13 @@ def _run_options(command: argparse.ArgumentParser) -> None:
                          help="after a finished run, write one JSON line per node to FILE: "
                               "its result() and its metrics (JSON as --json's)")
     _app_dir(command)
-    command.add_argument("--transport", choices=("ipc", "tcp"), default="ipc",
-                         help="how local processes talk: unix sockets (default) or TCP on "
-                              "127.0.0.1; results are identical")
+    command.add_argument("--transport", choices=("ipc", "tcp", "local"), default=None,
+                         help="how local processes talk: ZeroMQ over unix sockets (ipc, "
+                              "the default) or TCP on 127.0.0.1 (tcp), or local: ZeroMQ "
+                              "for control and plain unix SEQPACKET sockets for DATA "
+                              "(faster; every worker on this host, no --host/--keys); "
+                              "default: the file's run.transport, else ipc; results are "
+                              "identical")
     command.add_argument("--listen", metavar="ADDRESS", type=_address,
                          help="bind the control socket here (e.g. tcp://127.0.0.1:7000), for "
                               "workers started by hand")
@@ -327,6 +332,10 @@ def _joining(command: argparse.ArgumentParser, what: str, name_help: str,
     command.add_argument("--credentials", metavar="FILE",
                          help=f"file holding this {what}'s credentials (JSON)")
     command.add_argument("--bind", metavar="ADDRESS", type=_address, help=bind_help)
+    command.add_argument("--data", choices=("zmq", "local"), default="zmq",
+                         help="how DATA travels between workers: ZeroMQ (default), or "
+                              "local: unix SEQPACKET sockets (the run's --transport local; "
+                              "the default --bind is then unix://<dir of control>/d-NAME)")
     _app_dir(command)
     command.add_argument("--run-dir", metavar="DIR", help=argparse.SUPPRESS)
     command.add_argument("--tick-file", metavar="FILE", help=argparse.SUPPRESS)
@@ -644,11 +653,13 @@ def _worker(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         return run_group(GroupOptions(connect=args.connect, name=args.name, tree=tree,
                                       credentials=credentials, bind=args.bind,
                                       app_dir=args.app_dir, run_dir=args.run_dir,
-                                      tick_file=args.tick_file, parent=parent))
+                                      tick_file=args.tick_file, parent=parent,
+                                      data=args.data))
     return run_worker(WorkerOptions(connect=args.connect, name=args.name,
                                     credentials=credentials, bind=args.bind,
                                     app_dir=args.app_dir, run_dir=args.run_dir,
-                                    tick_file=args.tick_file, parent=parent))
+                                    tick_file=args.tick_file, parent=parent,
+                                    data=args.data))
 
 
 def _serve(args: argparse.Namespace, topology: Any) -> int:

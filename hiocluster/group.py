@@ -54,6 +54,7 @@ class GroupOptions:
     tree: dict[str, Any]              # its children (see groupcore.check_tree)
     credentials: Credentials          # the run's token; CURVE keys over tcp
     bind: str | None = None           # where the workers under it bind for DATA
+    data: str = "zmq"                 # how they send it: "zmq", or "local" (unix://)
     app_dir: str | None = None
     run_dir: str | None = None        # its supervisor's; its own goes inside it
     tick_file: str | None = None      # a TickRegister its supervisor reads
@@ -143,7 +144,7 @@ class Group(Supervising):
             self.launcher = LocalLauncher(
                 self.control_address, self.credentials, self.run_dir, app_dir=options.app_dir,
                 bind=bind, trees={name: sub for name, sub in options.tree.items()
-                                  if isinstance(sub, dict)})
+                                  if isinstance(sub, dict)}, data=options.data)
         return self.launcher
 
     def credentials(self, child: str) -> Credentials:

@@ -108,13 +108,17 @@ class Launcher(Protocol):
 
 def worker_argv(connect: str, worker: str, *, app_dir: str | None = None,
                 run_dir: str | None = None, tick_file: str | None = None,
-                bind: str | None = None, tree_file: str | None = None) -> list[str]:
+                bind: str | None = None, tree_file: str | None = None,
+                data: str = "zmq") -> list[str]:
     """The ``hiocluster worker`` arguments that join ``worker`` to a run; with
-    ``tree_file``, the ``hiocluster group`` arguments of a sub-supervisor."""
+    ``tree_file``, the ``hiocluster group`` arguments of a sub-supervisor;
+    ``data``: "local" for the local data plane (``--data local``)."""
     argv = ["group", "--tree", tree_file] if tree_file else ["worker"]
     argv += ["--connect", connect, "--name", worker]
     if bind:
         argv += ["--bind", bind]
+    if data != "zmq":
+        argv += ["--data", data]
     if app_dir:
         argv += ["--app-dir", app_dir]
     if run_dir:
@@ -225,7 +229,7 @@ class LocalLauncher:
         connect: the supervisor's control address.
         credentials: each worker's credentials, passed in its environment.
         run_dir: the run directory (tick registers go there; orphans clean it).
-        app_dir, bind: passed on (see ``hiocluster worker --help``).
+        app_dir, bind, data: passed on (see ``hiocluster worker --help``).
         capture: give each worker's stderr to the caller (``LocalProcess.stderr``)
             instead of sharing this process's.
         trees: the groups among the children: name -> its tree (see
@@ -239,8 +243,8 @@ class LocalLauncher:
                  *, app_dir: str | None = None, command: Sequence[str] | None = None,
                  bind: str | None = None, capture: bool = False,
                  trees: Mapping[str, Any] | None = None,
-                 env: Mapping[str, str] | None = None) -> None:
-        self.connect, self.credentials = connect, credentials
+                 env: Mapping[str, str] | None = None, data: str = "zmq") -> None:
+        self.connect, self.credentials, self.data = connect, credentials, data
         self.env = dict(env or {})
         self.trees = dict(trees or {})
         self.app_dir, self.run_dir, self.bind, self.capture = app_dir, run_dir, bind, capture
@@ -258,7 +262,8 @@ class LocalLauncher:
                 json.dump(self.trees[worker], file)
         argv = self.command + worker_argv(self.connect, worker, app_dir=self.app_dir,
                                           run_dir=self.run_dir, tick_file=register.path,
-                                          bind=self.bind, tree_file=tree_file)
+                                          bind=self.bind, tree_file=tree_file,
+                                          data=self.data)
         popen = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, close_fds=True,
                                  start_new_session=True,
                                  stderr=subprocess.PIPE if self.capture else None)

@@ -275,7 +275,10 @@ class Supervisor(Supervising):
         app_dir: directory the workers import node classes from.
         window: ticks per GRANT (None: automatic); 1 is strict per-tick supervision.
         keep_digests: keep the run digest after every tick.
-        transport: "ipc" (unix sockets in the run directory) or "tcp" (loopback).
+        transport: "ipc" (unix sockets in the run directory), "tcp" (loopback), or
+            "local" (ipc for control, Unix-domain SEQPACKET sockets for DATA: see
+            hiocluster.localnet; every worker on this host); None: the topology's
+            ``run.transport``.
         listen: bind the control socket here instead (e.g. for external workers).
         external: workers started by hand (``hiocluster worker``), not by us.
         worker_command: program and leading arguments that run ``hiocluster``.
@@ -303,7 +306,8 @@ class Supervisor(Supervising):
 
     def __init__(self, topology: Topology, plan: Plan, loop: Loop, *,
                  app_dir: str | None = None, window: int | None = None,
-                 keep_digests: bool = False, transport: str = "ipc", listen: str | None = None,
+                 keep_digests: bool = False, transport: str | None = None,
+                 listen: str | None = None,
                  external: Sequence[str] = (), worker_command: Sequence[str] | None = None,
                  on_tick: Callable[[int, int], None] | None = None,
                  on_ready: Callable[[Supervisor], None] | None = None,
@@ -331,6 +335,16 @@ class Supervisor(Supervising):
             raise TopologyError(f"{', '.join(grouped)} run under a group: its group starts "
                                 "them, not a hand", key_path="--external")
         hosts = {host.name: host for host in plan.hosts.values()}
+        transport = transport or topology.transport
+        self.data = "local" if transport == "local" else "zmq"   # how DATA travels
+        if self.data == "local":
+            transport = "ipc"
+            if hosts or (listen or "").startswith("tcp://"):
+                raise TopologyError(
+                    "local DATA sockets join only the workers of this host, without "
+                    "CurveZMQ: " + ("the plan puts workers on other hosts" if hosts else
+                                    f"--listen {listen} is tcp") + "; use --transport ipc "
+                    "or tcp", key_path="--transport local")
         if hosts and keys is None:
             raise TopologyError("workers on other hosts need a keys directory (--keys DIR; "
                                 f"make it with: hiocluster keygen DIR supervisor "
@@ -437,7 +451,7 @@ class Supervisor(Supervising):
     def worker_command_line(self, worker: str) -> str:
         """How to start worker ``worker`` by hand (for ``external`` workers)."""
         argv = ["hiocluster", *worker_argv(self.control_address, worker,
-                                           app_dir=self.app_dir)]
+                                           app_dir=self.app_dir, data=self.data)]
         return " ".join(argv) + f" --credentials {self._credentials_path(worker)}"
 
     def launcher_for(self, worker: str) -> Any:
@@ -604,6 +618,7 @@ class _DeferredLauncher:
             self.launcher = LocalLauncher(supervisor.control_address, supervisor.credentials,
                                           supervisor.run_dir, app_dir=supervisor.app_dir,
                                           command=supervisor.worker_command,
+                                          data=supervisor.data,
                                           trees={name: plan.tree(name) for name in plan.top
                                                  if name in plan.groups})
         return self.launcher.start(worker)
@@ -613,7 +628,7 @@ def run(topology: Topology, *, processes: int | None = None, app_dir: str | None
         window: int | None = None, real: bool | None = None,
         on_tick: Callable[[int, int], None] | None = None, keep_digests: bool = False,
         handle_signals: bool = True, worker_command: Sequence[str] | None = None,
-        on_ready: Callable[[Supervisor], None] | None = None, transport: str = "ipc",
+        on_ready: Callable[[Supervisor], None] | None = None, transport: str | None = None,
         listen: str | None = None, external: Sequence[str] = (),
         on_listening: Callable[[Supervisor], None] | None = None,
         check_classes: bool = True, keys: str | None = None, prefixer: Any = None,

@@ -68,8 +68,12 @@ AUTO_CREDIT_LAG = 8
 
 _RUN_DEFAULTS: dict[str, int | float | bool | str] = {
     "ticks": 100, "tock": 1.0, "t0": 0.0, "seed": 0, "tick_timeout": 30.0, "capacity": 1024,
-    "real": False, "digest_every": 1, "credit_lag": "auto",
+    "real": False, "digest_every": 1, "credit_lag": "auto", "transport": "ipc",
 }
+#: How the workers of one host talk (``[run] transport``, ``--transport``): ZeroMQ over
+#: unix sockets or TCP on loopback, or ``local``: ZeroMQ for control and Unix-domain
+#: SEQPACKET sockets for DATA (hiocluster.localnet; one host, no CurveZMQ).
+RUN_TRANSPORTS = ("ipc", "tcp", "local")
 
 
 @dataclass(frozen=True)
@@ -136,6 +140,7 @@ class Topology:
     services: tuple[ServiceSpec, ...] = ()
     digest_every: int = 1
     credit_lag: int | None = None     # None: "auto", see :attr:`lag`
+    transport: str = "ipc"
     source: str | None = field(default=None, repr=False, compare=False)
     _by_name: dict[str, NodeSpec] = field(init=False, repr=False, compare=False)
 
@@ -389,8 +394,12 @@ def _keys(table: dict[str, Any], allowed: tuple[str, ...], prefix: str,
             raise _err(f"missing required key {key!r}", prefix)
 
 
-def _run_value(key: str, value: object) -> int | float | bool | None:
+def _run_value(key: str, value: object) -> int | float | bool | str | None:
     key_path = f"run.{key}"
+    if key == "transport":
+        if value not in RUN_TRANSPORTS:
+            raise _err(f"expected one of {', '.join(RUN_TRANSPORTS)}, got {value!r}", key_path)
+        return str(value)
     if key == "real":
         if not isinstance(value, bool):
             raise _err(f"expected bool, got {_type_name(value)}", key_path)
@@ -877,7 +886,7 @@ def loads(text: str, *, path: str | None = None) -> Topology:
         ticks=int(run["ticks"]), tock=float(run["tock"]), t0=float(run["t0"]),
         seed=int(run["seed"]), tick_timeout=float(run["tick_timeout"]),
         capacity=int(run["capacity"]), real=bool(run["real"]),
-        digest_every=int(run["digest_every"]), credit_lag=run["credit_lag"], nodes=nodes, links=links, placement=placement, groups=groups, hosts=hosts, services=services, source=text,
+        digest_every=int(run["digest_every"]), credit_lag=run["credit_lag"], transport=str(run["transport"]), nodes=nodes, links=links, placement=placement, groups=groups, hosts=hosts, services=services, source=text,
     )
 
 

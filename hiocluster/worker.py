@@ -17,7 +17,7 @@ contexts, BYE.
 Started by the supervisor, or by hand: ``hiocluster worker --connect ADDRESS
 --name NAME`` (see :func:`run_worker`).
 
-Imports: host, exchange, peers, watchdog, launch, transport, protocol, errors.
+Imports: host, exchange, peers, localnet, watchdog, launch, transport, protocol, errors.
 Never topology or supervisor.
 """
 
@@ -36,7 +36,8 @@ from .errors import FrameError, ProtocolError, RemoteProtocolError
 from .exchange import Exchange, Unsendable
 from .host import NodeFailed, NodeHost, Terminated, TickOverrun, explain
 from .launch import TickRegister
-from .peers import DataFault, PeerSockets
+from .localnet import SCHEME as LOCAL_SCHEME, local_path, open_data_plane
+from .peers import DataFault, DataPlane
 from .transport import NOBLOCK, RUN_SOCKETS, Again, Context, Credentials, Poller, ipc_path
 from .watchdog import Watchdog, parent_gone
 
@@ -63,17 +64,20 @@ class WorkerOptions:
     name: str                         # the worker's name in the plan
     credentials: Credentials          # the run's token; CURVE keys over tcp
     bind: str | None = None           # our data address; default: beside the control one
+    data: str = "zmq"                 # the data plane by default: "zmq", or "local" (unix://)
     app_dir: str | None = None        # where node classes are imported from
     run_dir: str | None = None        # the supervisor's; the last orphan out removes it
     tick_file: str | None = None      # a TickRegister the supervisor reads
     parent: int | None = None         # the pid of the process that started it, if one did
 
 
-def default_bind(connect: str, name: str) -> str:
-    """Where a worker's data socket binds by default: beside the control socket."""
+def default_bind(connect: str, name: str, data: str = "zmq") -> str:
+    """Where a worker's data socket binds by default: beside the control socket
+    (``unix://`` for the local data plane, which needs an ipc control socket)."""
     path = ipc_path(connect)
     if path is not None:
-        return f"ipc://{os.path.join(os.path.dirname(path), 'd-' + name)}"
+        scheme = LOCAL_SCHEME if data == "local" else "ipc://"
+        return f"{scheme}{os.path.join(os.path.dirname(path), 'd-' + name)}"
     host = connect[len("tcp://"):].rsplit(":", 1)[0]
     return f"tcp://{host}:*"
 
@@ -98,7 +102,7 @@ class Worker:
         self.tick = -1                    # the last tick run
         self.report_at = 0.0              # when the next PROGRESS is due
         self.pacer: Pacer | None = None   # real-time runs only
-        self.peers: PeerSockets | None = None
+        self.peers: DataPlane | None = None
         self.register: TickRegister | None = None
         self.trace: list[list[Any]] | None = None  # with --trace: a row per tick
         self.trace_room = 0
@@ -115,9 +119,11 @@ class Worker:
                 self.register = TickRegister(self.options.tick_file)
             self.control, monitor = self.context.monitored_dealer(self.options.connect,
                                                                   credentials.server)
-            self.peers = PeerSockets(self.context, self.options.bind or default_bind(
-                self.options.connect, self.name), self.name, credentials.token)
-            self.poller = Poller([self.control, self.peers.socket])
+            self.peers = open_data_plane(self.context, self.options.bind or default_bind(
+                self.options.connect, self.name, self.options.data), self.name,
+                credentials.token)
+            self.poller = Poller([self.control])
+            self.peers.watch(self.poller)
             self.watchdog = Watchdog(monitor, START_TIMEOUT,
                                      lambda: self.host.busy_since if self.host else 0.0,
                                      parent=self.options.parent)
@@ -177,8 +183,7 @@ class Worker:
             self.exchange.drain(self.tick + 1)
         elif self.exchange is not None:
             self.peers.take_arrived()
-            for sock in (self.peers.socket, *self.peers.outs.values()):
-                sock.close(linger=0)  # no drain: frames still queued (to a dead peer) are moot
+            self.peers.close(drop=True)  # no drain: frames still queued (to a dead peer) are moot
         finished = message.drain and message.reason == "done"
         host = self.host
         results = host.results() if host is not None and finished else {}
@@ -234,14 +239,13 @@ class Worker:
         """Close every socket; an orphan also removes the files its supervisor cannot.
         Only a drained stop waits for frames to its neighbours to leave: after any other,
         one queued for a neighbour that died must not hold up the exit."""
-        if self.peers is not None and not drained:
-            for sock in (self.peers.socket, *self.peers.outs.values()):
-                sock.close(linger=0)
+        if self.peers is not None:
+            self.peers.close(drop=not drained)
         self.context.close(linger=0 if orphaned else None if clean else FAIL_LINGER_MS)
         if orphaned or os.getppid() != self.parent:  # or an agent killed: nobody else will
             remove_orphan_files(self.options, self.peers.address if self.peers else
                                 self.options.bind or default_bind(self.options.connect,
-                                                                  self.name))
+                                                                  self.name, self.options.data))
 
     # -- start-up ---------------------------------------------------------------
     def _setup(self, setup: proto.Setup) -> None:
@@ -344,8 +348,8 @@ class Worker:
         ready = self.poller.poll(timeout * 1000)
         if self.control in ready:
             self._take_control()
-        if self.peers is not None and self.peers.socket in ready:
-            self.peers.take_one()
+        if self.peers is not None:
+            self.peers.serve(ready)
 
     def _await_control(self) -> proto.Message:
         """The next control frame, serving the data socket meanwhile (a neighbour's
@@ -356,7 +360,7 @@ class Worker:
             if control in ready:
                 return self.machine.receive(control.recv(NOBLOCK))
             if ready and self.peers is not None:
-                self.peers.take_one()
+                self.peers.serve(ready)
             elif self.exchange is not None and self.peers is not None:
                 self.peers.check()
 
@@ -423,7 +427,7 @@ def remove_orphan_files(options: Any, data_address: str) -> None:
     """An orphan's clean-up: its own data socket file and, for a worker (or group)
     the supervisor started (``run_dir``), the supervisor's files: whoever comes
     last removes the run directory. ``options``: WorkerOptions or GroupOptions."""
-    paths = [ipc_path(data_address), options.tick_file]
+    paths = [ipc_path(data_address) or local_path(data_address), options.tick_file]
     if options.run_dir:  # and the supervisor's own: its sockets, credentials for hand use
         paths.append(ipc_path(options.connect))
         paths += [os.path.join(options.run_dir, name) for name in RUN_SOCKETS]

@@ -35,6 +35,7 @@ import argparse
 import json
 import os
 import signal
+import socket
 import sys
 import time
 from pathlib import Path
@@ -59,7 +60,8 @@ class Fake:
         self.context = zmq.Context()
         self.control = self.context.socket(zmq.DEALER)
         self.data = self.context.socket(zmq.ROUTER)
-        self.outs: dict[str, zmq.Socket] = {}
+        self.outs: dict[str, Any] = {}   # zmq DEALERs, or SEQPACKET sockets (--data local)
+        self.listener: socket.socket | None = None
 
     def next(self, timeout: float = START_S) -> proto.Message | None:
         if not self.control.poll(timeout * 1000):
@@ -81,8 +83,16 @@ class Fake:
             return
         if self.mode == "deaf":
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        self.data.bind(self.args.connect.rsplit("/", 1)[0] + f"/d-{self.args.name}"
-                       if self.args.connect.startswith("ipc://") else "tcp://127.0.0.1:*")
+        if self.args.data == "local":  # listens (never accepts): neighbours can connect
+            path = self.args.connect[len("ipc://"):].rsplit("/", 1)[0] + f"/d-{self.args.name}"
+            self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            self.listener.bind(path)
+            self.listener.listen(16)
+            data_address = "unix://" + path
+        else:
+            self.data.bind(self.args.connect.rsplit("/", 1)[0] + f"/d-{self.args.name}"
+                           if self.args.connect.startswith("ipc://") else "tcp://127.0.0.1:*")
+            data_address = self.data.getsockopt(zmq.LAST_ENDPOINT).decode()
         self.control.connect(self.args.connect)
         versions = proto.local_versions()
         if self.mode == "old-hio":
@@ -91,7 +101,7 @@ class Fake:
             versions["protocol"] = 2  # type: ignore[assignment]
         self.send(proto.Hello(worker=self.args.name, token=self.token, pid=os.getpid(),
                               versions=versions,
-                              data_address=self.data.getsockopt(zmq.LAST_ENDPOINT).decode()))
+                              data_address=data_address))
         setup = self.next()
         if not isinstance(setup, proto.Setup):
             return
@@ -100,9 +110,13 @@ class Fake:
             self.send(proto.Error(code="worker-error", detail="the fake gives up after SETUP"))
             return
         for peer, address in setup.peers.items():
-            out = self.outs[peer] = self.context.socket(zmq.DEALER)
-            out.setsockopt(zmq.LINGER, 0)
-            out.connect(address)
+            if address.startswith("unix://"):
+                out = self.outs[peer] = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+                out.connect(address[len("unix://"):])
+            else:
+                out = self.outs[peer] = self.context.socket(zmq.DEALER)
+                out.setsockopt(zmq.LINGER, 0)
+                out.connect(address)
             out.send(proto.encode(proto.Peer(worker=self.args.name, token=self.token)))
         names = sorted(row[0] for row in setup.nodes)
         self.records = b"".join(name.encode() + bytes(proto.DIGEST_SIZE) for name in names)
@@ -155,7 +169,10 @@ class Fake:
     def close(self, report: str) -> None:
         Path(report).write_text(json.dumps(self.received))
         for sock in [self.control, self.data, *self.outs.values()]:
-            sock.close(linger=1000)
+            sock.close(linger=1000) if isinstance(sock, zmq.Socket) else sock.close()
+        if self.listener is not None:
+            os.unlink(self.listener.getsockname())
+            self.listener.close()
         self.context.term()
 
 
@@ -168,6 +185,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--app-dir")
     parser.add_argument("--run-dir")
     parser.add_argument("--tick-file")
+    parser.add_argument("--data", default="zmq")
     args = parser.parse_args(argv)
     if args.name != name:
         return real_main(argv)

@@ -41,7 +41,7 @@ MAX_INT = 2**63 - 1
 MAX_CREDIT_LAG = 4096
 
 NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}\Z")
-ADDRESS_RE = re.compile(r"(ipc|tcp)://[^\s]{1,200}\Z")
+ADDRESS_RE = re.compile(r"(ipc|tcp|unix)://[^\s]{1,200}\Z")
 #: Bytes of a node digest (xxh3_128 of the packed state, docs/protocol.md §7).
 DIGEST_SIZE = 16
 #: Bytes of the run digest (sha256 chained over the node digests).
