@@ -58,9 +58,13 @@ class Exchange:
     """
 
     def __init__(self, worker: str, nodes: Mapping[str, Node],
-                 rows: Iterable[list[Any]], lag: int = 1) -> None:
+                 rows: Iterable[list[Any]], lag: int = 1, end: int = -1) -> None:
         self.worker = worker
         self.lag = lag
+        #: the run's length: an empty frame of this tick is an end frame (:meth:`finish`)
+        self.end = end
+        #: neighbours this worker feeds whose end frame came: they have all of ours
+        self.finished: set[str] = set()
         self.links: dict[int, Link] = {}
         self.inbox_of: dict[int, Inbox] = {}
         self.local_links: list[Link] = []            # both ends here
@@ -123,6 +127,10 @@ class Exchange:
             RemoteProtocolError: valid, but wrong for this run (``worker`` = source).
         """
         tick, claimed, messages, acks = proto.read_data(raw)
+        if tick == self.end and claimed == source and not messages and not acks \
+                and self._out_to[source]:
+            self.finished.add(source)  # its end frame: it had every frame of ours
+            return
         expected = self.next_tick[source]
         if claimed != source:
             raise _reject(f"frame from {source} claims to come from {claimed!r}", source,
@@ -255,6 +263,18 @@ class Exchange:
         after tick-1): their messages count as undelivered, never dropped unseen."""
         self.undelivered += sum(len(row[2]) for _, frame in self._take(tick)
                                 for row in frame[1])
+
+    def finish(self) -> list[tuple[str, bytes]]:
+        """After a drained stop: an end frame (an empty frame of tick ``end``) for every
+        neighbour with links into this worker, saying that it had all their frames."""
+        self.sent_tick = self.end
+        frame = proto.encode(proto.Data(self.end, self.worker, [], []))
+        return [(peer, frame) for peer in self.upstream]
+
+    def unfinished(self) -> list[str]:
+        """Neighbours this worker feeds whose end frame has not come."""
+        return [peer for peer in self.neighbours
+                if self._out_to[peer] and peer not in self.finished]
 
     # -- outgoing ---------------------------------------------------------
     def outgoing(self, tick: int) -> list[tuple[str, bytes]]:

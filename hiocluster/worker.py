@@ -49,6 +49,8 @@ PROGRESS_S = 0.1
 START_TIMEOUT = 60.0
 #: Linger of a failing worker's sockets: time for its ERROR to leave, not more.
 FAIL_LINGER_MS = 500
+#: Longest a drained worker waits for the end frames of the neighbours it feeds.
+FINISH_S = 5.0
 #: Longest ERROR detail sent up (well inside the protocol's string limit).
 MAX_DETAIL = 8000
 #: How many values a worker's trace may hold (--trace): it travels in its BYE, a
@@ -181,6 +183,7 @@ class Worker:
         if message.drain and self.exchange is not None and self.tick >= 0:
             self._gather(self.tick + 1)
             self.exchange.drain(self.tick + 1)
+            self._finish()
         elif self.exchange is not None:
             self.peers.take_arrived()
             self.peers.close(drop=True)  # no drain: frames still queued (to a dead peer) are moot
@@ -255,7 +258,8 @@ class Worker:
             self.trace, self.trace_room = [], MAX_TRACE_VALUES
         self.host = host = NodeHost(setup, self.options.app_dir)
         self.digest_every, self.last_tick = setup.digest_every, setup.ticks - 1
-        self.exchange = Exchange(self.name, host.by_name, setup.links, setup.credit_lag)
+        self.exchange = Exchange(self.name, host.by_name, setup.links, setup.credit_lag,
+                                 setup.ticks)
         assert self.watchdog is not None and self.peers is not None
         self.watchdog.tick_timeout = setup.tick_timeout
         self.peers.connect(self.exchange, setup.peers, setup.keys)
@@ -320,6 +324,25 @@ class Worker:
                 self._report(missing)
             self._wait(self.report_at)
             missing = exchange.missing(tick)
+
+    def _finish(self) -> None:
+        """After a drained stop: tell the neighbours that feed it that it has all their
+        frames (end frames), and wait until those it feeds say the same, making
+        again any connection to them that dropped meanwhile: a frame lost with a
+        connection that broke at the very end is sent again, not lost with this
+        process. At most FINISH_S: a neighbour's own end frame can be what was lost."""
+        exchange, peers = self.exchange, self.peers
+        assert exchange is not None and peers is not None
+        peers.send(exchange.finish())
+        deadline = time.monotonic() + FINISH_S
+        while exchange.unfinished() and (now := time.monotonic()) < deadline:
+            ready = self.poller.poll(max(0.0, min(deadline, self.report_at) - now) * 1000)
+            if self.control in ready:  # its supervisor has more to say: no more waiting
+                return
+            peers.serve(ready)
+            if time.monotonic() >= self.report_at:
+                self.report_at = time.monotonic() + PROGRESS_S
+                peers.check()
 
     def _pace(self, tick: int) -> None:
         """Real time: wait until tick ``tick`` is due, serving sockets meanwhile."""

@@ -16,10 +16,12 @@ MODE says:
 * ``bad-hello``: a malformed HELLO, with the run's token: ``versions.protocol`` is
   the int 2, not the string "2" (start-up must fail at once, naming the field);
 * ``error-after-setup``: answers SETUP with ERROR ``worker-error`` and exits;
-* ``bad-link``: DATA to its neighbours naming a link that does not join them;
-* ``forged-source``: DATA to its neighbours claiming to come from another worker;
-* ``bad-ack``: DATA to its neighbours acknowledging 10**6 messages on every link
-  from them (more than were ever in flight);
+* ``bad-link``: DATA of tick 0 to the neighbours it feeds, naming a link that does
+  not join them;
+* ``forged-source``: the same, claiming to come from another worker;
+* ``bad-ack``: DATA of tick 0 to its neighbours acknowledging 10**6 messages on
+  every link from them (more than were ever in flight; a run with credit_lag = 1,
+  where acks travel every tick);
 * ``silent``: never says anything (start-up must time out and kill it);
 * ``deaf``: ignores SIGTERM, joins, and then never answers anything, STOP included
   (the supervisor must escalate to SIGKILL).
@@ -152,6 +154,8 @@ class Fake:
         elif mode == "stranger-waiting":
             self.send(proto.Progress(tick=None, waiting=["nobody"]))
         elif mode == "bad-ack":  # acknowledges 10**6 messages on each link into it
+            if self.setup.credit_lag != 1:  # else its first ack frame is for tick lag-1,
+                raise ValueError("the bad-ack fake needs credit_lag = 1")  # not tick 0
             for peer, out in self.outs.items():
                 acks = [[row[0], 10**6] for row in self.setup.links
                         if row[6] == peer and row[7] == self.args.name]
@@ -160,9 +164,10 @@ class Fake:
         elif mode in ("bad-link", "forged-source"):
             source = "p0" if mode == "forged-source" else self.args.name
             messages = [] if mode == "forged-source" else [[10**6, [0], ["x"]]]
-            for out in self.outs.values():
-                out.send(proto.encode(proto.Data(tick=0, source=source, messages=messages,
-                                                 acks=[])))
+            for peer, out in self.outs.items():  # those it feeds: they expect its tick 0
+                if any(row[6] == self.args.name and row[7] == peer for row in self.setup.links):
+                    out.send(proto.encode(proto.Data(tick=0, source=source,
+                                                     messages=messages, acks=[])))
         else:  # pragma: no cover - a test typo
             raise ValueError(f"unknown fake mode {mode!r}")
 

@@ -315,3 +315,35 @@ def test_resending_keeps_what_a_neighbour_may_still_need() -> None:
     assert w0.arrived == {"w1": 8} and w0.safe_before("w1") == 7
     # w0 sends w1 only acks: w1's frame of tick 8 says it had them up to tick 8-4
     assert w1.arrived == {"w0": 9} and w1.safe_before("w0") == 5
+
+
+def test_an_over_large_ack_is_refused_when_it_counts_lag_ticks_later() -> None:
+    lag = 2
+    w0, left = make("w0", ["a", "b"], ONE_WAY, lag)
+    left["a"].outbox["out"].put(1)
+    w0.outgoing(0)
+    w0.deliver(1)
+    w0.outgoing(1)
+    w0.accept("w1", proto.encode(proto.Data(1, "w1", [], [[0, 2]])))  # tick 1 carries acks
+    w0.deliver(2)                                     # not yet: they count from tick 3
+    w0.outgoing(2)
+    with pytest.raises(RemoteProtocolError) as info:
+        w0.deliver(3)
+    assert (info.value.field, info.value.code, info.value.worker) == ("DATA.acks[0][1]",
+                                                                      "bad-ack", "w1")
+
+
+def test_end_frames_go_upstream_and_say_a_neighbour_had_everything() -> None:
+    w0, _ = make("w0", ["a", "b"], ONE_WAY, 2)
+    w1, _ = make("w1", ["c"], ONE_WAY, 2)
+    w0.end = w1.end = 4
+    lockstep(4, [w0, w1])
+    w1.drain(4)
+    assert w0.unfinished() == ["w1"] and w1.unfinished() == []
+    assert w0.finish() == []                          # w0 is fed by nobody
+    frames = w1.finish()
+    assert [peer for peer, _ in frames] == ["w0"]
+    w0.accept("w1", frames[0][1])
+    assert w0.unfinished() == []
+    with pytest.raises(RemoteProtocolError):          # an end frame with content is not one
+        w0.accept("w1", proto.encode(proto.Data(4, "w1", [], [[0, 1]])))

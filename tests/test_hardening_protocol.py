@@ -69,7 +69,8 @@ def test_an_over_large_ack_is_blamed_on_the_neighbour_that_sent_it(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("FAKE_WORKER", f"p1:bad-ack:{tmp_path / 'fake.json'}")
     with pytest.raises(RunFailed) as info:
-        run(ring3(), worker_command=FAKE_COMMAND)
+        run(ring3().replace("[run]\n", "[run]\ncredit_lag = 1\n"),
+            worker_command=FAKE_COMMAND)
     error = info.value
     # p1 acknowledged 10**6 messages on the link a -> b; p0 received it and says so
     assert (error.worker, error.nodes) == ("p1", ("b",)), str(error)

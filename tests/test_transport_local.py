@@ -173,7 +173,8 @@ def test_a_neighbour_sending_bad_data_locally_is_blamed(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mode: str, field: str) -> None:
     monkeypatch.setenv("FAKE_WORKER", f"p1:{mode}:{tmp_path / 'fake.json'}")
     with pytest.raises(RunFailed) as info:
-        run(ring3(ticks=20), worker_command=FAKE_COMMAND, transport="local")
+        run(ring3(ticks=20).replace("[run]\n", "[run]\ncredit_lag = 1\n"),
+            worker_command=FAKE_COMMAND, transport="local")
     error = info.value
     assert error.worker == "p1" and error.nodes == ("b",)
     assert "invalid DATA frame" in error.cause and field in error.cause
