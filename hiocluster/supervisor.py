@@ -5,16 +5,19 @@ In one :class:`~hiocluster.loop.Loop` (a hio Doist that waits on sockets):
 =================  ============================================================
 ``Supervisor``     a DoDoer: the run. Owns the run directory, the ZeroMQ context
                    and the :class:`~hiocluster.runcore.RunCore` that decides.
-``Switchboard``    a Doer: the control socket. Reads every frame, hands it to
-                   its worker's doer; sends what the core says.
-``ChildDoer``      a Doer per worker: ``enter`` starts its process, ``recur``
-                   feeds its frames to the core and watches the process,
-                   ``exit`` makes sure it is gone.
+``Switchboard``    a Doer: the control socket. Reads every frame and hands it
+                   to the core at once; sends what the core says.
+``ChildDoer``      a Doer per worker: ``enter`` starts its process, ``look``
+                   (every LOOK_S, and when its pidfd turns readable) watches
+                   the process, ``exit`` makes sure it is gone.
 =================  ============================================================
 
 None of them blocks: each ``recur`` takes what is already there and returns,
 so other doers (a control endpoint, service replicas, a link to a parent
-supervisor) can share the Doist. :func:`run` is the Python API behind the CLI.
+supervisor) can share the Doist. (The one wait outside the Loop's own: while
+only DONEs are awaited, the switchboard waits on the Loop's poller, for every
+socket and fd of every doer, bounded by the Loop's next timer.) :func:`run` is
+the Python API behind the CLI.
 
 Imports: hio, runcore, topology, launch, loop, transport, protocol, errors.
 """
@@ -39,7 +42,7 @@ from .errors import ClusterError, Interrupted, TopologyError
 from .launch import LocalLauncher, ProcessHandle, end_process, run_root, worker_argv
 from .loop import Loop, RouterDoer
 from .remote import AgentLink
-from .runcore import START_TIMEOUT, STOP_TIMEOUT, RunCore, RunResult
+from .runcore import START_TIMEOUT, STOP_TIMEOUT, Phase, RunCore, RunResult
 from .topology import Plan, Topology, plan as make_plan, resolve_classes, resolve_services
 from .transport import (ENDPOINT_RECORD, NOBLOCK, Context, Credentials, KeyPair, TransportError,
                         bound_address, facing, local_address,
@@ -78,12 +81,31 @@ class Switchboard(RouterDoer):
 
     def recur(self, tyme: float) -> bool:
         """Every frame already here goes to the core at once: the last DONE of a
-        window is granted on in this same cycle (the supervisor sends the outbox)."""
+        window is granted on in this same cycle (the supervisor sends the outbox).
+        While only DONEs are awaited (:meth:`Supervising.awaiting_dones`) it waits
+        for them itself, on the loop's poller, as long as nothing else wakes and no
+        timer is due: a window's DONEs cost the loop one cycle, not one each."""
+        supervisor = self.supervisor
+        loop = supervisor.loop
+        while self._take():
+            if not supervisor.awaiting_dones():
+                return False
+            timeout = loop.timeout()
+            ready = loop.poller.poll(timeout * 1000) if timeout > 0 else []
+            if len(ready) != 1 or ready[0] is not self.router:
+                loop.ready = ready  # the rest of the cycle sees what woke
+                return False
+        loop.asap = True
+        return False
+
+    def _take(self) -> bool:
+        """Hand every frame already here to the core; False if a flood was cut short
+        (a flood cannot starve the other doers)."""
         router, core, worker_of = self.router, self.supervisor.core, self.worker_of
         now = time.monotonic()
-        for _ in range(10_000):  # bounded: a flood cannot starve the other doers
+        for _ in range(10_000):
             if not readable(router):
-                return False
+                return True
             identity = router.recv(NOBLOCK)  # a ROUTER's first part: the connection
             frame = router.recv(NOBLOCK, copy=False)
             worker = worker_of.get(identity)
@@ -103,7 +125,6 @@ class Switchboard(RouterDoer):
             core.receive(worker, parts[1], now)
             for waiting in self.waiting.pop(worker, []):
                 self.reply(identity, waiting)
-        self.supervisor.loop.asap = True
         return False
 
     def send(self, worker: str, frame: bytes) -> None:
@@ -264,6 +285,12 @@ class Supervising(DoDoer):
         for child in self.children.values():
             child.wind_down(now)
         return all(child.handle is None or child.reported for child in self.children.values())
+
+    def awaiting_dones(self) -> bool:
+        """Nothing but DONEs to wait for: a window runs, and every frame for the
+        children went out (the switchboard may wait for them itself)."""
+        core = self.core
+        return core.owed > 0 and not core.outbox and core.phase is Phase.RUNNING
 
     def exit(self, deeds: Any = None) -> None:  # type: ignore[override]
         try:
