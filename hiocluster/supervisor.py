@@ -91,8 +91,10 @@ class Switchboard(RouterDoer):
             if not supervisor.awaiting_dones():
                 return False
             timeout = loop.timeout()
-            ready = loop.poller.poll(timeout * 1000) if timeout > 0 else []
-            if len(ready) != 1 or ready[0] is not self.router:
+            if timeout <= 0:
+                return False
+            ready = loop.poller.poll(timeout * 1000)  # level-triggered: it sees all
+            if len(ready) != 1 or ready[0] is not self.router:  # the outer poll saw
                 loop.ready = ready  # the rest of the cycle sees what woke
                 return False
         loop.asap = True
