@@ -129,6 +129,9 @@ class Group(Supervising):
             self.core.interrupt(self.interrupts.pop(0), time.monotonic())
         return super().recur(tyme, deeds)
 
+    def awaiting_dones(self) -> bool:
+        return not self.core.up and super().awaiting_dones()
+
     def _after(self, now: float) -> None:
         self.parent_link.flush()
         if self.register is not None and self.core.ticking:

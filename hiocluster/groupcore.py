@@ -141,8 +141,7 @@ class GroupCore(Supervision):
         elif isinstance(message, proto.Grant):
             self.granted, self.window_start = message.until, now
             self.report_at = now + PROGRESS_S
-            for book in self.books.values():
-                self._send(book, message)
+            self._grant_all(message)
         elif isinstance(message, proto.Stop):
             if self.phase in (Phase.STARTING, Phase.RUNNING):
                 self._stop(now, drain=message.drain, reason=message.reason)

@@ -24,6 +24,7 @@ __all__ = ["Loop", "RouterDoer", "MAX_WAIT_S"]
 
 #: Longest wait between cycles: deadlines and signals are looked at this often.
 MAX_WAIT_S = 0.05
+_MORE = NOBLOCK | SNDMORE
 
 
 class Loop(Doist):
@@ -35,6 +36,7 @@ class Loop(Doist):
         self.max_wait = max_wait
         self.asap = False  # a doer has more to do at once: skip the next wait
         self.due: float | None = None  # a doer wants a cycle by then (monotonic)
+        self.ready: list[Any] = []  # what the last wait found readable (sockets, fds)
         self._origin = time.monotonic()
 
     def tick(self, tock: float | None = None) -> float:  # type: ignore[override]
@@ -63,8 +65,7 @@ class Loop(Doist):
         """Sleep until a registered socket or fd is ready, or the next cycle is due."""
         timeout = self.timeout()
         self.asap, self.due = False, None
-        if timeout > 0:
-            self.poller.poll(timeout * 1000)
+        self.ready = self.poller.poll(timeout * 1000) if timeout > 0 else []
 
     def run(self) -> None:
         """Enter every doer, cycle until all are done, then exit them (always)."""
@@ -95,7 +96,7 @@ class RouterDoer(Doer):
         """Send ``frame`` to the peer ``identity``; a peer that is gone is no error
         (its process exit, or its silence, tells the core)."""
         try:
-            self.router.send(identity, NOBLOCK | SNDMORE)
+            self.router.send(identity, _MORE)
             self.router.send(frame, NOBLOCK)
         except ZMQError:
             pass

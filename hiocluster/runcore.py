@@ -43,6 +43,8 @@ STOP_TIMEOUT = 10.0
 #: A worker owing DONE that is silent for tick_timeout plus this is stuck in a tick
 #: (its own watchdog reports a hung node at tick_timeout; this catches the rest).
 SILENCE_GRACE_S = 0.3
+#: Seconds between looks for silent workers and lost frames while the run ticks.
+CHECK_S = 0.02
 #: Rejected frames from strangers after which they are only counted, no longer answered.
 STRANGER_LIMIT = 10_000
 #: Lead of GRANT.start over the wall clock in real-time runs (the grant's trip).
@@ -96,6 +98,8 @@ class Supervision:
         self.window_start = now
         self.granted = -1
         self.window_first = 0  # the first tick of the window granted last
+        self.owed = 0          # DONEs still owed for it
+        self.checked_at = 0.0  # when silence and lost frames are looked for next
         self.outbox: list[tuple[str, bytes]] = []     # (child, frame) to send
         self.signals: list[tuple[str, str]] = []      # (child, "terminate" | "kill")
         self.failure: ClusterError | None = None
@@ -115,16 +119,17 @@ class Supervision:
             self._refuse(book, exc, now)
             return
         books = self.books.values()
-        if isinstance(message, proto.Hello):
+        if type(message) is proto.Done:
+            if self.phase is Phase.RUNNING:
+                self.owed -= 1  # each child's machine takes one DONE per GRANT
+                if not self.owed:
+                    self._all_done(now)
+        elif isinstance(message, proto.Hello):
             if self.phase is Phase.STARTING and all(b.hello for b in books):
                 self._all_hello(now)
         elif isinstance(message, proto.Ready):
             if self.phase is Phase.STARTING and all(b.ready for b in books):
                 self._all_ready(now)
-        elif isinstance(message, proto.Done):
-            if self.phase is Phase.RUNNING and all(
-                    b.machine.state is proto.ParentState.IDLE for b in books):
-                self._all_done(now)
         elif isinstance(message, proto.Bye):
             self._maybe_finish(now)
         elif isinstance(message, proto.Error):
@@ -165,7 +170,8 @@ class Supervision:
             for book in stuck:  # the others wait for them: they get STOP
                 self._kill(book)
             self.fail(failure, now)
-        elif self.phase is Phase.RUNNING:
+        elif self.phase is Phase.RUNNING and now >= self.checked_at:
+            self.checked_at = now + CHECK_S  # not every cycle: deadlines are seconds
             self._check_silence(now)
         elif self.phase is Phase.STOPPING and now > self.deadline:
             for book in self.books.values():
@@ -297,6 +303,14 @@ class Supervision:
     def _send(self, book: WorkerBook, message: proto.Message) -> None:
         self.outbox.append((book.name, book.machine.send(message)))
 
+    def _grant_all(self, grant: proto.Grant) -> None:
+        """GRANT to every child: one frame, packed and checked once, serves them all."""
+        frame = None
+        for book in self.books.values():
+            frame = book.machine.send(grant, checked=frame is None, frame=frame)
+            self.outbox.append((book.name, frame))
+        self.owed = len(self.books)
+
     def _kill(self, book: WorkerBook) -> None:
         book.failed = True
         self.signals.append((book.name, "kill"))
@@ -392,8 +406,7 @@ class RunCore(Supervision):
             start = self.wall() + REAL_START_LEAD_S
         self.window_first = self.granted + 1
         self.granted, self.window_start = until, now
-        for book in self.books.values():
-            self._send(book, proto.Grant(until=until, start=start))
+        self._grant_all(proto.Grant(until=until, start=start))
 
     def _all_done(self, now: float) -> None:
         states = self.chain.states(self.window_first, self.granted)

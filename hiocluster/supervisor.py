@@ -5,16 +5,19 @@ In one :class:`~hiocluster.loop.Loop` (a hio Doist that waits on sockets):
 =================  ============================================================
 ``Supervisor``     a DoDoer: the run. Owns the run directory, the ZeroMQ context
                    and the :class:`~hiocluster.runcore.RunCore` that decides.
-``Switchboard``    a Doer: the control socket. Reads every frame, hands it to
-                   its worker's doer; sends what the core says.
-``ChildDoer``      a Doer per worker: ``enter`` starts its process, ``recur``
-                   feeds its frames to the core and watches the process,
-                   ``exit`` makes sure it is gone.
+``Switchboard``    a Doer: the control socket. Reads every frame and hands it
+                   to the core at once; sends what the core says.
+``ChildDoer``      a Doer per worker: ``enter`` starts its process, ``look``
+                   (every LOOK_S, and when its pidfd turns readable) watches
+                   the process, ``exit`` makes sure it is gone.
 =================  ============================================================
 
 None of them blocks: each ``recur`` takes what is already there and returns,
 so other doers (a control endpoint, service replicas, a link to a parent
-supervisor) can share the Doist. :func:`run` is the Python API behind the CLI.
+supervisor) can share the Doist. (The one wait outside the Loop's own: while
+only DONEs are awaited, the switchboard waits on the Loop's poller, for every
+socket and fd of every doer, bounded by the Loop's next timer.) :func:`run` is
+the Python API behind the CLI.
 
 Imports: hio, runcore, topology, launch, loop, transport, protocol, errors.
 """
@@ -31,7 +34,6 @@ import subprocess
 import tempfile
 import threading
 import time
-from collections import deque
 from typing import Any, Callable, Sequence
 
 from hio.base.doing import DoDoer, Doer
@@ -40,7 +42,7 @@ from .errors import ClusterError, Interrupted, TopologyError
 from .launch import LocalLauncher, ProcessHandle, end_process, run_root, worker_argv
 from .loop import Loop, RouterDoer
 from .remote import AgentLink
-from .runcore import START_TIMEOUT, STOP_TIMEOUT, RunCore, RunResult
+from .runcore import START_TIMEOUT, STOP_TIMEOUT, Phase, RunCore, RunResult
 from .topology import Plan, Topology, plan as make_plan, resolve_classes, resolve_services
 from .transport import (ENDPOINT_RECORD, NOBLOCK, Context, Credentials, KeyPair, TransportError,
                         bound_address, facing, local_address,
@@ -55,6 +57,10 @@ KILL_GRACE_S = 2.0
 #: Seconds a worker's frames get to arrive after its process is seen to exit
 #: without its BYE, before the exit counts as a failure.
 EXIT_SETTLE_S = 0.25
+#: Seconds between looks at a worker's process (the tock of its ChildDoer): for the
+#: signal steps that are due, and for an end its sentinel cannot tell (a remote one);
+#: a readable sentinel is looked at in the cycle it wakes.
+LOOK_S = 0.05
 
 
 class Switchboard(RouterDoer):
@@ -74,26 +80,53 @@ class Switchboard(RouterDoer):
         supervisor.control_address = bound_address(self.router)
 
     def recur(self, tyme: float) -> bool:
-        router, children, core = self.router, self.supervisor.children, self.supervisor.core
-        for _ in range(10_000):  # bounded: a flood cannot starve the other doers
-            if not readable(router):
+        """Every frame already here goes to the core at once: the last DONE of a
+        window is granted on in this same cycle (the supervisor sends the outbox).
+        While only DONEs are awaited (:meth:`Supervising.awaiting_dones`) it waits
+        for them itself, on the loop's poller, as long as nothing else wakes and no
+        timer is due: a window's DONEs cost the loop one cycle, not one each."""
+        supervisor = self.supervisor
+        loop = supervisor.loop
+        while self._take():
+            if not supervisor.awaiting_dones():
                 return False
-            frames = router.recv_multipart(NOBLOCK, copy=False)
-            parts = [frame.bytes for frame in frames]
-            worker = self.worker_of.get(parts[0])
-            if worker is not None and len(parts) == 2:
-                children[worker].inbox.append(parts[1])
+            timeout = loop.timeout()
+            if timeout <= 0:
+                return False
+            ready = loop.poller.poll(timeout * 1000)  # level-triggered: it sees all
+            if len(ready) != 1 or ready[0] is not self.router:  # the outer poll saw
+                loop.ready = ready  # the rest of the cycle sees what woke
+                return False
+        loop.asap = True
+        return False
+
+    def _take(self) -> bool:
+        """Hand every frame already here to the core; False if a flood was cut short
+        (a flood cannot starve the other doers)."""
+        router, core, worker_of = self.router, self.supervisor.core, self.worker_of
+        now = time.monotonic()
+        for _ in range(10_000):
+            if not readable(router):
+                return True
+            identity = router.recv(NOBLOCK)  # a ROUTER's first part: the connection
+            frame = router.recv(NOBLOCK, copy=False)
+            worker = worker_of.get(identity)
+            if worker is not None and not frame.more:
+                core.receive(worker, frame.bytes, now)
                 continue
-            worker, reply = core.admit(parts, sender(frames[-1]))
+            parts = [identity, frame.bytes]
+            while frame.more:
+                frame = router.recv(NOBLOCK, copy=False)
+                parts.append(frame.bytes)
+            worker, reply = core.admit(parts, sender(frame))
             if worker is None:
                 if reply is not None:
-                    self.reply(parts[0], reply)
+                    self.reply(identity, reply)
                 continue
-            self.worker_of[parts[0]], self.identity_of[worker] = worker, parts[0]
-            children[worker].inbox.append(parts[1])
-            for frame in self.waiting.pop(worker, []):
-                self.reply(parts[0], frame)
-        self.supervisor.loop.asap = True
+            worker_of[identity], self.identity_of[worker] = worker, identity
+            core.receive(worker, parts[1], now)
+            for waiting in self.waiting.pop(worker, []):
+                self.reply(identity, waiting)
         return False
 
     def send(self, worker: str, frame: bytes) -> None:
@@ -110,9 +143,8 @@ class ChildDoer(Doer):
 
     def __init__(self, supervisor: Supervisor, name: str, external: bool = False,
                  **kwa: Any) -> None:
-        super().__init__(**kwa)
+        super().__init__(tock=LOOK_S, **kwa)
         self.supervisor, self.name, self.external = supervisor, name, external
-        self.inbox: deque[bytes] = deque()
         self.handle: ProcessHandle | None = None
         self.reported = False      # its exit went to the core
         self.exitcode: int | None = None
@@ -124,43 +156,48 @@ class ChildDoer(Doer):
     def enter(self) -> None:
         if not self.external:
             self.handle = self.supervisor.launcher_for(self.name).start(self.name)
-            if self.handle.sentinel is not None:
-                self.supervisor.loop.poller.register(self.handle.sentinel)
+            sentinel = self.handle.sentinel
+            if sentinel is not None:
+                self.supervisor.loop.poller.register(sentinel)
+                self.supervisor.watching[sentinel] = self
 
     def recur(self, tyme: float) -> bool:
-        core, now = self.supervisor.core, time.monotonic()
-        while self.inbox:
-            core.receive(self.name, self.inbox.popleft(), now)
-        handle = self.handle
-        if handle is None:
-            return core.finished
-        if not self.reported:
-            code = handle.exitcode()
-            if code is None:
-                while self.escalate and self.escalate[0][0] <= now:
-                    step = self.escalate.pop(0)[1]
-                    getattr(handle, step)()
-                    if step == "kill":
-                        self.killed_at = now
-                if self.killed_at is not None and now - self.killed_at > \
-                        self.supervisor.kill_grace:
-                    # e.g. a process on another host whose agent never answers: do not
-                    # wait for it for ever
-                    handle.lost(f"no word from its host {self.supervisor.kill_grace:g} s "
-                                "after SIGKILL was asked for")
-                return False
-            if core.awaits_word(self.name):
-                # Its last frames can still be on their way (the kernel, then
-                # ZeroMQ's I/O thread) when its exit is seen: give them a moment.
-                if self.settle is None:
-                    self.settle = now + EXIT_SETTLE_S
-                    self._forget_sentinel()  # else its readable sentinel spins the loop
-                if now < self.settle:
-                    return False
-            self._forget_sentinel()
-            self.reported, self.exitcode = True, code
-            core.exited(self.name, code, now, tick=handle.last_tick(), cause=handle.why())
-        return core.finished
+        """Every LOOK_S (its tock): a look at the process (see :meth:`look`)."""
+        self.look(time.monotonic())
+        return (self.handle is None or self.reported) and self.supervisor.core.finished
+
+    def look(self, now: float) -> None:
+        """Has the process ended? Take the signal steps that are due. Called every
+        LOOK_S, and in the cycle its sentinel (a pidfd in the loop's poller) turns
+        readable: a run's ticks never wait on a waitpid per worker."""
+        handle, core = self.handle, self.supervisor.core
+        if handle is None or self.reported:
+            return
+        code = handle.exitcode()
+        if code is None:
+            while self.escalate and self.escalate[0][0] <= now:
+                step = self.escalate.pop(0)[1]
+                getattr(handle, step)()
+                if step == "kill":
+                    self.killed_at = now
+            if self.killed_at is not None and now - self.killed_at > \
+                    self.supervisor.kill_grace:
+                # e.g. a process on another host whose agent never answers: do not
+                # wait for it for ever
+                handle.lost(f"no word from its host {self.supervisor.kill_grace:g} s "
+                            "after SIGKILL was asked for")
+            return
+        if core.awaits_word(self.name):
+            # Its last frames can still be on their way (the kernel, then
+            # ZeroMQ's I/O thread) when its exit is seen: give them a moment.
+            if self.settle is None:
+                self.settle = now + EXIT_SETTLE_S
+                self._forget_sentinel()  # else its readable sentinel spins the loop
+            if now < self.settle:
+                return
+        self._forget_sentinel()
+        self.reported, self.exitcode = True, code
+        core.exited(self.name, code, now, tick=handle.last_tick(), cause=handle.why())
 
     def signal(self, kind: str, now: float) -> None:
         """``"kill"`` now, or ``"terminate"`` now and kill if it lingers."""
@@ -169,6 +206,7 @@ class ChildDoer(Doer):
             self.escalate = [(now, "kill")]
         else:
             self.escalate = [(now, "terminate"), (now + grace, "kill")]
+        self.look(now)
 
     def wind_down(self, now: float) -> None:
         """The run is over: a worker still running gets the kill grace, then SIGTERM,
@@ -181,6 +219,7 @@ class ChildDoer(Doer):
         if self.handle is not None and self.handle.sentinel is not None and not self.forgot:
             self.forgot = True
             self.supervisor.loop.poller.unregister(self.handle.sentinel)
+            self.supervisor.watching.pop(self.handle.sentinel, None)
 
     def exit(self) -> None:
         """A forced exit may leave it running: SIGTERM, a short wait, SIGKILL."""
@@ -215,6 +254,7 @@ class Supervising(DoDoer):
         self.loop, self.kill_grace = loop, kill_grace
         self.switchboard = Switchboard(self)
         self.children = {name: ChildDoer(self, name, name in external) for name in children}
+        self.watching: dict[int, ChildDoer] = {}  # a child's sentinel -> the child
         self.core: Any = None           # made before the doers enter
         self.context: Context | None = None
         self.listen = ""
@@ -228,8 +268,12 @@ class Supervising(DoDoer):
         return super().enter(doers)
 
     def recur(self, tyme: float, deeds: Any = None) -> bool:  # type: ignore[override]
-        super().recur(tyme, deeds)  # the switchboard, the extra doers, every child
+        super().recur(tyme, deeds)  # the switchboard, the extra doers, every child due
         core, now = self.core, time.monotonic()
+        for item in self.loop.ready:  # a process that ended, at once
+            child = self.watching.get(item)
+            if child is not None:
+                child.look(now)
         core.poll(now)
         for worker, frame in core.outbox:
             self.switchboard.send(worker, frame)
@@ -243,6 +287,12 @@ class Supervising(DoDoer):
         for child in self.children.values():
             child.wind_down(now)
         return all(child.handle is None or child.reported for child in self.children.values())
+
+    def awaiting_dones(self) -> bool:
+        """Nothing but DONEs to wait for: a window runs, and every frame for the
+        children went out (the switchboard may wait for them itself)."""
+        core = self.core
+        return core.owed > 0 and not core.outbox and core.phase is Phase.RUNNING
 
     def exit(self, deeds: Any = None) -> None:  # type: ignore[override]
         try:

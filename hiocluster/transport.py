@@ -598,9 +598,13 @@ def sender(frame: zmq.Frame) -> str | None:
         return None
 
 
+#: plain ints: an operation on pyzmq's enum flags runs Python code (hot path)
+_EVENTS_OPTION, _POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)
+
+
 def readable(sock: zmq.Socket) -> bool:
     """A message can be received now (cheaper than a recv that raises Again)."""
-    return bool(sock.getsockopt(zmq.EVENTS) & zmq.POLLIN)
+    return bool(sock.getsockopt(_EVENTS_OPTION) & _POLLIN)
 
 
 def monitor_event(monitor: zmq.Socket) -> str:
@@ -643,5 +647,5 @@ class Poller:
 
 Again = zmq.Again
 ZMQError = zmq.ZMQError
-NOBLOCK = zmq.NOBLOCK
-SNDMORE = zmq.SNDMORE
+NOBLOCK = int(zmq.NOBLOCK)  # ints, not pyzmq's enum flags: ``NOBLOCK | SNDMORE`` at C speed
+SNDMORE = int(zmq.SNDMORE)

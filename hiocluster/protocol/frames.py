@@ -71,7 +71,8 @@ def _unpack(data: bytes, limit: int, payloads: bool = False) -> Any:
 
 
 def decode(data: bytes, *, limit: int = MAX_CONTROL_FRAME,
-           allowed: tuple[type[Message], ...] | None = None) -> Message:
+           allowed: tuple[type[Message], ...] | None = None,
+           expect: type[Message] | None = None) -> Message:
     """Unpack and validate one control frame.
 
     Args:
@@ -79,11 +80,35 @@ def decode(data: bytes, *, limit: int = MAX_CONTROL_FRAME,
         limit: largest frame accepted, in bytes.
         allowed: message classes acceptable here; others raise ``FrameError``
             with field "type" (e.g. a DATA frame on the control socket).
+        expect: the type nearly every frame here has (a DONE while a window runs,
+            a GRANT between windows; scalar fields only): a frame of exactly that
+            type with every field present and valid is taken at once, in a few
+            calls; anything else goes the general way, so every error is the same.
 
     Raises:
         FrameError: with ``field`` naming what was wrong.
     """
-    return _decode(_unpack(data, limit), allowed)
+    frame = _unpack(data, limit)
+    if expect is not None:
+        message = _plain(frame, expect)
+        if message is not None:
+            return message
+    return _decode(frame, allowed)
+
+
+def _plain(frame: Any, cls: type[Message]) -> Message | None:
+    """``frame`` as a ``cls``, if it is one with every field present and valid (what
+    :func:`_decode` would make of it); None for anything else."""
+    if type(frame) is not list or len(frame) != 3 or frame[1] != cls.TYPE \
+            or type(frame[0]) is not int or frame[0] != VERSION:
+        return None
+    body, schema = frame[2], cls.SCHEMA
+    if type(body) is not dict or len(body) != len(schema):
+        return None
+    for name, check in schema.items():
+        if name not in body or not check.ok(body[name]):
+            return None
+    return cls(**body)
 
 
 def decode_data(data: bytes) -> Data:
