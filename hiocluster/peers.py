@@ -280,9 +280,12 @@ class PeerSockets(DataPlane):
         out, self.monitors[peer] = self.context.data_dealer(self.addresses[peer],
                                                             self.keys.get(peer))
         self.outs[peer], self.up[peer] = out, False
-        out.send(self._hello, NOBLOCK)  # queued until the connection is made
-        for _, frame in self.kept[peer]:
-            out.send(frame, NOBLOCK)
+        try:
+            out.send(self._hello, NOBLOCK)  # queued until the connection is made
+            for _, frame in self.kept[peer]:
+                out.send(frame, NOBLOCK)
+        except Again:  # the connect failed already (the neighbour is gone): check() sees it
+            pass
 
     def _put(self, peer: str, frame: bytes) -> None:
         try:

@@ -117,9 +117,9 @@ def test_encode_decode_round_trip(message: Message) -> None:
 
 
 def test_encode_frame_is_version_type_body() -> None:
-    assert msgpack.unpackb(encode(Grant(until=3))) == [3, "GRANT", {"until": 3, "start": None}]
+    assert msgpack.unpackb(encode(Grant(until=3))) == [4, "GRANT", {"until": 3, "start": None}]
     # the worked example of docs/protocol.md, byte for byte
-    assert encode(Grant(until=3)).hex() == "9303a54752414e5482a5756e74696c03a57374617274c0"
+    assert encode(Grant(until=3)).hex() == "9304a54752414e5482a5756e74696c03a57374617274c0"
 
 
 def test_encode_uses_bin_for_bytes_and_str_for_names() -> None:
@@ -185,7 +185,7 @@ def test_decode_wrong_top_level_shape(obj: Any) -> None:
     frame_error(pack(obj), "frame", "bad-frame")
 
 
-@pytest.mark.parametrize("version", [0, 1, 2, 4, -1, True, 3.0, "3", None])
+@pytest.mark.parametrize("version", [0, 1, 2, 3, 5, -1, True, 4.0, "4", None])
 def test_decode_wrong_version(version: Any) -> None:
     frame_error(pack([version, "GRANT", {"until": 0}]), "version", "version")
 
