@@ -36,7 +36,7 @@ from __future__ import annotations
 import hmac
 import sys
 from collections import deque
-from typing import Any, Hashable
+from typing import Any, Callable, Hashable
 
 from . import protocol as proto
 from .errors import ClusterError, FrameError, ProtocolError
@@ -50,6 +50,8 @@ __all__ = ["DataPlane", "PeerSockets", "DataFault", "LOG_REFUSED", "EARLY_PEERS"
 LOG_REFUSED = 10
 #: PEER frames held until SETUP says who the neighbours are (one per connection).
 EARLY_PEERS = 1024
+#: Longest one blocking receive waits (then the worker looks at its control socket).
+RECEIVE_S = 0.1
 #: Connections of one neighbour whose frames are still taken (a dropped one's last
 #: frames can still be queued here when its replacement arrives).
 KEEP_CONNECTIONS = 4
@@ -131,6 +133,10 @@ class DataPlane:
         """Send one frame to ``peer``; if its connection dropped, the frame goes when
         :meth:`check` makes it again (it is kept)."""
         raise NotImplementedError
+
+    #: ``receive()``: wait (at most RECEIVE_S) for one frame and take it, looking at
+    #: nothing else; None where a transport has no cheaper wait than the worker's poll.
+    receive: Callable[[], None] | None = None
 
     def serve(self, ready: list[Any]) -> None:
         """Take one frame from each of our sockets in ``ready`` (a poll's answer).
@@ -258,7 +264,7 @@ class PeerSockets(DataPlane):
     def __init__(self, context: Context, bind: str, worker: str, token: bytes) -> None:
         super().__init__(worker, token)
         self.context = context
-        self.socket = context.data_router(bind)
+        self.socket = context.data_router(bind, wait=RECEIVE_S)  # a recv waits this long
         self.address = bound_address(self.socket)
         self.monitors: dict[str, Any] = {}       # neighbour -> its DEALER's monitor
         self.up: dict[str, bool] = {}            # neighbour -> its DEALER is connected
@@ -324,15 +330,26 @@ class PeerSockets(DataPlane):
             if not up:
                 self.context.discard(self.outs[peer], self.monitors[peer])
 
-    def take_one(self) -> None:
-        """One message from the receiving socket (a poll said there is one).
+    def receive(self) -> None:  # type: ignore[override]
+        """Wait for one message, at most RECEIVE_S (the socket's receive timeout), and
+        take it: one blocking recv, where a poll of control and data together costs
+        a zmq_poll per frame that usually arrives while the worker runs.
+
+        Raises:
+            DataFault: a neighbour's frame is invalid.
+        """
+        self.take_one(0)
+
+    def take_one(self, flags: int = NOBLOCK) -> None:
+        """One message from the receiving socket (a poll said there is one; with
+        ``flags`` 0, waiting for it at most RECEIVE_S).
 
         Raises:
             DataFault: a neighbour's frame is invalid.
         """
         sock = self.socket
         try:
-            identity = sock.recv(NOBLOCK)
+            identity = sock.recv(flags)
         except Again:
             return
         frame = first = sock.recv(copy=False)
@@ -340,8 +357,9 @@ class PeerSockets(DataPlane):
         while frame.more:
             frame = sock.recv(copy=False)
             parts.append(frame.bytes)
-        if len(parts) == 2:
-            self._take(identity, parts[1], sender(first))
+        if len(parts) == 2:  # the key's name only matters on a connection not proved yet
+            self._take(identity, parts[1],
+                       None if identity in self.peer_of else sender(first))
         else:
             self._admit(parts, sender(first))
 

@@ -426,9 +426,13 @@ class Context:
                                                     contact=contact)))
         return sock, made[0]
 
-    def data_router(self, address: str) -> zmq.Socket:
-        """A worker's data inbox, bound at ``address`` (``tcp://host:*`` picks a port)."""
-        return self._bound_router(address, MAX_DATA_FRAME)
+    def data_router(self, address: str, wait: float | None = None) -> zmq.Socket:
+        """A worker's data inbox, bound at ``address`` (``tcp://host:*`` picks a port);
+        a blocking recv on it gives up after ``wait`` seconds (None: never)."""
+        sock = self._bound_router(address, MAX_DATA_FRAME)
+        if wait is not None:
+            sock.setsockopt(zmq.RCVTIMEO, int(wait * 1000))
+        return sock
 
     def data_dealer(self, address: str, server_key: str | None = None
                     ) -> tuple[zmq.Socket, zmq.Socket]:

@@ -319,10 +319,14 @@ class Worker:
         exchange = self.exchange
         assert exchange is not None
         missing = exchange.missing(tick)
+        receive = self.peers.receive if self.peers is not None else None
         while missing:
             if time.monotonic() >= self.report_at:
-                self._report(missing)
-            self._wait(self.report_at)
+                self._report(missing)  # and a look at the control socket
+            if receive is not None:
+                receive()
+            else:
+                self._wait(self.report_at)
             missing = exchange.missing(tick)
 
     def _finish(self) -> None:
