@@ -14,8 +14,8 @@ cells (default 4 x 4 tiles of 128 x 128, the issue's case) for N ticks:
 Every figure is the best of R rounds. Printed: cell updates/s of each, the
 hiocluster runs as ratios to the hand-stepped tiles, and hiocluster's own cost
 at P=1 (its time less the hand-stepped time) per tick, per node per tick and per
-message. Target (the issue): at P=1 with 16 tiles of 128 x 128, hiocluster adds
-<= 20 % to the hand-stepped tiles.
+message. Targets (the issue): at P=1 with 16 tiles of 128 x 128, hiocluster adds
+<= 20 % to the hand-stepped tiles; at P=2 it is >= 1.5x as fast as them.
 
     python bench/simulation.py [--tiles 4] [--size 128] [--ticks 100] [--repeat 3]
 """
@@ -122,7 +122,12 @@ def main() -> None:
           f"{own / max(1, messages) * 1e6:.1f} us per message ({messages:,} messages)")
     added = best["hiocluster P=1"] / hand - 1
     verdict = "met" if added <= 0.20 else "MISSED"
-    print(f"targets: P=1 adds <= 20% to the tiles by hand: {verdict} ({added:+.1%})")
+    line = f"targets: P=1 adds <= 20% to the tiles by hand: {verdict} ({added:+.1%})"
+    if "hiocluster P=2" in best:
+        speedup = hand / best["hiocluster P=2"]
+        line += (f"; P=2 >= 1.5x the tiles by hand: {'met' if speedup >= 1.5 else 'MISSED'}"
+                 f" ({speedup:.2f}x)")
+    print(line)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,8 @@ from operator import itemgetter
 from typing import Any, Callable, Iterable, Mapping
 
 from . import protocol as proto
+from .protocol import arrays
+from .protocol.fields import MAX_ARRAY
 from .errors import ClusterError, FrameError, RemoteProtocolError
 from .node import Inbox, Link, Node
 
@@ -293,16 +295,24 @@ class Exchange:
         if self.local_links:
             local = self._frame(tick, self.local_links, self.local_links, acking)
             if local.messages or local.acks:
-                # through msgpack and back, so local payloads look exactly like remote ones
-                reloaded = self._pack(local, proto.reload_data)
-                self._local = (tick, reloaded.messages, reloaded.acks)
+                # through msgpack and back, so local payloads look exactly like remote
+                # ones; arrays alone come back as copies: copied, not packed
+                if _copyable(local.messages):
+                    self._local = (tick, [[link, sequences, [value.copy() for value in values]]
+                                          for link, sequences, values in local.messages],
+                                   local.acks)
+                else:
+                    reloaded = self._pack(local, proto.reload_data)
+                    self._local = (tick, reloaded.messages, reloaded.acks)
         frames = []
         for peer in self.neighbours:
             out_links = self._out_to[peer]
             if not out_links and not acking:
                 continue
             frame = self._frame(tick, out_links, self._in_from[peer], acking)
-            if frame.messages:
+            if frame.messages and _copyable(frame.messages):  # arrays alone: they unpack
+                frames.append((peer, proto.encode(frame)))
+            elif frame.messages:
                 frames.append((peer, self._pack(frame, proto.check_unpacks)))
             else:
                 frames.append((peer, proto.encode(frame)))
@@ -347,6 +357,14 @@ class Exchange:
         """Messages put but never sent (put in exit contexts, after the last tick)."""
         return sum(len(link.payloads) for link in self.links.values()
                    if link.source_worker == self.worker)
+
+
+def _copyable(rows: list[list[Any]]) -> bool:
+    """Every payload of ``rows`` is an array that comes back from msgpack as its copy,
+    and the frame stays well inside the limit (else: pack, unpack, and say why not)."""
+    size = arrays.arrays_size(rows)
+    return size is not None and size < proto.MAX_DATA_FRAME // 2 \
+        and sum(len(row[2]) for row in rows) < MAX_ARRAY // 2
 
 
 def _source_of(run: tuple[Link, list[int], list[Any]]) -> str:

@@ -347,3 +347,33 @@ def test_end_frames_go_upstream_and_say_a_neighbour_had_everything() -> None:
     assert w0.unfinished() == []
     with pytest.raises(RemoteProtocolError):          # an end frame with content is not one
         w0.accept("w1", proto.encode(proto.Data(4, "w1", [], [[0, 1]])))
+
+
+@pytest.mark.parametrize("make_array", [
+    lambda np: np.arange(12.0).reshape(3, 4),
+    lambda np: np.arange(12.0).reshape(3, 4)[:, ::2],          # not contiguous
+    lambda np: np.asfortranarray(np.arange(6).reshape(2, 3)),
+    lambda np: np.array([True, False]),
+    lambda np: np.array([1 + 2j], dtype=np.complex64),
+    lambda np: np.array(3.5),                                   # 0-d
+    lambda np: np.arange(4, dtype=">f8"),                       # big-endian
+    lambda np: np.zeros((0, 3), dtype=np.uint16),
+], ids=["2d", "strided", "fortran", "bool", "complex", "0d", "big-endian", "empty"])
+def test_arrays_between_local_nodes_are_what_msgpack_gives_back(make_array: Any) -> None:
+    """Arrays alone on local links are copied, not packed: exactly the array a
+    neighbour unpacks (dtype, shape, C order, a fresh writable one)."""
+    np = pytest.importorskip("numpy")
+    rows = [[0, "a", "out", "b", "in", 4, "w0", "w0"]]
+    w0, nodes = make("w0", ["a", "b"], rows)
+    sent = make_array(np)
+    nodes["a"].outbox["out"].put(sent)
+    w0.outgoing(0)
+    w0.deliver(1)
+    got = nodes["b"].inbox["in"].get()
+    unpacked = proto.reload_data(proto.encode(proto.Data(0, "w0", [[0, [0], [sent]]], [])))
+    expected = unpacked.messages[0][2][0]
+    assert type(got) is type(expected) and got.dtype.str == expected.dtype.str
+    assert got.shape == expected.shape and got.flags.c_contiguous and got.flags.writeable
+    assert got.tobytes() == expected.tobytes() and got is not sent
+    if sent.size:
+        assert not np.shares_memory(got, sent)

@@ -23,7 +23,8 @@ from typing import Any
 import msgpack
 import xxhash
 
-__all__ = ["ARRAY_EXT", "default", "ext_hook", "digest", "ARRAY_KINDS", "MAX_DIMENSIONS"]
+__all__ = ["ARRAY_EXT", "default", "ext_hook", "digest", "arrays_size", "ARRAY_KINDS",
+           "MAX_DIMENSIONS"]
 
 #: The ext type code of an array.
 ARRAY_EXT = 1
@@ -82,6 +83,25 @@ def ext_hook(code: int, data: bytes) -> Any:
     return numpy.frombuffer(contents, dtype=kind).reshape(shape).copy()
 
 
+def arrays_size(rows: list[list[Any]]) -> int | None:
+    """The bytes of the payloads of DATA ``rows`` (``[link, sequences, payloads]``)
+    when every payload is a plain numpy array of a kind that travels (at most
+    MAX_DIMENSIONS of them), else None. Such a payload always comes back from msgpack as
+    ``array.copy()`` (a fresh, writable, C-ordered array of the same dtype and
+    shape): what a sender may use instead of packing and unpacking it."""
+    numpy = sys.modules.get("numpy")
+    if numpy is None:
+        return None
+    ndarray, size = numpy.ndarray, 0
+    for row in rows:
+        for value in row[2]:
+            if type(value) is not ndarray or value.dtype.kind not in ARRAY_KINDS \
+                    or value.ndim > MAX_DIMENSIONS:
+                return None
+            size += value.nbytes
+    return size
+
+
 #: Arrays at least this big are digested without being packed (see :func:`digest`).
 DIGEST_DIRECT_BYTES = 4096
 _FIXEXT = {1: 0xD4, 2: 0xD5, 4: 0xD6, 8: 0xD7, 16: 0xD8}
@@ -96,8 +116,25 @@ def digest(value: Any) -> bytes | None:
     if numpy is None or type(value) is not numpy.ndarray \
             or value.nbytes < DIGEST_DIRECT_BYTES or value.dtype.kind not in ARRAY_KINDS:
         return None
-    size = value.nbytes
-    head = b"\x93" + msgpack.packb(value.dtype.str) + msgpack.packb(list(value.shape))
+    key = (value.dtype.str, value.shape)
+    prefix = _PREFIXES.get(key)
+    if prefix is None:
+        prefix = _prefix(value.dtype.str, value.shape, value.nbytes)
+        if len(_PREFIXES) < 256:  # the few shapes a run's states have, not every one
+            _PREFIXES[key] = prefix
+    hasher = xxhash.xxh3_128(prefix)
+    hasher.update(value if value.flags.c_contiguous else numpy.ascontiguousarray(value))
+    return hasher.digest()
+
+
+#: msgpack's bytes before an array's contents, by (dtype, shape)
+_PREFIXES: dict[tuple[str, tuple[int, ...]], bytes] = {}
+
+
+def _prefix(dtype: str, shape: tuple[int, ...], size: int) -> bytes:
+    """The bytes ``packb`` writes for an array before its contents: the ext header,
+    then ``[dtype, shape, bin header]``."""
+    head = b"\x93" + msgpack.packb(dtype) + msgpack.packb(list(shape))
     head += (b"\xc5" + size.to_bytes(2, "big")) if size < 65536 else \
         (b"\xc6" + size.to_bytes(4, "big"))
     inner = len(head) + size
@@ -107,6 +144,4 @@ def digest(value: Any) -> bytes | None:
         ext = b"\xc8" + inner.to_bytes(2, "big") + bytes([ARRAY_EXT])
     else:
         ext = b"\xc9" + inner.to_bytes(4, "big") + bytes([ARRAY_EXT])
-    hasher = xxhash.xxh3_128(ext + head)
-    hasher.update(numpy.ascontiguousarray(value).reshape(-1).view(numpy.uint8))
-    return hasher.digest()
+    return ext + head
