@@ -340,6 +340,7 @@ class Context:
         unpredictable_ids()
         self._context = zmq.Context()
         self._sockets: list[zmq.Socket] = []
+        self._monitors = 0  # monitors made: each its own inproc address
         self.keys = keys
         self.gate: Gate | None = None
         if keys is not None:
@@ -470,7 +471,10 @@ class Context:
             events |= zmq.EVENT_CLOSED
         if contact:
             events |= zmq.EVENT_CONNECTED | zmq.EVENT_CONNECT_RETRIED
-        monitor = sock.get_monitor_socket(events)
+        # an address of its own: pyzmq's default names it after the socket's fd, which
+        # a new socket reuses while the closed one's monitor may still hold the name
+        self._monitors += 1
+        monitor = sock.get_monitor_socket(events, f"inproc://monitor-{self._monitors}")
         self._sockets.append(monitor)
         return monitor
 
