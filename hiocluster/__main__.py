@@ -21,6 +21,8 @@ class _Signalled(KeyboardInterrupt):
 
 
 def _interrupt(signum: int, frame: object) -> None:
+    from .early import received  # also written down: code not ours may drop the raise
+    received(signum)
     raise _Signalled(signum)
 
 

@@ -38,6 +38,7 @@ from typing import Any, Callable, Sequence
 
 from hio.base.doing import DoDoer, Doer
 
+from .early import take as take_early_signal
 from .errors import ClusterError, Interrupted, TopologyError
 from .launch import LocalLauncher, ProcessHandle, end_process, run_root, worker_argv
 from .loop import Loop, RouterDoer
@@ -760,6 +761,9 @@ class _signals:
             from .replica import IGNORED_SIGNALS  # SIGHUP must never end services
             for signum in IGNORED_SIGNALS:
                 self.restore[signum] = signal.signal(signum, self._handle)
+        early = take_early_signal()  # one whose exception something swallowed
+        if early is not None:
+            self._handle(early, None)
 
     def _handle(self, signum: int, frame: Any) -> None:
         if signum in (signal.SIGINT, signal.SIGTERM):
