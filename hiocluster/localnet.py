@@ -31,7 +31,7 @@ import time
 from typing import Any
 
 from .errors import FrameError
-from .peers import DataFault, DataPlane, PeerSockets
+from .peers import ARRIVED_S, DataFault, DataPlane, PeerSockets
 from .protocol import MAX_DATA_FRAME
 from .transport import Context, Poller, TransportError
 
@@ -49,8 +49,6 @@ BUFFER_BYTES = 1 << 20
 CONNECT_TIMEOUT_S = 10.0
 #: How long a full socket is waited on between looks at the neighbours' frames.
 PUSH_WAIT_MS = 100
-#: take_arrived reads at most this long (a stranger may never stop writing).
-ARRIVED_S = 1.0
 
 
 def local_path(address: str) -> str | None:

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import hmac
 import sys
+import time
 from collections import deque
 from typing import Any, Callable, Hashable
 
@@ -50,6 +51,8 @@ __all__ = ["DataPlane", "PeerSockets", "DataFault", "LOG_REFUSED", "EARLY_PEERS"
 LOG_REFUSED = 10
 #: PEER frames held until SETUP says who the neighbours are (one per connection).
 EARLY_PEERS = 1024
+#: take_arrived reads at most this long (a stranger may never stop writing).
+ARRIVED_S = 1.0
 #: Longest one blocking receive waits (then the worker looks at its control socket).
 RECEIVE_S = 0.1
 #: Connections of one neighbour whose frames are still taken (a dropped one's last
@@ -151,8 +154,9 @@ class DataPlane:
         raise NotImplementedError
 
     def take_arrived(self) -> None:
-        """Take every frame already here. After a failed run, so that BYE says how
-        far each neighbour got: a bad frame is only reported now."""
+        """Take every frame already here (at most ARRIVED_S): after a failed run, so
+        that BYE says how far each neighbour got (a bad frame is only reported
+        now); after a clean one, so that every stranger's frame is counted."""
         raise NotImplementedError
 
     def check(self, redial: bool = True) -> None:
@@ -194,7 +198,7 @@ class DataPlane:
         self._dial(peer)
 
     def _fault_later(self, fault: DataFault) -> None:
-        print(f"hiocluster worker {self.worker}: after the run failed, {fault}",
+        print(f"hiocluster worker {self.worker}: after its last tick, {fault}",
               file=sys.stderr, flush=True)
 
     def _prove(self, identity: Hashable, peer: str) -> None:
@@ -366,7 +370,8 @@ class PeerSockets(DataPlane):
     def take_arrived(self) -> None:
         """Take every frame already here. After a failed run, so that BYE says how
         far each neighbour got: a bad frame is only reported now."""
-        while self.socket.poll(0):
+        deadline = time.monotonic() + ARRIVED_S  # a stranger may never stop writing
+        while self.socket.poll(0) and time.monotonic() < deadline:
             try:
                 self.take_one()
             except DataFault as fault:

@@ -184,6 +184,7 @@ class Worker:
             self._gather(self.tick + 1)
             self.exchange.drain(self.tick + 1)
             self._finish()
+            self.peers.take_arrived()  # strangers' frames still queued: refused, counted
         elif self.exchange is not None:
             self.peers.take_arrived()
             self.peers.close(drop=True)  # no drain: frames still queued (to a dead peer) are moot
