@@ -9,10 +9,9 @@ refused exactly as the general decoder refuses it, naming the field.
 
 from __future__ import annotations
 
-import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import msgpack
 import pytest
@@ -25,6 +24,7 @@ from hiocluster.runcore import Phase, RunCore
 from hiocluster.topology import loads, plan
 
 from conftest import REPO
+from tests.calls import count_calls
 from tests.faulty import ring_toml
 from tests.test_runcore import Run, records
 
@@ -167,22 +167,6 @@ def _strict_core(workers: int) -> tuple[RunCore, dict[str, proto.ChildMachine]]:
     return core, machines
 
 
-def _count_calls(action: Callable[[], None]) -> int:
-    calls = 0
-
-    def profile(frame: Any, event: str, arg: Any) -> None:
-        nonlocal calls
-        if event in ("call", "c_call"):
-            calls += 1
-
-    sys.setprofile(profile)
-    try:
-        action()
-    finally:
-        sys.setprofile(None)
-    return calls
-
-
 @pytest.mark.parametrize("workers", [1, 2, 8])
 def test_a_strict_tick_costs_the_core_a_bounded_number_of_calls_per_worker(
         workers: int) -> None:
@@ -192,7 +176,7 @@ def test_a_strict_tick_costs_the_core_a_bounded_number_of_calls_per_worker(
             proto.Done(until=tick, digests=core.state[name]),  # type: ignore[attr-defined]
             checked=False)) for name in core.books]
         if tick == 19:  # warm: measure the last one
-            calls = _count_calls(lambda: [core.receive(name, frame, 2.0)
+            calls = count_calls(lambda: [core.receive(name, frame, 2.0)
                                           for name, frame in frames])
         else:
             for name, frame in frames:

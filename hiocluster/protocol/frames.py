@@ -147,29 +147,25 @@ def read_data(data: bytes) -> tuple[int, str, list[list[Any]], list[list[int]]]:
     """``(tick, source, messages, acks)`` of a DATA frame, checked exactly as
     :func:`decode_data` checks it, on the path every valid frame takes: one unpack,
     the shape of the array and map tested in place, the rows by the schema's own
-    checks, no message object built. A frame that fails any of this is decoded
+    checks unrolled, no message object built. A frame that fails any of this is decoded
     again by :func:`decode_data`, which raises its precise error.
 
     Raises:
         FrameError: with ``field`` naming what was wrong.
     """
-    if len(data) <= MAX_DATA_FRAME:
-        try:
-            frame = msgpack.unpackb(data, raw=False, strict_map_key=False, use_list=True,
-                                    max_str_len=MAX_DATA_FRAME, max_bin_len=MAX_DATA_FRAME,
-                                    max_array_len=MAX_ARRAY, max_map_len=MAX_MAP,
-                                    max_ext_len=MAX_DATA_FRAME, ext_hook=arrays.ext_hook)
-        except Exception:
-            frame = None
-        if type(frame) is list and len(frame) == 3 and frame[1] == "DATA" \
-                and frame[0] == VERSION and type(frame[0]) is int:
-            body = frame[2]
-            if type(body) is dict and len(body) == 4:
-                tick, source = body.get("tick"), body.get("source")
-                messages, acks = body.get("messages"), body.get("acks")
-                if type(tick) is int and 0 <= tick <= MAX_INT and is_name(source) \
-                        and _rows_ok(messages, acks):
-                    return tick, source, messages, acks  # type: ignore[return-value]
+    try:
+        frame = _unpack(data, MAX_DATA_FRAME, payloads=True)
+    except FrameError:
+        frame = None
+    if type(frame) is list and len(frame) == 3 and frame[1] == "DATA" \
+            and frame[0] == VERSION and type(frame[0]) is int:
+        body = frame[2]
+        if type(body) is dict and len(body) == 4:
+            tick, source = body.get("tick"), body.get("source")
+            messages, acks = body.get("messages"), body.get("acks")
+            if type(tick) is int and 0 <= tick <= MAX_INT and is_name(source) \
+                    and _rows_ok(messages, acks):
+                return tick, source, messages, acks  # type: ignore[return-value]
     slow = decode_data(data)
     return slow.tick, slow.source, slow.messages, slow.acks
 
