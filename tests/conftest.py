@@ -24,6 +24,8 @@ import zmq
 from hypothesis import HealthCheck, settings
 from zmq.utils.monitor import recv_monitor_message
 
+from waiting import describe, exited
+
 REPO = Path(__file__).resolve().parent.parent
 
 # Property tests run real code on a shared 2-core machine: no per-example deadline
@@ -58,14 +60,7 @@ def _leftovers(tag: str) -> list[psutil.Process]:
                 found[process.pid] = process
         except psutil.Error:
             continue
-    alive = []
-    for process in found.values():
-        try:
-            if process.status() != psutil.STATUS_ZOMBIE:
-                alive.append(process)
-        except psutil.Error:
-            continue
-    return alive
+    return [process for process in found.values() if not exited(process)]
 
 
 @pytest.fixture(autouse=True)
@@ -84,17 +79,12 @@ def no_leaks(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.Monke
     while leftovers and time.monotonic() < deadline:
         psutil.wait_procs(leftovers, timeout=0.2)
         leftovers = _leftovers(tag)
+    described = [describe(process) for process in leftovers]
     for process in leftovers:  # clean up so one leak does not fail the next tests
         try:
             process.kill()
         except psutil.Error:
             pass
-    described = []
-    for process in leftovers:
-        try:
-            described.append(f"{process.pid} {' '.join(process.cmdline())[:120]}")
-        except psutil.Error:
-            described.append(f"{process.pid} (gone or a zombie now)")
     assert not leftovers, f"processes left behind: {described}"
     remaining = sorted(str(p.relative_to(run_root)) for p in run_root.rglob("*"))
     assert not remaining, f"run directory entries left behind: {remaining}"

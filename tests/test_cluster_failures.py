@@ -29,7 +29,7 @@ from hiocluster.topology import loads, resolve_classes
 
 from conftest import REPO, hiocluster_command
 from tests.faulty import ring_toml
-from tests.waiting import wait_until
+from tests.waiting import exited, wait_until
 
 
 def run_failing(text: str, **kwargs: Any) -> RunFailed:
@@ -218,11 +218,6 @@ def _workers_of(cli: psutil.Process) -> list[psutil.Process]:
     return workers
 
 
-def _gone(process: psutil.Process) -> bool:
-    try:
-        return process.status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return True
 
 
 def _slow_ring(tmp_path: Path, marks: Path) -> Path:
@@ -256,9 +251,14 @@ def _wait_ticking(popen: subprocess.Popen, marks: Path) -> list[psutil.Process]:
 
 
 def _finish(popen: subprocess.Popen) -> None:
+    """Kill the CLI if it still runs and reap it. Its pipes are closed, not read to
+    their end: after a kill -9 the orphans hold them until the kernel ends them."""
     if popen.poll() is None:
         popen.kill()
-    popen.communicate(timeout=30)
+    popen.wait(timeout=30)
+    for pipe in (popen.stdout, popen.stderr):
+        if pipe is not None:
+            pipe.close()
 
 
 def _sigkill_cli_and_wait_for_workers(popen: subprocess.Popen, marks: Path) -> None:
@@ -267,7 +267,7 @@ def _sigkill_cli_and_wait_for_workers(popen: subprocess.Popen, marks: Path) -> N
     popen.wait(timeout=30)
     # orphans leave 0.2 s after their control connection dropped (docs/protocol.md §9);
     # without that rule they would wait for a GRANT for ever: a generous bound suffices
-    wait_until(lambda: all(_gone(w) for w in workers), 30,
+    wait_until(lambda: all(exited(w) for w in workers), 30,
                "workers to exit after the supervisor vanished")
 
 

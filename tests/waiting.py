@@ -5,6 +5,8 @@ from __future__ import annotations
 import time
 from typing import Callable, TypeVar
 
+import psutil
+
 T = TypeVar("T")
 
 
@@ -23,3 +25,35 @@ def wait_until(predicate: Callable[[], T], timeout: float = 30.0, what: str = "c
         if time.monotonic() >= deadline:
             raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
         time.sleep(interval)
+
+
+PF_EXITING = 0x4  # include/linux/sched.h: the task is in do_exit()
+
+
+def exited(process: psutil.Process) -> bool:
+    """True once ``process`` has ended: gone, a zombie, or inside the kernel's exit
+    (PF_EXITING). Its program is over then; on a busy machine the kernel's last
+    steps (closing its files) have been seen to take tens of seconds in disk sleep."""
+    try:
+        if process.status() == psutil.STATUS_ZOMBIE:
+            return True
+        with open(f"/proc/{process.pid}/stat", "rb") as stat:
+            fields = stat.read().rsplit(b")", 1)[1].split()  # the name may hold spaces
+        return bool(int(fields[6]) & PF_EXITING)   # state ppid pgrp session tty tpgid flags
+    except (psutil.NoSuchProcess, OSError):
+        return True
+
+
+def describe(process: psutil.Process) -> str:
+    """One line on a process a test did not expect to find: pid, state, where the
+    kernel has it waiting, command line."""
+    try:
+        with open(f"/proc/{process.pid}/wchan") as wchan:
+            waiting = wchan.read().strip() or "-"
+    except OSError:
+        waiting = "?"
+    try:
+        return f"{process.pid} [{process.status()}, wchan {waiting}] " \
+            f"{' '.join(process.cmdline())[:120]}"
+    except psutil.Error:
+        return f"{process.pid} (gone or a zombie now)"
