@@ -297,7 +297,10 @@ class Exchange:
             if local.messages or local.acks:
                 # through msgpack and back, so local payloads look exactly like remote
                 # ones; arrays alone come back as copies: copied, not packed
-                if _copyable(local.messages):
+                if _scalars(local.messages):  # they come back as they are: packed, kept
+                    self._pack(local, proto.check_size)
+                    self._local = (tick, local.messages, local.acks)
+                elif _copyable(local.messages):
                     self._local = (tick, [[link, sequences, [value.copy() for value in values]]
                                           for link, sequences, values in local.messages],
                                    local.acks)
@@ -310,7 +313,9 @@ class Exchange:
             if not out_links and not acking:
                 continue
             frame = self._frame(tick, out_links, self._in_from[peer], acking)
-            if frame.messages and _copyable(frame.messages):  # arrays alone: they unpack
+            if frame.messages and _scalars(frame.messages):  # packing them is check enough
+                frames.append((peer, self._pack(frame, proto.check_size)))
+            elif frame.messages and _copyable(frame.messages):  # arrays alone: they unpack
                 frames.append((peer, proto.encode(frame)))
             elif frame.messages:
                 frames.append((peer, self._pack(frame, proto.check_unpacks)))
@@ -357,6 +362,22 @@ class Exchange:
         """Messages put but never sent (put in exit contexts, after the last tick)."""
         return sum(len(link.payloads) for link in self.links.values()
                    if link.source_worker == self.worker)
+
+
+#: Payload types msgpack gives back exactly as it packed them (exact types: a
+#: subclass, a tuple or a container takes the round trip).
+_SCALARS = frozenset({type(None), bool, int, float, str, bytes})
+
+
+def _scalars(rows: list[list[Any]]) -> bool:
+    """Every payload of ``rows`` is a scalar that unpacks as it was packed: a frame of
+    them that packs within the size limit is one its receiver takes."""
+    scalars = _SCALARS
+    for row in rows:
+        for value in row[2]:
+            if type(value) not in scalars:
+                return False
+    return True
 
 
 def _copyable(rows: list[list[Any]]) -> bool:

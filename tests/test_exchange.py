@@ -124,6 +124,41 @@ def test_an_unsendable_payload_names_node_link_and_tick() -> None:
     assert "a.side -> c.in" in info.value.detail
 
 
+@pytest.mark.parametrize("payload, why", [(2 ** 64, "int too big"), ("\ud800", "surrogate"),
+                                          ("x" * (proto.MAX_DATA_FRAME + 1), "oversized")],
+                         ids=["int", "str", "oversized"])
+@pytest.mark.parametrize("local", [False, True], ids=["remote", "local"])
+def test_a_scalar_that_cannot_travel_is_unsendable_in_every_placement(
+        payload: Any, why: str, local: bool) -> None:
+    """Scalar payloads skip the sender's unpack (they come back as packed): one that
+    does not pack, or a frame over the limit, still fails in the sender, named."""
+    rows = [[0, "a", "side", "c", "in", 4, "w0", "w0" if local else "w1"]]
+    w0, nodes = make("w0", ["a", "c"] if local else ["a"], rows)
+    nodes["a"].outbox["side"].put(payload)
+    with pytest.raises(Unsendable) as info:
+        w0.outgoing(3)
+    assert info.value.node == "a" and info.value.tick == 3, why
+    assert "a.side -> c.in" in info.value.detail
+
+
+def test_scalars_arrive_as_they_were_put_locally_and_remotely() -> None:
+    values = [None, True, False, 0, -1, 2 ** 64 - 1, -2 ** 63, 1.5, float("inf"), "",
+              "\u00e9t\u00e9", b"", b"\x00\xff"]
+    got = {}
+    for local in (False, True):
+        rows = [[0, "a", "side", "c", "in", 64, "w0", "w0" if local else "w1"]]
+        w0, left = make("w0", ["a", "c"] if local else ["a"], rows)
+        w1, right = (w0, left) if local else make("w1", ["c"], rows)
+        for value in values:
+            left["a"].outbox["side"].put(value)
+        swap(0, *{w0, w1})
+        w1.deliver(1)
+        right["c"].take()
+        got[local] = [value for _, value in right["c"].got]
+    assert got[False] == got[True] == values
+    assert [type(value) for value in got[True]] == [type(value) for value in values]
+
+
 def test_drain_counts_the_last_ticks_messages_as_undelivered() -> None:
     w0, left = make("w0", ["a", "b"])
     w1, right = make("w1", ["c"])

@@ -18,8 +18,8 @@ Imports: stdlib, msgpack and hiocluster.errors only.
 
 from .fields import (DIGEST_SIZE, MAX_CONTROL_FRAME, MAX_DATA_FRAME, MAX_SETUP_FRAME, NAME,
                      UINT, is_name)
-from .frames import (VERSION, check_control_value, check_unpacks, claimed_by, decode,
-                     decode_data, encode, from_body, read_data, reload_data)
+from .frames import (VERSION, check_control_value, check_size, check_unpacks, claimed_by,
+                     decode, decode_data, encode, from_body, read_data, reload_data)
 from .machines import (CHILD_TRANSITIONS, PARENT_TRANSITIONS, ChildMachine, ChildState,
                        ParentMachine, ParentState)
 from .messages import (COMMANDS, METRIC_KINDS, FROM_AGENT, FROM_REPLICA, MESSAGE_TYPES, TO_AGENT, TO_REPLICA,
@@ -31,7 +31,7 @@ from .versions import local_versions, mismatches
 __all__ = [
     "VERSION", "DIGEST_SIZE", "MAX_CONTROL_FRAME", "MAX_SETUP_FRAME", "MAX_DATA_FRAME",
     "NAME", "UINT", "is_name", "encode", "decode", "decode_data", "read_data", "reload_data", "from_body",
-    "check_unpacks", "check_control_value", "claimed_by", "METRIC_KINDS",
+    "check_unpacks", "check_size", "check_control_value", "claimed_by", "METRIC_KINDS",
     "Message", "Hello", "Setup", "Ready", "Grant", "Progress", "Done", "Stop", "Bye",
     "Error", "Data", "Peer", "Launch", "Launched", "Signal", "Exited", "Output", "Ping",
     "Join", "Load", "Standby", "Assign", "Command", "Answer", "COMMANDS", "FROM_REPLICA", "TO_REPLICA",

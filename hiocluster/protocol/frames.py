@@ -22,7 +22,8 @@ from .fields import (MAX_ARRAY, MAX_CONTROL_FRAME, MAX_DATA_FRAME, MAX_INT, MAX_
 from .messages import MESSAGE_TYPES, Data, Message
 
 __all__ = ["VERSION", "encode", "decode", "decode_data", "read_data", "reload_data",
-           "from_body", "check_unpacks", "check_control_value", "claimed_by"]
+           "from_body", "check_unpacks", "check_size", "check_control_value",
+           "claimed_by"]
 
 #: The protocol version every frame carries; a peer speaking another is refused.
 VERSION = 4
@@ -46,8 +47,7 @@ def encode(message: Message) -> bytes:
 
 def _unpack(data: bytes, limit: int, payloads: bool = False) -> Any:
     if len(data) > limit:
-        raise FrameError(f"frame of {len(data)} bytes exceeds the limit of {limit}",
-                         field="frame", code="oversized")
+        raise _oversized(data, limit)
     if not data:
         raise FrameError("empty frame", field="frame", code="bad-msgpack")
     try:
@@ -217,6 +217,20 @@ def check_control_value(value: Any) -> None:
     except (TypeError, ValueError, OverflowError) as exc:
         raise FrameError(f"not msgpack-able: {exc}", field="value", code="unpackable") from exc
     _unpack(data, MAX_CONTROL_FRAME)
+
+
+def _oversized(data: bytes, limit: int) -> FrameError:
+    return FrameError(f"frame of {len(data)} bytes exceeds the limit of {limit}",
+                      field="frame", code="oversized")
+
+
+def check_size(data: bytes) -> bytes:
+    """Return ``data`` if it is no bigger than a DATA frame may be, else raise
+    FrameError: the sender's whole check for a frame of scalar payloads, which
+    come back from msgpack exactly as they were packed."""
+    if len(data) > MAX_DATA_FRAME:
+        raise _oversized(data, MAX_DATA_FRAME)
+    return data
 
 
 def check_unpacks(data: bytes) -> bytes:
