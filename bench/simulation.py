@@ -32,7 +32,7 @@ import numpy as np
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from hiocluster.build import Builder  # noqa: E402
+from hiocluster import Builder  # noqa: E402
 from hiocluster.supervisor import run  # noqa: E402
 from nodes.heat import initial, reference, shifted, update  # noqa: E402
 

@@ -5,6 +5,9 @@ Public API::
     from hiocluster import load, run, Node
     result = run(load("topologies/ring.toml"), processes=4)
     print(result.digest)
+
+Also ``Builder`` (topologies as code), ``Service`` (a node class served by
+replicas), ``RunResult``, ``Topology``, ``plan``, ``loads`` and the errors.
 """
 
 from .errors import (ClusterError, FrameError, Interrupted, LinkFull, LocalProtocolError,
@@ -14,7 +17,8 @@ from .errors import (ClusterError, FrameError, Interrupted, LinkFull, LocalProto
 __version__ = "0.1.0"
 
 __all__ = [
-    "__version__", "load", "loads", "plan", "run", "Node", "RunResult", "Topology",
+    "__version__", "load", "loads", "plan", "run", "Node", "RunResult", "Topology", "Builder",
+    "Service",
     "ClusterError", "FrameError", "Interrupted", "LinkFull", "LocalProtocolError", "NodeError",
     "ProcessExited", "ProtocolError", "RemoteProtocolError", "RunFailed", "TickTimeout",
     "TopologyError",
@@ -29,7 +33,13 @@ def __getattr__(name: str) -> object:
     if name in ("run", "RunResult"):
         from . import supervisor
         return getattr(supervisor, name)
+    if name == "Builder":
+        from .topology.build import Builder
+        return Builder
     if name == "Node":
         from .node import Node
         return Node
+    if name == "Service":
+        from .service import Service
+        return Service
     raise AttributeError(f"module 'hiocluster' has no attribute {name!r}")

@@ -13,7 +13,7 @@ import pytest
 from conftest import REPO
 from hiocluster import protocol as proto
 from hiocluster import supervisor
-from hiocluster.build import Builder
+from hiocluster import Builder
 from hiocluster.errors import FrameError
 from hiocluster.node import Node
 

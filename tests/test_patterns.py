@@ -1,5 +1,5 @@
 """Link patterns ([[patterns]]: ring, line, grid, torus, all, random) and the
-topology builder (hiocluster.build): the same validated topology either way."""
+topology builder (hiocluster.topology.build): the same validated topology either way."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pytest
 
 from conftest import REPO
 from hiocluster import supervisor
-from hiocluster.build import Builder
+from hiocluster import Builder
 from hiocluster.errors import TopologyError
 from hiocluster.topology import loads, plan
 

@@ -292,7 +292,7 @@ def _grid(side: int, torus: bool = False) -> str:
 
 def _bands(top: Topology, count: int) -> int:
     """Links between workers when the file's order is cut into ``count`` blocks."""
-    from hiocluster.topology import _blocks
+    from hiocluster.topology.placement import _blocks
     return Plan(_blocks(top.nodes, count)).crossing(top.links)
 
 

@@ -1,0 +1,36 @@
+"""The topology format's names and bounds: what a name may look like, how big
+a file may make things, the ``[run]`` settings and their defaults."""
+
+from __future__ import annotations
+
+import re
+
+NODE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_-]{0,63}")
+BOX_NAME = NODE_NAME
+WORKER_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")
+_DOTTED = r"[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*"
+CLASS_PATH = re.compile(f"{_DOTTED}:{_DOTTED}")
+_PATTERN = re.compile(r"[A-Za-z0-9_*?\[\]!-]+")
+MAX_COUNT = 100_000
+SEED_LIMIT = 2**63
+#: Deepest nesting of ``[groups]``: a group inside a group ... this many deep (a
+#: process per level; the bound keeps hostile trees from exhausting recursion).
+MAX_GROUP_DEPTH = 64
+#: Most replicas one service may have (in the file, and through ``hiocluster scale``).
+MAX_REPLICAS = 256
+#: Restart strategies of a service, as Erlang/OTP names them.
+RESTART_POLICIES = ("one_for_one", "one_for_all")
+
+#: Most ticks between a message's take and its credit at the source that ``[run]
+#: credit_lag = "auto"`` (the default) picks: with more, a worker waits less often on
+#: the neighbours it only sends to; links need about 2 x lag capacity to flow freely.
+AUTO_CREDIT_LAG = 8
+
+_RUN_DEFAULTS: dict[str, int | float | bool | str] = {
+    "ticks": 100, "tock": 1.0, "t0": 0.0, "seed": 0, "tick_timeout": 30.0, "capacity": 1024,
+    "real": False, "digest_every": 1, "credit_lag": "auto", "transport": "ipc",
+}
+#: How the workers of one host talk (``[run] transport``, ``--transport``): ZeroMQ over
+#: unix sockets or TCP on loopback, or ``local``: ZeroMQ for control and Unix-domain
+#: SEQPACKET sockets for DATA (hiocluster.localnet; one host, no CurveZMQ).
+RUN_TRANSPORTS = ("ipc", "tcp", "local")

@@ -1,0 +1,329 @@
+"""TOML text -> :class:`~hiocluster.topology.spec.Topology`: the sections of a
+topology file, each validated with errors that name the key path and, where it
+can be found, the line (:func:`loads`, :func:`load`)."""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from hiocluster.errors import TopologyError
+
+from .limits import (
+    _RUN_DEFAULTS,
+    CLASS_PATH,
+    MAX_COUNT,
+    MAX_REPLICAS,
+    NODE_NAME,
+    RESTART_POLICIES,
+    WORKER_NAME,
+)
+from .lines import _place
+from .patterns import _pattern
+from .spec import HostSpec, LinkSpec, NodeSpec, ServiceSpec, Topology
+from .values import (
+    _array,
+    _endpoint,
+    _err,
+    _int,
+    _is_glob,
+    _keys,
+    _match,
+    _name,
+    _number,
+    _plain,
+    _run_value,
+    _str,
+    _suggest,
+    _table,
+    _type_name,
+)
+
+# --- the sections -----------------------------------------------------------------
+
+def _run(document: dict[str, Any]) -> dict[str, Any]:
+    run = _table(document.get("run", {}), "run")
+    _keys(run, tuple(_RUN_DEFAULTS), "run")
+    return {key: _run_value(key, run.get(key, default)) for key, default in _RUN_DEFAULTS.items()}
+
+
+def _nodes(document: dict[str, Any]) -> tuple[NodeSpec, ...]:
+    raw = _table(document.get("nodes", {}), "nodes")
+    if not raw and not document.get("services"):
+        raise _err("at least one node (or service) is required", "nodes")
+    declared_by: dict[str, str] = {}
+    nodes: list[NodeSpec] = []
+    for key, body in raw.items():
+        key_path = f"nodes.{key}"
+        _name(key, NODE_NAME, "node", key_path)
+        _keys(_table(body, key_path), ("class", "params", "count", "per_index"), key_path,
+              ("class",))
+        cls = _str(body["class"], f"{key_path}.class")
+        if not CLASS_PATH.fullmatch(cls):
+            raise _err(f"expected 'module.path:attr', got {cls!r}", f"{key_path}.class")
+        params = _table(body.get("params", {}), f"{key_path}.params")
+        names = [key]
+        count = None
+        if "count" in body:
+            count = _int(body["count"], f"{key_path}.count", 1, MAX_COUNT)
+            width = len(str(count - 1))
+            names = [f"{key}{i:0{width}d}" for i in range(count)]
+        per_index = _per_index(body, count, key_path)
+        for i, name in enumerate(names):
+            _name(name, NODE_NAME, "node", key_path)
+            if name in declared_by:
+                raise _err(f"duplicate node name {name!r} (also declared by "
+                           f"{declared_by[name]})", key_path)
+            declared_by[name] = key_path
+            own = {**params, **{param: values[i] for param, values in per_index.items()}}
+            nodes.append(NodeSpec(name, cls, _plain(own, f"{key_path}.params"), table=key,
+                                  index=i if count is not None else None, count=count))
+    return tuple(nodes)
+
+
+def _per_index(body: dict[str, Any], count: int | None, key_path: str) -> dict[str, list[Any]]:
+    """``per_index = { param = [value for node 0, node 1, ...] }``: params that vary
+    with the index of the nodes ``count`` makes."""
+    if "per_index" not in body:
+        return {}
+    table = _table(body["per_index"], f"{key_path}.per_index")
+    if count is None:
+        raise _err("per_index needs count (it gives each of the count nodes its own "
+                   "value)", f"{key_path}.per_index")
+    for param, values in table.items():
+        values = _array(values, f"{key_path}.per_index.{param}")
+        if len(values) != count:
+            raise _err(f"has {len(values)} values for {count} nodes (count = {count})",
+                       f"{key_path}.per_index.{param}")
+    return table
+
+
+def _links(document: dict[str, Any], names: dict[str, int],
+           capacity: int, seed: int = 0) -> tuple[LinkSpec, ...]:
+    made: dict[tuple[str, str, str, str], tuple[int, int]] = {}
+    for i, entry in enumerate(_array(document.get("links", []), "links")):
+        key_path = f"links[{i}]"
+        _keys(_table(entry, key_path), ("from", "to", "capacity"), key_path, ("from", "to"))
+        source_pattern, outbox = _endpoint(entry["from"], f"{key_path}.from")
+        target_pattern, inbox = _endpoint(entry["to"], f"{key_path}.to")
+        link_capacity = _int(entry.get("capacity", capacity), f"{key_path}.capacity", 1)
+        sources = _match(source_pattern, names, f"{key_path}.from")
+        targets = _match(target_pattern, names, f"{key_path}.to")
+        globbed = _is_glob(source_pattern) or _is_glob(target_pattern)
+        pairs = [(s, t) for s in sources for t in targets if not (globbed and s == t)]
+        if not pairs:
+            raise _err("makes no link: globs never link a node to itself", key_path)
+        for source, target in pairs:
+            key = (source, outbox, target, inbox)
+            if key in made:
+                raise _err(f"duplicate link {source}.{outbox} -> {target}.{inbox} "
+                           f"(also made by links[{made[key][0]}])", key_path)
+            made[key] = (i, link_capacity)
+    origins = {key: f"links[{i}]" for key, (i, _) in made.items()}
+    for j, entry in enumerate(_array(document.get("patterns", []), "patterns")):
+        key_path = f"patterns[{j}]"
+        link_capacity = _int(_table(entry, key_path).get("capacity", capacity),
+                             f"{key_path}.capacity", 1)
+        for key in _pattern(entry, j, names, seed, key_path):
+            if key in made:
+                raise _err(f"duplicate link {key[0]}.{key[1]} -> {key[2]}.{key[3]} (also made "
+                           f"by {origins[key]})", key_path)
+            made[key] = (-1, link_capacity)
+            origins[key] = key_path
+    return tuple(LinkSpec(n, *key, capacity=made[key][1], entry=made[key][0],
+                          origin=origins[key])
+                 for n, key in enumerate(sorted(made)))
+
+
+def _placement(document: dict[str, Any],
+               names: dict[str, int]) -> tuple[tuple[str, tuple[str, ...]], ...] | None:
+    if "placement" not in document:
+        return None
+    raw = _table(document["placement"], "placement")
+    if not raw:
+        raise _err("no workers listed", "placement")
+    order = names  # declaration index of every node
+    placed_in: dict[str, str] = {}
+    result: list[tuple[str, tuple[str, ...]]] = []
+    for worker, entries in raw.items():
+        key_path = f"placement.{worker}"
+        _name(worker, WORKER_NAME, "worker", key_path)
+        if not _array(entries, key_path):
+            raise _err(f"worker {worker!r} has no nodes", key_path)
+        members: list[str] = []
+        for j, pattern in enumerate(entries):
+            for node in _match(_str(pattern, f"{key_path}[{j}]"), names, key_path):
+                if node in placed_in:
+                    raise _err(f"node {node!r} is placed twice: in {placed_in[node]} "
+                               f"and {key_path}", key_path)
+                placed_in[node] = key_path
+                members.append(node)
+        result.append((worker, tuple(sorted(members, key=order.__getitem__))))
+    missing = [name for name in names if name not in placed_in]
+    if missing:
+        shown = ", ".join(missing[:10]) + (f" and {len(missing) - 10} more"
+                                           if len(missing) > 10 else "")
+        raise _err(f"not placed in any worker: {shown}", "placement")
+    return tuple(result)
+
+
+def _groups(document: dict[str, Any]) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    raw = _table(document.get("groups", {}), "groups")
+    groups = []
+    for name, members in raw.items():
+        key_path = f"groups.{name}"
+        _name(name, WORKER_NAME, "group", key_path)
+        if not _array(members, key_path):
+            raise _err(f"group {name!r} has no members", key_path)
+        groups.append((name, tuple(_name(_str(member, f"{key_path}[{j}]"), WORKER_NAME,
+                                         "member", f"{key_path}[{j}]")
+                                   for j, member in enumerate(members))))
+    return tuple(groups)
+
+
+_AGENT = re.compile(r"tcp://[^\s:/]+:\d{1,5}")
+
+
+def _hosts(document: dict[str, Any]) -> tuple[HostSpec, ...]:
+    raw = _table(document.get("hosts", {}), "hosts")
+    hosts, placed_on = [], {}
+    for name, body in raw.items():
+        key_path = f"hosts.{name}"
+        _name(name, WORKER_NAME, "host", key_path)
+        if name == "local":
+            raise _err("'local' is this host: it needs no entry", key_path)
+        _keys(_table(body, key_path), ("agent", "workers"), key_path, ("agent", "workers"))
+        agent = _str(body["agent"], f"{key_path}.agent")
+        if not _AGENT.fullmatch(agent):
+            raise _err(f"expected 'tcp://HOST:PORT', got {agent!r}", f"{key_path}.agent")
+        workers = []
+        for j, worker in enumerate(_array(body["workers"], f"{key_path}.workers")):
+            worker = _name(_str(worker, f"{key_path}.workers[{j}]"), WORKER_NAME, "worker",
+                           f"{key_path}.workers[{j}]")
+            if worker in placed_on:
+                raise _err(f"worker {worker!r} is on hosts {placed_on[worker]} and {name}",
+                           f"{key_path}.workers[{j}]")
+            placed_on[worker] = name
+            workers.append(worker)
+        hosts.append(HostSpec(name, agent, tuple(workers)))
+    return tuple(hosts)
+
+
+_SERVICE_KEYS = ("class", "replicas", "listen", "restart", "max_restarts", "within",
+                 "backoff", "backoff_max", "timeout", "drain", "heartbeat", "max_body",
+                 "spare", "tls", "params")
+_LISTEN = re.compile(r"(?P<host>[A-Za-z0-9_.-]{1,253}):(?P<port>\d{1,5})")
+
+
+def _services(document: dict[str, Any], nodes: tuple[NodeSpec, ...],
+              base: str) -> tuple[ServiceSpec, ...]:
+    raw = _table(document.get("services", {}), "services")
+    services, listening = [], {}
+    for name, body in raw.items():
+        key_path = f"services.{name}"
+        _name(name, NODE_NAME, "service", key_path)
+        if any(node.name == name for node in nodes):
+            raise _err(f"service {name!r} has the name of a node", key_path)
+        _keys(_table(body, key_path), _SERVICE_KEYS, key_path, ("class", "listen"))
+        cls = _str(body["class"], f"{key_path}.class")
+        if not CLASS_PATH.fullmatch(cls):
+            raise _err(f"expected 'module.path:attr', got {cls!r}", f"{key_path}.class")
+        listen = _str(body["listen"], f"{key_path}.listen")
+        found = _LISTEN.fullmatch(listen)
+        if found is None:
+            raise _err(f"expected 'HOST:PORT', got {listen!r}", f"{key_path}.listen")
+        port = _int(int(found["port"]), f"{key_path}.listen", 1, 65535)
+        address = (found["host"], port)
+        if address in listening:
+            raise _err(f"{listen} is also where service {listening[address]} listens",
+                       f"{key_path}.listen")
+        listening[address] = name
+        restart = _str(body.get("restart", "one_for_one"), f"{key_path}.restart")
+        if restart not in RESTART_POLICIES:
+            raise _err(f"expected one of {', '.join(RESTART_POLICIES)}, got {restart!r}"
+                       f"{_suggest(restart, RESTART_POLICIES)}", f"{key_path}.restart")
+        numbers = {key: _number(body[key], f"{key_path}.{key}", positive=key != "timeout")
+                   for key in ("within", "backoff", "backoff_max", "timeout", "drain",
+                               "heartbeat")
+                   if key in body}
+        if "max_body" in body:
+            numbers["max_body"] = _int(body["max_body"], f"{key_path}.max_body", 1, 1 << 40)
+        if numbers.get("timeout", 0) < 0:
+            raise _err(f"must be >= 0, got {body['timeout']}", f"{key_path}.timeout")
+        spare = body.get("spare", True)
+        if not isinstance(spare, bool):
+            raise _err(f"expected bool, got {_type_name(spare)}", f"{key_path}.spare")
+        tls = None
+        if "tls" in body:
+            table = _table(body["tls"], f"{key_path}.tls")
+            _keys(table, ("cert", "key"), f"{key_path}.tls", ("cert", "key"))
+            tls = tuple(os.path.join(base, _str(table[key], f"{key_path}.tls.{key}"))
+                        for key in ("cert", "key"))
+        services.append(ServiceSpec(
+            name, cls, address,
+            replicas=_int(body.get("replicas", 1), f"{key_path}.replicas", 1, MAX_REPLICAS),
+            restart=restart,
+            max_restarts=_int(body.get("max_restarts", 5), f"{key_path}.max_restarts", 0,
+                              10_000),
+            tls=tls,  # type: ignore[arg-type]
+            spare=spare,
+            params=_plain(_table(body.get("params", {}), f"{key_path}.params"),
+                          f"{key_path}.params"),
+            **numbers))
+    return tuple(services)
+
+
+# --- public API -----------------------------------------------------------------
+
+def loads(text: str, *, path: str | None = None) -> Topology:
+    """Parse and validate topology TOML ``text`` (``path`` only names it in errors).
+
+    Raises:
+        TopologyError: invalid TOML or an invalid topology; carries key path and line.
+    """
+    try:
+        document = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        found = re.search(r"at line (\d+), column (\d+)", str(exc))
+        line = int(found[1]) if found else (text.count("\n") + 1 if "end of document" in str(exc)
+                                            else None)
+        raise TopologyError(f"invalid TOML: {exc}", line=line, path=path) from exc
+    try:
+        _keys(document, ("run", "nodes", "links", "patterns", "placement", "groups", "hosts",
+                         "services"), "")
+        run = _run(document)
+        nodes = _nodes(document)
+        names = {node.name: index for index, node in enumerate(nodes)}
+        links = _links(document, names, int(run["capacity"]), int(run["seed"]))
+        placement = _placement(document, names)
+        groups = _groups(document)
+        hosts = _hosts(document)
+        services = _services(document, nodes,
+                             os.path.dirname(os.path.abspath(path)) if path else os.getcwd())
+    except TopologyError as exc:
+        _place(exc, text, path)
+        raise
+    return Topology(
+        name=Path(path).stem if path else "<string>", path=path,
+        ticks=int(run["ticks"]), tock=float(run["tock"]), t0=float(run["t0"]),
+        seed=int(run["seed"]), tick_timeout=float(run["tick_timeout"]),
+        capacity=int(run["capacity"]), real=bool(run["real"]),
+        digest_every=int(run["digest_every"]), credit_lag=run["credit_lag"], transport=str(run["transport"]), nodes=nodes, links=links, placement=placement, groups=groups, hosts=hosts, services=services, source=text,
+    )
+
+
+def load(path: str | os.PathLike[str]) -> Topology:
+    """Read and validate the topology file at ``path``. Raises TopologyError."""
+    name = os.fspath(path)
+    try:
+        text = Path(name).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise TopologyError("no such file", path=name) from None
+    except UnicodeDecodeError as exc:
+        raise TopologyError(f"not a TOML file: not UTF-8 text ({exc.reason})", path=name) from exc
+    except OSError as exc:
+        raise TopologyError(exc.strerror or str(exc), path=name) from exc
+    return loads(text, path=name)
