@@ -10,9 +10,20 @@ Also ``Builder`` (topologies as code), ``Service`` (a node class served by
 replicas), ``RunResult``, ``Topology``, ``plan``, ``loads`` and the errors.
 """
 
-from .errors import (ClusterError, FrameError, Interrupted, LinkFull, LocalProtocolError,
-                     NodeError, ProcessExited, ProtocolError, RemoteProtocolError, RunFailed,
-                     TickTimeout, TopologyError)
+from hiocluster.errors import (
+    ClusterError,
+    FrameError,
+    Interrupted,
+    LinkFull,
+    LocalProtocolError,
+    NodeError,
+    ProcessExited,
+    ProtocolError,
+    RemoteProtocolError,
+    RunFailed,
+    TickTimeout,
+    TopologyError,
+)
 
 __version__ = "0.1.0"
 
@@ -28,18 +39,18 @@ __all__ = [
 def __getattr__(name: str) -> object:
     # Lazy, so `hiocluster check` and `import hiocluster.topology` need no zmq or hio.
     if name in ("load", "loads", "plan", "Topology"):
-        from . import topology
+        from hiocluster import topology
         return getattr(topology, name)
     if name in ("run", "RunResult"):
-        from . import supervisor
+        from hiocluster import supervisor
         return getattr(supervisor, name)
     if name == "Builder":
-        from .topology.build import Builder
+        from hiocluster.topology.build import Builder
         return Builder
     if name == "Node":
-        from .node import Node
+        from hiocluster.node import Node
         return Node
     if name == "Service":
-        from .service import Service
+        from hiocluster.service import Service
         return Service
     raise AttributeError(f"module 'hiocluster' has no attribute {name!r}")

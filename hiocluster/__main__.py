@@ -21,7 +21,7 @@ class _Signalled(KeyboardInterrupt):
 
 
 def _interrupt(signum: int, frame: object) -> None:
-    from .early import received  # also written down: code not ours may drop the raise
+    from hiocluster.early import received  # also written down: code not ours may drop the raise
     received(signum)
     raise _Signalled(signum)
 
@@ -31,7 +31,7 @@ def main() -> int:
     try:
         for signum in (signal.SIGINT, signal.SIGTERM):
             signal.signal(signum, _interrupt)
-        from .cli import main as command
+        from hiocluster.cli import main as command
 
         return command()
     except KeyboardInterrupt as exc:  # a plain one: Python's own handler, before ours

@@ -36,13 +36,23 @@ from typing import Any
 
 from hio.base.doing import Doer
 
-from . import protocol as proto
-from .errors import FrameError
-from .groupcore import check_tree
-from .launch import RUN_ROOT_ENV, LocalLauncher, LocalProcess, make_run_dir, run_root
-from .loop import Loop
-from .transport import (NOBLOCK, SNDMORE, Context, Credentials, KeyPair, TransportError,
-                        ZMQError, readable, resolve, resolved)
+from hiocluster import protocol as proto
+from hiocluster.errors import FrameError
+from hiocluster.groupcore import check_tree
+from hiocluster.launch import RUN_ROOT_ENV, LocalLauncher, LocalProcess, make_run_dir, run_root
+from hiocluster.loop import Loop
+from hiocluster.transport import (
+    NOBLOCK,
+    SNDMORE,
+    Context,
+    Credentials,
+    KeyPair,
+    TransportError,
+    ZMQError,
+    readable,
+    resolve,
+    resolved,
+)
 
 __all__ = ["AgentOptions", "Agent", "run_agent", "PING_S"]
 

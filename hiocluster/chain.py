@@ -23,7 +23,7 @@ from __future__ import annotations
 import hashlib
 from typing import Iterable, Mapping
 
-from .protocol.fields import DIGEST_SIZE, RUN_DIGEST_SIZE
+from hiocluster.protocol.fields import DIGEST_SIZE, RUN_DIGEST_SIZE
 
 __all__ = ["DigestChain", "record_size", "digested", "digested_between"]
 

@@ -18,8 +18,8 @@ import sys
 import time
 from typing import Any, Callable, Sequence
 
-from . import __version__
-from .errors import ClusterError, Interrupted, RunFailed, TopologyError
+from hiocluster import __version__
+from hiocluster.errors import ClusterError, Interrupted, RunFailed, TopologyError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -45,7 +45,7 @@ def _seed(text: str) -> int:
 
 
 def _name(text: str) -> str:
-    from .protocol.fields import NAME_RE
+    from hiocluster.protocol.fields import NAME_RE
 
     if NAME_RE.match(text) is None:
         raise argparse.ArgumentTypeError(f"invalid worker name {text!r}: 1-64 of A-Z a-z 0-9 "
@@ -54,7 +54,7 @@ def _name(text: str) -> str:
 
 
 def _address(text: str) -> str:
-    from .protocol.fields import ADDRESS_RE
+    from hiocluster.protocol.fields import ADDRESS_RE
 
     if ADDRESS_RE.match(text) is None:
         raise argparse.ArgumentTypeError(f"expected ipc://PATH, tcp://HOST:PORT or unix://PATH, "
@@ -74,7 +74,7 @@ def _place(text: str) -> tuple[str, str]:
 
 def _hosts_from(args: argparse.Namespace) -> tuple[Any, ...]:
     """--host and --place as the topology's hosts."""
-    from .topology import HostSpec
+    from hiocluster.topology import HostSpec
 
     agents = dict(args.host)
     unknown = sorted({host for _, host in args.place} - set(agents))
@@ -377,7 +377,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "report":
         return _report(args)
     if args.command in ("status", "scale", "restart", "stop"):
-        from .control import control_main
+        from hiocluster.control import control_main
         return control_main(args)
     try:
         return _check(args) if args.command == "check" else _run(args)
@@ -455,7 +455,7 @@ def _exhausted(exc: BaseException) -> str | None:
 
 def _load(args: argparse.Namespace) -> Any:
     """The topology with the CLI's overrides, and its placement plan."""
-    from .topology import load, plan
+    from hiocluster.topology import load, plan
 
     topology = load(args.topology)
     changes = {key: getattr(args, key, None) for key in ("ticks", "seed", "real")}
@@ -474,14 +474,14 @@ def _names(names: Sequence[str], shown: int = 8) -> str:
 
 
 def _check(args: argparse.Namespace) -> int:
-    from .topology import resolve_classes, resolve_services
+    from hiocluster.topology import resolve_classes, resolve_services
 
     topology, layout = _load(args)
     resolve_services(topology, args.app_dir)
     if layout is not None:
         resolve_classes(topology, args.app_dir)  # run() does this itself
-        from .loop import Loop
-        from .supervisor import Supervisor
+        from hiocluster.loop import Loop
+        from hiocluster.supervisor import Supervisor
         try:  # run()'s own checks of --transport, --listen, --keys, --external: made,
             # never entered, it starts nothing
             Supervisor(topology, layout, Loop(), app_dir=args.app_dir, keys=args.keys,
@@ -517,8 +517,8 @@ def _check(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from .logs import Prefixer
-    from .supervisor import run
+    from hiocluster.logs import Prefixer
+    from hiocluster.supervisor import run
 
     topology, layout = _load(args)
     try:
@@ -557,7 +557,7 @@ def _run(args: argparse.Namespace) -> int:
         except ClusterError as exc:
             return _failed(args, exc, {})
     if args.trace:
-        from .trace import chrome
+        from hiocluster.trace import chrome
         try:
             with open(args.trace, "w", encoding="utf-8") as file:
                 json.dump(chrome(result.trace), file)
@@ -581,7 +581,7 @@ def _run(args: argparse.Namespace) -> int:
             print("\n".join(f"tick {tick:>{width}} {digest}"
                              for tick, digest in enumerate(result.tick_digests)))
         if result.trace:
-            from .trace import lines
+            from hiocluster.trace import lines
             print("\n".join(lines(result.trace)))
         if result.services:
             print(services_summary(result.services))
@@ -589,7 +589,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _agent(args: argparse.Namespace) -> int:
-    from .agent import AgentOptions, run_agent
+    from hiocluster.agent import AgentOptions, run_agent
 
     return run_agent(AgentOptions(listen=args.listen, keys=args.keys, name=args.name,
                                   trust=tuple(args.trust),
@@ -598,7 +598,7 @@ def _agent(args: argparse.Namespace) -> int:
 
 
 def _keygen(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
-    from .transport import write_key_pair
+    from hiocluster.transport import write_key_pair
 
     directory = args.directory
     taken = [name for name in args.names for suffix in (".key", ".key_secret")
@@ -620,10 +620,10 @@ def _keygen(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
 
 
 def _worker(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
-    from .launch import parent_from_env
-    from .transport import CREDENTIALS_ENV, Credentials
-    from .watchdog import parent_gone
-    from .worker import WorkerOptions, run_worker
+    from hiocluster.launch import parent_from_env
+    from hiocluster.transport import CREDENTIALS_ENV, Credentials
+    from hiocluster.watchdog import parent_gone
+    from hiocluster.worker import WorkerOptions, run_worker
 
     parent = parent_from_env()
 
@@ -638,7 +638,7 @@ def _worker(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         parser.error(f"{args.command}: no usable credentials ({exc}): pass --credentials "
                      f"FILE or set ${CREDENTIALS_ENV}")
     if args.command == "group":
-        from .group import GroupOptions, load_tree, run_group
+        from hiocluster.group import GroupOptions, load_tree, run_group
         try:
             tree = load_tree(args.tree)
         except ValueError as exc:
@@ -663,9 +663,9 @@ def _worker(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace, topology: Any) -> int:
-    from .logs import Prefixer
-    from .servicecore import ServiceFailed
-    from .services import CONTROL_ENV, serve
+    from hiocluster.logs import Prefixer
+    from hiocluster.servicecore import ServiceFailed
+    from hiocluster.services import CONTROL_ENV, serve
 
     def announce(run: Any) -> None:  # once the endpoint is bound
         print(f"hiocluster: control: {CONTROL_ENV}={run.endpoint_address}", file=sys.stderr,
@@ -692,7 +692,7 @@ def services_summary(rows: list[dict[str, Any]]) -> str:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from .trace import lines, load, plot
+    from hiocluster.trace import lines, load, plot
 
     try:
         trace = load(args.trace)
@@ -712,7 +712,7 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _replica(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
-    from .replica import options_from, run_replica
+    from hiocluster.replica import options_from, run_replica
 
     try:
         options = options_from(args.connect, args.name, args.app_dir)
@@ -779,8 +779,13 @@ class _progress:
         if not sys.stderr.isatty():
             return None
         from rich.console import Console
-        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
-                                   TimeRemainingColumn)
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeRemainingColumn,
+        )
 
         self.bar = Progress(TextColumn("ticking"), BarColumn(), MofNCompleteColumn(),
                             TextColumn("{task.fields[rate]}"), TimeRemainingColumn(),

@@ -23,11 +23,11 @@ from itertools import groupby
 from operator import itemgetter
 from typing import Any, Callable, Iterable, Mapping
 
-from . import protocol as proto
-from .protocol import arrays
-from .protocol.fields import MAX_ARRAY
-from .errors import ClusterError, FrameError, RemoteProtocolError
-from .node import Inbox, Link, Node
+from hiocluster import protocol as proto
+from hiocluster.errors import ClusterError, FrameError, RemoteProtocolError
+from hiocluster.node import Inbox, Link, Node
+from hiocluster.protocol import arrays
+from hiocluster.protocol.fields import MAX_ARRAY
 
 __all__ = ["Exchange", "Unsendable"]
 

@@ -33,14 +33,22 @@ from typing import Any
 
 from hio.base.doing import Doer
 
-from .groupcore import GroupCore, check_tree
-from .launch import LocalLauncher, TickRegister
-from .loop import Loop
-from .supervisor import Supervising, make_run_dir, remove_run_dir
-from .transport import (NOBLOCK, Context, Credentials, KeyPair, TransportError,
-                        local_address, monitor_event, readable)
-from .watchdog import orphan_grace, parent_gone
-from .worker import START_TIMEOUT, default_bind, remove_orphan_files
+from hiocluster.groupcore import GroupCore, check_tree
+from hiocluster.launch import LocalLauncher, TickRegister
+from hiocluster.loop import Loop
+from hiocluster.supervisor import Supervising, make_run_dir, remove_run_dir
+from hiocluster.transport import (
+    NOBLOCK,
+    Context,
+    Credentials,
+    KeyPair,
+    TransportError,
+    local_address,
+    monitor_event,
+    readable,
+)
+from hiocluster.watchdog import orphan_grace, parent_gone
+from hiocluster.worker import START_TIMEOUT, default_bind, remove_orphan_files
 
 __all__ = ["GroupOptions", "Group", "ParentLink", "run_group"]
 

@@ -27,12 +27,18 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-from . import protocol as proto
-from .errors import (ClusterError, FrameError, Interrupted, ProcessExited, ProtocolError,
-                     RunFailed)
-from .outcome import subtree_error
-from .topology import MAX_GROUP_DEPTH
-from .runcore import START_TIMEOUT, STOP_TIMEOUT, Phase, Supervision
+from hiocluster import protocol as proto
+from hiocluster.errors import (
+    ClusterError,
+    FrameError,
+    Interrupted,
+    ProcessExited,
+    ProtocolError,
+    RunFailed,
+)
+from hiocluster.outcome import subtree_error
+from hiocluster.runcore import START_TIMEOUT, STOP_TIMEOUT, Phase, Supervision
+from hiocluster.topology import MAX_GROUP_DEPTH
 
 __all__ = ["GroupCore", "check_tree", "tree_leaves", "tree_groups", "PROGRESS_S", "MAX_TREE_DEPTH"]
 

@@ -25,11 +25,11 @@ import hio
 from hio.base.doing import Doist
 from xxhash import xxh3_128_digest
 
-from . import protocol as proto
-from .protocol import arrays
-from .protocol.fields import short
-from .errors import ClusterError, FrameError
-from .node import Clock, Node, load_class, pack_state
+from hiocluster import protocol as proto
+from hiocluster.errors import ClusterError, FrameError
+from hiocluster.node import Clock, Node, load_class, pack_state
+from hiocluster.protocol import arrays
+from hiocluster.protocol.fields import short
 
 __all__ = ["NodeHost", "NodeFailed", "TickOverrun", "Terminated", "blame", "tail",
            "TRACEBACK_LINES"]

@@ -30,10 +30,10 @@ import socket
 import time
 from typing import Any
 
-from .errors import FrameError
-from .peers import ARRIVED_S, RECEIVE_S, DataFault, DataPlane, PeerSockets
-from .protocol import MAX_DATA_FRAME
-from .transport import Context, Poller, TransportError
+from hiocluster.errors import FrameError
+from hiocluster.peers import ARRIVED_S, RECEIVE_S, DataFault, DataPlane, PeerSockets
+from hiocluster.protocol import MAX_DATA_FRAME
+from hiocluster.transport import Context, Poller, TransportError
 
 __all__ = ["LocalPeers", "open_data_plane", "local_path", "SCHEME", "CHUNK"]
 

@@ -36,8 +36,8 @@ import msgpack
 from hio.base.doing import DoDoer
 from xxhash import xxh3_128_digest
 
-from .errors import LinkFull
-from .protocol import arrays
+from hiocluster.errors import LinkFull
+from hiocluster.protocol import arrays
 
 #: Inbox.drain counts credit one entry at a time up to this many (then with a Counter).
 DRAIN_LOOP = 16

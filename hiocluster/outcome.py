@@ -14,13 +14,20 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
-from . import protocol as proto
-from .chain import DigestChain
-from .errors import (ClusterError, FrameError, NodeError, ProcessExited, ProtocolError,
-                     RunFailed, TickTimeout)
-from .runbooks import WorkerBook
-from .topology import Topology
-from .windows import WindowSizer
+from hiocluster import protocol as proto
+from hiocluster.chain import DigestChain
+from hiocluster.errors import (
+    ClusterError,
+    FrameError,
+    NodeError,
+    ProcessExited,
+    ProtocolError,
+    RunFailed,
+    TickTimeout,
+)
+from hiocluster.runbooks import WorkerBook
+from hiocluster.topology import Topology
+from hiocluster.windows import WindowSizer
 
 __all__ = ["RunResult", "jsonable", "result_of", "worker_failure", "subtree_error", "refusal", "placed",
            "late_start", "silent", "lost_frame", "error_frame"]

@@ -39,11 +39,20 @@ import time
 from collections import deque
 from typing import Any, Callable, Hashable
 
-from . import protocol as proto
-from .errors import ClusterError, FrameError, ProtocolError
-from .exchange import Exchange
-from .transport import (NOBLOCK, Again, Context, Poller, TransportError, bound_address,
-                        monitor_event, readable, sender)
+from hiocluster import protocol as proto
+from hiocluster.errors import ClusterError, FrameError, ProtocolError
+from hiocluster.exchange import Exchange
+from hiocluster.transport import (
+    NOBLOCK,
+    Again,
+    Context,
+    Poller,
+    TransportError,
+    bound_address,
+    monitor_event,
+    readable,
+    sender,
+)
 
 __all__ = ["DataPlane", "PeerSockets", "DataFault", "LOG_REFUSED", "EARLY_PEERS"]
 

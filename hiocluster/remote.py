@@ -23,13 +23,19 @@ from typing import TYPE_CHECKING, Any
 
 from hio.base.doing import Doer
 
-from . import protocol as proto
-from .errors import FrameError
-from .transport import (NOBLOCK, Again, ZMQError, monitor_event,
-                        heartbeat_timeout_ms, readable)
+from hiocluster import protocol as proto
+from hiocluster.errors import FrameError
+from hiocluster.transport import (
+    NOBLOCK,
+    Again,
+    ZMQError,
+    heartbeat_timeout_ms,
+    monitor_event,
+    readable,
+)
 
 if TYPE_CHECKING:
-    from .topology import HostSpec
+    from hiocluster.topology import HostSpec
 
 __all__ = ["AgentLink", "RemoteProcess", "first_contact_s", "HANDSHAKE_S"]
 

@@ -36,15 +36,15 @@ from typing import Any
 
 from hio.base.doing import Doer
 
-from . import protocol as proto
-from .errors import FrameError
-from .loop import Loop
-from .node import load_class
-from .service import Service
-from .serving import WRITE_ONLY
-from .topology import ServiceSpec
-from .transport import NOBLOCK, RUN_SOCKETS, Context, Credentials, ipc_path, readable
-from .watchdog import Watchdog, parent_gone
+from hiocluster import protocol as proto
+from hiocluster.errors import FrameError
+from hiocluster.loop import Loop
+from hiocluster.node import load_class
+from hiocluster.service import Service
+from hiocluster.serving import WRITE_ONLY
+from hiocluster.topology import ServiceSpec
+from hiocluster.transport import NOBLOCK, RUN_SOCKETS, Context, Credentials, ipc_path, readable
+from hiocluster.watchdog import Watchdog, parent_gone
 
 __all__ = ["ReplicaOptions", "run_replica", "LOAD_S", "SERVICE_ENV", "LISTEN_FDS_ENV",
            "PARENT_ENV"]
@@ -353,7 +353,7 @@ def options_from(connect: str, name: str, app_dir: str | None) -> ReplicaOptions
     Raises:
         ValueError: naming what is missing or malformed.
     """
-    from .transport import CREDENTIALS_ENV
+    from hiocluster.transport import CREDENTIALS_ENV
 
     service, dot, rest = name.partition(".")
     index, dot2, incarnation = rest.partition(".")

@@ -13,10 +13,10 @@ from __future__ import annotations
 import hmac
 from typing import Callable, Mapping
 
-from . import protocol as proto
-from .chain import DigestChain
-from .errors import ClusterError, FrameError, ProtocolError, RemoteProtocolError
-from .topology import Plan, Topology
+from hiocluster import protocol as proto
+from hiocluster.chain import DigestChain
+from hiocluster.errors import ClusterError, FrameError, ProtocolError, RemoteProtocolError
+from hiocluster.topology import Plan, Topology
 
 __all__ = ["WorkerBook", "setups", "claim"]
 

@@ -23,15 +23,31 @@ from __future__ import annotations
 import enum
 from typing import Callable, Mapping, Sequence
 
-from . import protocol as proto
-from .chain import DigestChain
-from .errors import (ClusterError, FrameError, Interrupted, ProcessExited, ProtocolError,
-                     RunFailed, describe_exitcode)
-from .outcome import (RunResult, error_frame, late_start, lost_frame, placed, refusal,
-                      result_of, silent, worker_failure)
-from .runbooks import WorkerBook, claim, neighbours, setups
-from .topology import Plan, Topology
-from .windows import WindowSizer
+from hiocluster import protocol as proto
+from hiocluster.chain import DigestChain
+from hiocluster.errors import (
+    ClusterError,
+    FrameError,
+    Interrupted,
+    ProcessExited,
+    ProtocolError,
+    RunFailed,
+    describe_exitcode,
+)
+from hiocluster.outcome import (
+    RunResult,
+    error_frame,
+    late_start,
+    lost_frame,
+    placed,
+    refusal,
+    result_of,
+    silent,
+    worker_failure,
+)
+from hiocluster.runbooks import WorkerBook, claim, neighbours, setups
+from hiocluster.topology import Plan, Topology
+from hiocluster.windows import WindowSizer
 
 __all__ = ["Supervision", "RunCore", "RunResult", "Phase", "START_TIMEOUT", "STOP_TIMEOUT",
            "SILENCE_GRACE_S", "STRANGER_LIMIT"]

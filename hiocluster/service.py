@@ -27,8 +27,8 @@ import logging
 import traceback
 from typing import Any, Callable
 
-from .serving import Server, ServerTls, Watch, WsgiServer
-from .topology import ServiceSpec
+from hiocluster.serving import Server, ServerTls, Watch, WsgiServer
+from hiocluster.topology import ServiceSpec
 
 __all__ = ["Service", "TcpService", "WsgiService"]
 

@@ -35,8 +35,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
-from .errors import ClusterError
-from .topology import MAX_REPLICAS, ServiceSpec
+from hiocluster.errors import ClusterError
+from hiocluster.topology import MAX_REPLICAS, ServiceSpec
 
 __all__ = ["ServiceCore", "Replica", "ReplicaState", "ServiceFailed", "START_TIMEOUT"]
 

@@ -38,17 +38,24 @@ from typing import Any, Callable, Sequence
 import psutil
 from hio.base.doing import DoDoer, Doer
 
-from . import protocol as proto
-from .errors import ClusterError, FrameError, Interrupted
-from .launch import LocalProcess, end_process
-from .logs import Prefixer
-from .loop import Loop, RouterDoer
-from .replica import LISTEN_FDS_ENV, PARENT_ENV, SERVICE_ENV
-from .serving import listening_socket
-from .servicecore import Replica, ServiceCore
-from .topology import Topology
-from .transport import (CREDENTIALS_ENV, NOBLOCK, Context, Credentials, bound_address,
-                        ipc_address, readable)
+from hiocluster import protocol as proto
+from hiocluster.errors import ClusterError, FrameError, Interrupted
+from hiocluster.launch import LocalProcess, end_process
+from hiocluster.logs import Prefixer
+from hiocluster.loop import Loop, RouterDoer
+from hiocluster.replica import LISTEN_FDS_ENV, PARENT_ENV, SERVICE_ENV
+from hiocluster.servicecore import Replica, ServiceCore
+from hiocluster.serving import listening_socket
+from hiocluster.topology import Topology
+from hiocluster.transport import (
+    CREDENTIALS_ENV,
+    NOBLOCK,
+    Context,
+    Credentials,
+    bound_address,
+    ipc_address,
+    readable,
+)
 
 __all__ = ["Services", "ServiceBoard", "ReplicaDoer", "Endpoint", "ServiceRun", "serve",
            "CONTROL_ENV", "ENDPOINT", "ServeResult"]
@@ -614,7 +621,7 @@ class ServiceRun(DoDoer):
 
     def enter(self, doers: Any = None) -> Any:  # type: ignore[override]
         if doers is None:
-            from .supervisor import make_run_dir
+            from hiocluster.supervisor import make_run_dir
             self.run_dir = make_run_dir()
             self.endpoint_address = ipc_address(self.run_dir, ENDPOINT)
             self.context = Context(owner="supervisor")
@@ -632,7 +639,7 @@ class ServiceRun(DoDoer):
             super().exit(deeds)
         finally:
             if deeds is None:
-                from .supervisor import close_run
+                from hiocluster.supervisor import close_run
                 close_run(self)
 
     def interrupt(self, signum: int) -> None:
@@ -673,8 +680,8 @@ def serve(topology: Topology, *, app_dir: str | None = None,
         ServiceFailed: a service restarted more often than its intensity allows;
             every replica was stopped first.
     """
-    from .supervisor import _signals
-    from .topology import resolve_services
+    from hiocluster.supervisor import _signals
+    from hiocluster.topology import resolve_services
 
     resolve_services(topology, app_dir)
     loop = Loop(max_wait=IDLE_WAIT_S)  # replicas, shells and signals wake it sooner

@@ -38,16 +38,27 @@ from typing import Any, Callable, Sequence
 
 from hio.base.doing import DoDoer, Doer
 
-from .early import take as take_early_signal
-from .errors import ClusterError, Interrupted, TopologyError
-from .launch import LocalLauncher, ProcessHandle, end_process, run_root, worker_argv
-from .loop import Loop, RouterDoer
-from .remote import AgentLink
-from .runcore import START_TIMEOUT, STOP_TIMEOUT, Phase, RunCore, RunResult
-from .topology import Plan, Topology, plan as make_plan, resolve_classes, resolve_services
-from .transport import (ENDPOINT_RECORD, NOBLOCK, Context, Credentials, KeyPair, TransportError,
-                        bound_address, facing, local_address,
-                        readable, sender)
+from hiocluster.early import take as take_early_signal
+from hiocluster.errors import ClusterError, Interrupted, TopologyError
+from hiocluster.launch import LocalLauncher, ProcessHandle, end_process, run_root, worker_argv
+from hiocluster.loop import Loop, RouterDoer
+from hiocluster.remote import AgentLink
+from hiocluster.runcore import START_TIMEOUT, STOP_TIMEOUT, Phase, RunCore, RunResult
+from hiocluster.topology import Plan, Topology, resolve_classes, resolve_services
+from hiocluster.topology import plan as make_plan
+from hiocluster.transport import (
+    ENDPOINT_RECORD,
+    NOBLOCK,
+    Context,
+    Credentials,
+    KeyPair,
+    TransportError,
+    bound_address,
+    facing,
+    local_address,
+    readable,
+    sender,
+)
 
 __all__ = ["Supervising", "Supervisor", "Switchboard", "ChildDoer", "RunResult", "run", "KILL_GRACE_S"]
 
@@ -402,7 +413,7 @@ class Supervisor(Supervising):
                                 f"{' '.join(sorted(hosts))})", key_path="hosts")
         self.links = {name: AgentLink(self, host, KeyPair.load_public(
             os.path.join(keys, f"{name}.key"))) for name, host in hosts.items()}  # type: ignore
-        from .services import Endpoint, Services  # services import this module
+        from hiocluster.services import Endpoint, Services  # services import this module
         self.endpoint = Endpoint(self, on_bound=self._endpoint_bound)
         self.endpoint_address = ""
         self.services = Services(self, topology, app_dir=app_dir, prefixer=prefixer) \
@@ -461,7 +472,7 @@ class Supervisor(Supervising):
 
     # -- the control endpoint (hiocluster status / stop) ------------------------------
     def command(self, message: Any) -> Any:
-        from .services import answer_command
+        from hiocluster.services import answer_command
         return answer_command(message, self.services, self.status,
                               lambda: self.interrupt(signal.SIGTERM))
 
@@ -758,7 +769,7 @@ class _signals:
         for signum in (signal.SIGINT, signal.SIGTERM):
             self.restore[signum] = signal.signal(signum, self._handle)
         if getattr(self.supervisor, "services", None) is not None:
-            from .replica import IGNORED_SIGNALS  # SIGHUP must never end services
+            from hiocluster.replica import IGNORED_SIGNALS  # SIGHUP must never end services
             for signum in IGNORED_SIGNALS:
                 self.restore[signum] = signal.signal(signum, self._handle)
         early = take_early_signal()  # one whose exception something swallowed

@@ -50,8 +50,8 @@ from zmq.auth.thread import ThreadAuthenticator
 from zmq.utils import z85
 from zmq.utils.monitor import recv_monitor_message
 
-from .errors import ClusterError
-from .protocol import MAX_CONTROL_FRAME, MAX_DATA_FRAME, MAX_SETUP_FRAME
+from hiocluster.errors import ClusterError
+from hiocluster.protocol import MAX_CONTROL_FRAME, MAX_DATA_FRAME, MAX_SETUP_FRAME
 
 __all__ = ["TransportError", "Context", "Poller", "KeyPair", "Credentials", "Gate",
            "Asking", "Gone", "request",

@@ -31,15 +31,16 @@ import time
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
-from . import protocol as proto
-from .errors import FrameError, ProtocolError, RemoteProtocolError
-from .exchange import Exchange, Unsendable
-from .host import NodeFailed, NodeHost, Terminated, TickOverrun, explain
-from .launch import TickRegister
-from .localnet import SCHEME as LOCAL_SCHEME, local_path, open_data_plane
-from .peers import DataFault, DataPlane
-from .transport import NOBLOCK, RUN_SOCKETS, Again, Context, Credentials, Poller, ipc_path
-from .watchdog import Watchdog, parent_gone
+from hiocluster import protocol as proto
+from hiocluster.errors import FrameError, ProtocolError, RemoteProtocolError
+from hiocluster.exchange import Exchange, Unsendable
+from hiocluster.host import NodeFailed, NodeHost, Terminated, TickOverrun, explain
+from hiocluster.launch import TickRegister
+from hiocluster.localnet import SCHEME as LOCAL_SCHEME
+from hiocluster.localnet import local_path, open_data_plane
+from hiocluster.peers import DataFault, DataPlane
+from hiocluster.transport import NOBLOCK, RUN_SOCKETS, Again, Context, Credentials, Poller, ipc_path
+from hiocluster.watchdog import Watchdog, parent_gone
 
 __all__ = ["WorkerOptions", "Worker", "run_worker", "PROGRESS_S", "START_TIMEOUT"]
 

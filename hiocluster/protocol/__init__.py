@@ -16,17 +16,70 @@ The wire format is specified in docs/protocol.md; keep the two in step.
 Imports: stdlib, msgpack and hiocluster.errors only.
 """
 
-from .fields import (DIGEST_SIZE, MAX_CONTROL_FRAME, MAX_DATA_FRAME, MAX_SETUP_FRAME, NAME,
-                     UINT, is_name)
-from .frames import (VERSION, check_control_value, check_size, check_unpacks, claimed_by,
-                     decode, decode_data, encode, from_body, read_data, reload_data)
-from .machines import (CHILD_TRANSITIONS, PARENT_TRANSITIONS, ChildMachine, ChildState,
-                       ParentMachine, ParentState)
-from .messages import (COMMANDS, METRIC_KINDS, FROM_AGENT, FROM_REPLICA, MESSAGE_TYPES, TO_AGENT, TO_REPLICA,
-                       Answer, Assign, Bye, Command, Data, Done, Error, Exited, Grant, Hello,
-                       Join, Launch, Launched, Load, Message, Output, Peer, Ping, Progress,
-                       Ready, Setup, Signal, Standby, Stop)
-from .versions import local_versions, mismatches
+from hiocluster.protocol.fields import (
+                     DIGEST_SIZE,
+                     MAX_CONTROL_FRAME,
+                     MAX_DATA_FRAME,
+                     MAX_SETUP_FRAME,
+                     NAME,
+                     UINT,
+                     is_name,
+)
+from hiocluster.protocol.frames import (
+                     VERSION,
+                     check_control_value,
+                     check_size,
+                     check_unpacks,
+                     claimed_by,
+                     decode,
+                     decode_data,
+                     encode,
+                     from_body,
+                     read_data,
+                     reload_data,
+)
+from hiocluster.protocol.machines import (
+                     CHILD_TRANSITIONS,
+                     PARENT_TRANSITIONS,
+                     ChildMachine,
+                     ChildState,
+                     ParentMachine,
+                     ParentState,
+)
+from hiocluster.protocol.messages import (
+                     COMMANDS,
+                     FROM_AGENT,
+                     FROM_REPLICA,
+                     MESSAGE_TYPES,
+                     METRIC_KINDS,
+                     TO_AGENT,
+                     TO_REPLICA,
+                     Answer,
+                     Assign,
+                     Bye,
+                     Command,
+                     Data,
+                     Done,
+                     Error,
+                     Exited,
+                     Grant,
+                     Hello,
+                     Join,
+                     Launch,
+                     Launched,
+                     Load,
+                     Message,
+                     Output,
+                     Peer,
+                     Ping,
+                     Progress,
+                     Ready,
+                     Setup,
+                     Signal,
+                     Standby,
+                     Stop,
+)
+from hiocluster.protocol.versions import local_versions, mismatches
 
 __all__ = [
     "VERSION", "DIGEST_SIZE", "MAX_CONTROL_FRAME", "MAX_SETUP_FRAME", "MAX_DATA_FRAME",

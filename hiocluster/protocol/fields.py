@@ -15,7 +15,7 @@ import re
 import reprlib
 from typing import Any, Callable
 
-from ..errors import FrameError
+from hiocluster.errors import FrameError
 
 __all__ = [
     "MAX_CONTROL_FRAME", "MAX_SETUP_FRAME", "MAX_DATA_FRAME", "MAX_STR", "MAX_ARRAY",

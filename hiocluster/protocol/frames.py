@@ -15,11 +15,20 @@ from typing import Any
 
 import msgpack
 
-from ..errors import FrameError
-from . import arrays
-from .fields import (MAX_ARRAY, MAX_CONTROL_FRAME, MAX_DATA_FRAME, MAX_INT, MAX_MAP, MAX_STR,
-                     is_name, is_sequences, short)
-from .messages import MESSAGE_TYPES, Data, Message
+from hiocluster.errors import FrameError
+from hiocluster.protocol import arrays
+from hiocluster.protocol.fields import (
+    MAX_ARRAY,
+    MAX_CONTROL_FRAME,
+    MAX_DATA_FRAME,
+    MAX_INT,
+    MAX_MAP,
+    MAX_STR,
+    is_name,
+    is_sequences,
+    short,
+)
+from hiocluster.protocol.messages import MESSAGE_TYPES, Data, Message
 
 __all__ = ["VERSION", "encode", "decode", "decode_data", "read_data", "reload_data",
            "from_body", "check_unpacks", "check_size", "check_control_value",

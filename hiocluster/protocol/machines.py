@@ -13,11 +13,21 @@ from __future__ import annotations
 import enum
 from typing import ClassVar, NoReturn
 
-from ..errors import FrameError, LocalProtocolError, RemoteProtocolError
-from .fields import MAX_CONTROL_FRAME, MAX_SETUP_FRAME
-from .frames import decode, encode
-from .messages import (Bye, Done, Error, Grant, Hello, Message, Progress, Ready, Setup,
-                       Stop)
+from hiocluster.errors import FrameError, LocalProtocolError, RemoteProtocolError
+from hiocluster.protocol.fields import MAX_CONTROL_FRAME, MAX_SETUP_FRAME
+from hiocluster.protocol.frames import decode, encode
+from hiocluster.protocol.messages import (
+    Bye,
+    Done,
+    Error,
+    Grant,
+    Hello,
+    Message,
+    Progress,
+    Ready,
+    Setup,
+    Stop,
+)
 
 __all__ = ["ChildState", "ParentState", "ChildMachine", "ParentMachine",
            "CHILD_TRANSITIONS", "PARENT_TRANSITIONS"]

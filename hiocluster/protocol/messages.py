@@ -10,8 +10,29 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from .fields import (ADDRESS, ANY, BOOL, BYTES, COUNT, CREDIT_LAG, CURVE_KEY, INT, NAME, NUMBER, POSITIVE, STATS,
-                     TEXT, TOKEN, UINT, Check, LinkRun, ListOf, MapOf, TupleOf, optional)
+from hiocluster.protocol.fields import (
+    ADDRESS,
+    ANY,
+    BOOL,
+    BYTES,
+    COUNT,
+    CREDIT_LAG,
+    CURVE_KEY,
+    INT,
+    NAME,
+    NUMBER,
+    POSITIVE,
+    STATS,
+    TEXT,
+    TOKEN,
+    UINT,
+    Check,
+    LinkRun,
+    ListOf,
+    MapOf,
+    TupleOf,
+    optional,
+)
 
 __all__ = ["Message", "Hello", "Setup", "Ready", "Grant", "Progress", "Done", "Stop", "Bye",
            "Error", "Data", "Peer", "Launch", "Launched", "Signal", "Exited", "Output",

@@ -20,8 +20,8 @@ __all__ = ["local_versions", "mismatches"]
 
 def local_versions() -> dict[str, str]:
     """``{"python", "msgpack", "hio", "hiocluster", "protocol"}`` of this process."""
-    from .. import __version__
-    from .frames import VERSION
+    from hiocluster import __version__
+    from hiocluster.protocol.frames import VERSION
 
     try:
         hio = importlib.metadata.version("hio")

@@ -20,11 +20,19 @@ Needs only the stdlib and hiocluster.errors/protocol.fields (never zmq, msgpack
 or hio); ``resolve`` imports hiocluster.node when called, ``build`` needs tomli_w.
 """
 
-from .limits import MAX_GROUP_DEPTH, MAX_REPLICAS, RUN_TRANSPORTS
-from .parse import load, loads
-from .placement import plan
-from .resolve import resolve_classes, resolve_services
-from .spec import HostSpec, LinkSpec, NodeSpec, Plan, ServiceSpec, Topology, WorkerSpec
+from hiocluster.topology.limits import MAX_GROUP_DEPTH, MAX_REPLICAS, RUN_TRANSPORTS
+from hiocluster.topology.parse import load, loads
+from hiocluster.topology.placement import plan
+from hiocluster.topology.resolve import resolve_classes, resolve_services
+from hiocluster.topology.spec import (
+    HostSpec,
+    LinkSpec,
+    NodeSpec,
+    Plan,
+    ServiceSpec,
+    Topology,
+    WorkerSpec,
+)
 
 __all__ = [
     "NodeSpec",

@@ -25,8 +25,8 @@ from typing import Any, Iterable, Sequence
 
 import tomli_w
 
-from .parse import loads
-from .spec import Topology
+from hiocluster.topology.parse import loads
+from hiocluster.topology.spec import Topology
 
 __all__ = ["Builder"]
 

@@ -11,8 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from hiocluster.errors import TopologyError
-
-from .limits import (
+from hiocluster.topology.limits import (
     _RUN_DEFAULTS,
     CLASS_PATH,
     MAX_COUNT,
@@ -21,10 +20,10 @@ from .limits import (
     RESTART_POLICIES,
     WORKER_NAME,
 )
-from .lines import _place
-from .patterns import _pattern
-from .spec import HostSpec, LinkSpec, NodeSpec, ServiceSpec, Topology
-from .values import (
+from hiocluster.topology.lines import _place
+from hiocluster.topology.patterns import _pattern
+from hiocluster.topology.spec import HostSpec, LinkSpec, NodeSpec, ServiceSpec, Topology
+from hiocluster.topology.values import (
     _array,
     _endpoint,
     _err,

@@ -8,8 +8,18 @@ import random
 import re
 from typing import Any
 
-from .limits import BOX_NAME, SEED_LIMIT
-from .values import _array, _err, _int, _is_glob, _keys, _match, _name, _str, _suggest
+from hiocluster.topology.limits import BOX_NAME, SEED_LIMIT
+from hiocluster.topology.values import (
+    _array,
+    _err,
+    _int,
+    _is_glob,
+    _keys,
+    _match,
+    _name,
+    _str,
+    _suggest,
+)
 
 #: The link patterns of ``[[patterns]]`` (and the builder).
 PATTERN_KINDS = ("ring", "line", "grid", "torus", "all", "random")

@@ -11,11 +11,10 @@ from collections import Counter
 from typing import Callable
 
 from hiocluster.errors import TopologyError
-
-from .limits import MAX_GROUP_DEPTH
-from .lines import _place
-from .spec import HostSpec, LinkSpec, NodeSpec, Plan, Topology, WorkerSpec
-from .values import _err, _int, _suggest
+from hiocluster.topology.limits import MAX_GROUP_DEPTH
+from hiocluster.topology.lines import _place
+from hiocluster.topology.spec import HostSpec, LinkSpec, NodeSpec, Plan, Topology, WorkerSpec
+from hiocluster.topology.values import _err, _int, _suggest
 
 
 def plan(topology: Topology, processes: int | None = None, *,

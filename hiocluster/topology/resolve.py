@@ -6,10 +6,9 @@ from __future__ import annotations
 import os
 
 from hiocluster.errors import TopologyError
-
-from .lines import _place
-from .spec import Topology
-from .values import _err
+from hiocluster.topology.lines import _place
+from hiocluster.topology.spec import Topology
+from hiocluster.topology.values import _err
 
 
 def resolve_classes(topology: Topology, app_dir: str | None = None) -> dict[str, type]:

@@ -9,10 +9,9 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable
 
 from hiocluster.errors import TopologyError
-
-from .limits import _RUN_DEFAULTS, AUTO_CREDIT_LAG
-from .lines import _place
-from .values import _run_value
+from hiocluster.topology.limits import _RUN_DEFAULTS, AUTO_CREDIT_LAG
+from hiocluster.topology.lines import _place
+from hiocluster.topology.values import _run_value
 
 
 @dataclass(frozen=True)

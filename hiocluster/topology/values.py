@@ -12,8 +12,7 @@ from typing import Any, Iterable
 
 from hiocluster.errors import TopologyError
 from hiocluster.protocol.fields import MAX_CREDIT_LAG
-
-from .limits import _PATTERN, BOX_NAME, RUN_TRANSPORTS, SEED_LIMIT
+from hiocluster.topology.limits import _PATTERN, BOX_NAME, RUN_TRANSPORTS, SEED_LIMIT
 
 # --- value checks: each raises TopologyError(key_path=...) without a line ---------
 
