@@ -623,7 +623,7 @@ def _worker(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     from hiocluster.launch import parent_from_env
     from hiocluster.transport import CREDENTIALS_ENV, Credentials
     from hiocluster.watchdog import parent_gone
-    from hiocluster.worker import WorkerOptions, run_worker
+    from hiocluster.worker.process import WorkerOptions, run_worker
 
     parent = parent_from_env()
 

@@ -48,7 +48,7 @@ from hiocluster.transport import (
     readable,
 )
 from hiocluster.watchdog import orphan_grace, parent_gone
-from hiocluster.worker import START_TIMEOUT, default_bind, remove_orphan_files
+from hiocluster.worker.process import START_TIMEOUT, default_bind, remove_orphan_files
 
 __all__ = ["GroupOptions", "Group", "ParentLink", "run_group"]
 

@@ -339,7 +339,7 @@ class Supervisor(Supervising):
         keep_digests: keep the run digest after every tick.
         transport: "ipc" (unix sockets in the run directory), "tcp" (loopback), or
             "local" (ipc for control, Unix-domain SEQPACKET sockets for DATA: see
-            hiocluster.localnet; every worker on this host); None: the topology's
+            hiocluster.worker.localnet; every worker on this host); None: the topology's
             ``run.transport``.
         listen: bind the control socket here instead (e.g. for external workers).
         external: workers started by hand (``hiocluster worker``), not by us.

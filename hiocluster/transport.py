@@ -441,7 +441,7 @@ class Context:
         monitor (:meth:`monitor`, with refusals and failed connects), attached before
         it connects. It never reconnects by itself (RECONNECT_IVL -1): a connection
         that drops is replaced by a new socket, with a new routing id, that proves
-        itself again (hiocluster.peers); frames never arrive on a connection whose
+        itself again (hiocluster.worker.dataplane); frames never arrive on a connection whose
         first frame was not its PEER."""
         sock = self._socket(zmq.DEALER, limit=MAX_DATA_FRAME)
         sock.setsockopt(zmq.ROUTING_ID, routing_id())

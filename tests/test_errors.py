@@ -70,7 +70,7 @@ def test_a_state_that_raises_names_state_and_the_user_s_line() -> None:
     detail = caught.value.detail
     assert detail.startswith("state() raised\nTraceback (most recent call last; "
                              "hiocluster's and hio's frames left out):")
-    assert 'return self.params["missing"]' in detail and "hiocluster/host.py" not in detail
+    assert 'return self.params["missing"]' in detail and "hiocluster/worker/nodes.py" not in detail
     assert caught.value.cause == "state() raised KeyError: 'missing'"
 
 

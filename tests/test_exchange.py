@@ -1,4 +1,4 @@
-"""Unit tests of hiocluster.exchange: a worker's DATA plane, without sockets.
+"""Unit tests of hiocluster.worker.exchange: a worker's DATA plane, without sockets.
 
 Two or three Exchanges (one per worker) pass their outgoing frames to each
 other by hand, the way ZeroMQ would: every tick each sends each neighbour
@@ -14,7 +14,7 @@ import pytest
 
 from hiocluster import protocol as proto
 from hiocluster.errors import FrameError, LinkFull, RemoteProtocolError
-from hiocluster.exchange import Exchange, Unsendable
+from hiocluster.worker.exchange import Exchange, Unsendable
 from hiocluster.node import Node
 
 

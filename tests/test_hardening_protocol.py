@@ -36,7 +36,7 @@ import zmq
 from hiocluster import protocol as proto
 from hiocluster import supervisor
 from hiocluster.errors import RunFailed
-from hiocluster.peers import PeerSockets
+from hiocluster.worker.dataplane import PeerSockets
 from hiocluster.runcore import Phase
 from hiocluster.topology import loads
 from hiocluster.transport import CREDENTIALS_ENV, Context, Credentials

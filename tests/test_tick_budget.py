@@ -15,7 +15,7 @@ import tracemalloc
 from typing import Any
 
 from tests.calls import count_calls
-from hiocluster.exchange import Exchange
+from hiocluster.worker.exchange import Exchange
 from hiocluster.node import Node
 
 #: Python calls per tick of the whole path below, for both workers together

@@ -1,4 +1,4 @@
-"""The local data plane (``--transport local``, hiocluster.localnet) end to end.
+"""The local data plane (``--transport local``, hiocluster.worker.localnet) end to end.
 
 DATA over Unix-domain SEQPACKET sockets gives the digests ZeroMQ gives, in every
 placement, with groups, and for frames long enough to go in fragments; strangers
@@ -24,7 +24,7 @@ from hiocluster import protocol as proto
 from hiocluster import supervisor
 from hiocluster.errors import ProcessExited, RunFailed, TopologyError
 from hiocluster.launch import worker_argv
-from hiocluster.localnet import CHUNK, MORE, local_path
+from hiocluster.worker.localnet import CHUNK, MORE, local_path
 from hiocluster.node import Node
 from hiocluster.loop import Loop
 from hiocluster.topology import Topology, load, loads, plan as make_plan
@@ -223,7 +223,7 @@ def test_local_peers_hold_an_early_peer_until_setup_and_refuse_a_stranger(
     before SETUP is held, a wrong token refused at once, both judged by DataPlane."""
     from types import SimpleNamespace
 
-    from hiocluster.localnet import LocalPeers
+    from hiocluster.worker.localnet import LocalPeers
     from hiocluster.transport import Poller
     from tests.waiting import wait_until
 

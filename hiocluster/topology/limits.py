@@ -32,5 +32,5 @@ _RUN_DEFAULTS: dict[str, int | float | bool | str] = {
 }
 #: How the workers of one host talk (``[run] transport``, ``--transport``): ZeroMQ over
 #: unix sockets or TCP on loopback, or ``local``: ZeroMQ for control and Unix-domain
-#: SEQPACKET sockets for DATA (hiocluster.localnet; one host, no CurveZMQ).
+#: SEQPACKET sockets for DATA (hiocluster.worker.localnet; one host, no CurveZMQ).
 RUN_TRANSPORTS = ("ipc", "tcp", "local")

@@ -42,7 +42,7 @@ TRACEBACK_FRAMES = 8
 MAX_MESSAGE = 2000
 #: Where hiocluster's and hio's own frames live: left out of a user's traceback.
 _INTERNAL = tuple(os.path.dirname(module.__file__) + os.sep
-                  for module in (sys.modules[__name__.rpartition(".")[0]], hio))
+                  for module in (sys.modules[__name__.partition(".")[0]], hio))
 
 
 class NodeFailed(ClusterError):

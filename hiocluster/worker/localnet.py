@@ -5,9 +5,9 @@ Each worker listens on ``unix://<run dir>/d-<worker>`` (the 0700 run directory
 keeps other users out) and connects one socket to each neighbour's; one message
 is one frame, as on the ZeroMQ data plane (docs/protocol.md §1). A connection
 proves itself exactly as there: its first frame is PEER with the run's token,
-judged by :class:`~hiocluster.peers.DataPlane` (held until SETUP if early); a
+judged by :class:`~hiocluster.worker.dataplane.DataPlane` (held until SETUP if early); a
 stranger's frames are refused and counted; a neighbour's invalid frame is a
-:class:`~hiocluster.peers.DataFault`. Control (HELLO ... BYE) stays on ZeroMQ.
+:class:`~hiocluster.worker.dataplane.DataFault`. Control (HELLO ... BYE) stays on ZeroMQ.
 
 A frame longer than CHUNK bytes travels as fragments: messages of
 ``MORE + piece`` and a last ``LAST + piece`` (``0xc1``, never the first byte
@@ -31,9 +31,9 @@ import time
 from typing import Any
 
 from hiocluster.errors import FrameError
-from hiocluster.peers import ARRIVED_S, RECEIVE_S, DataFault, DataPlane, PeerSockets
 from hiocluster.protocol import MAX_DATA_FRAME
 from hiocluster.transport import Context, Poller, TransportError
+from hiocluster.worker.dataplane import ARRIVED_S, RECEIVE_S, DataFault, DataPlane, PeerSockets
 
 __all__ = ["LocalPeers", "open_data_plane", "local_path", "SCHEME", "CHUNK"]
 

@@ -1,8 +1,8 @@
 """A worker process: one local hio Doist hosting some nodes, speaking the protocol.
 
 The shell around three socket-free parts: the protocol's ChildMachine (control),
-:class:`~hiocluster.exchange.Exchange` (DATA frames, delivery, credit) and
-:class:`~hiocluster.host.NodeHost` (nodes, Doist, digests). It waits in one
+:class:`~hiocluster.worker.exchange.Exchange` (DATA frames, delivery, credit) and
+:class:`~hiocluster.worker.nodes.NodeHost` (nodes, Doist, digests). It waits in one
 place — a poll over its sockets bounded by its next timer — and never blocks
 anywhere else.
 
@@ -33,14 +33,14 @@ from typing import Any, NoReturn
 
 from hiocluster import protocol as proto
 from hiocluster.errors import FrameError, ProtocolError, RemoteProtocolError
-from hiocluster.exchange import Exchange, Unsendable
-from hiocluster.host import NodeFailed, NodeHost, Terminated, TickOverrun, explain
 from hiocluster.launch import TickRegister
-from hiocluster.localnet import SCHEME as LOCAL_SCHEME
-from hiocluster.localnet import local_path, open_data_plane
-from hiocluster.peers import DataFault, DataPlane
 from hiocluster.transport import NOBLOCK, RUN_SOCKETS, Again, Context, Credentials, Poller, ipc_path
 from hiocluster.watchdog import Watchdog, parent_gone
+from hiocluster.worker.dataplane import DataFault, DataPlane
+from hiocluster.worker.exchange import Exchange, Unsendable
+from hiocluster.worker.localnet import SCHEME as LOCAL_SCHEME
+from hiocluster.worker.localnet import local_path, open_data_plane
+from hiocluster.worker.nodes import NodeFailed, NodeHost, Terminated, TickOverrun, explain
 
 __all__ = ["WorkerOptions", "Worker", "run_worker", "PROGRESS_S", "START_TIMEOUT"]
 

@@ -3,7 +3,7 @@
 One bound ROUTER receives; each connection has its sender's random routing
 id, and becomes a neighbour's once its first frame, PEER, carries the run's
 token and, over tcp, comes with that neighbour's CURVE key (docs/protocol.md
-§1). Every later frame on it goes to the :class:`~hiocluster.exchange.Exchange`
+§1). Every later frame on it goes to the :class:`~hiocluster.worker.exchange.Exchange`
 as that neighbour's. Anything from a connection that has not proved itself is
 a stranger's: refused, counted, logged (the first LOG_REFUSED).
 
@@ -25,7 +25,7 @@ for being early.
 
 What does not depend on ZeroMQ (PEER judging, early PEERs, proven
 connections, refusals, kept frames) is :class:`DataPlane`, shared with the
-local data plane (hiocluster.localnet: unix SEQPACKET sockets,
+local data plane (hiocluster.worker.localnet: unix SEQPACKET sockets,
 ``--transport local``); :class:`PeerSockets` adds the ZeroMQ sockets.
 
 Imports: exchange, transport, protocol, errors.
@@ -41,7 +41,6 @@ from typing import Any, Callable, Hashable
 
 from hiocluster import protocol as proto
 from hiocluster.errors import ClusterError, FrameError, ProtocolError
-from hiocluster.exchange import Exchange
 from hiocluster.transport import (
     NOBLOCK,
     Again,
@@ -53,6 +52,7 @@ from hiocluster.transport import (
     readable,
     sender,
 )
+from hiocluster.worker.exchange import Exchange
 
 __all__ = ["DataPlane", "PeerSockets", "DataFault", "LOG_REFUSED", "EARLY_PEERS"]
 
