@@ -21,8 +21,8 @@ class _Signalled(KeyboardInterrupt):
 
 
 def _interrupt(signum: int, frame: object) -> None:
-    from hiocluster.early import received  # also written down: code not ours may drop the raise
-    received(signum)
+    from hiocluster.runtime.early import received
+    received(signum)  # also written down: code not ours may drop the raise
     raise _Signalled(signum)
 
 

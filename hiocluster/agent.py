@@ -39,9 +39,15 @@ from hio.base.doing import Doer
 from hiocluster import protocol as proto
 from hiocluster.errors import FrameError
 from hiocluster.groupcore import check_tree
-from hiocluster.launch import RUN_ROOT_ENV, LocalLauncher, LocalProcess, make_run_dir, run_root
-from hiocluster.loop import Loop
-from hiocluster.transport import (
+from hiocluster.runtime.launch import (
+    RUN_ROOT_ENV,
+    LocalLauncher,
+    LocalProcess,
+    make_run_dir,
+    run_root,
+)
+from hiocluster.runtime.loop import Loop
+from hiocluster.runtime.transport import (
     NOBLOCK,
     SNDMORE,
     Context,

@@ -480,7 +480,7 @@ def _check(args: argparse.Namespace) -> int:
     resolve_services(topology, args.app_dir)
     if layout is not None:
         resolve_classes(topology, args.app_dir)  # run() does this itself
-        from hiocluster.loop import Loop
+        from hiocluster.runtime.loop import Loop
         from hiocluster.supervisor import Supervisor
         try:  # run()'s own checks of --transport, --listen, --keys, --external: made,
             # never entered, it starts nothing
@@ -517,7 +517,7 @@ def _check(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from hiocluster.logs import Prefixer
+    from hiocluster.runtime.output import Prefixer
     from hiocluster.supervisor import run
 
     topology, layout = _load(args)
@@ -598,7 +598,7 @@ def _agent(args: argparse.Namespace) -> int:
 
 
 def _keygen(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
-    from hiocluster.transport import write_key_pair
+    from hiocluster.runtime.transport import write_key_pair
 
     directory = args.directory
     taken = [name for name in args.names for suffix in (".key", ".key_secret")
@@ -620,9 +620,9 @@ def _keygen(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
 
 
 def _worker(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
-    from hiocluster.launch import parent_from_env
-    from hiocluster.transport import CREDENTIALS_ENV, Credentials
-    from hiocluster.watchdog import parent_gone
+    from hiocluster.runtime.launch import parent_from_env
+    from hiocluster.runtime.transport import CREDENTIALS_ENV, Credentials
+    from hiocluster.runtime.watchdog import parent_gone
     from hiocluster.worker.process import WorkerOptions, run_worker
 
     parent = parent_from_env()
@@ -663,7 +663,7 @@ def _worker(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace, topology: Any) -> int:
-    from hiocluster.logs import Prefixer
+    from hiocluster.runtime.output import Prefixer
     from hiocluster.servicecore import ServiceFailed
     from hiocluster.services import CONTROL_ENV, serve
 

@@ -24,7 +24,14 @@ from typing import Any
 
 from hiocluster import protocol as proto
 from hiocluster.errors import ClusterError, FrameError
-from hiocluster.transport import ENDPOINT_RECORD, Asking, Gone, KeyPair, TransportError, request
+from hiocluster.runtime.transport import (
+    ENDPOINT_RECORD,
+    Asking,
+    Gone,
+    KeyPair,
+    TransportError,
+    request,
+)
 
 __all__ = ["Unreachable", "SeveralRuns", "find_endpoint", "ask", "format_status", "control_main",
            "EXIT_NOT_RUNNING", "EXIT_UNREACHABLE"]

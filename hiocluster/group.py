@@ -34,10 +34,9 @@ from typing import Any
 from hio.base.doing import Doer
 
 from hiocluster.groupcore import GroupCore, check_tree
-from hiocluster.launch import LocalLauncher, TickRegister
-from hiocluster.loop import Loop
-from hiocluster.supervisor import Supervising, make_run_dir, remove_run_dir
-from hiocluster.transport import (
+from hiocluster.runtime.launch import LocalLauncher, TickRegister
+from hiocluster.runtime.loop import Loop
+from hiocluster.runtime.transport import (
     NOBLOCK,
     Context,
     Credentials,
@@ -47,7 +46,8 @@ from hiocluster.transport import (
     monitor_event,
     readable,
 )
-from hiocluster.watchdog import orphan_grace, parent_gone
+from hiocluster.runtime.watchdog import orphan_grace, parent_gone
+from hiocluster.supervisor import Supervising, make_run_dir, remove_run_dir
 from hiocluster.worker.process import START_TIMEOUT, default_bind, remove_orphan_files
 
 __all__ = ["GroupOptions", "Group", "ParentLink", "run_group"]

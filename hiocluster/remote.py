@@ -3,7 +3,7 @@
 :class:`AgentLink` is a doer in the supervisor's Loop: it connects to one
 host's agent (CurveZMQ, with the agent's public key from the keys directory),
 asks it to LAUNCH workers, and keeps a :class:`RemoteProcess` per worker — the
-same :class:`~hiocluster.launch.ProcessHandle` a local worker has, so the
+same :class:`~hiocluster.runtime.launch.ProcessHandle` a local worker has, so the
 supervisor's ChildDoers cannot tell them apart. When the connection drops
 (ZeroMQ heartbeats: the host vanished, its link is cut, or its agent is
 stopped), every worker on that host is lost at once; so they are when the
@@ -25,7 +25,7 @@ from hio.base.doing import Doer
 
 from hiocluster import protocol as proto
 from hiocluster.errors import FrameError
-from hiocluster.transport import (
+from hiocluster.runtime.transport import (
     NOBLOCK,
     Again,
     ZMQError,
@@ -52,7 +52,7 @@ HANDSHAKE_S = 10.0
 
 
 class RemoteProcess:
-    """A worker started by an agent (see :class:`~hiocluster.launch.ProcessHandle`)."""
+    """A worker started by an agent (see :class:`~hiocluster.runtime.launch.ProcessHandle`)."""
 
     sentinel = None  # the link wakes the loop itself
 

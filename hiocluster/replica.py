@@ -1,6 +1,6 @@
 """A replica process: one instance of a service's class, serving in real time.
 
-Its loop is a :class:`~hiocluster.loop.Loop`, a hio Doist that sleeps in one
+Its loop is a :class:`~hiocluster.runtime.loop.Loop`, a hio Doist that sleeps in one
 poll over the service's sockets (the listening socket, every connection; for
 writing too while bytes wait to go out), its control socket and a signal
 wake-up, bounded by the next hio timer. So an idle replica costs nearly
@@ -38,13 +38,20 @@ from hio.base.doing import Doer
 
 from hiocluster import protocol as proto
 from hiocluster.errors import FrameError
-from hiocluster.loop import Loop
 from hiocluster.node import load_class
+from hiocluster.runtime.loop import Loop
+from hiocluster.runtime.transport import (
+    NOBLOCK,
+    RUN_SOCKETS,
+    Context,
+    Credentials,
+    ipc_path,
+    readable,
+)
+from hiocluster.runtime.watchdog import Watchdog, parent_gone
 from hiocluster.service import Service
 from hiocluster.serving import WRITE_ONLY
 from hiocluster.topology import ServiceSpec
-from hiocluster.transport import NOBLOCK, RUN_SOCKETS, Context, Credentials, ipc_path, readable
-from hiocluster.watchdog import Watchdog, parent_gone
 
 __all__ = ["ReplicaOptions", "run_replica", "LOAD_S", "SERVICE_ENV", "LISTEN_FDS_ENV",
            "PARENT_ENV"]
@@ -353,7 +360,7 @@ def options_from(connect: str, name: str, app_dir: str | None) -> ReplicaOptions
     Raises:
         ValueError: naming what is missing or malformed.
     """
-    from hiocluster.transport import CREDENTIALS_ENV
+    from hiocluster.runtime.transport import CREDENTIALS_ENV
 
     service, dot, rest = name.partition(".")
     index, dot2, incarnation = rest.partition(".")

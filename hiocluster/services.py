@@ -1,6 +1,6 @@
 """A run's services, as hio doers: replica processes kept alive, scaled, rolled.
 
-In the run's :class:`~hiocluster.loop.Loop`, beside (or instead of) a lockstep
+In the run's :class:`~hiocluster.runtime.loop.Loop`, beside (or instead of) a lockstep
 supervisor:
 
 ================  =============================================================
@@ -40,14 +40,11 @@ from hio.base.doing import DoDoer, Doer
 
 from hiocluster import protocol as proto
 from hiocluster.errors import ClusterError, FrameError, Interrupted
-from hiocluster.launch import LocalProcess, end_process
-from hiocluster.logs import Prefixer
-from hiocluster.loop import Loop, RouterDoer
 from hiocluster.replica import LISTEN_FDS_ENV, PARENT_ENV, SERVICE_ENV
-from hiocluster.servicecore import Replica, ServiceCore
-from hiocluster.serving import listening_socket
-from hiocluster.topology import Topology
-from hiocluster.transport import (
+from hiocluster.runtime.launch import LocalProcess, end_process
+from hiocluster.runtime.loop import Loop, RouterDoer
+from hiocluster.runtime.output import Prefixer
+from hiocluster.runtime.transport import (
     CREDENTIALS_ENV,
     NOBLOCK,
     Context,
@@ -56,6 +53,9 @@ from hiocluster.transport import (
     ipc_address,
     readable,
 )
+from hiocluster.servicecore import Replica, ServiceCore
+from hiocluster.serving import listening_socket
+from hiocluster.topology import Topology
 
 __all__ = ["Services", "ServiceBoard", "ReplicaDoer", "Endpoint", "ServiceRun", "serve",
            "CONTROL_ENV", "ENDPOINT", "ServeResult"]

@@ -1,6 +1,6 @@
 """The supervisor: hio doers that own a run's worker processes and drive its windows.
 
-In one :class:`~hiocluster.loop.Loop` (a hio Doist that waits on sockets):
+In one :class:`~hiocluster.runtime.loop.Loop` (a hio Doist that waits on sockets):
 
 =================  ============================================================
 ``Supervisor``     a DoDoer: the run. Owns the run directory, the ZeroMQ context
@@ -38,15 +38,19 @@ from typing import Any, Callable, Sequence
 
 from hio.base.doing import DoDoer, Doer
 
-from hiocluster.early import take as take_early_signal
 from hiocluster.errors import ClusterError, Interrupted, TopologyError
-from hiocluster.launch import LocalLauncher, ProcessHandle, end_process, run_root, worker_argv
-from hiocluster.loop import Loop, RouterDoer
 from hiocluster.remote import AgentLink
 from hiocluster.runcore import START_TIMEOUT, STOP_TIMEOUT, Phase, RunCore, RunResult
-from hiocluster.topology import Plan, Topology, resolve_classes, resolve_services
-from hiocluster.topology import plan as make_plan
-from hiocluster.transport import (
+from hiocluster.runtime.early import take as take_early_signal
+from hiocluster.runtime.launch import (
+    LocalLauncher,
+    ProcessHandle,
+    end_process,
+    run_root,
+    worker_argv,
+)
+from hiocluster.runtime.loop import Loop, RouterDoer
+from hiocluster.runtime.transport import (
     ENDPOINT_RECORD,
     NOBLOCK,
     Context,
@@ -59,6 +63,8 @@ from hiocluster.transport import (
     readable,
     sender,
 )
+from hiocluster.topology import Plan, Topology, resolve_classes, resolve_services
+from hiocluster.topology import plan as make_plan
 
 __all__ = ["Supervising", "Supervisor", "Switchboard", "ChildDoer", "RunResult", "run", "KILL_GRACE_S"]
 

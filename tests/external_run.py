@@ -19,7 +19,7 @@ from typing import Any
 from hiocluster import supervisor
 from hiocluster.errors import ClusterError, RunFailed
 from hiocluster.topology import load
-from hiocluster.transport import CREDENTIALS_ENV
+from hiocluster.runtime.transport import CREDENTIALS_ENV
 
 from tests.fake_worker import FAKE_COMMAND
 

@@ -47,7 +47,7 @@ import zmq
 
 from hiocluster import protocol as proto
 from hiocluster.cli import main as real_main
-from hiocluster.transport import CREDENTIALS_ENV, Credentials
+from hiocluster.runtime.transport import CREDENTIALS_ENV, Credentials
 
 FAKE_COMMAND = [sys.executable, "-m", "tests.fake_worker"]
 #: How long the fake waits for SETUP and GRANT, and then for the verdict.

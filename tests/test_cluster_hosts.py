@@ -22,7 +22,7 @@ import pytest
 from hiocluster import supervisor
 from hiocluster.errors import ProcessExited, RunFailed
 from hiocluster.topology import HostSpec, Topology, load, loads
-from hiocluster.transport import HEARTBEAT_TIMEOUT_MS
+from hiocluster.runtime.transport import HEARTBEAT_TIMEOUT_MS
 
 from conftest import REPO, hiocluster_command
 from tests.faulty import ring_toml

@@ -25,7 +25,7 @@ from hypothesis import given, settings, strategies as st
 from hiocluster import protocol as proto
 from hiocluster import supervisor
 from hiocluster.topology import load, loads
-from hiocluster.transport import CREDENTIALS_ENV, Credentials
+from hiocluster.runtime.transport import CREDENTIALS_ENV, Credentials
 
 from conftest import REPO, hiocluster_command
 from tests.faulty import mesh_toml

@@ -2,7 +2,7 @@
 
 hiocluster's first line turns SIGINT/SIGTERM into an exception raised wherever
 the command is; code that is not ours (a bare ``except:`` around an import)
-may drop it. The signal is also written down (hiocluster.early), and the run
+may drop it. The signal is also written down (hiocluster.runtime.early), and the run
 takes it as soon as its own handlers are in: it stops at once, interrupted.
 """
 
@@ -13,7 +13,8 @@ import signal
 import pytest
 
 from conftest import REPO
-from hiocluster import early, supervisor
+from hiocluster import supervisor
+from hiocluster.runtime import early
 from hiocluster.errors import Interrupted
 from hiocluster.topology import load
 

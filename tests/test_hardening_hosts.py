@@ -32,7 +32,7 @@ from hiocluster import protocol as proto
 from hiocluster import supervisor
 from hiocluster.errors import ProcessExited, RunFailed
 from hiocluster.topology import Topology, loads
-from hiocluster.transport import Credentials, KeyPair
+from hiocluster.runtime.transport import Credentials, KeyPair
 
 from conftest import REPO, hiocluster_command
 from tests.faulty import ring_toml

@@ -39,7 +39,7 @@ from hiocluster.errors import RunFailed
 from hiocluster.worker.dataplane import PeerSockets
 from hiocluster.runcore import Phase
 from hiocluster.topology import loads
-from hiocluster.transport import CREDENTIALS_ENV, Context, Credentials
+from hiocluster.runtime.transport import CREDENTIALS_ENV, Context, Credentials
 
 from conftest import REPO, connect_ready, hiocluster_command
 from tests.fake_worker import FAKE_COMMAND

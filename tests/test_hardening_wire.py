@@ -27,9 +27,9 @@ import zmq
 from hiocluster import supervisor
 from hiocluster.runcore import RunCore
 from hiocluster.topology import load, loads
-from hiocluster.transport import (BOUND_RCVHWM, HEARTBEAT_ENV, HEARTBEAT_TIMEOUT_MS, Context,
+from hiocluster.runtime.transport import (BOUND_RCVHWM, HEARTBEAT_ENV, HEARTBEAT_TIMEOUT_MS, Context,
                                   KeyPair, heartbeat_timeout_ms)
-from hiocluster.watchdog import ORPHAN_GRACE_S, orphan_grace
+from hiocluster.runtime.watchdog import ORPHAN_GRACE_S, orphan_grace
 
 from conftest import REPO
 from tests.faulty import ring_toml

@@ -1,4 +1,4 @@
-"""The prefixer of children's output (hiocluster.logs): whole lines, aligned
+"""The prefixer of children's output (hiocluster.runtime.output): whole lines, aligned
 names, colors only where they belong."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import io
 
 import pytest
 
-from hiocluster.logs import MAX_LINE, Prefixer
+from hiocluster.runtime.output import MAX_LINE, Prefixer
 
 
 class Terminal(io.StringIO):

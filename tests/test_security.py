@@ -19,7 +19,7 @@ import zmq
 from hiocluster import protocol as proto
 from hiocluster import supervisor
 from hiocluster.topology import loads
-from hiocluster.transport import KeyPair, write_key_pair
+from hiocluster.runtime.transport import KeyPair, write_key_pair
 
 from conftest import REPO, hiocluster_command
 from tests.faulty import ring_toml

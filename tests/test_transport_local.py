@@ -23,10 +23,10 @@ import pytest
 from hiocluster import protocol as proto
 from hiocluster import supervisor
 from hiocluster.errors import ProcessExited, RunFailed, TopologyError
-from hiocluster.launch import worker_argv
+from hiocluster.runtime.launch import worker_argv
 from hiocluster.worker.localnet import CHUNK, MORE, local_path
 from hiocluster.node import Node
-from hiocluster.loop import Loop
+from hiocluster.runtime.loop import Loop
 from hiocluster.topology import Topology, load, loads, plan as make_plan
 
 from conftest import REPO, hiocluster_command
@@ -224,7 +224,7 @@ def test_local_peers_hold_an_early_peer_until_setup_and_refuse_a_stranger(
     from types import SimpleNamespace
 
     from hiocluster.worker.localnet import LocalPeers
-    from hiocluster.transport import Poller
+    from hiocluster.runtime.transport import Poller
     from tests.waiting import wait_until
 
     token = b"k" * 16

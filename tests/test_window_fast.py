@@ -17,7 +17,8 @@ import msgpack
 import pytest
 
 from hiocluster import protocol as proto
-from hiocluster import launch, supervisor
+from hiocluster import supervisor
+from hiocluster.runtime import launch
 from hiocluster.errors import FrameError, ProcessExited, RunFailed
 from hiocluster.protocol import DIGEST_SIZE
 from hiocluster.runcore import Phase, RunCore

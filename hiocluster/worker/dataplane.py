@@ -41,7 +41,7 @@ from typing import Any, Callable, Hashable
 
 from hiocluster import protocol as proto
 from hiocluster.errors import ClusterError, FrameError, ProtocolError
-from hiocluster.transport import (
+from hiocluster.runtime.transport import (
     NOBLOCK,
     Again,
     Context,

@@ -32,7 +32,7 @@ from typing import Any
 
 from hiocluster.errors import FrameError
 from hiocluster.protocol import MAX_DATA_FRAME
-from hiocluster.transport import Context, Poller, TransportError
+from hiocluster.runtime.transport import Context, Poller, TransportError
 from hiocluster.worker.dataplane import ARRIVED_S, RECEIVE_S, DataFault, DataPlane, PeerSockets
 
 __all__ = ["LocalPeers", "open_data_plane", "local_path", "SCHEME", "CHUNK"]

@@ -33,9 +33,17 @@ from typing import Any, NoReturn
 
 from hiocluster import protocol as proto
 from hiocluster.errors import FrameError, ProtocolError, RemoteProtocolError
-from hiocluster.launch import TickRegister
-from hiocluster.transport import NOBLOCK, RUN_SOCKETS, Again, Context, Credentials, Poller, ipc_path
-from hiocluster.watchdog import Watchdog, parent_gone
+from hiocluster.runtime.launch import TickRegister
+from hiocluster.runtime.transport import (
+    NOBLOCK,
+    RUN_SOCKETS,
+    Again,
+    Context,
+    Credentials,
+    Poller,
+    ipc_path,
+)
+from hiocluster.runtime.watchdog import Watchdog, parent_gone
 from hiocluster.worker.dataplane import DataFault, DataPlane
 from hiocluster.worker.exchange import Exchange, Unsendable
 from hiocluster.worker.localnet import SCHEME as LOCAL_SCHEME

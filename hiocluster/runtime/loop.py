@@ -18,7 +18,7 @@ from typing import Any, Iterable
 
 from hio.base.doing import Doer, Doist
 
-from hiocluster.transport import NOBLOCK, SNDMORE, Poller, ZMQError
+from hiocluster.runtime.transport import NOBLOCK, SNDMORE, Poller, ZMQError
 
 __all__ = ["Loop", "RouterDoer", "MAX_WAIT_S"]
 

@@ -28,7 +28,7 @@ import tempfile
 import time
 from typing import Any, Callable, Mapping, Protocol, Sequence
 
-from hiocluster.transport import CREDENTIALS_ENV, Credentials, TransportError
+from hiocluster.runtime.transport import CREDENTIALS_ENV, Credentials, TransportError
 
 __all__ = ["ProcessHandle", "Launcher", "LocalProcess", "LocalLauncher", "TickRegister",
            "end_process", "make_run_dir", "run_root", "RUN_ROOT_ENV", "worker_argv",

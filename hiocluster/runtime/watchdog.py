@@ -22,7 +22,7 @@ import threading
 import time
 from typing import Any, Callable
 
-from hiocluster.transport import heartbeat_timeout_ms, monitor_event
+from hiocluster.runtime.transport import heartbeat_timeout_ms, monitor_event
 
 __all__ = ["Watchdog", "CHECK_S", "ORPHAN_GRACE_S", "orphan_grace", "parent_gone"]
 
