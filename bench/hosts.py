@@ -24,7 +24,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from hiocluster import supervisor  # noqa: E402
+from hiocluster.supervision import supervisor  # noqa: E402
 from hiocluster.topology import HostSpec, Topology, load  # noqa: E402
 from tests.netns import Hosts, skip_reason  # noqa: E402
 

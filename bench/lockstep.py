@@ -49,7 +49,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from hio.base.doing import Doist  # noqa: E402
 
-from hiocluster.supervisor import run  # noqa: E402
+from hiocluster.supervision.supervisor import run  # noqa: E402
 from hiocluster.topology import load, loads  # noqa: E402
 from nodes.bench import TrivialDoer  # noqa: E402
 

@@ -24,7 +24,7 @@ import psutil
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from hiocluster import supervisor  # noqa: E402
+from hiocluster.supervision import supervisor  # noqa: E402
 from hiocluster.topology import load  # noqa: E402
 
 

@@ -33,7 +33,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from hiocluster import Builder  # noqa: E402
-from hiocluster.supervisor import run  # noqa: E402
+from hiocluster.supervision.supervisor import run  # noqa: E402
 from nodes.heat import initial, reference, shifted, update  # noqa: E402
 
 ALPHA = 0.2

@@ -42,7 +42,7 @@ def __getattr__(name: str) -> object:
         from hiocluster import topology
         return getattr(topology, name)
     if name in ("run", "RunResult"):
-        from hiocluster import supervisor
+        from hiocluster.supervision import supervisor
         return getattr(supervisor, name)
     if name == "Builder":
         from hiocluster.topology.build import Builder

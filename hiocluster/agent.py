@@ -38,7 +38,6 @@ from hio.base.doing import Doer
 
 from hiocluster import protocol as proto
 from hiocluster.errors import FrameError
-from hiocluster.groupcore import check_tree
 from hiocluster.runtime.launch import (
     RUN_ROOT_ENV,
     LocalLauncher,
@@ -59,6 +58,7 @@ from hiocluster.runtime.transport import (
     resolve,
     resolved,
 )
+from hiocluster.supervision.groupcore import check_tree
 
 __all__ = ["AgentOptions", "Agent", "run_agent", "PING_S"]
 

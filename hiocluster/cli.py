@@ -481,7 +481,7 @@ def _check(args: argparse.Namespace) -> int:
     if layout is not None:
         resolve_classes(topology, args.app_dir)  # run() does this itself
         from hiocluster.runtime.loop import Loop
-        from hiocluster.supervisor import Supervisor
+        from hiocluster.supervision.supervisor import Supervisor
         try:  # run()'s own checks of --transport, --listen, --keys, --external: made,
             # never entered, it starts nothing
             Supervisor(topology, layout, Loop(), app_dir=args.app_dir, keys=args.keys,
@@ -518,7 +518,7 @@ def _check(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     from hiocluster.runtime.output import Prefixer
-    from hiocluster.supervisor import run
+    from hiocluster.supervision.supervisor import run
 
     topology, layout = _load(args)
     try:
@@ -557,7 +557,7 @@ def _run(args: argparse.Namespace) -> int:
         except ClusterError as exc:
             return _failed(args, exc, {})
     if args.trace:
-        from hiocluster.trace import chrome
+        from hiocluster.supervision.trace import chrome
         try:
             with open(args.trace, "w", encoding="utf-8") as file:
                 json.dump(chrome(result.trace), file)
@@ -581,7 +581,7 @@ def _run(args: argparse.Namespace) -> int:
             print("\n".join(f"tick {tick:>{width}} {digest}"
                              for tick, digest in enumerate(result.tick_digests)))
         if result.trace:
-            from hiocluster.trace import lines
+            from hiocluster.supervision.trace import lines
             print("\n".join(lines(result.trace)))
         if result.services:
             print(services_summary(result.services))
@@ -638,7 +638,7 @@ def _worker(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         parser.error(f"{args.command}: no usable credentials ({exc}): pass --credentials "
                      f"FILE or set ${CREDENTIALS_ENV}")
     if args.command == "group":
-        from hiocluster.group import GroupOptions, load_tree, run_group
+        from hiocluster.supervision.group import GroupOptions, load_tree, run_group
         try:
             tree = load_tree(args.tree)
         except ValueError as exc:
@@ -692,7 +692,7 @@ def services_summary(rows: list[dict[str, Any]]) -> str:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from hiocluster.trace import lines, load, plot
+    from hiocluster.supervision.trace import lines, load, plot
 
     try:
         trace = load(args.trace)

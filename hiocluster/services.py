@@ -621,7 +621,7 @@ class ServiceRun(DoDoer):
 
     def enter(self, doers: Any = None) -> Any:  # type: ignore[override]
         if doers is None:
-            from hiocluster.supervisor import make_run_dir
+            from hiocluster.supervision.supervisor import make_run_dir
             self.run_dir = make_run_dir()
             self.endpoint_address = ipc_address(self.run_dir, ENDPOINT)
             self.context = Context(owner="supervisor")
@@ -639,7 +639,7 @@ class ServiceRun(DoDoer):
             super().exit(deeds)
         finally:
             if deeds is None:
-                from hiocluster.supervisor import close_run
+                from hiocluster.supervision.supervisor import close_run
                 close_run(self)
 
     def interrupt(self, signum: int) -> None:
@@ -680,7 +680,7 @@ def serve(topology: Topology, *, app_dir: str | None = None,
         ServiceFailed: a service restarted more often than its intensity allows;
             every replica was stopped first.
     """
-    from hiocluster.supervisor import _signals
+    from hiocluster.supervision.supervisor import _signals
     from hiocluster.topology import resolve_services
 
     resolve_services(topology, app_dir)

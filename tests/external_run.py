@@ -16,7 +16,7 @@ import subprocess
 import sys
 from typing import Any
 
-from hiocluster import supervisor
+from hiocluster.supervision import supervisor
 from hiocluster.errors import ClusterError, RunFailed
 from hiocluster.topology import load
 from hiocluster.runtime.transport import CREDENTIALS_ENV

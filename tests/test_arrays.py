@@ -12,7 +12,7 @@ import pytest
 
 from conftest import REPO
 from hiocluster import protocol as proto
-from hiocluster import supervisor
+from hiocluster.supervision import supervisor
 from hiocluster import Builder
 from hiocluster.errors import FrameError
 from hiocluster.node import Node

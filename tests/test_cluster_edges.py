@@ -24,7 +24,7 @@ from conftest import REPO, connect_ready
 from hiocluster import protocol as proto
 
 V = proto.VERSION
-from hiocluster import supervisor
+from hiocluster.supervision import supervisor
 from hiocluster.errors import FrameError, NodeError, TopologyError
 from hiocluster.node import Node
 from hiocluster.topology import loads

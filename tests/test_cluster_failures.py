@@ -22,7 +22,7 @@ from typing import Any
 import psutil
 import pytest
 
-from hiocluster import supervisor
+from hiocluster.supervision import supervisor
 from hiocluster.errors import (Interrupted, NodeError, ProcessExited, RunFailed, TickTimeout,
                                TopologyError)
 from hiocluster.topology import loads, resolve_classes

@@ -18,7 +18,7 @@ from typing import Any
 import psutil
 import pytest
 
-from hiocluster import supervisor
+from hiocluster.supervision import supervisor
 from hiocluster.errors import NodeError, ProcessExited, RunFailed, TopologyError
 from hiocluster.topology import loads
 

@@ -23,7 +23,7 @@ import pytest
 import zmq
 
 from hiocluster import protocol as proto
-from hiocluster import supervisor
+from hiocluster.supervision import supervisor
 from hiocluster.errors import RunFailed
 from hiocluster.topology import loads
 

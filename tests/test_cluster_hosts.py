@@ -19,7 +19,7 @@ from typing import Any, Iterator
 import psutil
 import pytest
 
-from hiocluster import supervisor
+from hiocluster.supervision import supervisor
 from hiocluster.errors import ProcessExited, RunFailed
 from hiocluster.topology import HostSpec, Topology, load, loads
 from hiocluster.runtime.transport import HEARTBEAT_TIMEOUT_MS

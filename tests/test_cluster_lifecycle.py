@@ -17,7 +17,7 @@ from typing import Any
 import psutil
 import pytest
 
-from hiocluster import supervisor
+from hiocluster.supervision import supervisor
 from hiocluster.errors import NodeError, ProcessExited, RunFailed, TickTimeout
 from hiocluster.topology import loads
 

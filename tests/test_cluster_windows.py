@@ -23,7 +23,7 @@ import zmq
 from hypothesis import given, settings, strategies as st
 
 from hiocluster import protocol as proto
-from hiocluster import supervisor
+from hiocluster.supervision import supervisor
 from hiocluster.topology import load, loads
 from hiocluster.runtime.transport import CREDENTIALS_ENV, Credentials
 

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from conftest import REPO
-from hiocluster.supervisor import RunResult, run
+from hiocluster.supervision.supervisor import RunResult, run
 from hiocluster.topology import Topology, loads
 
 TICKS = 12

@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 from hypothesis import given, strategies as st
 
-from hiocluster import supervisor
-from hiocluster.chain import digested, digested_between
+from hiocluster.supervision import supervisor
+from hiocluster.supervision.digests import digested, digested_between
 from hiocluster.errors import TopologyError
 from hiocluster.topology import Topology, loads
 

@@ -13,7 +13,7 @@ import signal
 import pytest
 
 from conftest import REPO
-from hiocluster import supervisor
+from hiocluster.supervision import supervisor
 from hiocluster.runtime import early
 from hiocluster.errors import Interrupted
 from hiocluster.topology import load

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from conftest import REPO
-from hiocluster import supervisor
+from hiocluster.supervision import supervisor
 from hiocluster.errors import NodeError, RunFailed, TopologyError
 from hiocluster.node import Node
 from hiocluster.topology import loads

@@ -1,4 +1,4 @@
-"""Unit tests of sub-supervisors (hiocluster.groupcore) and of [groups] in plans:
+"""Unit tests of sub-supervisors (hiocluster.supervision.groupcore) and of [groups] in plans:
 no sockets, no processes, the clock is an argument.
 
 An in-memory tree: a RunCore at the root, a GroupCore per group, a
@@ -17,8 +17,8 @@ import pytest
 from hiocluster import protocol as proto
 from hiocluster.protocol import DIGEST_SIZE
 from hiocluster.errors import NodeError, ProcessExited, RunFailed, TopologyError
-from hiocluster.groupcore import DEFER_S, GroupCore, check_tree, tree_groups, tree_leaves
-from hiocluster.runcore import Phase, RunCore, Supervision
+from hiocluster.supervision.groupcore import DEFER_S, GroupCore, check_tree, tree_groups, tree_leaves
+from hiocluster.supervision.runcore import Phase, RunCore, Supervision
 from hiocluster.topology import loads, plan
 
 TOKEN = b"t" * 16

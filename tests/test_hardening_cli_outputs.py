@@ -97,7 +97,7 @@ def test_heat_json_with_digests_and_trace(cli_env, tmp_path) -> None:
 
 
 def test_jsonable_says_every_result_value_in_json() -> None:
-    from hiocluster.outcome import jsonable
+    from hiocluster.supervision.outcome import jsonable
 
     value = {
         "f": np.arange(6, dtype="<f4").reshape(2, 3) / 3,

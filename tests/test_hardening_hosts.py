@@ -29,7 +29,7 @@ import zmq
 from zmq.utils.monitor import recv_monitor_message
 
 from hiocluster import protocol as proto
-from hiocluster import supervisor
+from hiocluster.supervision import supervisor
 from hiocluster.errors import ProcessExited, RunFailed
 from hiocluster.topology import Topology, loads
 from hiocluster.runtime.transport import Credentials, KeyPair

@@ -30,7 +30,7 @@ from typing import Any, Callable
 import psutil
 import pytest
 
-from hiocluster import supervisor
+from hiocluster.supervision import supervisor
 from hiocluster.errors import ProcessExited, RunFailed
 from hiocluster.topology import loads
 

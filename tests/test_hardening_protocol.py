@@ -34,10 +34,10 @@ import pytest
 import zmq
 
 from hiocluster import protocol as proto
-from hiocluster import supervisor
+from hiocluster.supervision import supervisor
 from hiocluster.errors import RunFailed
 from hiocluster.worker.dataplane import PeerSockets
-from hiocluster.runcore import Phase
+from hiocluster.supervision.runcore import Phase
 from hiocluster.topology import loads
 from hiocluster.runtime.transport import CREDENTIALS_ENV, Context, Credentials
 

@@ -24,8 +24,8 @@ import psutil
 import pytest
 import zmq
 
-from hiocluster import supervisor
-from hiocluster.runcore import RunCore
+from hiocluster.supervision import supervisor
+from hiocluster.supervision.runcore import RunCore
 from hiocluster.topology import load, loads
 from hiocluster.runtime.transport import (BOUND_RCVHWM, HEARTBEAT_ENV, HEARTBEAT_TIMEOUT_MS, Context,
                                   KeyPair, heartbeat_timeout_ms)

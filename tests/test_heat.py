@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO
-from hiocluster import supervisor
+from hiocluster.supervision import supervisor
 from hiocluster.topology import load
 from nodes.heat import assemble, reference
 

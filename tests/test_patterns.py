@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from conftest import REPO
-from hiocluster import supervisor
+from hiocluster.supervision import supervisor
 from hiocluster import Builder
 from hiocluster.errors import TopologyError
 from hiocluster.topology import loads, plan

@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from conftest import REPO
-from hiocluster.supervisor import run
+from hiocluster.supervision.supervisor import run
 from hiocluster.topology import loads
 from tests.faulty import mesh_toml
 

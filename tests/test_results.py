@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from conftest import REPO, hiocluster_command
-from hiocluster import supervisor
+from hiocluster.supervision import supervisor
 from hiocluster.errors import Interrupted, NodeError, TopologyError
 from hiocluster.node import Node
 from hiocluster.topology import loads

@@ -1,4 +1,4 @@
-"""Unit tests of the supervisor's rules (hiocluster.runcore, runbooks, chain): no
+"""Unit tests of the supervisor's rules (hiocluster.supervision.runcore, runbooks, chain): no
 sockets, no processes, the clock is an argument.
 
 In-memory worker machines (protocol.ChildMachine) talk to a RunCore; the test
@@ -14,10 +14,10 @@ import pytest
 
 from hiocluster import protocol as proto
 from hiocluster.protocol import DIGEST_SIZE
-from hiocluster.chain import DigestChain, record_size
+from hiocluster.supervision.digests import DigestChain, record_size
 from hiocluster.errors import (Interrupted, NodeError, ProcessExited, RunFailed, TickTimeout)
-from hiocluster.runcore import SILENCE_GRACE_S, Phase, RunCore
-from hiocluster.windows import WindowSizer
+from hiocluster.supervision.runcore import SILENCE_GRACE_S, Phase, RunCore
+from hiocluster.supervision.windows import WindowSizer
 from hiocluster.topology import loads, plan
 
 TOKEN = b"t" * 16

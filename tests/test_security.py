@@ -17,7 +17,7 @@ import pytest
 import zmq
 
 from hiocluster import protocol as proto
-from hiocluster import supervisor
+from hiocluster.supervision import supervisor
 from hiocluster.topology import loads
 from hiocluster.runtime.transport import KeyPair, write_key_pair
 

@@ -1,4 +1,4 @@
-"""Where a tick's time goes (hiocluster.trace): run --trace writes Chrome Trace
+"""Where a tick's time goes (hiocluster.supervision.trace): run --trace writes Chrome Trace
 Event JSON, the summary names the slowest process and node, hiocluster report
 prints the table and draws a PNG; tracing never changes a digest."""
 
@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, hiocluster_command
-from hiocluster import supervisor
+from hiocluster.supervision import supervisor
 from hiocluster.topology import load
 
 
@@ -74,7 +74,7 @@ def test_report_refuses_what_is_not_a_trace(tmp_path: Path, cli_env: dict[str, s
       "b": [[0, 0.0, 0.1, 1.0, 1.0, 1.0, [["y", 0.1, 1.0]]]]}, ("b", "y")),
 ])
 def test_profile_finds_the_busiest(rows: dict, slowest: tuple[str, str]) -> None:
-    from hiocluster.trace import profile
+    from hiocluster.supervision.trace import profile
     found = profile(rows)
     assert (found["slowest_worker"], found["slowest_node"]) == slowest
     assert found["workers"]["a"]["waiting"] == 0.5

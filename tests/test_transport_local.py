@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 
 from hiocluster import protocol as proto
-from hiocluster import supervisor
+from hiocluster.supervision import supervisor
 from hiocluster.errors import ProcessExited, RunFailed, TopologyError
 from hiocluster.runtime.launch import worker_argv
 from hiocluster.worker.localnet import CHUNK, MORE, local_path

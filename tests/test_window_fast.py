@@ -17,11 +17,11 @@ import msgpack
 import pytest
 
 from hiocluster import protocol as proto
-from hiocluster import supervisor
+from hiocluster.supervision import supervisor
 from hiocluster.runtime import launch
 from hiocluster.errors import FrameError, ProcessExited, RunFailed
 from hiocluster.protocol import DIGEST_SIZE
-from hiocluster.runcore import Phase, RunCore
+from hiocluster.supervision.runcore import Phase, RunCore
 from hiocluster.topology import loads, plan
 
 from conftest import REPO

@@ -233,7 +233,7 @@ class LocalLauncher:
         capture: give each worker's stderr to the caller (``LocalProcess.stderr``)
             instead of sharing this process's.
         trees: the groups among the children: name -> its tree (see
-            hiocluster.groupcore); they run ``hiocluster group``.
+            hiocluster.supervision.groupcore); they run ``hiocluster group``.
         env: set in each child's environment (besides this process's own).
         command: the program and leading arguments (default: this Python running
             ``-m hiocluster``); tests substitute misbehaving workers here.

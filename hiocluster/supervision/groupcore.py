@@ -14,7 +14,7 @@ Upward it speaks the worker's side of the protocol, for its whole subtree:
 * ERROR at the first failure under it, naming the worker (and node) that failed
   (code ``subtree``), so the root's verdict is the same as without the group.
 
-Downward it is a supervisor (:class:`~hiocluster.runcore.Supervision`): the
+Downward it is a supervisor (:class:`~hiocluster.supervision.runcore.Supervision`): the
 SETUP from above carries one SETUP body per worker under it, which it hands on;
 GRANT and STOP go to every child as they came. DATA never passes through it:
 workers send it to each other directly, so a group adds one hop to the control
@@ -36,8 +36,8 @@ from hiocluster.errors import (
     ProtocolError,
     RunFailed,
 )
-from hiocluster.outcome import subtree_error
-from hiocluster.runcore import START_TIMEOUT, STOP_TIMEOUT, Phase, Supervision
+from hiocluster.supervision.outcome import subtree_error
+from hiocluster.supervision.runcore import START_TIMEOUT, STOP_TIMEOUT, Phase, Supervision
 from hiocluster.topology import MAX_GROUP_DEPTH
 
 __all__ = ["GroupCore", "check_tree", "tree_leaves", "tree_groups", "PROGRESS_S", "MAX_TREE_DEPTH"]
@@ -95,7 +95,7 @@ class GroupCore(Supervision):
         tree: its children (see :func:`check_tree`).
         token: the run's token: it proves itself with it, and its children with it.
         pid: its process id (HELLO.pid).
-        The rest: see :class:`~hiocluster.runcore.Supervision`.
+        The rest: see :class:`~hiocluster.supervision.runcore.Supervision`.
 
     The shell feeds frames from the parent to :meth:`from_parent` and sends what
     collects in ``up``; frames from children and process exits go in as for any

@@ -1,11 +1,11 @@
 """A group process: a sub-supervisor, as hio doers (``hiocluster group``).
 
-A :class:`Group` is a :class:`~hiocluster.supervisor.Supervising` like the
+A :class:`Group` is a :class:`~hiocluster.supervision.supervisor.Supervising` like the
 root: a switchboard on its own control socket (ipc, in its own run directory)
 and a doer per child, which it starts as ``hiocluster worker`` (or ``hiocluster
 group``, for a group inside it). One more doer, :class:`ParentLink`, is its
 connection to its own supervisor: frames from there go to the
-:class:`~hiocluster.groupcore.GroupCore`, and what the core has to say goes
+:class:`~hiocluster.supervision.groupcore.GroupCore`, and what the core has to say goes
 back. The workers under it send DATA to each other directly, wherever they
 run; they bind their data sockets where the group was told to (``--bind``: an
 agent's advertised address), else beside their control socket.
@@ -33,7 +33,6 @@ from typing import Any
 
 from hio.base.doing import Doer
 
-from hiocluster.groupcore import GroupCore, check_tree
 from hiocluster.runtime.launch import LocalLauncher, TickRegister
 from hiocluster.runtime.loop import Loop
 from hiocluster.runtime.transport import (
@@ -47,7 +46,8 @@ from hiocluster.runtime.transport import (
     readable,
 )
 from hiocluster.runtime.watchdog import orphan_grace, parent_gone
-from hiocluster.supervisor import Supervising, make_run_dir, remove_run_dir
+from hiocluster.supervision.groupcore import GroupCore, check_tree
+from hiocluster.supervision.supervisor import Supervising, make_run_dir, remove_run_dir
 from hiocluster.worker.process import START_TIMEOUT, default_bind, remove_orphan_files
 
 __all__ = ["GroupOptions", "Group", "ParentLink", "run_group"]

@@ -6,7 +6,7 @@ what to do (frames to send, processes to signal), and owns the rules every
 supervisor shares: who may join, deadlines, silence, lost frames, stopping,
 verdicts. :class:`RunCore` is the root of a run: it sends the SETUPs, grants
 the windows, folds the digests and makes the :class:`RunResult`. A
-sub-supervisor's core (hiocluster.groupcore) relays the same steps to its
+sub-supervisor's core (hiocluster.supervision.groupcore) relays the same steps to its
 parent instead. No socket and no process here; the supervisor's doers move
 bytes and watch processes (docs/design.md, "Core and shell").
 
@@ -24,7 +24,6 @@ import enum
 from typing import Callable, Mapping, Sequence
 
 from hiocluster import protocol as proto
-from hiocluster.chain import DigestChain
 from hiocluster.errors import (
     ClusterError,
     FrameError,
@@ -34,7 +33,9 @@ from hiocluster.errors import (
     RunFailed,
     describe_exitcode,
 )
-from hiocluster.outcome import (
+from hiocluster.supervision.books import WorkerBook, claim, neighbours, setups
+from hiocluster.supervision.digests import DigestChain
+from hiocluster.supervision.outcome import (
     RunResult,
     error_frame,
     late_start,
@@ -45,9 +46,8 @@ from hiocluster.outcome import (
     silent,
     worker_failure,
 )
-from hiocluster.runbooks import WorkerBook, claim, neighbours, setups
+from hiocluster.supervision.windows import WindowSizer
 from hiocluster.topology import Plan, Topology
-from hiocluster.windows import WindowSizer
 
 __all__ = ["Supervision", "RunCore", "RunResult", "Phase", "START_TIMEOUT", "STOP_TIMEOUT",
            "SILENCE_GRACE_S", "STRANGER_LIMIT"]

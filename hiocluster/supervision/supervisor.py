@@ -4,7 +4,7 @@ In one :class:`~hiocluster.runtime.loop.Loop` (a hio Doist that waits on sockets
 
 =================  ============================================================
 ``Supervisor``     a DoDoer: the run. Owns the run directory, the ZeroMQ context
-                   and the :class:`~hiocluster.runcore.RunCore` that decides.
+                   and the :class:`~hiocluster.supervision.runcore.RunCore` that decides.
 ``Switchboard``    a Doer: the control socket. Reads every frame and hands it
                    to the core at once; sends what the core says.
 ``ChildDoer``      a Doer per worker: ``enter`` starts its process, ``look``
@@ -40,7 +40,6 @@ from hio.base.doing import DoDoer, Doer
 
 from hiocluster.errors import ClusterError, Interrupted, TopologyError
 from hiocluster.remote import AgentLink
-from hiocluster.runcore import START_TIMEOUT, STOP_TIMEOUT, Phase, RunCore, RunResult
 from hiocluster.runtime.early import take as take_early_signal
 from hiocluster.runtime.launch import (
     LocalLauncher,
@@ -63,6 +62,7 @@ from hiocluster.runtime.transport import (
     readable,
     sender,
 )
+from hiocluster.supervision.runcore import START_TIMEOUT, STOP_TIMEOUT, Phase, RunCore, RunResult
 from hiocluster.topology import Plan, Topology, resolve_classes, resolve_services
 from hiocluster.topology import plan as make_plan
 
@@ -253,8 +253,8 @@ class ChildDoer(Doer):
 class Supervising(DoDoer):
     """What every supervisor process runs: a :class:`Switchboard` and a
     :class:`ChildDoer` per child around a core that decides (the root's
-    :class:`~hiocluster.runcore.RunCore`, a group's
-    :class:`~hiocluster.groupcore.GroupCore`). Subclasses make ``core``,
+    :class:`~hiocluster.supervision.runcore.RunCore`, a group's
+    :class:`~hiocluster.supervision.groupcore.GroupCore`). Subclasses make ``core``,
     ``context`` and ``listen`` before the doers enter, and say who starts each
     child (:meth:`launcher_for`).
 
@@ -717,7 +717,7 @@ def run(topology: Topology, *, processes: int | None = None, app_dir: str | None
         worker_command, on_ready, on_listening, transport, listen, external, keys: see
             :class:`Supervisor`.
         trace: record where each tick's time goes (``RunResult.trace``; see
-            hiocluster.trace).
+            hiocluster.supervision.trace).
         check_classes: import the node classes here first and check every link's
             boxes exist (TopologyError naming the key); tests of the workers'
             own start-up errors turn it off.

@@ -14,8 +14,8 @@ import hmac
 from typing import Callable, Mapping
 
 from hiocluster import protocol as proto
-from hiocluster.chain import DigestChain
 from hiocluster.errors import ClusterError, FrameError, ProtocolError, RemoteProtocolError
+from hiocluster.supervision.digests import DigestChain
 from hiocluster.topology import Plan, Topology
 
 __all__ = ["WorkerBook", "setups", "claim"]

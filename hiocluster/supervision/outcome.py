@@ -1,7 +1,7 @@
 """How a run ends: its result, or the failure that names who is to blame.
 
-Pure functions of what the supervisor's books hold (hiocluster.runbooks), used
-by :class:`~hiocluster.runcore.RunCore`: the :class:`RunResult` of a finished
+Pure functions of what the supervisor's books hold (hiocluster.supervision.books), used
+by :class:`~hiocluster.supervision.runcore.RunCore`: the :class:`RunResult` of a finished
 run, the failure a worker's ERROR frame means, the failure an invalid frame
 means, and where a worker that died without a word died.
 
@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
 from hiocluster import protocol as proto
-from hiocluster.chain import DigestChain
 from hiocluster.errors import (
     ClusterError,
     FrameError,
@@ -25,9 +24,10 @@ from hiocluster.errors import (
     RunFailed,
     TickTimeout,
 )
-from hiocluster.runbooks import WorkerBook
+from hiocluster.supervision.books import WorkerBook
+from hiocluster.supervision.digests import DigestChain
+from hiocluster.supervision.windows import WindowSizer
 from hiocluster.topology import Topology
-from hiocluster.windows import WindowSizer
 
 __all__ = ["RunResult", "jsonable", "result_of", "worker_failure", "subtree_error", "refusal", "placed",
            "late_start", "silent", "lost_frame", "error_frame"]
@@ -62,7 +62,7 @@ class RunResult:
     node_metrics: dict[str, dict[str, Any]] = field(default_factory=dict)
     #: the kind of every metric that is not a counter ("gauge", "duration")
     metric_kinds: dict[str, str] = field(default_factory=dict)
-    #: with trace=True: each worker's rows, one per tick (see hiocluster.trace)
+    #: with trace=True: each worker's rows, one per tick (see hiocluster.supervision.trace)
     trace: dict[str, list[Any]] = field(default_factory=dict)
 
     @property
