@@ -589,7 +589,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _agent(args: argparse.Namespace) -> int:
-    from hiocluster.agent import AgentOptions, run_agent
+    from hiocluster.hosts.agent import AgentOptions, run_agent
 
     return run_agent(AgentOptions(listen=args.listen, keys=args.keys, name=args.name,
                                   trust=tuple(args.trust),

@@ -39,7 +39,7 @@ from typing import Any, Callable, Sequence
 from hio.base.doing import DoDoer, Doer
 
 from hiocluster.errors import ClusterError, Interrupted, TopologyError
-from hiocluster.remote import AgentLink
+from hiocluster.hosts.remote import AgentLink
 from hiocluster.runtime.early import take as take_early_signal
 from hiocluster.runtime.launch import (
     LocalLauncher,
@@ -364,7 +364,7 @@ class Supervisor(Supervising):
     for each worker, and one for itself unless ``keys`` (a keys directory made
     by ``hiocluster keygen``: its ``supervisor.key_secret``, and each host's
     ``<host>.key``) gives one. Workers on other hosts are started by the agents
-    of ``plan.hosts`` (see hiocluster.remote).
+    of ``plan.hosts`` (see hiocluster.hosts.remote).
 
     The run directory (ipc sockets, tick registers, the credentials of workers
     started by hand; mode 0700) is made under
