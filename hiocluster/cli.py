@@ -664,8 +664,8 @@ def _worker(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
 
 def _serve(args: argparse.Namespace, topology: Any) -> int:
     from hiocluster.runtime.output import Prefixer
-    from hiocluster.servicecore import ServiceFailed
-    from hiocluster.services import CONTROL_ENV, serve
+    from hiocluster.services.core import ServiceFailed
+    from hiocluster.services.supervisor import CONTROL_ENV, serve
 
     def announce(run: Any) -> None:  # once the endpoint is bound
         print(f"hiocluster: control: {CONTROL_ENV}={run.endpoint_address}", file=sys.stderr,
@@ -712,7 +712,7 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _replica(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
-    from hiocluster.replica import options_from, run_replica
+    from hiocluster.services.replica import options_from, run_replica
 
     try:
         options = options_from(args.connect, args.name, args.app_dir)

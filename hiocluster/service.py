@@ -5,7 +5,7 @@ running one instance of its class in real time, all listening on the same
 address (SO_REUSEPORT: the kernel spreads connections over them). Subclass
 
 * :class:`TcpService` and write :meth:`TcpService.receive` for a TCP (or TLS)
-  server: hio's ``tcp.Server``/``ServerTls`` as extended in hiocluster.serving;
+  server: hio's ``tcp.Server``/``ServerTls`` as extended in hiocluster.services.serving;
 * :class:`WsgiService` and write :meth:`WsgiService.app` for HTTP(S): hio's WSGI
   server, any WSGI app (falcon, flask, bottle, a function);
 * :class:`Service` itself for anything else: give it servers that have the
@@ -27,7 +27,7 @@ import logging
 import traceback
 from typing import Any, Callable
 
-from hiocluster.serving import Server, ServerTls, Watch, WsgiServer
+from hiocluster.services.serving import Server, ServerTls, Watch, WsgiServer
 from hiocluster.topology import ServiceSpec
 
 __all__ = ["Service", "TcpService", "WsgiService"]

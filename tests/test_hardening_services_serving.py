@@ -14,7 +14,7 @@ from typing import Any, Callable, Iterator
 
 import pytest
 
-from hiocluster.serving import MAX_HEAD, WsgiServer
+from hiocluster.services.serving import MAX_HEAD, WsgiServer
 from test_serving import Clock, connect, read_some, serve_until
 
 

@@ -1,11 +1,11 @@
-"""ServiceCore (hiocluster.servicecore), sans-IO: restart policies, intensity,
+"""ServiceCore (hiocluster.services.core), sans-IO: restart policies, intensity,
 backoff, scaling and rolling restarts, driven by hand with a fake clock."""
 
 from __future__ import annotations
 
 import pytest
 
-from hiocluster.servicecore import ReplicaState, ServiceCore, ServiceFailed
+from hiocluster.services.core import ReplicaState, ServiceCore, ServiceFailed
 from hiocluster.topology import ServiceSpec, loads
 
 

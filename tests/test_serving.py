@@ -1,4 +1,4 @@
-"""hio's servers as hiocluster extends them (hiocluster.serving), in this process:
+"""hio's servers as hiocluster extends them (hiocluster.services.serving), in this process:
 real sockets on loopback, hio's clock stepped by the test (a Tymist), no sleeps.
 
 Each defect of hio 0.6.10 the subclasses fix has a test that fails on hio's own
@@ -20,7 +20,7 @@ import trustme
 from hio.base import tyming
 from hio.core.tcp import serving as hio_tcp
 
-from hiocluster.serving import Server, ServerTls, WsgiServer
+from hiocluster.services.serving import Server, ServerTls, WsgiServer
 from tests.waiting import wait_until
 
 
@@ -286,7 +286,7 @@ def test_servers_on_a_shared_listening_socket_hand_over_without_loss(clock: Cloc
     """How replicas share their run's listening socket: one that stops accepting
     closes only its descriptor, so what is queued (and what comes after) is
     accepted by the next; nothing is refused."""
-    from hiocluster.serving import listening_socket
+    from hiocluster.services.serving import listening_socket
 
     held = listening_socket(("127.0.0.1", 0))  # the run's: it never accepts
     port = held.getsockname()[1]

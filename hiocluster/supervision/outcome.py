@@ -54,7 +54,7 @@ class RunResult:
     late_ticks: int = 0
     metrics: dict[str, int] = field(default_factory=dict)
     tick_digests: list[str] = field(default_factory=list)
-    #: a topology with services: each one's final status row (hiocluster.servicecore)
+    #: a topology with services: each one's final status row (hiocluster.services.core)
     services: list[dict[str, Any]] = field(default_factory=list)
     #: every node's :meth:`Node.result`, by name
     nodes: dict[str, Any] = field(default_factory=dict)

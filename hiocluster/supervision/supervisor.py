@@ -419,7 +419,7 @@ class Supervisor(Supervising):
                                 f"{' '.join(sorted(hosts))})", key_path="hosts")
         self.links = {name: AgentLink(self, host, KeyPair.load_public(
             os.path.join(keys, f"{name}.key"))) for name, host in hosts.items()}  # type: ignore
-        from hiocluster.services import Endpoint, Services  # services import this module
+        from hiocluster.services.supervisor import Endpoint, Services  # services import this module
         self.endpoint = Endpoint(self, on_bound=self._endpoint_bound)
         self.endpoint_address = ""
         self.services = Services(self, topology, app_dir=app_dir, prefixer=prefixer) \
@@ -478,7 +478,7 @@ class Supervisor(Supervising):
 
     # -- the control endpoint (hiocluster status / stop) ------------------------------
     def command(self, message: Any) -> Any:
-        from hiocluster.services import answer_command
+        from hiocluster.services.supervisor import answer_command
         return answer_command(message, self.services, self.status,
                               lambda: self.interrupt(signal.SIGTERM))
 
@@ -775,7 +775,9 @@ class _signals:
         for signum in (signal.SIGINT, signal.SIGTERM):
             self.restore[signum] = signal.signal(signum, self._handle)
         if getattr(self.supervisor, "services", None) is not None:
-            from hiocluster.replica import IGNORED_SIGNALS  # SIGHUP must never end services
+            from hiocluster.services.replica import (
+                IGNORED_SIGNALS,  # SIGHUP must never end services
+            )
             for signum in IGNORED_SIGNALS:
                 self.restore[signum] = signal.signal(signum, self._handle)
         early = take_early_signal()  # one whose exception something swallowed

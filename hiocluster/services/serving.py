@@ -24,7 +24,7 @@ replacing or extending as little as it can:
   response is out; closing a connection whose app never started no longer raises.
 
 Each server can say which file descriptors it waits on (:meth:`Server.watch`),
-so a replica's loop sleeps until one is ready (hiocluster.replica).
+so a replica's loop sleeps until one is ready (hiocluster.services.replica).
 
 Imports: hio and the stdlib.
 """

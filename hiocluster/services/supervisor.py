@@ -4,7 +4,7 @@ In the run's :class:`~hiocluster.runtime.loop.Loop`, beside (or instead of) a lo
 supervisor:
 
 ================  =============================================================
-``Services``      a DoDoer: the :class:`~hiocluster.servicecore.ServiceCore`
+``Services``      a DoDoer: the :class:`~hiocluster.services.core.ServiceCore`
                   that decides, a board, and a ``ReplicaDoer`` per process
                   (added as it starts, gone once it exited)
 ``ServiceBoard``  a Doer: the ROUTER replicas connect to (ipc in the 0700 run
@@ -40,7 +40,6 @@ from hio.base.doing import DoDoer, Doer
 
 from hiocluster import protocol as proto
 from hiocluster.errors import ClusterError, FrameError, Interrupted
-from hiocluster.replica import LISTEN_FDS_ENV, PARENT_ENV, SERVICE_ENV
 from hiocluster.runtime.launch import LocalProcess, end_process
 from hiocluster.runtime.loop import Loop, RouterDoer
 from hiocluster.runtime.output import Prefixer
@@ -53,8 +52,9 @@ from hiocluster.runtime.transport import (
     ipc_address,
     readable,
 )
-from hiocluster.servicecore import Replica, ServiceCore
-from hiocluster.serving import listening_socket
+from hiocluster.services.core import Replica, ServiceCore
+from hiocluster.services.replica import LISTEN_FDS_ENV, PARENT_ENV, SERVICE_ENV
+from hiocluster.services.serving import listening_socket
 from hiocluster.topology import Topology
 
 __all__ = ["Services", "ServiceBoard", "ReplicaDoer", "Endpoint", "ServiceRun", "serve",

@@ -50,7 +50,7 @@ from hiocluster.runtime.transport import (
 )
 from hiocluster.runtime.watchdog import Watchdog, parent_gone
 from hiocluster.service import Service
-from hiocluster.serving import WRITE_ONLY
+from hiocluster.services.serving import WRITE_ONLY
 from hiocluster.topology import ServiceSpec
 
 __all__ = ["ReplicaOptions", "run_replica", "LOAD_S", "SERVICE_ENV", "LISTEN_FDS_ENV",
