@@ -5,7 +5,7 @@ SIGINT, 143 after SIGTERM (the whole process tree shut down cleanly first). A
 run of services only is stopped by design: 0 after SIGINT, SIGTERM or
 ``hiocluster stop``, 1 when a service failed. Resource exhaustion (open files,
 disk space, a read-only run root) is a failed run: one line naming it, exit 1.
-``status`` and friends: see hiocluster.control.
+``status`` and friends: see hiocluster.control.client.
 """
 
 from __future__ import annotations
@@ -377,7 +377,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "report":
         return _report(args)
     if args.command in ("status", "scale", "restart", "stop"):
-        from hiocluster.control import control_main
+        from hiocluster.control.client import control_main
         return control_main(args)
     try:
         return _check(args) if args.command == "check" else _run(args)

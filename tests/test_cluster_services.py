@@ -27,7 +27,7 @@ import trustme
 
 from conftest import REPO, hiocluster_command
 from hiocluster import protocol as proto
-from hiocluster.control import ask
+from hiocluster.control.client import ask
 from tests.waiting import wait_until
 
 TOPOLOGIES = REPO / "topologies"

@@ -26,7 +26,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO), str(REPO / "tests")]
 
 from conftest import connect_ready  # noqa: E402
-from hiocluster import control  # noqa: E402
+from hiocluster.control import client as control  # noqa: E402
 from hiocluster.supervision import supervisor
 from hiocluster import protocol as proto  # noqa: E402
 from hiocluster.topology import loads  # noqa: E402

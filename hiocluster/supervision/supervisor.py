@@ -553,7 +553,7 @@ class Supervisor(Supervising):
                                  f"{exc}") from exc
         self.listen = self.listen or local_address(self.transport, self.run_dir, "control")
         # the endpoint follows the transport: over tcp no unix path at all (CURVE, its
-        # keys for shells in the run directory: see hiocluster.control)
+        # keys for shells in the run directory: see hiocluster.control.client)
         self.endpoint_address = local_address(self.transport, self.run_dir, "endpoint")
         self.context = Context(self.keys, owner="supervisor")
         if self.context.gate is not None:
