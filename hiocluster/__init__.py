@@ -24,8 +24,7 @@ from hiocluster.errors import (
     TickTimeout,
     TopologyError,
 )
-
-__version__ = "0.1.0"
+from hiocluster.version import __version__
 
 __all__ = [
     "__version__", "load", "loads", "plan", "run", "Node", "RunResult", "Topology", "Builder",

@@ -18,8 +18,8 @@ import sys
 import time
 from typing import Any, Callable, Sequence
 
-from hiocluster import __version__
 from hiocluster.errors import ClusterError, Interrupted, RunFailed, TopologyError
+from hiocluster.version import __version__
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 

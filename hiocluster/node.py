@@ -15,8 +15,6 @@ against it from ``put`` until the receiving node takes it out of its inbox;
 the receiver's takes reach the sender a fixed number of ticks later (the run's
 credit lag, docs/protocol.md §7), in every placement alike.
 ``put`` on a link without credit raises :class:`~hiocluster.errors.LinkFull`.
-
-Imports: hio, stdlib, hiocluster.errors and hiocluster.protocol only.
 """
 
 from __future__ import annotations

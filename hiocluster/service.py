@@ -17,8 +17,6 @@ Each instance sees ``self.name``, ``self.replica`` (0, 1, ...), ``self.params``
 ``self.max_body`` (the largest HTTP request body, bytes) and ``self.tls`` (``(certificate, key)`` paths, or None) and ``self.sockets``: the
 listening sockets its run made for it (pass them to your servers: connections
 queued on them outlive a replica that dies or restarts).
-
-Imports: hio, serving, topology.
 """
 
 from __future__ import annotations

@@ -17,7 +17,8 @@ import pytest
 from hiocluster import protocol as proto
 from hiocluster.protocol import DIGEST_SIZE
 from hiocluster.errors import NodeError, ProcessExited, RunFailed, TopologyError
-from hiocluster.supervision.groupcore import DEFER_S, GroupCore, check_tree, tree_groups, tree_leaves
+from hiocluster.supervision.groupcore import DEFER_S, GroupCore
+from hiocluster.topology.tree import check_tree, tree_groups, tree_leaves
 from hiocluster.supervision.runcore import Phase, RunCore, Supervision
 from hiocluster.topology import loads, plan
 

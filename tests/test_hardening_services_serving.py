@@ -1,4 +1,4 @@
-"""hiocluster.serving against hostile and odd HTTP, in this process: real sockets
+"""hiocluster.services.serving against hostile and odd HTTP, in this process: real sockets
 on loopback, hio's clock stepped by the test (tests/test_serving.py's helpers).
 
 hio 0.6.10's parser raises ValueError on ``Host:x`` (valid HTTP), on a header line

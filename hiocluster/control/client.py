@@ -8,8 +8,6 @@ Exit codes as supervisorctl's: 0 ok, 3 some replica is not serving (status) or
 the run did not get there in time, 4 the run cannot be reached, 2 usage (also:
 several runs found, none named), 1 the run refused (e.g. no such service), or
 it vanished or failed before confirming its stop.
-
-Imports: protocol, transport, the stdlib.
 """
 
 from __future__ import annotations

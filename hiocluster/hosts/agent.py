@@ -17,8 +17,6 @@ root (``$HIOCLUSTER_RUN_ROOT``, else the temp directory), which is also the run
 root of everything they start (a group's own directory goes inside it). An
 agent that starts sweeps the directories of agents that are dead (killed with
 SIGKILL, say): whatever their workers could not remove themselves.
-
-Imports: launch, loop, transport, protocol, errors.
 """
 
 from __future__ import annotations
@@ -38,14 +36,9 @@ from hio.base.doing import Doer
 
 from hiocluster import protocol as proto
 from hiocluster.errors import FrameError
-from hiocluster.runtime.launch import (
-    RUN_ROOT_ENV,
-    LocalLauncher,
-    LocalProcess,
-    make_run_dir,
-    run_root,
-)
+from hiocluster.runtime.launch import LocalLauncher, LocalProcess
 from hiocluster.runtime.loop import Loop
+from hiocluster.runtime.rundir import RUN_ROOT_ENV, make_run_dir, remove_run_dir, run_root
 from hiocluster.runtime.transport import (
     NOBLOCK,
     SNDMORE,
@@ -58,7 +51,7 @@ from hiocluster.runtime.transport import (
     resolve,
     resolved,
 )
-from hiocluster.supervision.groupcore import check_tree
+from hiocluster.topology.tree import check_tree
 
 __all__ = ["AgentOptions", "Agent", "run_agent", "PING_S"]
 
@@ -152,7 +145,7 @@ class Agent(Doer):
         for session in self.sessions.values():
             for handle in session.workers.values():
                 _stop_now(handle)
-            shutil.rmtree(session.run_dir, ignore_errors=True)
+            remove_run_dir(session.run_dir)
         self.sessions.clear()
         if self.context is not None:  # None: enter failed before it was made
             self.context.close(linger=0)
@@ -173,7 +166,7 @@ class Agent(Doer):
             return
         if session is None:
             try:
-                run_dir = make_run_dir(prefix=f"{DIR_PREFIX}{os.getpid()}-")
+                run_dir = make_run_dir(prefix=f"{DIR_PREFIX}{os.getpid()}-", guarded=False)
             except TransportError as exc:
                 self._send(identity, proto.Error(code="agent-error", detail=str(exc)))
                 return
@@ -236,7 +229,7 @@ class Agent(Doer):
             del session.workers[name]
         if session.ended and not session.workers:
             self.sessions.pop(session.identity, None)
-            shutil.rmtree(session.run_dir, ignore_errors=True)
+            remove_run_dir(session.run_dir)
 
     def _forward_output(self, session: Session, name: str, handle: LocalProcess) -> None:
         if handle.stderr is None:
@@ -311,7 +304,7 @@ def _loopback_warning(name: str, address: str) -> str | None:
 def sweep(me: int) -> list[str]:
     """Remove the directories that agents now dead left under the run root (theirs, and
     an earlier process's with this pid ``me``); return them."""
-    swept = []
+    swept: list[str] = []
     try:
         entries = list(Path(run_root()).glob(f"{DIR_PREFIX}*-*"))
     except OSError:

@@ -10,8 +10,6 @@ stopped), every worker on that host is lost at once; so they are when the
 first contact fails: nothing takes the TCP connection within the heartbeat time
 (no agent runs there, or it listens on another address), or nothing completes
 the handshake within HANDSHAKE_S.
-
-Imports: launch, transport, protocol, errors.
 """
 
 from __future__ import annotations

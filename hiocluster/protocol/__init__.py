@@ -12,8 +12,6 @@ The wire format is specified in docs/protocol.md; keep the two in step.
 ``versions``   what a run's digests depend on (checked at HELLO)
 ``arrays``     numpy arrays as msgpack ext type 1 (payloads, results, states)
 =============  ==============================================================
-
-Imports: stdlib, msgpack and hiocluster.errors only.
 """
 
 from hiocluster.protocol.fields import (

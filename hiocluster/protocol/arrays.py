@@ -10,8 +10,6 @@ contents once, with no per-element Python work. numpy scalars (``np.float64``)
 travel as the Python numbers they hold.
 
 numpy is optional: it is imported only when an array is sent or arrives.
-
-Imports: stdlib, msgpack, xxhash; numpy when there is an array.
 """
 
 from __future__ import annotations

@@ -4,8 +4,6 @@ Each :class:`Check` has a fast ``ok(value)`` for the hot path and an
 ``explain(value, path)`` that finds the exact offending sub-field, called only
 once something is already known to be wrong. The field types are listed in
 docs/protocol.md §2.
-
-Imports: stdlib and hiocluster.errors only.
 """
 
 from __future__ import annotations

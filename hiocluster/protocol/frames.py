@@ -4,8 +4,6 @@ A frame is one msgpack array ``[version, type, body]``; ``body`` is a map
 whose keys are exactly the message's fields. :func:`decode` checks every field
 and raises :class:`~hiocluster.errors.FrameError` naming the first bad one
 (docs/protocol.md §2 and §4).
-
-Imports: stdlib, msgpack, hiocluster.errors and the sibling modules only.
 """
 
 from __future__ import annotations

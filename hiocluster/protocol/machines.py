@@ -4,8 +4,6 @@ Transitions are data: one table per side keyed ``(state, direction, type)``.
 A transition not in the table is an error: sending it raises
 :class:`LocalProtocolError` (our bug), receiving it :class:`RemoteProtocolError`;
 either way the machine goes to ERROR and every later call fails (code "closed").
-
-Imports: stdlib, hiocluster.errors and the sibling modules only.
 """
 
 from __future__ import annotations

@@ -1,8 +1,6 @@
 """The protocol's messages: one dataclass per frame type, with its field checks.
 
 docs/protocol.md §3 is the table these classes implement; keep the two in step.
-
-Imports: stdlib, hiocluster.errors and the sibling fields module only.
 """
 
 from __future__ import annotations

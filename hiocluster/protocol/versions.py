@@ -3,8 +3,6 @@
 A worker reports them in HELLO; the supervisor refuses one whose versions differ
 from its own (docs/protocol.md §6), because msgpack packing, Python's RNG or hio's
 scheduling could then differ and the run would not be reproducible.
-
-Imports: stdlib and msgpack only.
 """
 
 from __future__ import annotations
@@ -20,8 +18,8 @@ __all__ = ["local_versions", "mismatches"]
 
 def local_versions() -> dict[str, str]:
     """``{"python", "msgpack", "hio", "hiocluster", "protocol"}`` of this process."""
-    from hiocluster import __version__
     from hiocluster.protocol.frames import VERSION
+    from hiocluster.version import __version__
 
     try:
         hio = importlib.metadata.version("hio")

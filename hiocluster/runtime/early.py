@@ -5,8 +5,6 @@ wherever the command is (hiocluster.__main__). Code that is not ours may catch
 and drop it (a bare ``except:`` around an import, say); so the signal is also
 written down here, and a command that installs its own handlers takes it and
 acts on it: a Ctrl-C in start-up is never lost.
-
-Imports: nothing of hiocluster.
 """
 
 from __future__ import annotations

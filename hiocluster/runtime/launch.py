@@ -11,8 +11,6 @@ group (Ctrl-C, ``kill -- -PGID``, systemd) reaches the supervisor only, which
 then stops every worker cleanly. It gets its credentials (the run's token and,
 over tcp, its CURVE keys) in its environment (``HIOCLUSTER_CREDENTIALS``),
 never on its command line.
-
-Imports: transport (for Credentials) and the stdlib.
 """
 
 from __future__ import annotations
@@ -24,35 +22,14 @@ import signal
 import struct
 import subprocess
 import sys
-import tempfile
 import time
 from typing import Any, Callable, Mapping, Protocol, Sequence
 
-from hiocluster.runtime.transport import CREDENTIALS_ENV, Credentials, TransportError
+from hiocluster.runtime.transport import CREDENTIALS_ENV, Credentials
 
 __all__ = ["ProcessHandle", "Launcher", "LocalProcess", "LocalLauncher", "TickRegister",
-           "end_process", "make_run_dir", "run_root", "RUN_ROOT_ENV", "worker_argv",
+           "end_process", "worker_argv",
            "PARENT_ENV", "parent_from_env"]
-
-#: Where run directories go (default: the system temp directory).
-RUN_ROOT_ENV = "HIOCLUSTER_RUN_ROOT"
-
-
-def run_root() -> str:
-    """``$HIOCLUSTER_RUN_ROOT`` if set, else the system temp directory."""
-    return os.environ.get(RUN_ROOT_ENV) or tempfile.gettempdir()
-
-
-def make_run_dir(prefix: str = "hioc-") -> str:
-    """A new run directory (mode 0700) under :func:`run_root`. Raises TransportError."""
-    root = run_root()
-    try:
-        run_dir = tempfile.mkdtemp(prefix=prefix, dir=root)
-        os.chmod(run_dir, 0o700)
-    except OSError as exc:
-        raise TransportError(f"cannot make the run directory under {root}: {exc}") from exc
-    return run_dir
-
 
 #: The pid of the process that started a worker or group (its parent while that
 #: lives): once its parent is another, it is an orphan (docs/protocol.md §9).

@@ -7,8 +7,6 @@ MAX_WAIT_S, then runs one cycle. Its ``tyme`` is wall time since it started, so
 hio timers keep their meaning. A doer with tock 0 runs once per cycle: it is
 woken by its sockets, not by spinning. This is the one place a supervisor
 process waits (docs/design.md, "Core and shell").
-
-Imports: hio and transport.
 """
 
 from __future__ import annotations

@@ -5,8 +5,6 @@ color per name on a terminal (plain otherwise, and when ``NO_COLOR`` is set).
 Every child writes into its own pipe and only this process writes the result,
 each batch of complete lines in one ``write``: lines of different processes
 never interleave mid-line.
-
-Imports: the stdlib only.
 """
 
 from __future__ import annotations

@@ -10,8 +10,6 @@ Runs beside the worker's main thread, so it works while a node is busy:
 * **tick deadline**: once one tick has run ``tick_timeout`` seconds, the main
   thread gets SIGUSR1, whose handler raises ``TickOverrun`` inside the node
   that is running, so the failure names it.
-
-Imports: transport (for the monitor socket's events) and the stdlib.
 """
 
 from __future__ import annotations

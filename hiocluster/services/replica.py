@@ -15,8 +15,6 @@ or it was stopped); SIGHUP, SIGUSR1 and SIGUSR2 are ignored with a line said
 (their default would end the replica: there is no reload yet); on STOP (or SIGTERM, or the supervisor gone: the
 orphan rule of workers) drain: stop accepting, finish what is in flight, BYE,
 exit 0. Started by the supervisor as ``hiocluster replica``.
-
-Imports: service, loop, watchdog, transport, protocol, node (load_class).
 """
 
 from __future__ import annotations
@@ -40,6 +38,7 @@ from hiocluster import protocol as proto
 from hiocluster.errors import FrameError
 from hiocluster.node import load_class
 from hiocluster.runtime.loop import Loop
+from hiocluster.runtime.signals import IGNORED_SIGNALS
 from hiocluster.runtime.transport import (
     NOBLOCK,
     RUN_SOCKETS,
@@ -71,9 +70,6 @@ CONNECT_TIMEOUT = 10.0
 IDLE_WAIT_S = 0.5
 #: Longest sleep while draining (a drain ends as soon as nothing is in flight).
 DRAIN_WAIT_S = 0.05
-#: Signals whose default action would end a replica (or a run), ignored: a
-#: closing SSH session sends SIGHUP; there is no reload for them to mean yet.
-IGNORED_SIGNALS = (signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
 
 logger = logging.getLogger("hiocluster.replica")
 

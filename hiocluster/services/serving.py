@@ -25,8 +25,6 @@ replacing or extending as little as it can:
 
 Each server can say which file descriptors it waits on (:meth:`Server.watch`),
 so a replica's loop sleeps until one is ready (hiocluster.services.replica).
-
-Imports: hio and the stdlib.
 """
 
 from __future__ import annotations

@@ -19,9 +19,6 @@ supervisor:
 
 None of them blocks. :func:`serve` is the Python API behind ``hiocluster run``
 for such topologies.
-
-Imports: servicecore, replica (names only), launch, loop, logs, transport,
-protocol, topology, errors.
 """
 
 from __future__ import annotations
@@ -43,6 +40,8 @@ from hiocluster.errors import ClusterError, FrameError, Interrupted
 from hiocluster.runtime.launch import LocalProcess, end_process
 from hiocluster.runtime.loop import Loop, RouterDoer
 from hiocluster.runtime.output import Prefixer
+from hiocluster.runtime.rundir import close_run, make_run_dir
+from hiocluster.runtime.signals import RunSignals
 from hiocluster.runtime.transport import (
     CREDENTIALS_ENV,
     NOBLOCK,
@@ -621,7 +620,6 @@ class ServiceRun(DoDoer):
 
     def enter(self, doers: Any = None) -> Any:  # type: ignore[override]
         if doers is None:
-            from hiocluster.supervision.supervisor import make_run_dir
             self.run_dir = make_run_dir()
             self.endpoint_address = ipc_address(self.run_dir, ENDPOINT)
             self.context = Context(owner="supervisor")
@@ -639,7 +637,6 @@ class ServiceRun(DoDoer):
             super().exit(deeds)
         finally:
             if deeds is None:
-                from hiocluster.supervision.supervisor import close_run
                 close_run(self)
 
     def interrupt(self, signum: int) -> None:
@@ -680,7 +677,6 @@ def serve(topology: Topology, *, app_dir: str | None = None,
         ServiceFailed: a service restarted more often than its intensity allows;
             every replica was stopped first.
     """
-    from hiocluster.supervision.supervisor import _signals
     from hiocluster.topology import resolve_services
 
     resolve_services(topology, app_dir)
@@ -688,7 +684,7 @@ def serve(topology: Topology, *, app_dir: str | None = None,
     root = ServiceRun(topology, loop, app_dir=app_dir, command=command, prefixer=prefixer,
                       on_listening=on_listening)
     loop.doers = [root]
-    with _signals(root, loop, handle_signals):
+    with RunSignals(root, loop, handle_signals):
         loop.run()
     if root.services.core.failure is not None:
         raise root.services.core.failure

@@ -4,8 +4,6 @@
 machine, what it said and when, how far it got, whether its process ended.
 :func:`setups` cuts the topology into one SETUP per worker: its nodes, the
 links that touch them, and the addresses of its neighbours only.
-
-Imports: topology, chain, protocol, errors. Never zmq, hio or os.
 """
 
 from __future__ import annotations

@@ -14,8 +14,6 @@ tick, ``utf8(name) + node digest`` for each of its nodes in name order. The
 supervisor splices the workers' records into the global name order and hashes.
 When workers hold contiguous ranges of names (the usual case) that is one slice
 per worker per tick.
-
-Imports: stdlib and hiocluster.protocol only.
 """
 
 from __future__ import annotations

@@ -15,10 +15,8 @@ connection stays down for ``orphan_grace()`` (or never comes up), it stops its
 children and exits with code 3, removing what its vanished
 supervisor cannot, like an orphaned worker. Its run directory is a sibling of
 its supervisor's (ipc paths do not grow with depth), kept by a guardian
-(supervisor.make_run_dir): if the group itself is killed, the directory goes too.
+(runtime.rundir.make_run_dir): if the group itself is killed, the directory goes too.
 SIGTERM or SIGINT stop its children cleanly and tell its supervisor.
-
-Imports: supervisor, groupcore, launch, loop, transport, watchdog, protocol.
 """
 
 from __future__ import annotations
@@ -35,6 +33,7 @@ from hio.base.doing import Doer
 
 from hiocluster.runtime.launch import LocalLauncher, TickRegister
 from hiocluster.runtime.loop import Loop
+from hiocluster.runtime.rundir import make_run_dir, remove_run_dir
 from hiocluster.runtime.transport import (
     NOBLOCK,
     Context,
@@ -46,8 +45,9 @@ from hiocluster.runtime.transport import (
     readable,
 )
 from hiocluster.runtime.watchdog import orphan_grace, parent_gone
-from hiocluster.supervision.groupcore import GroupCore, check_tree
-from hiocluster.supervision.supervisor import Supervising, make_run_dir, remove_run_dir
+from hiocluster.supervision.groupcore import GroupCore
+from hiocluster.supervision.supervisor import Supervising
+from hiocluster.topology.tree import check_tree
 from hiocluster.worker.process import START_TIMEOUT, default_bind, remove_orphan_files
 
 __all__ = ["GroupOptions", "Group", "ParentLink", "run_group"]
@@ -59,7 +59,7 @@ class GroupOptions:
 
     connect: str                      # its supervisor's control address
     name: str                         # the group's name in the plan
-    tree: dict[str, Any]              # its children (see groupcore.check_tree)
+    tree: dict[str, Any]              # its children (see topology.tree.check_tree)
     credentials: Credentials          # the run's token; CURVE keys over tcp
     bind: str | None = None           # where the workers under it bind for DATA
     data: str = "zmq"                 # how they send it: "zmq", or "local" (unix://)

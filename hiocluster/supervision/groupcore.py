@@ -19,8 +19,6 @@ SETUP from above carries one SETUP body per worker under it, which it hands on;
 GRANT and STOP go to every child as they came. DATA never passes through it:
 workers send it to each other directly, so a group adds one hop to the control
 path only, once per window.
-
-Imports: runcore, outcome, runbooks, protocol, errors. Never zmq, hio or os.
 """
 
 from __future__ import annotations
@@ -38,53 +36,15 @@ from hiocluster.errors import (
 )
 from hiocluster.supervision.outcome import subtree_error
 from hiocluster.supervision.runcore import START_TIMEOUT, STOP_TIMEOUT, Phase, Supervision
-from hiocluster.topology import MAX_GROUP_DEPTH
+from hiocluster.topology.tree import tree_groups, tree_leaves
 
-__all__ = ["GroupCore", "check_tree", "tree_leaves", "tree_groups", "PROGRESS_S", "MAX_TREE_DEPTH"]
+__all__ = ["GroupCore", "PROGRESS_S"]
 
 #: How often a group running a window tells its supervisor how far it got.
 PROGRESS_S = 0.1
 #: Longest wait for the BYEs that place a death in its tick before it goes up unplaced.
 DEFER_S = 1.0
 #: Deepest nesting of groups a tree may have.
-MAX_TREE_DEPTH = MAX_GROUP_DEPTH
-
-
-def check_tree(tree: Any, *, depth: int = 0) -> dict[str, Any]:
-    """``tree`` as a group gets it (worker -> [node names], group -> {child: tree}),
-    checked: raises ValueError naming what is wrong."""
-    if depth > MAX_TREE_DEPTH:
-        raise ValueError(f"groups nested deeper than {MAX_TREE_DEPTH}")
-    if not isinstance(tree, dict) or not tree:
-        raise ValueError("a group's tree must be a non-empty map of its children")
-    for child, sub in tree.items():
-        if not isinstance(child, str) or not proto.NAME.ok(child):
-            raise ValueError(f"{child!r} is not a worker or group name")
-        if isinstance(sub, dict):
-            check_tree(sub, depth=depth + 1)
-        elif not isinstance(sub, list) or not sub or not all(
-                isinstance(node, str) and proto.NAME.ok(node) for node in sub):
-            raise ValueError(f"worker {child!r}: expected a non-empty list of node names")
-    return tree
-
-
-def tree_leaves(name: str, tree: Any) -> dict[str, tuple[str, ...]]:
-    """Every worker in ``tree`` (the subtree of child ``name``) -> its node names."""
-    if not isinstance(tree, dict):
-        return {name: tuple(tree)}
-    return {leaf: nodes for child, sub in tree.items()
-            for leaf, nodes in tree_leaves(child, sub).items()}
-
-
-def tree_groups(tree: Mapping[str, Any]) -> dict[str, tuple[str, ...]]:
-    """Every group inside ``tree``, however deep -> the node names under it."""
-    found: dict[str, tuple[str, ...]] = {}
-    for child, sub in tree.items():
-        if isinstance(sub, dict):
-            found[child] = tuple(node for nodes in tree_leaves(child, sub).values()
-                                 for node in nodes)
-            found.update(tree_groups(sub))
-    return found
 
 
 class GroupCore(Supervision):

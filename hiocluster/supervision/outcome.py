@@ -4,8 +4,6 @@ Pure functions of what the supervisor's books hold (hiocluster.supervision.books
 by :class:`~hiocluster.supervision.runcore.RunCore`: the :class:`RunResult` of a finished
 run, the failure a worker's ERROR frame means, the failure an invalid frame
 means, and where a worker that died without a word died.
-
-Imports: chain, windows, runbooks, topology, protocol, errors.
 """
 
 from __future__ import annotations

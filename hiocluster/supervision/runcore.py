@@ -13,9 +13,6 @@ bytes and watch processes (docs/design.md, "Core and shell").
 A run goes STARTING (HELLO → SETUP → READY from every child) → RUNNING
 (windows: GRANT to all, DONE from all, fold the digests, grant the next) →
 STOPPING (STOP to all, BYE from all) → FINISHED.
-
-Imports: topology, chain, windows, outcome, runbooks, protocol, errors. Never zmq,
-hio or os.
 """
 
 from __future__ import annotations

@@ -18,8 +18,6 @@ supervisor) can share the Doist. (The one wait outside the Loop's own: while
 only DONEs are awaited, the switchboard waits on the Loop's poller, for every
 socket and fd of every doer, bounded by the Loop's next timer.) :func:`run` is
 the Python API behind the CLI.
-
-Imports: hio, runcore, topology, launch, loop, transport, protocol, errors.
 """
 
 from __future__ import annotations
@@ -27,12 +25,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
-import shutil
 import signal
-import socket
-import subprocess
-import tempfile
-import threading
 import time
 from typing import Any, Callable, Sequence
 
@@ -40,15 +33,15 @@ from hio.base.doing import DoDoer, Doer
 
 from hiocluster.errors import ClusterError, Interrupted, TopologyError
 from hiocluster.hosts.remote import AgentLink
-from hiocluster.runtime.early import take as take_early_signal
 from hiocluster.runtime.launch import (
     LocalLauncher,
     ProcessHandle,
     end_process,
-    run_root,
     worker_argv,
 )
 from hiocluster.runtime.loop import Loop, RouterDoer
+from hiocluster.runtime.rundir import close_run, make_run_dir
+from hiocluster.runtime.signals import RunSignals
 from hiocluster.runtime.transport import (
     ENDPOINT_RECORD,
     NOBLOCK,
@@ -603,74 +596,6 @@ class Supervisor(Supervising):
                 self.on_tick(done, self.topology.ticks)
 
 
-#: The guardian of a run directory: a shell that makes the directory, says its path,
-#: and removes it once its stdin reaches end of file, that is once the process that
-#: started it is gone, however it went (kill -9 included). It runs in its own session,
-#: deaf to the signals of a terminal or a process group.
-_GUARDIAN = ('trap "" HUP INT TERM PIPE; d=$(mktemp -d "$0/hioc-XXXXXXXX") || exit 1; '
-             'echo "$d"; read _; rm -rf -- "$d"')
-_guardians: dict[str, subprocess.Popen] = {}
-
-
-def make_run_dir() -> str:
-    """A new run directory (mode 0700) under ``$HIOCLUSTER_RUN_ROOT`` if set, else
-    the system temp directory, removed by :func:`remove_run_dir` or, should this
-    process die first, by its guardian. Raises TransportError."""
-    root = run_root()
-    try:
-        guardian = subprocess.Popen(["/bin/sh", "-c", _GUARDIAN, root], stdin=subprocess.PIPE,
-                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                    close_fds=True, start_new_session=True)
-    except OSError as exc:
-        raise TransportError(f"cannot make the run directory under {root}: {exc}") from exc
-    assert guardian.stdout is not None and guardian.stderr is not None
-    with guardian.stdout:
-        path = guardian.stdout.readline().decode(errors="replace").rstrip("\n")
-    if not path:
-        with guardian.stderr:
-            error = guardian.stderr.read().decode(errors="replace").strip()
-        _release(guardian)
-        try:  # the same attempt here, for the error as an OSError (its errno names the cause)
-            shutil.rmtree(tempfile.mkdtemp(prefix="hioc-", dir=root), ignore_errors=True)
-        except OSError as exc:
-            raise TransportError(f"cannot make the run directory under {root}: {exc}") from exc
-        raise TransportError(f"cannot make the run directory under {root}: {error}")
-    guardian.stderr.close()
-    path = os.path.abspath(path)
-    _guardians[path] = guardian
-    return path
-
-
-def remove_run_dir(path: str) -> None:
-    """Remove a run directory made by :func:`make_run_dir`, and let its guardian go."""
-    shutil.rmtree(path, ignore_errors=True)
-    guardian = _guardians.pop(path, None)
-    if guardian is not None:
-        _release(guardian)
-
-
-def _release(guardian: subprocess.Popen) -> None:
-    """End of file to a guardian, and wait for it (it exits at once)."""
-    assert guardian.stdin is not None
-    guardian.stdin.close()
-    try:
-        guardian.wait(KILL_GRACE_S)
-    except subprocess.TimeoutExpired:  # pragma: no cover - a shell that hangs
-        guardian.kill()
-        guardian.wait()
-
-
-def close_run(owner: Any) -> None:
-    """The end of a run's root: close ``owner.context`` (every socket) and remove
-    ``owner.run_dir``."""
-    if owner.context is not None:
-        owner.context.close(linger=0)
-        owner.context = None
-    if owner.run_dir is not None:
-        remove_run_dir(owner.run_dir)
-        owner.run_dir = None
-
-
 class _DeferredLauncher:
     """A LocalLauncher made on first use, once the control socket is bound."""
 
@@ -742,7 +667,7 @@ def run(topology: Topology, *, processes: int | None = None, app_dir: str | None
                             on_tick=on_tick, on_ready=on_ready, on_listening=on_listening,
                             keys=keys, prefixer=prefixer, trace=trace, **timeouts)
     loop.doers = [supervisor]
-    with _signals(supervisor, loop, handle_signals):
+    with RunSignals(supervisor, loop, handle_signals):
         loop.run()
     if supervisor.failure is not None:
         raise supervisor.failure
@@ -751,56 +676,3 @@ def run(topology: Topology, *, processes: int | None = None, app_dir: str | None
     if supervisor.services is not None:
         supervisor.result.services = supervisor.services.core.status(time.monotonic())
     return supervisor.result
-
-
-class _signals:
-    """SIGINT/SIGTERM stop the run cleanly, and wake the loop at once; in a run with
-    services, SIGHUP, SIGUSR1 and SIGUSR2 are ignored (said in the log)."""
-
-    def __init__(self, supervisor: Supervisor, loop: Loop, enabled: bool) -> None:
-        self.supervisor, self.loop = supervisor, loop
-        self.enabled = enabled and threading.current_thread() is threading.main_thread()
-        self.restore: dict[int, Any] = {}
-        self.pair: tuple[socket.socket, socket.socket] | None = None
-        self.old_wakeup = -1
-
-    def __enter__(self) -> None:
-        if not self.enabled:
-            return
-        self.pair = socket.socketpair()
-        for end in self.pair:
-            end.setblocking(False)
-        self.old_wakeup = signal.set_wakeup_fd(self.pair[1].fileno(), warn_on_full_buffer=False)
-        self.loop.poller.register(self.pair[0].fileno())
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            self.restore[signum] = signal.signal(signum, self._handle)
-        if getattr(self.supervisor, "services", None) is not None:
-            from hiocluster.services.replica import (
-                IGNORED_SIGNALS,  # SIGHUP must never end services
-            )
-            for signum in IGNORED_SIGNALS:
-                self.restore[signum] = signal.signal(signum, self._handle)
-        early = take_early_signal()  # one whose exception something swallowed
-        if early is not None:
-            self._handle(early, None)
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if signum in (signal.SIGINT, signal.SIGTERM):
-            self.supervisor.interrupt(signum)
-        else:
-            self.supervisor.services.ignored(signum)
-        assert self.pair is not None
-        try:
-            while self.pair[0].recv(4096):  # the wakeup bytes: keep the pair drained
-                pass
-        except OSError:
-            pass
-
-    def __exit__(self, *exc_info: object) -> None:
-        for signum, handler in self.restore.items():
-            signal.signal(signum, handler)
-        if self.pair is not None:
-            signal.set_wakeup_fd(self.old_wakeup)
-            self.loop.poller.unregister(self.pair[0].fileno())
-            for end in self.pair:
-                end.close()

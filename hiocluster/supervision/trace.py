@@ -14,8 +14,6 @@ node), with the rows kept under ``otherData.hiocluster`` so :func:`load` can
 read them back. :func:`profile` and :func:`lines` make the table the run
 summary and ``hiocluster report`` print; :func:`plot` draws ticks/s over time
 and each process's time running vs waiting (matplotlib, optional).
-
-Imports: the stdlib; matplotlib in :func:`plot` only.
 """
 
 from __future__ import annotations

@@ -1,6 +1,4 @@
 """How many ticks one GRANT covers (docs/protocol.md §7, "Windows").
-
-Imports: nothing from hiocluster.
 """
 
 from __future__ import annotations

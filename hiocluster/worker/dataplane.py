@@ -27,8 +27,6 @@ What does not depend on ZeroMQ (PEER judging, early PEERs, proven
 connections, refusals, kept frames) is :class:`DataPlane`, shared with the
 local data plane (hiocluster.worker.localnet: unix SEQPACKET sockets,
 ``--transport local``); :class:`PeerSockets` adds the ZeroMQ sockets.
-
-Imports: exchange, transport, protocol, errors.
 """
 
 from __future__ import annotations

@@ -12,8 +12,6 @@ which are still missing, delivers a tick's messages into inboxes in canonical
 order (source node name, then send sequence), returns credit when it is due,
 and packs the outgoing frames. It holds no socket; the worker's shell moves the
 bytes.
-
-Imports: node, protocol, errors. Never zmq or hio.
 """
 
 from __future__ import annotations

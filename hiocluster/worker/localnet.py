@@ -17,8 +17,6 @@ that does not read), the sender waits for room reading its own neighbours'
 frames meanwhile, so two workers never wait on each other. A connection that
 breaks (its neighbour gone) is dialled again by :meth:`LocalPeers.check`, and
 its kept frames resent, as on ZeroMQ.
-
-Imports: peers, transport, protocol, errors.
 """
 
 from __future__ import annotations

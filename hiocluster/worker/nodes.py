@@ -6,8 +6,6 @@ one ``Doist.recur()`` per tick, writes the digest records of each state
 (docs/protocol.md §7) and runs every node's exit contexts, one by one, even
 when one raises. Anything a node's own code raises becomes :class:`NodeFailed`
 naming it. No sockets.
-
-Imports: hio, node, protocol, errors.
 """
 
 from __future__ import annotations

@@ -16,9 +16,6 @@ contexts, BYE.
 
 Started by the supervisor, or by hand: ``hiocluster worker --connect ADDRESS
 --name NAME`` (see :func:`run_worker`).
-
-Imports: host, exchange, peers, localnet, watchdog, launch, transport, protocol, errors.
-Never topology or supervisor.
 """
 
 from __future__ import annotations
