@@ -18,7 +18,7 @@ import sys
 import time
 from typing import Any, Callable, Sequence
 
-from hiocluster.errors import ClusterError, Interrupted, RunFailed, TopologyError
+from hiocluster.errors import ClusterError, Exhausted, Interrupted, RunFailed, TopologyError
 from hiocluster.version import __version__
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -392,15 +392,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         if _exhausted(exc) is None:
             raise
         return _failed(args, Exhausted(str(exc)).with_cause(exc), {})
-
-
-class Exhausted(ClusterError):
-    """The machine ran out of something a run needs: open files, disk space or
-    inodes under the run root, a writable run root, memory."""
-
-    def with_cause(self, cause: BaseException) -> Exhausted:
-        self.__cause__ = cause
-        return self
 
 
 #: Open files a run holds besides its children's, and per child process (measured:

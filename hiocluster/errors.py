@@ -13,7 +13,23 @@
     │   ├── TickTimeout              a worker missed the tick deadline
     │   └── ProcessExited            a worker's process died: .exitcode
     ├── LinkFull                     an outbox has no credit left on a link: .link, .tick
-    └── Interrupted                  SIGINT/SIGTERM asked the run to stop: .signal
+    ├── Interrupted                  SIGINT/SIGTERM asked the run to stop: .signal
+    ├── TransportError               a socket could not be bound, connected or used
+    │   └── Gone                     a run closed a shell's connection
+    ├── Unreachable                  no run answers at the control endpoint
+    ├── SeveralRuns                  more than one does: say which (--control)
+    ├── Exhausted                    the machine ran out of files, disk, memory
+    ├── NodeFailed                   in a worker: a node's code raised: .node, .tick
+    ├── Unsendable                   in a worker: a payload cannot cross a link
+    ├── DataFault                    in a worker: a neighbour's DATA frame is bad: .peer
+    └── ServiceFailed                a service restarted too often: .service
+
+    BaseException
+    ├── Terminated                   in a worker: a signal, or the supervisor's loss
+    └── TickOverrun                  in a worker: a tick ran past its deadline
+
+``Terminated`` and ``TickOverrun`` are BaseExceptions on purpose: they end a
+node's code wherever it is, and a node's ``except Exception`` does not hold them.
 
 Errors carry fields, not only text. msgpack and zmq exceptions are translated at
 the protocol and transport boundaries with ``raise ... from exc``.
@@ -38,6 +54,17 @@ __all__ = [
     "ProcessExited",
     "LinkFull",
     "Interrupted",
+    "TransportError",
+    "Gone",
+    "Unreachable",
+    "SeveralRuns",
+    "Exhausted",
+    "NodeFailed",
+    "Unsendable",
+    "DataFault",
+    "ServiceFailed",
+    "Terminated",
+    "TickOverrun",
 ]
 
 
@@ -190,3 +217,77 @@ class Interrupted(ClusterError):
     def __init__(self, signum: int) -> None:
         self.signal = signum
         super().__init__(f"interrupted by {_signal.Signals(signum).name}")
+
+
+class TransportError(ClusterError):
+    """A socket could not be bound, connected or used."""
+
+
+class Gone(TransportError):
+    """The run closed its end of a shell's connection (it exited, or was killed)."""
+
+
+class Unreachable(ClusterError):
+    """No run answers at the control endpoint (or none was found)."""
+
+
+class SeveralRuns(ClusterError):
+    """More than one run answers under the run root: which one is for the user to
+    say (``--control``); the message lists them."""
+
+
+class Exhausted(ClusterError):
+    """The machine ran out of something a run needs: open files, disk space or
+    inodes under the run root, a writable run root, memory."""
+
+    def with_cause(self, cause: BaseException) -> Exhausted:
+        self.__cause__ = cause
+        return self
+
+
+class NodeFailed(ClusterError):
+    """A node's own code raised (or produced something unsendable)."""
+
+    def __init__(self, node: str, tick: int, detail: str, code: str = "node-error",
+                 cause: str | None = None) -> None:
+        self.node, self.tick, self.detail, self.code = node, tick, detail, code
+        #: one line, what a run's summary says (``detail`` has the rest)
+        self.cause = cause or detail
+        super().__init__(f"node {node} failed at tick {tick}")
+
+
+class Unsendable(ClusterError):
+    """A node put a payload that cannot cross a link (msgpack cannot round-trip it)."""
+
+    def __init__(self, node: str, tick: int, detail: str) -> None:
+        self.node, self.tick, self.detail = node, tick, detail
+        super().__init__(detail)
+
+
+class DataFault(ClusterError):
+    """A neighbour sent an invalid DATA frame (it, not the receiver, is to blame)."""
+
+    def __init__(self, peer: str, error: FrameError | ProtocolError) -> None:
+        self.peer, self.error = peer, error
+        super().__init__(f"{peer} sent an invalid DATA frame: {error}")
+
+
+class ServiceFailed(ClusterError):
+    """A service restarted more often than its intensity allows: ``.service``."""
+
+    def __init__(self, service: str, message: str) -> None:
+        super().__init__(message)
+        self.service = service
+
+
+class Terminated(BaseException):
+    """A signal (or the loss of the supervisor) ends this worker: leave through the
+    exit contexts. Never blamed on the node it interrupts."""
+
+
+class TickOverrun(BaseException):
+    """Raised in a node by the worker's watchdog: one tick ran past its deadline.
+
+    A BaseException, like KeyboardInterrupt, so a node's ``except Exception``
+    does not swallow it.
+    """

@@ -34,7 +34,7 @@ import msgpack
 from hio.base.doing import DoDoer
 from xxhash import xxh3_128_digest
 
-from hiocluster.errors import LinkFull
+from hiocluster.errors import LinkFull, Terminated
 from hiocluster.protocol import arrays
 
 #: Inbox.drain counts credit one entry at a time up to this many (then with a Counter).
@@ -308,7 +308,7 @@ class Node(DoDoer):
                 exc.hiocluster_node = self.name  # type: ignore[attr-defined]
             # hio runs this node's exit() as the exception leaves its generator
             # (a signal reaches a node as the worker's Terminated: not its failure)
-            self.outcome = "interrupted" if type(exc).__name__ == "Terminated" else "failed"
+            self.outcome = "interrupted" if isinstance(exc, Terminated) else "failed"
             raise
         return False
 

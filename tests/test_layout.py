@@ -1,6 +1,6 @@
 """The package's layers and lint, checked with the suite (so CI runs them): the
 import-linter contracts in pyproject.toml (each layer imports only those below
-it; the sans-IO cores import no sockets, processes or loops) and ruff."""
+it; the sans-IO cores import no sockets, processes or loops), ruff and mypy."""
 
 from __future__ import annotations
 
@@ -31,4 +31,11 @@ def test_the_import_contracts_hold() -> None:
 def test_ruff_finds_nothing_in_the_package() -> None:
     done = subprocess.run([_tool("ruff"), "check", "--no-cache", "hiocluster"], cwd=REPO,
                           capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
+
+
+@pytest.mark.timeout(600)  # a cold mypy on a loaded 2-core machine
+def test_mypy_finds_nothing_in_the_package() -> None:
+    done = subprocess.run([_tool("mypy"), "hiocluster"], cwd=REPO, capture_output=True,
+                          text=True, timeout=580)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]

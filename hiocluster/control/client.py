@@ -21,7 +21,7 @@ import time
 from typing import Any
 
 from hiocluster import protocol as proto
-from hiocluster.errors import ClusterError, FrameError
+from hiocluster.errors import FrameError, SeveralRuns, Unreachable
 from hiocluster.runtime.transport import (
     ENDPOINT_RECORD,
     Asking,
@@ -37,15 +37,6 @@ __all__ = ["Unreachable", "SeveralRuns", "find_endpoint", "ask", "format_status"
 EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_NOT_RUNNING, EXIT_UNREACHABLE = 0, 1, 2, 3, 4
 #: Seconds to wait for an answer.
 ANSWER_TIMEOUT_S = 5.0
-
-
-class Unreachable(ClusterError):
-    """No run answers at the control endpoint (or none was found)."""
-
-
-class SeveralRuns(ClusterError):
-    """More than one run answers under the run root: which one is for the user to
-    say (``--control``); the message lists them."""
 
 
 def find_endpoint(given: str | None = None) -> str:

@@ -61,9 +61,6 @@ class RemoteProcess:
         self._tick: int | None = None
         self._why: str | None = None
 
-    def alive(self) -> bool:
-        return self._exitcode is None and self._why is None
-
     def exitcode(self) -> int | None:
         if self._why is not None and self._exitcode is None:
             return 255  # lost with its host: see why()

@@ -197,21 +197,24 @@ class _Machine:
         """Per-message checks against the machine's state (grants and ticks)."""
         kind = type(message)  # no message class has subclasses: quicker than isinstance
         if kind is Grant:
-            if message.until <= self.until:
-                self._reject(direction, f"GRANT until {message.until} but tick {self.until} "
+            grant: Grant = message  # type: ignore[assignment]  # kind is Grant: no call
+            if grant.until <= self.until:
+                self._reject(direction, f"GRANT until {grant.until} but tick {self.until} "
                              "was already granted", field="GRANT.until", code="stale-tick")
-            self.until = message.until
+            self.until = grant.until
         elif kind is Done:
-            if message.until != self.until:
-                stale = message.until < self.until
-                self._reject(direction, f"DONE until {message.until} but the grant runs "
+            done: Done = message  # type: ignore[assignment]  # kind is Done: no call
+            if done.until != self.until:
+                stale = done.until < self.until
+                self._reject(direction, f"DONE until {done.until} but the grant runs "
                              f"until {self.until}" + (" (a tick from the past)" if stale else ""),
                              field="DONE.until", code="stale-tick" if stale else "wrong-tick")
-            self.done = message.until
+            self.done = done.until
         elif kind is Progress:
-            tick = -1 if message.tick is None else message.tick
+            progress: Progress = message  # type: ignore[assignment]  # no call
+            tick = -1 if progress.tick is None else progress.tick
             if not self.done <= tick <= self.until:
-                self._reject(direction, f"PROGRESS at tick {message.tick} outside the window "
+                self._reject(direction, f"PROGRESS at tick {progress.tick} outside the window "
                              f"{self.done + 1}..{self.until}", field="PROGRESS.tick",
                              code="wrong-tick")
 
@@ -257,8 +260,9 @@ class ParentMachine(_Machine):
                 self.done_owed = False
         elif kind is Stop:
             self.done_owed = self.state is ParentState.RUNNING
-        elif kind is Hello and self.worker is not None \
-                and message.worker != self.worker:  # type: ignore[attr-defined]
-            self._reject(direction, f"HELLO from {message.worker!r} on the connection of "
-                         f"{self.worker!r}", field="HELLO.worker", code="wrong-worker")
+        elif kind is Hello and self.worker is not None:
+            hello: Hello = message  # type: ignore[assignment]  # kind is Hello: no call
+            if hello.worker != self.worker:
+                self._reject(direction, f"HELLO from {hello.worker!r} on the connection of "
+                             f"{self.worker!r}", field="HELLO.worker", code="wrong-worker")
         super()._check(direction, message)

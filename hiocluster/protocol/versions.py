@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.metadata
 import platform
 import sys
+from typing import Mapping
 
 import msgpack
 
@@ -35,7 +36,7 @@ def local_versions() -> dict[str, str]:
     }
 
 
-def mismatches(theirs: dict[str, str], ours: dict[str, str]) -> list[str]:
+def mismatches(theirs: Mapping[str, str], ours: Mapping[str, str]) -> list[str]:
     """Human lines for every version that differs (or is missing) in ``theirs``."""
     return [f"{name} {theirs.get(name, 'missing')} (supervisor: {ours[name]})"
             for name in ours if theirs.get(name) != ours[name]]

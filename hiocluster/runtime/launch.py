@@ -49,9 +49,6 @@ class ProcessHandle(Protocol):
     #: a file descriptor that becomes readable when the process ends (None: poll)
     sentinel: int | None
 
-    def alive(self) -> bool:
-        """Whether it still runs."""
-
     def exitcode(self) -> int | None:
         """How it ended (negative: killed by that signal), or None while it runs."""
 
@@ -147,9 +144,6 @@ class LocalProcess:
     def stderr(self) -> int | None:
         """The worker's stderr pipe (non-blocking), when the launcher captures it."""
         return self.popen.stderr.fileno() if self.popen.stderr is not None else None
-
-    def alive(self) -> bool:
-        return self.popen.poll() is None
 
     def exitcode(self) -> int | None:
         return self.popen.poll()

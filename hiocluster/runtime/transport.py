@@ -42,7 +42,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, cast
 
 import zmq
 import zmq.auth
@@ -50,7 +50,7 @@ from zmq.auth.thread import ThreadAuthenticator
 from zmq.utils import z85
 from zmq.utils.monitor import recv_monitor_message
 
-from hiocluster.errors import ClusterError
+from hiocluster.errors import Gone, TransportError
 from hiocluster.protocol import MAX_CONTROL_FRAME, MAX_DATA_FRAME, MAX_SETUP_FRAME
 
 __all__ = ["TransportError", "Context", "Poller", "KeyPair", "Credentials", "Gate",
@@ -89,10 +89,6 @@ MAX_HEARTBEAT_TIMEOUT_MS = 600_000
 ZAP_DOMAIN = "hiocluster"
 #: Refused CURVE keys logged one by one; after that only counted.
 LOG_REFUSED_KEYS = 10
-
-
-class TransportError(ClusterError):
-    """A socket could not be bound, connected or used."""
 
 
 #: Bytes in the routing id every connecting socket of ours sets (libzmq's own are 5).
@@ -499,10 +495,6 @@ class Context:
         self._context.term()
 
 
-class Gone(TransportError):
-    """The run closed its end of a shell's connection (it exited, or was killed)."""
-
-
 class Asking:
     """A shell's conversation with a running run's ROUTER at ``address``: frames
     out, answers in (at most ``limit`` bytes each), and whether the run closed the
@@ -552,7 +544,7 @@ class Asking:
         poller.register(self.monitor, zmq.POLLIN)
         deadline = time.monotonic() + timeout
         while (left := deadline - time.monotonic()) > 0:
-            ready = dict(poller.poll(left * 1000))
+            ready = dict(poller.poll(int(left * 1000)))
             if self.sock in ready:
                 return self.sock.recv()
             if self.monitor in ready and monitor_event(self.monitor) == "disconnected":
@@ -584,7 +576,7 @@ def request(address: str, frame: bytes, timeout: float, limit: int,
 
 def bound_address(sock: zmq.Socket) -> str:
     """The address a socket is bound at, with the port a wildcard picked."""
-    return sock.getsockopt(zmq.LAST_ENDPOINT).decode()
+    return cast(bytes, sock.getsockopt(zmq.LAST_ENDPOINT)).decode()
 
 
 def _attach(sock: zmq.Socket, address: str, how: str) -> zmq.Socket:
@@ -601,7 +593,7 @@ def sender(frame: zmq.Frame) -> str | None:
     """The name of the CURVE key a received frame (``recv(copy=False)``) came with;
     None without CURVE."""
     try:
-        return frame.get("User-Id")
+        return cast(str, frame.get("User-Id"))
     except zmq.ZMQError:  # not set: the connection is not CURVE
         return None
 
@@ -612,7 +604,7 @@ _EVENTS_OPTION, _POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)
 
 def readable(sock: zmq.Socket) -> bool:
     """A message can be received now (cheaper than a recv that raises Again)."""
-    return bool(sock.getsockopt(_EVENTS_OPTION) & _POLLIN)
+    return bool(cast(int, sock.getsockopt(_EVENTS_OPTION)) & _POLLIN)
 
 
 def monitor_event(monitor: zmq.Socket) -> str:
@@ -620,7 +612,7 @@ def monitor_event(monitor: zmq.Socket) -> str:
     (the other side refused the handshake: our key, or no CURVE) or, where asked
     for, "reached" (a TCP connection, before its handshake) and "retrying" (an
     attempt to connect failed)."""
-    event = recv_monitor_message(monitor)["event"]
+    event = cast(zmq.Event, recv_monitor_message(monitor)["event"])
     return _EVENTS.get(event, "disconnected")
 
 
@@ -650,7 +642,7 @@ class Poller:
 
     def poll(self, timeout_ms: float) -> list[zmq.Socket | int]:
         """Items ready to read within ``timeout_ms`` (empty list on time-out)."""
-        return [item for item, _ in self._poller.poll(timeout_ms)]
+        return [item for item, _ in self._poller.poll(int(timeout_ms))]
 
 
 Again = zmq.Again

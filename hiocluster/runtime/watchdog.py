@@ -72,7 +72,9 @@ class Watchdog(threading.Thread):
         self.orphaned = False
         self.overrun_since = 0.0     # the busy_since of the tick it interrupted
         self._stopped = threading.Event()
-        self._main = threading.main_thread().ident
+        main = threading.main_thread().ident
+        assert main is not None  # a started thread has one
+        self._main: int = main
 
     def stop(self) -> None:
         """Stop watching (before a clean exit: the supervisor may close first)."""

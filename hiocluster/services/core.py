@@ -35,21 +35,13 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
-from hiocluster.errors import ClusterError
+from hiocluster.errors import ServiceFailed
 from hiocluster.topology import MAX_REPLICAS, ServiceSpec
 
 __all__ = ["ServiceCore", "Replica", "ReplicaState", "ServiceFailed", "START_TIMEOUT"]
 
 #: Seconds a replica gets from its start to JOIN.
 START_TIMEOUT = 10.0
-
-
-class ServiceFailed(ClusterError):
-    """A service restarted more often than its intensity allows: ``.service``."""
-
-    def __init__(self, service: str, message: str) -> None:
-        super().__init__(message)
-        self.service = service
 
 
 class ReplicaState(enum.Enum):
@@ -316,7 +308,7 @@ class ServiceCore:
         ``hiocluster status`` shows; the shell adds CPU and memory by pid)."""
         rows = []
         for name, service in self.services.items():
-            replicas = [{
+            replicas: list[dict[str, Any]] = [{
                 "replica": replica.index, "incarnation": replica.incarnation,
                 "pid": replica.pid, "state": replica.state.value,
                 "restarts": service.restarts.get(replica.index, 0),

@@ -299,7 +299,7 @@ def standby(options: ReplicaOptions) -> ReplicaOptions | int:
                 return 3
             if signalled:
                 return 0
-            if not control.poll(IDLE_WAIT_S * 1000):
+            if not control.poll(int(IDLE_WAIT_S * 1000)):
                 continue
             try:
                 message = proto.decode(control.recv(), allowed=proto.TO_REPLICA)

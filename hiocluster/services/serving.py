@@ -585,6 +585,7 @@ class Requestant(http_serving.Requestant):
     def __init__(self, *, max_body: int = MAX_BODY, **kwa: Any) -> None:
         self.max_body = max_body
         self.rejected: int | None = None   # the status answered, once rejected
+        self.parser: Any = None            # hio's parse generator (hio sets it)
         super().__init__(**kwa)
 
     def parseHead(self) -> Iterator[bool | None]:

@@ -30,7 +30,7 @@ import signal
 import subprocess
 import sys
 import time
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Sequence, cast
 
 import psutil
 from hio.base.doing import DoDoer, Doer
@@ -561,7 +561,7 @@ class Endpoint(RouterDoer):
                 if len(parts) != 2:
                     raise FrameError(f"expected one frame, got {len(parts) - 1}",
                                      code="multipart")
-                message = proto.decode(parts[1], allowed=(proto.Command,))
+                message = cast(proto.Command, proto.decode(parts[1], allowed=(proto.Command,)))
                 answer = self.owner.command(message)
                 if message.command == "stop" and answer.ok:
                     self.stopping.append(parts[0])

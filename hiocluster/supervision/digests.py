@@ -23,14 +23,9 @@ from typing import Iterable, Mapping
 
 from hiocluster.protocol.fields import DIGEST_SIZE, RUN_DIGEST_SIZE
 
-__all__ = ["DigestChain", "record_size", "digested", "digested_between"]
+__all__ = ["DigestChain", "digested", "digested_between"]
 
 _sha256 = hashlib.sha256
-
-
-def record_size(names: Iterable[str]) -> int:
-    """Bytes of one tick's records for nodes ``names``."""
-    return sum(len(name.encode()) + DIGEST_SIZE for name in names)
 
 
 def digested(tick: int, every: int, ticks: int) -> bool:

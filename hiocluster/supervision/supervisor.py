@@ -87,6 +87,7 @@ class Switchboard(RouterDoer):
 
     def enter(self) -> None:
         supervisor = self.supervisor
+        assert supervisor.context is not None  # made before the doers enter
         self.attach(supervisor.loop, supervisor.context.control_router(supervisor.listen))
         supervisor.control_address = bound_address(self.router)
 

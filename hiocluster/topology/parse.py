@@ -188,7 +188,8 @@ _AGENT = re.compile(r"tcp://[^\s:/]+:\d{1,5}")
 
 def _hosts(document: dict[str, Any]) -> tuple[HostSpec, ...]:
     raw = _table(document.get("hosts", {}), "hosts")
-    hosts, placed_on = [], {}
+    hosts: list[HostSpec] = []
+    placed_on: dict[str, str] = {}
     for name, body in raw.items():
         key_path = f"hosts.{name}"
         _name(name, WORKER_NAME, "host", key_path)
@@ -220,7 +221,8 @@ _LISTEN = re.compile(r"(?P<host>[A-Za-z0-9_.-]{1,253}):(?P<port>\d{1,5})")
 def _services(document: dict[str, Any], nodes: tuple[NodeSpec, ...],
               base: str) -> tuple[ServiceSpec, ...]:
     raw = _table(document.get("services", {}), "services")
-    services, listening = [], {}
+    services: list[ServiceSpec] = []
+    listening: dict[tuple[str, int], str] = {}
     for name, body in raw.items():
         key_path = f"services.{name}"
         _name(name, NODE_NAME, "service", key_path)
@@ -244,7 +246,7 @@ def _services(document: dict[str, Any], nodes: tuple[NodeSpec, ...],
         if restart not in RESTART_POLICIES:
             raise _err(f"expected one of {', '.join(RESTART_POLICIES)}, got {restart!r}"
                        f"{_suggest(restart, RESTART_POLICIES)}", f"{key_path}.restart")
-        numbers = {key: _number(body[key], f"{key_path}.{key}", positive=key != "timeout")
+        numbers: dict[str, Any] = {key: _number(body[key], f"{key_path}.{key}", positive=key != "timeout")
                    for key in ("within", "backoff", "backoff_max", "timeout", "drain",
                                "heartbeat")
                    if key in body}

@@ -64,7 +64,7 @@ def _pattern(entry: dict[str, Any], j: int, names: dict[str, int], run_seed: int
         seed = _int(entry.get("seed", run_seed), f"{key_path}.seed", 0, SEED_LIMIT - 1)
         digest = hashlib.sha256(f"hiocluster pattern {j} seed {seed}".encode()).digest()
         rng = random.Random(int.from_bytes(digest[:8], "big"))
-        links = []
+        links: list[tuple[str, str, str, str]] = []
         for a in members:
             for b in rng.sample([m for m in members if m != a], k):
                 links.append((a, outbox, b, inbox))
@@ -85,7 +85,7 @@ def _pattern(entry: dict[str, Any], j: int, names: dict[str, int], run_seed: int
     if boxes not in ("named", "single"):
         raise _err(f"expected 'named' (a box per direction: n s e w, and ne nw se sw) or "
                    f"'single' (from and to), got {boxes!r}", f"{key_path}.boxes")
-    links: list[tuple[str, str, str, str]] = []
+    links = []
     for r in range(rows):
         for c in range(cols):
             for direction, (dr, dc) in list(_DIRECTIONS.items())[:neighbours]:

@@ -92,12 +92,12 @@ def _group_tree(groups: tuple[tuple[str, tuple[str, ...]], ...],
                 raise _err(f"{member!r} is in groups {parent[member]} and {name}", key_path)
             parent[member] = name
     for name in tree:  # a group must not contain itself, however deep
-        seen, member = {name}, parent.get(name)
-        while member is not None:
-            if member in seen:
+        seen, up = {name}, parent.get(name)
+        while up is not None:
+            if up in seen:
                 raise _err(f"group {name!r} contains itself", f"groups.{name}")
-            seen.add(member)
-            member = parent.get(member)
+            seen.add(up)
+            up = parent.get(up)
         if len(seen) > MAX_GROUP_DEPTH:
             raise _err(f"group {name!r} is nested {len(seen)} deep (at most "
                        f"{MAX_GROUP_DEPTH})", f"groups.{name}")

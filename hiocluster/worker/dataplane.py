@@ -38,7 +38,7 @@ from collections import deque
 from typing import Any, Callable, Hashable
 
 from hiocluster import protocol as proto
-from hiocluster.errors import ClusterError, FrameError, ProtocolError
+from hiocluster.errors import DataFault, FrameError, ProtocolError
 from hiocluster.runtime.transport import (
     NOBLOCK,
     Again,
@@ -65,14 +65,6 @@ RECEIVE_S = 0.1
 #: Connections of one neighbour whose frames are still taken (a dropped one's last
 #: frames can still be queued here when its replacement arrives).
 KEEP_CONNECTIONS = 4
-
-
-class DataFault(ClusterError):
-    """A neighbour sent an invalid DATA frame (it, not the receiver, is to blame)."""
-
-    def __init__(self, peer: str, error: FrameError | ProtocolError) -> None:
-        self.peer, self.error = peer, error
-        super().__init__(f"{peer} sent an invalid DATA frame: {error}")
 
 
 class DataPlane:

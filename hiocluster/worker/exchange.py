@@ -22,7 +22,7 @@ from operator import itemgetter
 from typing import Any, Callable, Iterable, Mapping
 
 from hiocluster import protocol as proto
-from hiocluster.errors import ClusterError, FrameError, RemoteProtocolError
+from hiocluster.errors import FrameError, RemoteProtocolError, Unsendable
 from hiocluster.node import Inbox, Link, Node
 from hiocluster.protocol import arrays
 from hiocluster.protocol.fields import MAX_ARRAY
@@ -31,14 +31,6 @@ __all__ = ["Exchange", "Unsendable"]
 
 #: One incoming frame as the exchange keeps it: (tick, messages, acks)
 Frame = tuple[int, list[list[Any]], list[list[int]]]
-
-
-class Unsendable(ClusterError):
-    """A node put a payload that cannot cross a link (msgpack cannot round-trip it)."""
-
-    def __init__(self, node: str, tick: int, detail: str) -> None:
-        self.node, self.tick, self.detail = node, tick, detail
-        super().__init__(detail)
 
 
 def _reject(text: str, source: str, tick: int, field: str, code: str) -> RemoteProtocolError:

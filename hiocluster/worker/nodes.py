@@ -24,47 +24,21 @@ from hio.base.doing import Doist
 from xxhash import xxh3_128_digest
 
 from hiocluster import protocol as proto
-from hiocluster.errors import ClusterError, FrameError
+from hiocluster.errors import FrameError, NodeFailed, Terminated, TickOverrun
 from hiocluster.node import Clock, Node, load_class, pack_state
 from hiocluster.protocol import arrays
 from hiocluster.protocol.fields import short
 
-__all__ = ["NodeHost", "NodeFailed", "TickOverrun", "Terminated", "blame", "tail",
-           "TRACEBACK_LINES"]
+__all__ = ["NodeHost", "NodeFailed", "TickOverrun", "Terminated", "blame"]
 
 #: Traceback lines sent up with a node failure.
-TRACEBACK_LINES = 12        # (kept for callers of tail(): frames now, not lines)
 #: Most frames of the user's code shown in a failure's traceback.
 TRACEBACK_FRAMES = 8
 #: Longest exception message kept whole (the rest is counted, not shown).
 MAX_MESSAGE = 2000
 #: Where hiocluster's and hio's own frames live: left out of a user's traceback.
-_INTERNAL = tuple(os.path.dirname(module.__file__) + os.sep
+_INTERNAL = tuple(os.path.dirname(str(module.__file__)) + os.sep
                   for module in (sys.modules[__name__.partition(".")[0]], hio))
-
-
-class NodeFailed(ClusterError):
-    """A node's own code raised (or produced something unsendable)."""
-
-    def __init__(self, node: str, tick: int, detail: str, code: str = "node-error",
-                 cause: str | None = None) -> None:
-        self.node, self.tick, self.detail, self.code = node, tick, detail, code
-        #: one line, what a run's summary says (``detail`` has the rest)
-        self.cause = cause or detail
-        super().__init__(f"node {node} failed at tick {tick}")
-
-
-class Terminated(BaseException):
-    """A signal (or the loss of the supervisor) ends this worker: leave through the
-    exit contexts. Never blamed on the node it interrupts."""
-
-
-class TickOverrun(BaseException):
-    """Raised in a node by the worker's watchdog: one tick ran past its deadline.
-
-    A BaseException, like KeyboardInterrupt, so a node's ``except Exception``
-    does not swallow it.
-    """
 
 
 class NodeHost:
@@ -260,9 +234,4 @@ def headline(exc: BaseException) -> str:
     """``Type: the first line of the message``, cut after 300 characters."""
     line = "".join(traceback.format_exception_only(exc)).strip().splitlines()[0]
     return line if len(line) <= 300 else line[:300] + "..."
-
-
-def tail(text: str, lines: int = TRACEBACK_LINES) -> str:
-    """The last ``lines`` lines of a traceback text."""
-    return "\n".join(text.rstrip().splitlines()[-lines:])
 

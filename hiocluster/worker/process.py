@@ -300,7 +300,8 @@ class Worker:
                 self._pace(tick)
             if trace is not None:
                 ran = time.time()
-                host.clock.spans = spans = []
+                spans: list[list[Any]] = []
+                host.clock.spans = spans
             host.run_tick(tick)
             if trace is not None:
                 stepped = time.time()
