@@ -16,7 +16,7 @@ from hiocluster import protocol as proto
 from hiocluster.protocol import DIGEST_SIZE
 from hiocluster.supervision.digests import DigestChain
 from hiocluster.errors import (Interrupted, NodeError, ProcessExited, RunFailed, TickTimeout)
-from hiocluster.supervision.runcore import SILENCE_GRACE_S, Phase, RunCore
+from hiocluster.supervision.runcore import SILENCE_GRACE_S, Kill, Phase, RunCore, Terminate
 from hiocluster.supervision.windows import WindowSizer
 from hiocluster.topology import loads, plan
 
@@ -51,6 +51,10 @@ w2 = ["z"]
 PLAN = plan(TOPOLOGY)
 NODES = {"w0": ["a", "b"], "w1": ["c"], "w2": ["z"]}
 
+
+
+def _child(order: Kill | Terminate) -> str:
+    return order.child
 
 def digest(node: str, tick: int) -> bytes:
     return hashlib.sha256(f"{node}@{tick}".encode()).digest()[:DIGEST_SIZE]
@@ -274,7 +278,7 @@ def test_a_silent_worker_is_killed_past_the_deadline() -> None:
     run.core.poll(run.now)
     failure = run.core.failure
     assert isinstance(failure, TickTimeout) and (failure.worker, failure.tick) == ("w1", 4)
-    assert run.core.signals == [("w1", "kill")]
+    assert run.core.signals == [Kill("w1")]
 
 
 def test_a_frame_that_never_arrives_is_a_lost_frame() -> None:
@@ -316,7 +320,7 @@ def test_start_up_has_a_deadline() -> None:
     failure = run.core.failure
     assert isinstance(failure, TickTimeout) and failure.tick is None
     assert failure.worker == "w1" and "no HELLO within 5 s" in failure.cause
-    assert sorted(run.core.signals) == [("w1", "kill"), ("w2", "kill")]
+    assert sorted(run.core.signals, key=_child) == [Kill("w1"), Kill("w2")]
 
 
 def test_stopping_has_a_deadline_then_terminates() -> None:
@@ -327,7 +331,7 @@ def test_stopping_has_a_deadline_then_terminates() -> None:
     run.now += 10.5
     run.core.poll(run.now)
     assert run.core.finished
-    assert sorted(run.core.signals) == [("w1", "terminate"), ("w2", "terminate")]
+    assert sorted(run.core.signals, key=_child) == [Terminate("w1"), Terminate("w2")]
     assert isinstance(run.core.failure, RunFailed) and "no BYE" in run.core.failure.cause
 
 

@@ -24,7 +24,7 @@ class Harness:
         self.pids = 100
 
     def take(self) -> list[tuple[str, str]]:
-        actions = [(kind, replica.key) for kind, replica in self.core.actions]
+        actions = [(action.kind, action.replica.key) for action in self.core.actions]
         self.core.actions.clear()
         return actions
 

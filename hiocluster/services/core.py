@@ -3,11 +3,12 @@
 A service (``[services.NAME]``) is kept at a number of replicas, each a process
 serving the same address. :class:`ServiceCore` takes what happened (a replica
 joined, reported its load, exited; a shell asked to scale or restart) with the
-time, and says what to do in :attr:`ServiceCore.actions`:
+time, and says what to do in :attr:`ServiceCore.actions`, typed instructions its
+shell carries out in order:
 
-``("start", replica)``   start a process for this replica (a fresh incarnation)
-``("stop", replica)``    ask it to drain and exit (a STOP frame)
-``("kill", replica)``    it overstayed its drain: SIGKILL
+:class:`StartReplica`    start a process for this replica (a fresh incarnation)
+:class:`StopReplica`     ask it to drain and exit (a STOP frame)
+:class:`KillReplica`     it overstayed its drain, or hangs: SIGKILL
 
 The rules, as Erlang/OTP supervisors have them:
 
@@ -25,7 +26,7 @@ The rules, as Erlang/OTP supervisors have them:
 A replica that does not join within ``start_timeout`` seconds is killed (and
 counts as a crash), as is one that serves but is not heard from (JOIN, LOAD) for
 its service's ``heartbeat`` seconds: its loop hangs, or it was SIGSTOPped; its
-listening sockets are the run's, so its successor takes the connections queued. Imports: stdlib and hiocluster.errors, topology (specs).
+listening sockets are the run's, so its successor takes the connections queued.
 """
 
 from __future__ import annotations
@@ -33,12 +34,13 @@ from __future__ import annotations
 import enum
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any, ClassVar, Iterable
 
 from hiocluster.errors import ServiceFailed
 from hiocluster.topology import MAX_REPLICAS, ServiceSpec
 
-__all__ = ["ServiceCore", "Replica", "ReplicaState", "ServiceFailed", "START_TIMEOUT"]
+__all__ = ["ServiceCore", "Replica", "ReplicaState", "ServiceFailed", "START_TIMEOUT",
+           "StartReplica", "StopReplica", "KillReplica", "Action"]
 
 #: Seconds a replica gets from its start to JOIN.
 START_TIMEOUT = 10.0
@@ -83,6 +85,36 @@ class Replica:
         return f"{self.service}.{self.index}"
 
 
+# -- what the core asks its shell to do (typed instructions, carried out in order) --
+
+@dataclass(frozen=True, slots=True)
+class StartReplica:
+    """Start a process for ``replica`` (a fresh incarnation)."""
+
+    replica: Replica
+    kind: ClassVar[str] = "start"
+
+
+@dataclass(frozen=True, slots=True)
+class StopReplica:
+    """Ask ``replica`` to drain and exit (a STOP frame)."""
+
+    replica: Replica
+    kind: ClassVar[str] = "stop"
+
+
+@dataclass(frozen=True, slots=True)
+class KillReplica:
+    """End ``replica``'s process now (SIGKILL): it overstayed its drain, or hangs."""
+
+    replica: Replica
+    kind: ClassVar[str] = "kill"
+
+
+#: One instruction of :attr:`ServiceCore.actions`.
+Action = StartReplica | StopReplica | KillReplica
+
+
 @dataclass(eq=False)
 class _Service:
     spec: ServiceSpec
@@ -109,7 +141,7 @@ class ServiceCore:
         self.services = {spec.name: _Service(spec, spec.replicas, pool=spec.replicas)
                          for spec in specs}
         self.start_timeout = start_timeout
-        self.actions: list[tuple[str, Replica]] = []
+        self.actions: list[Action] = []
         self.log: list[str] = []           # what happened, for the run's output
         self.failure: ServiceFailed | None = None
         self.stopping = False
@@ -254,7 +286,7 @@ class ServiceCore:
                 self.log.append(f"{replica.label} did not start serving within "
                                 f"{self.start_timeout:g} s: killed")
                 replica.kill_at = now
-                self.actions.append(("kill", replica))
+                self.actions.append(KillReplica(replica))
             elif replica.state is ReplicaState.SERVING and not replica.hung and \
                     now - replica.heard > self._heartbeat(replica):
                 self.log.append(f"{replica.label} (pid {replica.pid}) silent for "
@@ -262,13 +294,13 @@ class ServiceCore:
                                 f"{self._heartbeat(replica):g} s): hung, killed")
                 replica.hung = True
                 replica.error = "hung"
-                self.actions.append(("kill", replica))
+                self.actions.append(KillReplica(replica))
             elif replica.state is ReplicaState.STOPPING and replica.kill_at is not None \
                     and now >= replica.kill_at:
                 self.log.append(f"{replica.label} still running {replica_drain(self, replica):g} "
                                 "s after STOP: killed")
                 replica.kill_at = None
-                self.actions.append(("kill", replica))
+                self.actions.append(KillReplica(replica))
 
     def next_due(self) -> float | None:
         """When :meth:`poll` has something to do next, if ever."""
@@ -357,18 +389,18 @@ class ServiceCore:
                           listeners=self.listeners_for(service, index))
         service.replicas[index] = [*service.live(index), replica]
         self._by_key[replica.key] = replica
-        self.actions.append(("start", replica))
+        self.actions.append(StartReplica(replica))
 
     def _stop(self, replica: Replica, now: float) -> None:
         if replica.state is ReplicaState.EXITED or replica.state is ReplicaState.STOPPING:
             return
         if replica.state is ReplicaState.STARTING:  # nothing to drain
             replica.state, replica.kill_at = ReplicaState.STOPPING, None
-            self.actions.append(("kill", replica))
+            self.actions.append(KillReplica(replica))
             return
         replica.state = ReplicaState.STOPPING
         replica.kill_at = now + replica_drain(self, replica)
-        self.actions.append(("stop", replica))
+        self.actions.append(StopReplica(replica))
 
     def _crashed(self, service: _Service, replica: Replica, code: int, now: float) -> None:
         spec = service.spec

@@ -51,7 +51,7 @@ from hiocluster.runtime.transport import (
     ipc_address,
     readable,
 )
-from hiocluster.services.core import Replica, ServiceCore
+from hiocluster.services.core import Replica, ServiceCore, StartReplica, StopReplica
 from hiocluster.services.replica import LISTEN_FDS_ENV, PARENT_ENV, SERVICE_ENV
 from hiocluster.services.serving import listening_socket
 from hiocluster.topology import Topology
@@ -325,13 +325,13 @@ class Services(DoDoer):
             doer = self.running.pop(key)
             self.doers.remove(doer)
         core.poll(now)
-        for kind, replica in core.actions:
-            if kind == "start":
-                self.start(replica)
-            elif kind == "stop":
-                self.board.send(replica, proto.Stop(reason="stop", drain=True))
+        for action in core.actions:
+            if isinstance(action, StartReplica):
+                self.start(action.replica)
+            elif isinstance(action, StopReplica):
+                self.board.send(action.replica, proto.Stop(reason="stop", drain=True))
             else:
-                self.kill(replica)
+                self.kill(action.replica)
         core.actions.clear()
         for line in core.log:
             self.say(line)

@@ -18,6 +18,7 @@ STOPPING (STOP to all, BYE from all) → FINISHED.
 from __future__ import annotations
 
 import enum
+from dataclasses import dataclass
 from typing import Callable, Mapping, Sequence
 
 from hiocluster import protocol as proto
@@ -46,7 +47,7 @@ from hiocluster.supervision.outcome import (
 from hiocluster.supervision.windows import WindowSizer
 from hiocluster.topology import Plan, Topology
 
-__all__ = ["Supervision", "RunCore", "RunResult", "Phase", "START_TIMEOUT", "STOP_TIMEOUT",
+__all__ = ["Supervision", "Terminate", "Kill", "RunCore", "RunResult", "Phase", "START_TIMEOUT", "STOP_TIMEOUT",
            "SILENCE_GRACE_S", "STRANGER_LIMIT"]
 
 #: Seconds every worker gets to import, say HELLO and become READY.
@@ -62,6 +63,23 @@ CHECK_S = 0.02
 STRANGER_LIMIT = 10_000
 #: Lead of GRANT.start over the wall clock in real-time runs (the grant's trip).
 REAL_START_LEAD_S = 0.02
+
+
+
+# -- what a core asks its shell to do besides sending frames (typed instructions) --
+
+@dataclass(frozen=True, slots=True)
+class Terminate:
+    """End child ``child``'s process: SIGTERM now, SIGKILL if it lingers."""
+
+    child: str
+
+
+@dataclass(frozen=True, slots=True)
+class Kill:
+    """End child ``child``'s process now (SIGKILL)."""
+
+    child: str
 
 
 class Phase(enum.Enum):
@@ -113,8 +131,8 @@ class Supervision:
         self.window_first = 0  # the first tick of the window granted last
         self.owed = 0          # DONEs still owed for it
         self.checked_at = 0.0  # when silence and lost frames are looked for next
-        self.outbox: list[tuple[str, bytes]] = []     # (child, frame) to send
-        self.signals: list[tuple[str, str]] = []      # (child, "terminate" | "kill")
+        self.outbox: list[tuple[str, bytes]] = []      # (child, frame) for the shell to send
+        self.signals: list[Terminate | Kill] = []      # processes for it to end
         self.failure: ClusterError | None = None
         self.rejected = 0
 
@@ -189,7 +207,7 @@ class Supervision:
         elif self.phase is Phase.STOPPING and now > self.deadline:
             for book in self.books.values():
                 if not book.settled:
-                    self.signals.append((book.name, "terminate"))
+                    self.signals.append(Terminate(book.name))
             self._finish(now)
 
     def admit(self, parts: list[bytes],
@@ -326,7 +344,7 @@ class Supervision:
 
     def _kill(self, book: WorkerBook) -> None:
         book.failed = True
-        self.signals.append((book.name, "kill"))
+        self.signals.append(Kill(book.name))
 
     def _tick_of(self, book: WorkerBook) -> int | None:
         """The tick ``book``'s worker is in, as far as we know (None before ticking)."""

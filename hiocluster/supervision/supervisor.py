@@ -55,7 +55,15 @@ from hiocluster.runtime.transport import (
     readable,
     sender,
 )
-from hiocluster.supervision.runcore import START_TIMEOUT, STOP_TIMEOUT, Phase, RunCore, RunResult
+from hiocluster.supervision.runcore import (
+    START_TIMEOUT,
+    STOP_TIMEOUT,
+    Kill,
+    Phase,
+    RunCore,
+    RunResult,
+    Terminate,
+)
 from hiocluster.topology import Plan, Topology, resolve_classes, resolve_services
 from hiocluster.topology import plan as make_plan
 
@@ -160,7 +168,7 @@ class ChildDoer(Doer):
         self.handle: ProcessHandle | None = None
         self.reported = False      # its exit went to the core
         self.exitcode: int | None = None
-        self.escalate: list[tuple[float, str]] = []   # (when, "terminate" | "kill")
+        self.escalate: list[tuple[float, type[Terminate | Kill]]] = []  # (when, step)
         self.forgot = False  # its sentinel is no longer polled
         self.settle: float | None = None  # exited without its BYE: wait for frames until
         self.killed_at: float | None = None  # when SIGKILL was sent (or asked of an agent)
@@ -189,9 +197,11 @@ class ChildDoer(Doer):
         if code is None:
             while self.escalate and self.escalate[0][0] <= now:
                 step = self.escalate.pop(0)[1]
-                getattr(handle, step)()
-                if step == "kill":
+                if step is Kill:
+                    handle.kill()
                     self.killed_at = now
+                else:
+                    handle.terminate()
             if self.killed_at is not None and now - self.killed_at > \
                     self.supervisor.kill_grace:
                 # e.g. a process on another host whose agent never answers: do not
@@ -211,13 +221,13 @@ class ChildDoer(Doer):
         self.reported, self.exitcode = True, code
         core.exited(self.name, code, now, tick=handle.last_tick(), cause=handle.why())
 
-    def signal(self, kind: str, now: float) -> None:
-        """``"kill"`` now, or ``"terminate"`` now and kill if it lingers."""
+    def signal(self, order: Terminate | Kill, now: float) -> None:
+        """Kill now, or terminate now and kill if it lingers."""
         grace = self.supervisor.kill_grace
-        if kind == "kill":
-            self.escalate = [(now, "kill")]
+        if isinstance(order, Kill):
+            self.escalate = [(now, Kill)]
         else:
-            self.escalate = [(now, "terminate"), (now + grace, "kill")]
+            self.escalate = [(now, Terminate), (now + grace, Kill)]
         self.look(now)
 
     def wind_down(self, now: float) -> None:
@@ -225,7 +235,7 @@ class ChildDoer(Doer):
         then SIGKILL."""
         grace = self.supervisor.kill_grace
         if not self.escalate:
-            self.escalate = [(now + grace, "terminate"), (now + 2 * grace, "kill")]
+            self.escalate = [(now + grace, Terminate), (now + 2 * grace, Kill)]
 
     def _forget_sentinel(self) -> None:
         if self.handle is not None and self.handle.sentinel is not None and not self.forgot:
@@ -290,8 +300,8 @@ class Supervising(DoDoer):
         for worker, frame in core.outbox:
             self.switchboard.send(worker, frame)
         core.outbox.clear()
-        for worker, kind in core.signals:
-            self.children[worker].signal(kind, now)
+        for order in core.signals:
+            self.children[order.child].signal(order, now)
         core.signals.clear()
         self._after(now)
         if not core.finished:
