@@ -36,7 +36,7 @@ from hio.base.doing import Doer
 
 from hiocluster import protocol as proto
 from hiocluster.errors import FrameError
-from hiocluster.runtime.launch import LocalLauncher, LocalProcess
+from hiocluster.runtime.launch import LocalLauncher, LocalProcess, end_process
 from hiocluster.runtime.loop import Loop
 from hiocluster.runtime.rundir import RUN_ROOT_ENV, make_run_dir, remove_run_dir, run_root
 from hiocluster.runtime.transport import (
@@ -176,7 +176,7 @@ class Agent(Doer):
         elif isinstance(message, proto.Signal):
             handle = session.workers.get(message.worker)
             if handle is not None:
-                getattr(handle, message.signal)()
+                (handle.kill if message.signal == "kill" else handle.terminate)()
         else:  # ERROR: the supervisor gives up on this host
             self._end(session, time.monotonic())
 
@@ -329,11 +329,7 @@ def _alive(pid: int) -> bool:
 
 def _stop_now(handle: LocalProcess) -> None:
     """SIGTERM, a short grace, SIGKILL: the agent is going away."""
-    handle.terminate()
-    deadline = time.monotonic() + STOP_GRACE_S
-    while handle.exitcode() is None and time.monotonic() < deadline:
-        time.sleep(0.01)
-    handle.kill()
+    end_process(handle, STOP_GRACE_S)
     handle.popen.wait()
     handle.close()
 

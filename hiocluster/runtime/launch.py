@@ -28,7 +28,7 @@ from typing import Any, Callable, Mapping, Protocol, Sequence
 from hiocluster.runtime.transport import CREDENTIALS_ENV, Credentials
 
 __all__ = ["ProcessHandle", "Launcher", "LocalProcess", "LocalLauncher", "TickRegister",
-           "end_process", "worker_argv",
+           "end_process", "spawn", "worker_argv",
            "PARENT_ENV", "parent_from_env"]
 
 #: The pid of the process that started a worker or group (its parent while that
@@ -182,12 +182,34 @@ class LocalProcess:
             self.register.close()
 
 
+def spawn(argv: Sequence[str], env: Mapping[str, str], *, pass_fds: Sequence[int] = (),
+          capture: str | None = None, register: TickRegister | None = None) -> LocalProcess:
+    """Start a child process the way every hiocluster child starts (workers, groups,
+    replicas): no stdin, no descriptor but ``pass_fds``, a session of its own (a
+    terminal's signals reach the run's root only, which stops it in order).
+
+    ``capture``: None, it writes where we do; ``"stderr"``, its stderr is a pipe;
+    ``"output"``, its stdout and stderr are one pipe. The pipe is non-blocking.
+    Raises OSError (no such program, no memory, too many processes).
+    """
+    popen = subprocess.Popen(list(argv), env=dict(env), stdin=subprocess.DEVNULL,
+                             close_fds=True, pass_fds=tuple(pass_fds),
+                             start_new_session=True,
+                             stdout=subprocess.PIPE if capture == "output" else None,
+                             stderr=subprocess.STDOUT if capture == "output"
+                             else subprocess.PIPE if capture == "stderr" else None)
+    pipe = popen.stdout if capture == "output" else popen.stderr
+    if pipe is not None:
+        os.set_blocking(pipe.fileno(), False)
+    return LocalProcess(popen, register)
+
+
 def end_process(handle: ProcessHandle, grace: float) -> None:
     """Make sure ``handle``'s process is gone: SIGTERM, up to ``grace`` seconds,
     SIGKILL, up to ``grace`` seconds (a forced exit, not the normal path)."""
-    for step in ("terminate", "kill"):
+    for step in (handle.terminate, handle.kill):
         if handle.exitcode() is None:
-            getattr(handle, step)()
+            step()
             deadline = time.monotonic() + grace
             while handle.exitcode() is None and time.monotonic() < deadline:
                 time.sleep(0.01)
@@ -204,7 +226,7 @@ class LocalLauncher:
         capture: give each worker's stderr to the caller (``LocalProcess.stderr``)
             instead of sharing this process's.
         trees: the groups among the children: name -> its tree (see
-            hiocluster.supervision.groupcore); they run ``hiocluster group``.
+            hiocluster.topology.tree); they run ``hiocluster group``.
         env: set in each child's environment (besides this process's own).
         command: the program and leading arguments (default: this Python running
             ``-m hiocluster``); tests substitute misbehaving workers here.
@@ -235,9 +257,5 @@ class LocalLauncher:
                                           run_dir=self.run_dir, tick_file=register.path,
                                           bind=self.bind, tree_file=tree_file,
                                           data=self.data)
-        popen = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, close_fds=True,
-                                 start_new_session=True,
-                                 stderr=subprocess.PIPE if self.capture else None)
-        if popen.stderr is not None:
-            os.set_blocking(popen.stderr.fileno(), False)
-        return LocalProcess(popen, register)
+        return spawn(argv, env, capture="stderr" if self.capture else None,
+                     register=register)

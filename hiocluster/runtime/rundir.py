@@ -7,15 +7,17 @@ clean end removes it at once (:func:`remove_run_dir`, :func:`close_run`)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
 import tempfile
 from typing import Any
 
-from hiocluster.runtime.transport import TransportError
+from hiocluster.runtime.transport import RUN_SOCKETS, TransportError, ipc_path
 
-__all__ = ["RUN_ROOT_ENV", "run_root", "make_run_dir", "remove_run_dir", "close_run"]
+__all__ = ["RUN_ROOT_ENV", "run_root", "make_run_dir", "remove_run_dir", "close_run",
+           "remove_orphan_files"]
 
 #: Where run directories go (default: the system temp directory).
 RUN_ROOT_ENV = "HIOCLUSTER_RUN_ROOT"
@@ -104,3 +106,25 @@ def close_run(owner: Any) -> None:
     if owner.run_dir is not None:
         remove_run_dir(owner.run_dir)
         owner.run_dir = None
+
+
+def remove_orphan_files(run_dir: str | None, connect: str, *own: str | None) -> None:
+    """An orphan's clean-up (a worker, group or replica whose starter is gone): its
+    own files (``own``: its data socket, its tick register) and, in the run
+    directory its starter made (``run_dir``), the starter's sockets and
+    credentials; whoever comes last removes the directory. ``connect``: the
+    starter's control address (its socket file, over ipc)."""
+    paths = list(own)
+    if run_dir:
+        paths.append(ipc_path(connect))
+        paths += [os.path.join(run_dir, name) for name in RUN_SOCKETS]
+        with contextlib.suppress(OSError):
+            paths += [os.path.join(run_dir, name) for name in os.listdir(run_dir)
+                      if name.endswith(".credentials")]
+    for path in paths:
+        if path:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+    if run_dir:
+        with contextlib.suppress(OSError):
+            os.rmdir(run_dir)

@@ -38,10 +38,10 @@ from hiocluster import protocol as proto
 from hiocluster.errors import FrameError
 from hiocluster.node import load_class
 from hiocluster.runtime.loop import Loop
+from hiocluster.runtime.rundir import remove_orphan_files
 from hiocluster.runtime.signals import IGNORED_SIGNALS
 from hiocluster.runtime.transport import (
     NOBLOCK,
-    RUN_SOCKETS,
     Context,
     Credentials,
     ipc_path,
@@ -259,17 +259,11 @@ class Replica:
 
 
 def remove_run_files(connect: str) -> None:
-    """An orphan's clean-up (its run was killed): the run directory's sockets and,
-    for whoever is last out, the directory."""
+    """An orphan's clean-up (its run was killed): the run directory's sockets and
+    credentials and, for whoever is last out, the directory."""
     path = ipc_path(connect)
-    if path is None:
-        return
-    run_dir = os.path.dirname(path)
-    for name in ("control", *RUN_SOCKETS):
-        with contextlib.suppress(OSError):
-            os.unlink(os.path.join(run_dir, name))
-    with contextlib.suppress(OSError):
-        os.rmdir(run_dir)
+    if path is not None:
+        remove_orphan_files(os.path.dirname(path), connect)
 
 
 def standby(options: ReplicaOptions) -> ReplicaOptions | int:

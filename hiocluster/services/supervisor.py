@@ -27,7 +27,6 @@ import json
 import os
 import secrets
 import signal
-import subprocess
 import sys
 import time
 from typing import Any, Callable, Sequence, cast
@@ -37,7 +36,7 @@ from hio.base.doing import DoDoer, Doer
 
 from hiocluster import protocol as proto
 from hiocluster.errors import ClusterError, FrameError, Interrupted
-from hiocluster.runtime.launch import LocalProcess, end_process
+from hiocluster.runtime.launch import LocalProcess, end_process, spawn
 from hiocluster.runtime.loop import Loop, RouterDoer
 from hiocluster.runtime.output import Prefixer
 from hiocluster.runtime.rundir import close_run, make_run_dir
@@ -129,13 +128,9 @@ class ReplicaDoer(Doer):
         env["PYTHONUNBUFFERED"] = "1"
         argv = [*services.command, "replica", "--connect", services.address,
                 "--name", self.key, "--app-dir", services.app_dir]
-        popen = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, close_fds=True,
-                                 pass_fds=fds, start_new_session=True,
-                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        self.handle = LocalProcess(popen, None)
-        assert popen.stdout is not None
-        self.output = popen.stdout.fileno()
-        os.set_blocking(self.output, False)
+        self.handle = spawn(argv, env, pass_fds=fds, capture="output")
+        assert self.handle.popen.stdout is not None
+        self.output = self.handle.popen.stdout.fileno()
         poller = services.loop.poller
         poller.register(self.output)
         if self.handle.sentinel is not None:

@@ -33,7 +33,7 @@ from hio.base.doing import Doer
 
 from hiocluster.runtime.launch import LocalLauncher, TickRegister
 from hiocluster.runtime.loop import Loop
-from hiocluster.runtime.rundir import make_run_dir, remove_run_dir
+from hiocluster.runtime.rundir import make_run_dir, remove_orphan_files, remove_run_dir
 from hiocluster.runtime.transport import (
     NOBLOCK,
     Context,
@@ -48,7 +48,7 @@ from hiocluster.runtime.watchdog import orphan_grace, parent_gone
 from hiocluster.supervision.groupcore import GroupCore
 from hiocluster.supervision.supervisor import Supervising
 from hiocluster.topology.tree import check_tree
-from hiocluster.worker.process import START_TIMEOUT, default_bind, remove_orphan_files
+from hiocluster.worker.process import START_TIMEOUT, default_bind
 
 __all__ = ["GroupOptions", "Group", "ParentLink", "run_group"]
 
@@ -203,7 +203,8 @@ class Group(Supervising):
             remove_run_dir(self.run_dir)
             self.run_dir = None
         if orphaned or os.getppid() != self.parent:  # the files its starter cannot remove
-            remove_orphan_files(self.options, "")
+            remove_orphan_files(self.options.run_dir, self.options.connect,
+                                self.options.tick_file)
 
 
 def _names_below(tree: dict[str, Any]) -> list[str]:
@@ -236,7 +237,7 @@ def run_group(options: GroupOptions) -> int:
     except TransportError as exc:
         orphaned = parent_gone(options.parent)  # e.g. its files went with its supervisor
         if orphaned:
-            remove_orphan_files(options, "")
+            remove_orphan_files(options.run_dir, options.connect, options.tick_file)
         print(f"hiocluster group {options.name}: "
               f"{'orphaned: its supervisor is gone' if orphaned else exc}", file=sys.stderr,
               flush=True)

@@ -31,9 +31,9 @@ from typing import Any, NoReturn
 from hiocluster import protocol as proto
 from hiocluster.errors import FrameError, ProtocolError, RemoteProtocolError
 from hiocluster.runtime.launch import TickRegister
+from hiocluster.runtime.rundir import remove_orphan_files
 from hiocluster.runtime.transport import (
     NOBLOCK,
-    RUN_SOCKETS,
     Again,
     Context,
     Credentials,
@@ -253,9 +253,10 @@ class Worker:
             self.peers.close(drop=not drained)
         self.context.close(linger=0 if orphaned else None if clean else FAIL_LINGER_MS)
         if orphaned or os.getppid() != self.parent:  # or an agent killed: nobody else will
-            remove_orphan_files(self.options, self.peers.address if self.peers else
-                                self.options.bind or default_bind(self.options.connect,
-                                                                  self.name, self.options.data))
+            address = self.peers.address if self.peers else self.options.bind or \
+                default_bind(self.options.connect, self.name, self.options.data)
+            remove_orphan_files(self.options.run_dir, self.options.connect,
+                                ipc_path(address) or local_path(address), self.options.tick_file)
 
     # -- start-up ---------------------------------------------------------------
     def _setup(self, setup: proto.Setup) -> None:
@@ -456,26 +457,6 @@ def say(line: str) -> None:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stderr.fileno())
         os.close(devnull)
-
-
-def remove_orphan_files(options: Any, data_address: str) -> None:
-    """An orphan's clean-up: its own data socket file and, for a worker (or group)
-    the supervisor started (``run_dir``), the supervisor's files: whoever comes
-    last removes the run directory. ``options``: WorkerOptions or GroupOptions."""
-    paths = [ipc_path(data_address) or local_path(data_address), options.tick_file]
-    if options.run_dir:  # and the supervisor's own: its sockets, credentials for hand use
-        paths.append(ipc_path(options.connect))
-        paths += [os.path.join(options.run_dir, name) for name in RUN_SOCKETS]
-        with contextlib.suppress(OSError):
-            paths += [os.path.join(options.run_dir, name) for name in os.listdir(options.run_dir)
-                      if name.endswith(".credentials")]
-    for path in paths:
-        if path:
-            with contextlib.suppress(OSError):
-                os.unlink(path)
-    if options.run_dir:
-        with contextlib.suppress(OSError):
-            os.rmdir(options.run_dir)
 
 
 def run_worker(options: WorkerOptions) -> int:
