@@ -53,6 +53,7 @@ from hiocluster.runtime.transport import (
 from hiocluster.services.core import Replica, ServiceCore, StartReplica, StopReplica
 from hiocluster.services.replica import LISTEN_FDS_ENV, PARENT_ENV, SERVICE_ENV
 from hiocluster.services.serving import listening_socket
+from hiocluster.timing import KILL_GRACE_S
 from hiocluster.topology import Topology
 
 __all__ = ["Services", "ServiceBoard", "ReplicaDoer", "Endpoint", "ServiceRun", "serve",
@@ -62,8 +63,6 @@ __all__ = ["Services", "ServiceBoard", "ReplicaDoer", "Endpoint", "ServiceRun", 
 CONTROL_ENV = "HIOCLUSTER_CONTROL"
 #: The endpoint's socket file in the run directory.
 ENDPOINT = "endpoint"
-#: Seconds a replica process gets after SIGTERM at a forced exit, then SIGKILL.
-KILL_GRACE_S = 2.0
 #: Longest sleep of a run of services only: every deadline it has wakes it sooner.
 IDLE_WAIT_S = 1.0
 #: ms the endpoint's "stopped" answers get to leave before its socket closes.

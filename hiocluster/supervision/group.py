@@ -47,8 +47,9 @@ from hiocluster.runtime.transport import (
 from hiocluster.runtime.watchdog import orphan_grace, parent_gone
 from hiocluster.supervision.groupcore import GroupCore
 from hiocluster.supervision.supervisor import Supervising
+from hiocluster.timing import START_TIMEOUT
 from hiocluster.topology.tree import check_tree
-from hiocluster.worker.process import START_TIMEOUT, default_bind
+from hiocluster.worker.process import default_bind
 
 __all__ = ["GroupOptions", "Group", "ParentLink", "run_group"]
 

@@ -35,13 +35,12 @@ from hiocluster.errors import (
     RunFailed,
 )
 from hiocluster.supervision.outcome import subtree_error
-from hiocluster.supervision.runcore import START_TIMEOUT, STOP_TIMEOUT, Phase, Supervision
+from hiocluster.supervision.runcore import Phase, Supervision
+from hiocluster.timing import PROGRESS_S, START_TIMEOUT, STOP_TIMEOUT
 from hiocluster.topology.tree import tree_groups, tree_leaves
 
 __all__ = ["GroupCore", "PROGRESS_S"]
 
-#: How often a group running a window tells its supervisor how far it got.
-PROGRESS_S = 0.1
 #: Longest wait for the BYEs that place a death in its tick before it goes up unplaced.
 DEFER_S = 1.0
 #: Deepest nesting of groups a tree may have.

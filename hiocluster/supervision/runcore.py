@@ -45,15 +45,12 @@ from hiocluster.supervision.outcome import (
     worker_failure,
 )
 from hiocluster.supervision.windows import WindowSizer
+from hiocluster.timing import START_TIMEOUT, STOP_TIMEOUT
 from hiocluster.topology import Plan, Topology
 
 __all__ = ["Supervision", "Terminate", "Kill", "RunCore", "RunResult", "Phase", "START_TIMEOUT", "STOP_TIMEOUT",
            "SILENCE_GRACE_S", "STRANGER_LIMIT"]
 
-#: Seconds every worker gets to import, say HELLO and become READY.
-START_TIMEOUT = 60.0
-#: Seconds workers get to run exit contexts and say BYE before being terminated.
-STOP_TIMEOUT = 10.0
 #: A worker owing DONE that is silent for tick_timeout plus this is stuck in a tick
 #: (its own watchdog reports a hung node at tick_timeout; this catches the rest).
 SILENCE_GRACE_S = 0.3

@@ -56,14 +56,13 @@ from hiocluster.runtime.transport import (
     sender,
 )
 from hiocluster.supervision.runcore import (
-    START_TIMEOUT,
-    STOP_TIMEOUT,
     Kill,
     Phase,
     RunCore,
     RunResult,
     Terminate,
 )
+from hiocluster.timing import KILL_GRACE_S, START_TIMEOUT, STOP_TIMEOUT
 from hiocluster.topology import Plan, Topology, resolve_classes, resolve_services
 from hiocluster.topology import plan as make_plan
 
@@ -71,8 +70,6 @@ __all__ = ["Supervising", "Supervisor", "Switchboard", "ChildDoer", "RunResult",
 
 #: The gate's name for the key of shells at a tcp endpoint (no worker's name).
 SHELL = ".shell"
-#: Seconds a worker gets to exit after its BYE (or a SIGTERM) before the next step.
-KILL_GRACE_S = 2.0
 #: Seconds a worker's frames get to arrive after its process is seen to exit
 #: without its BYE, before the exit counts as a failure.
 EXIT_SETTLE_S = 0.25

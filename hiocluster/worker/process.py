@@ -41,6 +41,7 @@ from hiocluster.runtime.transport import (
     ipc_path,
 )
 from hiocluster.runtime.watchdog import Watchdog, parent_gone
+from hiocluster.timing import PROGRESS_S, START_TIMEOUT
 from hiocluster.worker.dataplane import DataFault, DataPlane
 from hiocluster.worker.exchange import Exchange, Unsendable
 from hiocluster.worker.localnet import SCHEME as LOCAL_SCHEME
@@ -49,10 +50,6 @@ from hiocluster.worker.nodes import NodeFailed, NodeHost, Terminated, TickOverru
 
 __all__ = ["WorkerOptions", "Worker", "run_worker", "PROGRESS_S", "START_TIMEOUT"]
 
-#: How often a worker running a window tells its supervisor how far it got.
-PROGRESS_S = 0.1
-#: How long a worker waits for its supervisor to answer HELLO.
-START_TIMEOUT = 60.0
 #: Linger of a failing worker's sockets: time for its ERROR to leave, not more.
 FAIL_LINGER_MS = 500
 #: Longest a drained worker waits for the end frames of the neighbours it feeds.
