@@ -34,7 +34,7 @@ from hiocluster.errors import (
     ProtocolError,
     RunFailed,
 )
-from hiocluster.supervision.outcome import subtree_error
+from hiocluster.supervision.outcome import merge_byes, subtree_error
 from hiocluster.supervision.runcore import Phase, Supervision
 from hiocluster.timing import PROGRESS_S, START_TIMEOUT, STOP_TIMEOUT
 from hiocluster.topology.tree import tree_groups, tree_leaves
@@ -198,30 +198,8 @@ class GroupCore(Supervision):
             self._tell(self.failure)  # placed now: its neighbours' BYEs said how far it got
         if self.failure is not None or self.parent.state is not proto.ChildState.STOPPING:
             return
-        stats: dict[str, int] = {}
-        metrics: dict[str, int] = {}
-        received: dict[str, int] = {}
-        results: dict[str, Any] = {}
-        per_node: dict[str, dict[str, Any]] = {}
-        kinds: dict[str, str] = {}
-        trace: dict[str, list[Any]] = {}
-        for book in self.books.values():
-            bye = book.bye
-            assert bye is not None
-            results.update(bye.results)
-            trace.update(bye.trace)
-            per_node.update(bye.node_metrics)
-            kinds.update(bye.kinds)
-            for name, value in bye.stats.items():
-                stats[name] = max(stats.get(name, 0), value) if name == "late" \
-                    else stats.get(name, 0) + value
-            for name, value in bye.metrics.items():
-                metrics[name] = metrics.get(name, 0) + value
-            for peer, count in bye.received.items():  # frames from outside: how far it got
-                if peer not in self.owner:
-                    received[peer] = max(received.get(peer, 0), count)
-        self._up(proto.Bye(stats=stats, metrics=metrics, received=received, results=results,
-                           node_metrics=per_node, kinds=kinds, trace=trace))
+        byes = [book.bye for book in self.books.values()]
+        self._up(merge_byes(byes, inside=self.owner))  # type: ignore[arg-type]
 
     # -- failing ------------------------------------------------------------------
     def fail(self, error: ClusterError, now: float, *, tell: bool = True) -> None:

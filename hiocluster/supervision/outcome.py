@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Container, Iterable
 
 from hiocluster import protocol as proto
 from hiocluster.errors import (
@@ -27,7 +27,7 @@ from hiocluster.supervision.digests import DigestChain
 from hiocluster.supervision.windows import WindowSizer
 from hiocluster.topology import Topology
 
-__all__ = ["RunResult", "jsonable", "result_of", "worker_failure", "subtree_error", "refusal", "placed",
+__all__ = ["RunResult", "merge_byes", "jsonable", "result_of", "worker_failure", "subtree_error", "refusal", "placed",
            "late_start", "silent", "lost_frame", "error_frame"]
 
 
@@ -139,24 +139,11 @@ def result_of(topology: Topology, books: Iterable[WorkerBook], chain: DigestChai
     ``times``: when the run started, its first GRANT went out, its last DONE came in.
     """
     started, ticking, ticked = times
-    stats: dict[str, int] = {}
-    metrics: dict[str, int] = {}
     books = list(books)
-    results: dict[str, Any] = {}
-    traces: dict[str, list[Any]] = {}
-    per_node: dict[str, dict[str, Any]] = {}
-    kinds: dict[str, str] = {}
-    for book in books:
-        assert book.bye is not None
-        for name, value in book.bye.stats.items():
-            stats[name] = stats.get(name, 0) + value
-        for name, value in book.bye.metrics.items():
-            metrics[name] = metrics.get(name, 0) + value
-        results.update(book.bye.results)
-        traces.update(book.bye.trace)
-        per_node.update(book.bye.node_metrics)
-        kinds.update(book.bye.kinds)
-    late = max(book.bye.stats.get("late", 0) for book in books)  # type: ignore[union-attr]
+    merged = merge_byes(book.bye for book in books)  # type: ignore[misc]
+    stats, metrics, results = merged.stats, merged.metrics, merged.results
+    traces, per_node, kinds = merged.trace, merged.node_metrics, merged.kinds
+    late = stats.get("late", 0)
     return RunResult(
         topology=topology.name, ticks=topology.ticks, digest=chain.digest.hex(),
         processes=processes, groups=groups, node_count=len(topology.nodes),
@@ -169,6 +156,35 @@ def result_of(topology: Topology, books: Iterable[WorkerBook], chain: DigestChai
         tick_digests=chain.tick_digests, nodes=dict(sorted(results.items())),
         node_metrics=dict(sorted(per_node.items())), metric_kinds=dict(sorted(kinds.items())),
         trace=dict(sorted(traces.items())))
+
+
+def merge_byes(byes: Iterable[proto.Bye], inside: Container[str] = ()) -> proto.Bye:
+    """A supervisor's children's BYEs as one (what a group says up, what a run's
+    result sums): counts and metrics summed (``late``: the most any child had),
+    results, traces, node metrics and metric kinds joined, and, for every
+    neighbour not ``inside``, the furthest any child got (1 + its last tick)."""
+    stats: dict[str, int] = {}
+    metrics: dict[str, int] = {}
+    received: dict[str, int] = {}
+    results: dict[str, Any] = {}
+    per_node: dict[str, dict[str, Any]] = {}
+    kinds: dict[str, str] = {}
+    trace: dict[str, list[Any]] = {}
+    for bye in byes:
+        results.update(bye.results)
+        trace.update(bye.trace)
+        per_node.update(bye.node_metrics)
+        kinds.update(bye.kinds)
+        for name, value in bye.stats.items():
+            stats[name] = max(stats.get(name, 0), value) if name == "late" \
+                else stats.get(name, 0) + value
+        for name, value in bye.metrics.items():
+            metrics[name] = metrics.get(name, 0) + value
+        for peer, count in bye.received.items():
+            if peer not in inside:
+                received[peer] = max(received.get(peer, 0), count)
+    return proto.Bye(stats=stats, metrics=metrics, received=received, results=results,
+                     node_metrics=per_node, kinds=kinds, trace=trace)
 
 
 KINDS: dict[str, type[RunFailed]] = {
