@@ -97,7 +97,7 @@ class ReplicaOptions:
 class _Serving(Doer):
     """The service's servers as a doer: one step per cycle, then what to wake on."""
 
-    def __init__(self, replica: Replica, **kwa: Any) -> None:
+    def __init__(self, replica: ReplicaProcess, **kwa: Any) -> None:
         super().__init__(**kwa)
         self.replica = replica
 
@@ -109,7 +109,7 @@ class _Serving(Doer):
         return False
 
 
-class Replica:
+class ReplicaProcess:
     """One replica's lifetime (see the module docstring)."""
 
     def __init__(self, options: ReplicaOptions, service: Service) -> None:
@@ -340,7 +340,7 @@ def run_replica(options: ReplicaOptions) -> int:
         detail = f"{type(exc).__name__}: {exc}\n" + "".join(traceback.format_exc(limit=-4))
         print(f"{options.key}: cannot make {options.spec.cls}: {detail}", file=sys.stderr)
         return 1
-    return Replica(options, service).run()
+    return ReplicaProcess(options, service).run()
 
 
 def options_from(connect: str, name: str, app_dir: str | None) -> ReplicaOptions:

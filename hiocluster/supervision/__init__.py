@@ -1,4 +1,4 @@
-"""Supervising a lockstep run: the sans-IO rules and the shells that carry them out.
+"""SupervisorShell a lockstep run: the sans-IO rules and the shells that carry them out.
 
 - ``runcore``: the supervisor's rules, sans-IO (:class:`RunCore`);
 - ``books``: its books on each worker and the SETUP each one gets;

@@ -1,6 +1,6 @@
 """A group process: a sub-supervisor, as hio doers (``hiocluster group``).
 
-A :class:`Group` is a :class:`~hiocluster.supervision.supervisor.Supervising` like the
+A :class:`Group` is a :class:`~hiocluster.supervision.supervisor.SupervisorShell` like the
 root: a switchboard on its own control socket (ipc, in its own run directory)
 and a doer per child, which it starts as ``hiocluster worker`` (or ``hiocluster
 group``, for a group inside it). One more doer, :class:`ParentLink`, is its
@@ -46,7 +46,7 @@ from hiocluster.runtime.transport import (
 )
 from hiocluster.runtime.watchdog import orphan_grace, parent_gone
 from hiocluster.supervision.groupcore import GroupCore
-from hiocluster.supervision.supervisor import Supervising
+from hiocluster.supervision.supervisor import SupervisorShell
 from hiocluster.timing import START_TIMEOUT
 from hiocluster.topology.tree import check_tree
 from hiocluster.worker.process import default_bind
@@ -120,7 +120,7 @@ class ParentLink(Doer):
                 self.group.loop.poller.unregister(sock)
 
 
-class Group(Supervising):
+class Group(SupervisorShell):
     """One group's process (see the module docstring)."""
 
     def __init__(self, options: GroupOptions, loop: Loop, **kwa: Any) -> None:

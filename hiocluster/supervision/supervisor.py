@@ -66,7 +66,7 @@ from hiocluster.timing import KILL_GRACE_S, START_TIMEOUT, STOP_TIMEOUT
 from hiocluster.topology import Plan, Topology, resolve_classes, resolve_services
 from hiocluster.topology import plan as make_plan
 
-__all__ = ["Supervising", "Supervisor", "Switchboard", "ChildDoer", "RunResult", "run", "KILL_GRACE_S"]
+__all__ = ["SupervisorShell", "Supervisor", "Switchboard", "ChildDoer", "RunResult", "run", "KILL_GRACE_S"]
 
 #: The gate's name for the key of shells at a tcp endpoint (no worker's name).
 SHELL = ".shell"
@@ -99,7 +99,7 @@ class Switchboard(RouterDoer):
     def recur(self, tyme: float) -> bool:
         """Every frame already here goes to the core at once: the last DONE of a
         window is granted on in this same cycle (the supervisor sends the outbox).
-        While only DONEs are awaited (:meth:`Supervising.awaiting_dones`) it waits
+        While only DONEs are awaited (:meth:`SupervisorShell.awaiting_dones`) it waits
         for them itself, on the loop's poller, as long as nothing else wakes and no
         timer is due: a window's DONEs cost the loop one cycle, not one each."""
         supervisor = self.supervisor
@@ -251,7 +251,7 @@ class ChildDoer(Doer):
         self.handle = None
 
 
-class Supervising(DoDoer):
+class SupervisorShell(DoDoer):
     """What every supervisor process runs: a :class:`Switchboard` and a
     :class:`ChildDoer` per child around a core that decides (the root's
     :class:`~hiocluster.supervision.runcore.RunCore`, a group's
@@ -335,7 +335,7 @@ class Supervising(DoDoer):
         raise NotImplementedError
 
 
-class Supervisor(Supervising):
+class Supervisor(SupervisorShell):
     """Run one topology's workers in windows of lockstep ticks.
 
     Args:

@@ -6,7 +6,7 @@
 - ``dataplane``: where DATA travels over ZeroMQ (:class:`PeerSockets`) and what every
   transport shares (:class:`DataPlane`: PEER judging, kept frames, refusals);
 - ``localnet``: the same over unix SEQPACKET sockets (``--transport local``);
-- ``nodes``: the worker's nodes in one Doist (:class:`NodeHost`): enter, one
+- ``nodes``: the worker's nodes in one Doist (:class:`NodeRunner`): enter, one
   recur a tick, exit, digest records, outcomes.
 
 Nothing here is imported by the package's ``__init__``: a sans-IO module such as

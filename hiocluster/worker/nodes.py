@@ -1,6 +1,6 @@
 """The nodes one worker hosts: built from SETUP, stepped by one hio Doist, hashed.
 
-:class:`NodeHost` imports the node classes, builds the nodes, enters them in
+:class:`NodeRunner` imports the node classes, builds the nodes, enters them in
 hio's Doist (each separately, so a failing enter context names its node), runs
 one ``Doist.recur()`` per tick, writes the digest records of each state
 (docs/protocol.md §7) and runs every node's exit contexts, one by one, even
@@ -29,7 +29,7 @@ from hiocluster.node import Clock, Node, load_class, pack_state
 from hiocluster.protocol import arrays
 from hiocluster.protocol.fields import short
 
-__all__ = ["NodeHost", "NodeFailed", "TickOverrun", "Terminated", "blame"]
+__all__ = ["NodeRunner", "NodeFailed", "TickOverrun", "Terminated", "blame"]
 
 #: Traceback lines sent up with a node failure.
 #: Most frames of the user's code shown in a failure's traceback.
@@ -41,7 +41,7 @@ _INTERNAL = tuple(os.path.dirname(str(module.__file__)) + os.sep
                   for module in (sys.modules[__name__.partition(".")[0]], hio))
 
 
-class NodeHost:
+class NodeRunner:
     """The nodes of one worker and the Doist that runs them (see module docstring).
 
     Args:

@@ -2,7 +2,7 @@
 
 The shell around three socket-free parts: the protocol's ChildMachine (control),
 :class:`~hiocluster.worker.exchange.Exchange` (DATA frames, delivery, credit) and
-:class:`~hiocluster.worker.nodes.NodeHost` (nodes, Doist, digests). It waits in one
+:class:`~hiocluster.worker.nodes.NodeRunner` (nodes, Doist, digests). It waits in one
 place — a poll over its sockets bounded by its next timer — and never blocks
 anywhere else.
 
@@ -46,7 +46,7 @@ from hiocluster.worker.dataplane import DataFault, DataPlane
 from hiocluster.worker.exchange import Exchange, Unsendable
 from hiocluster.worker.localnet import SCHEME as LOCAL_SCHEME
 from hiocluster.worker.localnet import local_path, open_data_plane
-from hiocluster.worker.nodes import NodeFailed, NodeHost, Terminated, TickOverrun, explain
+from hiocluster.worker.nodes import NodeFailed, NodeRunner, Terminated, TickOverrun, explain
 
 __all__ = ["WorkerOptions", "Worker", "run_worker", "PROGRESS_S", "START_TIMEOUT"]
 
@@ -101,7 +101,7 @@ class Worker:
         self.options = options
         self.name = options.name
         self.machine = proto.ChildMachine(options.name)
-        self.host: NodeHost | None = None
+        self.host: NodeRunner | None = None
         self.digest_every, self.last_tick = 1, -1  # which ticks are digested (SETUP)
         self.exchange: Exchange | None = None
         self.tick = -1                    # the last tick run
@@ -261,7 +261,7 @@ class Worker:
             self.pacer = Pacer(setup.tock)
         if setup.trace:
             self.trace, self.trace_room = [], MAX_TRACE_VALUES
-        self.host = host = NodeHost(setup, self.options.app_dir)
+        self.host = host = NodeRunner(setup, self.options.app_dir)
         self.digest_every, self.last_tick = setup.digest_every, setup.ticks - 1
         self.exchange = Exchange(self.name, host.by_name, setup.links, setup.credit_lag,
                                  setup.ticks)
