@@ -61,6 +61,8 @@ __all__ = ["Services", "ServiceBoard", "ReplicaDoer", "Endpoint", "ServiceRun", 
 
 #: Where shells find a run's control endpoint (``hiocluster status`` and friends).
 CONTROL_ENV = "HIOCLUSTER_CONTROL"
+#: Frames from strangers on the replicas' socket said one by one; later ones counted.
+LOG_IGNORED = 10
 #: The endpoint's socket file in the run directory.
 ENDPOINT = "endpoint"
 #: Longest sleep of a run of services only: every deadline it has wakes it sooner.
@@ -212,6 +214,7 @@ class ServiceBoard(RouterDoer):
     def __init__(self, services: Services, **kwa: Any) -> None:
         super().__init__(**kwa)
         self.services = services
+        self.ignored = 0  # frames from no replica or spare of ours: counted, first few said
 
     def enter(self) -> None:
         services = self.services
@@ -229,9 +232,11 @@ class ServiceBoard(RouterDoer):
                 spare = self.services.spares.get(identity)
                 if spare is not None:
                     self.services.standby(spare, parts[1])
+                    continue
+            if replica is None or len(parts) != 2:  # not a replica of ours (or one gone)
+                self._ignore(identity, "no replica of this run" if replica is None
+                             else f"{len(parts) - 1} frames in one message")
                 continue
-            if replica is None or len(parts) != 2:
-                continue  # not a replica of ours (or one that exited): ignore it
             try:
                 message = proto.decode(parts[1], allowed=proto.FROM_REPLICA)
             except FrameError as exc:
@@ -240,6 +245,13 @@ class ServiceBoard(RouterDoer):
                 continue
             self.services.received(replica, message, now)
         return False
+
+    def _ignore(self, identity: str, why: str) -> None:
+        self.ignored += 1
+        if self.ignored <= LOG_IGNORED:
+            self.services.say(f"ignored a frame on the replicas' socket from {identity!r}: "
+                              f"{why}" + (" (further ones are only counted)"
+                                          if self.ignored == LOG_IGNORED else ""))
 
     def send(self, replica: Replica, message: proto.Message) -> None:
         self.reply(replica.key.encode(), proto.encode(message))
