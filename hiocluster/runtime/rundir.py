@@ -23,6 +23,8 @@ __all__ = ["RUN_ROOT_ENV", "run_root", "make_run_dir", "remove_run_dir", "close_
 RUN_ROOT_ENV = "HIOCLUSTER_RUN_ROOT"
 #: How long a released guardian gets to remove its directory and exit.
 GUARDIAN_WAIT_S = 2.0
+#: Guardians started for one directory when each is killed by a signal at birth.
+GUARDIAN_TRIES = 3
 
 
 def run_root() -> str:
@@ -53,6 +55,30 @@ def make_run_dir(prefix: str = "hioc-", *, guarded: bool = True) -> str:
         except OSError as exc:
             raise TransportError(f"cannot make the run directory under {root}: {exc}") from exc
         return path
+    for _ in range(GUARDIAN_TRIES):
+        guardian, path, error = _start_guardian(root, prefix)
+        if path or guardian.returncode is None or guardian.returncode >= 0:
+            break
+        # killed by a signal before it could trap any: one meant for this process's
+        # group, caught between its fork and its own session (a Ctrl-C at that very
+        # moment); this process has its own handlers for it: try again
+    if not path:
+        try:  # the same attempt here, for the error as an OSError (its errno names the cause)
+            shutil.rmtree(tempfile.mkdtemp(prefix=prefix, dir=root), ignore_errors=True)
+        except OSError as exc:
+            raise TransportError(f"cannot make the run directory under {root}: {exc}") from exc
+        raise TransportError(f"cannot make the run directory under {root}: "
+                             f"{error or _ended(guardian.returncode)}")
+    assert guardian.stderr is not None
+    guardian.stderr.close()
+    path = os.path.abspath(path)
+    _guardians[path] = guardian
+    return path
+
+
+def _start_guardian(root: str, prefix: str) -> tuple[subprocess.Popen, str, str]:
+    """Start a guardian; return it with the path it made ("" if none) and, if none,
+    what it said on stderr (it is then reaped). Raises TransportError."""
     try:
         guardian = subprocess.Popen(["/bin/sh", "-c", _GUARDIAN, root, prefix],
                                     stdin=subprocess.PIPE,
@@ -63,19 +89,16 @@ def make_run_dir(prefix: str = "hioc-", *, guarded: bool = True) -> str:
     assert guardian.stdout is not None and guardian.stderr is not None
     with guardian.stdout:
         path = guardian.stdout.readline().decode(errors="replace").rstrip("\n")
-    if not path:
-        with guardian.stderr:
-            error = guardian.stderr.read().decode(errors="replace").strip()
-        _release(guardian)
-        try:  # the same attempt here, for the error as an OSError (its errno names the cause)
-            shutil.rmtree(tempfile.mkdtemp(prefix=prefix, dir=root), ignore_errors=True)
-        except OSError as exc:
-            raise TransportError(f"cannot make the run directory under {root}: {exc}") from exc
-        raise TransportError(f"cannot make the run directory under {root}: {error}")
-    guardian.stderr.close()
-    path = os.path.abspath(path)
-    _guardians[path] = guardian
-    return path
+    if path:
+        return guardian, path, ""
+    with guardian.stderr:
+        error = guardian.stderr.read().decode(errors="replace").strip()
+    _release(guardian)
+    return guardian, "", error
+
+
+def _ended(code: int | None) -> str:
+    return f"its guardian shell ended ({'signal ' + str(-code) if code and code < 0 else code})"
 
 
 def remove_run_dir(path: str) -> None:
