@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from hiocluster import protocol as proto
 from hiocluster.supervision import supervisor
@@ -41,6 +42,7 @@ class Intruder:
     def __init__(self) -> None:
         self.context = zmq.Context()
         self.sockets: list[zmq.Socket] = []
+        self.monitors: dict[zmq.Socket, zmq.Socket] = {}
 
     def dealer(self, address: str, keys: KeyPair | None = None,
                server: str | None = None) -> zmq.Socket:
@@ -50,13 +52,25 @@ class Intruder:
             sock.curve_publickey = keys.public.encode()
             sock.curve_secretkey = keys.secret.encode()
             sock.curve_serverkey = server.encode()
+        self.monitors[sock] = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED)
         sock.connect(address)
         self.sockets.append(sock)
         return sock
 
+    def handshaken(self, sock: zmq.Socket, timeout: float = 30.0) -> None:
+        """Wait (at most ``timeout`` seconds) until ``sock``'s CURVE handshake with the
+        run succeeded: from then on what it sends reaches the other end, however soon
+        the run ends."""
+        monitor = self.monitors[sock]
+        assert monitor.poll(timeout * 1000), "the intruder's handshake never succeeded"
+        recv_monitor_message(monitor)
+
     def close(self) -> None:
         for sock in self.sockets:
+            sock.disable_monitor()
             sock.close(linger=0)
+        for monitor in self.monitors.values():
+            monitor.close(linger=0)
         self.context.term()
 
 
@@ -122,6 +136,9 @@ def test_a_valid_key_cannot_speak_for_another_worker() -> None:
         for tick in range(3):
             data.send(proto.encode(proto.Data(tick=tick, source="p2", messages=[],
                                               acks=[])))
+        # the supervisor's loop waits here until the frames can reach p1: under load
+        # a run of 60 ticks could end before this connection was even made
+        intruder.handshaken(data)
 
     try:
         result = run(ring3(), on_ready=on_ready)
