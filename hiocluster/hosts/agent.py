@@ -40,14 +40,10 @@ from hiocluster.runtime.launch import LocalLauncher, LocalProcess, end_process
 from hiocluster.runtime.loop import Loop
 from hiocluster.runtime.rundir import RUN_ROOT_ENV, make_run_dir, remove_run_dir, run_root
 from hiocluster.runtime.transport import (
-    NOBLOCK,
-    SNDMORE,
     Context,
     Credentials,
     KeyPair,
     TransportError,
-    ZMQError,
-    readable,
     resolve,
     resolved,
 )
@@ -126,8 +122,8 @@ class Agent(Doer):
 
     def recur(self, tyme: float) -> bool:
         now = time.monotonic()
-        while readable(self.router):
-            self._receive(self.router.recv_multipart(NOBLOCK))
+        while (parts := self.router.take_parts()) is not None:
+            self._receive(parts)
         for session in list(self.sessions.values()):
             self._watch(session, now)
         if now >= self.ping_at:
@@ -259,12 +255,7 @@ class Agent(Doer):
 
     def _send(self, identity: bytes, message: proto.Message) -> bool:
         """False when the supervisor's connection is gone."""
-        try:
-            self.router.send(identity, NOBLOCK | SNDMORE)
-            self.router.send(proto.encode(message), NOBLOCK)
-            return True
-        except ZMQError:
-            return False
+        return self.router.put_to(identity, proto.encode(message))
 
 
 def trusted_keys(options: AgentOptions, own: KeyPair) -> dict[str, str]:

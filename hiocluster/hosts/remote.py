@@ -22,15 +22,8 @@ from typing import TYPE_CHECKING, Any
 from hio.base.doing import Doer
 
 from hiocluster import protocol as proto
-from hiocluster.errors import FrameError
-from hiocluster.runtime.transport import (
-    NOBLOCK,
-    Again,
-    ZMQError,
-    heartbeat_timeout_ms,
-    monitor_event,
-    readable,
-)
+from hiocluster.errors import FrameError, TransportError
+from hiocluster.runtime.transport import Socket, heartbeat_timeout_ms
 
 if TYPE_CHECKING:
     from hiocluster.topology import HostSpec
@@ -104,8 +97,8 @@ class AgentLink(Doer):
         self.supervisor, self.host, self.agent_key = supervisor, host, agent_key
         self.processes: dict[str, RemoteProcess] = {}
         self.pending: list[bytes] = []   # frames waiting for the connection
-        self.socket: Any = None
-        self.monitor: Any = None
+        self.socket: Socket | None = None
+        self.monitor: Socket | None = None
         self.connected = False
         self.reached = False          # TCP connected, at least once
         self.retried = False          # an attempt to connect failed
@@ -133,8 +126,8 @@ class AgentLink(Doer):
         self._send(proto.Signal(worker=worker, signal=kind))
 
     def recur(self, tyme: float) -> bool:
-        while self.monitor is not None and readable(self.monitor):
-            event = monitor_event(self.monitor)
+        while self.monitor is not None and self.monitor.readable():
+            event = self.monitor.event()
             if event == "connected":
                 self.connected = True
             elif event == "reached":
@@ -151,8 +144,8 @@ class AgentLink(Doer):
             self._first_contact(time.monotonic())
         while self.pending and self._flush():
             pass
-        while self.socket is not None and readable(self.socket):
-            self._receive(self.socket.recv(NOBLOCK))
+        while self.socket is not None and (frame := self.socket.take()) is not None:
+            self._receive(frame)
         return False
 
     def _first_contact(self, now: float) -> None:
@@ -207,11 +200,11 @@ class AgentLink(Doer):
 
     def _flush(self) -> bool:
         """Send the oldest pending frame; False if it has to wait (not connected yet)."""
+        assert self.socket is not None
         try:
-            self.socket.send(self.pending[0], NOBLOCK)
-        except Again:
-            return False
-        except ZMQError as exc:
+            if not self.socket.put(self.pending[0]):
+                return False
+        except TransportError as exc:
             self._lose(f"host {self.host.name}: cannot reach its agent at {self.host.agent}: "
                        f"{exc}")
             self.pending.clear()

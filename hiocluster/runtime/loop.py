@@ -16,13 +16,12 @@ from typing import Any, Iterable
 
 from hio.base.doing import Doer, Doist
 
-from hiocluster.runtime.transport import NOBLOCK, SNDMORE, Poller, ZMQError
+from hiocluster.runtime.transport import Poller, Socket
 
 __all__ = ["Loop", "RouterDoer", "MAX_WAIT_S"]
 
 #: Longest wait between cycles: deadlines and signals are looked at this often.
 MAX_WAIT_S = 0.05
-_MORE = NOBLOCK | SNDMORE
 
 
 class Loop(Doist):
@@ -81,23 +80,20 @@ class RouterDoer(Doer):
     """A doer that owns one bound ZeroMQ ROUTER socket in a :class:`Loop`: it is
     polled from :meth:`attach` on, closed in ``exit``."""
 
-    router: Any = None
+    router: Socket | None = None
     _loop: Loop | None = None
     #: ms its last frames get to leave when it closes (0: dropped)
     linger_ms = 0
 
-    def attach(self, loop: Loop, router: Any) -> None:
+    def attach(self, loop: Loop, router: Socket) -> None:
         self._loop, self.router = loop, router
         loop.poller.register(router)
 
     def reply(self, identity: bytes, frame: bytes) -> None:
         """Send ``frame`` to the peer ``identity``; a peer that is gone is no error
         (its process exit, or its silence, tells the core)."""
-        try:
-            self.router.send(identity, _MORE)
-            self.router.send(frame, NOBLOCK)
-        except ZMQError:
-            pass
+        assert self.router is not None
+        self.router.put_to(identity, frame)
 
     def exit(self) -> None:
         if self.router is not None:

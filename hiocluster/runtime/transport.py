@@ -23,10 +23,13 @@ every socket is CurveZMQ (encrypted, and authenticated by ZAP through
 :class:`Gate`, with ``ZAP_ENFORCE_DOMAIN`` so that a missing authenticator
 fails closed): a bound socket admits only the public keys it was told, and
 every message it receives carries the name of the key that sent it
-(:func:`sender`). TCP connections send ZeroMQ heartbeats, so a peer that
+(:meth:`Socket.sender`). TCP connections send ZeroMQ heartbeats, so a peer that
 vanishes is noticed within the heartbeat timeout (:func:`heartbeat_timeout_ms`).
 
-zmq errors stop here: they become :class:`TransportError`.
+ZeroMQ stops here: the rest of the package sees :class:`Socket` (its own
+methods: ``take``/``put`` and their kin, which never raise zmq's Again),
+:class:`Poller` and :class:`TransportError`; no zmq flag, exception or frame
+leaves this module.
 """
 
 from __future__ import annotations
@@ -56,11 +59,9 @@ from hiocluster.protocol import MAX_CONTROL_FRAME, MAX_DATA_FRAME, MAX_SETUP_FRA
 __all__ = ["TransportError", "Context", "Poller", "KeyPair", "Credentials", "Gate",
            "Asking", "Gone", "request",
            "CREDENTIALS_ENV", "write_key_pair", "TRANSPORTS",
-           "ipc_address", "local_address", "bound_address", "ipc_path", "readable", "sender",
+           "ipc_address", "local_address", "ipc_path", "Socket",
            "facing", "resolve", "resolved", "HEARTBEAT_TIMEOUT_MS", "heartbeat_timeout_ms",
-           "routing_id",
-           "unpredictable_ids",
-           "monitor_event", "Again", "ZMQError", "NOBLOCK", "SNDMORE"]
+           "routing_id", "unpredictable_ids"]
 
 #: How workers on one host reach each other: unix sockets, or TCP on loopback.
 TRANSPORTS = ("ipc", "tcp")
@@ -319,6 +320,111 @@ class Gate(ThreadAuthenticator):
         return self.names.get(z85.encode(client_public_key).decode("ascii"), "")
 
 
+#: plain ints: an operation on pyzmq's enum flags runs Python code (hot path)
+_NOBLOCK, _SNDMORE = int(zmq.NOBLOCK), int(zmq.SNDMORE)
+_MORE = _NOBLOCK | _SNDMORE
+_EVENTS_OPTION, _POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)
+
+
+class Socket(zmq.Socket):  # type: ignore[type-arg]
+    """One of the package's sockets: made by :class:`Context`, used only through
+    these methods (and ``send``, ``poll``, ``close``): nobody else sees a zmq flag
+    or a zmq exception.
+
+    ``take*`` never block unless told to ``wait`` (a data inbox's receive time-out
+    bounds that wait: :meth:`Context.data_router`); they return None when nothing
+    came. ``put*`` never block; they say whether the frame was queued.
+    """
+
+    _first: Any = None  # the first frame of the last take_routed: who sent it
+
+    def readable(self) -> bool:
+        """A message can be received now (cheaper than a take that finds nothing)."""
+        return bool(cast(int, self.getsockopt(_EVENTS_OPTION)) & _POLLIN)
+
+    def take(self, wait: bool = False) -> bytes | None:
+        """One single-part message, or None (nothing here; with ``wait``, nothing
+        within the socket's receive time-out)."""
+        if not wait and not self.readable():
+            return None  # cheaper than the Again a recv would raise
+        try:
+            return cast(bytes, self.recv(0 if wait else _NOBLOCK))
+        except zmq.Again:
+            return None
+
+    def take_parts(self) -> list[bytes] | None:
+        """Every part of one message, or None when nothing is here."""
+        if not self.readable():
+            return None
+        try:
+            return cast("list[bytes]", self.recv_multipart(_NOBLOCK))
+        except zmq.Again:
+            return None
+
+    def take_routed(self, wait: bool = False) -> list[bytes] | None:
+        """A bound ROUTER's next message: the connection's routing id, then each
+        part; None as :meth:`take`. :meth:`sender` names the key it came with."""
+        if not wait and not self.readable():
+            return None
+        try:
+            identity = self.recv(0 if wait else _NOBLOCK)
+        except zmq.Again:
+            return None
+        frame = self._first = self.recv(copy=False)
+        parts = [identity, frame.bytes]
+        while frame.more:
+            frame = self.recv(copy=False)
+            parts.append(frame.bytes)
+        return parts
+
+    def sender(self) -> str | None:
+        """The name of the CURVE key the last :meth:`take_routed` message came with;
+        None without CURVE."""
+        try:
+            return cast(str, self._first.get("User-Id"))
+        except zmq.ZMQError:  # not set: the connection is not CURVE
+            return None
+
+    def put(self, frame: bytes) -> bool:
+        """Queue ``frame`` without waiting; False when it cannot go now (a
+        connection not made, or one that failed for good). Raises TransportError."""
+        try:
+            self.send(frame, _NOBLOCK)
+        except zmq.Again:
+            return False
+        except zmq.ZMQError as exc:
+            raise TransportError(f"cannot send: {exc}") from exc
+        return True
+
+    def put_to(self, identity: bytes, frame: bytes) -> bool:
+        """A bound ROUTER's send to the connection ``identity``; False when that
+        peer is gone (or cannot take it now)."""
+        try:
+            self.send(identity, _MORE)
+            self.send(frame, _NOBLOCK)
+        except zmq.ZMQError:
+            return False
+        return True
+
+    def event(self) -> str:
+        """A monitor socket's next event: "connected", "disconnected", "refused"
+        (the other side refused the handshake: our key, or no CURVE) or, where
+        asked for, "reached" (a TCP connection, before its handshake) and
+        "retrying" (an attempt to connect failed)."""
+        event = cast(zmq.Event, recv_monitor_message(self)["event"])
+        return _EVENTS.get(event, "disconnected")
+
+    def bound_address(self) -> str:
+        """The address this socket is bound at, with the port a wildcard picked."""
+        return cast(bytes, self.getsockopt(zmq.LAST_ENDPOINT)).decode()
+
+
+class _ZmqContext(zmq.Context):  # type: ignore[type-arg]
+    """A zmq context whose sockets (monitors too) are :class:`Socket`."""
+
+    _socket_class = Socket
+
+
 class Context:
     """A zmq context and every socket made from it; close() cleans all up.
 
@@ -334,8 +440,8 @@ class Context:
     def __init__(self, keys: KeyPair | None = None, owner: str = "process") -> None:
         self.heartbeat_ms = heartbeat_timeout_ms()
         unpredictable_ids()
-        self._context = zmq.Context()
-        self._sockets: list[zmq.Socket] = []
+        self._context = _ZmqContext()
+        self._sockets: list[Socket] = []
         self._monitors = 0  # monitors made: each its own inproc address
         self.keys = keys
         self.gate: Gate | None = None
@@ -343,14 +449,14 @@ class Context:
             self.gate = Gate(self._context, owner)
             self.gate.start()
 
-    def _socket(self, kind: int, *, limit: int) -> zmq.Socket:
+    def _socket(self, kind: int, *, limit: int) -> Socket:
         sock = self._context.socket(kind)
         sock.setsockopt(zmq.LINGER, CLEAN_LINGER_MS)
         sock.setsockopt(zmq.MAXMSGSIZE, limit)
         self._sockets.append(sock)
         return sock
 
-    def _secure(self, sock: zmq.Socket, address: str, server_key: str | None = None) -> None:
+    def _secure(self, sock: Socket, address: str, server_key: str | None = None) -> None:
         """Heartbeats, and CURVE when this context has keys, for tcp addresses: a
         server without ``server_key``, a client of that server with it."""
         if not address.startswith("tcp://"):
@@ -369,13 +475,13 @@ class Context:
         else:
             sock.setsockopt(zmq.CURVE_SERVERKEY, server_key.encode("ascii"))
 
-    def _client(self, sock: zmq.Socket, address: str, server_key: str | None) -> None:
+    def _client(self, sock: Socket, address: str, server_key: str | None) -> None:
         if self.keys is not None and address.startswith("tcp://") and not server_key:
             sock.close(linger=0)
             raise TransportError(f"no CURVE public key for the server at {address}")
         self._secure(sock, address, server_key or "")
 
-    def _bound_router(self, address: str, limit: int) -> zmq.Socket:
+    def _bound_router(self, address: str, limit: int) -> Socket:
         sock = self._socket(zmq.ROUTER, limit=limit)
         sock.setsockopt(zmq.RCVHWM, BOUND_RCVHWM)
         sock.setsockopt(zmq.SNDHWM, 0)              # replies are few and bounded
@@ -384,18 +490,18 @@ class Context:
         self._secure(sock, address, None)
         return _attach(sock, address, "bind")
 
-    def control_router(self, address: str) -> zmq.Socket:
+    def control_router(self, address: str) -> Socket:
         """The supervisor's control socket, bound at ``address``."""
         return self._bound_router(address, MAX_CONTROL_FRAME * HARD_LIMIT_FACTOR)
 
-    def endpoint_router(self, address: str) -> zmq.Socket:
+    def endpoint_router(self, address: str) -> Socket:
         """A run's control endpoint (``hiocluster status``), bound at ``address``: a
         bigger frame than ENDPOINT_LIMIT drops its connection."""
         return self._bound_router(address, ENDPOINT_LIMIT)
 
     def control_dealer(self, address: str, server_key: str | None = None, *,
                        identity: bytes | None = None,
-                       before: Callable[[zmq.Socket], None] | None = None) -> zmq.Socket:
+                       before: Callable[[Socket], None] | None = None) -> Socket:
         """A worker's control socket, connected to its supervisor (whose CURVE public
         key is ``server_key`` on tcp); ``identity``: its routing id there (default:
         :func:`routing_id`);
@@ -412,18 +518,18 @@ class Context:
 
     def monitored_dealer(self, address: str, server_key: str | None = None, *,
                          identity: bytes | None = None, refusals: bool = False,
-                         contact: bool = False) -> tuple[zmq.Socket, zmq.Socket]:
+                         contact: bool = False) -> tuple[Socket, Socket]:
         """A control socket as :meth:`control_dealer` makes it, and its monitor
         (:meth:`monitor`), attached before it connects: the first handshake (or
         refusal) is never missed."""
-        made: list[zmq.Socket] = []
+        made: list[Socket] = []
         sock = self.control_dealer(address, server_key, identity=identity,
                                    before=lambda sock: made.append(
                                        self.monitor(sock, refusals=refusals,
                                                     contact=contact)))
         return sock, made[0]
 
-    def data_router(self, address: str, wait: float | None = None) -> zmq.Socket:
+    def data_router(self, address: str, wait: float | None = None) -> Socket:
         """A worker's data inbox, bound at ``address`` (``tcp://host:*`` picks a port);
         a blocking recv on it gives up after ``wait`` seconds (None: never)."""
         sock = self._bound_router(address, MAX_DATA_FRAME)
@@ -432,7 +538,7 @@ class Context:
         return sock
 
     def data_dealer(self, address: str, server_key: str | None = None
-                    ) -> tuple[zmq.Socket, zmq.Socket]:
+                    ) -> tuple[Socket, Socket]:
         """A worker's data outbox to one neighbour, connected to its inbox, and its
         monitor (:meth:`monitor`, with refusals and failed connects), attached before
         it connects. It never reconnects by itself (RECONNECT_IVL -1): a connection
@@ -451,8 +557,8 @@ class Context:
             raise
         return _attach(sock, address, "connect"), monitor
 
-    def monitor(self, sock: zmq.Socket, *, refusals: bool = False,
-                closed: bool = False, contact: bool = False) -> zmq.Socket:
+    def monitor(self, sock: Socket, *, refusals: bool = False,
+                closed: bool = False, contact: bool = False) -> Socket:
         """A socket that reports ``sock``'s connects and disconnects (monitor_event),
         with ``refusals`` the handshakes the other side refused, with ``closed``
         a connect that failed for good, and with ``contact`` each TCP connection
@@ -474,7 +580,7 @@ class Context:
         self._sockets.append(monitor)
         return monitor
 
-    def discard(self, *socks: zmq.Socket) -> None:
+    def discard(self, *socks: Socket) -> None:
         """Close these sockets of this context now (linger 0): what they still hold
         is dropped."""
         for sock in socks:
@@ -507,8 +613,8 @@ class Asking:
                  curve: tuple[KeyPair, str] | None = None) -> None:
         unpredictable_ids()
         self.address = address
-        self.context = zmq.Context()
-        self.sock = self.context.socket(zmq.DEALER)
+        self.context = _ZmqContext()
+        self.sock: Socket = self.context.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.MAXMSGSIZE, limit)
         self.sock.setsockopt(zmq.ROUTING_ID, routing_id())
@@ -547,7 +653,7 @@ class Asking:
             ready = dict(poller.poll(int(left * 1000)))
             if self.sock in ready:
                 return self.sock.recv()
-            if self.monitor in ready and monitor_event(self.monitor) == "disconnected":
+            if self.monitor in ready and self.monitor.event() == "disconnected":
                 if self.sock.poll(self.LAST_WORDS_MS):
                     return self.sock.recv()
                 raise Gone(f"{self.address} closed the connection")
@@ -574,12 +680,7 @@ def request(address: str, frame: bytes, timeout: float, limit: int,
             return None
 
 
-def bound_address(sock: zmq.Socket) -> str:
-    """The address a socket is bound at, with the port a wildcard picked."""
-    return cast(bytes, sock.getsockopt(zmq.LAST_ENDPOINT)).decode()
-
-
-def _attach(sock: zmq.Socket, address: str, how: str) -> zmq.Socket:
+def _attach(sock: Socket, address: str, how: str) -> Socket:
     """``sock.bind`` or ``sock.connect``; on failure close it and raise TransportError."""
     try:
         getattr(sock, how)(address)
@@ -587,33 +688,6 @@ def _attach(sock: zmq.Socket, address: str, how: str) -> zmq.Socket:
         sock.close(linger=0)
         raise TransportError(f"cannot {how} {address}: {exc}") from exc
     return sock
-
-
-def sender(frame: zmq.Frame) -> str | None:
-    """The name of the CURVE key a received frame (``recv(copy=False)``) came with;
-    None without CURVE."""
-    try:
-        return cast(str, frame.get("User-Id"))
-    except zmq.ZMQError:  # not set: the connection is not CURVE
-        return None
-
-
-#: plain ints: an operation on pyzmq's enum flags runs Python code (hot path)
-_EVENTS_OPTION, _POLLIN = int(zmq.EVENTS), int(zmq.POLLIN)
-
-
-def readable(sock: zmq.Socket) -> bool:
-    """A message can be received now (cheaper than a recv that raises Again)."""
-    return bool(cast(int, sock.getsockopt(_EVENTS_OPTION)) & _POLLIN)
-
-
-def monitor_event(monitor: zmq.Socket) -> str:
-    """Read one event from a monitor socket: "connected", "disconnected", "refused"
-    (the other side refused the handshake: our key, or no CURVE) or, where asked
-    for, "reached" (a TCP connection, before its handshake) and "retrying" (an
-    attempt to connect failed)."""
-    event = cast(zmq.Event, recv_monitor_message(monitor)["event"])
-    return _EVENTS.get(event, "disconnected")
 
 
 _EVENTS = {zmq.EVENT_HANDSHAKE_SUCCEEDED: "connected",
@@ -625,27 +699,21 @@ _EVENTS = {zmq.EVENT_HANDSHAKE_SUCCEEDED: "connected",
 class Poller:
     """Wait on sockets and plain file descriptors (process sentinels) together."""
 
-    def __init__(self, items: Iterable[zmq.Socket | int] = ()) -> None:
+    def __init__(self, items: Iterable[Socket | int] = ()) -> None:
         self._poller = zmq.Poller()
         for item in items:
             self.register(item)
 
-    def register(self, item: zmq.Socket | int, write: bool = False, read: bool = True) -> None:
+    def register(self, item: Socket | int, write: bool = False, read: bool = True) -> None:
         """Wake when ``item`` is readable (and, with ``write``, writable; without
         ``read``, only writable); again for an item already registered changes
         what it waits for."""
         self._poller.register(item, (zmq.POLLIN if read else 0) |
                               (zmq.POLLOUT if write else 0))
 
-    def unregister(self, item: zmq.Socket | int) -> None:
+    def unregister(self, item: Socket | int) -> None:
         self._poller.unregister(item)
 
-    def poll(self, timeout_ms: float) -> list[zmq.Socket | int]:
+    def poll(self, timeout_ms: float) -> list[Socket | int]:
         """Items ready to read within ``timeout_ms`` (empty list on time-out)."""
         return [item for item, _ in self._poller.poll(int(timeout_ms))]
-
-
-Again = zmq.Again
-ZMQError = zmq.ZMQError
-NOBLOCK = int(zmq.NOBLOCK)  # ints, not pyzmq's enum flags: ``NOBLOCK | SNDMORE`` at C speed
-SNDMORE = int(zmq.SNDMORE)

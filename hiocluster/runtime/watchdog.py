@@ -18,11 +18,12 @@ import os
 import signal
 import threading
 import time
-from typing import Any, Callable
+from typing import Callable
 
-from hiocluster.runtime.transport import heartbeat_timeout_ms, monitor_event
+from hiocluster.runtime.transport import Socket, heartbeat_timeout_ms
 
-__all__ = ["Watchdog", "CHECK_S", "ORPHAN_GRACE_S", "orphan_grace", "parent_gone"]
+__all__ = ["Watchdog", "OrphanRule", "CHECK_S", "ORPHAN_GRACE_S", "orphan_grace",
+           "parent_gone"]
 
 #: How often the watchdog looks (it also wakes on every connection event).
 CHECK_S = 0.05
@@ -44,6 +45,35 @@ def parent_gone(parent: int | None) -> bool:
     return parent is not None and os.getppid() != parent
 
 
+class OrphanRule:
+    """The orphan rule (docs/protocol.md §9) for one process: its supervisor is
+    gone once the process that started it (pid ``parent``) is no longer its
+    parent, or once the control connection has been down for :func:`orphan_grace`,
+    or has not come up within ``connect_timeout`` seconds of ``now``. Told the
+    connection's monitor events (:meth:`seen`); asked with :meth:`gone`. The one
+    rule of workers (their :class:`Watchdog`), groups and replicas."""
+
+    def __init__(self, connect_timeout: float, parent: int | None, now: float) -> None:
+        self.deadline = now + connect_timeout
+        self.parent = parent
+        self.grace = orphan_grace()
+        self.connected = False
+        self.down_since = 0.0   # when the connection went down (0.0: it is not down)
+
+    def seen(self, event: str, now: float) -> None:
+        """A monitor event of the control connection (Socket.event)."""
+        if event == "connected":
+            self.connected, self.down_since = True, 0.0
+        elif not self.down_since:
+            self.down_since = now
+
+    def gone(self, now: float) -> bool:
+        """Whether the supervisor is gone."""
+        if self.down_since:
+            return now - self.down_since > self.grace or parent_gone(self.parent)
+        return (not self.connected and now > self.deadline) or parent_gone(self.parent)
+
+
 class Watchdog(threading.Thread):
     """See the module docstring.
 
@@ -59,12 +89,12 @@ class Watchdog(threading.Thread):
             for a connection that will never come).
     """
 
-    def __init__(self, monitor: Any, connect_timeout: float,
+    def __init__(self, monitor: Socket, connect_timeout: float,
                  busy: Callable[[], float], idle_check: float = CHECK_S,
                  parent: int | None = None) -> None:
         super().__init__(name="hiocluster-watchdog", daemon=True)
         self.monitor = monitor
-        self.connect_deadline = time.monotonic() + connect_timeout
+        self.rule = OrphanRule(connect_timeout, parent, time.monotonic())
         self.busy = busy
         self.tick_timeout: float | None = None
         self.idle_check = idle_check
@@ -83,20 +113,14 @@ class Watchdog(threading.Thread):
             self.join(1.0)
 
     def run(self) -> None:
-        connected, down_since = False, 0.0
-        grace = orphan_grace()
+        rule = self.rule
         while not self._stopped.is_set():
-            quiet = connected and not down_since and self.tick_timeout is None
-            if self.monitor.poll((self.idle_check if quiet else CHECK_S) * 1000):
-                if monitor_event(self.monitor) == "connected":
-                    connected, down_since = True, 0.0
-                elif not down_since:
-                    down_since = time.monotonic()
+            quiet = rule.connected and not rule.down_since and self.tick_timeout is None
+            if self.monitor.poll(int((self.idle_check if quiet else CHECK_S) * 1000)):
+                rule.seen(self.monitor.event(), time.monotonic())
                 continue
             now = time.monotonic()
-            if (down_since and now - down_since > grace) or \
-                    (not connected and not down_since and now > self.connect_deadline) or \
-                    parent_gone(self.parent):
+            if rule.gone(now):
                 if not self._stopped.is_set():
                     self.orphaned = True
                     signal.pthread_kill(self._main, signal.SIGTERM)

@@ -35,18 +35,12 @@ from typing import Any
 from hio.base.doing import Doer
 
 from hiocluster import protocol as proto
-from hiocluster.errors import FrameError
+from hiocluster.errors import FrameError, TransportError
 from hiocluster.node import load_class
 from hiocluster.runtime.loop import Loop
 from hiocluster.runtime.rundir import remove_orphan_files
 from hiocluster.runtime.signals import IGNORED_SIGNALS
-from hiocluster.runtime.transport import (
-    NOBLOCK,
-    Context,
-    Credentials,
-    ipc_path,
-    readable,
-)
+from hiocluster.runtime.transport import Context, Credentials, ipc_path
 from hiocluster.runtime.watchdog import Watchdog, parent_gone
 from hiocluster.service import Service
 from hiocluster.services.serving import WRITE_ONLY
@@ -211,8 +205,7 @@ class ReplicaProcess:
             while self.ignored:
                 logger.warning("%s: %s ignored (there is no reload)", self.options.key,
                                signal.Signals(self.ignored.pop(0)).name)
-        while readable(self.control):
-            data = self.control.recv(NOBLOCK)
+        while (data := self.control.take()) is not None:
             try:
                 message = proto.decode(data, allowed=proto.TO_REPLICA)
             except FrameError as exc:
@@ -253,9 +246,12 @@ class ReplicaProcess:
 
     def _send(self, message: proto.Message) -> None:
         try:
-            self.control.send(proto.encode(message), NOBLOCK)
-        except Exception as exc:  # the supervisor is gone: the orphan rule ends us
+            sent = self.control.put(proto.encode(message))
+        except TransportError as exc:  # the supervisor is gone: the orphan rule ends us
             logger.debug("cannot send %s: %s", message.TYPE, exc)
+            return
+        if not sent:
+            logger.debug("cannot send %s: not connected", message.TYPE)
 
 
 def remove_run_files(connect: str) -> None:
@@ -296,7 +292,10 @@ def standby(options: ReplicaOptions) -> ReplicaOptions | int:
             if not control.poll(int(IDLE_WAIT_S * 1000)):
                 continue
             try:
-                message = proto.decode(control.recv(), allowed=proto.TO_REPLICA)
+                data = control.take()
+                if data is None:
+                    continue
+                message = proto.decode(data, allowed=proto.TO_REPLICA)
             except FrameError as exc:
                 logger.error("bad frame from the supervisor: %s", exc)
                 continue

@@ -43,12 +43,9 @@ from hiocluster.runtime.rundir import close_run, make_run_dir
 from hiocluster.runtime.signals import RunSignals
 from hiocluster.runtime.transport import (
     CREDENTIALS_ENV,
-    NOBLOCK,
     Context,
     Credentials,
-    bound_address,
     ipc_address,
-    readable,
 )
 from hiocluster.services.core import Replica, ServiceCore, StartReplica, StopReplica
 from hiocluster.services.replica import LISTEN_FDS_ENV, PARENT_ENV, SERVICE_ENV
@@ -222,10 +219,12 @@ class ServiceBoard(RouterDoer):
 
     def recur(self, tyme: float) -> bool:
         core, now = self.services.core, time.monotonic()
+        router = self.router
+        assert router is not None
         for _ in range(10_000):  # bounded: a flood cannot starve the other doers
-            if not readable(self.router):
+            parts = router.take_parts()
+            if parts is None:
                 break
-            parts = self.router.recv_multipart(NOBLOCK)
             identity = parts[0].decode("utf-8", "replace")
             replica = core.replica(identity)
             if replica is None and len(parts) == 2:
@@ -540,7 +539,8 @@ class Endpoint(RouterDoer):
     def enter(self) -> None:
         owner = self.owner
         self.attach(owner.loop, owner.context.endpoint_router(owner.endpoint_address))
-        owner.endpoint_address = bound_address(self.router)
+        assert self.router is not None
+        owner.endpoint_address = self.router.bound_address()
         if self.on_bound is not None:
             self.on_bound()
 
@@ -559,10 +559,12 @@ class Endpoint(RouterDoer):
         super().exit()
 
     def recur(self, tyme: float) -> bool:
+        router = self.router
+        assert router is not None
         for _ in range(100):
-            if not readable(self.router):
+            parts = router.take_parts()
+            if parts is None:
                 break
-            parts = self.router.recv_multipart(NOBLOCK)
             try:
                 if len(parts) != 2:
                     raise FrameError(f"expected one frame, got {len(parts) - 1}",

@@ -35,16 +35,14 @@ from hiocluster.runtime.launch import LocalLauncher, TickRegister
 from hiocluster.runtime.loop import Loop
 from hiocluster.runtime.rundir import make_run_dir, remove_orphan_files, remove_run_dir
 from hiocluster.runtime.transport import (
-    NOBLOCK,
     Context,
     Credentials,
     KeyPair,
+    Socket,
     TransportError,
     local_address,
-    monitor_event,
-    readable,
 )
-from hiocluster.runtime.watchdog import orphan_grace, parent_gone
+from hiocluster.runtime.watchdog import OrphanRule, parent_gone
 from hiocluster.supervision.groupcore import GroupCore
 from hiocluster.supervision.supervisor import SupervisorShell
 from hiocluster.timing import START_TIMEOUT
@@ -76,12 +74,9 @@ class ParentLink(Doer):
     def __init__(self, group: Group, **kwa: Any) -> None:
         super().__init__(**kwa)
         self.group = group
-        self.dealer: Any = None
-        self.monitor: Any = None
-        self.connected = False
-        self.down_since = 0.0
-        self.deadline = time.monotonic() + START_TIMEOUT
-        self.grace = orphan_grace()
+        self.dealer: Socket | None = None
+        self.monitor: Socket | None = None
+        self.rule = OrphanRule(START_TIMEOUT, group.options.parent, time.monotonic())
 
     def enter(self) -> None:
         group, options = self.group, self.group.options
@@ -93,26 +88,27 @@ class ParentLink(Doer):
 
     def recur(self, tyme: float) -> bool:
         core, now = self.group.core, time.monotonic()
-        while readable(self.monitor):
-            if monitor_event(self.monitor) == "connected":
-                self.connected, self.down_since = True, 0.0
-            elif not self.down_since:
-                self.down_since = now
-        if not core.orphaned and ((self.down_since and now - self.down_since > self.grace)
-                                  or (not self.connected and now > self.deadline)
-                                  or parent_gone(self.group.options.parent)):
+        dealer, monitor = self.dealer, self.monitor
+        assert dealer is not None and monitor is not None
+        while monitor.readable():
+            self.rule.seen(monitor.event(), now)
+        if not core.orphaned and self.rule.gone(now):
             core.lost_parent(now)
         for _ in range(1000):
-            if not readable(self.dealer):
+            frame = dealer.take()
+            if frame is None:
                 break
-            core.from_parent(self.dealer.recv(NOBLOCK), now)
+            core.from_parent(frame, now)
         return False
 
     def flush(self) -> None:
-        """Send what the core has for the supervisor."""
-        for frame in self.group.core.up:
-            self.dealer.send(frame, NOBLOCK)
-        self.group.core.up.clear()
+        """Send what the core has for the supervisor (what cannot go now stays, for
+        the next cycle: the orphan rule ends a wait for a supervisor that is gone)."""
+        assert self.dealer is not None
+        up, sent = self.group.core.up, 0
+        while sent < len(up) and self.dealer.put(up[sent]):
+            sent += 1
+        del up[:sent]
 
     def exit(self) -> None:
         for sock in (self.dealer, self.monitor):

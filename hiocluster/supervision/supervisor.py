@@ -44,16 +44,12 @@ from hiocluster.runtime.rundir import close_run, make_run_dir
 from hiocluster.runtime.signals import RunSignals
 from hiocluster.runtime.transport import (
     ENDPOINT_RECORD,
-    NOBLOCK,
     Context,
     Credentials,
     KeyPair,
     TransportError,
-    bound_address,
     facing,
     local_address,
-    readable,
-    sender,
 )
 from hiocluster.supervision.runcore import (
     Kill,
@@ -85,7 +81,6 @@ class Switchboard(RouterDoer):
     def __init__(self, supervisor: Supervisor, **kwa: Any) -> None:
         super().__init__(**kwa)
         self.supervisor = supervisor
-        self.router: Any = None
         self.worker_of: dict[bytes, str] = {}     # connection -> worker
         self.identity_of: dict[str, bytes] = {}
         self.waiting: dict[str, list[bytes]] = {}  # frames for workers not joined yet
@@ -94,7 +89,8 @@ class Switchboard(RouterDoer):
         supervisor = self.supervisor
         assert supervisor.context is not None  # made before the doers enter
         self.attach(supervisor.loop, supervisor.context.control_router(supervisor.listen))
-        supervisor.control_address = bound_address(self.router)
+        assert self.router is not None
+        supervisor.control_address = self.router.bound_address()
 
     def recur(self, tyme: float) -> bool:
         """Every frame already here goes to the core at once: the last DONE of a
@@ -122,20 +118,17 @@ class Switchboard(RouterDoer):
         (a flood cannot starve the other doers)."""
         router, core, worker_of = self.router, self.supervisor.core, self.worker_of
         now = time.monotonic()
+        assert router is not None
         for _ in range(10_000):
-            if not readable(router):
+            parts = router.take_routed()
+            if parts is None:
                 return True
-            identity = router.recv(NOBLOCK)  # a ROUTER's first part: the connection
-            frame = router.recv(NOBLOCK, copy=False)
+            identity = parts[0]  # a ROUTER's first part: the connection
             worker = worker_of.get(identity)
-            if worker is not None and not frame.more:
-                core.receive(worker, frame.bytes, now)
+            if worker is not None and len(parts) == 2:
+                core.receive(worker, parts[1], now)
                 continue
-            parts = [identity, frame.bytes]
-            while frame.more:
-                frame = router.recv(NOBLOCK, copy=False)
-                parts.append(frame.bytes)
-            worker, reply = core.admit(parts, sender(frame))
+            worker, reply = core.admit(parts, router.sender())
             if worker is None:
                 if reply is not None:
                     self.reply(identity, reply)

@@ -39,17 +39,7 @@ from typing import Any, Callable, Hashable
 
 from hiocluster import protocol as proto
 from hiocluster.errors import DataFault, FrameError, ProtocolError
-from hiocluster.runtime.transport import (
-    NOBLOCK,
-    Again,
-    Context,
-    Poller,
-    TransportError,
-    bound_address,
-    monitor_event,
-    readable,
-    sender,
-)
+from hiocluster.runtime.transport import Context, Poller, Socket, TransportError
 from hiocluster.worker.exchange import Exchange
 
 __all__ = ["DataPlane", "PeerSockets", "DataFault", "LOG_REFUSED", "EARLY_PEERS"]
@@ -268,8 +258,8 @@ class PeerSockets(DataPlane):
         super().__init__(worker, token)
         self.context = context
         self.socket = context.data_router(bind, wait=RECEIVE_S)  # a recv waits this long
-        self.address = bound_address(self.socket)
-        self.monitors: dict[str, Any] = {}       # neighbour -> its DEALER's monitor
+        self.address = self.socket.bound_address()
+        self.monitors: dict[str, Socket] = {}       # neighbour -> its DEALER's monitor
         self.up: dict[str, bool] = {}            # neighbour -> its DEALER is connected
 
     def watch(self, poller: Poller) -> None:
@@ -289,18 +279,14 @@ class PeerSockets(DataPlane):
         out, self.monitors[peer] = self.context.data_dealer(self.addresses[peer],
                                                             self.keys.get(peer))
         self.outs[peer], self.up[peer] = out, False
-        try:
-            out.send(self._hello, NOBLOCK)  # queued until the connection is made
+        if out.put(self._hello):  # queued until the connection is made
             for _, frame in self.kept[peer]:
-                out.send(frame, NOBLOCK)
-        except Again:  # the connect failed already (the neighbour is gone): check() sees it
-            pass
+                out.put(frame)
+        # else the connect failed already (the neighbour is gone): check() sees it
 
     def _put(self, peer: str, frame: bytes) -> None:
-        try:
-            self.outs[peer].send(frame, NOBLOCK)
-        except Again:  # its connection dropped: the frame goes when it is made again
-            pass
+        self.outs[peer].put(frame)  # False: its connection dropped; the frame is kept,
+        # and goes when check() makes the connection again
 
     def serve(self, ready: list[Any]) -> None:
         if self.socket in ready:
@@ -318,8 +304,8 @@ class PeerSockets(DataPlane):
         new socket and routing id, PEER, then every frame kept for that neighbour."""
         for peer, monitor in self.monitors.items():
             down = False
-            while readable(monitor):
-                self.up[peer] = monitor_event(monitor) == "connected"
+            while monitor.readable():
+                self.up[peer] = monitor.event() == "connected"
                 down = down or not self.up[peer]
             if down and redial:
                 self.context.discard(self.outs[peer], monitor)
@@ -341,30 +327,25 @@ class PeerSockets(DataPlane):
         Raises:
             DataFault: a neighbour's frame is invalid.
         """
-        self.take_one(0)
+        self.take_one(wait=True)
 
-    def take_one(self, flags: int = NOBLOCK) -> None:
+    def take_one(self, wait: bool = False) -> None:
         """One message from the receiving socket (a poll said there is one; with
-        ``flags`` 0, waiting for it at most RECEIVE_S).
+        ``wait``, waiting for it at most RECEIVE_S).
 
         Raises:
             DataFault: a neighbour's frame is invalid.
         """
         sock = self.socket
-        try:
-            identity = sock.recv(flags)
-        except Again:
+        parts = sock.take_routed(wait)
+        if parts is None:
             return
-        frame = first = sock.recv(copy=False)
-        parts = [identity, frame.bytes]
-        while frame.more:
-            frame = sock.recv(copy=False)
-            parts.append(frame.bytes)
         if len(parts) == 2:  # the key's name only matters on a connection not proved yet
+            identity = parts[0]
             self._take(identity, parts[1],
-                       None if identity in self.peer_of else sender(first))
+                       None if identity in self.peer_of else sock.sender())
         else:
-            self._admit(parts, sender(first))
+            self._admit(parts, sock.sender())
 
     def take_arrived(self) -> None:
         """Take every frame already here. After a failed run, so that BYE says how

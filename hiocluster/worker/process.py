@@ -32,14 +32,7 @@ from hiocluster import protocol as proto
 from hiocluster.errors import FrameError, ProtocolError, RemoteProtocolError
 from hiocluster.runtime.launch import TickRegister
 from hiocluster.runtime.rundir import remove_orphan_files
-from hiocluster.runtime.transport import (
-    NOBLOCK,
-    Again,
-    Context,
-    Credentials,
-    Poller,
-    ipc_path,
-)
+from hiocluster.runtime.transport import Context, Credentials, Poller, ipc_path
 from hiocluster.runtime.watchdog import Watchdog, parent_gone
 from hiocluster.timing import PROGRESS_S, START_TIMEOUT
 from hiocluster.worker.dataplane import DataFault, DataPlane
@@ -390,8 +383,8 @@ class Worker:
         control = self.control
         while True:
             ready = self.poller.poll(PROGRESS_S * 1000)
-            if control in ready:
-                return self.machine.receive(control.recv(NOBLOCK))
+            if control in ready and (frame := control.take()) is not None:
+                return self.machine.receive(frame)
             if ready and self.peers is not None:
                 self.peers.serve(ready)
             elif self.exchange is not None and self.peers is not None:
@@ -399,10 +392,10 @@ class Worker:
 
     def _take_control(self) -> None:
         """A control frame mid-window can only be STOP or ERROR (the machine says so)."""
-        try:
-            message = self.machine.receive(self.control.recv(NOBLOCK))
-        except Again:
+        frame = self.control.take()
+        if frame is None:
             return
+        message = self.machine.receive(frame)
         if isinstance(message, proto.Stop):
             raise _Stopped(message)
         self._remote_error(message)
