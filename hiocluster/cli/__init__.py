@@ -1,0 +1,51 @@
+"""The ``hiocluster`` command: argument parsing, progress, summary, exit codes.
+
+Exit codes: 0 success, 1 failed run, 2 usage or topology error, 130 after
+SIGINT, 143 after SIGTERM (the whole process tree shut down cleanly first). A
+run of services only is stopped by design: 0 after SIGINT, SIGTERM or
+``hiocluster stop``, 1 when a service failed. Resource exhaustion (open files,
+disk space, a read-only run root) is a failed run: one line naming it, exit 1.
+``status`` and friends: see hiocluster.control.client.
+
+The parts: ``parser`` (one function per subcommand) over ``arguments`` (the
+values' types); the subcommands in ``run`` (run, check, report), ``agent``
+(agent, keygen) and ``join`` (worker, group, replica); ``output`` (summaries,
+the progress bar, failures) and ``resources`` (open files, what ran out). A
+subcommand's module, and what it uses beyond argparse, is imported when it runs:
+``--help`` imports the parser and the output, neither ZeroMQ nor hio.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from hiocluster.cli.output import services_summary, summary
+from hiocluster.cli.parser import build_parser
+
+__all__ = ["build_parser", "main", "services_summary", "summary"]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``hiocluster`` console script; returns the exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command in ("worker", "group"):
+        from hiocluster.cli.join import worker_main
+        return worker_main(parser, args)
+    if args.command == "keygen":
+        from hiocluster.cli.agent import keygen_main
+        return keygen_main(parser, args)
+    if args.command == "agent":
+        from hiocluster.cli.agent import agent_main
+        return agent_main(args)
+    if args.command == "replica":
+        from hiocluster.cli.join import replica_main
+        return replica_main(parser, args)
+    if args.command == "report":
+        from hiocluster.cli.run import report_main
+        return report_main(args)
+    if args.command in ("status", "scale", "restart", "stop"):
+        from hiocluster.control.client import control_main
+        return control_main(args)
+    from hiocluster.cli.run import topology_main
+    return topology_main(args)

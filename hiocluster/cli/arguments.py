@@ -1,0 +1,86 @@
+"""The command line's values: argparse ``type=`` functions, each saying what is wrong
+with a value it refuses."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def seed(text: str) -> int:
+    try:
+        value = int(text, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if not 0 <= value < 2**63:
+        raise argparse.ArgumentTypeError(f"must be in 0..2**63-1, got {value}")
+    return value
+
+
+def window(text: str) -> int | None:
+    if text == "auto":
+        return None
+    return positive_int(text)
+
+
+def name(text: str) -> str:
+    from hiocluster.protocol.fields import NAME_RE
+
+    if NAME_RE.match(text) is None:
+        raise argparse.ArgumentTypeError(f"invalid worker name {text!r}: 1-64 of A-Z a-z 0-9 "
+                                         "_ . -, not starting with . or -")
+    return text
+
+
+def address(text: str) -> str:
+    from hiocluster.protocol.fields import ADDRESS_RE
+
+    if ADDRESS_RE.match(text) is None:
+        raise argparse.ArgumentTypeError(f"expected ipc://PATH, tcp://HOST:PORT or unix://PATH, "
+                                         f"got {text!r}")
+    return text
+
+
+def tcp(text: str) -> str:
+    checked = address(text)
+    host = checked[len("tcp://"):].rpartition(":")[0] if checked.startswith("tcp://") else ""
+    if not host or host in ("*", "0.0.0.0"):
+        raise argparse.ArgumentTypeError(f"expected tcp://HOST:PORT with a host workers can "
+                                         f"reach, got {text!r}")
+    return checked
+
+
+def host(text: str) -> tuple[str, str]:
+    """--host NAME=ADDRESS: a host and its agent."""
+    host_name, _, agent = text.partition("=")
+    return name(host_name), tcp(agent)
+
+
+def place(text: str) -> tuple[str, str]:
+    """--place WORKER=HOST."""
+    worker, _, host_name = text.partition("=")
+    return name(worker), name(host_name)
+
+
+def scale_target(text: str) -> tuple[str, int]:
+    """scale NAME=N."""
+    service, equals, count = text.partition("=")
+    if not equals:
+        raise argparse.ArgumentTypeError(f"expected NAME=N, got {text!r}")
+    try:
+        value = int(count)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected NAME=N with N an integer, got "
+                                         f"{text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"N must be 0 or more, got {value}")
+    return name(service), value

@@ -1,0 +1,318 @@
+"""The ``hiocluster`` command line: one function per subcommand, in the order
+``--help`` lists them, and the option groups they share."""
+
+from __future__ import annotations
+
+import argparse
+from typing import TypeAlias
+
+from hiocluster.cli import arguments
+from hiocluster.version import __version__
+
+Commands: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
+
+#: The exit codes of the processes that join a run (worker, group).
+_JOINED_EXITS = ("Exit codes: 0 stopped cleanly, 1 failed (the supervisor was told why), "
+                 "2 usage error, 3 the supervisor vanished, 130/143 SIGINT/SIGTERM.")
+#: The exit codes of the control commands that wait until done (scale, restart).
+_DONE_EXITS = ("Exit codes: 0 done, 1 refused, 3 not done in time, 4 no run reachable, "
+               "2 usage (also: several runs found; name one with --control).")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="hiocluster",
+        description="Run hio Doists across processes in deterministic lockstep, and hio "
+                    "servers as supervised replicas on one port.",
+        epilog="Exit codes: 0 ok, 1 run failed (also: out of open files, disk space or "
+               "a writable run root, named in one line), 2 usage or topology error, "
+               "130 interrupted (SIGINT), 143 terminated (SIGTERM); a run of services only "
+               "exits 0 when stopped, 1 when a service failed.")
+    parser.add_argument("--version", action="version", version=f"hiocluster {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in (_run, _check, _agent, _keygen, _worker, _group, _replica, _report,
+                _status, _scale, _restart, _stop):
+        add(commands)
+    return parser
+
+
+# -- running a topology ------------------------------------------------------------------
+
+
+def _run(commands: Commands) -> None:
+    run = commands.add_parser(
+        "run", help="run a topology: its simulation in lockstep, its services",
+        description="Run a topology and print a summary: its nodes in lockstep until the "
+                    "last tick, its [services.*] as supervised replicas (until the "
+                    "simulation ends; without nodes, until SIGINT, SIGTERM or "
+                    "`hiocluster stop`). A run with services prints its control "
+                    "address (HIOCLUSTER_CONTROL=...) for `hiocluster status`.")
+    run.add_argument("topology", metavar="TOPOLOGY", help="topology file (TOML)")
+    _run_options(run)
+
+
+def _check(commands: Commands) -> None:
+    check = commands.add_parser(
+        "check", help="validate a topology without running it",
+        description="Validate a topology (and import its node classes) without running "
+                    "it; print the plan. It takes every option of `run`, so a run's "
+                    "command line checks as it is: those that shape the run (--ticks, "
+                    "--seed, --real, --processes, --host, --place, --transport, --listen, "
+                    "--keys, --external) are applied and checked as `run` checks them; "
+                    "those about output (--json, --digests, --trace, --output, "
+                    "--no-prefix, --window) are accepted and unused.",
+        epilog="Exit codes: 0 ok, 2 usage or topology error (or an option `run` would "
+               "refuse, e.g. --keys DIR without the keys).")
+    check.add_argument("topology", metavar="TOPOLOGY", help="topology file (TOML)")
+    _run_options(check)
+
+
+def _run_options(command: argparse.ArgumentParser) -> None:
+    """The options of ``run``, which ``check`` takes too: any run's command line
+    checks as it is."""
+    command.add_argument("--ticks", type=arguments.positive_int, metavar="N",
+                         help="number of ticks (default: the file's run.ticks)")
+    command.add_argument("--seed", type=arguments.seed, metavar="S",
+                         help="run seed (default: the file's run.seed)")
+    command.add_argument("--processes", type=arguments.positive_int, metavar="P",
+                         help="spread the nodes over P worker processes, without groups "
+                              "(default: the file's placement and groups, else one per core; "
+                              "1 puts every node in one)")
+    command.add_argument("--window", type=arguments.window, default=None, metavar="N",
+                         help="ticks granted at once (default: auto, sized to ~0.1 s of work); "
+                              "1 supervises every tick; results never depend on it")
+    command.add_argument("--real", action="store_true", default=None,
+                         help="pace ticks to the wall clock: tick n starts tock x n seconds "
+                              "after the start (default: the file's run.real)")
+    _output_options(command)
+    _app_dir(command)
+    _transport_options(command)
+    command.add_argument("--external", metavar="NAME", action="append", default=[],
+                         type=arguments.name,
+                         help="do not start worker NAME: wait for it to be started by hand "
+                              "(the command to use is printed); repeatable")
+    command.add_argument("--no-prefix", action="store_true",
+                         help="pass replicas' output through without the 'name | ' prefix")
+
+
+def _output_options(command: argparse.ArgumentParser) -> None:
+    """What a run writes besides its summary."""
+    command.add_argument("--json", action="store_true",
+                         help="print one JSON object on stdout instead of the summary "
+                              "(arrays in results as {dtype, shape, data}, bytes as hex)")
+    command.add_argument("--digests", action="store_true",
+                         help="also print every tick's run digest (after the summary, or as "
+                              "tick_digests with --json)")
+    command.add_argument("--trace", metavar="FILE",
+                         help="record where each tick's time goes and write it to FILE as "
+                              "Chrome Trace Event JSON (Perfetto, chrome://tracing); the "
+                              "summary names the slowest process and node")
+    command.add_argument("--output", metavar="FILE",
+                         help="after a finished run, write one JSON line per node to FILE: "
+                              "its result() and its metrics (JSON as --json's)")
+
+
+def _transport_options(command: argparse.ArgumentParser) -> None:
+    """How a run's processes reach each other, on this host and across hosts."""
+    command.add_argument("--transport", choices=("ipc", "tcp", "local"), default=None,
+                         help="how local processes talk: ZeroMQ over unix sockets (ipc, "
+                              "the default) or TCP on 127.0.0.1 (tcp), or local: ZeroMQ "
+                              "for control and plain unix SEQPACKET sockets for DATA "
+                              "(faster; every worker on this host, no --host/--keys); "
+                              "default: the file's run.transport, else ipc; results are "
+                              "identical")
+    command.add_argument("--listen", metavar="ADDRESS", type=arguments.address,
+                         help="bind the control socket here (e.g. tcp://127.0.0.1:7000), for "
+                              "workers started by hand")
+    command.add_argument("--keys", metavar="DIR",
+                         help="CurveZMQ keys for a run across hosts: DIR/supervisor.key_secret "
+                              "and DIR/<host>.key for each host (see keygen)")
+    command.add_argument("--host", metavar="NAME=ADDRESS", action="append", default=[],
+                         type=arguments.host, help="a host and its agent, e.g. h1=tcp://h1:7100 "
+                                                   "(instead of the file's [hosts]); repeatable")
+    command.add_argument("--place", metavar="WORKER=HOST", action="append", default=[],
+                         type=arguments.place,
+                         help="run WORKER on HOST (a --host); repeatable")
+
+
+def _app_dir(command: argparse.ArgumentParser) -> None:
+    command.add_argument("--app-dir", metavar="DIR",
+                         help="directory to import node classes from (default: current "
+                              "directory)")
+
+
+# -- across hosts ------------------------------------------------------------------------
+
+
+def _agent(commands: Commands) -> None:
+    agent = commands.add_parser(
+        "agent", help="start workers on this host for supervisors elsewhere",
+        description="Run until SIGINT or SIGTERM, starting workers on this host for "
+                    "supervisors whose topology places workers here. Every connection is "
+                    "CurveZMQ: the agent's key pair is DIR/NAME.key_secret; it admits only "
+                    "the supervisors whose public keys it is told to --trust (never another "
+                    "agent's key: any key it admits can make it run code).",
+        epilog="Exit codes: 0, 130/143 after SIGINT/SIGTERM (every worker stopped), 1 when "
+               "it cannot start (a key or the address).")
+    agent.add_argument("--listen", required=True, metavar="ADDRESS", type=arguments.tcp,
+                       help="where supervisors reach this agent: tcp://HOST:PORT")
+    agent.add_argument("--keys", required=True, metavar="DIR", help="the keys directory")
+    agent.add_argument("--name", required=True, metavar="NAME", type=arguments.name,
+                       help="this host's name in topologies (its key pair: NAME.key_secret)")
+    agent.add_argument("--trust", required=True, metavar="KEY", action="append",
+                       help="a supervisor's public key file to accept LAUNCH from (relative "
+                            "to DIR, e.g. supervisor.key); repeatable")
+    agent.add_argument("--advertise", metavar="HOST",
+                       help="the address workers here bind and neighbours reach (default: "
+                            "the host of --listen)")
+    _app_dir(agent)
+
+
+def _keygen(commands: Commands) -> None:
+    keygen = commands.add_parser(
+        "keygen", help="make CurveZMQ key pairs for supervisors and agents",
+        description="Make one CurveZMQ key pair per NAME in DIR: NAME.key (the public "
+                    "key, to give to the other side) and NAME.key_secret (mode 0600, to "
+                    "keep). Existing keys are never overwritten.")
+    keygen.add_argument("directory", metavar="DIR", help="where to write the keys")
+    keygen.add_argument("--skip-existing", action="store_true",
+                        help="leave names that have a key pair already (instead of failing)")
+    keygen.add_argument("names", metavar="NAME", nargs="+", type=arguments.name,
+                        help="who the key pair is for: 'supervisor', or a host's name")
+
+
+# -- the processes a run starts ----------------------------------------------------------
+
+
+def _worker(commands: Commands) -> None:
+    worker = commands.add_parser(
+        "worker", help="join a run as one of its workers",
+        description="Join a run as one of its workers: connect to the supervisor, get "
+                    "nodes and links from it, run ticks until it says stop. Its credentials "
+                    "(the run's token and, over tcp, its CURVE keys) are read from "
+                    "--credentials FILE (the supervisor writes it for a worker started "
+                    "with `run --external`) or $HIOCLUSTER_CREDENTIALS.",
+        epilog=_JOINED_EXITS)
+    _joining(worker, "worker", "this worker's name in the run's plan (e.g. p1)",
+             "where neighbours send DATA (default: beside the control socket)")
+
+
+def _group(commands: Commands) -> None:
+    group = commands.add_parser(
+        "group", help="join a run as a sub-supervisor (started by its supervisor)",
+        description="Join a run as one of its groups: start the workers and groups under "
+                    "it (--tree), speak for them to its supervisor, stop them when it says "
+                    "stop. Supervisors and agents start groups themselves; credentials as "
+                    "for `worker`.",
+        epilog=_JOINED_EXITS)
+    group.add_argument("--tree", required=True, metavar="FILE",
+                       help="JSON: each child -> its node names (a worker) or its own tree "
+                            "(a group)")
+    _joining(group, "group", "this group's name in the run's plan",
+             "where the workers under it bind for DATA (default: beside its control socket)")
+
+
+def _joining(command: argparse.ArgumentParser, what: str, name_help: str,
+             bind_help: str) -> None:
+    """The options of a process that joins a run: ``worker`` and ``group``."""
+    command.add_argument("--connect", required=True, metavar="ADDRESS", type=arguments.address,
+                         help="the supervisor's control address (ipc://... or tcp://...)")
+    command.add_argument("--name", required=True, metavar="NAME", type=arguments.name,
+                         help=name_help)
+    command.add_argument("--credentials", metavar="FILE",
+                         help=f"file holding this {what}'s credentials (JSON)")
+    command.add_argument("--bind", metavar="ADDRESS", type=arguments.address, help=bind_help)
+    command.add_argument("--data", choices=("zmq", "local"), default="zmq",
+                         help="how DATA travels between workers: ZeroMQ (default), or "
+                              "local: unix SEQPACKET sockets (the run's --transport local; "
+                              "the default --bind is then unix://<dir of control>/d-NAME)")
+    _app_dir(command)
+    command.add_argument("--run-dir", metavar="DIR", help=argparse.SUPPRESS)
+    command.add_argument("--tick-file", metavar="FILE", help=argparse.SUPPRESS)
+
+
+def _replica(commands: Commands) -> None:
+    replica = commands.add_parser(
+        "replica", help="serve as one replica of a service (started by hiocluster run)",
+        description="Serve as one replica of a service: the service's spec and the run's "
+                    "token come in $HIOCLUSTER_SERVICE and $HIOCLUSTER_CREDENTIALS; "
+                    "`hiocluster run` starts replicas itself.",
+        epilog="Exit codes: 0 stopped cleanly, 1 cannot serve, 2 usage error, 3 the "
+               "supervisor vanished.")
+    replica.add_argument("--connect", required=True, metavar="ADDRESS", type=arguments.address,
+                         help="the run's services socket")
+    replica.add_argument("--name", required=True, metavar="SERVICE.REPLICA.INCARNATION",
+                         help="which replica this is")
+    _app_dir(replica)
+
+
+# -- after a run -------------------------------------------------------------------------
+
+
+def _report(commands: Commands) -> None:
+    report = commands.add_parser(
+        "report", help="summarise a trace written by run --trace",
+        description="Print where a traced run's ticks went (per process: tick time p50 "
+                    "and p99, time waiting for neighbours; the slowest process and "
+                    "node) and, with --png, draw ticks/s over time and each process's "
+                    "time running vs waiting (needs matplotlib).")
+    report.add_argument("trace", metavar="TRACE", help="a file written by run --trace")
+    report.add_argument("--png", metavar="FILE", help="also write this picture")
+
+
+# -- controlling a running run (hiocluster.control.client) -------------------------------
+
+
+def _status(commands: Commands) -> None:
+    status = commands.add_parser(
+        "status", help="show a running run's services and simulation",
+        description="Show a running run: each service's replicas (pid, state, restarts, "
+                    "uptime, CPU, memory, requests served) and the simulation's progress.",
+        epilog="Exit codes: 0 every replica serving, 3 some are not, 4 no run reachable, "
+               "2 usage (also: several runs found; name one with --control).")
+    status.add_argument("--json", action="store_true", help="print the status as JSON")
+    _control(status)
+
+
+def _scale(commands: Commands) -> None:
+    scale = commands.add_parser(
+        "scale", help="change a service's number of replicas",
+        description="Change a service's number of replicas, without refusing "
+                    "connections: new replicas serve beside the others; removed ones "
+                    "drain first. Waits until done.",
+        epilog=_DONE_EXITS)
+    scale.add_argument("target", metavar="NAME=N", type=arguments.scale_target,
+                       help="the service and its new number of replicas")
+    _control(scale, waits=True)
+
+
+def _restart(commands: Commands) -> None:
+    restart = commands.add_parser(
+        "restart", help="rolling restart of a service",
+        description="Restart a service's replicas one at a time; each one's successor "
+                    "serves before it is stopped. Waits until done.",
+        epilog=_DONE_EXITS)
+    restart.add_argument("service", metavar="NAME", type=arguments.name, help="the service")
+    _control(restart, waits=True)
+
+
+def _stop(commands: Commands) -> None:
+    stop = commands.add_parser(
+        "stop", help="stop a running run",
+        description="Stop a running run: replicas drain and exit, a simulation stops. "
+                    "Prints 'stopping', then 'stopped' once the run confirms it stopped.",
+        epilog="Exit codes: 0 stopped (the run confirmed it), 1 refused, or the run "
+               "vanished (e.g. was killed) or failed before confirming its stop, 2 usage "
+               "(also: several runs found; name one with --control), 3 not stopped in "
+               "time, 4 no run reachable.")
+    _control(stop, waits=True)
+
+
+def _control(command: argparse.ArgumentParser, waits: bool = False) -> None:
+    """Where the run is; with ``waits``, how long to wait until it is done."""
+    command.add_argument("--control", metavar="ADDRESS", type=arguments.address,
+                         help="the run's control endpoint (default: $HIOCLUSTER_CONTROL, "
+                              "else the one run found)")
+    if waits:
+        command.add_argument("--timeout", type=float, default=60.0, metavar="S",
+                             help="seconds to wait until done (default 60)")

@@ -1,0 +1,259 @@
+"""``run``, ``check`` and ``report``: a topology with the command line's overrides,
+checked, or run (its simulation in lockstep, its services as replicas) and
+summarised; and where a traced run's ticks went."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import IO, Any, Callable, Sequence
+
+from hiocluster.cli.output import (
+    EXIT_FAILED,
+    EXIT_OK,
+    EXIT_USAGE,
+    ProgressBar,
+    failed,
+    json_error,
+    services_summary,
+    summary,
+)
+from hiocluster.cli.resources import enough_files, exhausted
+from hiocluster.errors import ClusterError, Exhausted, Interrupted, RunFailed, TopologyError
+
+
+def topology_main(args: argparse.Namespace) -> int:
+    """``run`` or ``check``, with a topology error as exit code 2 and what ran out of
+    the machine as a failed run: one line each, no traceback."""
+    try:
+        return check_main(args) if args.command == "check" else run_main(args)
+    except TopologyError as exc:  # also raised by run() for an impossible plan
+        print(f"hiocluster: {exc}", file=sys.stderr)
+        json_error(args, exc, {"key_path": exc.key_path, "line": exc.line})
+        return EXIT_USAGE
+    except BrokenPipeError:  # e.g. `hiocluster run ... | head -1`: the reader left
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_FAILED
+    except OSError as exc:  # the machine ran out of something: one line, no traceback
+        if exhausted(exc) is None:
+            raise
+        return failed(args, Exhausted(str(exc)).with_cause(exc), {})
+
+
+def check_main(args: argparse.Namespace) -> int:
+    from hiocluster.topology import resolve_classes, resolve_services
+
+    topology, layout = _load(args)
+    resolve_services(topology, args.app_dir)
+    if layout is not None:
+        resolve_classes(topology, args.app_dir)  # run() does this itself
+        from hiocluster.runtime.loop import Loop
+        from hiocluster.supervision.supervisor import Supervisor
+        try:  # run()'s own checks of --transport, --listen, --keys, --external: made,
+            # never entered, it starts nothing
+            Supervisor(topology, layout, Loop(), app_dir=args.app_dir, keys=args.keys,
+                       transport=args.transport, listen=args.listen, external=args.external)
+        except TopologyError:
+            raise
+        except ClusterError as exc:
+            print(f"hiocluster: check: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+        _print_plan(topology, layout)
+    else:
+        print(f"ok: {topology.name}: {len(topology.services)} services")
+    for spec in topology.services:
+        print(f"service {spec.name}: {spec.replicas} x {spec.cls} on {spec.address}"
+              f"{' (tls)' if spec.tls else ''}; {spec.restart}, at most {spec.max_restarts} "
+              f"restarts in {spec.within:g} s")
+    return EXIT_OK
+
+
+def _print_plan(topology: Any, layout: Any) -> None:
+    """``check``'s lines about the nodes: how many, on which workers and groups."""
+    print(f"ok: {topology.name}: {len(topology.nodes)} nodes, {len(topology.links)} "
+          f"links, {topology.ticks} ticks; {len(layout.workers)} workers on "
+          f"{os.cpu_count()} cores, {layout.crossing(topology.links)} links between "
+          "workers")
+    for worker in layout.workers[:20]:
+        host = layout.hosts.get(worker.name)
+        where = f" on {host.name} ({host.agent})" if host is not None else ""
+        print(f"  {worker.name}{where}: {len(worker.nodes)} nodes: "
+              f"{_names(worker.node_names)}")
+    if len(layout.workers) > 20:
+        print(f"  ... and {len(layout.workers) - 20} more workers")
+    if layout.groups:
+        print("groups: " + "; ".join(
+            f"{name} [{', '.join(members)}]"
+            + (f" on {layout.hosts[name].name}" if name in layout.hosts else "")
+            for name, members in layout.groups.items()))
+
+
+def _names(names: Sequence[str], shown: int = 8) -> str:
+    if len(names) <= shown:
+        return " ".join(names)
+    return f"{' '.join(names[:3])} ... {' '.join(names[-2:])}"
+
+
+def _load(args: argparse.Namespace) -> Any:
+    """The topology with the CLI's overrides, and its placement plan."""
+    from hiocluster.topology import load, plan
+
+    topology = load(args.topology)
+    changes = {key: getattr(args, key, None) for key in ("ticks", "seed", "real")}
+    changes = {key: value for key, value in changes.items() if value is not None}
+    if getattr(args, "host", None) or getattr(args, "place", None):
+        changes["hosts"] = _hosts_from(args)
+    if changes:
+        topology = topology.replace(**changes)
+    return topology, plan(topology, args.processes) if topology.nodes else None
+
+
+def _hosts_from(args: argparse.Namespace) -> tuple[Any, ...]:
+    """--host and --place as the topology's hosts."""
+    from hiocluster.topology import HostSpec
+
+    agents = dict(args.host)
+    unknown = sorted({host for _, host in args.place} - set(agents))
+    if unknown:
+        raise TopologyError(f"--place names host {unknown[0]!r}, which no --host declares",
+                            key_path="--place")
+    return tuple(HostSpec(name, address, tuple(worker for worker, host in args.place
+                                               if host == name))
+                 for name, address in agents.items())
+
+
+def run_main(args: argparse.Namespace) -> int:
+    from hiocluster.runtime.output import Prefixer
+    from hiocluster.supervision.supervisor import run
+
+    topology, layout = _load(args)
+    try:
+        enough_files(sum(spec.replicas + 1 for spec in topology.services)  # +1: a spare
+                     + (len(layout.workers) + len(layout.groups) if layout else 0))
+    except Exhausted as exc:
+        return failed(args, exc, {})
+    if topology.services and not topology.nodes:
+        return _serve(args, topology)
+
+    def announce(supervisor: Any) -> None:  # once the control socket is bound
+        if topology.services:
+            print(f"hiocluster: control: HIOCLUSTER_CONTROL={supervisor.endpoint_address}",
+                  file=sys.stderr, flush=True)
+        for name in args.external:
+            print(f"hiocluster: waiting for worker {name}: "
+                  f"{supervisor.worker_command_line(name)}", file=sys.stderr, flush=True)
+
+    with ProgressBar(topology.ticks) as on_tick:
+        try:
+            result = run(topology, processes=args.processes, app_dir=args.app_dir,
+                         window=args.window, on_tick=on_tick, keep_digests=args.digests,
+                         transport=args.transport, listen=args.listen, keys=args.keys,
+                         external=args.external, on_listening=announce,
+                         prefixer=Prefixer(prefix=not args.no_prefix),
+                         trace=bool(args.trace))
+        except Interrupted as exc:
+            print(f"hiocluster: {exc}; every process was shut down", file=sys.stderr)
+            json_error(args, exc, {"signal": exc.signal})
+            return 128 + exc.signal
+        except RunFailed as exc:
+            return failed(args, exc, {"worker": exc.worker, "nodes": list(exc.nodes),
+                                      "tick": exc.tick, "cause": exc.cause})
+        except TopologyError:
+            raise
+        except ClusterError as exc:
+            return failed(args, exc, {})
+    if not _write_files(args, result):
+        return EXIT_FAILED
+    _print_result(args, result)
+    return EXIT_OK
+
+
+def _write_files(args: argparse.Namespace, result: Any) -> bool:
+    """--trace and --output, for a finished run; False (said on stderr) if one failed."""
+    if args.trace:
+        from hiocluster.supervision.trace import chrome
+
+        def trace(file: IO[str]) -> None:
+            json.dump(chrome(result.trace), file)
+        if not _write("--trace", args.trace, trace):
+            return False
+    if args.output:
+        def output(file: IO[str]) -> None:
+            for line in result.lines():
+                file.write(json.dumps(line) + "\n")
+        if not _write("--output", args.output, output):
+            return False
+    return True
+
+
+def _write(option: str, path: str, write: Callable[[IO[str]], None]) -> bool:
+    try:
+        with open(path, "w", encoding="utf-8") as file:
+            write(file)
+    except OSError as exc:
+        print(f"hiocluster: cannot write {option} {path}: {exc}", file=sys.stderr)
+        return False
+    return True
+
+
+def _print_result(args: argparse.Namespace, result: Any) -> None:
+    """A finished run on stdout: one JSON object, or the summary and what was asked for."""
+    if args.json:
+        print(json.dumps(result.to_json()))
+        return
+    print(summary(result))
+    if result.tick_digests:
+        width = len(str(len(result.tick_digests) - 1))
+        print("\n".join(f"tick {tick:>{width}} {digest}"
+                         for tick, digest in enumerate(result.tick_digests)))
+    if result.trace:
+        from hiocluster.supervision.trace import lines
+        print("\n".join(lines(result.trace)))
+    if result.services:
+        print(services_summary(result.services))
+
+
+def _serve(args: argparse.Namespace, topology: Any) -> int:
+    """A run of services only: until SIGINT, SIGTERM or ``hiocluster stop``."""
+    from hiocluster.runtime.output import Prefixer
+    from hiocluster.services.core import ServiceFailed
+    from hiocluster.services.supervisor import CONTROL_ENV, serve
+
+    def announce(run: Any) -> None:  # once the endpoint is bound
+        print(f"hiocluster: control: {CONTROL_ENV}={run.endpoint_address}", file=sys.stderr,
+              flush=True)
+
+    try:
+        result = serve(topology, app_dir=args.app_dir, on_listening=announce,
+                       prefixer=Prefixer(prefix=not args.no_prefix))
+    except ServiceFailed as exc:
+        return failed(args, exc, {"service": exc.service})
+    except ClusterError as exc:  # e.g. no run directory: the run root is full
+        return failed(args, exc, {})
+    if args.json:
+        print(json.dumps(result.to_json()))
+    else:
+        print(services_summary(result.services))
+    return EXIT_OK
+
+
+def report_main(args: argparse.Namespace) -> int:
+    from hiocluster.supervision.trace import lines, load, plot
+
+    try:
+        trace = load(args.trace)
+    except ValueError as exc:
+        print(f"hiocluster: report: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    print("\n".join(lines(trace)))
+    if args.png:
+        try:
+            plot(trace, args.png)
+        except ImportError:
+            print("hiocluster: report: --png needs matplotlib (pip install matplotlib)",
+                  file=sys.stderr)
+            return EXIT_FAILED
+        print(f"wrote {args.png}")
+    return EXIT_OK
