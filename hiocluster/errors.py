@@ -30,6 +30,8 @@
 
 ``Terminated`` and ``TickOverrun`` are BaseExceptions on purpose: they end a
 node's code wherever it is, and a node's ``except Exception`` does not hold them.
+They are raised at a worker's signal checkpoints, or by the signal itself only
+while a node's own code runs (hiocluster.runtime.signals).
 
 Errors carry fields, not only text. msgpack and zmq exceptions are translated at
 the protocol and transport boundaries with ``raise ... from exc``.

@@ -59,12 +59,14 @@ def digest_state(state: Any) -> bytes:
 
 class Clock:
     """The lockstep tick, shared by every node of a worker: one store per tick, not
-    one per node."""
+    one per node; and which node's tick raised (``failed``: its name, None while
+    none has), read by the worker to name it."""
 
-    __slots__ = ("tick", "spans")
+    __slots__ = ("tick", "spans", "failed")
 
     def __init__(self) -> None:
         self.tick = -1
+        self.failed: str | None = None
         #: with --trace, [node, start, end] (wall seconds) of every step of this tick
         self.spans: list[list[Any]] | None = None
 
@@ -297,8 +299,8 @@ class Node(DoDoer):
             if spans is not None:  # --trace: when this node stepped
                 spans.append([self.name, began, time.time()])
         except BaseException as exc:
-            if not hasattr(exc, "hiocluster_node"):
-                exc.hiocluster_node = self.name  # type: ignore[attr-defined]
+            if self.clock.failed is None:  # the innermost node: the one to name
+                self.clock.failed = self.name
             # hio runs this node's exit() as the exception leaves its generator
             # (a signal reaches a node as the worker's Terminated: not its failure)
             self.outcome = "interrupted" if isinstance(exc, Terminated) else "failed"

@@ -25,7 +25,6 @@ import ipaddress
 import json
 import os
 import shutil
-import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -39,6 +38,7 @@ from hiocluster.errors import FrameError
 from hiocluster.runtime.launch import LocalLauncher, LocalProcess, end_process
 from hiocluster.runtime.loop import Loop
 from hiocluster.runtime.rundir import RUN_ROOT_ENV, make_run_dir, remove_run_dir, run_root
+from hiocluster.runtime.signals import Signals
 from hiocluster.runtime.transport import (
     Context,
     Credentials,
@@ -332,13 +332,11 @@ def run_agent(options: AgentOptions) -> int:
         agent = Agent(options, loop)
         loop.doers = [agent]
 
-        def on_signal(signum: int, frame: Any) -> None:
+        def stop(signum: int) -> None:
             agent.stop_requested = signum
-            loop.asap = True
 
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(signum, on_signal)
-        loop.run()
+        with Signals().watch(loop, stop):
+            loop.run()
     except TransportError as exc:
         print(f"hiocluster agent {options.name}: {exc}", file=sys.stderr)
         return 1

@@ -12,7 +12,7 @@ process waits (docs/design.md, "Core and shell").
 from __future__ import annotations
 
 import time
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from hio.base.doing import Doer, Doist
 
@@ -34,6 +34,7 @@ class Loop(Doist):
         self.asap = False  # a doer has more to do at once: skip the next wait
         self.due: float | None = None  # a doer wants a cycle by then (monotonic)
         self.ready: list[Any] = []  # what the last wait found readable (sockets, fds)
+        self.checkpoints: list[Callable[[], None]] = []  # called after each wait (signals)
         self._origin = time.monotonic()
 
     def tick(self, tock: float | None = None) -> float:  # type: ignore[override]
@@ -63,6 +64,8 @@ class Loop(Doist):
         timeout = self.timeout()
         self.asap, self.due = False, None
         self.ready = self.poller.poll(timeout * 1000) if timeout > 0 else []
+        for checkpoint in self.checkpoints:
+            checkpoint()
 
     def run(self) -> None:
         """Enter every doer, cycle until all are done, then exit them (always)."""

@@ -2,14 +2,16 @@
 
 Runs beside the worker's main thread, so it works while a node is busy:
 
-* **orphan rule** (docs/protocol.md §9): once the process that started the
-  worker is no longer its parent, or the control connection to the supervisor
-  has been down for :func:`orphan_grace` (or never came up within the start-up
-  time), the supervisor is gone: the worker is sent SIGTERM, so it leaves
-  through its exit contexts;
+* **orphan rule** (:class:`OrphanRule`, docs/protocol.md §9; groups and
+  replicas keep the same rule): once the process that started the worker is
+  no longer its parent, or the control connection to the supervisor has been
+  down for :func:`orphan_grace` (or never came up within the start-up time),
+  the supervisor is gone: the worker is sent SIGTERM, so it leaves through its
+  exit contexts;
 * **tick deadline**: once one tick has run ``tick_timeout`` seconds, the main
-  thread gets SIGUSR1, whose handler raises ``TickOverrun`` inside the node
-  that is running, so the failure names it.
+  thread gets SIGUSR1, which raises ``TickOverrun`` inside the node that is
+  running (hiocluster.runtime.signals: a node's code has no checkpoints), so
+  the failure names it.
 """
 
 from __future__ import annotations

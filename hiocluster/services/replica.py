@@ -19,7 +19,6 @@ exit 0. Started by the supervisor as ``hiocluster replica``.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import logging
@@ -39,8 +38,8 @@ from hiocluster.errors import FrameError, TransportError
 from hiocluster.node import load_class
 from hiocluster.runtime.loop import Loop
 from hiocluster.runtime.rundir import remove_orphan_files
-from hiocluster.runtime.signals import IGNORED_SIGNALS
-from hiocluster.runtime.transport import Context, Credentials, ipc_path
+from hiocluster.runtime.signals import IGNORED_SIGNALS, STOP_SIGNALS, Signals
+from hiocluster.runtime.transport import Context, Credentials, Poller, ipc_path
 from hiocluster.runtime.watchdog import Watchdog, parent_gone
 from hiocluster.service import Service
 from hiocluster.services.serving import WRITE_ONLY
@@ -112,68 +111,53 @@ class ReplicaProcess:
         self.watched: dict[int, int] = {}
         self.last_watch: list[tuple[int, int]] = []
         self.draining_since: float | None = None
-        self.signalled = False  # a signal arrived: its wake-up bytes wait to be read
-        self.ignored: list[int] = []  # ignored signals not yet said
         self.reported = (-1, -1)
         self.report_at = 0.0
         self.beat_at = 0.0      # a LOAD is due by then even if nothing changed
         self.done = False
-        self.wake = socket.socketpair()
-        for end in self.wake:
-            end.setblocking(False)
 
     # -- the loop -----------------------------------------------------------------
     def run(self) -> int:
         options = self.options
         self.context = Context(options.credentials.keys, owner=f"replica {options.key}")
         watchdog = None
-        old = signal.set_wakeup_fd(self.wake[1].fileno(), warn_on_full_buffer=False)
-        handlers = {signum: signal.signal(signum, self._signalled)
-                    for signum in (signal.SIGTERM, signal.SIGINT)}
-        handlers.update({signum: signal.signal(signum, self._ignore)
-                         for signum in IGNORED_SIGNALS})
-        try:
-            self.control, monitor = self.context.monitored_dealer(
-                options.connect, options.credentials.server, identity=options.key.encode())
-            watchdog = Watchdog(monitor, CONNECT_TIMEOUT,
-                                lambda: 0.0, idle_check=IDLE_WAIT_S, parent=options.parent)
-            watchdog.start()
+        with Signals(STOP_SIGNALS + IGNORED_SIGNALS).watch(self.loop, self._signalled):
             try:
-                self.service.open()
-            except Exception as exc:
-                detail = f"{type(exc).__name__}: {exc}"
-                logger.error("%s cannot serve: %s", options.key, detail)
-                self._send(proto.Error(code="start", detail=detail))
-                return 1
-            self._send(proto.Join(service=options.spec.name, replica=options.index,
-                                  incarnation=options.incarnation,
-                                  token=options.credentials.token, pid=os.getpid()))
-            self.loop.poller.register(self.control)
-            self.loop.poller.register(self.wake[0].fileno())
-            self.loop.enter()
-            try:
-                while not self.done:
-                    self.loop.recur()
-                    self._control()
-                    if not self.done:
-                        self.loop.wait()
+                self.control, monitor = self.context.monitored_dealer(
+                    options.connect, options.credentials.server, identity=options.key.encode())
+                watchdog = Watchdog(monitor, CONNECT_TIMEOUT,
+                                    lambda: 0.0, idle_check=IDLE_WAIT_S, parent=options.parent)
+                watchdog.start()
+                try:
+                    self.service.open()
+                except Exception as exc:
+                    detail = f"{type(exc).__name__}: {exc}"
+                    logger.error("%s cannot serve: %s", options.key, detail)
+                    self._send(proto.Error(code="start", detail=detail))
+                    return 1
+                self._send(proto.Join(service=options.spec.name, replica=options.index,
+                                      incarnation=options.incarnation,
+                                      token=options.credentials.token, pid=os.getpid()))
+                self.loop.poller.register(self.control)
+                self.loop.enter()
+                try:
+                    while not self.done:
+                        self.loop.recur()
+                        self._control()
+                        if not self.done:
+                            self.loop.wait()
+                finally:
+                    self.loop.exit()
+                if watchdog.orphaned or parent_gone(watchdog.parent):  # killed as it stopped
+                    remove_run_files(self.options.connect)
+                    return 3
+                self._send(proto.Bye(stats={"served": self.service.served}))
+                return 0
             finally:
-                self.loop.exit()
-            if watchdog.orphaned or parent_gone(watchdog.parent):  # e.g. killed as it stopped us
-                remove_run_files(self.options.connect)
-                return 3
-            self._send(proto.Bye(stats={"served": self.service.served}))
-            return 0
-        finally:
-            signal.set_wakeup_fd(old)
-            for signum, handler in handlers.items():
-                signal.signal(signum, handler)
-            if watchdog is not None:
-                watchdog.stop()
-            self.service.close()
-            self.context.close()
-            for end in self.wake:
-                end.close()
+                if watchdog is not None:
+                    watchdog.stop()
+                self.service.close()
+                self.context.close()
 
     def step(self) -> None:
         """One cycle of the service, then what to sleep on next."""
@@ -197,14 +181,6 @@ class ReplicaProcess:
 
     def _control(self) -> None:
         """Frames from the supervisor, LOAD when due, the end of a drain."""
-        if self.signalled:  # only then has the wake-up socket bytes to take
-            self.signalled = False
-            with contextlib.suppress(OSError):
-                while self.wake[0].recv(4096):
-                    pass
-            while self.ignored:
-                logger.warning("%s: %s ignored (there is no reload)", self.options.key,
-                               signal.Signals(self.ignored.pop(0)).name)
         while (data := self.control.take()) is not None:
             try:
                 message = proto.decode(data, allowed=proto.TO_REPLICA)
@@ -236,13 +212,14 @@ class ReplicaProcess:
             self.loop.max_wait = DRAIN_WAIT_S
             self.service.drain()
 
-    def _signalled(self, signum: int, frame: Any) -> None:
-        self.signalled = True
-        self._drain(signal.Signals(signum).name)
-
-    def _ignore(self, signum: int, frame: Any) -> None:
-        self.signalled = True
-        self.ignored.append(signum)
+    def _signalled(self, signum: int) -> None:
+        """A signal, at the loop's checkpoint: SIGTERM/SIGINT drain; the rest are
+        ignored (said in the log)."""
+        if signum in STOP_SIGNALS:
+            self._drain(signal.Signals(signum).name)
+        else:
+            logger.warning("%s: %s ignored (there is no reload)", self.options.key,
+                           signal.Signals(signum).name)
 
     def _send(self, message: proto.Message) -> None:
         try:
@@ -267,56 +244,52 @@ def standby(options: ReplicaOptions) -> ReplicaOptions | int:
     is imported, the run's listening sockets inherited; STANDBY, then wait for
     ASSIGN (the options of that replica) or STOP, SIGTERM, SIGINT, the run gone
     (an exit code)."""
-    signalled: list[int] = []
-    handlers = {signum: signal.signal(signum, lambda signum, frame: signalled.append(signum))
-                for signum in (signal.SIGTERM, signal.SIGINT)}
-    handlers.update({signum: signal.signal(signum, signal.SIG_IGN)
-                     for signum in IGNORED_SIGNALS})
-    context = Context(owner=f"spare {options.key}")
-    watchdog = None
-    try:
-        control, monitor = context.monitored_dealer(options.connect,
-                                                    identity=options.key.encode())
-        watchdog = Watchdog(monitor, CONNECT_TIMEOUT, lambda: 0.0,
-                            idle_check=IDLE_WAIT_S, parent=options.parent)
-        watchdog.start()
-        control.send(proto.encode(proto.Standby(service=options.spec.name,
-                                                token=options.credentials.token,
-                                                pid=os.getpid())))
-        while True:
-            if watchdog.orphaned:
-                remove_run_files(options.connect)
-                return 3
-            if signalled:
-                return 0
-            if not control.poll(int(IDLE_WAIT_S * 1000)):
-                continue
-            try:
-                data = control.take()
-                if data is None:
+    with Signals(STOP_SIGNALS + IGNORED_SIGNALS) as signals:
+        context = Context(owner=f"spare {options.key}")
+        watchdog = None
+        try:
+            control, monitor = context.monitored_dealer(options.connect,
+                                                        identity=options.key.encode())
+            watchdog = Watchdog(monitor, CONNECT_TIMEOUT, lambda: 0.0,
+                                idle_check=IDLE_WAIT_S, parent=options.parent)
+            watchdog.start()
+            control.send(proto.encode(proto.Standby(service=options.spec.name,
+                                                    token=options.credentials.token,
+                                                    pid=os.getpid())))
+            wake = signals.fileno()
+            poller = Poller([control] if wake is None else [control, wake])
+            while True:
+                if watchdog.orphaned:
+                    remove_run_files(options.connect)
+                    return 3
+                if set(signals.take()) & set(STOP_SIGNALS):  # the others are ignored
+                    return 0
+                if control not in poller.poll(IDLE_WAIT_S * 1000):
                     continue
-                message = proto.decode(data, allowed=proto.TO_REPLICA)
-            except FrameError as exc:
-                logger.error("bad frame from the supervisor: %s", exc)
-                continue
-            if not isinstance(message, proto.Assign):
-                return 0  # STOP (or an ERROR): a spare has nothing to drain
-            if any(k >= len(options.fds) for k in message.listeners):
-                logger.error("ASSIGN names listening sockets %s; this spare has %d",
-                             message.listeners, len(options.fds))
-                return 1
-            keep = tuple(options.fds[k] for k in message.listeners)
-            for fd in set(options.fds) - set(keep):
-                os.close(fd)
-            return dataclasses.replace(options, index=message.replica,
-                                       incarnation=message.incarnation, fds=keep,
-                                       spare=False)
-    finally:
-        if watchdog is not None:
-            watchdog.stop()
-        context.close(linger=0)
-        for signum, handler in handlers.items():
-            signal.signal(signum, handler)
+                try:
+                    data = control.take()
+                    if data is None:
+                        continue
+                    message = proto.decode(data, allowed=proto.TO_REPLICA)
+                except FrameError as exc:
+                    logger.error("bad frame from the supervisor: %s", exc)
+                    continue
+                if not isinstance(message, proto.Assign):
+                    return 0  # STOP (or an ERROR): a spare has nothing to drain
+                if any(k >= len(options.fds) for k in message.listeners):
+                    logger.error("ASSIGN names listening sockets %s; this spare has %d",
+                                 message.listeners, len(options.fds))
+                    return 1
+                keep = tuple(options.fds[k] for k in message.listeners)
+                for fd in set(options.fds) - set(keep):
+                    os.close(fd)
+                return dataclasses.replace(options, index=message.replica,
+                                           incarnation=message.incarnation, fds=keep,
+                                           spare=False)
+        finally:
+            if watchdog is not None:
+                watchdog.stop()
+            context.close(linger=0)
 
 
 def run_replica(options: ReplicaOptions) -> int:

@@ -40,7 +40,7 @@ from hiocluster.runtime.launch import LocalProcess, end_process, spawn
 from hiocluster.runtime.loop import Loop, RouterDoer
 from hiocluster.runtime.output import Prefixer
 from hiocluster.runtime.rundir import close_run, make_run_dir
-from hiocluster.runtime.signals import RunSignals
+from hiocluster.runtime.signals import run_signals
 from hiocluster.runtime.transport import (
     CREDENTIALS_ENV,
     Context,
@@ -287,7 +287,6 @@ class Services(DoDoer):
         self.sockets: dict[str, dict[int, Any]] = {name: {} for name in self.core.services}
         self.processes: dict[int, psutil.Process] = {}
         self.started = False
-        self.signals: list[int] = []               # ignored signals, not yet said
         super().__init__(doers=[self.board], **kwa)
 
     # what the owner provides, once it entered
@@ -341,9 +340,6 @@ class Services(DoDoer):
         for line in core.log:
             self.say(line)
         core.log.clear()
-        while self.signals:
-            self.say(f"{signal.Signals(self.signals.pop(0)).name} ignored "
-                     "(there is no reload; SIGTERM or `hiocluster stop` stops the run)")
         self.keep_spares(now)
         for name, sockets in self.sockets.items():  # scaled to 0: refuse, do not queue
             pool = core.services[name].pool
@@ -486,9 +482,9 @@ class Services(DoDoer):
             self.say(f"{replica.label}: {message.detail}")
 
     def ignored(self, signum: int) -> None:
-        """A signal the run ignores (SIGHUP...) arrived: said at the next cycle (a
-        signal handler must not write)."""
-        self.signals.append(signum)
+        """A signal the run ignores (SIGHUP...) arrived (said at a checkpoint)."""
+        self.say(f"{signal.Signals(signum).name} ignored "
+                 "(there is no reload; SIGTERM or `hiocluster stop` stops the run)")
 
     def kill(self, replica: Replica) -> None:
         doer = self.running.get(replica.key)
@@ -692,7 +688,7 @@ def serve(topology: Topology, *, app_dir: str | None = None,
     root = ServiceRun(topology, loop, app_dir=app_dir, command=command, prefixer=prefixer,
                       on_listening=on_listening)
     loop.doers = [root]
-    with RunSignals(root, loop, handle_signals):
+    with run_signals(root, loop, handle_signals):
         loop.run()
     if root.services.core.failure is not None:
         raise root.services.core.failure

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -34,6 +33,7 @@ from hio.base.doing import Doer
 from hiocluster.runtime.launch import LocalLauncher, TickRegister
 from hiocluster.runtime.loop import Loop
 from hiocluster.runtime.rundir import make_run_dir, remove_orphan_files, remove_run_dir
+from hiocluster.runtime.signals import Signals
 from hiocluster.runtime.transport import (
     Context,
     Credentials,
@@ -126,7 +126,7 @@ class Group(SupervisorShell):
         self.run_dir: str | None = None
         self.register: TickRegister | None = None
         self.launcher: LocalLauncher | None = None
-        self.interrupts: list[int] = []   # signals caught, for the next cycle
+        self.interrupts: list[int] = []   # stop signals taken, for the next cycle
         self.parent = os.getppid()        # who started it: once gone, its files are ours
 
     def recur(self, tyme: float, deeds: Any = None) -> bool:  # type: ignore[override]
@@ -224,13 +224,9 @@ def run_group(options: GroupOptions) -> int:
     group = Group(options, loop)
     loop.doers = [group]
 
-    def on_signal(signum: int, frame: Any) -> None:
-        group.interrupts.append(signum)
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
     try:
-        loop.run()
+        with Signals().watch(loop, group.interrupts.append):
+            loop.run()
     except TransportError as exc:
         orphaned = parent_gone(options.parent)  # e.g. its files went with its supervisor
         if orphaned:

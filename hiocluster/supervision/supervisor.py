@@ -41,7 +41,7 @@ from hiocluster.runtime.launch import (
 )
 from hiocluster.runtime.loop import Loop, RouterDoer
 from hiocluster.runtime.rundir import close_run, make_run_dir
-from hiocluster.runtime.signals import RunSignals
+from hiocluster.runtime.signals import run_signals
 from hiocluster.runtime.transport import (
     ENDPOINT_RECORD,
     Context,
@@ -461,8 +461,8 @@ class Supervisor(SupervisorShell):
         self._tell(self.core)
 
     def interrupt(self, signum: int) -> None:
-        """Stop the run cleanly at once (called from signal handlers); before the
-        core exists, as soon as it does."""
+        """Stop the run cleanly at once (SIGINT/SIGTERM, at the loop's signal
+        checkpoint); before the core exists, as soon as it does."""
         if self.core is None:
             self._early_signal = signum
         else:
@@ -668,7 +668,7 @@ def run(topology: Topology, *, processes: int | None = None, app_dir: str | None
                             on_tick=on_tick, on_ready=on_ready, on_listening=on_listening,
                             keys=keys, prefixer=prefixer, trace=trace, **timeouts)
     loop.doers = [supervisor]
-    with RunSignals(supervisor, loop, handle_signals):
+    with run_signals(supervisor, loop, handle_signals):
         loop.run()
     if supervisor.failure is not None:
         raise supervisor.failure

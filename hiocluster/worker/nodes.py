@@ -92,7 +92,7 @@ class NodeRunner:
         except Terminated:
             raise
         except BaseException as exc:  # SystemExit from a node is the node's failure too
-            name: str = getattr(exc, "hiocluster_node", "?")
+            name, self.clock.failed = self.clock.failed or "?", None
             code = "tick-timeout" if isinstance(exc, TickOverrun) else "node-error"
             raise NodeFailed(name, tick, explain(exc), code, headline(exc)) from exc
         finally:

@@ -32,6 +32,7 @@ from hiocluster import protocol as proto
 from hiocluster.errors import FrameError, ProtocolError, RemoteProtocolError
 from hiocluster.runtime.launch import TickRegister
 from hiocluster.runtime.rundir import remove_orphan_files
+from hiocluster.runtime.signals import STOP_SIGNALS, Signals
 from hiocluster.runtime.transport import Context, Credentials, Poller, ipc_path
 from hiocluster.runtime.watchdog import Watchdog, parent_gone
 from hiocluster.timing import PROGRESS_S, START_TIMEOUT
@@ -105,6 +106,8 @@ class Worker:
         self.trace: list[list[Any]] | None = None  # with --trace: a row per tick
         self.trace_room = 0
         self.parent = os.getppid()        # who started it: once gone, its files are ours
+        self.signals = Signals(enabled=False)  # run_worker's, while it runs
+        self.in_nodes = False             # the nodes' own code runs (start-up: build, enter)
 
     # -- lifetime -------------------------------------------------------------
     def run(self) -> int:
@@ -121,6 +124,9 @@ class Worker:
                 self.options.connect, self.name, self.options.data), self.name,
                 credentials.token)
             self.poller = Poller([self.control])
+            wake = self.signals.fileno()
+            if wake is not None:  # a signal ends any wait at once
+                self.poller.register(wake)
             self.peers.watch(self.poller)
             self.watchdog = Watchdog(monitor, START_TIMEOUT,
                                      lambda: self.host.busy_since if self.host else 0.0,
@@ -254,14 +260,18 @@ class Worker:
             self.pacer = Pacer(setup.tock)
         if setup.trace:
             self.trace, self.trace_room = [], MAX_TRACE_VALUES
+        self.in_nodes = True
         self.host = host = NodeRunner(setup, self.options.app_dir)
+        self.in_nodes = False
         self.digest_every, self.last_tick = setup.digest_every, setup.ticks - 1
         self.exchange = Exchange(self.name, host.by_name, setup.links, setup.credit_lag,
                                  setup.ticks)
         assert self.watchdog is not None and self.peers is not None
         self.watchdog.tick_timeout = setup.tick_timeout
         self.peers.connect(self.exchange, setup.peers, setup.keys)
+        self.in_nodes = True
         host.enter()
+        self.in_nodes = False
         self._send(proto.Ready(digests=host.records()))
 
     # -- ticking ------------------------------------------------------------------
@@ -276,7 +286,10 @@ class Worker:
         register = self.register
         trace = self.trace
         every, last = self.digest_every, self.last_tick
+        signals = self.signals
         for tick in range(self.tick + 1, grant.until + 1):
+            if signals.pending:
+                self._checkpoint()
             if register is not None:
                 register.store(tick)
             if trace is not None:
@@ -319,11 +332,14 @@ class Worker:
         assert exchange is not None
         missing = exchange.missing(tick)
         receive = self.peers.receive if self.peers is not None else None
+        signals = self.signals
         while missing:
             if time.monotonic() >= self.report_at:
                 self._report(missing)  # and a look at the control socket
             if receive is not None:
                 receive()
+                if signals.pending:
+                    self._checkpoint()
             else:
                 self._wait(self.report_at)
             missing = exchange.missing(tick)
@@ -340,6 +356,7 @@ class Worker:
         deadline = time.monotonic() + FINISH_S
         while exchange.unfinished() and (now := time.monotonic()) < deadline:
             ready = self.poller.poll(max(0.0, min(deadline, self.report_at) - now) * 1000)
+            self._checkpoint()
             if self.control in ready:  # its supervisor has more to say: no more waiting
                 return
             peers.serve(ready)
@@ -372,6 +389,7 @@ class Worker:
         recv, and frames usually arrive before they are needed)."""
         timeout = max(0.0, until - time.monotonic())
         ready = self.poller.poll(timeout * 1000)
+        self._checkpoint()
         if self.control in ready:
             self._take_control()
         if self.peers is not None:
@@ -383,12 +401,36 @@ class Worker:
         control = self.control
         while True:
             ready = self.poller.poll(PROGRESS_S * 1000)
+            self._checkpoint()
             if control in ready and (frame := control.take()) is not None:
                 return self.machine.receive(frame)
             if ready and self.peers is not None:
                 self.peers.serve(ready)
             elif self.exchange is not None and self.peers is not None:
                 self.peers.check()
+
+    def _checkpoint(self) -> None:
+        """Act on the signals taken since the last checkpoint: SIGTERM or SIGINT
+        (the watchdog's SIGTERM: an orphan) end the worker through its exit
+        contexts; a tick deadline's SIGUSR1 that came between ticks is moot."""
+        for signum in self.signals.take():
+            if signum in STOP_SIGNALS:
+                raise Terminated(signum)
+
+    def unprotected(self, signum: int) -> BaseException | None:
+        """What a signal raises inside the nodes' own code (which has no
+        checkpoints: a node may loop for ever): Terminated, or TickOverrun for the
+        watchdog's SIGUSR1 in the tick it timed; None anywhere else (written down
+        for the next checkpoint)."""
+        host, watchdog = self.host, self.watchdog
+        busy = host.busy_since if host is not None else 0.0
+        if signum == signal.SIGUSR1:
+            if host is not None and busy and watchdog is not None \
+                    and busy == watchdog.overrun_since:
+                return TickOverrun(f"tick {host.tick} ran past the "
+                                   f"{watchdog.tick_timeout:g} s tick deadline")
+            return None
+        return Terminated(signum) if busy or self.in_nodes else None
 
     def _take_control(self) -> None:
         """A control frame mid-window can only be STOP or ERROR (the machine says so)."""
@@ -450,30 +492,16 @@ def say(line: str) -> None:
 
 
 def run_worker(options: WorkerOptions) -> int:
-    """Run a worker in this process with its signal handlers; return its exit code.
+    """Run a worker in this process with its signals; return its exit code.
 
     SIGTERM and SIGINT end it through its exit contexts (exit code 143 or 130);
-    SIGUSR1 is its watchdog's tick deadline.
+    SIGUSR1 is its watchdog's tick deadline (runtime.signals: acted on at the
+    worker's checkpoints, raised only inside its nodes' code).
     """
     worker = Worker(options)
-
-    def on_signal(signum: int, frame: Any) -> None:
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        raise Terminated(signum)
-
-    def on_overrun(signum: int, frame: Any) -> None:
-        host, watchdog = worker.host, worker.watchdog
-        if host is not None and watchdog is not None and host.busy_since \
-                and host.busy_since == watchdog.overrun_since:
-            raise TickOverrun(f"tick {host.tick} ran past the {watchdog.tick_timeout:g} s "
-                              "tick deadline")
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGUSR1, on_overrun)
-    try:
-        return worker.run()
-    except Terminated:  # a second signal while already failing: exit quietly
-        return 143
-
+    with Signals(STOP_SIGNALS + (signal.SIGUSR1,), unprotected=worker.unprotected) as signals:
+        worker.signals = signals
+        try:
+            return worker.run()
+        except Terminated:  # a signal inside a node while already failing: exit quietly
+            return 143
