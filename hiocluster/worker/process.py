@@ -108,6 +108,7 @@ class Worker:
         self.parent = os.getppid()        # who started it: once gone, its files are ours
         self.signals = Signals(enabled=False)  # run_worker's, while it runs
         self.in_nodes = False             # the nodes' own code runs (start-up: build, enter)
+        self.wake: int | None = None      # the signals' wakeup fd, in the poller
 
     # -- lifetime -------------------------------------------------------------
     def run(self) -> int:
@@ -124,7 +125,7 @@ class Worker:
                 self.options.connect, self.name, self.options.data), self.name,
                 credentials.token)
             self.poller = Poller([self.control])
-            wake = self.signals.fileno()
+            self.wake = wake = self.signals.fileno()
             if wake is not None:  # a signal ends any wait at once
                 self.poller.register(wake)
             self.peers.watch(self.poller)
@@ -356,7 +357,7 @@ class Worker:
         deadline = time.monotonic() + FINISH_S
         while exchange.unfinished() and (now := time.monotonic()) < deadline:
             ready = self.poller.poll(max(0.0, min(deadline, self.report_at) - now) * 1000)
-            self._checkpoint()
+            self._checkpoint(ready)
             if self.control in ready:  # its supervisor has more to say: no more waiting
                 return
             peers.serve(ready)
@@ -389,7 +390,7 @@ class Worker:
         recv, and frames usually arrive before they are needed)."""
         timeout = max(0.0, until - time.monotonic())
         ready = self.poller.poll(timeout * 1000)
-        self._checkpoint()
+        self._checkpoint(ready)
         if self.control in ready:
             self._take_control()
         if self.peers is not None:
@@ -401,7 +402,7 @@ class Worker:
         control = self.control
         while True:
             ready = self.poller.poll(PROGRESS_S * 1000)
-            self._checkpoint()
+            self._checkpoint(ready)
             if control in ready and (frame := control.take()) is not None:
                 return self.machine.receive(frame)
             if ready and self.peers is not None:
@@ -409,11 +410,15 @@ class Worker:
             elif self.exchange is not None and self.peers is not None:
                 self.peers.check()
 
-    def _checkpoint(self) -> None:
-        """Act on the signals taken since the last checkpoint: SIGTERM or SIGINT
-        (the watchdog's SIGTERM: an orphan) end the worker through its exit
-        contexts; a tick deadline's SIGUSR1 that came between ticks is moot."""
-        for signum in self.signals.take():
+    def _checkpoint(self, ready: list[Any] | None = None) -> None:
+        """Act on the signals written down since the last checkpoint (``ready``:
+        what a poll found, the wakeup fd perhaps): SIGTERM or SIGINT (the
+        watchdog's SIGTERM: an orphan) end the worker through its exit contexts;
+        a tick deadline's SIGUSR1 that came between ticks is moot."""
+        signals = self.signals
+        if not signals.pending and (not ready or self.wake not in ready):
+            return
+        for signum in signals.take():
             if signum in STOP_SIGNALS:
                 raise Terminated(signum)
 
