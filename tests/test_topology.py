@@ -8,11 +8,20 @@ import sys
 import textwrap
 
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
 from hiocluster.errors import TopologyError
-from hiocluster.topology import (LinkSpec, NodeSpec, Plan, Topology, load, loads, plan,
-                                 resolve_classes)
+from hiocluster.topology import (
+    LinkSpec,
+    NodeSpec,
+    Plan,
+    Topology,
+    load,
+    loads,
+    plan,
+    resolve_classes,
+)
 
 AB = '[nodes.a]\nclass = "m:A"\n[nodes.b]\nclass = "m:B"\n'
 LP = '[nodes.lp]\nclass = "m:A"\ncount = 3\n'
@@ -292,8 +301,8 @@ def _grid(side: int, torus: bool = False) -> str:
 
 def _bands(top: Topology, count: int) -> int:
     """Links between workers when the file's order is cut into ``count`` blocks."""
-    from hiocluster.topology.placement import _blocks
-    return Plan(_blocks(top.nodes, count)).crossing(top.links)
+    from hiocluster.topology.placement import contiguous_blocks
+    return Plan(contiguous_blocks(top.nodes, count)).crossing(top.links)
 
 
 def test_processes_split_the_link_graph_into_blocks_not_bands() -> None:

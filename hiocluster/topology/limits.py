@@ -10,7 +10,7 @@ BOX_NAME = NODE_NAME
 WORKER_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")
 _DOTTED = r"[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*"
 CLASS_PATH = re.compile(f"{_DOTTED}:{_DOTTED}")
-_PATTERN = re.compile(r"[A-Za-z0-9_*?\[\]!-]+")
+GLOB_PATTERN = re.compile(r"[A-Za-z0-9_*?\[\]!-]+")
 MAX_COUNT = 100_000
 SEED_LIMIT = 2**63
 #: Deepest nesting of ``[groups]``: a group inside a group ... this many deep (a
@@ -26,7 +26,7 @@ RESTART_POLICIES = ("one_for_one", "one_for_all")
 #: the neighbours it only sends to; links need about 2 x lag capacity to flow freely.
 AUTO_CREDIT_LAG = 8
 
-_RUN_DEFAULTS: dict[str, int | float | bool | str] = {
+RUN_DEFAULTS: dict[str, int | float | bool | str] = {
     "ticks": 100, "tock": 1.0, "t0": 0.0, "seed": 0, "tick_timeout": 30.0, "capacity": 1024,
     "real": False, "digest_every": 1, "credit_lag": "auto", "transport": "ipc",
 }

@@ -53,7 +53,7 @@ def _locate(text: str | None, key_path: str) -> int | None:
     return None
 
 
-def _place(exc: TopologyError, text: str | None, path: str | None) -> None:
+def locate_error(exc: TopologyError, text: str | None, path: str | None) -> None:
     """Fill in the line and path of an error raised by the checks above."""
     if exc.line is None:
         exc.line = _locate(text, exc.key_path)

@@ -12,69 +12,69 @@ from typing import Any
 
 from hiocluster.errors import TopologyError
 from hiocluster.topology.limits import (
-    _RUN_DEFAULTS,
     CLASS_PATH,
     MAX_COUNT,
     MAX_REPLICAS,
     NODE_NAME,
     RESTART_POLICIES,
+    RUN_DEFAULTS,
     WORKER_NAME,
 )
-from hiocluster.topology.lines import _place
-from hiocluster.topology.patterns import _pattern
+from hiocluster.topology.lines import locate_error
+from hiocluster.topology.patterns import pattern_links
 from hiocluster.topology.spec import HostSpec, LinkSpec, NodeSpec, ServiceSpec, Topology
 from hiocluster.topology.values import (
-    _array,
-    _endpoint,
-    _err,
-    _int,
-    _is_glob,
-    _keys,
-    _match,
-    _name,
-    _number,
     _plain,
-    _run_value,
-    _str,
-    _suggest,
-    _table,
-    _type_name,
+    array_value,
+    check_keys,
+    endpoint_value,
+    int_value,
+    is_glob,
+    match_names,
+    name_value,
+    number_value,
+    run_value,
+    suggest,
+    table_value,
+    text_value,
+    topology_error,
+    type_name,
 )
 
 # --- the sections -----------------------------------------------------------------
 
 def _run(document: dict[str, Any]) -> dict[str, Any]:
-    run = _table(document.get("run", {}), "run")
-    _keys(run, tuple(_RUN_DEFAULTS), "run")
-    return {key: _run_value(key, run.get(key, default)) for key, default in _RUN_DEFAULTS.items()}
+    run = table_value(document.get("run", {}), "run")
+    check_keys(run, tuple(RUN_DEFAULTS), "run")
+    return {key: run_value(key, run.get(key, default)) for key, default in RUN_DEFAULTS.items()}
 
 
 def _nodes(document: dict[str, Any]) -> tuple[NodeSpec, ...]:
-    raw = _table(document.get("nodes", {}), "nodes")
+    raw = table_value(document.get("nodes", {}), "nodes")
     if not raw and not document.get("services"):
-        raise _err("at least one node (or service) is required", "nodes")
+        raise topology_error("at least one node (or service) is required", "nodes")
     declared_by: dict[str, str] = {}
     nodes: list[NodeSpec] = []
     for key, body in raw.items():
         key_path = f"nodes.{key}"
-        _name(key, NODE_NAME, "node", key_path)
-        _keys(_table(body, key_path), ("class", "params", "count", "per_index"), key_path,
+        name_value(key, NODE_NAME, "node", key_path)
+        check_keys(table_value(body, key_path), ("class", "params", "count", "per_index"), key_path,
               ("class",))
-        cls = _str(body["class"], f"{key_path}.class")
+        cls = text_value(body["class"], f"{key_path}.class")
         if not CLASS_PATH.fullmatch(cls):
-            raise _err(f"expected 'module.path:attr', got {cls!r}", f"{key_path}.class")
-        params = _table(body.get("params", {}), f"{key_path}.params")
+            raise topology_error(f"expected 'module.path:attr', got {cls!r}", f"{key_path}.class")
+        params = table_value(body.get("params", {}), f"{key_path}.params")
         names = [key]
         count = None
         if "count" in body:
-            count = _int(body["count"], f"{key_path}.count", 1, MAX_COUNT)
+            count = int_value(body["count"], f"{key_path}.count", 1, MAX_COUNT)
             width = len(str(count - 1))
             names = [f"{key}{i:0{width}d}" for i in range(count)]
         per_index = _per_index(body, count, key_path)
         for i, name in enumerate(names):
-            _name(name, NODE_NAME, "node", key_path)
+            name_value(name, NODE_NAME, "node", key_path)
             if name in declared_by:
-                raise _err(f"duplicate node name {name!r} (also declared by "
+                raise topology_error(f"duplicate node name {name!r} (also declared by "
                            f"{declared_by[name]})", key_path)
             declared_by[name] = key_path
             own = {**params, **{param: values[i] for param, values in per_index.items()}}
@@ -88,14 +88,14 @@ def _per_index(body: dict[str, Any], count: int | None, key_path: str) -> dict[s
     with the index of the nodes ``count`` makes."""
     if "per_index" not in body:
         return {}
-    table = _table(body["per_index"], f"{key_path}.per_index")
+    table = table_value(body["per_index"], f"{key_path}.per_index")
     if count is None:
-        raise _err("per_index needs count (it gives each of the count nodes its own "
+        raise topology_error("per_index needs count (it gives each of the count nodes its own "
                    "value)", f"{key_path}.per_index")
     for param, values in table.items():
-        values = _array(values, f"{key_path}.per_index.{param}")
+        values = array_value(values, f"{key_path}.per_index.{param}")
         if len(values) != count:
-            raise _err(f"has {len(values)} values for {count} nodes (count = {count})",
+            raise topology_error(f"has {len(values)} values for {count} nodes (count = {count})",
                        f"{key_path}.per_index.{param}")
     return table
 
@@ -103,32 +103,32 @@ def _per_index(body: dict[str, Any], count: int | None, key_path: str) -> dict[s
 def _links(document: dict[str, Any], names: dict[str, int],
            capacity: int, seed: int = 0) -> tuple[LinkSpec, ...]:
     made: dict[tuple[str, str, str, str], tuple[int, int]] = {}
-    for i, entry in enumerate(_array(document.get("links", []), "links")):
+    for i, entry in enumerate(array_value(document.get("links", []), "links")):
         key_path = f"links[{i}]"
-        _keys(_table(entry, key_path), ("from", "to", "capacity"), key_path, ("from", "to"))
-        source_pattern, outbox = _endpoint(entry["from"], f"{key_path}.from")
-        target_pattern, inbox = _endpoint(entry["to"], f"{key_path}.to")
-        link_capacity = _int(entry.get("capacity", capacity), f"{key_path}.capacity", 1)
-        sources = _match(source_pattern, names, f"{key_path}.from")
-        targets = _match(target_pattern, names, f"{key_path}.to")
-        globbed = _is_glob(source_pattern) or _is_glob(target_pattern)
+        check_keys(table_value(entry, key_path), ("from", "to", "capacity"), key_path, ("from", "to"))
+        source_pattern, outbox = endpoint_value(entry["from"], f"{key_path}.from")
+        target_pattern, inbox = endpoint_value(entry["to"], f"{key_path}.to")
+        link_capacity = int_value(entry.get("capacity", capacity), f"{key_path}.capacity", 1)
+        sources = match_names(source_pattern, names, f"{key_path}.from")
+        targets = match_names(target_pattern, names, f"{key_path}.to")
+        globbed = is_glob(source_pattern) or is_glob(target_pattern)
         pairs = [(s, t) for s in sources for t in targets if not (globbed and s == t)]
         if not pairs:
-            raise _err("makes no link: globs never link a node to itself", key_path)
+            raise topology_error("makes no link: globs never link a node to itself", key_path)
         for source, target in pairs:
             key = (source, outbox, target, inbox)
             if key in made:
-                raise _err(f"duplicate link {source}.{outbox} -> {target}.{inbox} "
+                raise topology_error(f"duplicate link {source}.{outbox} -> {target}.{inbox} "
                            f"(also made by links[{made[key][0]}])", key_path)
             made[key] = (i, link_capacity)
     origins = {key: f"links[{i}]" for key, (i, _) in made.items()}
-    for j, entry in enumerate(_array(document.get("patterns", []), "patterns")):
+    for j, entry in enumerate(array_value(document.get("patterns", []), "patterns")):
         key_path = f"patterns[{j}]"
-        link_capacity = _int(_table(entry, key_path).get("capacity", capacity),
+        link_capacity = int_value(table_value(entry, key_path).get("capacity", capacity),
                              f"{key_path}.capacity", 1)
-        for key in _pattern(entry, j, names, seed, key_path):
+        for key in pattern_links(entry, j, names, seed, key_path):
             if key in made:
-                raise _err(f"duplicate link {key[0]}.{key[1]} -> {key[2]}.{key[3]} (also made "
+                raise topology_error(f"duplicate link {key[0]}.{key[1]} -> {key[2]}.{key[3]} (also made "
                            f"by {origins[key]})", key_path)
             made[key] = (-1, link_capacity)
             origins[key] = key_path
@@ -141,22 +141,22 @@ def _placement(document: dict[str, Any],
                names: dict[str, int]) -> tuple[tuple[str, tuple[str, ...]], ...] | None:
     if "placement" not in document:
         return None
-    raw = _table(document["placement"], "placement")
+    raw = table_value(document["placement"], "placement")
     if not raw:
-        raise _err("no workers listed", "placement")
+        raise topology_error("no workers listed", "placement")
     order = names  # declaration index of every node
     placed_in: dict[str, str] = {}
     result: list[tuple[str, tuple[str, ...]]] = []
     for worker, entries in raw.items():
         key_path = f"placement.{worker}"
-        _name(worker, WORKER_NAME, "worker", key_path)
-        if not _array(entries, key_path):
-            raise _err(f"worker {worker!r} has no nodes", key_path)
+        name_value(worker, WORKER_NAME, "worker", key_path)
+        if not array_value(entries, key_path):
+            raise topology_error(f"worker {worker!r} has no nodes", key_path)
         members: list[str] = []
         for j, pattern in enumerate(entries):
-            for node in _match(_str(pattern, f"{key_path}[{j}]"), names, key_path):
+            for node in match_names(text_value(pattern, f"{key_path}[{j}]"), names, key_path):
                 if node in placed_in:
-                    raise _err(f"node {node!r} is placed twice: in {placed_in[node]} "
+                    raise topology_error(f"node {node!r} is placed twice: in {placed_in[node]} "
                                f"and {key_path}", key_path)
                 placed_in[node] = key_path
                 members.append(node)
@@ -165,19 +165,19 @@ def _placement(document: dict[str, Any],
     if missing:
         shown = ", ".join(missing[:10]) + (f" and {len(missing) - 10} more"
                                            if len(missing) > 10 else "")
-        raise _err(f"not placed in any worker: {shown}", "placement")
+        raise topology_error(f"not placed in any worker: {shown}", "placement")
     return tuple(result)
 
 
 def _groups(document: dict[str, Any]) -> tuple[tuple[str, tuple[str, ...]], ...]:
-    raw = _table(document.get("groups", {}), "groups")
+    raw = table_value(document.get("groups", {}), "groups")
     groups = []
     for name, members in raw.items():
         key_path = f"groups.{name}"
-        _name(name, WORKER_NAME, "group", key_path)
-        if not _array(members, key_path):
-            raise _err(f"group {name!r} has no members", key_path)
-        groups.append((name, tuple(_name(_str(member, f"{key_path}[{j}]"), WORKER_NAME,
+        name_value(name, WORKER_NAME, "group", key_path)
+        if not array_value(members, key_path):
+            raise topology_error(f"group {name!r} has no members", key_path)
+        groups.append((name, tuple(name_value(text_value(member, f"{key_path}[{j}]"), WORKER_NAME,
                                          "member", f"{key_path}[{j}]")
                                    for j, member in enumerate(members))))
     return tuple(groups)
@@ -187,24 +187,24 @@ _AGENT = re.compile(r"tcp://[^\s:/]+:\d{1,5}")
 
 
 def _hosts(document: dict[str, Any]) -> tuple[HostSpec, ...]:
-    raw = _table(document.get("hosts", {}), "hosts")
+    raw = table_value(document.get("hosts", {}), "hosts")
     hosts: list[HostSpec] = []
     placed_on: dict[str, str] = {}
     for name, body in raw.items():
         key_path = f"hosts.{name}"
-        _name(name, WORKER_NAME, "host", key_path)
+        name_value(name, WORKER_NAME, "host", key_path)
         if name == "local":
-            raise _err("'local' is this host: it needs no entry", key_path)
-        _keys(_table(body, key_path), ("agent", "workers"), key_path, ("agent", "workers"))
-        agent = _str(body["agent"], f"{key_path}.agent")
+            raise topology_error("'local' is this host: it needs no entry", key_path)
+        check_keys(table_value(body, key_path), ("agent", "workers"), key_path, ("agent", "workers"))
+        agent = text_value(body["agent"], f"{key_path}.agent")
         if not _AGENT.fullmatch(agent):
-            raise _err(f"expected 'tcp://HOST:PORT', got {agent!r}", f"{key_path}.agent")
+            raise topology_error(f"expected 'tcp://HOST:PORT', got {agent!r}", f"{key_path}.agent")
         workers = []
-        for j, worker in enumerate(_array(body["workers"], f"{key_path}.workers")):
-            worker = _name(_str(worker, f"{key_path}.workers[{j}]"), WORKER_NAME, "worker",
+        for j, worker in enumerate(array_value(body["workers"], f"{key_path}.workers")):
+            worker = name_value(text_value(worker, f"{key_path}.workers[{j}]"), WORKER_NAME, "worker",
                            f"{key_path}.workers[{j}]")
             if worker in placed_on:
-                raise _err(f"worker {worker!r} is on hosts {placed_on[worker]} and {name}",
+                raise topology_error(f"worker {worker!r} is on hosts {placed_on[worker]} and {name}",
                            f"{key_path}.workers[{j}]")
             placed_on[worker] = name
             workers.append(worker)
@@ -220,58 +220,58 @@ _LISTEN = re.compile(r"(?P<host>[A-Za-z0-9_.-]{1,253}):(?P<port>\d{1,5})")
 
 def _services(document: dict[str, Any], nodes: tuple[NodeSpec, ...],
               base: str) -> tuple[ServiceSpec, ...]:
-    raw = _table(document.get("services", {}), "services")
+    raw = table_value(document.get("services", {}), "services")
     services: list[ServiceSpec] = []
     listening: dict[tuple[str, int], str] = {}
     for name, body in raw.items():
         key_path = f"services.{name}"
-        _name(name, NODE_NAME, "service", key_path)
+        name_value(name, NODE_NAME, "service", key_path)
         if any(node.name == name for node in nodes):
-            raise _err(f"service {name!r} has the name of a node", key_path)
-        _keys(_table(body, key_path), _SERVICE_KEYS, key_path, ("class", "listen"))
-        cls = _str(body["class"], f"{key_path}.class")
+            raise topology_error(f"service {name!r} has the name of a node", key_path)
+        check_keys(table_value(body, key_path), _SERVICE_KEYS, key_path, ("class", "listen"))
+        cls = text_value(body["class"], f"{key_path}.class")
         if not CLASS_PATH.fullmatch(cls):
-            raise _err(f"expected 'module.path:attr', got {cls!r}", f"{key_path}.class")
-        listen = _str(body["listen"], f"{key_path}.listen")
+            raise topology_error(f"expected 'module.path:attr', got {cls!r}", f"{key_path}.class")
+        listen = text_value(body["listen"], f"{key_path}.listen")
         found = _LISTEN.fullmatch(listen)
         if found is None:
-            raise _err(f"expected 'HOST:PORT', got {listen!r}", f"{key_path}.listen")
-        port = _int(int(found["port"]), f"{key_path}.listen", 1, 65535)
+            raise topology_error(f"expected 'HOST:PORT', got {listen!r}", f"{key_path}.listen")
+        port = int_value(int(found["port"]), f"{key_path}.listen", 1, 65535)
         address = (found["host"], port)
         if address in listening:
-            raise _err(f"{listen} is also where service {listening[address]} listens",
+            raise topology_error(f"{listen} is also where service {listening[address]} listens",
                        f"{key_path}.listen")
         listening[address] = name
-        restart = _str(body.get("restart", "one_for_one"), f"{key_path}.restart")
+        restart = text_value(body.get("restart", "one_for_one"), f"{key_path}.restart")
         if restart not in RESTART_POLICIES:
-            raise _err(f"expected one of {', '.join(RESTART_POLICIES)}, got {restart!r}"
-                       f"{_suggest(restart, RESTART_POLICIES)}", f"{key_path}.restart")
-        numbers: dict[str, Any] = {key: _number(body[key], f"{key_path}.{key}", positive=key != "timeout")
+            raise topology_error(f"expected one of {', '.join(RESTART_POLICIES)}, got {restart!r}"
+                       f"{suggest(restart, RESTART_POLICIES)}", f"{key_path}.restart")
+        numbers: dict[str, Any] = {key: number_value(body[key], f"{key_path}.{key}", positive=key != "timeout")
                    for key in ("within", "backoff", "backoff_max", "timeout", "drain",
                                "heartbeat")
                    if key in body}
         if "max_body" in body:
-            numbers["max_body"] = _int(body["max_body"], f"{key_path}.max_body", 1, 1 << 40)
+            numbers["max_body"] = int_value(body["max_body"], f"{key_path}.max_body", 1, 1 << 40)
         if numbers.get("timeout", 0) < 0:
-            raise _err(f"must be >= 0, got {body['timeout']}", f"{key_path}.timeout")
+            raise topology_error(f"must be >= 0, got {body['timeout']}", f"{key_path}.timeout")
         spare = body.get("spare", True)
         if not isinstance(spare, bool):
-            raise _err(f"expected bool, got {_type_name(spare)}", f"{key_path}.spare")
+            raise topology_error(f"expected bool, got {type_name(spare)}", f"{key_path}.spare")
         tls = None
         if "tls" in body:
-            table = _table(body["tls"], f"{key_path}.tls")
-            _keys(table, ("cert", "key"), f"{key_path}.tls", ("cert", "key"))
-            tls = tuple(os.path.join(base, _str(table[key], f"{key_path}.tls.{key}"))
+            table = table_value(body["tls"], f"{key_path}.tls")
+            check_keys(table, ("cert", "key"), f"{key_path}.tls", ("cert", "key"))
+            tls = tuple(os.path.join(base, text_value(table[key], f"{key_path}.tls.{key}"))
                         for key in ("cert", "key"))
         services.append(ServiceSpec(
             name, cls, address,
-            replicas=_int(body.get("replicas", 1), f"{key_path}.replicas", 1, MAX_REPLICAS),
+            replicas=int_value(body.get("replicas", 1), f"{key_path}.replicas", 1, MAX_REPLICAS),
             restart=restart,
-            max_restarts=_int(body.get("max_restarts", 5), f"{key_path}.max_restarts", 0,
+            max_restarts=int_value(body.get("max_restarts", 5), f"{key_path}.max_restarts", 0,
                               10_000),
             tls=tls,  # type: ignore[arg-type]
             spare=spare,
-            params=_plain(_table(body.get("params", {}), f"{key_path}.params"),
+            params=_plain(table_value(body.get("params", {}), f"{key_path}.params"),
                           f"{key_path}.params"),
             **numbers))
     return tuple(services)
@@ -293,7 +293,7 @@ def loads(text: str, *, path: str | None = None) -> Topology:
                                             else None)
         raise TopologyError(f"invalid TOML: {exc}", line=line, path=path) from exc
     try:
-        _keys(document, ("run", "nodes", "links", "patterns", "placement", "groups", "hosts",
+        check_keys(document, ("run", "nodes", "links", "patterns", "placement", "groups", "hosts",
                          "services"), "")
         run = _run(document)
         nodes = _nodes(document)
@@ -305,7 +305,7 @@ def loads(text: str, *, path: str | None = None) -> Topology:
         services = _services(document, nodes,
                              os.path.dirname(os.path.abspath(path)) if path else os.getcwd())
     except TopologyError as exc:
-        _place(exc, text, path)
+        locate_error(exc, text, path)
         raise
     return Topology(
         name=Path(path).stem if path else "<string>", path=path,

@@ -10,15 +10,15 @@ from typing import Any
 
 from hiocluster.topology.limits import BOX_NAME, SEED_LIMIT
 from hiocluster.topology.values import (
-    _array,
-    _err,
-    _int,
-    _is_glob,
-    _keys,
-    _match,
-    _name,
-    _str,
-    _suggest,
+    array_value,
+    check_keys,
+    int_value,
+    is_glob,
+    match_names,
+    name_value,
+    suggest,
+    text_value,
+    topology_error,
 )
 
 #: The link patterns of ``[[patterns]]`` (and the builder).
@@ -37,18 +37,18 @@ _PATTERN_KEYS = {"ring": _LINE_KEYS, "line": _LINE_KEYS, "all": _LINE_KEYS,
                  "torus": _GRID_KEYS}
 
 
-def _pattern(entry: dict[str, Any], j: int, names: dict[str, int], run_seed: int,
+def pattern_links(entry: dict[str, Any], j: int, names: dict[str, int], run_seed: int,
              key_path: str) -> list[tuple[str, str, str, str]]:
     """The links one ``[[patterns]]`` entry makes (see docs: Topology files)."""
-    kind = _str(entry.get("kind"), f"{key_path}.kind") if "kind" in entry else ""
+    kind = text_value(entry.get("kind"), f"{key_path}.kind") if "kind" in entry else ""
     if kind not in PATTERN_KINDS:
-        raise _err(f"expected kind = one of {', '.join(PATTERN_KINDS)}, got {kind!r}"
-                   f"{_suggest(kind, PATTERN_KINDS)}", f"{key_path}.kind")
-    _keys(entry, _PATTERN_KEYS[kind], key_path, ("kind", "nodes"))
+        raise topology_error(f"expected kind = one of {', '.join(PATTERN_KINDS)}, got {kind!r}"
+                   f"{suggest(kind, PATTERN_KINDS)}", f"{key_path}.kind")
+    check_keys(entry, _PATTERN_KEYS[kind], key_path, ("kind", "nodes"))
     members = _pattern_nodes(entry["nodes"], names, f"{key_path}.nodes")
-    outbox = _name(_str(entry.get("from", "out"), f"{key_path}.from"), BOX_NAME, "box",
+    outbox = name_value(text_value(entry.get("from", "out"), f"{key_path}.from"), BOX_NAME, "box",
                    f"{key_path}.from")
-    inbox = _name(_str(entry.get("to", "in"), f"{key_path}.to"), BOX_NAME, "box",
+    inbox = name_value(text_value(entry.get("to", "in"), f"{key_path}.to"), BOX_NAME, "box",
                   f"{key_path}.to")
     n = len(members)
     if kind in ("ring", "line"):
@@ -59,9 +59,9 @@ def _pattern(entry: dict[str, Any], j: int, names: dict[str, int], run_seed: int
         return [(a, outbox, b, inbox) for a in members for b in members if a != b]
     if kind == "random":
         if "k" not in entry:
-            raise _err("missing required key 'k' (links out of each node)", key_path)
-        k = _int(entry["k"], f"{key_path}.k", 1, max(1, n - 1))
-        seed = _int(entry.get("seed", run_seed), f"{key_path}.seed", 0, SEED_LIMIT - 1)
+            raise topology_error("missing required key 'k' (links out of each node)", key_path)
+        k = int_value(entry["k"], f"{key_path}.k", 1, max(1, n - 1))
+        seed = int_value(entry.get("seed", run_seed), f"{key_path}.seed", 0, SEED_LIMIT - 1)
         digest = hashlib.sha256(f"hiocluster pattern {j} seed {seed}".encode()).digest()
         rng = random.Random(int.from_bytes(digest[:8], "big"))
         links: list[tuple[str, str, str, str]] = []
@@ -70,20 +70,20 @@ def _pattern(entry: dict[str, Any], j: int, names: dict[str, int], run_seed: int
                 links.append((a, outbox, b, inbox))
         return links
     if "shape" not in entry:
-        raise _err("missing required key 'shape' ([rows, columns])", key_path)
-    shape = _array(entry["shape"], f"{key_path}.shape")
+        raise topology_error("missing required key 'shape' ([rows, columns])", key_path)
+    shape = array_value(entry["shape"], f"{key_path}.shape")
     if len(shape) != 2:
-        raise _err(f"expected [rows, columns], got {shape!r}", f"{key_path}.shape")
-    rows, cols = (_int(v, f"{key_path}.shape", 1) for v in shape)
+        raise topology_error(f"expected [rows, columns], got {shape!r}", f"{key_path}.shape")
+    rows, cols = (int_value(v, f"{key_path}.shape", 1) for v in shape)
     if rows * cols != n:
-        raise _err(f"{rows} x {cols} = {rows * cols} places for {n} nodes",
+        raise topology_error(f"{rows} x {cols} = {rows * cols} places for {n} nodes",
                    f"{key_path}.shape")
-    neighbours = _int(entry.get("neighbours", 4), f"{key_path}.neighbours", 4, 8)
+    neighbours = int_value(entry.get("neighbours", 4), f"{key_path}.neighbours", 4, 8)
     if neighbours not in (4, 8):
-        raise _err(f"expected 4 or 8, got {neighbours}", f"{key_path}.neighbours")
-    boxes = _str(entry.get("boxes", "named"), f"{key_path}.boxes")
+        raise topology_error(f"expected 4 or 8, got {neighbours}", f"{key_path}.neighbours")
+    boxes = text_value(entry.get("boxes", "named"), f"{key_path}.boxes")
     if boxes not in ("named", "single"):
-        raise _err(f"expected 'named' (a box per direction: n s e w, and ne nw se sw) or "
+        raise topology_error(f"expected 'named' (a box per direction: n s e w, and ne nw se sw) or "
                    f"'single' (from and to), got {boxes!r}", f"{key_path}.boxes")
     links = []
     for r in range(rows):
@@ -100,7 +100,7 @@ def _pattern(entry: dict[str, Any], j: int, names: dict[str, int], run_seed: int
                 link = (a, direction, b, _OPPOSITE[direction]) if boxes == "named" \
                     else (a, outbox, b, inbox)
                 if link in links:
-                    raise _err(f"links {a}.{link[1]} -> {b}.{link[3]} twice (a torus two wide "
+                    raise topology_error(f"links {a}.{link[1]} -> {b}.{link[3]} twice (a torus two wide "
                                "with boxes = 'single'): use boxes = 'named'", key_path)
                 links.append(link)
     return links
@@ -110,17 +110,17 @@ def _pattern_nodes(value: object, names: dict[str, int], key_path: str) -> list[
     """A pattern's nodes, in order: a table's ``count`` nodes by index (``"t"``), a
     glob or a name (file order), or an array of names."""
     if isinstance(value, list):
-        members = [_str(v, f"{key_path}[{i}]") for i, v in enumerate(value)]
+        members = [text_value(v, f"{key_path}[{i}]") for i, v in enumerate(value)]
         for i, member in enumerate(members):
             if member not in names:
-                raise _err(f"no node named {member!r}{_suggest(member, names)}",
+                raise topology_error(f"no node named {member!r}{suggest(member, names)}",
                            f"{key_path}[{i}]")
         return members
-    text = _str(value, key_path)
+    text = text_value(value, key_path)
     table = [name for name in names if re.fullmatch(re.escape(text) + r"\d+", name)]
     if table and text not in names:
         return table
-    if not _is_glob(text) and text not in names:
-        raise _err(f"no node, and no table of count nodes, named {text!r}"
-                   f"{_suggest(text, names)}", key_path)
-    return _match(text, names, key_path)
+    if not is_glob(text) and text not in names:
+        raise topology_error(f"no node, and no table of count nodes, named {text!r}"
+                   f"{suggest(text, names)}", key_path)
+    return match_names(text, names, key_path)

@@ -12,9 +12,9 @@ from typing import Callable
 
 from hiocluster.errors import TopologyError
 from hiocluster.topology.limits import MAX_GROUP_DEPTH
-from hiocluster.topology.lines import _place
+from hiocluster.topology.lines import locate_error
 from hiocluster.topology.spec import HostSpec, LinkSpec, NodeSpec, Plan, Topology, WorkerSpec
-from hiocluster.topology.values import _err, _int, _suggest
+from hiocluster.topology.values import int_value, suggest, topology_error
 
 
 def plan(topology: Topology, processes: int | None = None, *,
@@ -46,10 +46,10 @@ def plan(topology: Topology, processes: int | None = None, *,
                                  min(len(nodes), cores or os.cpu_count() or 1))
     else:
         try:
-            count = _int(processes, "--processes", 1, len(nodes))
+            count = int_value(processes, "--processes", 1, len(nodes))
         except TopologyError as exc:
             exc.message += f" (the topology has {len(nodes)} nodes)"
-            _place(exc, None, topology.path)
+            locate_error(exc, None, topology.path)
             raise
         workers = _partition(nodes, topology.links, count)
     names = [worker.name for worker in workers]
@@ -61,16 +61,16 @@ def plan(topology: Topology, processes: int | None = None, *,
             for j, worker in enumerate(host.workers):
                 key_path = f"hosts.{host.name}.workers[{j}]"
                 if worker not in names and worker not in groups:
-                    raise _err(f"no worker or group {worker!r} in the plan"
-                               f"{_suggest(worker, [*names, *groups])} (workers: "
+                    raise topology_error(f"no worker or group {worker!r} in the plan"
+                               f"{suggest(worker, [*names, *groups])} (workers: "
                                f"{', '.join(names[:8])}{' ...' if len(names) > 8 else ''})",
                                key_path)
                 if worker in inside:
-                    raise _err(f"{worker!r} is in a group: it runs where its group runs",
+                    raise topology_error(f"{worker!r} is in a group: it runs where its group runs",
                                key_path)
                 hosts[worker] = host
     except TopologyError as exc:
-        _place(exc, topology.source, topology.path)
+        locate_error(exc, topology.source, topology.path)
         raise
     return Plan(workers, hosts, groups)
 
@@ -82,24 +82,24 @@ def _group_tree(groups: tuple[tuple[str, tuple[str, ...]], ...],
     parent: dict[str, str] = {}
     for name, members in groups:
         if name in workers:
-            raise _err(f"group {name!r} has the name of a worker", f"groups.{name}")
+            raise topology_error(f"group {name!r} has the name of a worker", f"groups.{name}")
         for j, member in enumerate(members):
             key_path = f"groups.{name}[{j}]"
             if member not in workers and member not in tree:
-                raise _err(f"no worker or group {member!r}"
-                           f"{_suggest(member, [*workers, *tree])}", key_path)
+                raise topology_error(f"no worker or group {member!r}"
+                           f"{suggest(member, [*workers, *tree])}", key_path)
             if member in parent:
-                raise _err(f"{member!r} is in groups {parent[member]} and {name}", key_path)
+                raise topology_error(f"{member!r} is in groups {parent[member]} and {name}", key_path)
             parent[member] = name
     for name in tree:  # a group must not contain itself, however deep
         seen, up = {name}, parent.get(name)
         while up is not None:
             if up in seen:
-                raise _err(f"group {name!r} contains itself", f"groups.{name}")
+                raise topology_error(f"group {name!r} contains itself", f"groups.{name}")
             seen.add(up)
             up = parent.get(up)
         if len(seen) > MAX_GROUP_DEPTH:
-            raise _err(f"group {name!r} is nested {len(seen)} deep (at most "
+            raise topology_error(f"group {name!r} is nested {len(seen)} deep (at most "
                        f"{MAX_GROUP_DEPTH})", f"groups.{name}")
     return tree
 
@@ -120,7 +120,7 @@ def _partition(nodes: tuple[NodeSpec, ...], links: tuple[LinkSpec, ...],
             pair = (min(a, b), max(a, b))
             weights[pair] = weights.get(pair, 0) + 1
     if count == 1 or count >= len(nodes) or not weights:
-        return _blocks(nodes, count)
+        return contiguous_blocks(nodes, count)
     neighbours: list[list[tuple[int, int]]] = [[] for _ in nodes]
     for (a, b), weight in sorted(weights.items()):
         neighbours[a].append((b, weight))
@@ -141,7 +141,7 @@ def _partition(nodes: tuple[NodeSpec, ...], links: tuple[LinkSpec, ...],
     for i, part in enumerate(parts):
         members[part].append(nodes[i])
     if not all(members):  # a partitioner that left a part empty: do not trust it
-        return _blocks(nodes, count)
+        return contiguous_blocks(nodes, count)
     members.sort(key=lambda block: index[block[0].name])
     return tuple(WorkerSpec(f"p{j}", tuple(block)) for j, block in enumerate(members))
 
@@ -207,7 +207,7 @@ def _grow(neighbours: list[list[tuple[int, int]]], count: int) -> list[int]:
     return parts
 
 
-def _blocks(nodes: tuple[NodeSpec, ...], count: int) -> tuple[WorkerSpec, ...]:
+def contiguous_blocks(nodes: tuple[NodeSpec, ...], count: int) -> tuple[WorkerSpec, ...]:
     blocks: list[list[NodeSpec]] = [[] for _ in range(count)]
     for i, node in enumerate(nodes):
         blocks[i * count // len(nodes)].append(node)

@@ -6,9 +6,9 @@ from __future__ import annotations
 import os
 
 from hiocluster.errors import TopologyError
-from hiocluster.topology.lines import _place
+from hiocluster.topology.lines import locate_error
 from hiocluster.topology.spec import Topology
-from hiocluster.topology.values import _err
+from hiocluster.topology.values import topology_error
 
 
 def resolve_classes(topology: Topology, app_dir: str | None = None) -> dict[str, type]:
@@ -33,7 +33,7 @@ def resolve_classes(topology: Topology, app_dir: str | None = None) -> dict[str,
                 try:
                     cache[node.cls] = load_class(node.cls, app_dir)
                 except ImportError as exc:
-                    raise _err(str(exc), key_path) from exc
+                    raise topology_error(str(exc), key_path) from exc
             classes[node.name] = cache[node.cls]
         for link in topology.links:
             origin = link.origin or f"links[{link.entry if link.entry >= 0 else link.id}]"
@@ -41,12 +41,12 @@ def resolve_classes(topology: Topology, app_dir: str | None = None) -> dict[str,
                                               ("to", link.target, link.inbox, "inbox")):
                 boxes = tuple(getattr(classes[node_name], f"{kind}es", ()))
                 if box not in boxes:
-                    raise _err(f"node {node_name!r} ({topology.node(node_name).cls}) has no "
+                    raise topology_error(f"node {node_name!r} ({topology.node(node_name).cls}) has no "
                                f"{kind} {box!r}; it has: {', '.join(boxes) or 'none'}",
                                f"{origin}.{end}" if origin.startswith("links")
                                else origin)
     except TopologyError as exc:
-        _place(exc, topology.source, topology.path)
+        locate_error(exc, topology.source, topology.path)
         raise
     return classes
 
@@ -67,11 +67,11 @@ def resolve_services(topology: Topology, app_dir: str | None = None) -> dict[str
             try:
                 classes[service.name] = load_class(service.cls, app_dir, base=Service)
             except ImportError as exc:
-                raise _err(str(exc), f"services.{service.name}.class") from exc
+                raise topology_error(str(exc), f"services.{service.name}.class") from exc
             for what, path in zip(("cert", "key"), service.tls or ()):
                 if not os.path.isfile(path):
-                    raise _err(f"no such file: {path}", f"services.{service.name}.tls.{what}")
+                    raise topology_error(f"no such file: {path}", f"services.{service.name}.tls.{what}")
     except TopologyError as exc:
-        _place(exc, topology.source, topology.path)
+        locate_error(exc, topology.source, topology.path)
         raise
     return classes

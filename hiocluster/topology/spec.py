@@ -9,9 +9,9 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable
 
 from hiocluster.errors import TopologyError
-from hiocluster.topology.limits import _RUN_DEFAULTS, AUTO_CREDIT_LAG
-from hiocluster.topology.lines import _place
-from hiocluster.topology.values import _run_value
+from hiocluster.topology.limits import AUTO_CREDIT_LAG, RUN_DEFAULTS
+from hiocluster.topology.lines import locate_error
+from hiocluster.topology.values import run_value
 
 
 @dataclass(frozen=True)
@@ -109,11 +109,11 @@ class Topology:
             TopologyError: a run setting is invalid (key path ``run.<key>``).
         """
         try:
-            for key in _RUN_DEFAULTS:
+            for key in RUN_DEFAULTS:
                 if key in changes:
-                    changes[key] = _run_value(key, changes[key])
+                    changes[key] = run_value(key, changes[key])
         except TopologyError as exc:
-            _place(exc, None, self.path)
+            locate_error(exc, None, self.path)
             raise
         return dataclasses.replace(self, **changes)
 

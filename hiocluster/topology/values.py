@@ -12,62 +12,62 @@ from typing import Any, Iterable
 
 from hiocluster.errors import TopologyError
 from hiocluster.protocol.fields import MAX_CREDIT_LAG
-from hiocluster.topology.limits import _PATTERN, BOX_NAME, RUN_TRANSPORTS, SEED_LIMIT
+from hiocluster.topology.limits import BOX_NAME, GLOB_PATTERN, RUN_TRANSPORTS, SEED_LIMIT
 
 # --- value checks: each raises TopologyError(key_path=...) without a line ---------
 
-def _err(message: str, key_path: str) -> TopologyError:
+def topology_error(message: str, key_path: str) -> TopologyError:
     return TopologyError(message, key_path=key_path)
 
 
-def _type_name(value: object) -> str:
+def type_name(value: object) -> str:
     names = {bool: "bool", dict: "table", list: "array", datetime.datetime: "datetime",
              datetime.date: "date", datetime.time: "time"}
     return names.get(type(value), type(value).__name__)
 
 
-def _int(value: object, key_path: str, low: int, high: int | None = None) -> int:
+def int_value(value: object, key_path: str, low: int, high: int | None = None) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise _err(f"expected int, got {_type_name(value)}", key_path)
+        raise topology_error(f"expected int, got {type_name(value)}", key_path)
     if value < low or (high is not None and value > high):
         bound = f">= {low}" if high is None else f"in {low}..{high}"
-        raise _err(f"must be {bound}, got {value}", key_path)
+        raise topology_error(f"must be {bound}, got {value}", key_path)
     return value
 
 
-def _number(value: object, key_path: str, *, positive: bool) -> float:
+def number_value(value: object, key_path: str, *, positive: bool) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise _err(f"expected number, got {_type_name(value)}", key_path)
+        raise topology_error(f"expected number, got {type_name(value)}", key_path)
     try:
         number = float(value)
     except OverflowError:
         number = math.inf
     if not math.isfinite(number):
-        raise _err(f"must be finite, got {value}", key_path)
+        raise topology_error(f"must be finite, got {value}", key_path)
     if positive and number <= 0:
-        raise _err(f"must be > 0, got {value}", key_path)
+        raise topology_error(f"must be > 0, got {value}", key_path)
     return number
 
 
-def _str(value: object, key_path: str) -> str:
+def text_value(value: object, key_path: str) -> str:
     if not isinstance(value, str):
-        raise _err(f"expected str, got {_type_name(value)}", key_path)
+        raise topology_error(f"expected str, got {type_name(value)}", key_path)
     return value
 
 
-def _table(value: object, key_path: str) -> dict[str, Any]:
+def table_value(value: object, key_path: str) -> dict[str, Any]:
     if not isinstance(value, dict):
-        raise _err(f"expected table, got {_type_name(value)}", key_path)
+        raise topology_error(f"expected table, got {type_name(value)}", key_path)
     return value
 
 
-def _array(value: object, key_path: str) -> list[Any]:
+def array_value(value: object, key_path: str) -> list[Any]:
     if not isinstance(value, list):
-        raise _err(f"expected array, got {_type_name(value)}", key_path)
+        raise topology_error(f"expected array, got {type_name(value)}", key_path)
     return value
 
 
-def _suggest(word: str, choices: Iterable[str]) -> str:
+def suggest(word: str, choices: Iterable[str]) -> str:
     """"; did you mean 'x'?" for the closest of ``choices``, or nothing."""
     close = difflib.get_close_matches(word, list(choices), n=1)
     return f"; did you mean {close[0]!r}?" if close else ""
@@ -77,37 +77,37 @@ def _join(prefix: str, key: str) -> str:
     return f"{prefix}.{key}" if prefix else key
 
 
-def _keys(table: dict[str, Any], allowed: tuple[str, ...], prefix: str,
+def check_keys(table: dict[str, Any], allowed: tuple[str, ...], prefix: str,
           required: tuple[str, ...] = ()) -> None:
     for key in table:
         if key not in allowed:
-            raise _err(f"unknown key {key!r}{_suggest(key, allowed)}", _join(prefix, key))
+            raise topology_error(f"unknown key {key!r}{suggest(key, allowed)}", _join(prefix, key))
     for key in required:
         if key not in table:
-            raise _err(f"missing required key {key!r}", prefix)
+            raise topology_error(f"missing required key {key!r}", prefix)
 
 
-def _run_value(key: str, value: object) -> int | float | bool | str | None:
+def run_value(key: str, value: object) -> int | float | bool | str | None:
     key_path = f"run.{key}"
     if key == "transport":
         if value not in RUN_TRANSPORTS:
-            raise _err(f"expected one of {', '.join(RUN_TRANSPORTS)}, got {value!r}", key_path)
+            raise topology_error(f"expected one of {', '.join(RUN_TRANSPORTS)}, got {value!r}", key_path)
         return str(value)
     if key == "real":
         if not isinstance(value, bool):
-            raise _err(f"expected bool, got {_type_name(value)}", key_path)
+            raise topology_error(f"expected bool, got {type_name(value)}", key_path)
         return value
     if key in ("ticks", "capacity", "digest_every"):
-        return _int(value, key_path, 1)
+        return int_value(value, key_path, 1)
     if key == "credit_lag":
         if value == "auto" or value is None:
             return None
         if isinstance(value, str):
-            raise _err(f'expected an int or "auto", got {value!r}', key_path)
-        return _int(value, key_path, 1, MAX_CREDIT_LAG)
+            raise topology_error(f'expected an int or "auto", got {value!r}', key_path)
+        return int_value(value, key_path, 1, MAX_CREDIT_LAG)
     if key == "seed":
-        return _int(value, key_path, 0, SEED_LIMIT - 1)
-    return _number(value, key_path, positive=key != "t0")
+        return int_value(value, key_path, 0, SEED_LIMIT - 1)
+    return number_value(value, key_path, positive=key != "t0")
 
 
 def _plain(value: object, key_path: str) -> Any:
@@ -117,35 +117,35 @@ def _plain(value: object, key_path: str) -> Any:
     if isinstance(value, list):
         return [_plain(item, f"{key_path}[{i}]") for i, item in enumerate(value)]
     if isinstance(value, (datetime.date, datetime.time)):  # datetime is a date
-        raise _err(f"{_type_name(value)} values are not allowed in params", key_path)
+        raise topology_error(f"{type_name(value)} values are not allowed in params", key_path)
     return value
 
 
-def _name(value: str, pattern: re.Pattern[str], what: str, key_path: str) -> str:
+def name_value(value: str, pattern: re.Pattern[str], what: str, key_path: str) -> str:
     if not pattern.fullmatch(value):
-        raise _err(f"invalid {what} name {value!r}: must match {pattern.pattern}", key_path)
+        raise topology_error(f"invalid {what} name {value!r}: must match {pattern.pattern}", key_path)
     return value
 
 
-def _is_glob(pattern: str) -> bool:
+def is_glob(pattern: str) -> bool:
     return any(char in pattern for char in "*?[")
 
 
-def _match(pattern: str, names: dict[str, int], key_path: str) -> list[str]:
+def match_names(pattern: str, names: dict[str, int], key_path: str) -> list[str]:
     """The node names ``pattern`` means; ``names``: every node -> its declaration index."""
-    if _is_glob(pattern):
+    if is_glob(pattern):
         matched = [name for name in names if fnmatch.fnmatchcase(name, pattern)]
         if not matched:
-            raise _err(f"pattern {pattern!r} matches no node", key_path)
+            raise topology_error(f"pattern {pattern!r} matches no node", key_path)
         return matched
     if pattern not in names:
-        raise _err(f"no node named {pattern!r}{_suggest(pattern, names)}", key_path)
+        raise topology_error(f"no node named {pattern!r}{suggest(pattern, names)}", key_path)
     return [pattern]
 
 
-def _endpoint(value: object, key_path: str) -> tuple[str, str]:
-    text = _str(value, key_path)
+def endpoint_value(value: object, key_path: str) -> tuple[str, str]:
+    text = text_value(value, key_path)
     node, dot, box = text.rpartition(".")
-    if not dot or not _PATTERN.fullmatch(node):
-        raise _err(f"expected 'node.box', got {text!r}", key_path)
-    return node, _name(box, BOX_NAME, "box", key_path)
+    if not dot or not GLOB_PATTERN.fullmatch(node):
+        raise topology_error(f"expected 'node.box', got {text!r}", key_path)
+    return node, name_value(box, BOX_NAME, "box", key_path)
