@@ -7,11 +7,13 @@ Public API::
     print(result.digest)
 
 Also ``Builder`` (topologies as code), ``Service`` (a node class served by
-replicas), ``RunResult``, ``Topology``, ``plan``, ``loads`` and the errors.
+replicas), ``RunResult``, ``Topology``, ``plan``, ``loads``, ``diff`` (two
+digest files: where two runs first differ) and the errors.
 """
 
 from hiocluster.errors import (
     ClusterError,
+    DigestFileError,
     FrameError,
     Interrupted,
     LinkFull,
@@ -28,8 +30,8 @@ from hiocluster.version import __version__
 
 __all__ = [
     "__version__", "load", "loads", "plan", "run", "Node", "RunResult", "Topology", "Builder",
-    "Service",
-    "ClusterError", "FrameError", "Interrupted", "LinkFull", "LocalProtocolError", "NodeError",
+    "Service", "diff",
+    "ClusterError", "DigestFileError", "FrameError", "Interrupted", "LinkFull", "LocalProtocolError", "NodeError",
     "ProcessExited", "ProtocolError", "RemoteProtocolError", "RunFailed", "TickTimeout",
     "TopologyError",
 ]
@@ -43,6 +45,9 @@ def __getattr__(name: str) -> object:
     if name in ("run", "RunResult"):
         from hiocluster.supervision import supervisor
         return getattr(supervisor, name)
+    if name == "diff":
+        from hiocluster.supervision.digestfile import diff
+        return diff
     if name == "Builder":
         from hiocluster.topology.build import Builder
         return Builder

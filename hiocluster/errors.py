@@ -22,7 +22,8 @@
     ├── NodeFailed                   in a worker: a node's code raised: .node, .tick
     ├── Unsendable                   in a worker: a payload cannot cross a link
     ├── DataFault                    in a worker: a neighbour's DATA frame is bad: .peer
-    └── ServiceFailed                a service restarted too often: .service
+    ├── ServiceFailed                a service restarted too often: .service
+    └── DigestFileError              a digest file cannot be written or read as one
 
     BaseException
     ├── Terminated                   in a worker: a signal, or the supervisor's loss
@@ -65,6 +66,7 @@ __all__ = [
     "Unsendable",
     "DataFault",
     "ServiceFailed",
+    "DigestFileError",
     "Terminated",
     "TickOverrun",
 ]
@@ -280,6 +282,11 @@ class ServiceFailed(ClusterError):
     def __init__(self, service: str, message: str) -> None:
         super().__init__(message)
         self.service = service
+
+
+class DigestFileError(ClusterError):
+    """A digest file (``--digests FILE``, ``hiocluster diff``) that cannot be
+    written, or read as one: names the file and what is wrong."""
 
 
 class Terminated(BaseException):

@@ -41,6 +41,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "replica":
         from hiocluster.cli.join import replica_main
         return replica_main(parser, args)
+    if args.command == "diff":
+        from hiocluster.cli.run import diff_main
+        return diff_main(args)
     if args.command == "report":
         from hiocluster.cli.run import report_main
         return report_main(args)

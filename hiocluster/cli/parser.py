@@ -30,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
                "exits 0 when stopped, 1 when a service failed.")
     parser.add_argument("--version", action="version", version=f"hiocluster {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_run, _check, _agent, _keygen, _worker, _group, _replica, _report,
+    for add in (_run, _check, _agent, _keygen, _worker, _group, _replica, _report, _diff,
                 _status, _scale, _restart, _stop):
         add(commands)
     return parser
@@ -100,9 +100,12 @@ def _output_options(command: argparse.ArgumentParser) -> None:
     command.add_argument("--json", action="store_true",
                          help="print one JSON object on stdout instead of the summary "
                               "(arrays in results as {dtype, shape, data}, bytes as hex)")
-    command.add_argument("--digests", action="store_true",
+    command.add_argument("--digests", nargs="?", const=True, default=False, metavar="FILE",
                          help="also print every tick's run digest (after the summary, or as "
-                              "tick_digests with --json)")
+                              "tick_digests with --json); with FILE, write every node's "
+                              "digest after every digested tick there instead (for "
+                              "`hiocluster diff`; also for a run that fails or is "
+                              "interrupted)")
     command.add_argument("--trace", metavar="FILE",
                          help="record where each tick's time goes and write it to FILE as "
                               "Chrome Trace Event JSON (Perfetto, chrome://tracing); the "
@@ -258,6 +261,18 @@ def _report(commands: Commands) -> None:
                     "time running vs waiting (needs matplotlib).")
     report.add_argument("trace", metavar="TRACE", help="a file written by run --trace")
     report.add_argument("--png", metavar="FILE", help="also write this picture")
+
+
+def _diff(commands: Commands) -> None:
+    diff = commands.add_parser(
+        "diff", help="where two runs first differ (two files written by run --digests FILE)",
+        description="Compare two digest files written by `run --digests FILE` and print "
+                    "the first digested tick at which the runs' states differ, and the "
+                    "nodes whose states differ there.",
+        epilog="Exit codes: 0 equal, 1 they differ (a tick, other nodes, or one run "
+               "ends first), 2 usage error or a file that is not a digest file.")
+    diff.add_argument("a", metavar="A", help="a digest file")
+    diff.add_argument("b", metavar="B", help="another digest file")
 
 
 # -- controlling a running run (hiocluster.control.client) -------------------------------

@@ -148,7 +148,9 @@ def run_main(args: argparse.Namespace) -> int:
     with ProgressBar(topology.ticks) as on_tick:
         try:
             result = run(topology, processes=args.processes, app_dir=args.app_dir,
-                         window=args.window, on_tick=on_tick, keep_digests=args.digests,
+                         window=args.window, on_tick=on_tick,
+                         keep_digests=args.digests is True,
+                         digests_file=args.digests if isinstance(args.digests, str) else None,
                          transport=args.transport, listen=args.listen, keys=args.keys,
                          external=args.external, on_listening=announce,
                          prefixer=Prefixer(prefix=not args.no_prefix),
@@ -237,6 +239,19 @@ def _serve(args: argparse.Namespace, topology: Any) -> int:
     else:
         print(services_summary(result.services))
     return EXIT_OK
+
+
+def diff_main(args: argparse.Namespace) -> int:
+    from hiocluster.errors import DigestFileError
+    from hiocluster.supervision.digestfile import diff
+
+    try:
+        found = diff(args.a, args.b)
+    except DigestFileError as exc:
+        print(f"hiocluster: diff: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    print(found.detail)
+    return EXIT_OK if found.equal else EXIT_FAILED
 
 
 def report_main(args: argparse.Namespace) -> int:

@@ -19,7 +19,7 @@ per worker per tick.
 from __future__ import annotations
 
 import hashlib
-from typing import Iterable, Mapping
+from typing import Callable, Iterable, Mapping
 
 from hiocluster.protocol.fields import DIGEST_SIZE, RUN_DIGEST_SIZE
 
@@ -78,6 +78,15 @@ class DigestChain:
         self.digest = b"\0" * RUN_DIGEST_SIZE
         self.tick_digests: list[str] = []
         self.folded = 0  # states folded in; the first is the state after set-up
+        #: called with (tick, run digest, the records folded) for each state folded
+        #: (a digest file's writer: hiocluster.supervision.digestfile)
+        self.sink: Callable[[int, bytes, bytes], None] | None = None
+
+    def tick_of(self, state: int) -> int:
+        """The tick after which the ``state``-th state folded was taken (0: set-up, -1)."""
+        if state == 0:
+            return -1
+        return min(state * self.every - 1, self.ticks - 1)
 
     def states(self, first: int, last: int) -> int:
         """How many states ticks ``first`` .. ``last`` hold (the digested ones)."""
@@ -112,6 +121,8 @@ class DigestChain:
                 base = sizes[worker] * index
                 parts.append(records[worker][base + start:base + end])
             digest = _sha256(b"".join(parts)).digest()
+            if self.sink is not None:
+                self.sink(self.tick_of(self.folded), digest, b"".join(parts[1:]))
             if self.keep and self.folded:
                 self.tick_digests.append(digest.hex())
             self.folded += 1

@@ -51,6 +51,7 @@ from hiocluster.runtime.transport import (
     facing,
     local_address,
 )
+from hiocluster.supervision.digestfile import DigestFileError, DigestWriter
 from hiocluster.supervision.runcore import (
     Kill,
     Phase,
@@ -381,6 +382,8 @@ class Supervisor(SupervisorShell):
         self.trace = trace
         self.app_dir = os.path.abspath(app_dir or os.getcwd())
         self.window, self.keep_digests = window, keep_digests
+        #: told every state folded (a digest file's writer), if set before it enters
+        self.digest_sink: Callable[[int, bytes, bytes], None] | None = None
         self.worker_command = worker_command
         self.on_tick, self.on_ready = on_tick, on_ready
         self.start_timeout, self.stop_timeout = start_timeout, stop_timeout
@@ -564,6 +567,7 @@ class Supervisor(SupervisorShell):
                             stop_timeout=self.stop_timeout, trace=self.trace,
                             external=[name for name, child in self.children.items()
                                       if child.external])
+        self.core.chain.sink = self.digest_sink
         if self._early_signal is not None:  # it stops before it starts anyone
             self.core.interrupt(self._early_signal, time.monotonic())
         # the launcher needs the bound address: the switchboard binds in its enter,
@@ -626,7 +630,8 @@ def run(topology: Topology, *, processes: int | None = None, app_dir: str | None
         listen: str | None = None, external: Sequence[str] = (),
         on_listening: Callable[[Supervisor], None] | None = None,
         check_classes: bool = True, keys: str | None = None, prefixer: Any = None,
-        trace: bool = False, **timeouts: float) -> RunResult:
+        trace: bool = False, digests_file: str | None = None,
+        **timeouts: float) -> RunResult:
     """Run ``topology`` to completion in lockstep and return its result.
 
     Args:
@@ -639,6 +644,9 @@ def run(topology: Topology, *, processes: int | None = None, app_dir: str | None
         real: pace ticks to the wall clock (default: the topology's ``run.real``).
         on_tick: progress callback ``(done, total)``.
         keep_digests: also return every tick's run digest.
+        digests_file: write every node's digest after every digested tick to this
+            file (hiocluster.supervision.digestfile), also for a run that fails or
+            is interrupted: up to the last state folded.
         handle_signals: on the main thread, turn SIGINT/SIGTERM into a clean stop.
         worker_command, on_ready, on_listening, transport, listen, external, keys: see
             :class:`Supervisor`.
@@ -667,11 +675,23 @@ def run(topology: Topology, *, processes: int | None = None, app_dir: str | None
                             external=external, worker_command=worker_command,
                             on_tick=on_tick, on_ready=on_ready, on_listening=on_listening,
                             keys=keys, prefixer=prefixer, trace=trace, **timeouts)
+    writer = None
+    if digests_file is not None:
+        writer = supervisor.digest_sink = DigestWriter(
+            digests_file, topology.name, topology.ticks, topology.digest_every,
+            [node.name for node in topology.nodes])
     loop.doers = [supervisor]
-    with run_signals(supervisor, loop, handle_signals):
-        loop.run()
+    try:
+        with run_signals(supervisor, loop, handle_signals):
+            loop.run()
+    finally:
+        if writer is not None:
+            writer.close()
     if supervisor.failure is not None:
         raise supervisor.failure
+    if writer is not None and writer.error is not None:
+        raise DigestFileError(f"{writer.error} (the run finished: digest "
+                              f"{supervisor.result.digest if supervisor.result else '?'})")
     if supervisor.result is None:  # pragma: no cover - failures raise above
         raise RuntimeError("run ended without a result")
     if supervisor.services is not None:
