@@ -43,6 +43,7 @@ This module imports nothing from hiocluster.
 from __future__ import annotations
 
 import signal as _signal
+from typing import Any
 
 __all__ = [
     "ClusterError",
@@ -216,10 +217,16 @@ class LinkFull(ClusterError):
 
 
 class Interrupted(ClusterError):
-    """The run was stopped by a signal; the tree was shut down cleanly."""
+    """The run was stopped by a signal; the tree was shut down cleanly.
+
+    ``partial``: the results so far (a ``RunResult`` with ``status``
+    "interrupted"), when every worker stopped at the same tick (the window in
+    flight ended first); None when the run stopped before its first tick or
+    without that cut (a second signal, or a window that did not end in time)."""
 
     def __init__(self, signum: int) -> None:
         self.signal = signum
+        self.partial: Any = None
         super().__init__(f"interrupted by {_signal.Signals(signum).name}")
 
 

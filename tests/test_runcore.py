@@ -16,7 +16,8 @@ from hiocluster import protocol as proto
 from hiocluster.protocol import DIGEST_SIZE
 from hiocluster.supervision.digests import DigestChain
 from hiocluster.errors import (Interrupted, NodeError, ProcessExited, RunFailed, TickTimeout)
-from hiocluster.supervision.runcore import SILENCE_GRACE_S, Kill, Phase, RunCore, Terminate
+from hiocluster.supervision.runcore import (CUT_GRACE_S, SILENCE_GRACE_S, Kill, Phase, RunCore,
+                                           Terminate)
 from hiocluster.supervision.windows import WindowSizer
 from hiocluster.topology import loads, plan
 
@@ -371,3 +372,47 @@ def test_window_sizer_grows_while_ticks_are_cheap_and_shrinks_when_not() -> None
     fixed = WindowSizer(3, 36, 1.0, False)
     fixed.observe(3, 10.0)
     assert fixed.size == 3
+
+
+def test_an_interrupt_lets_the_window_end_and_keeps_the_results_at_that_tick() -> None:
+    run = Run(window=3)
+    run.start()
+    run.window(2)                      # GRANT until 5 is out now
+    run.core.interrupt(2, run.now)
+    assert run.core.failure is None and not any(
+        isinstance(run.last(worker), proto.Stop) for worker in NODES)  # the window goes on
+    run.window(5)
+    for worker in NODES:               # no GRANT after it: a drained STOP
+        assert run.last(worker) == proto.Stop(reason="Interrupted: interrupted by SIGINT",
+                                              drain=True)
+        run.say(worker, proto.Bye(results={node: len(node) for node in NODES[worker]}))
+    failure = run.core.failure
+    assert run.core.finished and isinstance(failure, Interrupted) and failure.signal == 2
+    partial = failure.partial
+    assert partial is not None and run.core.result is None
+    assert (partial.status, partial.ticks) == ("interrupted", 6)
+    assert partial.digest == expected_digest(6)[-1]
+    assert partial.nodes == {"a": 1, "b": 1, "c": 1, "z": 1}
+    assert {row["status"] for row in partial.lines()} == {"interrupted"}
+
+
+@pytest.mark.parametrize("how", ["second signal", "window too slow"])
+def test_an_interrupt_without_a_cut_stops_at_once_with_no_results(how: str) -> None:
+    run = Run(window=3)
+    run.start()
+    run.core.interrupt(15, run.now)
+    if how == "second signal":
+        run.core.interrupt(2, run.now)
+    else:  # the workers still say PROGRESS (not silent): the window just never ends
+        for _ in range(int(CUT_GRACE_S) + 1):
+            run.now += 1.0
+            for worker in NODES:
+                run.say(worker, proto.Progress(tick=None, waiting=[]))
+            run.core.poll(run.now)
+    run.flush()
+    for worker in NODES:
+        assert run.last(worker) == proto.Stop(reason="Interrupted: interrupted by SIGTERM",
+                                              drain=False)
+        run.say(worker, proto.Bye())
+    failure = run.core.failure
+    assert run.core.finished and isinstance(failure, Interrupted) and failure.partial is None

@@ -156,9 +156,7 @@ def run_main(args: argparse.Namespace) -> int:
                          prefixer=Prefixer(prefix=not args.no_prefix),
                          trace=bool(args.trace))
         except Interrupted as exc:
-            print(f"hiocluster: {exc}; every process was shut down", file=sys.stderr)
-            json_error(args, exc, {"signal": exc.signal})
-            return 128 + exc.signal
+            return _interrupted(args, exc, topology.ticks)
         except RunFailed as exc:
             return failed(args, exc, {"worker": exc.worker, "nodes": list(exc.nodes),
                                       "tick": exc.tick, "cause": exc.cause})
@@ -172,8 +170,30 @@ def run_main(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _interrupted(args: argparse.Namespace, exc: Interrupted, ticks: int) -> int:
+    """A signal stopped the run: say how far it got; the results so far, where every
+    worker stopped after the same tick, go to --output (and --trace) as a finished
+    run's do, marked interrupted. Exit 128 + the signal."""
+    partial = exc.partial
+    if partial is None:
+        print(f"hiocluster: {exc}; every process was shut down", file=sys.stderr)
+        json_error(args, exc, {"signal": exc.signal})
+        return 128 + exc.signal
+    written = [f"--{option} {getattr(args, option)}" for option in ("output", "trace")
+               if getattr(args, option)]
+    said = "; results so far in " + " and ".join(written) if written else ""
+    print(f"hiocluster: {exc} after tick {partial.ticks - 1:,} ({partial.ticks:,} of "
+          f"{ticks:,} ticks, digest {partial.digest}); every process was shut down{said}",
+          file=sys.stderr)
+    json_error(args, exc, {"signal": exc.signal, "ticks": partial.ticks,
+                           "digest": partial.digest})
+    _write_files(args, partial)
+    return 128 + exc.signal
+
+
 def _write_files(args: argparse.Namespace, result: Any) -> bool:
-    """--trace and --output, for a finished run; False (said on stderr) if one failed."""
+    """--trace and --output (a run's result, or an interrupted run's results so
+    far); False (said on stderr) if one failed."""
     if args.trace:
         from hiocluster.supervision.trace import chrome
 

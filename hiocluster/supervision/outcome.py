@@ -62,6 +62,9 @@ class RunResult:
     metric_kinds: dict[str, str] = field(default_factory=dict)
     #: with trace=True: each worker's rows, one per tick (see hiocluster.supervision.trace)
     trace: dict[str, list[Any]] = field(default_factory=dict)
+    #: "finished"; "interrupted": a signal stopped it after ``ticks`` ticks, everywhere
+    #: (the results so far: ``Interrupted.partial``)
+    status: str = "finished"
 
     @property
     def ticks_per_second(self) -> float:
@@ -91,7 +94,8 @@ class RunResult:
     def lines(self) -> list[dict[str, Any]]:
         """One JSON-able row per node, by name: what ``--output`` writes."""
         return [jsonable({"node": name, "result": self.nodes.get(name),
-                          "metrics": self.node_metrics.get(name, {})})
+                          "metrics": self.node_metrics.get(name, {}),
+                          "status": self.status, "tick": self.ticks - 1})
                 for name in sorted(set(self.nodes) | set(self.node_metrics))]
 
 
@@ -132,9 +136,10 @@ def jsonable(value: Any) -> Any:
 
 def result_of(topology: Topology, books: Iterable[WorkerBook], chain: DigestChain,
               sizer: WindowSizer, rejected: int, times: tuple[float, float, float],
-              processes: int, groups: int = 0) -> RunResult:
-    """The result of a finished run: every book holds its child's BYE (a group's sums
-    the workers under it); ``processes``: how many workers ran.
+              processes: int, groups: int = 0, reached: int | None = None) -> RunResult:
+    """The result of a finished run (or one stopped after tick ``reached`` − 1
+    everywhere): every book holds its child's BYE (a group's sums the workers under
+    it); ``processes``: how many workers ran.
 
     ``times``: when the run started, its first GRANT went out, its last DONE came in.
     """
@@ -145,7 +150,8 @@ def result_of(topology: Topology, books: Iterable[WorkerBook], chain: DigestChai
     traces, per_node, kinds = merged.trace, merged.node_metrics, merged.kinds
     late = stats.get("late", 0)
     return RunResult(
-        topology=topology.name, ticks=topology.ticks, digest=chain.digest.hex(),
+        topology=topology.name, ticks=topology.ticks if reached is None else reached,
+        digest=chain.digest.hex(),
         processes=processes, groups=groups, node_count=len(topology.nodes),
         seconds=ticked - ticking,
         startup_seconds=ticking - started, messages=stats.get("messages", 0),

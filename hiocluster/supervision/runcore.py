@@ -60,6 +60,9 @@ CHECK_S = 0.02
 STRANGER_LIMIT = 10_000
 #: Lead of GRANT.start over the wall clock in real-time runs (the grant's trip).
 REAL_START_LEAD_S = 0.02
+#: How long an interrupted run waits for the window in flight to end, so that it
+#: stops after one tick everywhere (results so far); past that it stops at once.
+CUT_GRACE_S = 5.0
 
 
 
@@ -396,13 +399,42 @@ class RunCore(Supervision):
                 self.nodes_of[member] = tuple(node for leaf in plan.leaves(member)
                                               for node in plan.worker(leaf).node_names)
         self.result: RunResult | None = None
+        self.cut: Interrupted | None = None   # a signal came: stop once the window ends
+        self.cut_by = 0.0                     # ... if it ends by then
+        self.cut_made = False                 # it did: a drained STOP went out
 
     def interrupt(self, signum: int, now: float) -> None:
-        """A signal asked the run to stop: everyone stops cleanly, nobody is blamed."""
-        if isinstance(self.failure, RunFailed) and self.failure.cause.startswith("terminated"):
+        """A signal asked the run to stop: everyone stops cleanly, nobody is blamed.
+
+        While ticks run, the window in flight ends first (at most CUT_GRACE_S), so
+        that every worker stops after the same tick and the results so far are one
+        consistent cut (``Interrupted.partial``); a second signal stops at once."""
+        if _terminated(self.failure):
             self.failure = None  # the same signal reached a worker first: not its fault
-        if self.failure is None:
-            self.fail(Interrupted(signum), now)
+        if self.failure is not None:
+            return
+        if self.phase is Phase.RUNNING and self.cut is None:
+            self.cut, self.cut_by = Interrupted(signum), now + CUT_GRACE_S
+            if not self.owed:  # pragma: no cover - a window is always in flight
+                self._stop_cut(now)
+            return
+        self.fail(self.cut or Interrupted(signum), now)
+
+    def fail(self, error: ClusterError, now: float) -> None:
+        if self.cut is not None and self.failure is None and _terminated(error):
+            error = self.cut  # the signal reached the worker too: not its fault
+        super().fail(error, now)
+
+    def _stop_cut(self, now: float) -> None:
+        """Every worker has finished the window: stop there, drained, with results."""
+        assert self.cut is not None
+        self.failure, self.cut_made = self.cut, True
+        self._stop(now, drain=True)
+
+    def poll(self, now: float) -> None:
+        super().poll(now)
+        if self.cut is not None and self.phase is Phase.RUNNING and now > self.cut_by:
+            self.fail(self.cut, now)  # the window did not end in time: no cut
 
     def _all_hello(self, now: float) -> None:
         """Every child said HELLO: every worker's data address is known, SETUP all."""
@@ -441,14 +473,30 @@ class RunCore(Supervision):
         self.chain.fold({name: b.pending for name, b in self.books.items()}, states)
         self.ticked = now
         self.sizer.observe(self.granted + 1 - self.window_first, now - self.window_start)
-        if self.granted >= self.topology.ticks - 1:
+        if self.cut is not None:
+            self._stop_cut(now)
+        elif self.granted >= self.topology.ticks - 1:
             self._stop(now, drain=True)
         else:
             self._grant(now)
 
     def _finished(self, now: float) -> None:
-        if self.failure is None:
-            self.result = result_of(self.topology, self.books.values(), self.chain,
-                                    self.sizer, self.rejected,
-                                    (self.started, self.ticking, self.ticked),
-                                    len(self.plan.workers), len(self.plan.groups))
+        cut = self.cut_made and self.failure is self.cut and \
+            all(book.bye is not None for book in self.books.values())
+        if self.failure is None or cut:
+            result = result_of(self.topology, self.books.values(), self.chain,
+                               self.sizer, self.rejected,
+                               (self.started, self.ticking, self.ticked),
+                               len(self.plan.workers), len(self.plan.groups),
+                               reached=self.granted + 1)
+            if self.failure is None:
+                self.result = result
+            else:
+                result.status = "interrupted"
+                self.cut.partial = result  # type: ignore[union-attr]
+
+
+def _terminated(error: ClusterError | None) -> bool:
+    """Whether ``error`` is a worker ended by a signal (SIGTERM/SIGINT): the same
+    signal that interrupts the run, when it was sent to every process."""
+    return isinstance(error, RunFailed) and error.cause.startswith("terminated")

@@ -191,11 +191,13 @@ class Worker:
         elif self.exchange is not None:
             self.peers.take_arrived()
             self.peers.close(drop=True)  # no drain: frames still queued (to a dead peer) are moot
-        finished = message.drain and message.reason == "done"
+        # a drained stop: every worker stopped after the same tick (the run's end, or
+        # an interrupted run's cut), so the results are one consistent state
+        cut = message.drain
         host = self.host
-        results = host.results() if host is not None and finished else {}
+        results = host.results() if host is not None and cut else {}
         if host is not None:
-            host.tell_outcome("finished" if finished else "interrupted"
+            host.tell_outcome("finished" if message.reason == "done" else "interrupted"
                               if message.reason.startswith("Interrupted") else "failed")
         failures = host.exit() if host is not None else []
         if failures:
@@ -204,9 +206,9 @@ class Worker:
         self._stop_watching()
         self._send(proto.Bye(stats=self._stats(), metrics=metrics,
                              received=self.exchange.received if self.exchange else {},
-                             results=results, node_metrics=per_node if finished else {},
+                             results=results, node_metrics=per_node if cut else {},
                              kinds=kinds, trace={self.name: self.trace}
-                             if self.trace is not None and finished else {}))
+                             if self.trace is not None and cut else {}))
         if self.peers is not None:
             self.peers.drop_unconnected()
         self._close(clean=True, drained=message.drain)
