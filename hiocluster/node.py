@@ -79,7 +79,8 @@ class Link:
     """
 
     __slots__ = ("id", "source", "outbox", "target", "inbox", "capacity", "source_worker",
-                 "target_worker", "sent", "acked", "taken", "sequences", "payloads", "label")
+                 "target_worker", "sent", "acked", "taken", "last_acked", "sequences",
+                 "payloads", "label")
 
     def __init__(self, id: int, source: str, outbox: str, target: str, inbox: str,
                  capacity: int, source_worker: str, target_worker: str) -> None:
@@ -90,6 +91,7 @@ class Link:
         self.sent = 0
         self.acked = 0
         self.taken = 0
+        self.last_acked = 0  # the receiver's takes in the last batch of acks it sent
         self.sequences: list[int] = []  # the source's send sequence of each payload ...
         self.payloads: list[Any] = []   # ... put on this link during the current tick
         self.label = f"{source}.{outbox} -> {target}.{inbox}"
@@ -275,9 +277,33 @@ class Node(DoDoer):
     def result(self) -> Any:
         """What this node hands back when the run finished (msgpack-able, string map
         keys): ``RunResult.nodes[name]``, "results" in ``--json``, a line of
-        ``--output``. Called after the last tick, before ``exit()``; not called
-        when the run failed or was interrupted."""
+        ``--output``. Called after the last tick, before ``exit()``; also after
+        the last tick an interrupted run reached everywhere (its results so far);
+        not called when the run failed."""
         return None
+
+    # -- checkpoints ----------------------------------------------------------
+    #: The attributes that hold all of this node's own state: a checkpoint saves
+    #: them as they are and a resumed run sets them back (instead of overriding
+    #: :meth:`snapshot` and :meth:`restore`). hiocluster saves the rest itself:
+    #: inboxes, credit, the RNG, the send sequence.
+    snapshot_attrs: ClassVar[tuple[str, ...] | None] = None
+
+    def snapshot(self) -> Any:
+        """This node's own state for a checkpoint: msgpack-able (numpy arrays too),
+        enough for :meth:`restore` on a fresh node of the same class and params to
+        go on exactly as this one would. Default: the :attr:`snapshot_attrs`."""
+        if self.snapshot_attrs is None:
+            raise TypeError(cannot_checkpoint(type(self)))
+        return {name: getattr(self, name) for name in self.snapshot_attrs}
+
+    def restore(self, data: Any) -> None:
+        """Take back what :meth:`snapshot` returned (after ``setup()``, before the
+        first tick of a resumed run). Default: set the :attr:`snapshot_attrs`."""
+        if self.snapshot_attrs is None:
+            raise TypeError(cannot_checkpoint(type(self)))
+        for name in self.snapshot_attrs:
+            setattr(self, name, data[name])
 
     @property
     def tick(self) -> int:
@@ -351,3 +377,19 @@ def load_class(path: str, app_dir: str | None = None, base: type | None = None) 
     if not issubclass(target, base):
         raise ImportError(f"{path!r} is not a subclass of {base.__module__}.{base.__qualname__}")
     return target
+
+
+def cannot_checkpoint(cls: type) -> str | None:
+    """Why nodes of class ``cls`` cannot be checkpointed (None: they can): a class
+    needs both :meth:`Node.snapshot` and :meth:`Node.restore` of its own, or
+    :attr:`Node.snapshot_attrs`."""
+    own = cls.snapshot is not Node.snapshot, cls.restore is not Node.restore  # type: ignore
+    if all(own) or (not any(own) and getattr(cls, "snapshot_attrs", None) is not None):
+        return None
+    if any(own):
+        return (f"{cls.__module__}.{cls.__qualname__} defines "
+                f"{'snapshot()' if own[0] else 'restore()'} but not "
+                f"{'restore()' if own[0] else 'snapshot()'}: a checkpoint needs both")
+    return (f"{cls.__module__}.{cls.__qualname__} cannot be checkpointed: define "
+            "snapshot() and restore(), or snapshot_attrs (the attributes that hold its "
+            "state)")

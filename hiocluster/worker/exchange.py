@@ -323,8 +323,9 @@ class Exchange:
                 link.sequences, link.payloads = [], []
         if acking:
             for link in in_links:
-                if link.taken:
-                    acks.append([link.id, link.taken])
+                link.last_acked = taken = link.taken  # (a checkpoint's pending credit)
+                if taken:
+                    acks.append([link.id, taken])
                     link.taken = 0
         return proto.Data(tick, self.worker, messages, acks)
 
@@ -346,6 +347,73 @@ class Exchange:
                     break
             raise Unsendable(link.source, frame.tick, f"cannot send on link {link.label} at "
                              f"tick {frame.tick}: {cause.__cause__ or cause}") from exc
+
+    # -- checkpoints (hiocluster.worker.checkpoint) -------------------------------------
+    def last_ack_tick(self, tick: int) -> int:
+        """The last tick up to ``tick`` whose frames carried acks (-1: none yet)."""
+        lag = self.lag
+        return (tick + 1) // lag * lag - 1
+
+    def cut(self, tick: int) -> tuple[dict[int, dict[str, int]], dict[int, list[Any]]]:
+        """This worker's side of every link after ``tick``, which every worker has run
+        and whose frames to this one are all in (a checkpoint's cut): per link id,
+        ``sent``/``acked`` where its source is here, ``taken`` (takes not acked yet)
+        and ``pending`` (the takes acked at the last ack tick: credit its source
+        counts only ``lag`` ticks later) where its target is; and the messages of
+        ``tick`` not delivered yet, per link id: ``[sequences, payloads]``."""
+        links: dict[int, dict[str, int]] = {}
+        for link_id, link in self.links.items():
+            side = links[link_id] = {}
+            if link.source_worker == self.worker:
+                side["sent"], side["acked"] = link.sent, link.acked
+            if link.target_worker == self.worker:
+                side["taken"] = link.taken
+                side["pending"] = link.last_acked if self.last_ack_tick(tick) >= 0 else 0
+        undelivered: dict[int, list[Any]] = {}
+        frames = [queue[0] for peer in self.upstream if (queue := self._queues[peer])]
+        if self._local is not None:
+            frames.append(self._local)
+        for sent, messages, _ in frames:
+            if sent != tick:
+                raise ValueError(f"a frame of tick {sent} where the cut after tick {tick} "
+                                 "expects one of that tick")
+            for link_id, sequences, payloads in messages:
+                undelivered[link_id] = [list(sequences), list(payloads)]
+        return links, undelivered
+
+    def resume(self, tick: int, links: Mapping[int, Mapping[str, int]],
+               undelivered: Mapping[int, list[Any]]) -> None:
+        """Start after ``tick`` from a cut (:meth:`cut` of every worker, merged by link
+        id, at any placement): counters back on the links, the credit acked at the
+        last ack tick due ``lag`` ticks after it, and the messages of ``tick``
+        delivered before the next one, as a local frame would be."""
+        lag, me = self.lag, self.worker
+        for link_id, link in self.links.items():
+            side = links[link_id]
+            if link.source_worker == me:
+                link.sent, link.acked = side["sent"], side["acked"]
+                self.messages += link.sent
+            if link.target_worker == me:
+                link.taken = side["taken"]
+        last = self.last_ack_tick(tick)
+        if last >= 0:  # the acks sent then count at their source from last + lag on
+            for link_id, link in self.links.items():
+                pending = links[link_id]["pending"]
+                if link.source_worker == me and pending:
+                    self._due.setdefault(last + lag, []).append(
+                        (link.target_worker, "checkpoint", [link_id, pending]))
+        self.sent_tick = tick
+        for peer in self.upstream:  # their frames of tick are in the cut: stand-ins
+            self._queues[peer].append((tick, [], []))
+            self.next_tick[peer] = self.arrived[peer] = tick + 1
+        for peer in self.downstream:  # acks alone: the last ones are in the cut too
+            if last >= lag - 1:
+                self._queues[peer].append((last, [], []))
+            self.next_tick[peer] = last + lag
+            self.arrived[peer] = last + 1
+        mine = [[link_id, *undelivered[link_id]] for link_id in sorted(undelivered)
+                if link_id in self.links and self.links[link_id].target_worker == me]
+        self._local = (tick, mine, []) if mine else None
 
     # -- counters -----------------------------------------------------------
     def unsent(self) -> int:
