@@ -23,7 +23,8 @@
     ├── Unsendable                   in a worker: a payload cannot cross a link
     ├── DataFault                    in a worker: a neighbour's DATA frame is bad: .peer
     ├── ServiceFailed                a service restarted too often: .service
-    └── DigestFileError              a digest file cannot be written or read as one
+    ├── DigestFileError              a digest file cannot be written or read as one
+    └── CheckpointError              a checkpoint cannot be written, read, or resumed
 
     BaseException
     ├── Terminated                   in a worker: a signal, or the supervisor's loss
@@ -68,6 +69,7 @@ __all__ = [
     "DataFault",
     "ServiceFailed",
     "DigestFileError",
+    "CheckpointError",
     "Terminated",
     "TickOverrun",
 ]
@@ -294,6 +296,11 @@ class ServiceFailed(ClusterError):
 class DigestFileError(ClusterError):
     """A digest file (``--digests FILE``, ``hiocluster diff``) that cannot be
     written, or read as one: names the file and what is wrong."""
+
+
+class CheckpointError(ClusterError):
+    """A checkpoint that cannot be written, read as one, or resumed by this run (of
+    another topology, other versions): names the file and what is wrong."""
 
 
 class Terminated(BaseException):

@@ -65,6 +65,7 @@ class Tile(Node):
     inboxes = SIDES
     outboxes = SIDES
     metric_kinds = {"mean": "gauge"}
+    snapshot_attrs = ("u", "updates")  # all its state, for checkpoints
 
     def setup(self) -> None:
         size, columns = int(self.params["size"]), int(self.params["columns"])

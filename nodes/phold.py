@@ -130,6 +130,16 @@ class PholdLP(ReportingNode):
     def state(self) -> Any:
         return [self.processed, self.mix, len(self.queue), len(self.held), self.late]
 
+    def snapshot(self) -> Any:
+        """All its state, for checkpoints (msgpack gives tuples back as lists)."""
+        return {"counts": [self.processed, self.mix, self.late, self.generated],
+                "queue": self.queue, "held": list(self.held)}
+
+    def restore(self, data: Any) -> None:
+        self.processed, self.mix, self.late, self.generated = data["counts"]
+        self.queue = [tuple(event) for event in data["queue"]]  # a heap stays a heap
+        self.held = deque((target, list(event)) for target, event in data["held"])
+
     def metrics(self) -> dict[str, int]:
         """``events``: events processed; the run reports their sum and events/s."""
         return {"events": self.processed}

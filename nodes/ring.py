@@ -18,6 +18,7 @@ class RingNode(Node):
 
     inboxes = ("in",)
     outboxes = ("out",)
+    snapshot_attrs = ("seen", "mix", "to_start")  # all its state, for checkpoints
 
     def setup(self) -> None:
         self.seen = 0

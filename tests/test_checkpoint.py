@@ -4,7 +4,6 @@ cut. Real NodeRunners and Exchanges, frames passed by hand as sockets would."""
 
 from __future__ import annotations
 
-import random
 from pathlib import Path
 from typing import Any
 

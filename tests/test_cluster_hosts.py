@@ -189,8 +189,9 @@ def test_an_agent_stops_its_workers_when_the_supervisor_vanishes(
     with Hosts(2, keys) as hosts:
         agents = start_agents(hosts, ("h1", "h2"))
 
-        def agent_dirs() -> list[Path]:  # in the run root, as every run directory
-            return list(no_leaks.glob("hioc-a*"))
+        def agent_dirs() -> list[Path]:  # in the run root, as every run directory:
+            # hioc-a<pid>-..., not the supervisor's, whose random name may start with a
+            return list(no_leaks.glob("hioc-a[0-9]*-*"))
 
         nodes = {name: {"marker_dir": str(marks), "sleep": 0.005} for name in "abc"}
         cli = _cli_across(tmp_path, keys, hosts, nodes, 100_000, cli_env)

@@ -85,6 +85,7 @@ def _run_options(command: argparse.ArgumentParser) -> None:
                          help="pace ticks to the wall clock: tick n starts tock x n seconds "
                               "after the start (default: the file's run.real)")
     _output_options(command)
+    _checkpoint_options(command)
     _app_dir(command)
     _transport_options(command)
     command.add_argument("--external", metavar="NAME", action="append", default=[],
@@ -93,6 +94,20 @@ def _run_options(command: argparse.ArgumentParser) -> None:
                               "(the command to use is printed); repeatable")
     command.add_argument("--no-prefix", action="store_true",
                          help="pass replicas' output through without the 'name | ' prefix")
+
+
+def _checkpoint_options(command: argparse.ArgumentParser) -> None:
+    """Long runs: checkpoints and resuming from one."""
+    command.add_argument("--checkpoint", metavar="DIR",
+                         help="write a checkpoint into DIR every --checkpoint-every ticks "
+                              "(the newest 2 kept), for --resume")
+    command.add_argument("--checkpoint-every", type=arguments.positive_int, metavar="N",
+                         help="ticks between checkpoints (default 1000; a multiple of the "
+                              "file's run.digest_every)")
+    command.add_argument("--resume", metavar="DIR",
+                         help="start from the newest complete checkpoint in DIR (of this "
+                              "topology; at any --processes, --window or host placement): "
+                              "the run ends as the uninterrupted one would")
 
 
 def _output_options(command: argparse.ArgumentParser) -> None:

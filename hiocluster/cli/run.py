@@ -154,7 +154,8 @@ def run_main(args: argparse.Namespace) -> int:
                          transport=args.transport, listen=args.listen, keys=args.keys,
                          external=args.external, on_listening=announce,
                          prefixer=Prefixer(prefix=not args.no_prefix),
-                         trace=bool(args.trace))
+                         trace=bool(args.trace), checkpoint=args.checkpoint,
+                         checkpoint_every=args.checkpoint_every, resume=args.resume)
         except Interrupted as exc:
             return _interrupted(args, exc, topology.ticks)
         except RunFailed as exc:
@@ -227,9 +228,10 @@ def _print_result(args: argparse.Namespace, result: Any) -> None:
         return
     print(summary(result))
     if result.tick_digests:
-        width = len(str(len(result.tick_digests) - 1))
+        first = 0 if result.resumed_from is None else result.resumed_from + 1
+        width = len(str(first + len(result.tick_digests) - 1))
         print("\n".join(f"tick {tick:>{width}} {digest}"
-                         for tick, digest in enumerate(result.tick_digests)))
+                         for tick, digest in enumerate(result.tick_digests, start=first)))
     if result.trace:
         from hiocluster.supervision.trace import lines
         print("\n".join(lines(result.trace)))

@@ -172,6 +172,10 @@ def is_name(value: Any) -> bool:
 
 NAME = Check(is_name, "a name (1-64 of A-Z a-z 0-9 _ . -, not starting with . or -)")
 TEXT = Check(lambda v: type(v) is str, "a string")
+#: A directory (a checkpoint's): an absolute path, "" for none.
+PATH = Check(lambda v: type(v) is str and (v == "" or (v.startswith("/") and len(v) <= 4096
+                                                       and "\0" not in v)),
+             "an absolute path (at most 4096 characters), or \"\"")
 ADDRESS = Check(lambda v: type(v) is str and ADDRESS_RE.match(v) is not None,
                 "an ipc:// or tcp:// address")
 BYTES = Check(lambda v: type(v) is bytes, "bytes")

@@ -19,6 +19,7 @@ from hiocluster.protocol.fields import (
     INT,
     NAME,
     NUMBER,
+    PATH,
     POSITIVE,
     STATS,
     TEXT,
@@ -99,11 +100,20 @@ class Setup(Message):
     trace: bool = False
     digest_every: int = 1
     credit_lag: int = 1
+    resume: str = ""
     SCHEMA = {"t0": NUMBER, "tock": POSITIVE, "seed": UINT, "ticks": UINT, "real": BOOL,
               "tick_timeout": POSITIVE, "nodes": ListOf(NODE_ROW), "links": ListOf(LINK_ROW),
               "peers": MapOf(NAME, ADDRESS), "keys": MapOf(NAME, CURVE_KEY),
               "leaves": MapOf(NAME, Check(lambda v: type(v) is dict, "a map")),
-              "trace": BOOL, "digest_every": COUNT, "credit_lag": CREDIT_LAG}
+              "trace": BOOL, "digest_every": COUNT, "credit_lag": CREDIT_LAG,
+              "resume": PATH}
+
+    def to_body(self) -> dict[str, Any]:
+        """``resume`` only when there is one."""
+        body = {name: getattr(self, name) for name in self.SCHEMA}
+        if not self.resume:
+            del body["resume"]
+        return body
 
     def for_group(self, leaves: dict[str, dict[str, Any]]) -> Setup:
         """The SETUP of a sub-supervisor: this run-wide part, and ``leaves`` (the SETUP
@@ -111,7 +121,7 @@ class Setup(Message):
         return Setup(t0=self.t0, tock=self.tock, seed=self.seed, ticks=self.ticks,
                      real=self.real, tick_timeout=self.tick_timeout,
                      digest_every=self.digest_every, credit_lag=self.credit_lag, nodes=[],
-                     links=[], peers={}, leaves=leaves)
+                     links=[], peers={}, leaves=leaves, resume=self.resume)
 
 
 @dataclass(slots=True)
@@ -129,13 +139,22 @@ class Grant(Message):
     """supervisor → worker: run every tick up to and including ``until``.
 
     ``start`` (real-time runs, first GRANT only): the wall-clock time (seconds
-    since the epoch) at which tick 0 starts.
+    since the epoch) at which tick 0 starts. ``checkpoint``: a directory: after
+    tick ``until``, write this worker's share of a checkpoint there before DONE.
     """
 
     TYPE = "GRANT"
     until: int
     start: float | None = None
-    SCHEMA = {"until": UINT, "start": optional(NUMBER)}
+    checkpoint: str = ""
+    SCHEMA = {"until": UINT, "start": optional(NUMBER), "checkpoint": PATH}
+
+    def to_body(self) -> dict[str, Any]:
+        """``checkpoint`` only when there is one: a GRANT is the hottest frame."""
+        body: dict[str, Any] = {"until": self.until, "start": self.start}
+        if self.checkpoint:
+            body["checkpoint"] = self.checkpoint
+        return body
 
 
 @dataclass(slots=True)

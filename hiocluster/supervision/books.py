@@ -95,6 +95,11 @@ class WorkerBook:
             self.waiting_since = now
         self.progress, self.waiting = max(self.progress, tick), waiting
 
+    def resumed(self, tick: int) -> None:
+        """Its worker took back the state after ``tick`` (a checkpoint's): it has
+        done every tick up to it."""
+        self.machine.done = self.machine.until = self.progress = tick
+
     @property
     def owes_done(self) -> bool:
         """Granted ticks it has not reported done."""
@@ -193,10 +198,11 @@ def neighbours(topology: Topology, plan: Plan) -> dict[str, set[str]]:
 
 
 def setups(topology: Topology, plan: Plan, addresses: Mapping[str, str],
-           keys: Mapping[str, str] | None = None, trace: bool = False
+           keys: Mapping[str, str] | None = None, trace: bool = False, resume: str = ""
            ) -> dict[str, proto.Setup]:
     """One SETUP per worker: its nodes, the links touching them, its neighbours'
-    data ``addresses`` and, with ``keys`` (every worker's CURVE public key), theirs."""
+    data ``addresses`` and, with ``keys`` (every worker's CURVE public key), theirs;
+    ``resume``: the checkpoint every worker starts from."""
     worker_of = plan.node_to_worker
     rows: dict[str, list[list]] = {spec.name: [] for spec in plan.workers}
     for link in topology.links:
@@ -217,5 +223,6 @@ def setups(topology: Topology, plan: Plan, addresses: Mapping[str, str],
             nodes=[[node.name, node.cls, node.params, node.index, node.count]
                    for node in spec.nodes],
             links=rows[spec.name], peers=peers,
-            keys={peer: keys[peer] for peer in peers} if keys else {}, trace=trace)
+            keys={peer: keys[peer] for peer in peers} if keys else {}, trace=trace,
+            resume=resume)
     return made

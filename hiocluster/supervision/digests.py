@@ -81,6 +81,7 @@ class DigestChain:
         #: called with (tick, run digest, the records folded) for each state folded
         #: (a digest file's writer: hiocluster.supervision.digestfile)
         self.sink: Callable[[int, bytes, bytes], None] | None = None
+        self._last = b""  # the last state folded: run digest before it, then its records
 
     def tick_of(self, state: int) -> int:
         """The tick after which the ``state``-th state folded was taken (0: set-up, -1)."""
@@ -91,6 +92,11 @@ class DigestChain:
     def states(self, first: int, last: int) -> int:
         """How many states ticks ``first`` .. ``last`` hold (the digested ones)."""
         return digested_between(first, last, self.every, self.ticks)
+
+    @property
+    def last_records(self) -> bytes:
+        """The records of the last state folded, spliced in name order."""
+        return self._last[RUN_DIGEST_SIZE:]
 
     def check(self, worker: str, records: bytes, states: int) -> str | None:
         """Why ``records`` cannot be ``states`` states of ``worker`` (None if they can)."""
@@ -120,7 +126,8 @@ class DigestChain:
             for worker, start, end in runs:
                 base = sizes[worker] * index
                 parts.append(records[worker][base + start:base + end])
-            digest = _sha256(b"".join(parts)).digest()
+            self._last = joined = b"".join(parts)
+            digest = _sha256(joined).digest()
             if self.sink is not None:
                 self.sink(self.tick_of(self.folded), digest, b"".join(parts[1:]))
             if self.keep and self.folded:

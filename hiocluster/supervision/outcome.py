@@ -65,6 +65,9 @@ class RunResult:
     #: "finished"; "interrupted": a signal stopped it after ``ticks`` ticks, everywhere
     #: (the results so far: ``Interrupted.partial``)
     status: str = "finished"
+    #: a resumed run: the tick of the checkpoint it started from (its tick_digests
+    #: are those of the ticks after it)
+    resumed_from: int | None = None
 
     @property
     def ticks_per_second(self) -> float:
@@ -80,6 +83,8 @@ class RunResult:
         data["startup_seconds"] = round(self.startup_seconds, 6)
         data["metrics_per_second"] = {name: round(value / self.seconds, 1) if self.seconds
                                       else 0.0 for name, value in self.metrics.items()}
+        if self.resumed_from is None:
+            del data["resumed_from"]
         if self.tick_digests:
             data["tick_digests"] = self.tick_digests
         if self.services:

@@ -23,6 +23,7 @@ from typing import Callable, Mapping, Sequence
 
 from hiocluster import protocol as proto
 from hiocluster.errors import (
+    CheckpointError,
     ClusterError,
     FrameError,
     Interrupted,
@@ -31,6 +32,7 @@ from hiocluster.errors import (
     RunFailed,
     describe_exitcode,
 )
+from hiocluster.protocol.fields import DIGEST_SIZE
 from hiocluster.supervision.books import WorkerBook, claim, neighbours, setups
 from hiocluster.supervision.digests import DigestChain
 from hiocluster.supervision.outcome import (
@@ -80,6 +82,31 @@ class Kill:
     """End child ``child``'s process now (SIGKILL)."""
 
     child: str
+
+
+@dataclass(frozen=True, slots=True)
+class Checkpointed:
+    """Every worker wrote its share of the checkpoint after ``tick``: write its
+    manifest (``digest``: the run digest after it; ``records``: the state after it,
+    spliced; ``folded``: states folded so far)."""
+
+    tick: int
+    digest: str
+    records: bytes
+    folded: int
+
+
+@dataclass(frozen=True, slots=True)
+class Resume:
+    """Where a resumed run starts: the state after ``tick`` (``records``, spliced,
+    checked against what the workers took back), the run digest then and the
+    states folded so far; ``path``: the checkpoint's directory (SETUP resume)."""
+
+    path: str
+    tick: int
+    digest: str
+    records: bytes
+    folded: int
 
 
 class Phase(enum.Enum):
@@ -378,7 +405,10 @@ class RunCore(Supervision):
                  keys: dict[str, str] | None = None,
                  start_timeout: float = START_TIMEOUT,
                  stop_timeout: float = STOP_TIMEOUT, trace: bool = False,
-                 external: Sequence[str] = ()) -> None:
+                 external: Sequence[str] = (),
+                 checkpoint_every: int = 0,
+                 checkpoint_path: Callable[[int], str] | None = None,
+                 resume: Resume | None = None) -> None:
         members = {name: [node for leaf in plan.leaves(name)
                           for node in plan.worker(leaf).node_names] for name in plan.top}
         super().__init__(members, now=now, token=token, keep_digests=keep_digests,
@@ -399,6 +429,12 @@ class RunCore(Supervision):
                 self.nodes_of[member] = tuple(node for leaf in plan.leaves(member)
                                               for node in plan.worker(leaf).node_names)
         self.result: RunResult | None = None
+        #: a checkpoint after every tick T with (T+1) mod checkpoint_every = 0 (0: none),
+        #: into checkpoint_path(T)
+        self.checkpoint_every, self.checkpoint_path = checkpoint_every, checkpoint_path
+        self.checkpointing = -1                        # the window in flight ends in one
+        self.checkpoints: list[Checkpointed] = []      # for the shell: manifests to write
+        self.resume = resume
         self.cut: Interrupted | None = None   # a signal came: stop once the window ends
         self.cut_by = 0.0                     # ... if it ends by then
         self.cut_made = False                 # it did: a drained STOP went out
@@ -441,7 +477,8 @@ class RunCore(Supervision):
         addresses = self._addresses(now)
         if addresses is None:
             return
-        made = setups(self.topology, self.plan, addresses, self.keys, self.trace)
+        made = setups(self.topology, self.plan, addresses, self.keys, self.trace,
+                      resume=self.resume.path if self.resume else "")
         near = neighbours(self.topology, self.plan)
         for name, book in self.books.items():
             leaves = self.plan.leaves(name)
@@ -454,25 +491,52 @@ class RunCore(Supervision):
                 {leaf: made[leaf].to_body() for leaf in leaves}))
 
     def _all_ready(self, now: float) -> None:
-        self.chain.fold({name: b.ready for name, b in self.books.items()}, 1)  # type: ignore
+        ready = {name: b.ready for name, b in self.books.items()}
+        resume = self.resume
+        if resume is None:
+            self.chain.fold(ready, 1)  # type: ignore[arg-type]
+        else:  # the workers took back the state after resume.tick: is it that state?
+            held = self.chain.splice(ready, 1)  # type: ignore[arg-type]
+            if held != resume.records:
+                self.fail(CheckpointError(
+                    f"the state taken back from {resume.path} is not the one it holds "
+                    f"after tick {resume.tick} (nodes "
+                    f"{', '.join(_differ(held, resume.records, self.topology)[:8])})"), now)
+                return
+            self.chain.digest, self.chain.folded = bytes.fromhex(resume.digest), resume.folded
+            self.granted = resume.tick
+            for book in self.books.values():
+                book.resumed(resume.tick)
         self.phase = Phase.RUNNING
         self.ticking = now
         self._grant(now)
 
     def _grant(self, now: float) -> None:
-        until = min(self.topology.ticks - 1, self.granted + self.sizer.size)
+        last = self.topology.ticks - 1
+        until = min(last, self.granted + self.sizer.size)
         start = None
         if self.topology.real and self.granted < 0 and self.wall is not None:
             start = self.wall() + REAL_START_LEAD_S
+        checkpoint = ""
+        every = self.checkpoint_every
+        if every and self.checkpoint_path is not None:
+            due = (self.granted + 1) // every * every + every - 1  # the next cut's tick
+            if due < last and until >= due:
+                until, checkpoint = due, self.checkpoint_path(due)
+                self.checkpointing = due
         self.window_first = self.granted + 1
         self.granted, self.window_start = until, now
-        self._grant_all(proto.Grant(until=until, start=start))
+        self._grant_all(proto.Grant(until=until, start=start, checkpoint=checkpoint))
 
     def _all_done(self, now: float) -> None:
         states = self.chain.states(self.window_first, self.granted)
         self.chain.fold({name: b.pending for name, b in self.books.items()}, states)
         self.ticked = now
         self.sizer.observe(self.granted + 1 - self.window_first, now - self.window_start)
+        if self.checkpointing == self.granted:
+            self.checkpoints.append(Checkpointed(self.granted, self.chain.digest.hex(),
+                                                 self.chain.last_records,
+                                                 self.chain.folded))
         if self.cut is not None:
             self._stop_cut(now)
         elif self.granted >= self.topology.ticks - 1:
@@ -489,6 +553,8 @@ class RunCore(Supervision):
                                (self.started, self.ticking, self.ticked),
                                len(self.plan.workers), len(self.plan.groups),
                                reached=self.granted + 1)
+            if self.resume is not None:
+                result.resumed_from = self.resume.tick
             if self.failure is None:
                 self.result = result
             else:
@@ -500,3 +566,14 @@ def _terminated(error: ClusterError | None) -> bool:
     """Whether ``error`` is a worker ended by a signal (SIGTERM/SIGINT): the same
     signal that interrupts the run, when it was sent to every process."""
     return isinstance(error, RunFailed) and error.cause.startswith("terminated")
+
+
+def _differ(held: bytes, expected: bytes, topology: Topology) -> list[str]:
+    """The nodes whose digest records differ between two spliced states."""
+    names, at, found = sorted(node.name for node in topology.nodes), 0, []
+    for name in names:
+        end = at + len(name.encode()) + DIGEST_SIZE
+        if held[at:end] != expected[at:end]:
+            found.append(name)
+        at = end
+    return found or ["?"]

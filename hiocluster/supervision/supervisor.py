@@ -22,6 +22,7 @@ the Python API behind the CLI.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import secrets
@@ -31,8 +32,11 @@ from typing import Any, Callable, Sequence
 
 from hio.base.doing import DoDoer, Doer
 
-from hiocluster.errors import ClusterError, Interrupted, TopologyError
+from hiocluster import protocol as proto
+from hiocluster.errors import CheckpointError, ClusterError, Interrupted, TopologyError
 from hiocluster.hosts.remote import AgentLink
+from hiocluster.node import cannot_checkpoint, load_class
+from hiocluster.runtime import checkpoints
 from hiocluster.runtime.launch import (
     LocalLauncher,
     ProcessHandle,
@@ -53,8 +57,10 @@ from hiocluster.runtime.transport import (
 )
 from hiocluster.supervision.digestfile import DigestFileError, DigestWriter
 from hiocluster.supervision.runcore import (
+    Checkpointed,
     Kill,
     Phase,
+    Resume,
     RunCore,
     RunResult,
     Terminate,
@@ -446,6 +452,11 @@ class Supervisor(SupervisorShell):
         self._ready_told = False
         self._early_signal: int | None = None
         self.shell_keys: KeyPair | None = None  # a tcp endpoint's shells'
+        #: set by run() before it enters: where checkpoints go and how often, and the
+        #: checkpoint the run starts from
+        self.checkpoint_root: str | None = None
+        self.checkpoint_every = 0
+        self.resume_point: Resume | None = None
 
     # -- hio contexts -------------------------------------------------------------
     def recur(self, tyme: float, deeds: Any = None) -> bool:  # type: ignore[override]
@@ -461,7 +472,27 @@ class Supervisor(SupervisorShell):
         return done and services.core.finished
 
     def _after(self, now: float) -> None:
-        self._tell(self.core)
+        core = self.core
+        if core.checkpoints:
+            for made in core.checkpoints:
+                self._manifest(made, now)
+            core.checkpoints.clear()
+        self._tell(core)
+
+    def _manifest(self, made: Checkpointed, now: float) -> None:
+        """Every share of the checkpoint after ``made.tick`` is written: complete it."""
+        assert self.checkpoint_root is not None
+        try:
+            checkpoints.write_manifest(checkpoints.tick_dir(self.checkpoint_root, made.tick), {
+                "tick": made.tick, "topology": self.topology.name,
+                "topology_hash": checkpoints.topology_hash(self.topology),
+                "versions": proto.local_versions(), "digest": made.digest,
+                "records": made.records.hex(), "folded": made.folded,
+                "workers": [spec.name for spec in self.plan.workers],
+                "nodes": len(self.topology.nodes)})
+            checkpoints.prune(self.checkpoint_root)
+        except CheckpointError as exc:
+            self.core.fail(exc, now)
 
     def interrupt(self, signum: int) -> None:
         """Stop the run cleanly at once (SIGINT/SIGTERM, at the loop's signal
@@ -566,7 +597,11 @@ class Supervisor(SupervisorShell):
                             wall=time.time, start_timeout=self.start_timeout,
                             stop_timeout=self.stop_timeout, trace=self.trace,
                             external=[name for name, child in self.children.items()
-                                      if child.external])
+                                      if child.external],
+                            checkpoint_every=self.checkpoint_every,
+                            checkpoint_path=None if self.checkpoint_root is None else
+                            functools.partial(checkpoints.tick_dir, self.checkpoint_root),
+                            resume=self.resume_point)
         self.core.chain.sink = self.digest_sink
         if self._early_signal is not None:  # it stops before it starts anyone
             self.core.interrupt(self._early_signal, time.monotonic())
@@ -631,7 +666,8 @@ def run(topology: Topology, *, processes: int | None = None, app_dir: str | None
         on_listening: Callable[[Supervisor], None] | None = None,
         check_classes: bool = True, keys: str | None = None, prefixer: Any = None,
         trace: bool = False, digests_file: str | None = None,
-        **timeouts: float) -> RunResult:
+        checkpoint: str | None = None, checkpoint_every: int | None = None,
+        resume: str | None = None, **timeouts: float) -> RunResult:
     """Run ``topology`` to completion in lockstep and return its result.
 
     Args:
@@ -647,6 +683,11 @@ def run(topology: Topology, *, processes: int | None = None, app_dir: str | None
         digests_file: write every node's digest after every digested tick to this
             file (hiocluster.supervision.digestfile), also for a run that fails or
             is interrupted: up to the last state folded.
+        checkpoint: write a checkpoint into this directory after every
+            ``checkpoint_every`` ticks (default CHECKPOINT_EVERY; a multiple of the
+            topology's digest_every), the newest checkpoints.KEEP kept.
+        resume: start from the newest complete checkpoint in this directory (one
+            of this topology, by these versions; any placement, window or host).
         handle_signals: on the main thread, turn SIGINT/SIGTERM into a clean stop.
         worker_command, on_ready, on_listening, transport, listen, external, keys: see
             :class:`Supervisor`.
@@ -675,6 +716,7 @@ def run(topology: Topology, *, processes: int | None = None, app_dir: str | None
                             external=external, worker_command=worker_command,
                             on_tick=on_tick, on_ready=on_ready, on_listening=on_listening,
                             keys=keys, prefixer=prefixer, trace=trace, **timeouts)
+    _checkpoints(supervisor, topology, checkpoint, checkpoint_every, resume, app_dir)
     writer = None
     if digests_file is not None:
         writer = supervisor.digest_sink = DigestWriter(
@@ -697,3 +739,56 @@ def run(topology: Topology, *, processes: int | None = None, app_dir: str | None
     if supervisor.services is not None:
         supervisor.result.services = supervisor.services.core.status(time.monotonic())
     return supervisor.result
+
+
+#: Ticks between checkpoints when ``--checkpoint`` says no ``--checkpoint-every``.
+CHECKPOINT_EVERY = 1000
+
+
+def _checkpoints(supervisor: Supervisor, topology: Topology, root: str | None,
+                 every: int | None, resume: str | None, app_dir: str | None) -> None:
+    """Where the run's checkpoints go, and the one it starts from (checked: of this
+    topology, by these versions, before its last tick; every node class able to take
+    its state back). Raises TopologyError, CheckpointError."""
+    if root is None and resume is None:
+        return
+    for node in topology.nodes:
+        why = cannot_checkpoint(load_class(node.cls, app_dir))
+        if why is not None:
+            raise TopologyError(why, key_path=f"nodes.{node.name}.class")
+    if root is not None:
+        digest_every = topology.digest_every
+        every = every or -(-CHECKPOINT_EVERY // digest_every) * digest_every
+        if every < 1 or every % digest_every:
+            raise TopologyError(f"checkpoints every {every} ticks: must be a multiple of "
+                                f"digest_every ({digest_every}), whose states are digested",
+                                key_path="--checkpoint-every")
+        supervisor.checkpoint_root = os.path.abspath(root)
+        supervisor.checkpoint_every = every
+        try:
+            os.makedirs(supervisor.checkpoint_root, mode=0o700, exist_ok=True)
+        except OSError as exc:
+            raise CheckpointError(f"cannot make the checkpoint directory {root}: "
+                                  f"{exc.strerror or exc}") from None
+    if resume is None:
+        return
+    if supervisor.plan.groups:
+        raise TopologyError("--resume does not work with groups yet: run it with "
+                            "--processes (any number) instead", key_path="--resume")
+    directory, manifest = checkpoints.newest(os.path.abspath(resume))
+    if manifest.get("topology_hash") != checkpoints.topology_hash(topology):
+        raise CheckpointError(f"{directory} was written by another topology "
+                              f"({manifest.get('topology')!r}, or the same one changed: "
+                              "its nodes, params, links, seed or clock)")
+    if manifest.get("versions") != proto.local_versions():
+        raise CheckpointError(f"{directory} was written by other versions "
+                              f"({manifest.get('versions')}; these: {proto.local_versions()})")
+    try:
+        point = Resume(directory, int(manifest["tick"]), str(manifest["digest"]),
+                       bytes.fromhex(manifest["records"]), int(manifest["folded"]))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"{directory}: its manifest lacks or garbles {exc}") from None
+    if not 0 <= point.tick < topology.ticks - 1:
+        raise CheckpointError(f"{directory} is after tick {point.tick}: nothing of the "
+                              f"run's {topology.ticks} ticks is left to run")
+    supervisor.resume_point = point

@@ -29,13 +29,15 @@ from dataclasses import dataclass
 from typing import Any, NoReturn
 
 from hiocluster import protocol as proto
-from hiocluster.errors import FrameError, ProtocolError, RemoteProtocolError
+from hiocluster.errors import CheckpointError, FrameError, ProtocolError, RemoteProtocolError
+from hiocluster.runtime import checkpoints
 from hiocluster.runtime.launch import TickRegister
 from hiocluster.runtime.rundir import remove_orphan_files
 from hiocluster.runtime.signals import STOP_SIGNALS, Signals
 from hiocluster.runtime.transport import Context, Credentials, Poller, ipc_path
 from hiocluster.runtime.watchdog import Watchdog, parent_gone
 from hiocluster.timing import PROGRESS_S, START_TIMEOUT
+from hiocluster.worker import checkpoint
 from hiocluster.worker.dataplane import DataFault, DataPlane
 from hiocluster.worker.exchange import Exchange, Unsendable
 from hiocluster.worker.localnet import SCHEME as LOCAL_SCHEME
@@ -149,6 +151,8 @@ class Worker:
                               peer=exc.peer)
         except (FrameError, ProtocolError) as exc:
             return self._fail(exc.code, str(exc), field=exc.field)
+        except CheckpointError as exc:
+            return self._fail("checkpoint", str(exc))
         except Exception:
             if self._orphaned():  # e.g. its run directory went with its supervisor
                 return self._orphan()
@@ -275,6 +279,8 @@ class Worker:
         self.in_nodes = True
         host.enter()
         self.in_nodes = False
+        if setup.resume:
+            self._resume(setup.resume)
         self._send(proto.Ready(digests=host.records()))
 
     # -- ticking ------------------------------------------------------------------
@@ -325,9 +331,49 @@ class Worker:
             self.tick = tick
             if time.monotonic() >= self.report_at:
                 self._report()
+        if grant.checkpoint:
+            self._checkpoint_to(grant.checkpoint, grant.until)
         if register is not None:
             register.store(grant.until + 1)  # its inputs are what it waits for now
         self._send(proto.Done(until=grant.until, digests=b"".join(records)), checked=False)
+
+    def _checkpoint_to(self, directory: str, tick: int) -> None:
+        """This worker's share of the checkpoint after ``tick`` (every worker ran it):
+        once every frame of ``tick`` addressed here is in, into ``directory``."""
+        assert self.host is not None and self.exchange is not None
+        self._gather(tick + 1)
+        checkpoints.write_share(directory, self.name,
+                                checkpoint.cut(self.host, self.exchange, tick))
+
+    def _resume(self, directory: str) -> None:
+        """Take the state after a checkpoint's tick back (nodes built and entered):
+        every share is read, for links whose other end was elsewhere."""
+        assert self.host is not None and self.exchange is not None
+        manifest = checkpoints.read_manifest(directory)
+        shares = checkpoints.read_shares(directory, manifest["workers"])
+        nodes: dict[str, Any] = {}
+        links: dict[int, dict[str, int]] = {}
+        undelivered: dict[int, list[Any]] = {}
+        mine = set(self.host.by_name)
+        wanted = set(self.exchange.links)
+        for share in shares:
+            nodes.update((name, entry) for name, entry in share["nodes"].items()
+                         if name in mine)
+            undelivered.update((link, rows) for link, rows in share["undelivered"].items()
+                               if link in wanted)
+            for link, side in share["links"].items():
+                if link in wanted:
+                    links.setdefault(link, {}).update(side)
+        missing = sorted(mine - set(nodes))
+        sides = {"sent", "acked", "taken", "pending"}
+        if missing or any(not sides <= set(links.get(link, ())) for link in wanted):
+            raise CheckpointError(f"{directory} does not hold the state of "
+                                  f"{'node ' + missing[0] if missing else 'every link'} "
+                                  f"of worker {self.name}")
+        tick = manifest["tick"]
+        checkpoint.resume(self.host, self.exchange, tick, shares[0]["tyme"], nodes, links,
+                          undelivered)
+        self.tick = tick
 
     def _gather(self, tick: int) -> None:
         """Wait until every DATA frame needed before running ``tick`` is in."""

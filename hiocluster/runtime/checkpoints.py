@@ -1,0 +1,175 @@
+"""A checkpoint directory's files: each worker's share, the manifest, atomically.
+
+``--checkpoint DIR`` holds one directory per checkpoint, ``tick-<T>`` (T zero
+padded): one share per worker, ``<worker>.ckpt`` (msgpack, arrays as in DATA
+frames: hiocluster.worker.checkpoint says what it holds), written by the workers
+before their DONE; then ``manifest.json``, written by the supervisor once every
+share is in. A checkpoint is complete once its manifest exists: every file is
+written to a temporary name, synced and renamed, so a crash leaves either a
+whole file or none. The newest complete ones are kept (``KEEP``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+from typing import Any
+
+import msgpack
+
+from hiocluster.errors import CheckpointError
+from hiocluster.protocol import arrays
+
+__all__ = ["FORMAT", "VERSION", "MANIFEST", "KEEP", "tick_dir", "write_share",
+           "read_shares", "write_manifest", "read_manifest", "newest", "prune",
+           "topology_hash"]
+
+FORMAT, VERSION = "hiocluster-checkpoint", 1
+MANIFEST = "manifest.json"
+SHARE = ".ckpt"
+#: Complete checkpoints kept (the newest).
+KEEP = 2
+_TICK_DIR = re.compile(r"tick-(\d{12})")
+#: Largest share read back (a hostile or broken file is refused, not swallowed).
+MAX_SHARE = 16 * 1024 ** 3
+
+
+def tick_dir(root: str, tick: int) -> str:
+    return os.path.join(root, f"tick-{tick:012d}")
+
+
+def topology_hash(topology: Any) -> str:
+    """What a checkpoint must be resumed with: everything of the topology that
+    shapes the run's states (nodes, params, links, clock, seed, digests, credit),
+    not where it runs (placement, hosts, groups, transport, timeouts) nor how long
+    (``--ticks``: a resumed run may go further than the one that wrote it)."""
+    shape = (topology.tock, topology.t0, topology.seed, topology.capacity,
+             topology.real, topology.nodes, topology.links, topology.digest_every,
+             topology.lag)
+    return hashlib.sha256(repr(shape).encode()).hexdigest()
+
+
+def _atomic(path: str, data: bytes) -> None:
+    temporary = f"{path}.{os.getpid()}.tmp"
+    try:
+        with open(temporary, "wb") as file:
+            file.write(data)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+        directory = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
+        try:
+            os.fsync(directory)
+        finally:
+            os.close(directory)
+    except OSError as exc:
+        try:
+            os.unlink(temporary)
+        except OSError:
+            pass
+        raise CheckpointError(f"cannot write {path}: {exc.strerror or exc}") from None
+
+
+def write_share(directory: str, worker: str, share: dict[str, Any]) -> int:
+    """Write ``worker``'s share into ``directory`` (made if need be); its size."""
+    try:
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+        data = msgpack.packb(share, use_bin_type=True, default=arrays.default)
+    except OSError as exc:
+        raise CheckpointError(f"cannot write into {directory}: {exc.strerror or exc}") \
+            from None
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise CheckpointError(f"{worker}'s share of the checkpoint cannot be packed: "
+                              f"{exc}") from None
+    _atomic(os.path.join(directory, worker + SHARE), data)
+    return len(data)
+
+
+def read_shares(directory: str, workers: list[str]) -> list[dict[str, Any]]:
+    """Every share the manifest names; raises CheckpointError naming a file that is
+    missing, too big or not a share."""
+    shares = []
+    for worker in workers:
+        path = os.path.join(directory, worker + SHARE)
+        try:
+            if os.path.getsize(path) > MAX_SHARE:
+                raise CheckpointError(f"{path} is larger than {MAX_SHARE} bytes")
+            with open(path, "rb") as file:
+                share = msgpack.unpackb(file.read(), raw=False, strict_map_key=False,
+                                        ext_hook=arrays.ext_hook)
+        except OSError as exc:
+            raise CheckpointError(f"cannot read {path}: {exc.strerror or exc}") from None
+        except (ValueError, TypeError, msgpack.ExtraData, msgpack.FormatError,
+                msgpack.StackError) as exc:
+            raise CheckpointError(f"{path} is not a checkpoint share: {exc}") from None
+        if not isinstance(share, dict) or not {"tick", "tyme", "nodes", "links",
+                                               "undelivered"} <= set(share):
+            raise CheckpointError(f"{path} is not a checkpoint share")
+        shares.append(share)
+    return shares
+
+
+def write_manifest(directory: str, manifest: dict[str, Any]) -> None:
+    _atomic(os.path.join(directory, MANIFEST),
+            json.dumps({"format": FORMAT, "version": VERSION, **manifest}).encode())
+
+
+def _manifest(directory: str) -> dict[str, Any] | None:
+    try:
+        with open(os.path.join(directory, MANIFEST), "rb") as file:
+            manifest = json.loads(file.read())
+    except FileNotFoundError:
+        return None  # not complete
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"cannot read {os.path.join(directory, MANIFEST)}: {exc}") \
+            from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise CheckpointError(f"{os.path.join(directory, MANIFEST)} is not a checkpoint "
+                              "manifest")
+    if manifest.get("version") != VERSION:
+        raise CheckpointError(f"{directory}: checkpoint version {manifest.get('version')!r},"
+                              f" this hiocluster reads version {VERSION}")
+    return manifest
+
+
+def read_manifest(directory: str) -> dict[str, Any]:
+    """The manifest of the checkpoint in ``directory``; raises CheckpointError when
+    it is not a complete one."""
+    manifest = _manifest(directory)
+    if manifest is None:
+        raise CheckpointError(f"{directory} is not a complete checkpoint (no {MANIFEST})")
+    return manifest
+
+
+def _ticks(root: str) -> list[int]:
+    try:
+        names = os.listdir(root)
+    except OSError as exc:
+        raise CheckpointError(f"cannot read {root}: {exc.strerror or exc}") from None
+    return sorted(int(match.group(1)) for name in names
+                  if (match := _TICK_DIR.fullmatch(name)))
+
+
+def newest(root: str) -> tuple[str, dict[str, Any]]:
+    """The newest complete checkpoint under ``root``: its directory and manifest."""
+    for tick in reversed(_ticks(root)):
+        manifest = _manifest(tick_dir(root, tick))
+        if manifest is not None:
+            return tick_dir(root, tick), manifest
+    raise CheckpointError(f"no complete checkpoint in {root}")
+
+
+def prune(root: str, keep: int = KEEP) -> None:
+    """Remove all but the newest ``keep`` complete checkpoints (and any incomplete
+    one older than the newest complete)."""
+    complete = [tick for tick in _ticks(root)
+                if os.path.exists(os.path.join(tick_dir(root, tick), MANIFEST))]
+    if not complete:
+        return
+    kept = set(complete[-keep:])
+    for tick in _ticks(root):
+        if tick not in kept and tick < complete[-1]:
+            shutil.rmtree(tick_dir(root, tick), ignore_errors=True)
