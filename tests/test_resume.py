@@ -82,6 +82,8 @@ def test_a_run_stopped_by_ctrl_c_resumes_from_its_last_checkpoint(cli_env, tmp_p
             run.communicate()
     assert run.returncode == 130, stderr
     newest = max(int(path.parent.name[5:]) for path in ckpt.glob("tick-*/manifest.json"))
+    # the run stopped after one more tick, and wrote its last checkpoint there
+    assert f"interrupted by SIGINT after tick {newest:,} " in stderr, (newest, stderr)
     ticks = str(newest + 101)  # a run of exactly that long, with or without the stop
     whole = cli(cli_env, *long[:-1], ticks, "--processes", "3", "--json")
     resumed = cli(cli_env, *long[:-1], ticks, "--processes", "1", "--json", "--resume",

@@ -461,6 +461,23 @@ class RunCore(Supervision):
             error = self.cut  # the signal reached the worker too: not its fault
         super().fail(error, now)
 
+    def _last_checkpoint(self, now: float) -> bool:
+        """An interrupted run that writes checkpoints ends with one: a last window up
+        to the next digested tick, which writes it (True); False if there is none
+        to write (it just did, or no digested tick is left before the last)."""
+        if not self.checkpoint_every or self.checkpoint_path is None \
+                or self.checkpointing == self.granted:
+            return False
+        every = self.topology.digest_every
+        due = (self.granted + 1) // every * every + every - 1
+        if due >= self.topology.ticks - 1:
+            return False
+        self.checkpointing = due
+        self.window_first, self.window_start = self.granted + 1, now
+        self.granted = due
+        self._grant_all(proto.Grant(until=due, checkpoint=self.checkpoint_path(due)))
+        return True
+
     def _stop_cut(self, now: float) -> None:
         """Every worker has finished the window: stop there, drained, with results."""
         assert self.cut is not None
@@ -538,7 +555,8 @@ class RunCore(Supervision):
                                                  self.chain.last_records,
                                                  self.chain.folded))
         if self.cut is not None:
-            self._stop_cut(now)
+            if not self._last_checkpoint(now):
+                self._stop_cut(now)
         elif self.granted >= self.topology.ticks - 1:
             self._stop(now, drain=True)
         else:
