@@ -1,10 +1,11 @@
 """A checkpoint directory's files: each worker's share, the manifest, atomically.
 
 ``--checkpoint DIR`` holds one directory per checkpoint, ``tick-<T>`` (T zero
-padded): one share per worker, ``<worker>.ckpt`` (msgpack, arrays as in DATA
-frames: hiocluster.worker.checkpoint says what it holds), written by the workers
-before their DONE; then ``manifest.json``, written by the supervisor once every
-share is in. A checkpoint is complete once its manifest exists: every file is
+padded): one share per worker, in two files (msgpack, arrays as in DATA frames:
+hiocluster.worker.checkpoint says what they hold): ``<worker>.ckpt``, its nodes,
+and ``<worker>.links``, its links (a resumed worker reads the node files that
+hold its nodes, and every link file), written by the workers before their
+DONE; then ``manifest.json``, written by the supervisor once every share is in. A checkpoint is complete once its manifest exists: every file is
 written to a temporary name, synced and renamed, so a crash leaves either a
 whole file or none. The newest complete ones are kept (``KEEP``).
 """
@@ -29,7 +30,8 @@ __all__ = ["FORMAT", "VERSION", "MANIFEST", "KEEP", "tick_dir", "write_share",
 
 FORMAT, VERSION = "hiocluster-checkpoint", 1
 MANIFEST = "manifest.json"
-SHARE = ".ckpt"
+#: a share's two files: what each holds (hiocluster.worker.checkpoint.cut)
+PARTS = {".ckpt": ("tick", "tyme", "nodes"), ".links": ("links", "undelivered")}
 #: Complete checkpoints kept (the newest).
 KEEP = 2
 _TICK_DIR = re.compile(r"tick-(\d{12})")
@@ -77,23 +79,26 @@ def write_share(directory: str, worker: str, share: dict[str, Any]) -> int:
     """Write ``worker``'s share into ``directory`` (made if need be); its size."""
     try:
         os.makedirs(directory, mode=0o700, exist_ok=True)
-        data = msgpack.packb(share, use_bin_type=True, default=arrays.default)
+        files = {suffix: msgpack.packb({key: share[key] for key in keys}, use_bin_type=True,
+                                       default=arrays.default)
+                 for suffix, keys in PARTS.items()}
     except OSError as exc:
         raise CheckpointError(f"cannot write into {directory}: {exc.strerror or exc}") \
             from None
     except (TypeError, ValueError, OverflowError) as exc:
         raise CheckpointError(f"{worker}'s share of the checkpoint cannot be packed: "
                               f"{exc}") from None
-    _atomic(os.path.join(directory, worker + SHARE), data)
-    return len(data)
+    for suffix, data in files.items():
+        _atomic(os.path.join(directory, worker + suffix), data)
+    return sum(len(data) for data in files.values())
 
 
-def read_shares(directory: str, workers: list[str]) -> list[dict[str, Any]]:
-    """Every share the manifest names; raises CheckpointError naming a file that is
-    missing, too big or not a share."""
+def read_shares(directory: str, workers: list[str], suffix: str) -> list[dict[str, Any]]:
+    """The ``suffix`` file (".ckpt": nodes, ".links": links) of each of ``workers``'
+    shares; raises CheckpointError naming a file that is missing, too big or not one."""
     shares = []
     for worker in workers:
-        path = os.path.join(directory, worker + SHARE)
+        path = os.path.join(directory, worker + suffix)
         try:
             if os.path.getsize(path) > MAX_SHARE:
                 raise CheckpointError(f"{path} is larger than {MAX_SHARE} bytes")
@@ -105,8 +110,7 @@ def read_shares(directory: str, workers: list[str]) -> list[dict[str, Any]]:
         except (ValueError, TypeError, msgpack.ExtraData, msgpack.FormatError,
                 msgpack.StackError) as exc:
             raise CheckpointError(f"{path} is not a checkpoint share: {exc}") from None
-        if not isinstance(share, dict) or not {"tick", "tyme", "nodes", "links",
-                                               "undelivered"} <= set(share):
+        if not isinstance(share, dict) or not set(PARTS[suffix]) <= set(share):
             raise CheckpointError(f"{path} is not a checkpoint share")
         shares.append(share)
     return shares

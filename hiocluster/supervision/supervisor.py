@@ -488,7 +488,7 @@ class Supervisor(SupervisorShell):
                 "topology_hash": checkpoints.topology_hash(self.topology),
                 "versions": proto.local_versions(), "digest": made.digest,
                 "records": made.records.hex(), "folded": made.folded,
-                "workers": [spec.name for spec in self.plan.workers],
+                "placement": {spec.name: list(spec.node_names) for spec in self.plan.workers},
                 "nodes": len(self.topology.nodes)})
             checkpoints.prune(self.checkpoint_root)
         except CheckpointError as exc:

@@ -350,15 +350,23 @@ class Worker:
         every share is read, for links whose other end was elsewhere."""
         assert self.host is not None and self.exchange is not None
         manifest = checkpoints.read_manifest(directory)
-        shares = checkpoints.read_shares(directory, manifest["workers"])
-        nodes: dict[str, Any] = {}
-        links: dict[int, dict[str, int]] = {}
-        undelivered: dict[int, list[Any]] = {}
         mine = set(self.host.by_name)
         wanted = set(self.exchange.links)
-        for share in shares:
+        try:
+            holding = [worker for worker, names in manifest["placement"].items()
+                       if mine.intersection(names)]
+            workers = list(manifest["placement"])
+        except (KeyError, TypeError, AttributeError):
+            raise CheckpointError(f"{directory}: its manifest has no placement") from None
+        nodes: dict[str, Any] = {}
+        tyme = 0.0
+        for share in checkpoints.read_shares(directory, holding, ".ckpt"):
             nodes.update((name, entry) for name, entry in share["nodes"].items()
                          if name in mine)
+            tyme = share["tyme"]
+        links: dict[int, dict[str, int]] = {}
+        undelivered: dict[int, list[Any]] = {}
+        for share in checkpoints.read_shares(directory, workers, ".links"):
             undelivered.update((link, rows) for link, rows in share["undelivered"].items()
                                if link in wanted)
             for link, side in share["links"].items():
@@ -371,8 +379,7 @@ class Worker:
                                   f"{'node ' + missing[0] if missing else 'every link'} "
                                   f"of worker {self.name}")
         tick = manifest["tick"]
-        checkpoint.resume(self.host, self.exchange, tick, shares[0]["tyme"], nodes, links,
-                          undelivered)
+        checkpoint.resume(self.host, self.exchange, tick, tyme, nodes, links, undelivered)
         self.tick = tick
 
     def _gather(self, tick: int) -> None:
