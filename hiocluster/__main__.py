@@ -35,11 +35,24 @@ def main() -> int:
 
         return command()
     except KeyboardInterrupt as exc:  # a plain one: Python's own handler, before ours
-        for again in (signal.SIGINT, signal.SIGTERM):  # a second one: the same end
-            signal.signal(again, signal.SIG_IGN)
-        signum = getattr(exc, "signal", signal.SIGINT)
-        print(f"hiocluster: interrupted by {signal.Signals(signum).name}", file=sys.stderr)
-        return 128 + signum
+        from hiocluster.runtime.early import take
+        return _interrupted(getattr(exc, "signal", None) or take() or signal.SIGINT)
+    except BaseException:
+        # raised inside Python's import machinery, the interrupt can leave it broken
+        # and surface as another exception (a KeyError from a module lock): the
+        # signal it came from is written down, and ends the command the same way
+        from hiocluster.runtime.early import take
+        written = take()
+        if written is None:
+            raise
+        return _interrupted(written)
+
+
+def _interrupted(signum: int) -> int:
+    for again in (signal.SIGINT, signal.SIGTERM):  # a second one: the same end
+        signal.signal(again, signal.SIG_IGN)
+    print(f"hiocluster: interrupted by {signal.Signals(signum).name}", file=sys.stderr)
+    return 128 + signum
 
 
 if __name__ == "__main__":

@@ -36,6 +36,7 @@ from xxhash import xxh3_128_digest
 
 from hiocluster.errors import LinkFull, Terminated
 from hiocluster.protocol import arrays
+from hiocluster.runtime.early import pending as early_signal
 
 __all__ = ["Node", "Inbox", "Outbox", "Link", "Clock", "derive_seed", "digest_state",
            "load_class"]
@@ -363,6 +364,8 @@ def load_class(path: str, app_dir: str | None = None, base: type | None = None) 
         raise ImportError(f"importing {module_name!r} failed: {type(exc).__name__}: {exc}") \
             from exc
     except Exception as exc:  # the user's module raised while importing: say so
+        if early_signal() is not None:  # an interrupt it turned into something else
+            raise KeyboardInterrupt from exc
         raise ImportError(f"importing {module_name!r} failed: {type(exc).__name__}: {exc}") \
             from exc
     for part in attribute.split("."):

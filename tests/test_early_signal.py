@@ -37,3 +37,31 @@ def test_nothing_written_down_means_nothing_taken() -> None:
     early.received(signal.SIGTERM)
     early.received(signal.SIGINT)
     assert early.take() == signal.SIGTERM and early.take() is None
+
+
+def test_an_interrupt_that_surfaces_as_another_exception_ends_the_command_as_one(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """Python's import machinery, interrupted inside a module lock, can raise a
+    KeyError instead: with the signal written down, the command ends as interrupted."""
+    import hiocluster.__main__ as entry
+    import hiocluster.cli
+
+    def broken() -> int:
+        early.received(signal.SIGTERM)
+        raise KeyError(140000000000000)
+
+    monkeypatch.setattr(hiocluster.cli, "main", broken)
+    handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        assert entry.main() == 143
+    finally:
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
+    assert capsys.readouterr().err.strip() == "hiocluster: interrupted by SIGTERM"
+    monkeypatch.setattr(hiocluster.cli, "main", lambda: {}["nothing written down"])
+    try:
+        with pytest.raises(KeyError):
+            entry.main()
+    finally:
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)

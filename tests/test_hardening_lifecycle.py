@@ -322,3 +322,41 @@ def test_a_tcp_run_binds_no_unix_socket_and_status_still_finds_it(
         wait_until(lambda: not any(root.iterdir()), timeout=GONE_S,
                    what="the run directory to be removed")
         root.rmdir()
+
+
+BROKEN_IMPORT = """
+import os, time
+from pathlib import Path
+from tests.faulty import FaultyNode as SlowNode
+Path(__file__).with_name("importing").write_text(str(os.getpid()))
+try:
+    time.sleep(30)  # interrupted by the test
+except KeyboardInterrupt:
+    raise KeyError("what an import machinery left broken by an interrupt raises")
+"""
+
+
+def test_an_interrupt_that_surfaces_as_another_exception_still_exits_130(
+        tmp_path: Path, cli_env: dict[str, str]) -> None:
+    """Python's import machinery, interrupted inside a module lock, can turn the
+    interrupt into a KeyError: the signal was written down, so the command still
+    ends as interrupted, in one line."""
+    topology = _topology(tmp_path, "flat")
+    (tmp_path / "broken_import.py").write_text(BROKEN_IMPORT)
+    topology.write_text(topology.read_text().replace('"tests.faulty:FaultyNode"',
+                                                     '"broken_import:SlowNode"'))
+    popen = subprocess.Popen(hiocluster_command("run", str(topology), "--app-dir",
+                                                str(tmp_path)),
+                             env=cli_env, cwd=REPO, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        wait_until(lambda: (tmp_path / "importing").exists() or popen.poll() is not None,
+                   timeout=60, what="the CLI to import the node classes")
+        os.killpg(popen.pid, signal.SIGINT)
+        _, stderr = popen.communicate(timeout=60)
+    finally:
+        if popen.poll() is None:
+            popen.kill()
+            popen.communicate(timeout=30)
+    assert popen.returncode == 130, stderr
+    assert stderr.strip() == "hiocluster: interrupted by SIGINT", stderr

@@ -9,7 +9,7 @@ acts on it: a Ctrl-C in start-up is never lost.
 
 from __future__ import annotations
 
-__all__ = ["received", "take"]
+__all__ = ["received", "take", "pending"]
 
 _pending: list[int] = []
 
@@ -17,6 +17,11 @@ _pending: list[int] = []
 def received(signum: int) -> None:
     """Write down that ``signum`` arrived (called from the first-line handler)."""
     _pending.append(signum)
+
+
+def pending() -> int | None:
+    """The first signal written down and not yet acted on (None: none); kept."""
+    return _pending[0] if _pending else None
 
 
 def take() -> int | None:
