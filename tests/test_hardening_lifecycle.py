@@ -162,6 +162,26 @@ if not mark.exists():
 """
 
 
+def _start(tmp_path: Path, cli_env: dict[str, str], tree: str,
+           module: str | None) -> subprocess.Popen[str]:
+    """`hiocluster run` of the ``tree`` topology in its own process group; with
+    ``module``, its nodes' class is imported from that module's text."""
+    topology = _topology(tmp_path, tree)
+    if module is not None:
+        (tmp_path / "slow_import.py").write_text(module)
+        topology.write_text(topology.read_text().replace('"tests.faulty:FaultyNode"',
+                                                         '"slow_import:SlowNode"'))
+    return subprocess.Popen(hiocluster_command("run", str(topology), "--app-dir",
+                                               str(tmp_path)),
+                            env=cli_env, cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def _importing(tmp_path: Path, popen: subprocess.Popen[str]) -> None:
+    wait_until(lambda: (tmp_path / "importing").exists() or popen.poll() is not None,
+               timeout=60, what="the CLI to import the node classes")
+
+
 @pytest.mark.parametrize("tree", ["flat", "deep"])
 @pytest.mark.parametrize("moment", [0.05, 0.1, 0.3, 1.0, "importing-nodes", *EVENTS],
                          ids=str)
@@ -171,19 +191,11 @@ def test_sigint_to_the_process_group_at_any_moment_exits_130(
     """Ctrl-C at any moment once hiocluster runs: exit code 130, one line on stderr,
     nothing left (children in the same process group get it too). Delays count
     from the moment hiocluster's code runs (its handlers are the first thing)."""
-    topology = _topology(tmp_path, tree)
-    if moment == "importing-nodes":
-        (tmp_path / "slow_import.py").write_text(SLOW_IMPORT)
-        topology.write_text(topology.read_text().replace('"tests.faulty:FaultyNode"',
-                                                         '"slow_import:SlowNode"'))
-    popen = subprocess.Popen(hiocluster_command("run", str(topology), "--app-dir",
-                                                str(tmp_path)),
-                             env=cli_env, cwd=REPO, stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True, start_new_session=True)
+    popen = _start(tmp_path, cli_env, tree,
+                   SLOW_IMPORT if moment == "importing-nodes" else None)
     try:
         if moment == "importing-nodes":
-            wait_until(lambda: (tmp_path / "importing").exists() or popen.poll() is not None,
-                       timeout=60, what="the CLI to import the node classes")
+            _importing(tmp_path, popen)
         elif isinstance(moment, float):
             wait_until(lambda: popen.poll() is not None or _catches_sigterm(popen),
                        timeout=60, what="hiocluster's code to run")
@@ -341,17 +353,9 @@ def test_an_interrupt_that_surfaces_as_another_exception_still_exits_130(
     """Python's import machinery, interrupted inside a module lock, can turn the
     interrupt into a KeyError: the signal was written down, so the command still
     ends as interrupted, in one line."""
-    topology = _topology(tmp_path, "flat")
-    (tmp_path / "broken_import.py").write_text(BROKEN_IMPORT)
-    topology.write_text(topology.read_text().replace('"tests.faulty:FaultyNode"',
-                                                     '"broken_import:SlowNode"'))
-    popen = subprocess.Popen(hiocluster_command("run", str(topology), "--app-dir",
-                                                str(tmp_path)),
-                             env=cli_env, cwd=REPO, stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True, start_new_session=True)
+    popen = _start(tmp_path, cli_env, "flat", BROKEN_IMPORT)
     try:
-        wait_until(lambda: (tmp_path / "importing").exists() or popen.poll() is not None,
-                   timeout=60, what="the CLI to import the node classes")
+        _importing(tmp_path, popen)
         os.killpg(popen.pid, signal.SIGINT)
         _, stderr = popen.communicate(timeout=60)
     finally:
