@@ -126,3 +126,17 @@ def test_what_cannot_be_resumed_is_refused_by_name(cli_env, tmp_path) -> None:
     cut = cli(cli_env, *ring, "--resume", str(ckpt))
     assert cut.returncode == 1 and "p1.ckpt is not a checkpoint share" in cut.stderr, cut
     assert "Traceback" not in cut.stderr
+
+
+def test_the_file_says_how_often_unless_the_command_line_does(cli_env, tmp_path) -> None:
+    text = (REPO / "topologies" / "ring.toml").read_text()
+    topology = tmp_path / "ring.toml"
+    topology.write_text(text.replace("[run]\n", "[run]\ncheckpoint_every = 40\n", 1))
+    for flags, kept in (([], ["tick-000000000199", "tick-000000000239"]),
+                        (["--checkpoint-every", "100"], ["tick-000000000099",
+                                                         "tick-000000000199"])):
+        ckpt = tmp_path / f"ckpt{len(flags)}"
+        done = cli(cli_env, "run", str(topology), "--app-dir", str(REPO), "--ticks", "250",
+                   "--checkpoint", str(ckpt), *flags)
+        assert done.returncode == 0, done.stderr
+        assert sorted(path.name for path in ckpt.iterdir()) == kept

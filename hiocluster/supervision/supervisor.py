@@ -758,11 +758,12 @@ def _checkpoints(supervisor: Supervisor, topology: Topology, root: str | None,
             raise TopologyError(why, key_path=f"nodes.{node.name}.class")
     if root is not None:
         digest_every = topology.digest_every
-        every = every or -(-CHECKPOINT_EVERY // digest_every) * digest_every
+        every = every or topology.checkpoint_every or \
+            -(-CHECKPOINT_EVERY // digest_every) * digest_every
         if every < 1 or every % digest_every:
             raise TopologyError(f"checkpoints every {every} ticks: must be a multiple of "
                                 f"digest_every ({digest_every}), whose states are digested",
-                                key_path="--checkpoint-every")
+                                key_path="run.checkpoint_every")
         supervisor.checkpoint_root = os.path.abspath(root)
         supervisor.checkpoint_every = every
         try:

@@ -29,6 +29,7 @@ AUTO_CREDIT_LAG = 8
 RUN_DEFAULTS: dict[str, int | float | bool | str] = {
     "ticks": 100, "tock": 1.0, "t0": 0.0, "seed": 0, "tick_timeout": 30.0, "capacity": 1024,
     "real": False, "digest_every": 1, "credit_lag": "auto", "transport": "ipc",
+    "checkpoint_every": 0,
 }
 #: How the workers of one host talk (``[run] transport``, ``--transport``): ZeroMQ over
 #: unix sockets or TCP on loopback, or ``local``: ZeroMQ for control and Unix-domain

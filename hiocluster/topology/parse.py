@@ -312,7 +312,8 @@ def loads(text: str, *, path: str | None = None) -> Topology:
         ticks=int(run["ticks"]), tock=float(run["tock"]), t0=float(run["t0"]),
         seed=int(run["seed"]), tick_timeout=float(run["tick_timeout"]),
         capacity=int(run["capacity"]), real=bool(run["real"]),
-        digest_every=int(run["digest_every"]), credit_lag=run["credit_lag"], transport=str(run["transport"]), nodes=nodes, links=links, placement=placement, groups=groups, hosts=hosts, services=services, source=text,
+        digest_every=int(run["digest_every"]),
+        checkpoint_every=int(run["checkpoint_every"]), credit_lag=run["credit_lag"], transport=str(run["transport"]), nodes=nodes, links=links, placement=placement, groups=groups, hosts=hosts, services=services, source=text,
     )
 
 

@@ -77,6 +77,7 @@ class Topology:
     groups: tuple[tuple[str, tuple[str, ...]], ...] = ()
     services: tuple[ServiceSpec, ...] = ()
     digest_every: int = 1
+    checkpoint_every: int = 0         # ticks between checkpoints with --checkpoint (0: 1000)
     credit_lag: int | None = None     # None: "auto", see :attr:`lag`
     transport: str = "ipc"
     source: str | None = field(default=None, repr=False, compare=False)

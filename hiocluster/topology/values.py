@@ -99,6 +99,8 @@ def run_value(key: str, value: object) -> int | float | bool | str | None:
         return value
     if key in ("ticks", "capacity", "digest_every"):
         return int_value(value, key_path, 1)
+    if key == "checkpoint_every":  # 0: the default (with --checkpoint)
+        return int_value(value, key_path, 0)
     if key == "credit_lag":
         if value == "auto" or value is None:
             return None
