@@ -140,3 +140,20 @@ def test_the_file_says_how_often_unless_the_command_line_does(cli_env, tmp_path)
                    "--checkpoint", str(ckpt), *flags)
         assert done.returncode == 0, done.stderr
         assert sorted(path.name for path in ckpt.iterdir()) == kept
+
+
+def test_diff_of_two_checkpoint_directories_names_the_nodes_at_their_tick(cli_env,
+                                                                          tmp_path) -> None:
+    dirs = {}
+    for name, flags in (("a", ["--processes", "2"]), ("b", ["--processes", "4"]),
+                        ("seed", ["--processes", "2", "--seed", "3"])):
+        dirs[name] = str(tmp_path / name)
+        run_json(cli_env, "ring", "--checkpoint", dirs[name], "--checkpoint-every", "100",
+                 *flags)
+    same = cli(cli_env, "diff", dirs["a"], dirs["b"])
+    assert same.returncode == 0 and "equal at tick 199" in same.stdout, same
+    other = cli(cli_env, "diff", dirs["a"], dirs["seed"])
+    assert other.returncode == 1 and "the states differ at tick 199" in other.stdout, other
+    assert "nodes: r" in other.stdout
+    empty = cli(cli_env, "diff", dirs["a"], str(tmp_path))
+    assert empty.returncode == 1 and "no checkpoint of the same tick" in empty.stdout

@@ -283,11 +283,12 @@ def _diff(commands: Commands) -> None:
         "diff", help="where two runs first differ (two files written by run --digests FILE)",
         description="Compare two digest files written by `run --digests FILE` and print "
                     "the first digested tick at which the runs' states differ, and the "
-                    "nodes whose states differ there.",
+                    "nodes whose states differ there; or two checkpoint directories "
+                    "(`run --checkpoint DIR`): their newest common tick, node by node.",
         epilog="Exit codes: 0 equal, 1 they differ (a tick, other nodes, or one run "
                "ends first), 2 usage error or a file that is not a digest file.")
-    diff.add_argument("a", metavar="A", help="a digest file")
-    diff.add_argument("b", metavar="B", help="another digest file")
+    diff.add_argument("a", metavar="A", help="a digest file (or a checkpoint directory)")
+    diff.add_argument("b", metavar="B", help="another (of the same kind)")
 
 
 # -- controlling a running run (hiocluster.control.client) -------------------------------

@@ -264,12 +264,13 @@ def _serve(args: argparse.Namespace, topology: Any) -> int:
 
 
 def diff_main(args: argparse.Namespace) -> int:
-    from hiocluster.errors import DigestFileError
-    from hiocluster.supervision.digestfile import diff
+    from hiocluster.errors import CheckpointError, DigestFileError
+    from hiocluster.supervision.digestfile import diff, diff_checkpoints
 
     try:
-        found = diff(args.a, args.b)
-    except DigestFileError as exc:
+        both = os.path.isdir(args.a) and os.path.isdir(args.b)
+        found = diff_checkpoints(args.a, args.b) if both else diff(args.a, args.b)
+    except (CheckpointError, DigestFileError) as exc:
         print(f"hiocluster: diff: {exc}", file=sys.stderr)
         return EXIT_USAGE
     print(found.detail)

@@ -25,7 +25,7 @@ from hiocluster.errors import CheckpointError
 from hiocluster.protocol import arrays
 
 __all__ = ["FORMAT", "VERSION", "MANIFEST", "KEEP", "tick_dir", "write_share",
-           "read_shares", "write_manifest", "read_manifest", "newest", "prune",
+           "read_shares", "write_manifest", "read_manifest", "newest", "complete", "prune",
            "topology_hash"]
 
 FORMAT, VERSION = "hiocluster-checkpoint", 1
@@ -164,6 +164,16 @@ def newest(root: str) -> tuple[str, dict[str, Any]]:
         if manifest is not None:
             return tick_dir(root, tick), manifest
     raise CheckpointError(f"no complete checkpoint in {root}")
+
+
+def complete(root: str) -> dict[int, dict[str, Any]]:
+    """Every complete checkpoint under ``root``: tick -> manifest."""
+    found = {}
+    for tick in _ticks(root):
+        manifest = _manifest(tick_dir(root, tick))
+        if manifest is not None:
+            found[tick] = manifest
+    return found
 
 
 def prune(root: str, keep: int = KEEP) -> None:

@@ -24,10 +24,12 @@ import struct
 from dataclasses import dataclass
 from typing import IO, Iterator
 
-from hiocluster.errors import DigestFileError
+from hiocluster.errors import CheckpointError, DigestFileError
 from hiocluster.protocol.fields import DIGEST_SIZE, RUN_DIGEST_SIZE
+from hiocluster.runtime.checkpoints import complete
 
 __all__ = ["DigestWriter", "DigestFile", "DigestFileError", "Divergence", "diff",
+           "diff_checkpoints",
            "FORMAT", "VERSION"]
 
 FORMAT, VERSION = "hiocluster-digests", 1
@@ -208,6 +210,46 @@ def diff(path_a: str, path_b: str) -> Divergence:
                                         f"tick {last}), but A ends at tick {ends_a} and B "
                                         f"at tick {ends_b}")
         return Divergence(True, None, [], f"equal: {compared} states, to tick {last}")
+
+
+def diff_checkpoints(root_a: str, root_b: str) -> Divergence:
+    """Two checkpoint directories (``--checkpoint DIR``): the states of the newest
+    tick both hold a complete checkpoint of, node by node (an earlier tick may be
+    where they first differ: a digest file says). Raises CheckpointError."""
+    found_a, found_b = complete(root_a), complete(root_b)
+    common = sorted(set(found_a) & set(found_b))
+    if not common:
+        return Divergence(False, None, [], f"no checkpoint of the same tick in both (A: "
+                                           f"{sorted(found_a)[-3:]}, B: {sorted(found_b)[-3:]})")
+    tick = common[-1]
+    a, b = found_a[tick], found_b[tick]
+    if a.get("digest") == b.get("digest") and a.get("records") == b.get("records"):
+        return Divergence(True, None, [], f"equal at tick {tick}, the newest checkpoint both "
+                                          "hold")
+    nodes = set(_record_digests(a, tick).items()) ^ set(_record_digests(b, tick).items())
+    names = sorted({name for name, _ in nodes})
+    return Divergence(False, tick, names,
+                      f"the states differ at tick {tick} (the newest checkpoint both hold; "
+                      f"they may differ earlier); nodes: {_few(names)}")
+
+
+def _record_digests(manifest: dict, tick: int) -> dict[str, bytes]:
+    """Node name -> digest in the state a manifest records (its nodes: its placement)."""
+    try:
+        names = sorted(name for nodes in manifest["placement"].values() for name in nodes)
+        records = bytes.fromhex(manifest["records"])
+    except (KeyError, TypeError, ValueError, AttributeError):
+        raise CheckpointError(f"the manifest of tick {tick} lacks its records or "
+                              "placement") from None
+    found, at = {}, 0
+    for name in names:
+        size = len(name.encode())
+        if records[at:at + size] != name.encode():
+            raise CheckpointError(f"the manifest of tick {tick}: its records do not name "
+                                  f"node {name!r} where they should")
+        found[name] = records[at + size:at + size + DIGEST_SIZE]
+        at += size + DIGEST_SIZE
+    return found
 
 
 def last_tick(file: DigestFile) -> int | None:
