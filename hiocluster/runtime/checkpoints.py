@@ -25,7 +25,8 @@ from hiocluster.errors import CheckpointError
 from hiocluster.protocol import arrays
 
 __all__ = ["FORMAT", "VERSION", "MANIFEST", "KEEP", "tick_dir", "write_share",
-           "read_shares", "write_manifest", "read_manifest", "newest", "complete", "prune",
+           "read_shares", "write_manifest", "complete_checkpoint", "read_manifest",
+           "newest", "complete", "prune",
            "topology_hash"]
 
 FORMAT, VERSION = "hiocluster-checkpoint", 1
@@ -54,19 +55,19 @@ def topology_hash(topology: Any) -> str:
     return hashlib.sha256(repr(shape).encode()).hexdigest()
 
 
-def _atomic(path: str, data: bytes) -> None:
+def _atomic(path: str, data: bytes, durable: bool = True) -> None:
+    """Write ``data`` to ``path`` under a temporary name, renamed when whole; with
+    ``durable``, synced first (and the directory after)."""
     temporary = f"{path}.{os.getpid()}.tmp"
     try:
         with open(temporary, "wb") as file:
             file.write(data)
-            file.flush()
-            os.fsync(file.fileno())
+            if durable:
+                file.flush()
+                os.fsync(file.fileno())
         os.replace(temporary, path)
-        directory = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
-        try:
-            os.fsync(directory)
-        finally:
-            os.close(directory)
+        if durable:
+            _sync_dir(os.path.dirname(path) or ".")
     except OSError as exc:
         try:
             os.unlink(temporary)
@@ -75,8 +76,18 @@ def _atomic(path: str, data: bytes) -> None:
         raise CheckpointError(f"cannot write {path}: {exc.strerror or exc}") from None
 
 
+def _sync_dir(path: str) -> None:
+    directory = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
+
+
 def write_share(directory: str, worker: str, share: dict[str, Any]) -> int:
-    """Write ``worker``'s share into ``directory`` (made if need be); its size."""
+    """Write ``worker``'s share into ``directory`` (made if need be); its size. Not
+    synced here: :func:`complete_checkpoint` does that off the run's critical path,
+    before the manifest makes the checkpoint complete."""
     try:
         os.makedirs(directory, mode=0o700, exist_ok=True)
         files = {suffix: msgpack.packb({key: share[key] for key in keys}, use_bin_type=True,
@@ -89,7 +100,7 @@ def write_share(directory: str, worker: str, share: dict[str, Any]) -> int:
         raise CheckpointError(f"{worker}'s share of the checkpoint cannot be packed: "
                               f"{exc}") from None
     for suffix, data in files.items():
-        _atomic(os.path.join(directory, worker + suffix), data)
+        _atomic(os.path.join(directory, worker + suffix), data, durable=False)
     return sum(len(data) for data in files.values())
 
 
@@ -119,6 +130,22 @@ def read_shares(directory: str, workers: list[str], suffix: str) -> list[dict[st
 def write_manifest(directory: str, manifest: dict[str, Any]) -> None:
     _atomic(os.path.join(directory, MANIFEST),
             json.dumps({"format": FORMAT, "version": VERSION, **manifest}).encode())
+
+
+def complete_checkpoint(directory: str, manifest: dict[str, Any]) -> None:
+    """Every share in ``directory`` is written: sync them, then write the manifest
+    that makes the checkpoint complete. (A supervisor runs this in a thread, off
+    the run's critical path.) Raises CheckpointError."""
+    try:
+        for worker in manifest["placement"]:
+            for suffix in PARTS:
+                with open(os.path.join(directory, worker + suffix), "rb") as file:
+                    os.fsync(file.fileno())
+        _sync_dir(directory)
+    except OSError as exc:
+        raise CheckpointError(f"cannot sync the checkpoint in {directory}: "
+                              f"{exc.strerror or exc}") from None
+    write_manifest(directory, manifest)
 
 
 def _manifest(directory: str) -> dict[str, Any] | None:

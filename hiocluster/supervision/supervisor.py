@@ -27,6 +27,7 @@ import json
 import os
 import secrets
 import signal
+import threading
 import time
 from typing import Any, Callable, Sequence
 
@@ -457,6 +458,8 @@ class Supervisor(SupervisorShell):
         self.checkpoint_root: str | None = None
         self.checkpoint_every = 0
         self.resume_point: Resume | None = None
+        self._completing: threading.Thread | None = None  # a checkpoint's manifest
+        self._completing_failed: CheckpointError | None = None
 
     # -- hio contexts -------------------------------------------------------------
     def recur(self, tyme: float, deeds: Any = None) -> bool:  # type: ignore[override]
@@ -480,19 +483,39 @@ class Supervisor(SupervisorShell):
         self._tell(core)
 
     def _manifest(self, made: Checkpointed, now: float) -> None:
-        """Every share of the checkpoint after ``made.tick`` is written: complete it."""
-        assert self.checkpoint_root is not None
-        try:
-            checkpoints.write_manifest(checkpoints.tick_dir(self.checkpoint_root, made.tick), {
-                "tick": made.tick, "topology": self.topology.name,
-                "topology_hash": checkpoints.topology_hash(self.topology),
-                "versions": proto.local_versions(), "digest": made.digest,
-                "records": made.records.hex(), "folded": made.folded,
-                "placement": {spec.name: list(spec.node_names) for spec in self.plan.workers},
-                "nodes": len(self.topology.nodes)})
-            checkpoints.prune(self.checkpoint_root)
-        except CheckpointError as exc:
-            self.core.fail(exc, now)
+        """Every share of the checkpoint after ``made.tick`` is written: complete it
+        (sync the shares, write the manifest, drop old ones) in a thread, off the
+        run's critical path; one at a time."""
+        root = self.checkpoint_root
+        assert root is not None
+        self._completed()
+        manifest = {
+            "tick": made.tick, "topology": self.topology.name,
+            "topology_hash": checkpoints.topology_hash(self.topology),
+            "versions": proto.local_versions(), "digest": made.digest,
+            "records": made.records.hex(), "folded": made.folded,
+            "placement": {spec.name: list(spec.node_names) for spec in self.plan.workers},
+            "nodes": len(self.topology.nodes)}
+
+        def complete() -> None:
+            try:
+                checkpoints.complete_checkpoint(checkpoints.tick_dir(root, made.tick),
+                                                manifest)
+                checkpoints.prune(root)
+            except CheckpointError as exc:
+                self._completing_failed = exc
+
+        self._completing = threading.Thread(target=complete, name="hiocluster-checkpoint")
+        self._completing.start()
+
+    def _completed(self) -> None:
+        """Wait for the checkpoint being completed (if one is); fail the run if it
+        could not be."""
+        if self._completing is not None:
+            self._completing.join()
+            self._completing = None
+        if self._completing_failed is not None and not self.core.finished:
+            self.core.fail(self._completing_failed, time.monotonic())
 
     def interrupt(self, signum: int) -> None:
         """Stop the run cleanly at once (SIGINT/SIGTERM, at the loop's signal
@@ -610,6 +633,7 @@ class Supervisor(SupervisorShell):
         self.launcher = _DeferredLauncher(self)
 
     def _close(self) -> None:
+        self._completed()  # the last checkpoint is complete before the run ends
         close_run(self)
 
     def _endpoint_bound(self) -> None:
@@ -731,6 +755,8 @@ def run(topology: Topology, *, processes: int | None = None, app_dir: str | None
             writer.close()
     if supervisor.failure is not None:
         raise supervisor.failure
+    if supervisor._completing_failed is not None:  # the last checkpoint, after the end
+        raise supervisor._completing_failed
     if writer is not None and writer.error is not None:
         raise DigestFileError(f"{writer.error} (the run finished: digest "
                               f"{supervisor.result.digest if supervisor.result else '?'})")
