@@ -382,11 +382,11 @@ def load_class(path: str, app_dir: str | None = None, base: type | None = None) 
     return target
 
 
-def cannot_checkpoint(cls: type) -> str | None:
+def cannot_checkpoint(cls: type[Node]) -> str | None:
     """Why nodes of class ``cls`` cannot be checkpointed (None: they can): a class
     needs both :meth:`Node.snapshot` and :meth:`Node.restore` of its own, or
     :attr:`Node.snapshot_attrs`."""
-    own = cls.snapshot is not Node.snapshot, cls.restore is not Node.restore  # type: ignore
+    own = cls.snapshot is not Node.snapshot, cls.restore is not Node.restore
     if all(own) or (not any(own) and getattr(cls, "snapshot_attrs", None) is not None):
         return None
     if any(own):

@@ -161,6 +161,17 @@ if not mark.exists():
     time.sleep(30)  # a heavy import; interrupted by the test
 """
 
+BROKEN_IMPORT = """
+import os, time
+from pathlib import Path
+from tests.faulty import FaultyNode as SlowNode
+Path(__file__).with_name("importing").write_text(str(os.getpid()))
+try:
+    time.sleep(30)  # interrupted by the test
+except KeyboardInterrupt:
+    raise KeyError("what an import machinery left broken by an interrupt raises")
+"""
+
 
 def _start(tmp_path: Path, cli_env: dict[str, str], tree: str,
            module: str | None) -> subprocess.Popen[str]:
@@ -183,7 +194,8 @@ def _importing(tmp_path: Path, popen: subprocess.Popen[str]) -> None:
 
 
 @pytest.mark.parametrize("tree", ["flat", "deep"])
-@pytest.mark.parametrize("moment", [0.05, 0.1, 0.3, 1.0, "importing-nodes", *EVENTS],
+@pytest.mark.parametrize("moment", [0.05, 0.1, 0.3, 1.0, "importing-nodes",
+                                    "importing-broken", *EVENTS],
                          ids=str)
 def test_sigint_to_the_process_group_at_any_moment_exits_130(
         tmp_path: Path, cli_env: dict[str, str], no_leaks: Path, moment: float | str,
@@ -191,10 +203,12 @@ def test_sigint_to_the_process_group_at_any_moment_exits_130(
     """Ctrl-C at any moment once hiocluster runs: exit code 130, one line on stderr,
     nothing left (children in the same process group get it too). Delays count
     from the moment hiocluster's code runs (its handlers are the first thing)."""
-    popen = _start(tmp_path, cli_env, tree,
-                   SLOW_IMPORT if moment == "importing-nodes" else None)
+    # importing-broken: an interrupt that Python's import machinery, interrupted in a
+    # module lock, turns into a KeyError: the signal was written down, it still is one
+    popen = _start(tmp_path, cli_env, tree, {"importing-nodes": SLOW_IMPORT,
+                                             "importing-broken": BROKEN_IMPORT}.get(str(moment)))
     try:
-        if moment == "importing-nodes":
+        if str(moment).startswith("importing"):
             _importing(tmp_path, popen)
         elif isinstance(moment, float):
             wait_until(lambda: popen.poll() is not None or _catches_sigterm(popen),
@@ -335,32 +349,3 @@ def test_a_tcp_run_binds_no_unix_socket_and_status_still_finds_it(
                    what="the run directory to be removed")
         root.rmdir()
 
-
-BROKEN_IMPORT = """
-import os, time
-from pathlib import Path
-from tests.faulty import FaultyNode as SlowNode
-Path(__file__).with_name("importing").write_text(str(os.getpid()))
-try:
-    time.sleep(30)  # interrupted by the test
-except KeyboardInterrupt:
-    raise KeyError("what an import machinery left broken by an interrupt raises")
-"""
-
-
-def test_an_interrupt_that_surfaces_as_another_exception_still_exits_130(
-        tmp_path: Path, cli_env: dict[str, str]) -> None:
-    """Python's import machinery, interrupted inside a module lock, can turn the
-    interrupt into a KeyError: the signal was written down, so the command still
-    ends as interrupted, in one line."""
-    popen = _start(tmp_path, cli_env, "flat", BROKEN_IMPORT)
-    try:
-        _importing(tmp_path, popen)
-        os.killpg(popen.pid, signal.SIGINT)
-        _, stderr = popen.communicate(timeout=60)
-    finally:
-        if popen.poll() is None:
-            popen.kill()
-            popen.communicate(timeout=30)
-    assert popen.returncode == 130, stderr
-    assert stderr.strip() == "hiocluster: interrupted by SIGINT", stderr

@@ -186,11 +186,11 @@ def _ticks(root: str) -> list[int]:
 
 def newest(root: str) -> tuple[str, dict[str, Any]]:
     """The newest complete checkpoint under ``root``: its directory and manifest."""
-    for tick in reversed(_ticks(root)):
-        manifest = _manifest(tick_dir(root, tick))
-        if manifest is not None:
-            return tick_dir(root, tick), manifest
-    raise CheckpointError(f"no complete checkpoint in {root}")
+    found = complete(root)
+    if not found:
+        raise CheckpointError(f"no complete checkpoint in {root}")
+    tick = max(found)
+    return tick_dir(root, tick), found[tick]
 
 
 def complete(root: str) -> dict[int, dict[str, Any]]:

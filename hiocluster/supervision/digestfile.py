@@ -27,6 +27,7 @@ from typing import IO, Iterator
 from hiocluster.errors import CheckpointError, DigestFileError
 from hiocluster.protocol.fields import DIGEST_SIZE, RUN_DIGEST_SIZE
 from hiocluster.runtime.checkpoints import complete
+from hiocluster.supervision.digests import node_digests
 
 __all__ = ["DigestWriter", "DigestFile", "DigestFileError", "Divergence", "diff",
            "diff_checkpoints",
@@ -236,20 +237,11 @@ def diff_checkpoints(root_a: str, root_b: str) -> Divergence:
 def _record_digests(manifest: dict, tick: int) -> dict[str, bytes]:
     """Node name -> digest in the state a manifest records (its nodes: its placement)."""
     try:
-        names = sorted(name for nodes in manifest["placement"].values() for name in nodes)
-        records = bytes.fromhex(manifest["records"])
-    except (KeyError, TypeError, ValueError, AttributeError):
-        raise CheckpointError(f"the manifest of tick {tick} lacks its records or "
-                              "placement") from None
-    found, at = {}, 0
-    for name in names:
-        size = len(name.encode())
-        if records[at:at + size] != name.encode():
-            raise CheckpointError(f"the manifest of tick {tick}: its records do not name "
-                                  f"node {name!r} where they should")
-        found[name] = records[at + size:at + size + DIGEST_SIZE]
-        at += size + DIGEST_SIZE
-    return found
+        names = [name for nodes in manifest["placement"].values() for name in nodes]
+        return node_digests(bytes.fromhex(manifest["records"]), names)
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise CheckpointError(f"the manifest of tick {tick}: its records or placement "
+                              f"cannot be read ({exc})") from None
 
 
 def last_tick(file: DigestFile) -> int | None:

@@ -32,9 +32,8 @@ from hiocluster.errors import (
     RunFailed,
     describe_exitcode,
 )
-from hiocluster.protocol.fields import DIGEST_SIZE
 from hiocluster.supervision.books import WorkerBook, claim, neighbours, setups
-from hiocluster.supervision.digests import DigestChain
+from hiocluster.supervision.digests import DigestChain, node_digests
 from hiocluster.supervision.outcome import (
     RunResult,
     error_frame,
@@ -451,9 +450,7 @@ class RunCore(Supervision):
             return
         if self.phase is Phase.RUNNING and self.cut is None:
             self.cut, self.cut_by = Interrupted(signum), now + CUT_GRACE_S
-            if not self.owed:  # pragma: no cover - a window is always in flight
-                self._stop_cut(now)
-            return
+            return  # a window is always in flight: its end makes the cut
         self.fail(self.cut or Interrupted(signum), now)
 
     def fail(self, error: ClusterError, now: float) -> None:
@@ -518,7 +515,8 @@ class RunCore(Supervision):
                 self.fail(CheckpointError(
                     f"the state taken back from {resume.path} is not the one it holds "
                     f"after tick {resume.tick} (nodes "
-                    f"{', '.join(_differ(held, resume.records, self.topology)[:8])})"), now)
+                    f"{', '.join(_differ(held, resume.records, self.topology)[:8])})"),
+                    now)
                 return
             self.chain.digest, self.chain.folded = bytes.fromhex(resume.digest), resume.folded
             self.granted = resume.tick
@@ -588,10 +586,9 @@ def _terminated(error: ClusterError | None) -> bool:
 
 def _differ(held: bytes, expected: bytes, topology: Topology) -> list[str]:
     """The nodes whose digest records differ between two spliced states."""
-    names, at, found = sorted(node.name for node in topology.nodes), 0, []
-    for name in names:
-        end = at + len(name.encode()) + DIGEST_SIZE
-        if held[at:end] != expected[at:end]:
-            found.append(name)
-        at = end
-    return found or ["?"]
+    names = [node.name for node in topology.nodes]
+    try:
+        ours, theirs = node_digests(held, names), node_digests(expected, names)
+    except ValueError:
+        return ["?"]
+    return [name for name in sorted(ours) if ours[name] != theirs[name]] or ["?"]

@@ -778,10 +778,13 @@ def _checkpoints(supervisor: Supervisor, topology: Topology, root: str | None,
     its state back). Raises TopologyError, CheckpointError."""
     if root is None and resume is None:
         return
+    first: dict[str, str] = {}  # each class once (10,000 nodes may share one), named by its first node
     for node in topology.nodes:
-        why = cannot_checkpoint(load_class(node.cls, app_dir))
+        first.setdefault(node.cls, node.name)
+    for cls, name in first.items():
+        why = cannot_checkpoint(load_class(cls, app_dir))
         if why is not None:
-            raise TopologyError(why, key_path=f"nodes.{node.name}.class")
+            raise TopologyError(why, key_path=f"nodes.{name}.class")
     if root is not None:
         digest_every = topology.digest_every
         every = every or topology.checkpoint_every or \
