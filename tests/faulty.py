@@ -48,6 +48,7 @@ class FaultyNode(Node):
 
     inboxes = ("in",)
     outboxes = ("out",)
+    snapshot_attrs = ("count", "mix")  # tests/test_cluster_hosts.py restarts them
 
     def setup(self) -> None:
         self.count = 0

@@ -20,6 +20,7 @@ import psutil
 import pytest
 
 from hiocluster.supervision import supervisor
+from hiocluster.supervision.restarts import Restart
 from hiocluster.errors import ProcessExited, RunFailed
 from hiocluster.topology import HostSpec, Topology, load, loads
 from hiocluster.runtime.transport import HEARTBEAT_TIMEOUT_MS
@@ -123,6 +124,28 @@ def test_a_host_whose_link_goes_down_is_reported_within_the_bound(hosts: Hosts,
     assert isinstance(error, ProcessExited) and error.worker == "p2" and error.nodes == ("c",)
     assert "host h2 lost" in error.cause and error.tick is not None and error.tick >= 20
     assert HEARTBEAT_TIMEOUT_MS <= 500
+
+
+def test_a_lost_host_is_survived_by_a_restart_from_the_last_checkpoint(
+        hosts: Hosts, keys: Path) -> None:
+    """``restart = "checkpoint"``: the lost host's worker starts again on this host,
+    every worker goes back to the last checkpoint, the run ends as if never cut."""
+    ring = slow_ring(ticks=200).replace(restart="checkpoint", checkpoint_every=20)
+    reference = run(ring.replace(restart="none"))  # all four workers on this host
+    cut: list[bool] = []
+
+    def on_tick(done: int, total: int) -> None:
+        if done >= 50 and not cut:
+            hosts.cut(1)
+            cut.append(True)
+
+    restarts: list[Restart] = []
+    result = run(spread(ring, hosts, {"h1": ("p1",), "h2": ("p2",), "h3": ("p3",)}),
+                 keys=str(keys), on_tick=on_tick, on_restart=restarts.append)
+    assert result.tick_digests == reference.tick_digests
+    [restart] = restarts
+    assert (restart.worker, restart.moved) == ("p2", ("h2",)) and restart.resumed_from >= 39
+    assert "host h2 lost" in restart.cause and result.restarts == [restart.to_json()]
 
 
 def test_a_stopped_agent_is_reported(hosts: Hosts, keys: Path) -> None:

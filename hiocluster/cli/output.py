@@ -11,6 +11,7 @@ from typing import Any, Callable
 
 from hiocluster.cli.resources import exhausted
 from hiocluster.errors import ClusterError, Exhausted
+from hiocluster.supervision.restarts import summary as restart_summary
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -47,7 +48,8 @@ def summary(result: Any) -> str:
         f"messages {result.messages} delivered or in flight; {result.undelivered} in flight "
         f"at stop, {result.unread} unread in inboxes; {result.rejected_frames} frames "
         "rejected",
-    ] + late + [f"metric   {name} {value:,} ({value / result.seconds:,.0f}/s)"
+    ] + late + ([f"restarts {restart_summary(result.restarts)}"] if result.restarts else [])
+        + [f"metric   {name} {value:,} ({value / result.seconds:,.0f}/s)"
          for name, value in result.metrics.items() if result.seconds > 0]
         + [_spread(name, kind, [metrics[name] for metrics in result.node_metrics.values()
                                 if name in metrics])

@@ -50,7 +50,10 @@ def check_main(args: argparse.Namespace) -> int:
     if layout is not None:
         resolve_classes(topology, args.app_dir)  # run() does this itself
         from hiocluster.runtime.loop import Loop
-        from hiocluster.supervision.supervisor import Supervisor
+        from hiocluster.supervision.supervisor import Supervisor, checkpointable, restart_checks
+        if topology.restart == "checkpoint":
+            restart_checks(topology, layout, args.external)
+            checkpointable(topology, args.app_dir)
         try:  # run()'s own checks of --transport, --listen, --keys, --external: made,
             # never entered, it starts nothing
             Supervisor(topology, layout, Loop(), app_dir=args.app_dir, keys=args.keys,
@@ -88,6 +91,12 @@ def _print_plan(topology: Any, layout: Any) -> None:
             f"{name} [{', '.join(members)}]"
             + (f" on {layout.hosts[name].name}" if name in layout.hosts else "")
             for name, members in layout.groups.items()))
+    if topology.restart == "checkpoint":
+        from hiocluster.supervision.supervisor import checkpoint_interval
+        every = checkpoint_interval(topology)
+        print(f"restarts: a worker that dies, hangs or loses its host sends every worker "
+              f"back to the last checkpoint (every {every} ticks), at most "
+              f"{topology.max_restarts} in {topology.within:g} s")
 
 
 def _names(names: Sequence[str], shown: int = 8) -> str:
@@ -155,7 +164,9 @@ def run_main(args: argparse.Namespace) -> int:
                          external=args.external, on_listening=announce,
                          prefixer=Prefixer(prefix=not args.no_prefix),
                          trace=bool(args.trace), checkpoint=args.checkpoint,
-                         checkpoint_every=args.checkpoint_every, resume=args.resume)
+                         checkpoint_every=args.checkpoint_every, resume=args.resume,
+                         on_restart=lambda restart: print(
+                             f"hiocluster: {restart}", file=sys.stderr, flush=True))
         except Interrupted as exc:
             return _interrupted(args, exc, topology.ticks)
         except RunFailed as exc:

@@ -103,6 +103,7 @@ class AgentLink(Doer):
         self.reached = False          # TCP connected, at least once
         self.retried = False          # an attempt to connect failed
         self.contact_by = 0.0         # monotonic: when the first contact is overdue
+        self.lost: str | None = None  # why its workers were lost with it (None: they were not)
 
     def enter(self) -> None:
         context, poller = self.supervisor.context, self.supervisor.loop.poller
@@ -191,6 +192,7 @@ class AgentLink(Doer):
                        f"{message.detail}")
 
     def _lose(self, why: str) -> None:
+        self.lost = self.lost or why
         for process in self.processes.values():
             process.lost(why)
 

@@ -19,8 +19,10 @@ from a run that differs.
 
 from __future__ import annotations
 
+import bisect
 import json
 import struct
+from array import array
 from dataclasses import dataclass
 from typing import IO, Iterator
 
@@ -53,6 +55,8 @@ class DigestWriter:
         self.path = path
         self.error: str | None = None  # why writing stopped (the disk full, say)
         self.written = 0   # states
+        self._ticks = array("q")  # each record's tick, for rewind()
+        self._size = 0            # a record's (they all have one)
         header = {"format": FORMAT, "version": VERSION, "topology": topology,
                   "ticks": ticks, "digest_every": digest_every, "nodes": sorted(nodes)}
         try:
@@ -64,13 +68,33 @@ class DigestWriter:
 
     def __call__(self, tick: int, digest: bytes, records: bytes) -> None:
         if self.file is not None:
+            record = _TICK.pack(tick) + digest + records
+            self._size = len(record)
             try:
-                self.file.write(_TICK.pack(tick) + digest + records)
+                self.file.write(record)
             except OSError as exc:  # said after the run; the run itself goes on
                 self.error = f"cannot write --digests {self.path}: {exc.strerror or exc}"
                 self.close()
                 return
             self.written += 1
+            self._ticks.append(tick)
+
+    def rewind(self, tick: int | None) -> None:
+        """Drop the records after ``tick`` (None: every record): a run restarted from
+        its checkpoint after ``tick`` (or from its start) writes them again."""
+        if self.file is None:
+            return
+        kept = 0 if tick is None else bisect.bisect_right(self._ticks, tick)
+        try:
+            self.file.flush()
+            self.file.truncate(self.file.tell() - (self.written - kept) * self._size)
+            self.file.seek(0, 2)
+        except OSError as exc:
+            self.error = f"cannot write --digests {self.path}: {exc.strerror or exc}"
+            self.close()
+            return
+        del self._ticks[kept:]
+        self.written = kept
 
     def close(self) -> None:
         if self.file is not None:

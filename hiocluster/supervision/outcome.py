@@ -68,6 +68,10 @@ class RunResult:
     #: a resumed run: the tick of the checkpoint it started from (its tick_digests
     #: are those of the ticks after it)
     resumed_from: int | None = None
+    #: ``[run] restart = "checkpoint"``: each restart the run went through
+    #: (hiocluster.supervision.restarts.Restart.to_json); with any, ``seconds`` is
+    #: the whole run's, restarts included
+    restarts: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def ticks_per_second(self) -> float:
@@ -85,6 +89,8 @@ class RunResult:
                                       else 0.0 for name, value in self.metrics.items()}
         if self.resumed_from is None:
             del data["resumed_from"]
+        if not self.restarts:
+            del data["restarts"]
         if self.tick_digests:
             data["tick_digests"] = self.tick_digests
         if self.services:

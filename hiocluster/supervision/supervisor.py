@@ -22,6 +22,7 @@ the Python API behind the CLI.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
@@ -34,7 +35,14 @@ from typing import Any, Callable, Sequence
 from hio.base.doing import DoDoer, Doer
 
 from hiocluster import protocol as proto
-from hiocluster.errors import CheckpointError, ClusterError, Interrupted, TopologyError
+from hiocluster.errors import (
+    CheckpointError,
+    ClusterError,
+    Interrupted,
+    ProcessExited,
+    TickTimeout,
+    TopologyError,
+)
 from hiocluster.hosts.remote import AgentLink
 from hiocluster.node import cannot_checkpoint, load_class
 from hiocluster.runtime import checkpoints
@@ -45,7 +53,7 @@ from hiocluster.runtime.launch import (
     worker_argv,
 )
 from hiocluster.runtime.loop import Loop, RouterDoer
-from hiocluster.runtime.rundir import close_run, make_run_dir
+from hiocluster.runtime.rundir import close_run, make_run_dir, remove_run_dir
 from hiocluster.runtime.signals import run_signals
 from hiocluster.runtime.transport import (
     ENDPOINT_RECORD,
@@ -57,6 +65,8 @@ from hiocluster.runtime.transport import (
     local_address,
 )
 from hiocluster.supervision.digestfile import DigestFileError, DigestWriter
+from hiocluster.supervision.digests import digested_between
+from hiocluster.supervision.restarts import Intensity, Restart, restartable
 from hiocluster.supervision.runcore import (
     Checkpointed,
     Kill,
@@ -460,6 +470,8 @@ class Supervisor(SupervisorShell):
         self.resume_point: Resume | None = None
         self._completing: threading.Thread | None = None  # a checkpoint's manifest
         self._completing_failed: CheckpointError | None = None
+        #: the tick of the newest checkpoint this supervisor completed (None: none yet)
+        self.checkpointed: int | None = None
 
     # -- hio contexts -------------------------------------------------------------
     def recur(self, tyme: float, deeds: Any = None) -> bool:  # type: ignore[override]
@@ -501,6 +513,7 @@ class Supervisor(SupervisorShell):
             try:
                 checkpoints.complete_checkpoint(checkpoints.tick_dir(root, made.tick),
                                                 manifest)
+                self.checkpointed = made.tick
                 checkpoints.prune(root)
             except CheckpointError as exc:
                 self._completing_failed = exc
@@ -691,7 +704,8 @@ def run(topology: Topology, *, processes: int | None = None, app_dir: str | None
         check_classes: bool = True, keys: str | None = None, prefixer: Any = None,
         trace: bool = False, digests_file: str | None = None,
         checkpoint: str | None = None, checkpoint_every: int | None = None,
-        resume: str | None = None, **timeouts: float) -> RunResult:
+        resume: str | None = None, on_restart: Callable[[Restart], None] | None = None,
+        **timeouts: float) -> RunResult:
     """Run ``topology`` to completion in lockstep and return its result.
 
     Args:
@@ -712,6 +726,8 @@ def run(topology: Topology, *, processes: int | None = None, app_dir: str | None
             topology's digest_every), the newest checkpoints.KEEP kept.
         resume: start from the newest complete checkpoint in this directory (one
             of this topology, by these versions; any placement, window or host).
+        on_restart: with ``[run] restart = "checkpoint"``, told each restart
+            (hiocluster.supervision.restarts.Restart) as it begins.
         handle_signals: on the main thread, turn SIGINT/SIGTERM into a clean stop.
         worker_command, on_ready, on_listening, transport, listen, external, keys: see
             :class:`Supervisor`.
@@ -725,7 +741,8 @@ def run(topology: Topology, *, processes: int | None = None, app_dir: str | None
 
     Raises:
         TopologyError: the plan is impossible (e.g. more processes than nodes).
-        RunFailed: a worker failed (NodeError, TickTimeout, ProcessExited...).
+        RunFailed: a worker failed (NodeError, TickTimeout, ProcessExited...); with
+            ``[run] restart = "checkpoint"``, one that no restart could get past.
         Interrupted: a signal stopped the run; every worker was shut down.
     """
     plan = make_plan(topology, processes)
@@ -734,25 +751,83 @@ def run(topology: Topology, *, processes: int | None = None, app_dir: str | None
         resolve_services(topology, app_dir)
     if real is not None:
         topology = topology.replace(real=real)
-    loop = Loop()
-    supervisor = Supervisor(topology, plan, loop, app_dir=app_dir, window=window,
-                            keep_digests=keep_digests, transport=transport, listen=listen,
-                            external=external, worker_command=worker_command,
-                            on_tick=on_tick, on_ready=on_ready, on_listening=on_listening,
-                            keys=keys, prefixer=prefixer, trace=trace, **timeouts)
-    _checkpoints(supervisor, topology, checkpoint, checkpoint_every, resume, app_dir)
+    restarting = topology.restart == "checkpoint"
+    scratch = None  # restarts without --checkpoint: checkpoints in a run directory
+    if restarting:
+        restart_checks(topology, plan, external)
+        if checkpoint is None:
+            scratch = checkpoint = make_run_dir("hioc-checkpoints-")
     writer = None
-    if digests_file is not None:
-        writer = supervisor.digest_sink = DigestWriter(
-            digests_file, topology.name, topology.ticks, topology.digest_every,
-            [node.name for node in topology.nodes])
-    loop.doers = [supervisor]
     try:
-        with run_signals(supervisor, loop, handle_signals):
-            loop.run()
+        if digests_file is not None:
+            writer = DigestWriter(digests_file, topology.name, topology.ticks,
+                                  topology.digest_every, [node.name for node in topology.nodes])
+        intensity = Intensity(topology.max_restarts, topology.within)
+        restarts: list[Restart] = []
+        kept: list[str] = []  # tick digests of earlier tries, up to where the next began
+        began = time.monotonic()
+        start_from = resume  # the checkpoint a try starts from
+        first: Resume | None = None  # the run's (the first try's)
+        while True:
+            loop = Loop()
+            supervisor = Supervisor(topology, plan, loop, app_dir=app_dir, window=window,
+                                    keep_digests=keep_digests, transport=transport,
+                                    listen=listen, external=external,
+                                    worker_command=worker_command, on_tick=on_tick,
+                                    on_ready=on_ready, on_listening=on_listening, keys=keys,
+                                    prefixer=prefixer, trace=trace, **timeouts)
+            _checkpoints(supervisor, topology, checkpoint, checkpoint_every, start_from,
+                         app_dir)
+            point = supervisor.resume_point
+            if not restarts:
+                first = point
+            supervisor.digest_sink = writer
+            loop.doers = [supervisor]
+            with run_signals(supervisor, loop, handle_signals):
+                loop.run()
+            failure = supervisor.failure
+            if not (restarting and restartable(failure)
+                    and supervisor._completing_failed is None):
+                break
+            assert isinstance(failure, (ProcessExited, TickTimeout)) and checkpoint is not None
+            if not intensity.allows(time.monotonic()):
+                failure.cause += f"; {intensity.exceeded()}"
+                failure.args = (str(failure),)
+                break
+            # a host lost: its workers start again on this one
+            moved = tuple(sorted(name for name, link in supervisor.links.items()
+                                 if link.lost is not None))
+            if moved:
+                plan = dataclasses.replace(plan, hosts={
+                    worker: host for worker, host in plan.hosts.items()
+                    if host.name not in moved})
+            # every worker is gone: all start again from the newest checkpoint this
+            # try completed (or, before its first, from where this try started)
+            tried_from = point.tick if point else -1
+            tick = supervisor.checkpointed if supervisor.checkpointed is not None \
+                else tried_from
+            if keep_digests:
+                kept += supervisor.core.chain.tick_digests[:digested_between(
+                    tried_from + 1, tick, topology.digest_every, topology.ticks)]
+            if writer is not None:
+                writer.rewind(tick if tick >= 0 else None)
+            start_from = checkpoints.tick_dir(checkpoint, tick) if tick >= 0 else None
+            if start_from is not None and point is not None and tick == point.tick:
+                start_from = point.path  # no newer one: the one this try started from
+            restarts.append(Restart.of(failure, tick, time.monotonic() - began, moved))
+            if on_restart is not None:
+                on_restart(restarts[-1])
     finally:
         if writer is not None:
             writer.close()
+        if scratch is not None:
+            remove_run_dir(scratch)
+    for made in (supervisor.result, getattr(supervisor.failure, "partial", None)):
+        if made is not None and restarts:  # the whole run's, not only the last try's
+            made.tick_digests[:0] = kept
+            made.resumed_from = first.tick if first is not None else None
+            made.restarts = [restart.to_json() for restart in restarts]
+            made.seconds = time.monotonic() - began - made.startup_seconds
     if supervisor.failure is not None:
         raise supervisor.failure
     if supervisor._completing_failed is not None:  # the last checkpoint, after the end
@@ -767,6 +842,37 @@ def run(topology: Topology, *, processes: int | None = None, app_dir: str | None
     return supervisor.result
 
 
+def checkpoint_interval(topology: Topology, every: int | None = None) -> int:
+    """Ticks between checkpoints: ``every`` (--checkpoint-every), else the file's
+    ``checkpoint_every``, else CHECKPOINT_EVERY rounded up to a multiple of
+    ``digest_every``."""
+    digest_every = topology.digest_every
+    return every or topology.checkpoint_every or \
+        -(-CHECKPOINT_EVERY // digest_every) * digest_every
+
+
+def checkpointable(topology: Topology, app_dir: str | None) -> None:
+    """Raise TopologyError naming a node class that cannot be checkpointed."""
+    first: dict[str, str] = {}  # each class once (10,000 nodes may share one), named by its first node
+    for node in topology.nodes:
+        first.setdefault(node.cls, node.name)
+    for cls, name in first.items():
+        why = cannot_checkpoint(load_class(cls, app_dir))
+        if why is not None:
+            raise TopologyError(why, key_path=f"nodes.{name}.class")
+
+
+def restart_checks(topology: Topology, plan: Plan, external: Sequence[str]) -> None:
+    """What ``[run] restart = "checkpoint"`` cannot do yet: raises TopologyError."""
+    why = ("groups: run it with --processes (any number) instead" if plan.groups else
+           "services: run the simulation in a topology of its own" if topology.services
+           else "workers started by hand (--external): nobody could start them again"
+           if external else None)
+    if why is not None:
+        raise TopologyError(f'restart = "checkpoint" does not work with {why}',
+                            key_path="run.restart")
+
+
 #: Ticks between checkpoints when ``--checkpoint`` says no ``--checkpoint-every``.
 CHECKPOINT_EVERY = 1000
 
@@ -778,17 +884,10 @@ def _checkpoints(supervisor: Supervisor, topology: Topology, root: str | None,
     its state back). Raises TopologyError, CheckpointError."""
     if root is None and resume is None:
         return
-    first: dict[str, str] = {}  # each class once (10,000 nodes may share one), named by its first node
-    for node in topology.nodes:
-        first.setdefault(node.cls, node.name)
-    for cls, name in first.items():
-        why = cannot_checkpoint(load_class(cls, app_dir))
-        if why is not None:
-            raise TopologyError(why, key_path=f"nodes.{name}.class")
+    checkpointable(topology, app_dir)
     if root is not None:
         digest_every = topology.digest_every
-        every = every or topology.checkpoint_every or \
-            -(-CHECKPOINT_EVERY // digest_every) * digest_every
+        every = checkpoint_interval(topology, every)
         if every < 1 or every % digest_every:
             raise TopologyError(f"checkpoints every {every} ticks: must be a multiple of "
                                 f"digest_every ({digest_every}), whose states are digested",
@@ -805,7 +904,11 @@ def _checkpoints(supervisor: Supervisor, topology: Topology, root: str | None,
     if supervisor.plan.groups:
         raise TopologyError("--resume does not work with groups yet: run it with "
                             "--processes (any number) instead", key_path="--resume")
-    directory, manifest = checkpoints.newest(os.path.abspath(resume))
+    resume = os.path.abspath(resume)
+    if os.path.exists(os.path.join(resume, checkpoints.MANIFEST)):  # one checkpoint
+        directory, manifest = resume, checkpoints.read_manifest(resume)
+    else:  # a --checkpoint directory: its newest
+        directory, manifest = checkpoints.newest(resume)
     if manifest.get("topology_hash") != checkpoints.topology_hash(topology):
         raise CheckpointError(f"{directory} was written by another topology "
                               f"({manifest.get('topology')!r}, or the same one changed: "

@@ -29,8 +29,13 @@ AUTO_CREDIT_LAG = 8
 RUN_DEFAULTS: dict[str, int | float | bool | str] = {
     "ticks": 100, "tock": 1.0, "t0": 0.0, "seed": 0, "tick_timeout": 30.0, "capacity": 1024,
     "real": False, "digest_every": 1, "credit_lag": "auto", "transport": "ipc",
-    "checkpoint_every": 0,
+    "checkpoint_every": 0, "restart": "none", "max_restarts": 3, "within": 60.0,
 }
+#: What a lockstep run does when a worker dies, hangs or loses its host (``[run]
+#: restart``): fail, or roll every worker back to the last checkpoint and go on.
+RUN_RESTARTS = ("none", "checkpoint")
+#: The most ``[run] max_restarts`` may say.
+MAX_RUN_RESTARTS = 1000
 #: How the workers of one host talk (``[run] transport``, ``--transport``): ZeroMQ over
 #: unix sockets or TCP on loopback, or ``local``: ZeroMQ for control and Unix-domain
 #: SEQPACKET sockets for DATA (hiocluster.worker.localnet; one host, no CurveZMQ).

@@ -80,6 +80,9 @@ class Topology:
     checkpoint_every: int = 0         # ticks between checkpoints with --checkpoint (0: 1000)
     credit_lag: int | None = None     # None: "auto", see :attr:`lag`
     transport: str = "ipc"
+    restart: str = "none"             # or "checkpoint": roll back and go on (see RUN_RESTARTS)
+    max_restarts: int = 3             # ... at most this many times ...
+    within: float = 60.0              # ... in this many seconds
     source: str | None = field(default=None, repr=False, compare=False)
     _by_name: dict[str, NodeSpec] = field(init=False, repr=False, compare=False)
 

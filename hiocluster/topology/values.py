@@ -12,7 +12,14 @@ from typing import Any, Iterable
 
 from hiocluster.errors import TopologyError
 from hiocluster.protocol.fields import MAX_CREDIT_LAG
-from hiocluster.topology.limits import BOX_NAME, GLOB_PATTERN, RUN_TRANSPORTS, SEED_LIMIT
+from hiocluster.topology.limits import (
+    BOX_NAME,
+    GLOB_PATTERN,
+    MAX_RUN_RESTARTS,
+    RUN_RESTARTS,
+    RUN_TRANSPORTS,
+    SEED_LIMIT,
+)
 
 # --- value checks: each raises TopologyError(key_path=...) without a line ---------
 
@@ -89,9 +96,11 @@ def check_keys(table: dict[str, Any], allowed: tuple[str, ...], prefix: str,
 
 def run_value(key: str, value: object) -> int | float | bool | str | None:
     key_path = f"run.{key}"
-    if key == "transport":
-        if value not in RUN_TRANSPORTS:
-            raise topology_error(f"expected one of {', '.join(RUN_TRANSPORTS)}, got {value!r}", key_path)
+    if key in ("transport", "restart"):
+        allowed = RUN_TRANSPORTS if key == "transport" else RUN_RESTARTS
+        if value not in allowed:
+            raise topology_error(f"expected one of {', '.join(allowed)}, got {value!r}"
+                                 f"{suggest(str(value), allowed)}", key_path)
         return str(value)
     if key == "real":
         if not isinstance(value, bool):
@@ -101,6 +110,8 @@ def run_value(key: str, value: object) -> int | float | bool | str | None:
         return int_value(value, key_path, 1)
     if key == "checkpoint_every":  # 0: the default (with --checkpoint)
         return int_value(value, key_path, 0)
+    if key == "max_restarts":
+        return int_value(value, key_path, 0, MAX_RUN_RESTARTS)
     if key == "credit_lag":
         if value == "auto" or value is None:
             return None
