@@ -24,7 +24,8 @@
     ├── DataFault                    in a worker: a neighbour's DATA frame is bad: .peer
     ├── ServiceFailed                a service restarted too often: .service
     ├── DigestFileError              a digest file cannot be written or read as one
-    └── CheckpointError              a checkpoint cannot be written, read, or resumed
+    ├── CheckpointError              a checkpoint cannot be written, read, or resumed
+    └── RecordError                  a record (--record) cannot be written, read or replayed
 
     BaseException
     ├── Terminated                   in a worker: a signal, or the supervisor's loss
@@ -70,6 +71,7 @@ __all__ = [
     "ServiceFailed",
     "DigestFileError",
     "CheckpointError",
+    "RecordError",
     "Terminated",
     "TickOverrun",
 ]
@@ -301,6 +303,11 @@ class DigestFileError(ClusterError):
 class CheckpointError(ClusterError):
     """A checkpoint that cannot be written, read as one, or resumed by this run (of
     another topology, other versions): names the file and what is wrong."""
+
+
+class RecordError(ClusterError):
+    """A record (``--record DIR``) cannot be written (too big, the disk nearly full),
+    read (not a record, cut short, altered) or replayed."""
 
 
 class Terminated(BaseException):

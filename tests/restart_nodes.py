@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import signal
 
+from hiocluster.node import Node
 from tests.faulty import Mixer
 
 
@@ -29,3 +30,26 @@ class Crasher(Mixer):
                 how = signal.SIGSTOP if params.get("how") == "sigstop" else signal.SIGKILL
                 os.kill(os.getpid(), how)
         super().step()
+
+
+class Shouter(Node):
+    """Sends ``params.size`` random bytes a tick to each of its targets and counts
+    what it hears: records that grow fast (tests/test_replay.py fills a small file
+    system with one)."""
+
+    inboxes = ("in",)
+    outboxes = ("out",)
+
+    def setup(self) -> None:
+        self.heard = 0
+
+    def step(self) -> None:
+        inbox = self.inbox["in"]
+        while inbox:
+            self.heard += len(inbox.get())
+        out = self.outbox["out"]
+        for target in out.targets:
+            out.offer(self.rng.randbytes(int(self.params["size"])), to=target)
+
+    def state(self) -> int:
+        return self.heard

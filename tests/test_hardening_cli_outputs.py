@@ -232,30 +232,6 @@ def test_check_applies_and_checks_the_run_options(cli_env, tmp_path) -> None:
 
 # -- resource exhaustion: one line naming the resource, nothing left behind ------------
 
-@pytest.fixture
-def tmpfs(tmp_path: Path):
-    """Mount a small tmpfs (``options``) at a fresh directory; always unmounted."""
-    import os
-
-    mounted: list[Path] = []
-
-    def mount(name: str, options: str) -> Path:
-        if os.geteuid() != 0:
-            pytest.skip("mounting a tmpfs needs root")
-        where = tmp_path / name
-        where.mkdir()
-        done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(where)],
-                              capture_output=True, text=True, timeout=30)
-        if done.returncode != 0:
-            pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
-        mounted.append(where)
-        return where
-
-    yield mount
-    for where in mounted:
-        subprocess.run(["umount", str(where)], check=True, timeout=30)
-
-
 def _full(root: Path) -> None:
     """Fill ``root``'s blocks (inodes are left)."""
     with open(root / "fill", "wb", buffering=0) as file:

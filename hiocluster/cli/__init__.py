@@ -44,6 +44,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "diff":
         from hiocluster.cli.run import diff_main
         return diff_main(args)
+    if args.command == "replay":
+        from hiocluster.cli.run import replay_main
+        return replay_main(args)
     if args.command == "report":
         from hiocluster.cli.run import report_main
         return report_main(args)

@@ -31,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"hiocluster {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in (_run, _check, _agent, _keygen, _worker, _group, _replica, _report, _diff,
-                _status, _scale, _restart, _stop):
+                _replay, _status, _scale, _restart, _stop):
         add(commands)
     return parser
 
@@ -108,6 +108,10 @@ def _checkpoint_options(command: argparse.ArgumentParser) -> None:
                          help="start from the newest complete checkpoint in DIR (of this "
                               "topology; at any --processes, --window or host placement): "
                               "the run ends as the uninterrupted one would")
+    command.add_argument("--record", metavar="DIR",
+                         help="every worker records the DATA frames it receives and its "
+                              "digests into DIR, to replay one alone later (`hiocluster "
+                              "replay DIR --worker NAME`)")
 
 
 def _output_options(command: argparse.ArgumentParser) -> None:
@@ -289,6 +293,31 @@ def _diff(commands: Commands) -> None:
                "ends first), 2 usage error or a file that is not a digest file.")
     diff.add_argument("a", metavar="A", help="a digest file (or a checkpoint directory)")
     diff.add_argument("b", metavar="B", help="another (of the same kind)")
+
+
+def _replay(commands: Commands) -> None:
+    replay = commands.add_parser(
+        "replay", help="re-run one worker of a recorded run alone, checking every digest",
+        description="Re-run one worker of a run recorded with `run --record DIR` in this "
+                    "process, without any other process or socket: its nodes get the "
+                    "DATA frames it received, tick by tick, and every digested state is "
+                    "compared with the recorded one.",
+        epilog="Exit codes: 0 every digest as recorded, 1 a state differs (its tick and "
+               "nodes named), 2 usage error or a record that cannot be read.")
+    replay.add_argument("record", metavar="DIR", help="the directory of run --record DIR")
+    replay.add_argument("--worker", required=True, type=arguments.name, metavar="NAME",
+                        help="the worker to replay (e.g. p1)")
+    replay.add_argument("--until", type=arguments.non_negative_int, metavar="T",
+                        help="stop after tick T")
+    replay.add_argument("--from-checkpoint", nargs="?", const="", metavar="DIR",
+                        help="start from a checkpoint: the newest in DIR, or in the "
+                             "recorded run's --checkpoint directory")
+    replay.add_argument("--break-at", type=arguments.non_negative_int, metavar="T",
+                        help="stop in pdb inside --node's step() at tick T")
+    replay.add_argument("--node", type=arguments.name, metavar="NAME",
+                        help="the node --break-at stops in")
+    replay.add_argument("--app-dir", metavar="DIR",
+                        help="import node classes from DIR (default: the recorded run's)")
 
 
 # -- controlling a running run (hiocluster.control.client) -------------------------------

@@ -166,7 +166,8 @@ def run_main(args: argparse.Namespace) -> int:
                          trace=bool(args.trace), checkpoint=args.checkpoint,
                          checkpoint_every=args.checkpoint_every, resume=args.resume,
                          on_restart=lambda restart: print(
-                             f"hiocluster: {restart}", file=sys.stderr, flush=True))
+                             f"hiocluster: {restart}", file=sys.stderr, flush=True),
+                         record=args.record)
         except Interrupted as exc:
             return _interrupted(args, exc, topology.ticks)
         except RunFailed as exc:
@@ -179,6 +180,11 @@ def run_main(args: argparse.Namespace) -> int:
     if not _write_files(args, result):
         return EXIT_FAILED
     _print_result(args, result)
+    if args.record:
+        from hiocluster.worker.record import directory_size
+        print(f"hiocluster: recorded {directory_size(args.record) / 2**20:,.1f} MiB into "
+              f"{args.record} (`hiocluster replay {args.record} --worker NAME`)",
+              file=sys.stderr)
     return EXIT_OK
 
 
@@ -286,6 +292,36 @@ def diff_main(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     print(found.detail)
     return EXIT_OK if found.equal else EXIT_FAILED
+
+
+def replay_main(args: argparse.Namespace) -> int:
+    """``hiocluster replay``: exit 0 every digest as recorded, 1 one differs, 2 usage
+    or a record (or checkpoint) that cannot be read."""
+    from hiocluster.errors import CheckpointError, NodeFailed, RecordError
+    from hiocluster.worker.replay import Diverged, replay
+
+    if (args.break_at is None) != (args.node is None):
+        print("hiocluster: replay: --break-at and --node go together", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        done = replay(args.record, args.worker, app_dir=args.app_dir, until=args.until,
+                      from_checkpoint=args.from_checkpoint, break_at=args.break_at,
+                      node=args.node)
+    except Diverged as exc:
+        print(f"hiocluster: replay: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except (RecordError, CheckpointError) as exc:
+        print(f"hiocluster: replay: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except NodeFailed as exc:  # a node's code failed in the replay
+        print(f"hiocluster: replay: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    live = f"; the live run: {done.live:,.0f} ticks/s" if done.live else ""
+    cut = "" if done.whole or args.until is not None else \
+        " (the record is cut short: its run did not stop cleanly)"
+    print(f"replayed {done.worker}: ticks {done.first:,}..{done.last:,}, {done.states:,} "
+          f"digested states as recorded{cut}; {done.ticks_per_second:,.0f} ticks/s{live}")
+    return EXIT_OK
 
 
 def report_main(args: argparse.Namespace) -> int:

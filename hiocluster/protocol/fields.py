@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import re
 import reprlib
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 from hiocluster.errors import FrameError
 
@@ -19,7 +19,8 @@ __all__ = [
     "MAX_CONTROL_FRAME", "MAX_SETUP_FRAME", "MAX_DATA_FRAME", "MAX_STR", "MAX_ARRAY",
     "MAX_MAP", "MAX_INT", "NAME_RE", "DIGEST_SIZE", "RUN_DIGEST_SIZE", "Check", "ListOf",
     "MapOf", "TupleOf", "LinkRun", "optional", "UINT", "COUNT", "INT", "NUMBER", "POSITIVE", "BOOL", "NAME", "TEXT", "ADDRESS",
-    "BYTES", "TOKEN", "CURVE_KEY", "ANY", "STATS", "is_name",
+    "BYTES", "TOKEN", "CURVE_KEY", "ANY", "STATS", "is_name", "node_digests",
+    "differing_nodes",
 ]
 
 #: Largest frame a supervisor accepts from a worker (HELLO, READY, DONE, BYE, ...).
@@ -205,3 +206,28 @@ class LinkRun(TupleOf):
                               f"{len(value[1])} and {len(value[2])}", field=path,
                               code="bad-field")
         return super().explain(value, path)
+
+
+def node_digests(records: bytes, names: Iterable[str]) -> dict[str, bytes]:
+    """Node name -> digest, from one state's records spliced in name order
+    (``names``: every node). Raises ValueError where a record does not name its
+    node."""
+    found, at = {}, 0
+    for name in sorted(names):
+        encoded = name.encode()
+        if records[at:at + len(encoded)] != encoded:
+            raise ValueError(f"the records do not name node {name!r} where they should")
+        at += len(encoded)
+        found[name] = records[at:at + DIGEST_SIZE]
+        at += DIGEST_SIZE
+    return found
+
+
+def differing_nodes(held: bytes, expected: bytes, names: Iterable[str]) -> list[str]:
+    """The nodes whose digests differ between two states' records spliced in name
+    order (``["?"]`` where the records cannot be read as such, or do not differ)."""
+    try:
+        ours, theirs = node_digests(held, names), node_digests(expected, names)
+    except ValueError:
+        return ["?"]
+    return [name for name in sorted(ours) if ours[name] != theirs[name]] or ["?"]

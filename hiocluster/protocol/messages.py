@@ -101,18 +101,20 @@ class Setup(Message):
     digest_every: int = 1
     credit_lag: int = 1
     resume: str = ""
+    record: str = ""
     SCHEMA = {"t0": NUMBER, "tock": POSITIVE, "seed": UINT, "ticks": UINT, "real": BOOL,
               "tick_timeout": POSITIVE, "nodes": ListOf(NODE_ROW), "links": ListOf(LINK_ROW),
               "peers": MapOf(NAME, ADDRESS), "keys": MapOf(NAME, CURVE_KEY),
               "leaves": MapOf(NAME, Check(lambda v: type(v) is dict, "a map")),
               "trace": BOOL, "digest_every": COUNT, "credit_lag": CREDIT_LAG,
-              "resume": PATH}
+              "resume": PATH, "record": PATH}
 
     def to_body(self) -> dict[str, Any]:
-        """``resume`` only when there is one."""
+        """``resume`` and ``record`` only when there is one."""
         body = {name: getattr(self, name) for name in self.SCHEMA}
-        if not self.resume:
-            del body["resume"]
+        for name in ("resume", "record"):
+            if not body[name]:
+                del body[name]
         return body
 
     def for_group(self, leaves: dict[str, dict[str, Any]]) -> Setup:

@@ -24,7 +24,7 @@ import msgpack
 from hiocluster.errors import CheckpointError
 from hiocluster.protocol import arrays
 
-__all__ = ["FORMAT", "VERSION", "MANIFEST", "KEEP", "tick_dir", "write_share",
+__all__ = ["FORMAT", "VERSION", "MANIFEST", "KEEP", "tick_dir", "atomic_write", "write_share",
            "read_shares", "write_manifest", "complete_checkpoint", "read_manifest",
            "newest", "complete", "prune",
            "topology_hash"]
@@ -55,9 +55,10 @@ def topology_hash(topology: Any) -> str:
     return hashlib.sha256(repr(shape).encode()).hexdigest()
 
 
-def _atomic(path: str, data: bytes, durable: bool = True) -> None:
+def atomic_write(path: str, data: bytes, durable: bool = True,
+                 error: type[Exception] = CheckpointError) -> None:
     """Write ``data`` to ``path`` under a temporary name, renamed when whole; with
-    ``durable``, synced first (and the directory after)."""
+    ``durable``, synced first (and the directory after). Raises ``error``."""
     temporary = f"{path}.{os.getpid()}.tmp"
     try:
         with open(temporary, "wb") as file:
@@ -73,7 +74,7 @@ def _atomic(path: str, data: bytes, durable: bool = True) -> None:
             os.unlink(temporary)
         except OSError:
             pass
-        raise CheckpointError(f"cannot write {path}: {exc.strerror or exc}") from None
+        raise error(f"cannot write {path}: {exc.strerror or exc}") from None
 
 
 def _sync_dir(path: str) -> None:
@@ -100,7 +101,7 @@ def write_share(directory: str, worker: str, share: dict[str, Any]) -> int:
         raise CheckpointError(f"{worker}'s share of the checkpoint cannot be packed: "
                               f"{exc}") from None
     for suffix, data in files.items():
-        _atomic(os.path.join(directory, worker + suffix), data, durable=False)
+        atomic_write(os.path.join(directory, worker + suffix), data, durable=False)
     return sum(len(data) for data in files.values())
 
 
@@ -128,7 +129,7 @@ def read_shares(directory: str, workers: list[str], suffix: str) -> list[dict[st
 
 
 def write_manifest(directory: str, manifest: dict[str, Any]) -> None:
-    _atomic(os.path.join(directory, MANIFEST),
+    atomic_write(os.path.join(directory, MANIFEST),
             json.dumps({"format": FORMAT, "version": VERSION, **manifest}).encode())
 
 

@@ -198,11 +198,12 @@ def neighbours(topology: Topology, plan: Plan) -> dict[str, set[str]]:
 
 
 def setups(topology: Topology, plan: Plan, addresses: Mapping[str, str],
-           keys: Mapping[str, str] | None = None, trace: bool = False, resume: str = ""
-           ) -> dict[str, proto.Setup]:
+           keys: Mapping[str, str] | None = None, trace: bool = False, resume: str = "",
+           record: str = "") -> dict[str, proto.Setup]:
     """One SETUP per worker: its nodes, the links touching them, its neighbours'
     data ``addresses`` and, with ``keys`` (every worker's CURVE public key), theirs;
-    ``resume``: the checkpoint every worker starts from."""
+    ``resume``: the checkpoint every worker starts from; ``record``: the directory
+    every worker records into."""
     worker_of = plan.node_to_worker
     rows: dict[str, list[list]] = {spec.name: [] for spec in plan.workers}
     for link in topology.links:
@@ -224,5 +225,5 @@ def setups(topology: Topology, plan: Plan, addresses: Mapping[str, str],
                    for node in spec.nodes],
             links=rows[spec.name], peers=peers,
             keys={peer: keys[peer] for peer in peers} if keys else {}, trace=trace,
-            resume=resume)
+            resume=resume, record=record)
     return made

@@ -21,7 +21,7 @@ from __future__ import annotations
 import hashlib
 from typing import Callable, Iterable, Mapping
 
-from hiocluster.protocol.fields import DIGEST_SIZE, RUN_DIGEST_SIZE
+from hiocluster.protocol.fields import DIGEST_SIZE, RUN_DIGEST_SIZE, node_digests
 
 __all__ = ["DigestChain", "digested", "digested_between", "node_digests"]
 
@@ -42,21 +42,6 @@ def digested_between(first: int, last: int, every: int, ticks: int) -> int:
     if last == ticks - 1 and ticks % every:
         count += 1  # the last tick, off the every-th beat
     return count
-
-
-def node_digests(records: bytes, names: Iterable[str]) -> dict[str, bytes]:
-    """Node name -> digest, from one state's records spliced in name order
-    (``names``: every node). Raises ValueError where a record does not name its
-    node."""
-    found, at = {}, 0
-    for name in sorted(names):
-        encoded = name.encode()
-        if records[at:at + len(encoded)] != encoded:
-            raise ValueError(f"the records do not name node {name!r} where they should")
-        at += len(encoded)
-        found[name] = records[at:at + DIGEST_SIZE]
-        at += DIGEST_SIZE
-    return found
 
 
 class DigestChain:

@@ -32,8 +32,9 @@ from hiocluster.errors import (
     RunFailed,
     describe_exitcode,
 )
+from hiocluster.protocol.fields import differing_nodes
 from hiocluster.supervision.books import WorkerBook, claim, neighbours, setups
-from hiocluster.supervision.digests import DigestChain, node_digests
+from hiocluster.supervision.digests import DigestChain
 from hiocluster.supervision.outcome import (
     RunResult,
     error_frame,
@@ -407,7 +408,7 @@ class RunCore(Supervision):
                  external: Sequence[str] = (),
                  checkpoint_every: int = 0,
                  checkpoint_path: Callable[[int], str] | None = None,
-                 resume: Resume | None = None) -> None:
+                 resume: Resume | None = None, record: str = "") -> None:
         members = {name: [node for leaf in plan.leaves(name)
                           for node in plan.worker(leaf).node_names] for name in plan.top}
         super().__init__(members, now=now, token=token, keep_digests=keep_digests,
@@ -434,6 +435,7 @@ class RunCore(Supervision):
         self.checkpointing = -1                        # the window in flight ends in one
         self.checkpoints: list[Checkpointed] = []      # for the shell: manifests to write
         self.resume = resume
+        self.record = record  # every worker records into this directory (--record)
         self.cut: Interrupted | None = None   # a signal came: stop once the window ends
         self.cut_by = 0.0                     # ... if it ends by then
         self.cut_made = False                 # it did: a drained STOP went out
@@ -492,7 +494,7 @@ class RunCore(Supervision):
         if addresses is None:
             return
         made = setups(self.topology, self.plan, addresses, self.keys, self.trace,
-                      resume=self.resume.path if self.resume else "")
+                      resume=self.resume.path if self.resume else "", record=self.record)
         near = neighbours(self.topology, self.plan)
         for name, book in self.books.items():
             leaves = self.plan.leaves(name)
@@ -586,9 +588,4 @@ def _terminated(error: ClusterError | None) -> bool:
 
 def _differ(held: bytes, expected: bytes, topology: Topology) -> list[str]:
     """The nodes whose digest records differ between two spliced states."""
-    names = [node.name for node in topology.nodes]
-    try:
-        ours, theirs = node_digests(held, names), node_digests(expected, names)
-    except ValueError:
-        return ["?"]
-    return [name for name in sorted(ours) if ours[name] != theirs[name]] or ["?"]
+    return differing_nodes(held, expected, [node.name for node in topology.nodes])

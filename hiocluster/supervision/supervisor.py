@@ -40,6 +40,7 @@ from hiocluster.errors import (
     ClusterError,
     Interrupted,
     ProcessExited,
+    RecordError,
     TickTimeout,
     TopologyError,
 )
@@ -79,6 +80,7 @@ from hiocluster.supervision.runcore import (
 from hiocluster.timing import KILL_GRACE_S, START_TIMEOUT, STOP_TIMEOUT
 from hiocluster.topology import Plan, Topology, resolve_classes, resolve_services
 from hiocluster.topology import plan as make_plan
+from hiocluster.worker import record as records
 
 __all__ = ["SupervisorShell", "Supervisor", "Switchboard", "ChildDoer", "RunResult", "run", "KILL_GRACE_S"]
 
@@ -468,6 +470,8 @@ class Supervisor(SupervisorShell):
         self.checkpoint_root: str | None = None
         self.checkpoint_every = 0
         self.resume_point: Resume | None = None
+        #: set by run() before it enters: where every worker records (--record)
+        self.record_root: str | None = None
         self._completing: threading.Thread | None = None  # a checkpoint's manifest
         self._completing_failed: CheckpointError | None = None
         #: the tick of the newest checkpoint this supervisor completed (None: none yet)
@@ -635,6 +639,7 @@ class Supervisor(SupervisorShell):
                             external=[name for name, child in self.children.items()
                                       if child.external],
                             checkpoint_every=self.checkpoint_every,
+                            record=self.record_root or "",
                             checkpoint_path=None if self.checkpoint_root is None else
                             functools.partial(checkpoints.tick_dir, self.checkpoint_root),
                             resume=self.resume_point)
@@ -705,7 +710,7 @@ def run(topology: Topology, *, processes: int | None = None, app_dir: str | None
         trace: bool = False, digests_file: str | None = None,
         checkpoint: str | None = None, checkpoint_every: int | None = None,
         resume: str | None = None, on_restart: Callable[[Restart], None] | None = None,
-        **timeouts: float) -> RunResult:
+        record: str | None = None, **timeouts: float) -> RunResult:
     """Run ``topology`` to completion in lockstep and return its result.
 
     Args:
@@ -728,6 +733,9 @@ def run(topology: Topology, *, processes: int | None = None, app_dir: str | None
             of this topology, by these versions; any placement, window or host).
         on_restart: with ``[run] restart = "checkpoint"``, told each restart
             (hiocluster.supervision.restarts.Restart) as it begins.
+        record: every worker records what it receives, and its digests, into this
+            directory (hiocluster.worker.record), to replay it alone later
+            (hiocluster.worker.replay). Made if needed; its records are replaced.
         handle_signals: on the main thread, turn SIGINT/SIGTERM into a clean stop.
         worker_command, on_ready, on_listening, transport, listen, external, keys: see
             :class:`Supervisor`.
@@ -758,6 +766,8 @@ def run(topology: Topology, *, processes: int | None = None, app_dir: str | None
         if checkpoint is None:
             scratch = checkpoint = make_run_dir("hioc-checkpoints-")
     writer = None
+    if record is not None:
+        record = _start_record(record, topology, plan, checkpoint, app_dir)
     try:
         if digests_file is not None:
             writer = DigestWriter(digests_file, topology.name, topology.ticks,
@@ -782,6 +792,7 @@ def run(topology: Topology, *, processes: int | None = None, app_dir: str | None
             if not restarts:
                 first = point
             supervisor.digest_sink = writer
+            supervisor.record_root = record
             loop.doers = [supervisor]
             with run_signals(supervisor, loop, handle_signals):
                 loop.run()
@@ -828,6 +839,8 @@ def run(topology: Topology, *, processes: int | None = None, app_dir: str | None
             made.resumed_from = first.tick if first is not None else None
             made.restarts = [restart.to_json() for restart in restarts]
             made.seconds = time.monotonic() - began - made.startup_seconds
+    if record is not None:
+        _end_record(record, supervisor)
     if supervisor.failure is not None:
         raise supervisor.failure
     if supervisor._completing_failed is not None:  # the last checkpoint, after the end
@@ -860,6 +873,40 @@ def checkpointable(topology: Topology, app_dir: str | None) -> None:
         why = cannot_checkpoint(load_class(cls, app_dir))
         if why is not None:
             raise TopologyError(why, key_path=f"nodes.{name}.class")
+
+
+def _start_record(directory: str, topology: Topology, plan: Plan,
+                  checkpoint: str | None, app_dir: str | None) -> str:
+    """Make the record directory and its manifest (hiocluster.worker.record)."""
+    directory = os.path.abspath(directory)
+    try:
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+        for name in os.listdir(directory):  # an earlier run's: not mixed with this one's
+            if name.endswith(".rec"):
+                os.unlink(os.path.join(directory, name))
+    except OSError as exc:
+        raise RecordError(f"cannot make the record directory {directory}: "
+                          f"{exc.strerror or exc}") from None
+    records.write_manifest(directory, {
+        "topology": topology.name, "topology_hash": checkpoints.topology_hash(topology),
+        "versions": proto.local_versions(), "ticks": topology.ticks,
+        "digest_every": topology.digest_every,
+        "placement": {spec.name: list(spec.node_names) for spec in plan.workers},
+        "checkpoint": os.path.abspath(checkpoint) if checkpoint else "",
+        "app_dir": os.path.abspath(app_dir or os.getcwd()), "status": "running"})
+    return directory
+
+
+def _end_record(directory: str, supervisor: Supervisor) -> None:
+    """The record's manifest, with how the run ended (and its speed, for replay)."""
+    manifest = records.read_manifest(directory)
+    result = supervisor.result or getattr(supervisor.failure, "partial", None)
+    manifest["status"] = "finished" if supervisor.result is not None else \
+        "interrupted" if result is not None else "failed"
+    if result is not None:
+        manifest.update(digest=result.digest, ticks_per_second=result.ticks_per_second)
+    manifest["size"] = records.directory_size(directory)
+    records.write_manifest(directory, manifest)
 
 
 def restart_checks(topology: Topology, plan: Plan, external: Sequence[str]) -> None:

@@ -14,7 +14,9 @@ state:
   delivered yet;
 * per worker, the same for all: the tick and hio's ``tyme``.
 
-No sockets, no files: the shell moves the bytes.
+:func:`cut` and :func:`resume` touch no socket and no file: the shell moves the
+bytes. :func:`take_back` reads a checkpoint directory (hiocluster.runtime.checkpoints)
+for a worker, or for a replay of one (hiocluster.worker.replay).
 """
 
 from __future__ import annotations
@@ -22,11 +24,13 @@ from __future__ import annotations
 import struct
 from typing import Any, Mapping
 
+from hiocluster.errors import CheckpointError
 from hiocluster.node import Node
+from hiocluster.runtime import checkpoints
 from hiocluster.worker.exchange import Exchange
 from hiocluster.worker.nodes import NodeRunner, blame
 
-__all__ = ["cut", "resume", "snapshot_node", "restore_node"]
+__all__ = ["cut", "resume", "take_back", "snapshot_node", "restore_node"]
 
 
 def snapshot_node(node: Node, retyme: float | None) -> dict[str, Any]:
@@ -85,3 +89,41 @@ def resume(host: NodeRunner, exchange: Exchange, tick: int, tyme: float,
         saved = nodes[doer.name]["retyme"] if isinstance(doer, Node) else None
         doist.deeds.append((dog, old if saved is None else saved, doer))
     host.tick = host.clock.tick = tick
+
+
+def take_back(directory: str, host: NodeRunner, exchange: Exchange, worker: str) -> int:
+    """Resume ``host`` (built and entered) and ``exchange`` of worker ``worker`` from
+    the checkpoint in ``directory``: every share is read, for links whose other end
+    was elsewhere. Returns the checkpoint's tick; raises CheckpointError."""
+    manifest = checkpoints.read_manifest(directory)
+    mine = set(host.by_name)
+    wanted = set(exchange.links)
+    try:
+        holding = [name for name, names in manifest["placement"].items()
+                   if mine.intersection(names)]
+        workers = list(manifest["placement"])
+    except (KeyError, TypeError, AttributeError):
+        raise CheckpointError(f"{directory}: its manifest has no placement") from None
+    nodes: dict[str, Any] = {}
+    tyme = 0.0
+    for share in checkpoints.read_shares(directory, holding, ".ckpt"):
+        nodes.update((name, entry) for name, entry in share["nodes"].items()
+                     if name in mine)
+        tyme = share["tyme"]
+    links: dict[int, dict[str, int]] = {}
+    undelivered: dict[int, list[Any]] = {}
+    for share in checkpoints.read_shares(directory, workers, ".links"):
+        undelivered.update((link, rows) for link, rows in share["undelivered"].items()
+                           if link in wanted)
+        for link, side in share["links"].items():
+            if link in wanted:
+                links.setdefault(link, {}).update(side)
+    missing = sorted(mine - set(nodes))
+    sides = {"sent", "acked", "taken", "pending"}
+    if missing or any(not sides <= set(links.get(link, ())) for link in wanted):
+        raise CheckpointError(f"{directory} does not hold the state of "
+                              f"{'node ' + missing[0] if missing else 'every link'} "
+                              f"of worker {worker}")
+    tick = int(manifest["tick"])
+    resume(host, exchange, tick, tyme, nodes, links, undelivered)
+    return tick

@@ -29,7 +29,13 @@ from dataclasses import dataclass
 from typing import Any, NoReturn
 
 from hiocluster import protocol as proto
-from hiocluster.errors import CheckpointError, FrameError, ProtocolError, RemoteProtocolError
+from hiocluster.errors import (
+    CheckpointError,
+    FrameError,
+    ProtocolError,
+    RecordError,
+    RemoteProtocolError,
+)
 from hiocluster.runtime import checkpoints
 from hiocluster.runtime.launch import TickRegister
 from hiocluster.runtime.rundir import remove_orphan_files
@@ -43,6 +49,7 @@ from hiocluster.worker.exchange import Exchange, Unsendable
 from hiocluster.worker.localnet import SCHEME as LOCAL_SCHEME
 from hiocluster.worker.localnet import local_path, open_data_plane
 from hiocluster.worker.nodes import NodeFailed, NodeRunner, Terminated, TickOverrun, explain
+from hiocluster.worker.record import Recorder, RecordingExchange
 
 __all__ = ["WorkerOptions", "Worker", "run_worker", "PROGRESS_S", "START_TIMEOUT"]
 
@@ -100,6 +107,7 @@ class Worker:
         self.host: NodeRunner | None = None
         self.digest_every, self.last_tick = 1, -1  # which ticks are digested (SETUP)
         self.exchange: Exchange | None = None
+        self.recorder: Recorder | None = None  # with --record
         self.tick = -1                    # the last tick run
         self.report_at = 0.0              # when the next PROGRESS is due
         self.pacer: Pacer | None = None   # real-time runs only
@@ -153,6 +161,8 @@ class Worker:
             return self._fail(exc.code, str(exc), field=exc.field)
         except CheckpointError as exc:
             return self._fail("checkpoint", str(exc))
+        except RecordError as exc:
+            return self._fail("record", str(exc))
         except Exception:
             if self._orphaned():  # e.g. its run directory went with its supervisor
                 return self._orphan()
@@ -208,6 +218,8 @@ class Worker:
             raise NodeFailed(failures[0][0], self.tick, failures[0][1])
         metrics, per_node, kinds = host.metrics() if host is not None else ({}, {}, {})
         self._stop_watching()
+        if self.recorder is not None:
+            self.recorder.close(whole=True)
         self._send(proto.Bye(stats=self._stats(), metrics=metrics,
                              received=self.exchange.received if self.exchange else {},
                              results=results, node_metrics=per_node if cut else {},
@@ -223,6 +235,9 @@ class Worker:
               cause: str | None = None) -> int:
         """Run exit contexts, tell the supervisor what happened, close, return the exit code."""
         self._stop_watching()
+        if self.recorder is not None:
+            with contextlib.suppress(RecordError):  # what it holds is kept, cut short
+                self.recorder.close(whole=False)
         try:
             if self.host is not None:
                 self.host.tell_outcome("interrupted" if code == "terminated" else "failed")
@@ -271,8 +286,8 @@ class Worker:
         self.host = host = NodeRunner(setup, self.options.app_dir)
         self.in_nodes = False
         self.digest_every, self.last_tick = setup.digest_every, setup.ticks - 1
-        self.exchange = Exchange(self.name, host.by_name, setup.links, setup.credit_lag,
-                                 setup.ticks)
+        self.exchange = (RecordingExchange if setup.record else Exchange)(
+            self.name, host.by_name, setup.links, setup.credit_lag, setup.ticks)
         assert self.watchdog is not None and self.peers is not None
         self.watchdog.tick_timeout = setup.tick_timeout
         self.peers.connect(self.exchange, setup.peers, setup.keys)
@@ -281,7 +296,12 @@ class Worker:
         self.in_nodes = False
         if setup.resume:
             self._resume(setup.resume)
-        self._send(proto.Ready(digests=host.records()))
+        ready = host.records()
+        if setup.record:
+            assert isinstance(self.exchange, RecordingExchange)
+            self.recorder = self.exchange.recorder = Recorder(
+                setup.record, self.name, setup, self.options.app_dir, ready)
+        self._send(proto.Ready(digests=ready))
 
     # -- ticking ------------------------------------------------------------------
     def _window(self, grant: proto.Grant) -> None:
@@ -335,7 +355,10 @@ class Worker:
             self._checkpoint_to(grant.checkpoint, grant.until)
         if register is not None:
             register.store(grant.until + 1)  # its inputs are what it waits for now
-        self._send(proto.Done(until=grant.until, digests=b"".join(records)), checked=False)
+        digests = b"".join(records)
+        if self.recorder is not None:
+            self.recorder.window(grant.until, digests)
+        self._send(proto.Done(until=grant.until, digests=digests), checked=False)
 
     def _checkpoint_to(self, directory: str, tick: int) -> None:
         """This worker's share of the checkpoint after ``tick`` (every worker ran it):
@@ -346,41 +369,9 @@ class Worker:
                                 checkpoint.cut(self.host, self.exchange, tick))
 
     def _resume(self, directory: str) -> None:
-        """Take the state after a checkpoint's tick back (nodes built and entered):
-        every share is read, for links whose other end was elsewhere."""
+        """Take the state after a checkpoint's tick back (nodes built and entered)."""
         assert self.host is not None and self.exchange is not None
-        manifest = checkpoints.read_manifest(directory)
-        mine = set(self.host.by_name)
-        wanted = set(self.exchange.links)
-        try:
-            holding = [worker for worker, names in manifest["placement"].items()
-                       if mine.intersection(names)]
-            workers = list(manifest["placement"])
-        except (KeyError, TypeError, AttributeError):
-            raise CheckpointError(f"{directory}: its manifest has no placement") from None
-        nodes: dict[str, Any] = {}
-        tyme = 0.0
-        for share in checkpoints.read_shares(directory, holding, ".ckpt"):
-            nodes.update((name, entry) for name, entry in share["nodes"].items()
-                         if name in mine)
-            tyme = share["tyme"]
-        links: dict[int, dict[str, int]] = {}
-        undelivered: dict[int, list[Any]] = {}
-        for share in checkpoints.read_shares(directory, workers, ".links"):
-            undelivered.update((link, rows) for link, rows in share["undelivered"].items()
-                               if link in wanted)
-            for link, side in share["links"].items():
-                if link in wanted:
-                    links.setdefault(link, {}).update(side)
-        missing = sorted(mine - set(nodes))
-        sides = {"sent", "acked", "taken", "pending"}
-        if missing or any(not sides <= set(links.get(link, ())) for link in wanted):
-            raise CheckpointError(f"{directory} does not hold the state of "
-                                  f"{'node ' + missing[0] if missing else 'every link'} "
-                                  f"of worker {self.name}")
-        tick = manifest["tick"]
-        checkpoint.resume(self.host, self.exchange, tick, tyme, nodes, links, undelivered)
-        self.tick = tick
+        self.tick = checkpoint.take_back(directory, self.host, self.exchange, self.name)
 
     def _gather(self, tick: int) -> None:
         """Wait until every DATA frame needed before running ``tick`` is in."""
