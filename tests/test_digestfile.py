@@ -86,10 +86,13 @@ def test_diff_finds_runs_equal_across_placements_and_names_where_seeds_differ(
                         ("seed", ["--processes", "2", "--seed", "99"])):
         files[name] = str(tmp_path / f"{name}.dg")
         done = cli(cli_env, "run", RING, "--app-dir", str(REPO), "--ticks", "30",
-                   "--digests", files[name], *flags)
+                   "--digests", files[name], "--record", str(tmp_path / name), *flags)
         assert done.returncode == 0, done.stderr
-    same = cli(cli_env, "diff", files["p1"], files["p4"])
-    assert same.returncode == 0 and same.stdout.startswith("equal: 31 states"), same
+    for a, b in ((files["p1"], files["p4"]), (tmp_path / "p1", tmp_path / "p4")):
+        same = cli(cli_env, "diff", str(a), str(b))
+        assert same.returncode == 0 and same.stdout.startswith("equal: 31 states"), same
+    records = cli(cli_env, "diff", str(tmp_path / "p1"), str(tmp_path / "seed"))
+    assert records.returncode == 1, records
     other = cli(cli_env, "diff", files["p1"], files["seed"])
     assert other.returncode == 1, other
     found = hiocluster.diff(files["p1"], files["seed"])
@@ -99,21 +102,24 @@ def test_diff_finds_runs_equal_across_placements_and_names_where_seeds_differ(
                      if ra[8:40] != rb[8:40])
     assert found.tick == first and found.nodes
     assert f"tick {first}" in other.stdout or (first == -1 and "set-up" in other.stdout)
+    assert records.stdout == other.stdout  # the records name the same state and nodes
 
 
 @pytest.mark.parametrize("at", [0, 7])
 def test_diff_names_the_tick_and_the_node_whose_code_changed(cli_env, tmp_path, at) -> None:
     base_app, base = _counters(tmp_path, "base", drifter="nobody", at=at)
     drift_app, drift = _counters(tmp_path, "drift", drifter="c3", at=at)
-    paths = []
+    paths, records = [], []
     for app, topology, processes in ((base_app, base, "2"), (drift_app, drift, "3")):
         paths.append(str(tmp_path / f"{Path(app).name}.dg"))
+        records.append(str(tmp_path / f"{Path(app).name}.rec"))
         done = cli(cli_env, "run", topology, "--app-dir", app, "--processes", processes,
-                   "--digests", paths[-1])
+                   "--digests", paths[-1], "--record", records[-1])
         assert done.returncode == 0, done.stderr
-    done = cli(cli_env, "diff", *paths)
-    assert done.returncode == 1
-    assert done.stdout.strip() == f"first divergent state: tick {at}; nodes: c3"
+    for compared in (paths, records):  # the digest files, and the records (2 vs 3 workers)
+        done = cli(cli_env, "diff", *compared)
+        assert done.returncode == 1, done
+        assert done.stdout.strip() == f"first divergent state: tick {at}; nodes: c3"
 
 
 def test_a_run_that_ends_first_differs(cli_env, tmp_path) -> None:

@@ -7,6 +7,7 @@ a record that would fill its file system stops the run before it does."""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -58,6 +59,8 @@ def test_every_worker_replayed_alone_reproduces_every_digest(cli_env, recorded) 
 
 
 def test_a_record_altered_by_one_byte_is_caught_at_its_tick(cli_env, recorded) -> None:
+    original = recorded.parent / "original"
+    shutil.copytree(recorded, original)
     path = recorded / "p1.rec"
     data = bytearray(path.read_bytes())
     header = entries(path)[0][1]
@@ -74,6 +77,10 @@ def test_a_record_altered_by_one_byte_is_caught_at_its_tick(cli_env, recorded) -
     done = cli(cli_env, "replay", str(recorded), "--worker", "p1")
     assert done.returncode == 1, done.stderr
     assert f"the replay of p1 differs from its record at tick {tick}: node lp2" in done.stderr
+    # and a diff of the two record directories names the same tick and node
+    diff = cli(cli_env, "diff", str(original), str(recorded))
+    assert diff.returncode == 1, diff.stderr
+    assert diff.stdout.strip() == f"first divergent state: tick {tick}; nodes: lp2"
     # before that tick it is still as recorded
     assert cli(cli_env, "replay", str(recorded), "--worker", "p1", "--until",
                str(tick - 1)).returncode == 0
@@ -110,10 +117,17 @@ def test_an_altered_frame_is_caught_where_it_was_taken(cli_env, recorded) -> Non
     (lambda path: path.unlink(), "cannot read the record"),
 ])
 def test_hostile_or_cut_records_are_refused_by_name(cli_env, recorded, spoil, words) -> None:
+    original = recorded.parent / "original"
+    shutil.copytree(recorded, original)
     spoil(recorded / "p2.rec")
     done = cli(cli_env, "replay", str(recorded), "--worker", "p2")
     assert done.returncode == 2 and words in done.stderr and "Traceback" not in done.stderr, \
         done.stderr
+    # a diff of the spoiled record is refused (2) or differs (1: cut, or a worker less)
+    diff = cli(cli_env, "diff", str(original), str(recorded))
+    assert diff.returncode in (1, 2) and "Traceback" not in diff.stderr, diff
+    assert (diff.returncode == 2) == (words not in ("is cut short after tick",
+                                                    "cannot read the record")), diff
 
 
 def test_what_replay_cannot_do_is_said(cli_env, recorded, tmp_path) -> None:

@@ -284,14 +284,16 @@ def _report(commands: Commands) -> None:
 
 def _diff(commands: Commands) -> None:
     diff = commands.add_parser(
-        "diff", help="where two runs first differ (two files written by run --digests FILE)",
-        description="Compare two digest files written by `run --digests FILE` and print "
-                    "the first digested tick at which the runs' states differ, and the "
-                    "nodes whose states differ there; or two checkpoint directories "
-                    "(`run --checkpoint DIR`): their newest common tick, node by node.",
+        "diff", help="where two runs first differ (their --digests files or --record dirs)",
+        description="Compare two digest files written by `run --digests FILE`, or two "
+                    "record directories (`run --record DIR`), and print the first "
+                    "digested tick at which the runs' states differ, and the nodes whose "
+                    "states differ there; or two checkpoint directories (`run "
+                    "--checkpoint DIR`): their newest common tick, node by node.",
         epilog="Exit codes: 0 equal, 1 they differ (a tick, other nodes, or one run "
                "ends first), 2 usage error or a file that is not a digest file.")
-    diff.add_argument("a", metavar="A", help="a digest file (or a checkpoint directory)")
+    diff.add_argument("a", metavar="A",
+                      help="a digest file, a record directory or a checkpoint directory")
     diff.add_argument("b", metavar="B", help="another (of the same kind)")
 
 

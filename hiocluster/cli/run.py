@@ -281,13 +281,19 @@ def _serve(args: argparse.Namespace, topology: Any) -> int:
 
 
 def diff_main(args: argparse.Namespace) -> int:
-    from hiocluster.errors import CheckpointError, DigestFileError
-    from hiocluster.supervision.digestfile import diff, diff_checkpoints
+    from hiocluster.errors import CheckpointError, DigestFileError, RecordError
+    from hiocluster.supervision.digestfile import diff, diff_checkpoints, diff_records
+    from hiocluster.worker.record import MANIFEST
 
     try:
-        both = os.path.isdir(args.a) and os.path.isdir(args.b)
-        found = diff_checkpoints(args.a, args.b) if both else diff(args.a, args.b)
-    except (CheckpointError, DigestFileError) as exc:
+        if not (os.path.isdir(args.a) and os.path.isdir(args.b)):
+            found = diff(args.a, args.b)
+        elif os.path.exists(os.path.join(args.a, MANIFEST)) or \
+                os.path.exists(os.path.join(args.b, MANIFEST)):
+            found = diff_records(args.a, args.b)
+        else:
+            found = diff_checkpoints(args.a, args.b)
+    except (CheckpointError, DigestFileError, RecordError) as exc:
         print(f"hiocluster: diff: {exc}", file=sys.stderr)
         return EXIT_USAGE
     print(found.detail)

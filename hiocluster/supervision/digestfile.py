@@ -21,18 +21,20 @@ from __future__ import annotations
 
 import bisect
 import json
+import os
 import struct
 from array import array
 from dataclasses import dataclass
-from typing import IO, Iterator
+from typing import IO, Callable, Iterator
 
-from hiocluster.errors import CheckpointError, DigestFileError
-from hiocluster.protocol.fields import DIGEST_SIZE, RUN_DIGEST_SIZE
+from hiocluster.errors import CheckpointError, DigestFileError, RecordError
+from hiocluster.protocol.fields import DIGEST_SIZE, RUN_DIGEST_SIZE, differing_nodes
 from hiocluster.runtime.checkpoints import complete
-from hiocluster.supervision.digests import node_digests
+from hiocluster.supervision.digests import digested, node_digests
+from hiocluster.worker.record import WINDOW, RecordReader, read_manifest
 
 __all__ = ["DigestWriter", "DigestFile", "DigestFileError", "Divergence", "diff",
-           "diff_checkpoints",
+           "diff_checkpoints", "diff_records",
            "FORMAT", "VERSION"]
 
 FORMAT, VERSION = "hiocluster-digests", 1
@@ -201,40 +203,146 @@ def diff(path_a: str, path_b: str) -> Divergence:
     other nodes, differs too. Raises DigestFileError."""
     with DigestFile(path_a) as a, DigestFile(path_b) as b:
         if a.nodes != b.nodes:
-            only_a = sorted(set(a.nodes) - set(b.nodes))
-            only_b = sorted(set(b.nodes) - set(a.nodes))
-            return Divergence(False, None, only_a + only_b,
-                              f"other nodes: only in A: {_few(only_a)}; only in B: "
-                              f"{_few(only_b)}")
-        states_b = b.states()
-        tick_b, record_b = next(states_b, (None, b""))
-        compared = 0
-        last = None
-        for tick_a, record_a in a.states():
-            while tick_b is not None and tick_b < tick_a:
-                tick_b, record_b = next(states_b, (None, b""))
-            if tick_b is None:
-                break
-            if tick_b != tick_a:
-                continue  # a tick only A digested (another digest_every)
-            compared, last = compared + 1, tick_a
-            if record_a[8:] != record_b[8:]:
-                nodes = [name for k, name in enumerate(a.nodes)
-                         if a.node_digest(record_a, k) != b.node_digest(record_b, k)]
-                where = "set-up" if tick_a == -1 else f"tick {tick_a}"
-                which = f"nodes: {_few(nodes)}" if nodes else \
-                    "the run digest only (a state before it, not in both files, differs)"
-                return Divergence(False, tick_a, nodes,
-                                  f"first divergent state: {where}; {which}")
-        if compared == 0:
-            return Divergence(False, None, [], "no digested tick in common")
-        ends_a = last_tick(a)
-        ends_b = last_tick(b)
-        if ends_a != ends_b:
-            return Divergence(False, None, [], f"equal in the {compared} states both hold (to "
-                                        f"tick {last}), but A ends at tick {ends_a} and B "
-                                        f"at tick {ends_b}")
-        return Divergence(True, None, [], f"equal: {compared} states, to tick {last}")
+            return _other_nodes(a.nodes, b.nodes)
+
+        def nodes(record_a: bytes, record_b: bytes) -> list[str]:
+            return [name for k, name in enumerate(a.nodes)
+                    if a.node_digest(record_a, k) != b.node_digest(record_b, k)]
+
+        # a record starts with its tick: the same in the two compared
+        return _first_divergence(a.states(), b.states(), nodes,
+                                 lambda: (last_tick(a), last_tick(b)))
+
+
+def diff_records(root_a: str, root_b: str) -> Divergence:
+    """Two record directories (``--record DIR``), state by state as :func:`diff`:
+    every worker's digest records of a state spliced into the run's, so runs
+    recorded at other placements compare node by node. A record cut short (a
+    worker killed) is compared up to its last whole window. Raises RecordError."""
+    nodes_a, states_a = _recorded_states(root_a)
+    nodes_b, states_b = _recorded_states(root_b)
+    if nodes_a != nodes_b:
+        return _other_nodes(nodes_a, nodes_b)
+    ends: list[int | None] = [None, None]  # the last state each holds, once read to its end
+
+    def counted(states: Iterator[tuple[int, bytes]], k: int) -> Iterator[tuple[int, bytes]]:
+        for tick, records in states:
+            ends[k] = tick
+            yield tick, records
+
+    def rest() -> tuple[int | None, int | None]:
+        for states in (seen_a, seen_b):
+            for _ in states:
+                pass
+        return ends[0], ends[1]
+
+    seen_a, seen_b = counted(states_a, 0), counted(states_b, 1)
+    return _first_divergence(seen_a, seen_b, lambda a, b: differing_nodes(a, b, nodes_a),
+                             rest)
+
+
+def _recorded_states(root: str) -> tuple[list[str], Iterator[tuple[int, bytes]]]:
+    """A record directory's nodes, and its states: (tick, the records of every
+    node spliced in name order), as far as every worker's record holds them."""
+    read_manifest(root)  # a directory run --record wrote, or a clear RecordError
+    try:
+        paths = sorted(entry.path for entry in os.scandir(root) if entry.name.endswith(".rec"))
+    except OSError as exc:
+        raise RecordError(f"cannot read the record directory {root}: "
+                          f"{exc.strerror or exc}") from None
+    if not paths:
+        raise RecordError(f"{root} holds no worker's record (*.rec)")
+    readers = [RecordReader(path) for path in paths]
+    names = sorted(row[0] for reader in readers for row in reader.setup.nodes)
+    if len(set(names)) != len(names):
+        raise RecordError(f"{root}: its workers' records name a node twice: not one run")
+
+    def states() -> Iterator[tuple[int, bytes]]:
+        try:
+            for held in zip(*(_worker_states(reader) for reader in readers)):
+                ticks = {tick for tick, _ in held}
+                if len(ticks) != 1:
+                    raise RecordError(f"{root}: its workers' records hold other ticks "
+                                      f"({sorted(ticks)[:4]}): not one run")
+                found: dict[str, bytes] = {}
+                for reader, (tick, records) in zip(readers, held):
+                    try:
+                        found.update(node_digests(records, (row[0] for row in
+                                                            reader.setup.nodes)))
+                    except ValueError as exc:
+                        raise RecordError(f"{reader.path}: the state of tick {tick}: "
+                                          f"{exc}") from None
+                yield ticks.pop(), b"".join(name.encode() + found[name] for name in names)
+        finally:
+            for reader in readers:
+                reader.close()
+
+    return names, states()
+
+
+def _worker_states(reader: RecordReader) -> Iterator[tuple[int, bytes]]:
+    """(tick, its digest records) of each state one worker's record holds: after
+    set-up (unless it resumed), then each window's, as its DONE carried them."""
+    setup, size = reader.setup, len(reader.ready)
+    if not setup.resume:
+        yield -1, reader.ready
+    for kind, until, digests in reader.entries():
+        if kind != WINDOW:
+            continue
+        count, odd = divmod(len(digests), size) if size else (0, 0)
+        ticks: list[int] = []
+        tick = min(until, setup.ticks - 1)
+        while len(ticks) < count and tick >= 0:  # the window's digested ticks, newest first
+            if digested(tick, setup.digest_every, setup.ticks):
+                ticks.append(tick)
+            tick -= 1
+        if odd or len(ticks) != count:
+            raise RecordError(f"{reader.path}: entry {reader.index}, the window to tick "
+                              f"{until}, holds {len(digests)} bytes of digests: not whole "
+                              "states of its ticks")
+        for k, tick in enumerate(reversed(ticks)):
+            yield tick, digests[k * size:(k + 1) * size]
+
+
+def _other_nodes(nodes_a: list[str], nodes_b: list[str]) -> Divergence:
+    only_a = sorted(set(nodes_a) - set(nodes_b))
+    only_b = sorted(set(nodes_b) - set(nodes_a))
+    return Divergence(False, None, only_a + only_b,
+                      f"other nodes: only in A: {_few(only_a)}; only in B: {_few(only_b)}")
+
+
+def _first_divergence(states_a: Iterator[tuple[int, bytes]],
+                      states_b: Iterator[tuple[int, bytes]],
+                      nodes: Callable[[bytes, bytes], list[str]],
+                      ends: Callable[[], tuple[int | None, int | None]]) -> Divergence:
+    """The first tick both hold at which the states (bytes) differ, and the
+    ``nodes`` that differ there; equal states to the end differ still where
+    ``ends`` says one run ends first."""
+    tick_b, record_b = next(states_b, (None, b""))
+    compared = 0
+    last = None
+    for tick_a, record_a in states_a:
+        while tick_b is not None and tick_b < tick_a:
+            tick_b, record_b = next(states_b, (None, b""))
+        if tick_b is None:
+            break
+        if tick_b != tick_a:
+            continue  # a tick only A digested (another digest_every)
+        compared, last = compared + 1, tick_a
+        if record_a != record_b:
+            differ = [name for name in nodes(record_a, record_b) if name != "?"]
+            where = "set-up" if tick_a == -1 else f"tick {tick_a}"
+            which = f"nodes: {_few(differ)}" if differ else \
+                "the run digest only (a state before it, not in both files, differs)"
+            return Divergence(False, tick_a, differ, f"first divergent state: {where}; {which}")
+    if compared == 0:
+        return Divergence(False, None, [], "no digested tick in common")
+    ends_a, ends_b = ends()
+    if ends_a != ends_b:
+        return Divergence(False, None, [], f"equal in the {compared} states both hold (to "
+                                           f"tick {last}), but A ends at tick {ends_a} and B "
+                                           f"at tick {ends_b}")
+    return Divergence(True, None, [], f"equal: {compared} states, to tick {last}")
 
 
 def diff_checkpoints(root_a: str, root_b: str) -> Divergence:
