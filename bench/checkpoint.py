@@ -6,7 +6,10 @@ a run resumes; each figure against its baseline run in the same invocation.
 * a ring of 10,000 nodes (no tokens) on 2 workers: the run's ticking time with one
   checkpoint minus without (target: a checkpoint written in <= 1 s);
 * resume: start-up time (start to first GRANT) of a run resumed from the last
-  checkpoint vs a fresh start of the same run (target: <= 2x).
+  checkpoint vs a fresh start of the same run (target: <= 2x);
+* record: PHOLD (topologies/phold.toml) at P = 2, ticks/s without and with
+  --record (target: <= 15 % slower); then its worker p1 replayed alone from the
+  record, ticks/s vs the recorded run's (target: >= 2x).
 
 Each figure is the best of R interleaved rounds.
 
@@ -25,7 +28,8 @@ from typing import Callable
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from hiocluster import Builder, run  # noqa: E402
+from hiocluster import Builder, load, run  # noqa: E402
+from hiocluster.worker.replay import replay  # noqa: E402
 
 ALPHA = 0.1
 
@@ -113,6 +117,27 @@ def main() -> None:
         print(f"resume of the {nodes:,}-node ring: start-up {again:.3f} s vs {start:.3f} s "
               f"fresh: {again / start:.2f}x ({'met' if again <= 2 * start else 'MISSED'}: "
               "<= 2x)")
+        phold = load(os.path.join(REPO, "topologies", "phold.toml")).replace(ticks=2000)
+        target = os.path.join(scratch, "record")
+
+        def phold_plain() -> float:
+            return timed(phold, 2)[0]
+
+        def phold_recorded() -> float:
+            shutil.rmtree(target, ignore_errors=True)
+            return timed(phold, 2, record=target)[0]
+
+        without, with_ = best(args.repeat, phold_plain, phold_recorded)
+        cost = with_ / without - 1
+        print(f"PHOLD P=2: {phold.ticks / without:,.0f} ticks/s without, "
+              f"{phold.ticks / with_:,.0f} with --record: {cost:+.1%} "
+              f"({'met' if cost <= 0.15 else 'MISSED'}: <= 15 %)")
+        replayed = max((replay(target, "p1") for _ in range(args.repeat)),
+                       key=lambda done: done.ticks_per_second)
+        live = phold.ticks / with_
+        speed = replayed.ticks_per_second / live
+        print(f"replay of PHOLD's p1 alone: {replayed.ticks_per_second:,.0f} ticks/s vs "
+              f"{live:,.0f} live: {speed:.1f}x ({'met' if speed >= 2 else 'MISSED'}: >= 2x)")
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
