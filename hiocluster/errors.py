@@ -157,7 +157,15 @@ class RunFailed(ClusterError):
         cause: short human cause: "exit code 3", "signal SIGKILL", "ValueError: ...".
         detail: more lines (a traceback), possibly empty.
         kind: "worker", or "group" when ``worker`` is a group (a sub-supervisor).
+        reached: of a root run (``hiocluster.run``): the last tick every worker
+            finished (-1: none), and ``digest`` the run digest after it.
+        checkpoint: the newest complete checkpoint of ``--checkpoint DIR``, if any
+            (its ``tick-*`` directory: ``--resume`` goes on from there).
     """
+
+    reached: int | None = None
+    digest: str | None = None
+    checkpoint: str | None = None
 
     def __init__(self, *, worker: str, nodes: tuple[str, ...] | list[str], tick: int | None,
                  cause: str, detail: str = "", kind: str = "worker") -> None:

@@ -108,13 +108,30 @@ def test_past_the_intensity_the_run_fails_naming_it(cli_env, tmp_path) -> None:
     assert "more than 2 restarts in 60 s ([run] max_restarts, within)" in error["cause"]
 
 
-def test_without_restarts_a_dead_worker_still_fails_the_run(cli_env, tmp_path) -> None:
+def test_without_restarts_a_dead_worker_fails_the_run_saying_how_far_it_got(
+        cli_env, tmp_path) -> None:
     path = topology(tmp_path / "crash.toml", restart="none",
                     params=crash(tmp_path, "sigkill", 60))
+    out = tmp_path / "out.jsonl"
     done = cli(cli_env, "run", str(path), "--app-dir", str(REPO), "--processes", "4",
-               "--checkpoint", str(tmp_path / "ckpt"))
+               "--checkpoint", str(tmp_path / "ckpt"), "--output", str(out), "--json")
     assert done.returncode == 1 and "worker p2" in done.stderr and "SIGKILL" in done.stderr
     assert "restarted" not in done.stderr
+    error = json.loads(done.stdout)["error"]
+    reached = error["reached"]
+    assert 49 <= reached < error["tick"] == 60, error  # every worker got past the checkpoint
+    assert error["checkpoint"] == str(tmp_path / "ckpt" / "tick-000000000049")
+    assert f"every worker finished tick {reached} (digest {error['digest']})" in done.stderr
+    assert f"`--resume {tmp_path / 'ckpt'}` goes on from there" in done.stderr
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [row["node"] for row in rows] == [f"lp{i}" for i in range(4)]
+    assert all((row["status"], row["tick"], row["result"]) == ("failed", reached, None)
+               for row in rows), rows
+    # and the run goes on from the checkpoint it names, to the uninterrupted digest
+    whole = run_json(cli_env, topology(tmp_path / "whole.toml", restart="none"),
+                     "--processes", "2")
+    resumed = run_json(cli_env, path, "--processes", "2", "--resume", str(tmp_path / "ckpt"))
+    assert resumed["digest"] == whole["digest"] and resumed["resumed_from"] == 49
 
 
 @pytest.mark.parametrize("extra, key, words", [

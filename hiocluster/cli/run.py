@@ -171,8 +171,7 @@ def run_main(args: argparse.Namespace) -> int:
         except Interrupted as exc:
             return _interrupted(args, exc, topology.ticks)
         except RunFailed as exc:
-            return failed(args, exc, {"worker": exc.worker, "nodes": list(exc.nodes),
-                                      "tick": exc.tick, "cause": exc.cause})
+            return _failed_run(args, exc, topology)
         except TopologyError:
             raise
         except ClusterError as exc:
@@ -207,6 +206,37 @@ def _interrupted(args: argparse.Namespace, exc: Interrupted, ticks: int) -> int:
                            "digest": partial.digest})
     _write_files(args, partial)
     return 128 + exc.signal
+
+
+def _failed_run(args: argparse.Namespace, exc: RunFailed, topology: Any) -> int:
+    """A run that failed: the failure, then how far the run got as a whole (the
+    last tick every worker finished, the newest checkpoint to resume from); --output
+    gets every node, marked failed at that tick, its result not collected (no
+    consistent state holds one). Exit 1."""
+    fields = {"worker": exc.worker, "nodes": list(exc.nodes), "tick": exc.tick,
+              "cause": exc.cause, "reached": exc.reached, "digest": exc.digest,
+              "checkpoint": exc.checkpoint}
+    code = failed(args, exc, {key: value for key, value in fields.items()
+                              if value is not None})
+    if exc.reached is None:
+        return code
+    said = [f"every worker finished tick {exc.reached:,} (digest {exc.digest})"
+            if exc.reached >= 0 else "no tick was finished by every worker"]
+    if exc.checkpoint:
+        said.append(f"the newest checkpoint is {exc.checkpoint}: `--resume "
+                    f"{args.checkpoint}` goes on from there")
+    if args.output:
+        rows = [{"node": node.name, "result": None, "metrics": {}, "status": "failed",
+                 "tick": exc.reached, "worker": exc.worker, "cause": exc.cause}
+                for node in sorted(topology.nodes, key=lambda node: node.name)]
+
+        def output(file: IO[str]) -> None:
+            for row in rows:
+                file.write(json.dumps(row) + "\n")
+        if _write("--output", args.output, output):
+            said.append(f"--output {args.output} marks every node failed at that tick")
+    print(f"hiocluster: {'; '.join(said)}", file=sys.stderr)
+    return code
 
 
 def _write_files(args: argparse.Namespace, result: Any) -> bool:

@@ -155,6 +155,7 @@ class Supervision:
         self.ticking = self.ticked = 0.0  # first GRANT, last DONE folded
         self.window_start = now
         self.granted = -1
+        self.completed = -1    # the last tick every worker finished (its state folded)
         self.window_first = 0  # the first tick of the window granted last
         self.owed = 0          # DONEs still owed for it
         self.checked_at = 0.0  # when silence and lost frames are looked for next
@@ -521,7 +522,7 @@ class RunCore(Supervision):
                     now)
                 return
             self.chain.digest, self.chain.folded = bytes.fromhex(resume.digest), resume.folded
-            self.granted = resume.tick
+            self.granted = self.completed = resume.tick
             for book in self.books.values():
                 book.resumed(resume.tick)
         self.phase = Phase.RUNNING
@@ -547,6 +548,7 @@ class RunCore(Supervision):
 
     def _all_done(self, now: float) -> None:
         states = self.chain.states(self.window_first, self.granted)
+        self.completed = self.granted
         self.chain.fold({name: b.pending for name, b in self.books.items()}, states)
         self.ticked = now
         self.sizer.observe(self.granted + 1 - self.window_first, now - self.window_start)

@@ -22,6 +22,7 @@ the Python API behind the CLI.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -41,6 +42,7 @@ from hiocluster.errors import (
     Interrupted,
     ProcessExited,
     RecordError,
+    RunFailed,
     TickTimeout,
     TopologyError,
 )
@@ -841,6 +843,12 @@ def run(topology: Topology, *, processes: int | None = None, app_dir: str | None
             made.seconds = time.monotonic() - began - made.startup_seconds
     if record is not None:
         _end_record(record, supervisor)
+    if isinstance(supervisor.failure, RunFailed):  # how far the run got, as a whole
+        supervisor.failure.reached = supervisor.core.completed
+        supervisor.failure.digest = supervisor.core.chain.digest.hex()
+        if checkpoint is not None and scratch is None:
+            with contextlib.suppress(CheckpointError):
+                supervisor.failure.checkpoint = checkpoints.newest(checkpoint)[0]
     if supervisor.failure is not None:
         raise supervisor.failure
     if supervisor._completing_failed is not None:  # the last checkpoint, after the end
