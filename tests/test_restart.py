@@ -77,6 +77,22 @@ def test_a_worker_that_dies_or_hangs_is_restarted_from_the_last_checkpoint(
     assert {row["status"] for row in rows} == {"finished"} and len(rows) == 4
 
 
+def test_a_recorded_run_that_restarted_replays_from_where_its_last_try_began(
+        cli_env, tmp_path) -> None:
+    """Without --checkpoint: the checkpoints are the run's own, removed at its end;
+    the one the last try started from stays in the record, for its replay."""
+    path = topology(tmp_path / "crash.toml", params=crash(tmp_path, "sigkill", 130))
+    record = tmp_path / "rec"
+    restarted = run_json(cli_env, path, "--processes", "4", "--record", str(record))
+    assert [restart["resumed_from"] for restart in restarted["restarts"]] == [99]
+    assert [entry.name for entry in record.iterdir() if entry.is_dir()] == \
+        ["restarted-from-tick-000000000099"]
+    for worker in ("p0", "p2"):
+        done = cli(cli_env, "replay", str(record), "--worker", worker)
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.startswith(f"replayed {worker}: ticks 100..299, "), done.stdout
+
+
 def test_the_summary_says_what_happened_and_the_digest_file_is_whole(cli_env,
                                                                      tmp_path) -> None:
     reference = tmp_path / "whole.dg"

@@ -28,6 +28,7 @@ import functools
 import json
 import os
 import secrets
+import shutil
 import signal
 import threading
 import time
@@ -827,6 +828,8 @@ def run(topology: Topology, *, processes: int | None = None, app_dir: str | None
             start_from = checkpoints.tick_dir(checkpoint, tick) if tick >= 0 else None
             if start_from is not None and point is not None and tick == point.tick:
                 start_from = point.path  # no newer one: the one this try started from
+            if record is not None:  # the next try's record starts from its checkpoint
+                start_from = _record_restart(record, start_from)
             restarts.append(Restart.of(failure, tick, time.monotonic() - began, moved))
             if on_restart is not None:
                 on_restart(restarts[-1])
@@ -892,6 +895,8 @@ def _start_record(directory: str, topology: Topology, plan: Plan,
         for name in os.listdir(directory):  # an earlier run's: not mixed with this one's
             if name.endswith(".rec"):
                 os.unlink(os.path.join(directory, name))
+            elif name.startswith(RECORD_RESTART):
+                shutil.rmtree(os.path.join(directory, name))
     except OSError as exc:
         raise RecordError(f"cannot make the record directory {directory}: "
                           f"{exc.strerror or exc}") from None
@@ -903,6 +908,30 @@ def _start_record(directory: str, topology: Topology, plan: Plan,
         "checkpoint": os.path.abspath(checkpoint) if checkpoint else "",
         "app_dir": os.path.abspath(app_dir or os.getcwd()), "status": "running"})
     return directory
+
+
+#: The checkpoint a restarted try of a recorded run started from, kept in the
+#: record (``<DIR>/restarted-from-tick-<T>``): the record holds the last try, and
+#: its replay takes that checkpoint back, which rotation would remove.
+RECORD_RESTART = "restarted-from-"
+
+
+def _record_restart(directory: str, start_from: str | None) -> str | None:
+    """Copy the checkpoint a restarted try starts from into the record (replacing
+    an earlier try's); the try starts from the copy. None: from the start."""
+    try:
+        for name in os.listdir(directory):
+            if name.startswith(RECORD_RESTART):
+                shutil.rmtree(os.path.join(directory, name))
+        if start_from is None:
+            return None
+        kept = os.path.join(directory, RECORD_RESTART + os.path.basename(
+            os.path.normpath(start_from)))
+        shutil.copytree(start_from, kept)
+    except OSError as exc:
+        raise RecordError(f"cannot keep the checkpoint {start_from} in the record "
+                          f"{directory}: {exc.strerror or exc}") from None
+    return kept
 
 
 def _end_record(directory: str, supervisor: Supervisor) -> None:
