@@ -25,7 +25,8 @@
     ├── ServiceFailed                a service restarted too often: .service
     ├── DigestFileError              a digest file cannot be written or read as one
     ├── CheckpointError              a checkpoint cannot be written, read, or resumed
-    └── RecordError                  a record (--record) cannot be written, read or replayed
+    ├── RecordError                  a record (--record) cannot be written, read or replayed
+    └── LaunchError                  a launcher cannot start workers (no Slurm allocation)
 
     BaseException
     ├── Terminated                   in a worker: a signal, or the supervisor's loss
@@ -72,6 +73,7 @@ __all__ = [
     "DigestFileError",
     "CheckpointError",
     "RecordError",
+    "LaunchError",
     "Terminated",
     "TickOverrun",
 ]
@@ -316,6 +318,11 @@ class CheckpointError(ClusterError):
 class RecordError(ClusterError):
     """A record (``--record DIR``) cannot be written (too big, the disk nearly full),
     read (not a record, cut short, altered) or replayed."""
+
+
+class LaunchError(ClusterError):
+    """A launcher cannot start this run's workers: ``--launcher slurm`` outside an
+    allocation, or a Slurm command missing or refusing; names what is wrong."""
 
 
 class Terminated(BaseException):

@@ -17,6 +17,7 @@ subcommand's module, and what it uses beyond argparse, is imported when it runs:
 
 from __future__ import annotations
 
+import sys
 from typing import Sequence
 
 from hiocluster.cli.output import services_summary, summary
@@ -28,7 +29,13 @@ __all__ = ["build_parser", "main", "services_summary", "summary"]
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``hiocluster`` console script; returns the exit code."""
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    passed: list[str] = []  # sbatch: what follows `--` is the run's own options
+    if argv[:1] == ["sbatch"] and "--" in argv:
+        cut = argv.index("--")
+        argv, passed = argv[:cut], argv[cut + 1:]
     args = parser.parse_args(argv)
+    args.run_args = passed
     if args.command in ("worker", "group"):
         from hiocluster.cli.join import worker_main
         return worker_main(parser, args)
@@ -41,6 +48,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "replica":
         from hiocluster.cli.join import replica_main
         return replica_main(parser, args)
+    if args.command == "sbatch":
+        from hiocluster.cli.slurm import sbatch_main
+        return sbatch_main(parser, args)
     if args.command == "diff":
         from hiocluster.cli.run import diff_main
         return diff_main(args)

@@ -30,8 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
                "exits 0 when stopped, 1 when a service failed.")
     parser.add_argument("--version", action="version", version=f"hiocluster {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_run, _check, _agent, _keygen, _worker, _group, _replica, _report, _diff,
-                _replay, _status, _scale, _restart, _stop):
+    for add in (_run, _check, _sbatch, _agent, _keygen, _worker, _group, _replica, _report,
+                _diff, _replay, _status, _scale, _restart, _stop):
         add(commands)
     return parser
 
@@ -155,6 +155,12 @@ def _transport_options(command: argparse.ArgumentParser) -> None:
     command.add_argument("--place", metavar="WORKER=HOST", action="append", default=[],
                          type=arguments.place,
                          help="run WORKER on HOST (a --host); repeatable")
+    command.add_argument("--launcher", choices=("local", "slurm"), default="local",
+                         help="who starts the workers: this host and the agents of its "
+                              "hosts (local, the default), or Slurm: inside an allocation "
+                              "(salloc, sbatch), each worker a job step on one of its "
+                              "nodes, over tcp with CurveZMQ; default --processes: its "
+                              "tasks")
 
 
 def _app_dir(command: argparse.ArgumentParser) -> None:
@@ -269,6 +275,30 @@ def _replica(commands: Commands) -> None:
 
 
 # -- after a run -------------------------------------------------------------------------
+
+
+def _sbatch(commands: Commands) -> None:
+    sbatch = commands.add_parser(
+        "sbatch", help="a Slurm batch script that runs a topology (--submit: submit it)",
+        usage="hiocluster sbatch TOPOLOGY [--nodes N] [--ntasks-per-node K] [--time TIME] "
+              "[--partition NAME] [--job-name NAME] [--submit] [-- RUN_OPTION ...]",
+        description="Print a Slurm batch script that runs TOPOLOGY with `hiocluster run "
+                    "--launcher slurm` in its allocation: one worker per task, each a "
+                    "job step on its node; or submit it with `sbatch` (--submit). Options "
+                    "of `run` go after `--`, and are checked now.",
+        epilog="Example: hiocluster sbatch topologies/phold.toml --nodes 2 "
+               "--ntasks-per-node 8 --time 1:00:00 -- --ticks 100000 --checkpoint ckpt")
+    sbatch.add_argument("topology", metavar="TOPOLOGY", help="topology file (TOML)")
+    sbatch.add_argument("--nodes", type=arguments.positive_int, default=1, metavar="N",
+                        help="nodes to allocate (default 1)")
+    sbatch.add_argument("--ntasks-per-node", type=arguments.positive_int, default=1,
+                        metavar="K", help="workers on each node (default 1)")
+    sbatch.add_argument("--time", metavar="TIME", help="the job's time limit (sbatch --time)")
+    sbatch.add_argument("--partition", metavar="NAME", help="the partition (sbatch --partition)")
+    sbatch.add_argument("--job-name", metavar="NAME",
+                        help="the job's name (default: hiocluster-<topology>)")
+    sbatch.add_argument("--submit", action="store_true",
+                        help="submit the script with sbatch; print its job id")
 
 
 def _report(commands: Commands) -> None:

@@ -8,7 +8,7 @@ import argparse
 import json
 import os
 import sys
-from typing import IO, Any, Callable, Sequence
+from typing import IO, Any, Callable, Mapping, Sequence
 
 from hiocluster.cli.output import (
     EXIT_FAILED,
@@ -21,7 +21,14 @@ from hiocluster.cli.output import (
     summary,
 )
 from hiocluster.cli.resources import enough_files, exhausted
-from hiocluster.errors import ClusterError, Exhausted, Interrupted, RunFailed, TopologyError
+from hiocluster.errors import (
+    ClusterError,
+    Exhausted,
+    Interrupted,
+    LaunchError,
+    RunFailed,
+    TopologyError,
+)
 
 
 def topology_main(args: argparse.Namespace) -> int:
@@ -32,6 +39,10 @@ def topology_main(args: argparse.Namespace) -> int:
     except TopologyError as exc:  # also raised by run() for an impossible plan
         print(f"hiocluster: {exc}", file=sys.stderr)
         json_error(args, exc, {"key_path": exc.key_path, "line": exc.line})
+        return EXIT_USAGE
+    except LaunchError as exc:  # --launcher slurm outside an allocation, no srun
+        print(f"hiocluster: {exc}", file=sys.stderr)
+        json_error(args, exc, {})
         return EXIT_USAGE
     except BrokenPipeError:  # e.g. `hiocluster run ... | head -1`: the reader left
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
@@ -47,6 +58,7 @@ def check_main(args: argparse.Namespace) -> int:
 
     topology, layout = _load(args)
     resolve_services(topology, args.app_dir)
+    slurm = _allocation(args)
     if layout is not None:
         resolve_classes(topology, args.app_dir)  # run() does this itself
         from hiocluster.runtime.loop import Loop
@@ -56,14 +68,22 @@ def check_main(args: argparse.Namespace) -> int:
             checkpointable(topology, args.app_dir)
         try:  # run()'s own checks of --transport, --listen, --keys, --external: made,
             # never entered, it starts nothing
-            Supervisor(topology, layout, Loop(), app_dir=args.app_dir, keys=args.keys,
-                       transport=args.transport, listen=args.listen, external=args.external)
+            made = Supervisor(topology, layout, Loop(), app_dir=args.app_dir, keys=args.keys,
+                              transport=args.transport, listen=args.listen,
+                              external=args.external, slurm=slurm)
         except TopologyError:
             raise
         except ClusterError as exc:
             print(f"hiocluster: check: {exc}", file=sys.stderr)
             return EXIT_USAGE
-        _print_plan(topology, layout)
+        _print_plan(topology, layout, made.slurm_nodes)
+        if slurm is not None:
+            print(f"launcher: slurm: job {slurm.job}, {slurm.ntasks} tasks on "
+                  f"{len(slurm.nodes)} nodes; each worker a job step; the supervisor at "
+                  f"{made.listen}")
+        else:
+            print("launcher: local" + (" (and the agents of its hosts)"
+                                       if layout.hosts else ""))
     else:
         print(f"ok: {topology.name}: {len(topology.services)} services")
     for spec in topology.services:
@@ -73,7 +93,15 @@ def check_main(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _print_plan(topology: Any, layout: Any) -> None:
+def _allocation(args: argparse.Namespace) -> Any:
+    """The Slurm allocation of ``--launcher slurm`` (None: local)."""
+    if getattr(args, "launcher", "local") != "slurm":
+        return None
+    from hiocluster.hosts.slurm import Allocation
+    return Allocation.from_environment()
+
+
+def _print_plan(topology: Any, layout: Any, nodes: Mapping[str, str]) -> None:
     """``check``'s lines about the nodes: how many, on which workers and groups."""
     print(f"ok: {topology.name}: {len(topology.nodes)} nodes, {len(topology.links)} "
           f"links, {topology.ticks} ticks; {len(layout.workers)} workers on "
@@ -81,7 +109,8 @@ def _print_plan(topology: Any, layout: Any) -> None:
           "workers")
     for worker in layout.workers[:20]:
         host = layout.hosts.get(worker.name)
-        where = f" on {host.name} ({host.agent})" if host is not None else ""
+        where = f" on {host.name} ({host.agent})" if host is not None else \
+            f" on Slurm node {nodes[worker.name]}" if worker.name in nodes else ""
         print(f"  {worker.name}{where}: {len(worker.nodes)} nodes: "
               f"{_names(worker.node_names)}")
     if len(layout.workers) > 20:
@@ -116,7 +145,12 @@ def _load(args: argparse.Namespace) -> Any:
         changes["hosts"] = _hosts_from(args)
     if changes:
         topology = topology.replace(**changes)
-    return topology, plan(topology, args.processes) if topology.nodes else None
+    processes = args.processes
+    if processes is None and topology.nodes and not topology.placement:
+        slurm = _allocation(args)  # under Slurm: a worker per task
+        if slurm is not None:
+            processes = min(slurm.ntasks, len(topology.nodes))
+    return topology, plan(topology, processes) if topology.nodes else None
 
 
 def _hosts_from(args: argparse.Namespace) -> tuple[Any, ...]:
@@ -167,12 +201,12 @@ def run_main(args: argparse.Namespace) -> int:
                          checkpoint_every=args.checkpoint_every, resume=args.resume,
                          on_restart=lambda restart: print(
                              f"hiocluster: {restart}", file=sys.stderr, flush=True),
-                         record=args.record)
+                         record=args.record, launcher=args.launcher)
         except Interrupted as exc:
             return _interrupted(args, exc, topology.ticks)
         except RunFailed as exc:
             return _failed_run(args, exc, topology)
-        except TopologyError:
+        except (TopologyError, LaunchError):
             raise
         except ClusterError as exc:
             return failed(args, exc, {})

@@ -32,7 +32,7 @@ import shutil
 import signal
 import threading
 import time
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from hio.base.doing import DoDoer, Doer
 
@@ -48,6 +48,7 @@ from hiocluster.errors import (
     TopologyError,
 )
 from hiocluster.hosts.remote import AgentLink
+from hiocluster.hosts.slurm import Allocation, SlurmLauncher, place
 from hiocluster.node import cannot_checkpoint, load_class
 from hiocluster.runtime import checkpoints
 from hiocluster.runtime.launch import (
@@ -399,7 +400,8 @@ class Supervisor(SupervisorShell):
                  on_listening: Callable[[Supervisor], None] | None = None,
                  start_timeout: float = START_TIMEOUT, stop_timeout: float = STOP_TIMEOUT,
                  kill_grace: float = KILL_GRACE_S, keys: str | None = None,
-                 prefixer: Any = None, trace: bool = False, **kwa: Any) -> None:
+                 prefixer: Any = None, trace: bool = False,
+                 slurm: Allocation | None = None, **kwa: Any) -> None:
         self.topology, self.plan = topology, plan
         self.trace = trace
         self.app_dir = os.path.abspath(app_dir or os.getcwd())
@@ -432,6 +434,9 @@ class Supervisor(SupervisorShell):
                     "CurveZMQ: " + ("the plan puts workers on other hosts" if hosts else
                                     f"--listen {listen} is tcp") + "; use --transport ipc "
                     "or tcp", key_path="--transport local")
+        self.slurm = slurm
+        if slurm is not None:
+            transport = _slurm_checks(plan, self.data, hosts)
         if hosts and keys is None:
             raise TopologyError("workers on other hosts need a keys directory (--keys DIR; "
                                 f"make it with: hiocluster keygen DIR supervisor "
@@ -461,6 +466,11 @@ class Supervisor(SupervisorShell):
                             } if self.curve else {}
         if hosts and not self.listen:  # where the hosts reach us: the address facing them
             self.listen = f"tcp://{facing(next(iter(hosts.values())).agent)}:*"
+        #: under --launcher slurm: each worker's Slurm node (its allocation's task slots)
+        self.slurm_nodes: dict[str, str] = {}
+        if slurm is not None:
+            self.listen = self.listen or f"tcp://{slurm.supervisor_address()}:*"
+            self.slurm_nodes = place(names, slurm.nodes, slurm.tasks)
         self.core: RunCore = None  # type: ignore[assignment]  # made in enter
         self.run_dir: str | None = None
         self.launcher: Any = None
@@ -686,10 +696,15 @@ class _DeferredLauncher:
 
     def __init__(self, supervisor: Supervisor) -> None:
         self.supervisor = supervisor
-        self.launcher: LocalLauncher | None = None
+        self.launcher: LocalLauncher | SlurmLauncher | None = None
 
     def start(self, worker: str) -> ProcessHandle:
         supervisor = self.supervisor
+        if self.launcher is None and supervisor.slurm is not None:
+            self.launcher = SlurmLauncher(supervisor.slurm, supervisor.slurm_nodes,
+                                          supervisor.control_address, supervisor.credentials,
+                                          app_dir=supervisor.app_dir,
+                                          command=supervisor.worker_command)
         if self.launcher is None:
             assert supervisor.run_dir is not None
             plan = supervisor.plan
@@ -713,7 +728,8 @@ def run(topology: Topology, *, processes: int | None = None, app_dir: str | None
         trace: bool = False, digests_file: str | None = None,
         checkpoint: str | None = None, checkpoint_every: int | None = None,
         resume: str | None = None, on_restart: Callable[[Restart], None] | None = None,
-        record: str | None = None, **timeouts: float) -> RunResult:
+        record: str | None = None, launcher: str = "local",
+        **timeouts: float) -> RunResult:
     """Run ``topology`` to completion in lockstep and return its result.
 
     Args:
@@ -739,6 +755,10 @@ def run(topology: Topology, *, processes: int | None = None, app_dir: str | None
         record: every worker records what it receives, and its digests, into this
             directory (hiocluster.worker.record), to replay it alone later
             (hiocluster.worker.replay). Made if needed; its records are replaced.
+        launcher: "local" (this host, or the agents of the plan's hosts) or
+            "slurm": each worker a job step of the Slurm allocation this process runs
+            in (hiocluster.hosts.slurm; over tcp; one worker per task unless
+            ``processes`` says otherwise).
         handle_signals: on the main thread, turn SIGINT/SIGTERM into a clean stop.
         worker_command, on_ready, on_listening, transport, listen, external, keys: see
             :class:`Supervisor`.
@@ -756,6 +776,14 @@ def run(topology: Topology, *, processes: int | None = None, app_dir: str | None
             ``[run] restart = "checkpoint"``, one that no restart could get past.
         Interrupted: a signal stopped the run; every worker was shut down.
     """
+    slurm = None
+    if launcher == "slurm":
+        slurm = Allocation.from_environment()
+        if processes is None and not topology.placement:
+            processes = min(slurm.ntasks, len(topology.nodes))
+    elif launcher != "local":
+        raise TopologyError(f"unknown launcher {launcher!r}; choose from local, slurm",
+                            key_path="--launcher")
     plan = make_plan(topology, processes)
     if check_classes:
         resolve_classes(topology, app_dir)
@@ -788,7 +816,8 @@ def run(topology: Topology, *, processes: int | None = None, app_dir: str | None
                                     listen=listen, external=external,
                                     worker_command=worker_command, on_tick=on_tick,
                                     on_ready=on_ready, on_listening=on_listening, keys=keys,
-                                    prefixer=prefixer, trace=trace, **timeouts)
+                                    prefixer=prefixer, trace=trace, slurm=slurm,
+                                    **timeouts)
             _checkpoints(supervisor, topology, checkpoint, checkpoint_every, start_from,
                          app_dir)
             point = supervisor.resume_point
@@ -847,6 +876,11 @@ def run(topology: Topology, *, processes: int | None = None, app_dir: str | None
     if record is not None:
         _end_record(record, supervisor)
     if isinstance(supervisor.failure, RunFailed):  # how far the run got, as a whole
+        failure = supervisor.failure
+        node = supervisor.slurm_nodes.get(failure.worker)
+        if node is not None and "Slurm node" not in failure.cause:
+            failure.cause += f" (on Slurm node {node}, job {slurm.job if slurm else '?'})"
+            failure.args = (str(failure),)
         supervisor.failure.reached = supervisor.core.completed
         supervisor.failure.digest = supervisor.core.chain.digest.hex()
         if checkpoint is not None and scratch is None:
@@ -944,6 +978,18 @@ def _end_record(directory: str, supervisor: Supervisor) -> None:
         manifest.update(digest=result.digest, ticks_per_second=result.ticks_per_second)
     manifest["size"] = records.directory_size(directory)
     records.write_manifest(directory, manifest)
+
+
+def _slurm_checks(plan: Plan, data: str, hosts: Mapping[str, Any]) -> str:
+    """What ``--launcher slurm`` cannot do (TopologyError); its transport: tcp."""
+    why = ("[hosts]: the allocation's nodes are its hosts" if hosts else
+           "groups: run it flat (--processes)" if plan.groups else
+           "--transport local: it joins only the workers of one host"
+           if data == "local" else None)
+    if why is not None:
+        raise TopologyError(f"--launcher slurm does not work with {why}",
+                            key_path="--launcher")
+    return "tcp"  # over the allocation's network, CurveZMQ
 
 
 def restart_checks(topology: Topology, plan: Plan, external: Sequence[str]) -> None:
