@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -72,20 +73,29 @@ def test_hosts_keys_and_plan_agree(services: dict[str, Any], cli_env: dict[str, 
         port = int(args.listen.rpartition(":")[2])
         assert probe[:3] == ["CMD", "python", "-c"] and f"('{name}', {port})" in probe[3]
     # the plan the supervisor will run is valid: ring.toml's workers on those hosts
-    keys = tmp_path / "keys"  # what the compose file's keys service makes
-    made = subprocess.run(hiocluster_command("keygen", str(keys), *keygen.names), cwd=REPO,
+    check_plan(run, keygen.names, cli_env, tmp_path)
+
+
+def check_plan(run: Any, key_names: list[str], cli_env: dict[str, str],
+               tmp_path: Path) -> None:
+    """``hiocluster check`` of a deployment's parsed ``run`` command, with keys made
+    as its deployment makes them (``key_names``), accepts its plan: each --place
+    worker on its host."""
+    keys = tmp_path / "keys"
+    made = subprocess.run(hiocluster_command("keygen", str(keys), *key_names), cwd=REPO,
                           env=cli_env, capture_output=True, text=True, timeout=60)
     assert made.returncode == 0, made.stderr
     argv = ["check", run.topology, "--keys", str(keys)]
-    for name, address in run.host:  # the containers' names resolve only in compose's
-        port = address.rpartition(":")[2]  # network: their addresses checked above
+    for name, address in run.host:  # the hosts' names resolve only in the deployment's
+        port = address.rpartition(":")[2]  # network: their addresses are checked apart
         argv += ["--host", f"{name}=tcp://127.0.0.1:{port}"]
     for worker, host in run.place:
         argv += ["--place", f"{worker}={host}"]
     done = subprocess.run(hiocluster_command(*argv), cwd=REPO, env=cli_env,
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
-    assert done.stdout.count(" on h") == len(run.place)
+    for worker, host in run.place:
+        assert f"  {worker} on {host} (" in done.stdout, done.stdout
 
 
 def test_the_dockerfile_copies_what_exists() -> None:

@@ -81,9 +81,6 @@ def check_main(args: argparse.Namespace) -> int:
             print(f"launcher: slurm: job {slurm.job}, {slurm.ntasks} tasks on "
                   f"{len(slurm.nodes)} nodes; each worker a job step; the supervisor at "
                   f"{made.listen}")
-        else:
-            print("launcher: local" + (" (and the agents of its hosts)"
-                                       if layout.hosts else ""))
     else:
         print(f"ok: {topology.name}: {len(topology.services)} services")
     for spec in topology.services:
