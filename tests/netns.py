@@ -57,6 +57,7 @@ class Hosts:
         self.bridge = f"hcb{self.tag}"
         self.namespaces = [f"hc{self.tag}{i}" for i in range(count)]
         self.agents: dict[str, subprocess.Popen] = {}
+        self.sshds: list[subprocess.Popen] = []
         self.subnet = ""
 
     # -- set-up ----------------------------------------------------------------------
@@ -116,6 +117,52 @@ class Hosts:
             raise RuntimeError(f"agent {name} did not start: {line!r}")
         return agent
 
+    def start_sshd(self, index: int, directory: Path) -> str:
+        """Run OpenSSH's sshd in namespace ``index`` (port 22 on its address; a host key
+        and the client's key pair made in ``directory`` on first use; root may log in
+        with that key only); return once it takes connections. ``directory/ssh`` is
+        the client's ssh command line for it (identity, a known_hosts of its own)."""
+        keys = directory / "user_key"
+        if not keys.exists():
+            for name in ("host_key", "user_key"):
+                subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f",
+                                str(directory / name)], check=True, timeout=30)
+            (directory / "authorized_keys").write_text((directory / "user_key.pub").read_text())
+            (directory / "ssh").write_text(
+                f"ssh -i {directory / 'user_key'} -o IdentitiesOnly=yes "
+                f"-o UserKnownHostsFile={directory / 'known_hosts'} "
+                "-o StrictHostKeyChecking=accept-new -o ConnectTimeout=10 -F none")
+        config = directory / f"sshd-{index}.conf"
+        config.write_text(f"""Port 22
+ListenAddress {self.address(index)}
+HostKey {directory / 'host_key'}
+PidFile {directory / f'sshd-{index}.pid'}
+AuthorizedKeysFile {directory / 'authorized_keys'}
+PermitRootLogin prohibit-password
+PasswordAuthentication no
+KbdInteractiveAuthentication no
+UsePAM no
+StrictModes no
+PrintMotd no
+ClientAliveInterval 1
+ClientAliveCountMax 3
+""")
+        os.makedirs("/run/sshd", mode=0o755, exist_ok=True)  # its privilege separation
+        sshd = subprocess.Popen(["ip", "netns", "exec", self.namespaces[index],
+                                 "/usr/sbin/sshd", "-D", "-e", "-f", str(config)],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        self.sshds.append(sshd)
+
+        def listening() -> bool:
+            if sshd.poll() is not None:
+                raise RuntimeError(f"sshd in {self.namespaces[index]} exited: "
+                                   f"{sshd.stderr.read() if sshd.stderr else ''}")
+            return f"{self.address(index)}:22 " in subprocess.run(
+                ["ip", "netns", "exec", self.namespaces[index], "ss", "-ltnH"],
+                capture_output=True, text=True, timeout=30).stdout
+        wait_until(listening, 30, f"sshd on {self.address(index)}:22")
+        return f"root@{self.address(index)}"
+
     def cut(self, index: int) -> None:
         """Take host ``index``'s link down (``ip link set ... down``)."""
         ip("link", "set", f"hv{self.tag}{index}a", "down")
@@ -135,6 +182,34 @@ class Hosts:
                 codes[name] = agent.wait()
             if agent.stdout is not None:
                 agent.stdout.close()
+        stray = []
+        for sshd in self.sshds:  # then whatever its sessions left in the namespaces
+            sshd.terminate()
+            try:
+                sshd.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                sshd.kill()
+                sshd.wait()
+            if sshd.stderr is not None:
+                sshd.stderr.close()
+        def running() -> dict[int, str]:
+            return {int(pid): f"{namespace}: {_command_line(int(pid))}"
+                    for namespace in self.namespaces
+                    for pid in ip("netns", "pids", namespace, check=False).split()}
+
+        # an ssh session of a cut link ends when sshd gives its client up (about 3 s);
+        # anything else still there (an agent, a worker) is a leak
+        try:
+            wait_until(lambda: not running(), 15, "the namespaces' processes to end")
+        except AssertionError:
+            pass
+        for pid, line in running().items():
+            if "sshd: " not in line:
+                stray.append(line)
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         for namespace in self.namespaces:
             ip("netns", "del", namespace, check=False)
         ip("link", "del", self.bridge, check=False)
@@ -142,6 +217,7 @@ class Hosts:
                    f"the network namespaces and links {self.namespaces + [self.bridge]} to go")
         bad = {name: code for name, code in codes.items() if code != 128 + signal.SIGTERM}
         assert not bad, f"agents that did not stop cleanly on SIGTERM: {bad}"
+        assert not stray, f"processes left in the namespaces: {stray}"
 
     def leftovers(self) -> list[str]:
         names = ip("netns", "list", check=False)
@@ -151,3 +227,10 @@ class Hosts:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+def _command_line(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode().strip()
+    except OSError:
+        return f"pid {pid}"

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import subprocess
 from pathlib import Path
-from typing import Callable
 
 import pytest
 from conftest import REPO, hiocluster_command
@@ -27,7 +26,7 @@ from hiocluster.hosts.slurm import (
 from hiocluster.errors import LaunchError
 from hiocluster.runtime.transport import Credentials
 from tests.slurm_cluster import SlurmCluster, unavailable
-from tests.waiting import wait_until
+from tests.waiting import until_checkpointed, wait_until
 
 TIMEOUT = 120
 
@@ -86,24 +85,6 @@ def test_check_shows_each_workers_slurm_node(slurm, slurm_env) -> None:
     slurm.wait_until_idle()
 
 
-def until_checkpointed(argv: list[str], env: dict[str, str], ckpt: Path,
-                       act: Callable[[], object]) -> tuple[int, str, str]:
-    """Run ``argv``; once it has ticked (its first checkpoint in ``ckpt`` is whole),
-    ``act()``; its exit code, stdout and stderr."""
-    run = subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.PIPE,
-                           stderr=subprocess.PIPE, text=True)
-    try:
-        wait_until(lambda: list(ckpt.glob("tick-*/manifest.json")), timeout=60,
-                   what="a checkpoint")
-        act()
-        out, err = run.communicate(timeout=TIMEOUT)
-    finally:
-        if run.poll() is None:
-            run.kill()
-            run.communicate()
-    return run.returncode, out, err
-
-
 def _started(slurm: SlurmCluster, count: int) -> list[str]:
     steps = [line for line in slurm.steps() if line.split()[1].startswith("hiocluster-p")]
     return steps if len(steps) == count else []
@@ -116,7 +97,7 @@ def test_scancel_mid_run_fails_it_naming_worker_node_and_tick(slurm, slurm_env,
         salloc(4, "run", "topologies/phold.toml", "--ticks", "10000000", "--launcher",
                "slurm", "--checkpoint", str(ckpt), "--checkpoint-every", "100",
                name="hioc-cancel"),
-        slurm_env, ckpt, lambda: slurm.run(["scancel", "--name=hioc-cancel"]))
+        slurm_env, ckpt, lambda: slurm.run(["scancel", "--name=hioc-cancel"]), cwd=REPO)
     assert code == 1, err
     assert "hiocluster: run failed: worker p" in err and " failed at tick " in err, err
     assert f"on Slurm node {slurm.node}, job " in err, err
@@ -144,7 +125,7 @@ def test_a_cancelled_step_is_survived_by_a_restart_from_the_last_checkpoint(
     code, out, err = until_checkpointed(
         salloc(4, "run", str(topology), "--app-dir", str(REPO), "--ticks", ticks,
                "--launcher", "slurm", "--json", "--checkpoint", str(ckpt),
-               name="hioc-restart"), slurm_env, ckpt, cancel_p2)
+               name="hioc-restart"), slurm_env, ckpt, cancel_p2, cwd=REPO)
     assert code == 0, err
     result = json.loads(out)
     assert result["digest"] == whole

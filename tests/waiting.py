@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
 import time
+from pathlib import Path
 from typing import Callable, TypeVar
 
 import psutil
@@ -57,3 +59,23 @@ def describe(process: psutil.Process) -> str:
             f"{' '.join(process.cmdline())[:120]}"
     except psutil.Error:
         return f"{process.pid} (gone or a zombie now)"
+
+
+def until_checkpointed(argv: list[str], env: dict[str, str], ckpt: Path,
+                       act: Callable[[], object], *, cwd: Path,
+                       timeout: float = 120.0) -> tuple[int, str, str]:
+    """Run ``argv`` (a run with ``--checkpoint ckpt``); once it has ticked (its first
+    checkpoint is whole), ``act()``; then its exit code, stdout and stderr. Every
+    wait is bounded (60 s for the checkpoint, ``timeout`` for the end)."""
+    run = subprocess.Popen(argv, cwd=cwd, env=env, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True)
+    try:
+        wait_until(lambda: list(ckpt.glob("tick-*/manifest.json")), timeout=60,
+                   what="a checkpoint")
+        act()
+        out, err = run.communicate(timeout=timeout)
+    finally:
+        if run.poll() is None:
+            run.kill()
+            run.communicate()
+    return run.returncode, out, err

@@ -44,7 +44,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return keygen_main(parser, args)
     if args.command == "agent":
         from hiocluster.cli.agent import agent_main
-        return agent_main(args)
+        return agent_main(parser, args)
     if args.command == "replica":
         from hiocluster.cli.join import replica_main
         return replica_main(parser, args)

@@ -10,13 +10,25 @@ import sys
 from hiocluster.cli.output import EXIT_FAILED, EXIT_OK
 
 
-def agent_main(args: argparse.Namespace) -> int:
-    from hiocluster.hosts.agent import AgentOptions, run_agent
+def agent_main(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    from hiocluster.hosts.agent import AgentOptions, run_agent, stdin_keys
 
+    given = None
+    if args.keys == "-":
+        if args.trust:
+            parser.error("agent: with --keys -, the supervisor's key comes on stdin: "
+                         "no --trust")
+        try:
+            given = stdin_keys(sys.stdin.readline(64 * 1024))
+        except ValueError as exc:
+            print(f"hiocluster agent {args.name}: {exc}", file=sys.stderr)
+            return EXIT_FAILED
+    elif not args.trust:
+        parser.error("agent: --trust KEY is required (a supervisor's public key file)")
     return run_agent(AgentOptions(listen=args.listen, keys=args.keys, name=args.name,
                                   trust=tuple(args.trust),
                                   app_dir=os.path.abspath(args.app_dir or os.getcwd()),
-                                  advertise=args.advertise))
+                                  advertise=args.advertise, given=given))
 
 
 def keygen_main(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:

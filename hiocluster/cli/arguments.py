@@ -64,8 +64,16 @@ def tcp(text: str) -> str:
 
 
 def host(text: str) -> tuple[str, str]:
-    """--host NAME=ADDRESS: a host and its agent."""
+    """--host NAME=ADDRESS: a host and its agent (tcp://HOST:PORT), or how to reach it
+    over SSH (ssh://[USER@]HOST[:PORT])."""
+    from hiocluster.topology.spec import SSH_AGENT
+
     host_name, _, agent = text.partition("=")
+    if agent.startswith("ssh://"):
+        if SSH_AGENT.fullmatch(agent) is None:
+            raise argparse.ArgumentTypeError(f"expected ssh://[USER@]HOST[:PORT], got "
+                                             f"{agent!r}")
+        return name(host_name), agent
     return name(host_name), tcp(agent)
 
 

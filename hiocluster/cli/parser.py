@@ -150,8 +150,10 @@ def _transport_options(command: argparse.ArgumentParser) -> None:
                          help="CurveZMQ keys for a run across hosts: DIR/supervisor.key_secret "
                               "and DIR/<host>.key for each host (see keygen)")
     command.add_argument("--host", metavar="NAME=ADDRESS", action="append", default=[],
-                         type=arguments.host, help="a host and its agent, e.g. h1=tcp://h1:7100 "
-                                                   "(instead of the file's [hosts]); repeatable")
+                         type=arguments.host,
+                         help="a host and its agent, e.g. h1=tcp://h1:7100, or a host whose "
+                              "agent the run starts over SSH, e.g. h1=ssh://me@h1 (instead "
+                              "of the file's [hosts]); repeatable")
     command.add_argument("--place", metavar="WORKER=HOST", action="append", default=[],
                          type=arguments.place,
                          help="run WORKER on HOST (a --host); repeatable")
@@ -183,13 +185,19 @@ def _agent(commands: Commands) -> None:
         epilog="Exit codes: 0, 130/143 after SIGINT/SIGTERM (every worker stopped), 1 when "
                "it cannot start (a key or the address).")
     agent.add_argument("--listen", required=True, metavar="ADDRESS", type=arguments.tcp,
-                       help="where supervisors reach this agent: tcp://HOST:PORT")
-    agent.add_argument("--keys", required=True, metavar="DIR", help="the keys directory")
+                       help="where supervisors reach this agent: tcp://HOST:PORT (port 0: "
+                            "a free one, said in its 'listening on' line)")
+    agent.add_argument("--keys", required=True, metavar="DIR",
+                       help="the keys directory; '-': this agent's key pair and the "
+                            "supervisor's public key come as one JSON line on stdin, and "
+                            "the agent stops when stdin ends (how a supervisor starts the "
+                            "agent of an ssh:// host)")
     agent.add_argument("--name", required=True, metavar="NAME", type=arguments.name,
                        help="this host's name in topologies (its key pair: NAME.key_secret)")
-    agent.add_argument("--trust", required=True, metavar="KEY", action="append",
+    agent.add_argument("--trust", metavar="KEY", action="append", default=[],
                        help="a supervisor's public key file to accept LAUNCH from (relative "
-                            "to DIR, e.g. supervisor.key); repeatable")
+                            "to DIR, e.g. supervisor.key); repeatable; needed unless "
+                            "--keys -")
     agent.add_argument("--advertise", metavar="HOST",
                        help="the address workers here bind and neighbours reach (default: "
                             "the host of --listen)")

@@ -25,7 +25,9 @@ import ipaddress
 import json
 import os
 import shutil
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -69,6 +71,27 @@ class AgentOptions:
     trust: tuple[str, ...] = ()    # the supervisors' public keys (files, relative to keys)
     app_dir: str | None = None     # where workers import node classes from
     advertise: str | None = None   # the host workers bind on (default: listen's host)
+    #: ``--keys -``: its key pair and the supervisors it trusts (name -> public key),
+    #: read from stdin; the agent then stops when stdin ends
+    given: tuple[KeyPair, dict[str, str]] | None = None
+
+
+def stdin_keys(line: str) -> tuple[KeyPair, dict[str, str]]:
+    """``--keys -``: ``{"public": ..., "secret": ..., "trust": {name: public}}`` (Z85
+    keys), one JSON line. Raises ValueError naming what is wrong."""
+    try:
+        given = json.loads(line)
+        pair = KeyPair(str(given["public"]), str(given["secret"]))
+        trust = {str(name): str(key) for name, key in dict(given["trust"]).items()}
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise ValueError(f"--keys -: stdin's first line is not the keys as JSON ({exc})") \
+            from None
+    if not trust or any(len(key) != 40 for key in [pair.public, pair.secret, *trust.values()]):
+        raise ValueError("--keys -: the keys on stdin are not Z85 CURVE keys (40 "
+                         "characters), or trust none")
+    if pair.public in trust.values():
+        raise ValueError("--keys -: it would trust its own key")
+    return pair, trust
 
 
 @dataclass
@@ -103,8 +126,12 @@ class Agent(Doer):
 
     # -- hio ------------------------------------------------------------------------
     def enter(self) -> None:
-        keys = KeyPair.load(os.path.join(self.options.keys, f"{self.options.name}.key_secret"))
-        trusted = trusted_keys(self.options, keys)
+        if self.options.given is not None:
+            keys, trusted = self.options.given
+        else:
+            keys = KeyPair.load(os.path.join(self.options.keys,
+                                             f"{self.options.name}.key_secret"))
+            trusted = trusted_keys(self.options, keys)
         for warning in self.warnings:
             print(f"hiocluster agent {self.options.name}: warning: {warning}",
                   file=sys.stderr, flush=True)
@@ -117,8 +144,10 @@ class Agent(Doer):
         gate.open()
         self.router = self.context.control_router(self.listen)
         self.loop.poller.register(self.router)
-        print(f"hiocluster agent {self.options.name}: listening on {self.options.listen}",
-              flush=True)
+        listening = self.options.listen
+        if listening.endswith(":0"):  # a free port: which one, at which address
+            listening = self.router.bound_address()
+        print(f"hiocluster agent {self.options.name}: listening on {listening}", flush=True)
 
     def recur(self, tyme: float) -> bool:
         now = time.monotonic()
@@ -239,8 +268,11 @@ class Agent(Doer):
                                                       text=data.decode(errors="replace")))
 
     def _end(self, session: Session, now: float) -> None:
-        """The supervisor is gone (or gave up): stop its workers, SIGKILL after a grace."""
+        """The supervisor is gone (or gave up): stop its workers, SIGKILL after a grace.
+        An agent of one run (``--keys -``) then stops itself."""
         session.ended = True
+        if self.options.given is not None and not self.stop_requested:
+            self.stop_requested = signal.SIGTERM
         for name, handle in session.workers.items():
             if name not in session.stopping:
                 handle.terminate()
@@ -256,6 +288,20 @@ class Agent(Doer):
     def _send(self, identity: bytes, message: proto.Message) -> bool:
         """False when the supervisor's connection is gone."""
         return self.router.put_to(identity, proto.encode(message))
+
+
+def _stop_when_stdin_ends() -> None:
+    """``--keys -``: its supervisor holds stdin (through ssh); once it ends (the run
+    is over, or the connection dropped), SIGTERM this agent: a clean stop."""
+    def watch() -> None:
+        try:
+            while os.read(sys.stdin.fileno(), 4096):
+                pass
+        except (OSError, ValueError):
+            pass
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="stdin-watch", daemon=True).start()
 
 
 def trusted_keys(options: AgentOptions, own: KeyPair) -> dict[str, str]:
@@ -336,6 +382,8 @@ def run_agent(options: AgentOptions) -> int:
             agent.stop_requested = signum
 
         with Signals().watch(loop, stop):
+            if options.given is not None:
+                _stop_when_stdin_ends()
             loop.run()
     except TransportError as exc:
         print(f"hiocluster agent {options.name}: {exc}", file=sys.stderr)

@@ -14,6 +14,7 @@ the handshake within HANDSHAKE_S.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 import time
@@ -23,6 +24,7 @@ from hio.base.doing import Doer
 
 from hiocluster import protocol as proto
 from hiocluster.errors import FrameError, TransportError
+from hiocluster.hosts.ssh import SshAgent
 from hiocluster.runtime.transport import Socket, heartbeat_timeout_ms
 
 if TYPE_CHECKING:
@@ -40,6 +42,8 @@ def first_contact_s() -> float:
 
 #: ... and the agent complete the CurveZMQ handshake this soon after.
 HANDSHAKE_S = 10.0
+#: Seconds an ssh:// host's agent gets to stop its workers and exit at the end.
+SSH_STOP_S = 5.0
 
 
 class RemoteProcess:
@@ -89,12 +93,19 @@ class AgentLink(Doer):
         supervisor: the Supervisor it serves (its context, control address,
             credentials for each worker, and the loop's poller).
         host: the host (its agent's address and name).
-        agent_key: the agent's CURVE public key.
+        agent_key: the agent's CURVE public key; None for an ``ssh://`` host, whose
+            agent this link starts over SSH as it enters, with keys made for the run
+            (hiocluster.hosts.ssh), and stops as it exits.
     """
 
-    def __init__(self, supervisor: Any, host: HostSpec, agent_key: str, **kwa: Any) -> None:
+    def __init__(self, supervisor: Any, host: HostSpec, agent_key: str | None,
+                 **kwa: Any) -> None:
         super().__init__(**kwa)
-        self.supervisor, self.host, self.agent_key = supervisor, host, agent_key
+        self.supervisor, self.host = supervisor, host
+        target = host.ssh
+        self.ssh = SshAgent(host.name, target, supervisor.app_dir) if target else None
+        self.agent_key = agent_key if self.ssh is None else self.ssh.keys.public
+        assert self.agent_key is not None
         self.processes: dict[str, RemoteProcess] = {}
         self.pending: list[bytes] = []   # frames waiting for the connection
         self.socket: Socket | None = None
@@ -106,6 +117,13 @@ class AgentLink(Doer):
         self.lost: str | None = None  # why its workers were lost with it (None: they were not)
 
     def enter(self) -> None:
+        if self.ssh is not None:
+            try:
+                address = self.ssh.start(self.supervisor.keys.public)
+            except OSError as exc:
+                self._lose(f"host {self.host.name}: {exc}")
+                return
+            self.host = dataclasses.replace(self.host, agent=address)
         context, poller = self.supervisor.context, self.supervisor.loop.poller
         self.socket, self.monitor = context.monitored_dealer(self.host.agent, self.agent_key,
                                                              refusals=True, contact=True)
@@ -116,6 +134,9 @@ class AgentLink(Doer):
     def start(self, worker: str) -> RemoteProcess:
         """Ask the agent to start ``worker`` (the Launcher interface)."""
         process = self.processes[worker] = RemoteProcess(self, worker)
+        if self.socket is None:  # its agent never started (over ssh): nothing to ask
+            process.lost(self.lost or f"host {self.host.name}: no agent")
+            return process
         plan = self.supervisor.plan
         tree = json.dumps(plan.tree(worker)) if worker in plan.groups else None
         self._send(proto.Launch(worker=worker, connect=self.supervisor.control_address,
@@ -124,7 +145,8 @@ class AgentLink(Doer):
         return process
 
     def signal(self, worker: str, kind: str) -> None:
-        self._send(proto.Signal(worker=worker, signal=kind))
+        if self.socket is not None:
+            self._send(proto.Signal(worker=worker, signal=kind))
 
     def recur(self, tyme: float) -> bool:
         while self.monitor is not None and self.monitor.readable():
@@ -171,6 +193,8 @@ class AgentLink(Doer):
             poller.unregister(self.socket)
             poller.unregister(self.monitor)
             self.socket = self.monitor = None
+        if self.ssh is not None:
+            self.ssh.stop(SSH_STOP_S)
 
     def _receive(self, data: bytes) -> None:
         try:

@@ -437,11 +437,13 @@ class Supervisor(SupervisorShell):
         self.slurm = slurm
         if slurm is not None:
             transport = _slurm_checks(plan, self.data, hosts)
-        if hosts and keys is None:
+        agents = sorted(name for name, host in hosts.items() if host.ssh is None)
+        if agents and keys is None:
             raise TopologyError("workers on other hosts need a keys directory (--keys DIR; "
                                 f"make it with: hiocluster keygen DIR supervisor "
-                                f"{' '.join(sorted(hosts))})", key_path="hosts")
-        self.links = {name: AgentLink(self, host, KeyPair.load_public(
+                                f"{' '.join(agents)})", key_path="hosts")
+        # an ssh:// host's agent is started by its link, with keys made for the run
+        self.links = {name: AgentLink(self, host, None if host.ssh else KeyPair.load_public(
             os.path.join(keys, f"{name}.key"))) for name, host in hosts.items()}  # type: ignore
         from hiocluster.services.supervisor import Endpoint, Services  # services import this module
         self.endpoint = Endpoint(self, on_bound=self._endpoint_bound)
@@ -465,7 +467,10 @@ class Supervisor(SupervisorShell):
                             for name in [*(spec.name for spec in plan.workers), *plan.groups]
                             } if self.curve else {}
         if hosts and not self.listen:  # where the hosts reach us: the address facing them
-            self.listen = f"tcp://{facing(next(iter(hosts.values())).agent)}:*"
+            first = next(iter(hosts.values()))
+            target = first.ssh
+            toward = f"tcp://{target.host}:{target.port or 22}" if target else first.agent
+            self.listen = f"tcp://{facing(toward)}:*"
         #: under --launcher slurm: each worker's Slurm node (its allocation's task slots)
         self.slurm_nodes: dict[str, str] = {}
         if slurm is not None:

@@ -22,7 +22,14 @@ from hiocluster.topology.limits import (
 )
 from hiocluster.topology.lines import locate_error
 from hiocluster.topology.patterns import pattern_links
-from hiocluster.topology.spec import HostSpec, LinkSpec, NodeSpec, ServiceSpec, Topology
+from hiocluster.topology.spec import (
+    SSH_AGENT,
+    HostSpec,
+    LinkSpec,
+    NodeSpec,
+    ServiceSpec,
+    Topology,
+)
 from hiocluster.topology.values import (
     _plain,
     array_value,
@@ -197,8 +204,10 @@ def _hosts(document: dict[str, Any]) -> tuple[HostSpec, ...]:
             raise topology_error("'local' is this host: it needs no entry", key_path)
         check_keys(table_value(body, key_path), ("agent", "workers"), key_path, ("agent", "workers"))
         agent = text_value(body["agent"], f"{key_path}.agent")
-        if not _AGENT.fullmatch(agent):
-            raise topology_error(f"expected 'tcp://HOST:PORT', got {agent!r}", f"{key_path}.agent")
+        if not (_AGENT.fullmatch(agent) or SSH_AGENT.fullmatch(agent)):
+            raise topology_error(f"expected 'tcp://HOST:PORT' (an agent) or "
+                                 f"'ssh://[USER@]HOST[:PORT]', got {agent!r}",
+                                 f"{key_path}.agent")
         workers = []
         for j, worker in enumerate(array_value(body["workers"], f"{key_path}.workers")):
             worker = name_value(text_value(worker, f"{key_path}.workers[{j}]"), WORKER_NAME, "worker",

@@ -5,6 +5,7 @@ the placement :class:`Plan` of :class:`WorkerSpec`."""
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
@@ -122,13 +123,42 @@ class Topology:
         return dataclasses.replace(self, **changes)
 
 
+#: ``ssh://[USER@]HOST[:PORT]``: a host whose agent the supervisor starts over SSH.
+SSH_AGENT = re.compile(r"ssh://(?:(?P<user>[A-Za-z0-9_][A-Za-z0-9._-]*)@)?"
+                       r"(?P<host>[A-Za-z0-9][A-Za-z0-9.-]*)"
+                       r"(?::(?P<port>\d{1,5}))?")
+
+
+@dataclass(frozen=True)
+class SshTarget:
+    """Where ``ssh`` logs in: ``[user@]host``, and a port if not 22."""
+
+    host: str
+    user: str | None = None
+    port: int | None = None
+
+    @property
+    def destination(self) -> str:
+        return f"{self.user}@{self.host}" if self.user else self.host
+
+
 @dataclass(frozen=True)
 class HostSpec:
-    """Another host: the agent that starts workers there, and which workers."""
+    """Another host: the agent that starts workers there, and which workers.
+    ``agent``: ``tcp://HOST:PORT`` (an agent started by hand), or
+    ``ssh://[USER@]HOST[:PORT]`` (the supervisor starts one over SSH)."""
 
     name: str
-    agent: str                    # tcp://HOST:PORT
+    agent: str
     workers: tuple[str, ...]      # worker names (placement keys, or p0.. with --processes)
+
+    @property
+    def ssh(self) -> SshTarget | None:
+        found = SSH_AGENT.fullmatch(self.agent)
+        if found is None:
+            return None
+        return SshTarget(found["host"], found["user"],
+                         int(found["port"]) if found["port"] else None)
 
 
 @dataclass(frozen=True)
