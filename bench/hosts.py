@@ -33,9 +33,10 @@ SPREAD = {"h1": ("p1",), "h2": ("p2",), "h3": ("p3",)}   # p0 stays with the sup
 DEEP = (("g1", ("p0", "g2")), ("g2", ("p1", "g3")), ("g3", ("p2", "p3")))
 
 
-def measure(topology: Topology, **kwargs: object) -> tuple[float, str]:
+def measure(topology: Topology, **kwargs: object) -> tuple[float, str, float]:
+    """(ticks/s, digest, start-up seconds) of one run."""
     result = supervisor.run(topology, app_dir=str(REPO), handle_signals=False, **kwargs)
-    return result.ticks_per_second, result.digest
+    return result.ticks_per_second, result.digest, result.startup_seconds
 
 
 def main() -> None:
@@ -53,23 +54,32 @@ def main() -> None:
         subprocess.run([sys.executable, "-m", "hiocluster", "keygen", str(keys), "supervisor",
                         *HOSTS], check=True, capture_output=True)
         with Hosts(len(HOSTS), keys) as hosts:
+            logins = {}
             for index, name in enumerate(HOSTS):
                 hosts.start_agent(index, name)
+                logins[name] = hosts.start_sshd(index, Path(folder))
+            os.environ["HIOCLUSTER_SSH_COMMAND"] = (Path(folder) / "ssh").read_text()
             for example in ("ring", "phold"):
                 topology = load(REPO / "topologies" / f"{example}.toml").replace(
                     ticks=args.ticks)
                 across = topology.replace(hosts=tuple(
                     HostSpec(name, hosts.agent_address(HOSTS.index(name)), workers)
                     for name, workers in SPREAD.items()))
-                best = {"ipc": 0.0, "tcp": 0.0, "hosts": 0.0, "nested": 0.0}
+                over_ssh = topology.replace(hosts=tuple(
+                    HostSpec(name, f"ssh://{logins[name]}", workers)
+                    for name, workers in SPREAD.items()))
+                best = {"ipc": 0.0, "tcp": 0.0, "hosts": 0.0, "ssh": 0.0, "nested": 0.0}
+                startup = {label: float("inf") for label in best}
                 digests = set()
                 for _ in range(args.repeat):
                     for label, (subject, extra) in {
                             "ipc": (topology, {}), "tcp": (topology, {"transport": "tcp"}),
                             "hosts": (across, {"keys": str(keys)}),
+                            "ssh": (over_ssh, {}),
                             "nested": (topology.replace(groups=DEEP), {})}.items():
-                        rate, digest = measure(subject, **extra)
+                        rate, digest, began = measure(subject, **extra)
                         best[label] = max(best[label], rate)
+                        startup[label] = min(startup[label], began)
                         digests.add(digest)
                 assert len(digests) == 1, f"{example}: digests differ: {digests}"
                 print(f"{example}: one host ipc {best['ipc']:,.0f} t/s, one host tcp+curve "
@@ -78,6 +88,13 @@ def main() -> None:
                       f"hosts/tcp {best['hosts'] / best['tcp']:.2f}x; nested 3 deep "
                       f"{best['nested']:,.0f} t/s, nested/ipc "
                       f"{best['nested'] / best['ipc']:.2f}x; digest {digests.pop()[:16]}")
+                ssh_rate = best["ssh"] / best["hosts"]
+                ssh_start = startup["ssh"] / startup["ipc"]
+                print(f"{example}: three ssh hosts {best['ssh']:,.0f} t/s, ssh/agents "
+                      f"{ssh_rate:.2f}x ({'met' if ssh_rate >= 0.9 else 'MISSED'}: within 10 %);"
+                      f" start-up one host {startup['ipc']:.2f} s, agents "
+                      f"{startup['hosts']:.2f} s, ssh {startup['ssh']:.2f} s: ssh/local "
+                      f"{ssh_start:.2f}x ({'met' if ssh_start <= 3 else 'MISSED'}: <= 3x)")
 
 
 if __name__ == "__main__":

@@ -119,7 +119,9 @@ class AgentLink(Doer):
     def enter(self) -> None:
         if self.ssh is not None:
             try:
-                address = self.ssh.start(self.supervisor.keys.public)
+                if self.ssh.process is None:
+                    self.launch()
+                address = self.ssh.address()
             except OSError as exc:
                 self._lose(f"host {self.host.name}: {exc}")
                 return
@@ -130,6 +132,12 @@ class AgentLink(Doer):
         poller.register(self.socket)
         poller.register(self.monitor)
         self.contact_by = time.monotonic() + first_contact_s()
+
+    def launch(self) -> None:
+        """An ssh:// host: start its agent now, without waiting for it (the supervisor
+        launches every host's before the first link enters). Raises OSError."""
+        assert self.ssh is not None
+        self.ssh.launch(self.supervisor.keys.public)
 
     def start(self, worker: str) -> RemoteProcess:
         """Ask the agent to start ``worker`` (the Launcher interface)."""

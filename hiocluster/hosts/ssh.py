@@ -58,6 +58,7 @@ class SshAgent:
         self.name, self.target, self.app_dir = name, target, app_dir
         self.keys = KeyPair.generate()
         self.process: subprocess.Popen[bytes] | None = None
+        self.began = 0.0
 
     def remote(self) -> list[str]:
         env = [f"{key}={value}" for key, value in sorted(os.environ.items())
@@ -67,11 +68,11 @@ class SshAgent:
                 f"tcp://{self.target.host}:0", "--keys", "-", "--name", self.name,
                 "--app-dir", self.app_dir]
 
-    def start(self, supervisor_key: str, timeout: float = START_S) -> str:
-        """Log in, start the agent, give it its keys; the address it listens at.
-        Raises OSError naming what went wrong (ssh missing, a login refused, no
-        agent started)."""
+    def launch(self, supervisor_key: str) -> None:
+        """Start ssh (which logs in and starts the agent) and give the agent its keys,
+        without waiting: every host's agent starts at once. Raises OSError."""
         argv = ssh_argv(self.target, self.remote())
+        self.began = time.monotonic()
         try:
             self.process = process = subprocess.Popen(
                 argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=None,
@@ -87,8 +88,15 @@ class SshAgent:
                                            ).encode() + b"\n")
             process.stdin.flush()
         except OSError:
-            pass  # ssh already gone: said below
-        line, deadline = b"", time.monotonic() + timeout
+            pass  # ssh already gone: address() says so
+
+    def address(self, timeout: float = START_S) -> str:
+        """The address the launched agent listens at, once it says (within ``timeout``
+        seconds of its launch). Raises OSError naming what went wrong (a login
+        refused, no agent started)."""
+        process = self.process
+        assert process is not None and process.stdout is not None
+        line, deadline = b"", self.began + timeout
         while not line.endswith(b"\n"):
             left = deadline - time.monotonic()
             ready, _, _ = select.select([process.stdout], [], [], max(left, 0))

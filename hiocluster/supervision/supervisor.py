@@ -664,6 +664,10 @@ class Supervisor(SupervisorShell):
         self.core.chain.sink = self.digest_sink
         if self._early_signal is not None:  # it stops before it starts anyone
             self.core.interrupt(self._early_signal, time.monotonic())
+        for link in self.links.values():  # every ssh:// host's agent starts at once
+            if link.ssh is not None:
+                with contextlib.suppress(OSError):  # its link says so as it enters
+                    link.launch()
         # the launcher needs the bound address: the switchboard binds in its enter,
         # which hio runs before any child's (doers enter in order)
         self.launcher = _DeferredLauncher(self)
