@@ -98,3 +98,17 @@ def test_ssh_hosts_in_a_topology_file_and_bad_ones_refused() -> None:
         with pytest.raises(ValueError, match="ssh://\\[USER@\\]HOST\\[:PORT\\]"):
             loads('[nodes.n]\nclass = "nodes.ring:RingNode"\ncount = 2\n'
                   f'[hosts.beta]\nagent = "{bad}"\nworkers = ["p1"]\n')
+
+
+def test_an_agent_of_one_run_refuses_keys_it_cannot_read(cli_env, tmp_path) -> None:
+    agent = ["agent", "--listen", "tcp://127.0.0.1:0", "--name", "beta"]
+    for stdin, flags, code, words in (
+            ("junk\n", ["--keys", "-"], 1, "stdin's first line is not the keys as JSON"),
+            ('{"public": "x", "secret": "y", "trust": {"s": "z"}}\n', ["--keys", "-"], 1,
+             "not Z85 CURVE keys"),
+            ("", ["--keys", "-", "--trust", "supervisor.key"], 2, "no --trust"),
+            ("", ["--keys", str(tmp_path)], 2, "--trust KEY is required")):
+        done = subprocess.run(hiocluster_command(*agent, *flags), cwd=REPO, env=cli_env,
+                              input=stdin, capture_output=True, text=True, timeout=TIMEOUT)
+        assert done.returncode == code and words in done.stderr, (flags, done)
+        assert "Traceback" not in done.stderr
