@@ -19,6 +19,7 @@ credit lag, docs/protocol.md §7), in every placement alike.
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import importlib
 import os
@@ -101,6 +102,21 @@ class Link:
     def room(self) -> int:
         """How many more messages may be put now."""
         return self.capacity - (self.sent - self.acked)
+
+
+class Boxes(dict):  # type: ignore[type-arg]
+    """A node's inboxes or outboxes by name (a dict); a name it lacks is a KeyError
+    naming the node and the boxes it has (``self.outbox["north"]`` in a node whose
+    class declares ``outboxes = ("east", "west")``)."""
+
+    def __init__(self, node: str, kind: str, boxes: dict[str, Any]) -> None:
+        super().__init__(boxes)
+        self.node, self.kind = node, kind
+
+    def __missing__(self, box: str) -> Any:
+        has = ", ".join(repr(name) for name in self) or "none"
+        raise KeyError(f"node {self.node} has no {self.kind} {box!r} (its {self.kind}es: "
+                       f"{has}; a class declares them in {self.kind}es = (...))")
 
 
 class Inbox:
@@ -247,8 +263,10 @@ class Node(DoDoer):
         self.rng = random.Random(derive_seed(seed, name))
         self.clock = Clock()  # a worker gives all its nodes one clock
         self.sequence = 0  # send sequence across all outboxes: the delivery order key
-        self.inbox = {box: Inbox(box) for box in self.inboxes}
-        self.outbox = {box: Outbox(box, self) for box in self.outboxes}
+        self.inbox: dict[str, Inbox] = Boxes(name, "inbox",
+                                              {box: Inbox(box) for box in self.inboxes})
+        self.outbox: dict[str, Outbox] = Boxes(name, "outbox",
+                                               {box: Outbox(box, self) for box in self.outboxes})
         self.setup()
 
     # -- user hooks -------------------------------------------------------
@@ -372,8 +390,11 @@ def load_class(path: str, app_dir: str | None = None, base: type | None = None) 
         try:
             target = getattr(target, part)
         except AttributeError:
-            raise ImportError(f"module {module_name!r} has no attribute {attribute!r}") \
-                from None
+            near = difflib.get_close_matches(part, [name for name in dir(target)
+                                                    if not name.startswith("_")], n=1)
+            hint = f"; did you mean {near[0]!r}?" if near else ""
+            raise ImportError(f"module {module_name!r} has no attribute {attribute!r}"
+                              f"{hint}") from None
     if not isinstance(target, type):
         raise ImportError(f"{path!r} is not a class (it is a {type(target).__name__})")
     base = base or Node

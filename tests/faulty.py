@@ -41,7 +41,8 @@ class FaultyNode(Node):
         fail_at: the tick at which to fail (default: never); "setup" raises
             ValueError("boom in setup") from setup().
         fail: "raise" (ValueError("boom")), "sigkill" (SIGKILL own process),
-            "exit7" (os._exit(7)), "hang" (sleep 60 s), "unsendable" (put a set).
+            "exit7" (os._exit(7)), "hang" (sleep 60 s), "unsendable" (put a set),
+            "nobox" (put into an outbox it lacks).
         sleep: seconds to sleep every tick (slow-ish nodes for signal tests).
         say: a line to write on stderr in setup().
     """
@@ -95,6 +96,8 @@ class FaultyNode(Node):
             time.sleep(60)
         if self.fail == "unsendable":
             self.outbox["out"].put({1, 2, 3})
+        if self.fail == "nobox":
+            self.outbox["north"].put(1)
 
     def state(self) -> Any:
         return [self.count, self.mix]

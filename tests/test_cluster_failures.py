@@ -183,6 +183,13 @@ def test_resolve_classes_catches_a_missing_class_first() -> None:
     assert info.value.line == text.splitlines().index("[nodes.ghost]") + 2
 
 
+def test_a_box_the_node_lacks_is_named_with_the_boxes_it_has(tmp_path: Path) -> None:
+    text = ring_toml({"bad": {"fail_at": 3, "fail": "nobox"}, "c": {}}, {"p0": ["bad", "c"]})
+    error = run_failing(text)
+    assert type(error) is NodeError and error.nodes == ("bad",) and error.tick == 3
+    assert "node bad has no outbox 'north' (its outboxes: 'out';" in error.cause, error.cause
+
+
 # -- an unsendable payload ------------------------------------------------------------
 
 

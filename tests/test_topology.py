@@ -262,6 +262,7 @@ def test_resolve_classes_returns_classes_by_node(app: str) -> None:
 @pytest.mark.parametrize("cls, fragment", [
     ("topo_no_such_mod:Ring", "module 'topo_no_such_mod' not found"),
     ("topo_app_mod:Nope", "has no attribute 'Nope'"),
+    ("topo_app_mod:Rnig", "has no attribute 'Rnig'; did you mean 'Ring'\\?"),
     ("topo_app_mod:value", "is not a class"),
     ("topo_app_mod:Plain", "is not a subclass of hiocluster.node.Node"),
 ])
