@@ -40,6 +40,7 @@ from hiocluster.protocol import arrays
 from hiocluster.runtime.early import pending as early_signal
 
 __all__ = ["Node", "Inbox", "Outbox", "Link", "Clock", "derive_seed", "digest_state",
+           "random_for", "numpy_random_for",
            "load_class"]
 
 
@@ -47,6 +48,29 @@ def derive_seed(run_seed: int, node_name: str) -> int:
     """A node's RNG seed: stable across processes, hosts and Python runs."""
     material = f"hiocluster/{run_seed}/{node_name}".encode()
     return int.from_bytes(hashlib.sha256(material).digest()[:8], "big")
+
+
+def _key_digest(run_seed: int, tick: int, key: Any) -> bytes:
+    return hashlib.sha256(f"hiocluster-key/{run_seed}/{tick}/{key!r}".encode()).digest()
+
+
+def random_for(run_seed: int, tick: int, key: Any) -> random.Random:
+    """A generator for ``key`` at ``tick`` of a run seeded ``run_seed``: the same
+    wherever, and by whichever node, it is made (unlike a node's ``rng``, whose
+    draws depend on which node draws them and what it drew before). A model split
+    into tiles draws per cell (``key`` = the cell's coordinates) and matches a
+    one-array reference that calls this with the same keys. ``key``: ints, strings
+    and tuples of them (its ``repr`` is hashed)."""
+    return random.Random(int.from_bytes(_key_digest(run_seed, tick, key)[:8], "big"))
+
+
+def numpy_random_for(run_seed: int, tick: int, key: Any) -> Any:
+    """As :func:`random_for`, a numpy Generator (Philox, counter-based) for arrays of
+    draws; needs numpy."""
+    import numpy
+
+    entropy = int.from_bytes(_key_digest(run_seed, tick, key)[:16], "big")
+    return numpy.random.Generator(numpy.random.Philox(numpy.random.SeedSequence(entropy)))
 
 
 #: msgpack's packer for digests: one, reused (it resets itself after every pack)
@@ -268,6 +292,15 @@ class Node(DoDoer):
         self.outbox: dict[str, Outbox] = Boxes(name, "outbox",
                                                {box: Outbox(box, self) for box in self.outboxes})
         self.setup()
+
+    def random_for(self, key: Any) -> random.Random:
+        """A generator for ``key`` at this tick, the same in every placement and
+        every split of a model into nodes (:func:`random_for`)."""
+        return random_for(self.seed, self.tick, key)
+
+    def numpy_random_for(self, key: Any) -> Any:
+        """As :meth:`random_for`, a numpy Generator (:func:`numpy_random_for`)."""
+        return numpy_random_for(self.seed, self.tick, key)
 
     # -- user hooks -------------------------------------------------------
     def setup(self) -> None:

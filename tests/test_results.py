@@ -58,6 +58,23 @@ class Tile(Node):
         super().exit()
 
 
+class Cells(Node):
+    """A strip of cells ``params.first`` .. ``params.last`` of a 1-D model; each
+    tick each cell draws from ``random_for((cell,))`` and ``numpy_random_for``."""
+
+    def setup(self) -> None:
+        self.drawn: dict[str, list[float]] = {}
+
+    def step(self) -> None:
+        for cell in range(self.params["first"], self.params["last"] + 1):
+            draws = self.drawn.setdefault(str(cell), [])
+            draws.append(self.random_for((cell,)).random())
+            draws.append(float(self.numpy_random_for((cell,)).random()))
+
+    def result(self) -> Any:
+        return self.drawn
+
+
 class BadResult(Node):
     def result(self) -> Any:
         return {1, 2}  # a set: msgpack cannot pack it
@@ -110,6 +127,23 @@ def test_count_nodes_know_their_index_count_params_and_the_run_length() -> None:
         [5 * (left[i] * 10 + left[i] + 1) for i in range(4)]
     for result in results[1:]:
         assert result.nodes == nodes and result.node_metrics == results[0].node_metrics
+
+
+@pytest.mark.parametrize("split", [[(0, 7)], [(0, 1), (2, 4), (5, 7)]])
+def test_random_for_draws_the_same_in_any_split_of_a_model(split) -> None:
+    """One node of 8 cells, or three of 2-3 cells: each cell's draws are those a
+    one-array reference makes with the module's functions, tick by tick."""
+    from hiocluster.node import numpy_random_for, random_for
+
+    nodes = "".join(f'[nodes.s{k}]\nclass = "{HERE}:Cells"\n'
+                    f"params = {{ first = {first}, last = {last} }}\n"
+                    for k, (first, last) in enumerate(split))
+    result = run(f"[run]\nticks = 5\nseed = 42\n{nodes}", processes=len(split))
+    cells = {cell: draws for node in result.nodes.values() for cell, draws in node.items()}
+    assert cells == {str(cell): [value for tick in range(5) for value in (
+        random_for(42, tick, (cell,)).random(),
+        float(numpy_random_for(42, tick, (cell,)).random()))] for cell in range(8)}
+    assert len({value for draws in cells.values() for value in draws}) == 80  # all differ
 
 
 def test_per_node_metrics_keep_their_kind() -> None:
