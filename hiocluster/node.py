@@ -231,7 +231,9 @@ class Outbox:
     def put(self, payload: Any, to: str | None = None) -> None:
         """Send ``payload`` (anything msgpack packs) on the link to node ``to``.
 
-        ``to`` may be left out when the outbox has exactly one link.
+        It is packed when the tick ends, on every link alike (local ones too): what
+        travels is the payload as it is then (``put(a.copy())`` to send an array as
+        it is now). ``to`` may be left out when the outbox has exactly one link.
 
         Raises:
             LinkFull: the link has no credit; nothing was sent.
