@@ -75,6 +75,30 @@ class Cells(Node):
         return self.drawn
 
 
+class Mutator(Node):
+    """Puts an array, then changes it in the same tick (``params.copy``: puts a
+    copy); its receiver keeps what arrived."""
+
+    inboxes = ("in",)
+    outboxes = ("out",)
+
+    def setup(self) -> None:
+        self.got: list[list[int]] = []
+
+    def step(self) -> None:
+        import numpy
+
+        for value in self.inbox["in"].drain():
+            self.got.append([int(x) for x in value])
+        if self.outbox["out"].links:
+            sent = numpy.array([self.tick, 0])
+            self.outbox["out"].put(sent.copy() if self.params.get("copy") else sent)
+            sent[1] = 99  # after put, in the same tick
+
+    def result(self) -> Any:
+        return self.got
+
+
 class BadResult(Node):
     def result(self) -> Any:
         return {1, 2}  # a set: msgpack cannot pack it
@@ -144,6 +168,17 @@ def test_random_for_draws_the_same_in_any_split_of_a_model(split) -> None:
         random_for(42, tick, (cell,)).random(),
         float(numpy_random_for(42, tick, (cell,)).random()))] for cell in range(8)}
     assert len({value for draws in cells.values() for value in draws}) == 80  # all differ
+
+
+@pytest.mark.parametrize("copy", [False, True])
+def test_put_sends_the_payload_as_it_is_when_the_tick_ends(copy) -> None:
+    text = (f'[run]\nticks = 4\n[nodes.a]\nclass = "{HERE}:Mutator"\n'
+            f"params = {{ copy = {str(copy).lower()} }}\n"
+            f'[nodes.b]\nclass = "{HERE}:Mutator"\n'
+            '[[links]]\nfrom = "a.out"\nto = "b.in"\n')
+    for processes in (1, 2):  # a local link, then one between processes: the same
+        got = run(text, processes=processes).nodes["b"]
+        assert got == [[tick, 0 if copy else 99] for tick in range(3)], (processes, got)
 
 
 def test_per_node_metrics_keep_their_kind() -> None:
