@@ -71,6 +71,9 @@ def no_leaks(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.Monke
     run_root = Path(tmp_path_factory.mktemp("runs", numbered=True))
     monkeypatch.setenv("HIOCLUSTER_TEST_TAG", tag)
     monkeypatch.setenv("HIOCLUSTER_RUN_ROOT", str(run_root))
+    # no progress lines in what the tests read of stderr (a run slowed by a busy
+    # machine would print some); tests/test_cli.py turns them on to check them
+    monkeypatch.setenv("HIOCLUSTER_PROGRESS_S", "0")
     # workers import node classes from test modules, which import this conftest
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(
         [str(REPO / "tests"), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep))

@@ -117,6 +117,23 @@ def test_bad_topology_names_key_path_and_line(cli_env: dict[str, str], tmp_path)
                                                                  "nodes.a.parms", 6)
 
 
+def test_off_a_terminal_progress_is_a_line_every_few_seconds(cli_env, tmp_path) -> None:
+    """Paced by the wall clock (--real, 60 ticks of 0.02 s), the run lasts at least
+    1.2 s: with a line due every 0.2 s, some come; --quiet has none."""
+    topology = tmp_path / "paced.toml"
+    topology.write_text('[run]\nticks = 60\ntock = 0.02\nreal = true\n'
+                        '[nodes.n]\nclass = "nodes.ring:RingNode"\ncount = 2\n')
+    env = dict(cli_env, HIOCLUSTER_PROGRESS_S="0.2")
+    loud = run_cli(env, "run", str(topology), "--window", "1")
+    assert loud.returncode == 0, loud.stderr
+    lines = [line for line in loud.stderr.splitlines() if line.startswith("hiocluster: tick ")]
+    assert lines, loud.stderr
+    assert all(re.fullmatch(r"hiocluster: tick [\d,]+ of 60 \(\d+%\), [\d,]+ ticks/s"
+                            r"(, about \d+ s left)?", line) for line in lines), lines
+    quiet = run_cli(env, "run", str(topology), "--window", "1", "--quiet")
+    assert quiet.returncode == 0 and "hiocluster: tick " not in quiet.stderr, quiet.stderr
+
+
 def test_check_ok(cli_env: dict[str, str]) -> None:
     result = run_cli(cli_env, "check", "topologies/ring.toml", "--processes", "2")
     assert result.returncode == 0, result.stderr

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from typing import Any, Callable
@@ -71,16 +72,44 @@ def services_summary(rows: list[dict[str, Any]]) -> str:
                      f"{row['restarts']} restarts" for row in rows)
 
 
-class ProgressBar:
-    """A rich progress bar on stderr when it is a terminal; silent otherwise."""
+#: Seconds between two progress lines off a terminal (0: none).
+PROGRESS_ENV, PROGRESS_S = "HIOCLUSTER_PROGRESS_S", 5.0
 
-    def __init__(self, total: int) -> None:
-        self.total = total
+
+def progress_every() -> float:
+    """``$HIOCLUSTER_PROGRESS_S``, else PROGRESS_S; a value that is no number >= 0
+    is the default."""
+    try:
+        every = float(os.environ.get(PROGRESS_ENV, PROGRESS_S))
+    except ValueError:
+        return PROGRESS_S
+    return every if every >= 0 and every == every else PROGRESS_S
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds + 0.5)
+    if seconds < 60:
+        return f"{seconds} s"
+    if seconds < 3600:
+        return f"{seconds // 60} min {seconds % 60} s"
+    return f"{seconds // 3600} h {seconds % 3600 // 60} min"
+
+
+class ProgressBar:
+    """Progress on stderr: a rich bar when it is a terminal; off one (a log, a
+    batch job), a plain line every ``progress_every()`` seconds — tick, ticks/s and
+    the time left; nothing when ``quiet``."""
+
+    def __init__(self, total: int, quiet: bool = False) -> None:
+        self.total, self.quiet = total, quiet
         self.bar: Any = None
 
     def __enter__(self) -> Callable[[int, int], None] | None:
-        if not sys.stderr.isatty():
+        if self.quiet:
             return None
+        if not sys.stderr.isatty():
+            every = progress_every()
+            return self._lines(every) if every > 0 else None
         from rich.console import Console
         from rich.progress import (
             BarColumn,
@@ -104,6 +133,21 @@ class ProgressBar:
             ticks, seconds = done - first[0][0], now - first[0][1]
             rate = f"{ticks / seconds:,.0f} ticks/s" if seconds > 0 and ticks else ""
             self.bar.update(task, completed=done, rate=rate)
+        return on_tick
+
+    def _lines(self, every: float) -> Callable[[int, int], None]:
+        start = time.monotonic()
+        due = [start + every]
+
+        def on_tick(done: int, total: int) -> None:  # called as windows complete
+            now = time.monotonic()
+            if now < due[0] or done >= total:
+                return
+            due[0] = now + every
+            rate = done / (now - start)
+            left = f", about {_duration((total - done) / rate)} left" if rate > 0 else ""
+            print(f"hiocluster: tick {done:,} of {total:,} ({done / total:.0%}), "
+                  f"{rate:,.0f} ticks/s{left}", file=sys.stderr, flush=True)
         return on_tick
 
     def __exit__(self, *exc_info: object) -> None:

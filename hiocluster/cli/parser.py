@@ -119,6 +119,9 @@ def _output_options(command: argparse.ArgumentParser) -> None:
     command.add_argument("--json", action="store_true",
                          help="print one JSON object on stdout instead of the summary "
                               "(arrays in results as {dtype, shape, data}, bytes as hex)")
+    command.add_argument("--quiet", action="store_true",
+                         help="no progress on stderr (a bar on a terminal; else a line "
+                              "every $HIOCLUSTER_PROGRESS_S seconds, default 5)")
     command.add_argument("--digests", nargs="?", const=True, default=False, metavar="FILE",
                          help="also print every tick's run digest (after the summary, or as "
                               "tick_digests with --json); with FILE, write every node's "

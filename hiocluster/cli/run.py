@@ -185,7 +185,7 @@ def run_main(args: argparse.Namespace) -> int:
             print(f"hiocluster: waiting for worker {name}: "
                   f"{supervisor.worker_command_line(name)}", file=sys.stderr, flush=True)
 
-    with ProgressBar(topology.ticks) as on_tick:
+    with ProgressBar(topology.ticks, quiet=args.quiet) as on_tick:
         try:
             result = run(topology, processes=args.processes, app_dir=args.app_dir,
                          window=args.window, on_tick=on_tick,
