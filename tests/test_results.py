@@ -170,6 +170,18 @@ def test_random_for_draws_the_same_in_any_split_of_a_model(split) -> None:
     assert len({value for draws in cells.values() for value in draws}) == 80  # all differ
 
 
+def test_run_takes_a_topology_files_path_too() -> None:
+    import hiocluster
+
+    path = REPO / "topologies" / "ring.toml"
+    by_path = hiocluster.run(str(path), processes=2, app_dir=str(REPO), handle_signals=False)
+    loaded = hiocluster.run(hiocluster.load(path), processes=1, app_dir=str(REPO),
+                            handle_signals=False)
+    assert by_path.digest == loaded.digest and by_path.topology == "ring"
+    with pytest.raises(TopologyError, match="no such file"):
+        hiocluster.run(REPO / "topologies" / "nope.toml")
+
+
 @pytest.mark.parametrize("copy", [False, True])
 def test_put_sends_the_payload_as_it_is_when_the_tick_ends(copy) -> None:
     text = (f'[run]\nticks = 4\n[nodes.a]\nclass = "{HERE}:Mutator"\n'

@@ -83,6 +83,7 @@ from hiocluster.supervision.runcore import (
 )
 from hiocluster.timing import KILL_GRACE_S, START_TIMEOUT, STOP_TIMEOUT
 from hiocluster.topology import Plan, Topology, resolve_classes, resolve_services
+from hiocluster.topology import load as load_topology
 from hiocluster.topology import plan as make_plan
 from hiocluster.worker import record as records
 
@@ -726,7 +727,8 @@ class _DeferredLauncher:
         return self.launcher.start(worker)
 
 
-def run(topology: Topology, *, processes: int | None = None, app_dir: str | None = None,
+def run(topology: Topology | str | os.PathLike[str], *, processes: int | None = None,
+        app_dir: str | None = None,
         window: int | None = None, real: bool | None = None,
         on_tick: Callable[[int, int], None] | None = None, keep_digests: bool = False,
         handle_signals: bool = True, worker_command: Sequence[str] | None = None,
@@ -742,7 +744,8 @@ def run(topology: Topology, *, processes: int | None = None, app_dir: str | None
     """Run ``topology`` to completion in lockstep and return its result.
 
     Args:
-        topology: a validated topology (see :func:`hiocluster.topology.load`).
+        topology: a validated topology (see :func:`hiocluster.topology.load`), or the
+            path of a topology file, loaded here.
         processes: spread nodes over this many worker processes (None: the file's
             placement, else one worker per core).
         app_dir: directory to import node classes from (default: cwd).
@@ -785,6 +788,8 @@ def run(topology: Topology, *, processes: int | None = None, app_dir: str | None
             ``[run] restart = "checkpoint"``, one that no restart could get past.
         Interrupted: a signal stopped the run; every worker was shut down.
     """
+    if isinstance(topology, (str, os.PathLike)):
+        topology = load_topology(topology)
     slurm = None
     if launcher == "slurm":
         slurm = Allocation.from_environment()
