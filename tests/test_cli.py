@@ -129,7 +129,7 @@ def test_off_a_terminal_progress_is_a_line_every_few_seconds(cli_env, tmp_path) 
     lines = [line for line in loud.stderr.splitlines() if line.startswith("hiocluster: tick ")]
     assert lines, loud.stderr
     assert all(re.fullmatch(r"hiocluster: tick [\d,]+ of 60 \(\d+%\), [\d,]+ ticks/s"
-                            r"(, about \d+ s left)?", line) for line in lines), lines
+                            r"(, about (\d+ min )?\d+ s left)?", line) for line in lines), lines
     quiet = run_cli(env, "run", str(topology), "--window", "1", "--quiet")
     assert quiet.returncode == 0 and "hiocluster: tick " not in quiet.stderr, quiet.stderr
 

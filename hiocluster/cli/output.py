@@ -136,15 +136,18 @@ class ProgressBar:
         return on_tick
 
     def _lines(self, every: float) -> Callable[[int, int], None]:
-        start = time.monotonic()
-        due = [start + every]
+        first: list[tuple[int, float]] = []  # the first tick seen: the rate counts from it
+        due = [time.monotonic() + every]
 
         def on_tick(done: int, total: int) -> None:  # called as windows complete
             now = time.monotonic()
+            if not first:
+                first.append((done, now))
             if now < due[0] or done >= total:
                 return
             due[0] = now + every
-            rate = done / (now - start)
+            ticks, seconds = done - first[0][0], now - first[0][1]
+            rate = ticks / seconds if seconds > 0 else 0.0
             left = f", about {_duration((total - done) / rate)} left" if rate > 0 else ""
             print(f"hiocluster: tick {done:,} of {total:,} ({done / total:.0%}), "
                   f"{rate:,.0f} ticks/s{left}", file=sys.stderr, flush=True)
