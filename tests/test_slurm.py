@@ -100,7 +100,7 @@ def test_scancel_mid_run_fails_it_naming_worker_node_and_tick(slurm, slurm_env,
         slurm_env, ckpt, lambda: slurm.run(["scancel", "--name=hioc-cancel"]), cwd=REPO)
     assert code == 1, err
     assert "hiocluster: run failed: worker p" in err and " failed at tick " in err, err
-    assert f"on Slurm node {slurm.node}, job " in err, err
+    assert f" on Slurm node {slurm.node} (job " in err and ", step hiocluster-p" in err, err
     assert "hiocluster: every worker finished tick " in err, err
     assert "the newest checkpoint is " in err, err
     assert "Traceback" not in err

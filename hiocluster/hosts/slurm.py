@@ -34,7 +34,7 @@ from hiocluster.runtime.launch import LocalProcess, spawn, worker_argv
 from hiocluster.runtime.transport import CREDENTIALS_ENV, Credentials, facing
 
 __all__ = ["Allocation", "SlurmLauncher", "SlurmStep", "tasks_per_node", "node_addresses",
-           "place", "sbatch_script", "STEP_PREFIX"]
+           "place", "where", "sbatch_script", "STEP_PREFIX"]
 
 SRUN, SCONTROL, SQUEUE, SCANCEL = "srun", "scontrol", "squeue", "scancel"
 #: A worker's step is named STEP_PREFIX + its name (``squeue -s`` shows it).
@@ -144,6 +144,11 @@ class Allocation:
         return facing(f"tcp://{self.address(self.nodes[0])}:9")
 
 
+def where(allocation: Allocation, worker: str, node: str) -> str:
+    """Where worker ``worker``'s step runs, in words (said with its failures)."""
+    return f"on Slurm node {node} (job {allocation.job}, step {STEP_PREFIX}{worker})"
+
+
 class SlurmStep:
     """One worker's job step (see :class:`hiocluster.runtime.launch.ProcessHandle`):
     its ``srun`` is a child of this process; a failure names the worker's node."""
@@ -157,15 +162,13 @@ class SlurmStep:
         return self.process.exitcode()
 
     def why(self) -> str | None:
+        """srun says a task killed by a signal as exit code 128 + the signal: name
+        the signal (other codes are the task's own, as the exit code says). Where
+        it ran, the supervisor adds to every failure of the worker (:meth:`where`)."""
         code = self.exitcode()
-        if not code:
-            return None
-        if code > 128 and code - 128 in signal.valid_signals():
-            what = f"{describe_exitcode(128 - code)} (srun exit code {code})"
-        else:
-            what = describe_exitcode(code)  # the task's own, or srun's signal
-        return f"{what} on Slurm node {self.node} (job {self.job}, step " \
-               f"{STEP_PREFIX}{self.worker})"
+        if code is not None and code > 128 and code - 128 in signal.valid_signals():
+            return f"{describe_exitcode(128 - code)} (srun exit code {code})"
+        return None
 
     def last_tick(self) -> int | None:
         return None  # its tick register would be a file on another node

@@ -19,7 +19,7 @@ __all__ = [
     "MAX_CONTROL_FRAME", "MAX_SETUP_FRAME", "MAX_DATA_FRAME", "MAX_STR", "MAX_ARRAY",
     "MAX_MAP", "MAX_INT", "NAME_RE", "DIGEST_SIZE", "RUN_DIGEST_SIZE", "Check", "ListOf",
     "MapOf", "TupleOf", "LinkRun", "optional", "UINT", "COUNT", "INT", "NUMBER", "POSITIVE", "BOOL", "NAME", "TEXT", "ADDRESS",
-    "BYTES", "TOKEN", "CURVE_KEY", "ANY", "STATS", "is_name", "node_digests",
+    "BYTES", "TOKEN", "CURVE_KEY", "ANY", "STATS", "is_name", "digested", "node_digests",
     "differing_nodes",
 ]
 
@@ -206,6 +206,12 @@ class LinkRun(TupleOf):
                               f"{len(value[1])} and {len(value[2])}", field=path,
                               code="bad-field")
         return super().explain(value, path)
+
+
+def digested(tick: int, every: int, ticks: int) -> bool:
+    """Whether the state after ``tick`` is digested: every ``every``-th tick
+    (ticks every−1, 2·every−1, …) and always the run's last (``digest_every``)."""
+    return (tick + 1) % every == 0 or tick == ticks - 1
 
 
 def node_digests(records: bytes, names: Iterable[str]) -> dict[str, bytes]:

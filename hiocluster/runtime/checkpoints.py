@@ -130,7 +130,7 @@ def read_shares(directory: str, workers: list[str], suffix: str) -> list[dict[st
 
 def write_manifest(directory: str, manifest: dict[str, Any]) -> None:
     atomic_write(os.path.join(directory, MANIFEST),
-            json.dumps({"format": FORMAT, "version": VERSION, **manifest}).encode())
+                 json.dumps({"format": FORMAT, "version": VERSION, **manifest}).encode())
 
 
 def complete_checkpoint(directory: str, manifest: dict[str, Any]) -> None:

@@ -21,17 +21,11 @@ from __future__ import annotations
 import hashlib
 from typing import Callable, Iterable, Mapping
 
-from hiocluster.protocol.fields import DIGEST_SIZE, RUN_DIGEST_SIZE, node_digests
+from hiocluster.protocol.fields import DIGEST_SIZE, RUN_DIGEST_SIZE, digested, node_digests
 
 __all__ = ["DigestChain", "digested", "digested_between", "node_digests"]
 
 _sha256 = hashlib.sha256
-
-
-def digested(tick: int, every: int, ticks: int) -> bool:
-    """Whether the state after ``tick`` is digested: every ``every``-th tick
-    (ticks every−1, 2·every−1, …) and always the run's last (``digest_every``)."""
-    return (tick + 1) % every == 0 or tick == ticks - 1
 
 
 def digested_between(first: int, last: int, every: int, ticks: int) -> int:

@@ -48,7 +48,7 @@ from hiocluster.errors import (
     TopologyError,
 )
 from hiocluster.hosts.remote import AgentLink
-from hiocluster.hosts.slurm import Allocation, SlurmLauncher, place
+from hiocluster.hosts.slurm import Allocation, SlurmLauncher, place, where
 from hiocluster.node import cannot_checkpoint, load_class
 from hiocluster.runtime import checkpoints
 from hiocluster.runtime.launch import (
@@ -892,14 +892,14 @@ def run(topology: Topology | str | os.PathLike[str], *, processes: int | None = 
     if isinstance(supervisor.failure, RunFailed):  # how far the run got, as a whole
         failure = supervisor.failure
         node = supervisor.slurm_nodes.get(failure.worker)
-        if node is not None and "Slurm node" not in failure.cause:
-            failure.cause += f" (on Slurm node {node}, job {slurm.job if slurm else '?'})"
+        if slurm is not None and node is not None:  # a step: where it ran, however it failed
+            failure.cause += f" {where(slurm, failure.worker, node)}"
             failure.args = (str(failure),)
-        supervisor.failure.reached = supervisor.core.completed
-        supervisor.failure.digest = supervisor.core.chain.digest.hex()
+        failure.reached = supervisor.core.completed
+        failure.digest = supervisor.core.chain.digest.hex()
         if checkpoint is not None and scratch is None:
             with contextlib.suppress(CheckpointError):
-                supervisor.failure.checkpoint = checkpoints.newest(checkpoint)[0]
+                failure.checkpoint = checkpoints.newest(checkpoint)[0]
     if supervisor.failure is not None:
         raise supervisor.failure
     if supervisor._completing_failed is not None:  # the last checkpoint, after the end
@@ -943,8 +943,7 @@ def _start_record(directory: str, topology: Topology, plan: Plan,
         for name in os.listdir(directory):  # an earlier run's: not mixed with this one's
             if name.endswith(".rec"):
                 os.unlink(os.path.join(directory, name))
-            elif name.startswith(RECORD_RESTART):
-                shutil.rmtree(os.path.join(directory, name))
+        _drop_restart_copies(directory)
     except OSError as exc:
         raise RecordError(f"cannot make the record directory {directory}: "
                           f"{exc.strerror or exc}") from None
@@ -968,9 +967,7 @@ def _record_restart(directory: str, start_from: str | None) -> str | None:
     """Copy the checkpoint a restarted try starts from into the record (replacing
     an earlier try's); the try starts from the copy. None: from the start."""
     try:
-        for name in os.listdir(directory):
-            if name.startswith(RECORD_RESTART):
-                shutil.rmtree(os.path.join(directory, name))
+        _drop_restart_copies(directory)
         if start_from is None:
             return None
         kept = os.path.join(directory, RECORD_RESTART + os.path.basename(
@@ -980,6 +977,13 @@ def _record_restart(directory: str, start_from: str | None) -> str | None:
         raise RecordError(f"cannot keep the checkpoint {start_from} in the record "
                           f"{directory}: {exc.strerror or exc}") from None
     return kept
+
+
+def _drop_restart_copies(directory: str) -> None:
+    """Remove the checkpoints an earlier try (or run) kept in the record."""
+    for name in os.listdir(directory):
+        if name.startswith(RECORD_RESTART):
+            shutil.rmtree(os.path.join(directory, name))
 
 
 def _end_record(directory: str, supervisor: Supervisor) -> None:

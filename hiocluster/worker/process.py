@@ -341,7 +341,7 @@ class Worker:
             peers.send(exchange.outgoing(tick))
             if trace is not None:
                 sent = time.time()
-            if (tick + 1) % every == 0 or tick == last:  # chain.digested, inlined
+            if (tick + 1) % every == 0 or tick == last:  # fields.digested, inlined (the tick loop)
                 records.append(host.records())
             if trace is not None and self.trace_room > 0:
                 # [tick, waiting from, running from, sending from, hashing from, done,

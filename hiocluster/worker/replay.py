@@ -22,7 +22,7 @@ from typing import Any, Callable
 
 from hiocluster import protocol as proto
 from hiocluster.errors import ClusterError, FrameError, ProtocolError, RecordError
-from hiocluster.protocol.fields import differing_nodes
+from hiocluster.protocol.fields import differing_nodes, digested
 from hiocluster.runtime import checkpoints
 from hiocluster.worker import checkpoint
 from hiocluster.worker.exchange import Exchange
@@ -190,7 +190,7 @@ class _Replay:
                 self._break(node, debugger)
             host.run_tick(tick)
             exchange.outgoing(tick)  # its credit books move on; the frames go nowhere
-            if (tick + 1) % self.every == 0 or tick == self.last_tick:
+            if digested(tick, self.every, self.last_tick + 1):
                 recorded = digests[at:at + size]
                 if len(recorded) != size:
                     raise RecordError(f"{self.reader.path}: the window to tick {until} "
