@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import json
 import subprocess
 import sys
@@ -139,6 +140,12 @@ def test_strangers_flooding_large_frames_leave_the_supervisor_bounded() -> None:
     them, then one of 40 MiB: each connection holds at most BOUND_RCVHWM + 1
     frames, the one over the limit drops its connection, the run goes on, and
     what the frames took is given back (no reference cycle keeps them)."""
+    # glibc raises its mmap threshold to the size of the first big block freed:
+    # later 30 MiB frames come from ZeroMQ's I/O thread's arena, whose free top (up
+    # to twice that) malloc_trim cannot give back: the allocator's cache, not frames
+    # anyone holds. A fixed threshold maps each big block alone (and unmaps it when
+    # freed), so the RSS below is what the process holds.
+    ctypes.CDLL(None).mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
     text = ring3(ticks=1500)
     baseline = run(text)
     floods: list[subprocess.Popen] = []
@@ -180,7 +187,7 @@ def test_strangers_flooding_large_frames_leave_the_supervisor_bounded() -> None:
     mib = 1 << 20
     peak, kept = (rss["peak"] - rss["before"]) // mib, (rss["after"] - rss["before"]) // mib
     assert peak < 2 * (BOUND_RCVHWM + 1) * 32 + 128, f"the supervisor grew by {peak} MiB"
-    assert kept < 128, f"the supervisor kept {kept} MiB after the floods"
+    assert kept < 30, f"the supervisor kept {kept} MiB after the floods (a frame is 30)"
 
 
 # -- heartbeats: how much loss a link may show -----------------------------------------------

@@ -336,7 +336,10 @@ class Socket(zmq.Socket):  # type: ignore[type-arg]
     came. ``put*`` never block; they say whether the frame was queued.
     """
 
-    _first: Any = None  # the first frame of the last take_routed: who sent it
+    #: a CURVE server: take_routed notes the key each message came with (kept as a
+    #: name: a frame kept for its properties would keep its payload too)
+    _keyed = False
+    _sender: str | None = None
 
     def readable(self) -> bool:
         """A message can be received now (cheaper than a take that finds nothing)."""
@@ -370,7 +373,12 @@ class Socket(zmq.Socket):  # type: ignore[type-arg]
             identity = self.recv(0 if wait else _NOBLOCK)
         except zmq.Again:
             return None
-        frame = self._first = self.recv(copy=False)
+        frame = self.recv(copy=False)
+        if self._keyed:
+            try:
+                self._sender = cast(str, frame.get("User-Id"))
+            except zmq.ZMQError:  # not set
+                self._sender = None
         parts = [identity, frame.bytes]
         while frame.more:
             frame = self.recv(copy=False)
@@ -380,10 +388,7 @@ class Socket(zmq.Socket):  # type: ignore[type-arg]
     def sender(self) -> str | None:
         """The name of the CURVE key the last :meth:`take_routed` message came with;
         None without CURVE."""
-        try:
-            return cast(str, self._first.get("User-Id"))
-        except zmq.ZMQError:  # not set: the connection is not CURVE
-            return None
+        return self._sender
 
     def put(self, frame: bytes) -> bool:
         """Queue ``frame`` without waiting; False when it cannot go now (a
@@ -470,6 +475,7 @@ class Context:
         sock.setsockopt(zmq.CURVE_SECRETKEY, self.keys.secret.encode("ascii"))
         if server_key is None:
             sock.setsockopt(zmq.CURVE_SERVER, 1)
+            sock._keyed = True
             sock.setsockopt_string(zmq.ZAP_DOMAIN, ZAP_DOMAIN)
             sock.setsockopt(zmq.ZAP_ENFORCE_DOMAIN, 1)
         else:
