@@ -19,9 +19,10 @@ from hiocluster import protocol as proto
 from hiocluster.errors import FrameError, LocalProtocolError, RemoteProtocolError
 from hiocluster.protocol import (CHILD_TRANSITIONS, MAX_CONTROL_FRAME, MAX_DATA_FRAME,
                                  PARENT_TRANSITIONS, Answer, Assign, Bye, ChildMachine,
-                                 ChildState, Command, Data, Done, Error, Grant, Hello, Join, Load,
+                                 ChildState, Chunk, Command, Data, Done, Error, Grant, Hello, Join, Load,
                                  Message, ParentMachine, ParentState, Peer, Progress, Ready,
                                  Setup, Standby, Stop, decode, decode_data, encode)
+from hiocluster.protocol import machines
 from hiocluster.protocol.fields import MAX_STR
 
 C, P = ChildState, ParentState
@@ -46,8 +47,9 @@ SAMPLES: list[Message] = [
     HELLO, SETUP, Ready(digests=RECORDS), Grant(until=3), Grant(until=9, start=1.7e9),
     Progress(tick=2, waiting=["w1"]), Progress(tick=None, waiting=[]),
     Done(until=3, digests=RECORDS * 4), Stop(reason="done", drain=True),
-    Stop(reason="RunFailed: boom"), Bye(stats={"rejected": 0, "undelivered": 1, "unread": 2},
-                                        metrics={"events": 7}, received={"w1": 10}),
+    Stop(reason="RunFailed: boom"), Chunk(data=b"\x92\x01", more=True),
+    Bye(stats={"rejected": 0, "undelivered": 1, "unread": 2},
+        metrics={"events": 7}, received={"w1": 10}),
     Bye(), Error(code="bad-field", detail="GRANT.until: expected ...", field="GRANT.until",
                  tick=3, node="a", peer="w1"),
     Error(code="terminated", detail="by SIGTERM"), DATA,
@@ -439,6 +441,79 @@ def test_parent_machine_accepts_late_progress_and_done_after_stop() -> None:
     assert pair.child.receive(stop) == Stop(reason="interrupted")
     pair.child_says(Bye())
     assert pair.states == (C.CLOSED, P.CLOSED)
+
+
+BIG_BYE = Bye(stats={"messages": 3}, results={"a": b"x" * (MAX_CONTROL_FRAME + 5),
+                                             "b": list(range(1000))})
+
+
+def stopped() -> Pair:
+    pair = Pair().handshake().windows(2)
+    pair.parent_says(Stop(reason="done", drain=True))
+    return pair
+
+
+def test_a_bye_over_a_control_frame_goes_in_chunks_and_arrives_whole() -> None:
+    pair = stopped()
+    frames = pair.child.frames(BIG_BYE)
+    assert pair.child.state is C.CLOSED
+    assert len(frames) == 3 and all(len(frame) <= MAX_CONTROL_FRAME for frame in frames)
+    for frame in frames[:-1]:
+        assert pair.parent.receive(frame) == Chunk(data=decode(frame).data, more=True)
+        assert pair.parent.state is P.AWAIT_BYE
+    assert pair.parent.receive(frames[-1]) == BIG_BYE
+    assert pair.parent.state is P.CLOSED
+
+
+def test_a_small_bye_is_one_frame() -> None:
+    pair = stopped()
+    assert pair.child.frames(Bye(results={"a": 1})) == [encode(Bye(results={"a": 1}))]
+
+
+def test_chunks_before_stop_or_a_bye_among_them_are_unexpected() -> None:
+    pair = Pair().handshake()
+    chunk = encode(Chunk(data=b"x", more=True))
+    with pytest.raises(RemoteProtocolError) as early:
+        pair.parent.receive(chunk)
+    assert early.value.code == "unexpected" and pair.parent.state is P.ERROR
+    pair = stopped()
+    pair.parent.receive(chunk)
+    with pytest.raises(RemoteProtocolError) as among:
+        pair.parent.receive(encode(Bye()))
+    assert (among.value.code, among.value.field) == ("unexpected", "type")
+
+
+def test_chunks_over_the_bye_limit_are_too_large(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(machines, "MAX_BYE_FRAME", 10)
+    pair = stopped()
+    pair.parent.receive(encode(Chunk(data=b"x" * 6, more=True)))
+    with pytest.raises(RemoteProtocolError) as caught:
+        pair.parent.receive(encode(Chunk(data=b"x" * 5, more=True)))
+    assert (caught.value.code, caught.value.field) == ("too-large", "CHUNK.data")
+    assert pair.parent.state is P.ERROR
+
+
+@pytest.mark.parametrize("joined", [b"\xc1", encode(Done(until=1, digests=RECORDS))],
+                         ids=["garbage", "not-a-bye"])
+def test_chunks_that_join_to_no_bye_are_frame_errors(joined: bytes) -> None:
+    pair = stopped()
+    pair.parent.receive(encode(Chunk(data=joined[:1], more=True)))
+    with pytest.raises(FrameError):
+        pair.parent.receive(encode(Chunk(data=joined[1:], more=False)))
+    assert pair.parent.state is P.ERROR
+
+
+def test_a_worker_never_sends_a_frame_over_its_limit(monkeypatch: pytest.MonkeyPatch) -> None:
+    pair = Pair().handshake()
+    with pytest.raises(LocalProtocolError) as caught:  # not a BYE: no CHUNKs for it
+        pair.child.send(Error(code="node-error", detail="x" * MAX_CONTROL_FRAME))
+    assert (caught.value.code, caught.value.field) == ("too-large", "ERROR")
+    assert pair.child.state is C.ERROR
+    monkeypatch.setattr(machines, "MAX_BYE_FRAME", MAX_CONTROL_FRAME + 100)
+    pair = stopped()
+    with pytest.raises(LocalProtocolError) as bye:
+        pair.child.frames(BIG_BYE)
+    assert bye.value.code == "too-large" and "(its nodes' results)" in str(bye.value)
 
 
 def test_parent_machine_rejects_stale_done_after_stop() -> None:

@@ -99,6 +99,16 @@ class Mutator(Node):
         return self.got
 
 
+class Big(Node):
+    """Its result: ``params.mib`` MiB of bytes in a numpy array, from its index."""
+
+    def result(self) -> Any:
+        import numpy
+
+        return numpy.random.default_rng(self.index).integers(
+            0, 255, self.params["mib"] << 20, dtype=numpy.uint8)
+
+
 class BadResult(Node):
     def result(self) -> Any:
         return {1, 2}  # a set: msgpack cannot pack it
@@ -226,6 +236,26 @@ def test_a_result_that_cannot_travel_names_its_node() -> None:
         run(text, processes=1)
     assert caught.value.nodes == ("bad",)
     assert "result() returned a set that cannot be sent" in caught.value.detail
+
+
+BIG = f'[run]\nticks = 2\n[nodes.b]\nclass = "{HERE}:Big"\ncount = 4\nparams = {{ mib = 6 }}\n' \
+      '[placement]\np0 = ["b0"]\np1 = ["b1"]\np2 = ["b2"]\np3 = ["b3"]\n'
+
+
+@pytest.mark.parametrize("how", ["one worker", "groups"])
+def test_results_over_a_control_frame_arrive_whole(how: str) -> None:
+    """Four results of 6 MiB: 24 MiB from one worker, or from each group of two,
+    is over the 16 MiB of a control frame; its BYE goes in CHUNKs and every
+    result arrives as it was."""
+    import numpy
+
+    text = BIG + ('[groups]\ng1 = ["p0", "p1"]\ng2 = ["p2", "p3"]\n' if how == "groups" else "")
+    result = run(text, processes=1) if how == "one worker" else run(text)
+    assert result.groups == (2 if how == "groups" else 0)
+    assert sorted(result.nodes) == ["b0", "b1", "b2", "b3"]
+    for index in range(4):
+        expected = numpy.random.default_rng(index).integers(0, 255, 6 << 20, dtype=numpy.uint8)
+        assert numpy.array_equal(result.nodes[f"b{index}"], expected)
 
 
 def test_output_writes_a_json_line_per_node(tmp_path: Path, cli_env: dict[str, str]) -> None:

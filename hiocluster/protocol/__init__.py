@@ -16,6 +16,7 @@ The wire format is specified in docs/protocol.md; keep the two in step.
 
 from hiocluster.protocol.fields import (
                      DIGEST_SIZE,
+                     MAX_BYE_FRAME,
                      MAX_CONTROL_FRAME,
                      MAX_DATA_FRAME,
                      MAX_SETUP_FRAME,
@@ -55,6 +56,7 @@ from hiocluster.protocol.messages import (
                      Answer,
                      Assign,
                      Bye,
+                     Chunk,
                      Command,
                      Data,
                      Done,
@@ -80,11 +82,11 @@ from hiocluster.protocol.messages import (
 from hiocluster.protocol.versions import local_versions, mismatches
 
 __all__ = [
-    "VERSION", "DIGEST_SIZE", "MAX_CONTROL_FRAME", "MAX_SETUP_FRAME", "MAX_DATA_FRAME",
+    "VERSION", "DIGEST_SIZE", "MAX_CONTROL_FRAME", "MAX_BYE_FRAME", "MAX_SETUP_FRAME", "MAX_DATA_FRAME",
     "NAME", "UINT", "is_name", "encode", "decode", "decode_data", "read_data", "reload_data", "from_body",
     "check_unpacks", "check_size", "check_control_value", "claimed_by", "METRIC_KINDS",
     "Message", "Hello", "Setup", "Ready", "Grant", "Progress", "Done", "Stop", "Bye",
-    "Error", "Data", "Peer", "Launch", "Launched", "Signal", "Exited", "Output", "Ping",
+    "Chunk", "Error", "Data", "Peer", "Launch", "Launched", "Signal", "Exited", "Output", "Ping",
     "Join", "Load", "Standby", "Assign", "Command", "Answer", "COMMANDS", "FROM_REPLICA", "TO_REPLICA",
     "TO_AGENT", "FROM_AGENT", "MESSAGE_TYPES", "ChildMachine", "ParentMachine", "ChildState",
     "ParentState", "CHILD_TRANSITIONS", "PARENT_TRANSITIONS", "local_versions", "mismatches",

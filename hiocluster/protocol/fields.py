@@ -16,7 +16,7 @@ from typing import Any, Callable, Iterable
 from hiocluster.errors import FrameError
 
 __all__ = [
-    "MAX_CONTROL_FRAME", "MAX_SETUP_FRAME", "MAX_DATA_FRAME", "MAX_STR", "MAX_ARRAY",
+    "MAX_CONTROL_FRAME", "MAX_BYE_FRAME", "CHUNK_SIZE", "MAX_SETUP_FRAME", "MAX_DATA_FRAME", "MAX_STR", "MAX_ARRAY",
     "MAX_MAP", "MAX_INT", "NAME_RE", "DIGEST_SIZE", "RUN_DIGEST_SIZE", "Check", "ListOf",
     "MapOf", "TupleOf", "LinkRun", "optional", "UINT", "COUNT", "INT", "NUMBER", "POSITIVE", "BOOL", "NAME", "TEXT", "ADDRESS",
     "BYTES", "TOKEN", "CURVE_KEY", "ANY", "STATS", "is_name", "digested", "node_digests",
@@ -25,6 +25,11 @@ __all__ = [
 
 #: Largest frame a supervisor accepts from a worker (HELLO, READY, DONE, BYE, ...).
 MAX_CONTROL_FRAME = 16 * 1024 * 1024
+#: Largest BYE a supervisor accepts, in CHUNK frames where it is over MAX_CONTROL_FRAME
+#: (a finished run's results: each node's ``result()``, numpy arrays included).
+MAX_BYE_FRAME = 1024 * 1024 * 1024
+#: How much of such a BYE one CHUNK frame carries.
+CHUNK_SIZE = 8 * 1024 * 1024
 #: Largest frame a worker accepts from its supervisor (SETUP carries its nodes and links).
 MAX_SETUP_FRAME = 256 * 1024 * 1024
 #: Largest data frame accepted (one batch of messages between two workers per tick).

@@ -12,10 +12,11 @@ import enum
 from typing import ClassVar, NoReturn
 
 from hiocluster.errors import FrameError, LocalProtocolError, RemoteProtocolError
-from hiocluster.protocol.fields import MAX_CONTROL_FRAME, MAX_SETUP_FRAME
+from hiocluster.protocol.fields import CHUNK_SIZE, MAX_BYE_FRAME, MAX_CONTROL_FRAME, MAX_SETUP_FRAME
 from hiocluster.protocol.frames import decode, encode
 from hiocluster.protocol.messages import (
     Bye,
+    Chunk,
     Done,
     Error,
     Grant,
@@ -96,6 +97,7 @@ PARENT_TRANSITIONS: dict[tuple[ParentState, str, str], ParentState] = {
     (P.AWAIT_BYE, RECV, "READY"): P.AWAIT_BYE,
     (P.AWAIT_BYE, RECV, "PROGRESS"): P.AWAIT_BYE,
     (P.AWAIT_BYE, RECV, "DONE"): P.AWAIT_BYE,
+    (P.AWAIT_BYE, RECV, "CHUNK"): P.AWAIT_BYE,  # a piece of a large BYE
     (P.AWAIT_BYE, RECV, "BYE"): P.CLOSED,
 }
 
@@ -236,19 +238,65 @@ class ChildMachine(_Machine):
     def __init__(self, worker: str | None = None) -> None:
         super().__init__(worker, ChildState.START)
 
+    def send(self, message: Message, *, checked: bool = True,
+             frame: bytes | None = None) -> bytes:
+        """As :meth:`_Machine.send`; a frame over :data:`MAX_CONTROL_FRAME` (the
+        supervisor would drop the connection) raises LocalProtocolError, code
+        "too-large", but a BYE's: send that one with :meth:`frames`."""
+        frame = super().send(message, checked=checked, frame=frame)
+        if len(frame) > MAX_CONTROL_FRAME and type(message) is not Bye:
+            self._too_large(message, len(frame), MAX_CONTROL_FRAME)
+        return frame
+
+    def frames(self, bye: Bye) -> list[bytes]:
+        """The frames that send ``bye``: one, or where that is over
+        :data:`MAX_CONTROL_FRAME` (large results), CHUNK frames of its pieces."""
+        frame = self.send(bye)
+        if len(frame) <= MAX_CONTROL_FRAME:
+            return [frame]
+        if len(frame) > MAX_BYE_FRAME:
+            self._too_large(bye, len(frame), MAX_BYE_FRAME)
+        return [encode(Chunk(data=frame[start:start + CHUNK_SIZE],
+                             more=start + CHUNK_SIZE < len(frame)))
+                for start in range(0, len(frame), CHUNK_SIZE)]
+
+    def _too_large(self, message: Message, size: int, limit: int) -> NoReturn:
+        self.state = ChildState.ERROR
+        what = " (its nodes' results)" if type(message) is Bye else ""
+        raise LocalProtocolError(f"a {message.TYPE} frame of {size:,} bytes{what} is over "
+                                 f"the {limit:,} the supervisor accepts", tick=self.tick,
+                                 worker=self.worker, field=message.TYPE, code="too-large")
+
 
 class ParentMachine(_Machine):
     """The supervisor's side of one worker's control connection."""
 
     TRANSITIONS = PARENT_TRANSITIONS
     ERROR_STATE = ParentState.ERROR
-    ALLOWED_IN = (Hello, Ready, Progress, Done, Bye, Error)
+    ALLOWED_IN = (Hello, Ready, Progress, Done, Bye, Chunk, Error)
     LIMIT_IN = MAX_CONTROL_FRAME
     EXPECT = {ParentState.RUNNING: Done}
 
     def __init__(self, worker: str | None = None) -> None:
         super().__init__(worker, ParentState.AWAIT_HELLO)
         self.done_owed = False  # STOP went out while a window was running
+        self.pieces: list[bytes] = []  # a large BYE's CHUNKs so far
+        self.pieces_size = 0
+
+    def receive(self, data: bytes) -> Message:
+        """As :meth:`_Machine.receive`; a CHUNK is kept, and the last one's BYE (the
+        pieces joined, at most :data:`MAX_BYE_FRAME`) is what it returns."""
+        message = super().receive(data)
+        if type(message) is not Chunk or message.more:  # type: ignore[attr-defined]
+            return message
+        frame, self.pieces, self.pieces_size = b"".join(self.pieces), [], 0
+        try:
+            bye = decode(frame, limit=MAX_BYE_FRAME, allowed=(Bye,))
+        except FrameError:
+            self.state = self.ERROR_STATE
+            raise
+        self._advance(RECV, bye)
+        return bye
 
     def _check(self, direction: str, message: Message) -> None:
         kind = type(message)  # no message class has subclasses: quicker than isinstance
@@ -260,6 +308,16 @@ class ParentMachine(_Machine):
                 self.done_owed = False
         elif kind is Stop:
             self.done_owed = self.state is ParentState.RUNNING
+        elif kind is Chunk:
+            chunk: Chunk = message  # type: ignore[assignment]  # kind is Chunk: no call
+            self.pieces_size += len(chunk.data)
+            if self.pieces_size > MAX_BYE_FRAME:
+                self._reject(direction, f"CHUNKs of more than {MAX_BYE_FRAME:,} bytes",
+                             field="CHUNK.data", code="too-large")
+            self.pieces.append(chunk.data)
+        elif kind is Bye and self.pieces:
+            self._reject(direction, "a BYE while its CHUNKs were not all in",
+                         field="type", code="unexpected")
         elif kind is Hello and self.worker is not None:
             hello: Hello = message  # type: ignore[assignment]  # kind is Hello: no call
             if hello.worker != self.worker:

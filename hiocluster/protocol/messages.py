@@ -34,6 +34,7 @@ from hiocluster.protocol.fields import (
 )
 
 __all__ = ["Message", "Hello", "Setup", "Ready", "Grant", "Progress", "Done", "Stop", "Bye",
+           "Chunk",
            "Error", "Data", "Peer", "Launch", "Launched", "Signal", "Exited", "Output",
            "Ping", "Join", "Load", "Standby", "Assign", "Command", "Answer", "MESSAGE_TYPES",
            "TO_AGENT",
@@ -217,6 +218,18 @@ class Bye(Message):
               "results": MapOf(NAME, ANY), "node_metrics": MapOf(NAME, MapOf(NAME, NUMBER)),
               "kinds": MapOf(NAME, Check(lambda v: v in METRIC_KINDS,
                                          f"one of {', '.join(METRIC_KINDS)}"))}
+
+
+@dataclass(slots=True)
+class Chunk(Message):
+    """worker → supervisor: a piece of a BYE frame over :data:`MAX_CONTROL_FRAME` (a
+    finished run's large results). The pieces' ``data``, joined in order, are the
+    BYE frame; ``more`` is false on the last."""
+
+    TYPE = "CHUNK"
+    data: bytes
+    more: bool
+    SCHEMA = {"data": BYTES, "more": BOOL}
 
 
 @dataclass(slots=True)
@@ -426,7 +439,8 @@ class Answer(Message):
 
 
 MESSAGE_TYPES: dict[str, type[Message]] = {
-    cls.TYPE: cls for cls in (Hello, Setup, Ready, Grant, Progress, Done, Stop, Bye, Error,
+    cls.TYPE: cls for cls in (Hello, Setup, Ready, Grant, Progress, Done, Stop, Bye, Chunk,
+                              Error,
                               Data, Peer, Launch, Launched, Signal, Exited, Output, Ping,
                               Join, Load, Standby, Assign, Command, Answer)
 }

@@ -199,7 +199,7 @@ class GroupCore(Supervision):
         if self.failure is not None or self.parent.state is not proto.ChildState.STOPPING:
             return
         byes = [book.bye for book in self.books.values()]
-        self._up(merge_byes(byes, inside=self.owner))  # type: ignore[arg-type]
+        self.up.extend(self.parent.frames(merge_byes(byes, inside=self.owner)))  # type: ignore[arg-type]
 
     # -- failing ------------------------------------------------------------------
     def fail(self, error: ClusterError, now: float, *, tell: bool = True) -> None:

@@ -220,11 +220,13 @@ class Worker:
         self._stop_watching()
         if self.recorder is not None:
             self.recorder.close(whole=True)
-        self._send(proto.Bye(stats=self._stats(), metrics=metrics,
-                             received=self.exchange.received if self.exchange else {},
-                             results=results, node_metrics=per_node if cut else {},
-                             kinds=kinds, trace={self.name: self.trace}
-                             if self.trace is not None and cut else {}))
+        bye = proto.Bye(stats=self._stats(), metrics=metrics,
+                        received=self.exchange.received if self.exchange else {},
+                        results=results, node_metrics=per_node if cut else {},
+                        kinds=kinds, trace={self.name: self.trace}
+                        if self.trace is not None and cut else {})
+        for frame in self.machine.frames(bye):  # large results: in CHUNKs
+            self.control.send(frame)
         if self.peers is not None:
             self.peers.drop_unconnected()
         self._close(clean=True, drained=message.drain)
