@@ -349,6 +349,30 @@ def test_rolling_restart_under_load_loses_no_request(start, cli_env: dict[str, s
     assert run.status()["services"][0]["restarts"] == 0  # a roll is no crash
 
 
+@pytest.mark.parametrize("limit, said", [
+    ("max_requests = 40", r"web\.\d served \d+ requests \(max_requests = 40 \+ 0\): replaced"),
+    ("max_rss = 1_048_576", r"web\.\d uses [\d.]+ MiB \(max_rss = 1\.0 MiB\): replaced"),
+], ids=["max_requests", "max_rss"])
+def test_replicas_past_a_lifetime_limit_are_replaced_under_load_losing_nothing(
+        start, limit: str, said: str) -> None:
+    """max_requests = 40 (or max_rss = 1 MiB, which every replica is over):
+    under load each replica is replaced once past it, its successor serving
+    first; no request fails, none counts as a crash."""
+    port = free_port()
+    text = with_port((TOPOLOGIES / "http.toml").read_text(), port).replace(
+        "replicas = 2\n", f"replicas = 2\n{limit}\n")
+    run = start(text)
+    first = set(run.serving(2))
+    with Load(port, threads=4) as load:
+        status = run.until(lambda s: s["services"][0]["replaced"] >= 3 and not first & {
+            replica["pid"] for replica in s["services"][0]["replicas"]})  # theirs drained
+    service = status["services"][0]
+    assert load.failed == 0, load.errors
+    assert service["restarts"] == 0 and load.ok >= 120
+    run.expect(said)
+    run.until(lambda s: s["services"][0]["served"] >= load.ok)  # every answer counted
+
+
 def test_scale_two_four_one_keeps_serving(start, cli_env: dict[str, str]) -> None:
     port = free_port()
     run = start(with_port((TOPOLOGIES / "http.toml").read_text(), port))

@@ -231,6 +231,67 @@ def test_a_crash_during_a_roll_abandons_it_and_restarts_as_usual() -> None:
     assert h.core.all_serving()
 
 
+def test_a_replica_past_max_requests_is_replaced_its_successor_serving_first() -> None:
+    h = Harness(spec(replicas=2, max_requests=100))
+    h.core.start(0.0)
+    h.take()
+    h.join_all()
+    web0 = h.core.replica("web.0.1")
+    h.core.load(web0, 99, 3, 1.0)  # type: ignore[arg-type]
+    assert h.take() == []
+    h.core.load(web0, 100, 3, 1.2)  # type: ignore[arg-type]
+    assert h.take() == [("start", "web.0.3")]  # web.0.1 serves on meanwhile
+    assert "web.0 served 100 requests (max_requests = 100 + 0): replaced" in h.core.log
+    h.core.load(web0, 150, 3, 1.4)  # type: ignore[arg-type]
+    assert h.take() == []  # one successor, however much more it serves
+    h.join_all()
+    assert h.take() == [("stop", "web.0.1")]
+    h.now = 2.0
+    h.exit("web.0.1", 0)
+    row = h.core.status(2.0)[0]
+    assert (row["replaced"], row["restarts"], row["serving"]) == (1, 0, 2)
+    assert row["served"] == 150
+    assert not any("restarting" in line for line in h.core.log)
+
+
+def test_max_requests_jitter_is_drawn_per_start_within_its_bounds() -> None:
+    h = Harness(spec(replicas=8, max_requests=1000, max_requests_jitter=50))
+    h.core.start(0.0)
+    jitters = [action.replica.jitter for action in h.core.actions]
+    assert all(0 <= jitter <= 50 for jitter in jitters) and len(set(jitters)) > 1
+    h.take()
+    h.join_all()
+    first = h.core.replica("web.0.1")
+    assert first is not None
+    h.core.load(first, 1000 + first.jitter - 1, 0, 1.0)
+    assert h.take() == []
+    h.core.load(first, 1000 + first.jitter, 0, 1.1)
+    assert h.take() == [("start", "web.0.9")]
+
+
+def test_a_replica_over_max_rss_is_replaced_and_none_is_while_stopping() -> None:
+    h = Harness(spec(replicas=1, max_rss=64 << 20))
+    h.core.start(0.0)
+    h.take()
+    h.join_all()
+    web0 = h.core.replica("web.0.1")
+    h.core.load(web0, 5, 0, 1.0, rss=64 << 20)  # type: ignore[arg-type]
+    h.core.load(web0, 5, 0, 1.0, rss=None)  # type: ignore[arg-type]  # not measured
+    assert h.take() == []
+    h.core.load(web0, 6, 0, 1.1, rss=(64 << 20) + 1)  # type: ignore[arg-type]
+    assert h.take() == [("start", "web.0.2")]
+    assert any("web.0 uses 64.0 MiB (max_rss = 64.0 MiB): replaced" in line
+               for line in h.core.log)
+    h = Harness(spec(replicas=1, max_requests=10))
+    h.core.start(0.0)
+    h.take()
+    h.join_all()
+    h.core.stop(1.0)
+    h.take()
+    h.core.load(h.core.replica("web.0.1"), 20, 0, 1.1)  # type: ignore[arg-type]
+    assert h.take() == []
+
+
 def test_stop_drains_every_replica_and_finishes_when_all_exited() -> None:
     h = Harness(spec(replicas=2))
     h.core.start(0.0)
@@ -254,6 +315,9 @@ restart = "one_for_all"
 max_restarts = 4
 within = 5
 tls = { cert = "c.pem", key = "k.pem" }
+max_requests = 1000
+max_requests_jitter = 50
+max_rss = 536_870_912
 [services.web.params]
 greeting = "hi"
 """, path="/srv/site/web.toml")
@@ -261,6 +325,7 @@ greeting = "hi"
     assert (web.replicas, web.listen, web.restart, web.max_restarts, web.within) == \
         (3, ("127.0.0.1", 8080), "one_for_all", 4, 5.0)
     assert web.tls == ("/srv/site/c.pem", "/srv/site/k.pem")
+    assert (web.max_requests, web.max_requests_jitter, web.max_rss) == (1000, 50, 512 << 20)
     assert web.params == {"greeting": "hi"} and not topology.nodes
     assert ServiceSpec.from_json(web.to_json()) == web
 
@@ -278,6 +343,9 @@ greeting = "hi"
     ('class = "m:C"\nlisten = "h:80"\ntls = { cert = "c" }', "services.web.tls",
      "missing required key 'key'"),
     ('class = "C"\nlisten = "h:80"', "services.web.class", "module.path:attr"),
+    ('class = "m:C"\nlisten = "h:80"\nmax_requests = -1', "services.web.max_requests",
+     "in 0.."),
+    ('class = "m:C"\nlisten = "h:80"\nmax_rss = "1G"', "services.web.max_rss", "expected"),
 ])
 def test_bad_services_are_named(body: str, key_path: str, message: str) -> None:
     from hiocluster.errors import TopologyError

@@ -176,6 +176,8 @@ def format_status(status: dict[str, Any]) -> str:
         note = f"{service['service']} on {service['listen']}: {service['serving']}/" \
                f"{service['desired']} serving, {service['restarts']} restarts, " \
                f"{service['served']} served"
+        if service.get("replaced"):
+            note += f", {service['replaced']} replaced (max_requests, max_rss)"
         if service["rolling"]:
             note += f", rolling restart ({service['rolling']} to go)"
         if service["failed"]:

@@ -21,7 +21,11 @@ The rules, as Erlang/OTP supervisors have them:
   ``backoff_max``), ``k`` the replica's crashes within ``within`` seconds;
 * **scale** up starts replicas; down drains the highest numbered;
 * **rolling restart**: one replica at a time, its successor serving before it
-  is asked to stop, so the address never has fewer replicas serving.
+  is asked to stop, so the address never has fewer replicas serving;
+* **lifetimes**: a replica that served ``max_requests`` requests (plus 0 ..
+  ``max_requests_jitter``, drawn per start, so replicas do not all go at once)
+  or uses more than ``max_rss`` bytes of memory is replaced the same way: its
+  successor serves first. No crash, no restart counted.
 
 A replica that does not join within ``start_timeout`` seconds is killed (and
 counts as a crash), as is one that serves but is not heard from (JOIN, LOAD) for
@@ -32,6 +36,7 @@ listening sockets are the run's, so its successor takes the connections queued.
 from __future__ import annotations
 
 import enum
+import random
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Iterable
@@ -72,6 +77,8 @@ class Replica:
     hung: bool = False                 # killed for silence
     listeners: tuple[int, ...] = ()    # the service's listening sockets it accepts from
     retiring: bool = False             # stopped on purpose: its exit is no crash
+    worn: bool = False                 # past max_requests or max_rss: being replaced
+    jitter: int = 0                    # its share of max_requests_jitter
     error: str | None = None           # what it said in an ERROR frame
 
     @property
@@ -127,6 +134,7 @@ class _Service:
     roll_index: int | None = None                                     # the one rolling now
     failed: str | None = None
     served_gone: int = 0   # served by replicas that exited
+    worn: int = 0          # replicas replaced for max_requests or max_rss
     pool: int = 0          # listening sockets 0..pool-1 exist (the run holds them)
 
     def live(self, index: int) -> list[Replica]:
@@ -176,11 +184,22 @@ class ServiceCore:
                 self._stop(old, now)
 
     def load(self, replica: Replica, served: int, connections: int,
-             now: float | None = None) -> None:
-        """``replica`` reported its counts (at ``now``: it is alive)."""
+             now: float | None = None, rss: int | None = None) -> None:
+        """``replica`` reported its counts (at ``now``: it is alive; ``rss``: the
+        memory its process uses, as the shell measured it then)."""
         replica.served, replica.connections = served, connections
-        if now is not None:
-            replica.heard = now
+        if now is None:
+            return
+        replica.heard = now
+        if replica.worn or replica.state is not ReplicaState.SERVING or self.stopping:
+            return
+        spec = self.services[replica.service].spec
+        if spec.max_requests and served >= spec.max_requests + replica.jitter:
+            self._wear(replica, f"served {served:,} requests (max_requests = "
+                                f"{spec.max_requests:,} + {replica.jitter:,})", now)
+        elif spec.max_rss and rss is not None and rss > spec.max_rss:
+            self._wear(replica, f"uses {rss / 2**20:,.1f} MiB (max_rss = "
+                                f"{spec.max_rss / 2**20:,.1f} MiB)", now)
 
     def exited(self, replica: Replica, code: int, now: float) -> None:
         """``replica``'s process ended with ``code`` (negative: the signal)."""
@@ -360,6 +379,7 @@ class ServiceCore:
                 "restarts": sum(service.restarts.values()),
                 "served": service.served_gone + sum(r["served"] for r in replicas),
                 "rolling": len(service.rolling) + (service.roll_index is not None),
+                "replaced": service.worn,
                 "failed": service.failed,
                 "replicas": replicas,
             })
@@ -383,10 +403,24 @@ class ServiceCore:
         return tuple(k for k in range(service.pool)
                      if k == index or (desired and k >= desired and k % desired == index))
 
+    def _wear(self, replica: Replica, why: str, now: float) -> None:
+        """``replica`` is past a lifetime limit: its successor starts in its slot,
+        and it drains once that one serves (as in a rolling restart)."""
+        service = self.services[replica.service]
+        if len(service.live(replica.index)) > 1 or replica.index == service.roll_index:
+            return  # its slot is changing hands already: asked again at its next LOAD
+        replica.worn = True
+        service.worn += 1
+        self.log.append(f"{replica.label} {why}: replaced")
+        self._start(service, replica.index, now)
+
     def _start(self, service: _Service, index: int, now: float) -> None:
         self._incarnation += 1
         replica = Replica(service.spec.name, index, self._incarnation, now,
                           listeners=self.listeners_for(service, index))
+        if service.spec.max_requests_jitter:
+            replica.jitter = random.Random(replica.key).randint(
+                0, service.spec.max_requests_jitter)
         service.replicas[index] = [*service.live(index), replica]
         self._by_key[replica.key] = replica
         self.actions.append(StartReplica(replica))

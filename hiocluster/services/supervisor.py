@@ -474,12 +474,23 @@ class Services(DoDoer):
             spec = self.core.services[replica.service].spec
             self.say(f"{replica.label} serving on {spec.address} (pid {message.pid})")
         elif isinstance(message, proto.Load):
-            self.core.load(replica, message.served, message.connections, now)
+            self.core.load(replica, message.served, message.connections, now,
+                           rss=self._rss(replica))
         elif isinstance(message, proto.Bye):
             self.core.load(replica, message.stats.get("served", replica.served), 0)
         elif isinstance(message, proto.Error):
             replica.error = message.detail
             self.say(f"{replica.label}: {message.detail}")
+
+    def _rss(self, replica: Replica) -> int | None:
+        """The memory ``replica``'s process uses, where its service limits it."""
+        if not self.core.services[replica.service].spec.max_rss:
+            return None
+        process = self.processes.get(replica.pid or -1)
+        try:
+            return process.memory_info().rss if process is not None else None
+        except psutil.Error:
+            return None
 
     def ignored(self, signum: int) -> None:
         """A signal the run ignores (SIGHUP...) arrived (said at a checkpoint)."""

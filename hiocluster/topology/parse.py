@@ -223,7 +223,7 @@ def _hosts(document: dict[str, Any]) -> tuple[HostSpec, ...]:
 
 _SERVICE_KEYS = ("class", "replicas", "listen", "restart", "max_restarts", "within",
                  "backoff", "backoff_max", "timeout", "drain", "heartbeat", "max_body",
-                 "spare", "tls", "params")
+                 "max_requests", "max_requests_jitter", "max_rss", "spare", "tls", "params")
 _LISTEN = re.compile(r"(?P<host>[A-Za-z0-9_.-]{1,253}):(?P<port>\d{1,5})")
 
 
@@ -261,6 +261,9 @@ def _services(document: dict[str, Any], nodes: tuple[NodeSpec, ...],
                    if key in body}
         if "max_body" in body:
             numbers["max_body"] = int_value(body["max_body"], f"{key_path}.max_body", 1, 1 << 40)
+        for key in ("max_requests", "max_requests_jitter", "max_rss"):
+            if key in body:
+                numbers[key] = int_value(body[key], f"{key_path}.{key}", 0, 1 << 50)
         if numbers.get("timeout", 0) < 0:
             raise topology_error(f"must be >= 0, got {body['timeout']}", f"{key_path}.timeout")
         spare = body.get("spare", True)

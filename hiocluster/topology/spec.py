@@ -181,6 +181,9 @@ class ServiceSpec:
     heartbeat: float = 5.0          # a serving replica silent this long is hung: killed
     max_body: int = 1 << 20         # largest HTTP request body, bytes (413 beyond)
     spare: bool = True              # keep a warm standby process (fast restarts)
+    max_requests: int = 0           # a replica that served this many is replaced (0: never)
+    max_requests_jitter: int = 0    # ... plus 0..this, drawn per replica start
+    max_rss: int = 0                # a replica using more memory (bytes) is replaced (0: never)
     tls: tuple[str, str] | None = None
     params: dict[str, Any] = field(default_factory=dict, hash=False)
 
