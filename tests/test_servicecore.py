@@ -359,3 +359,24 @@ def test_two_services_cannot_share_an_address() -> None:
     with pytest.raises(TopologyError, match="also where service a listens"):
         loads('[services.a]\nclass = "m:C"\nlisten = "h:80"\n'
               '[services.b]\nclass = "m:C"\nlisten = "h:80"\n')
+
+
+def test_cpu_is_the_recent_rate_not_the_average_since_the_last_status() -> None:
+    """A replica busy for its first second, then idle: 100 % while busy, 0 % once
+    a whole window (CPU_WINDOW_S) has been idle, however rarely status asks."""
+    from hiocluster.services.supervisor import CPU_WINDOW_S, CpuRate
+
+    clock = {"now": 0.0}
+
+    def used() -> float:  # a full core for the first second, then nothing
+        return min(clock["now"], 1.0)
+
+    rate = CpuRate(used, 0.0)
+    clock["now"] = 1.0
+    assert rate.percent(1.0) == 100.0
+    for step in range(1, 17):  # the run samples every quarter window
+        clock["now"] = 1.0 + step * CPU_WINDOW_S / 4
+        rate.sample(clock["now"])
+    assert rate.percent(clock["now"]) == 0.0
+    assert len(rate.samples) <= 6  # one window's worth is kept, not the whole past
+    assert CpuRate(used, clock["now"]).percent(clock["now"]) is None  # too soon to say

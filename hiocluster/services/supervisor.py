@@ -23,12 +23,14 @@ for such topologies.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
 import signal
 import sys
 import time
+from collections import deque
 from typing import Any, Callable, Sequence, cast
 
 import psutil
@@ -68,6 +70,43 @@ IDLE_WAIT_S = 1.0
 STOPPED_LINGER_MS = 1000
 #: Seconds before a spare that died is replaced.
 SPARE_RETRY_S = 5.0
+#: status's CPU column: each replica's use over about the last this many seconds.
+CPU_WINDOW_S = 2.0
+
+
+class CpuRate:
+    """A process's CPU use over about the last :data:`CPU_WINDOW_S` seconds, not
+    since whoever asked last: ``read()`` gives its CPU seconds so far, and
+    :meth:`sample` (called every quarter window) keeps what one window needs."""
+
+    def __init__(self, read: Callable[[], float], now: float) -> None:
+        self.read = read
+        self.samples: deque[tuple[float, float]] = deque()
+        self.sample(now)
+
+    def sample(self, now: float) -> float:
+        """Read and keep the CPU seconds now; drop samples a whole window old
+        but for the newest of them."""
+        cpu = self.read()
+        samples = self.samples
+        samples.append((now, cpu))
+        while len(samples) > 2 and now - samples[1][0] >= CPU_WINDOW_S:
+            samples.popleft()
+        return cpu
+
+    def percent(self, now: float) -> float | None:
+        """Percent of one core since the oldest sample kept (None: too soon to say)."""
+        cpu = self.sample(now)
+        then, before = self.samples[0]
+        return round(100 * (cpu - before) / (now - then), 1) if now - then > 0.01 else None
+
+
+def _cpu_seconds(process: psutil.Process) -> Callable[[], float]:
+    """Reads ``process``'s CPU seconds (user and system) so far."""
+    def read() -> float:
+        times = process.cpu_times()
+        return float(times.user + times.system)
+    return read
 
 
 class ReplicaDoer(Doer):
@@ -286,6 +325,8 @@ class Services(DoDoer):
         self.spare_after_start: set[str] = set()   # services whose replicas all served
         self.sockets: dict[str, dict[int, Any]] = {name: {} for name in self.core.services}
         self.processes: dict[int, psutil.Process] = {}
+        self.cpu: dict[int, CpuRate] = {}  # pid -> its recent CPU use
+        self.cpu_due = 0.0
         self.started = False
         super().__init__(doers=[self.board], **kwa)
 
@@ -341,6 +382,7 @@ class Services(DoDoer):
             self.say(line)
         core.log.clear()
         self.keep_spares(now)
+        self.sample_cpu(now)
         for name, sockets in self.sockets.items():  # scaled to 0: refuse, do not queue
             pool = core.services[name].pool
             for k in [k for k in sockets if k >= pool]:
@@ -467,8 +509,9 @@ class Services(DoDoer):
                 return
             self.core.joined(replica, message.pid, now)
             try:
-                self.processes[message.pid] = process = psutil.Process(message.pid)
-                process.cpu_percent(None)  # the first call starts the measurement
+                process = psutil.Process(message.pid)
+                self.cpu[message.pid] = CpuRate(_cpu_seconds(process), now)
+                self.processes[message.pid] = process
             except psutil.Error:
                 pass
             spec = self.core.services[replica.service].spec
@@ -505,9 +548,22 @@ class Services(DoDoer):
     def say(self, line: str) -> None:
         self.prefixer.write("hiocluster", [line])
 
+    def sample_cpu(self, now: float) -> None:
+        """Every quarter of :data:`CPU_WINDOW_S`: each replica's CPU seconds."""
+        if now < self.cpu_due:
+            return
+        self.cpu_due = now + CPU_WINDOW_S / 4
+        for rate in self.cpu.values():
+            with contextlib.suppress(psutil.Error):
+                rate.sample(now)
+        if self.cpu:
+            self.loop.wake_by(self.cpu_due)
+
     def status(self) -> list[dict[str, Any]]:
-        """The core's status, with CPU (percent of a core) and RSS per replica."""
-        rows = self.core.status(time.monotonic())
+        """The core's status, with CPU (percent of a core, over the last
+        :data:`CPU_WINDOW_S` seconds) and RSS per replica."""
+        now = time.monotonic()
+        rows = self.core.status(now)
         for row in rows:
             for replica in row["replicas"]:
                 process = self.processes.get(replica["pid"] or -1)
@@ -515,7 +571,8 @@ class Services(DoDoer):
                 if process is not None:
                     try:
                         with process.oneshot():
-                            cpu, rss = process.cpu_percent(None), process.memory_info().rss
+                            cpu = self.cpu[replica["pid"]].percent(now)
+                            rss = process.memory_info().rss
                     except psutil.Error:
                         pass
                 replica["cpu"], replica["rss"] = cpu, rss
@@ -525,7 +582,7 @@ class Services(DoDoer):
                                  and doer.handle is not None), None)
         live = {replica.pid for replica in self.core.live()}
         for pid in [pid for pid in self.processes if pid not in live]:
-            del self.processes[pid]
+            del self.processes[pid], self.cpu[pid]  # made together
         return rows
 
     def stop(self) -> None:
