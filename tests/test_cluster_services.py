@@ -12,6 +12,8 @@ import json
 import os
 import queue
 import re
+import shlex
+import shutil
 import signal
 import socket
 import ssl
@@ -414,15 +416,39 @@ def test_https_example_with_certificates_made_now(start, tmp_path: Path) -> None
     run.serving(2)
     context = ssl.create_default_context()
     ca.configure_trust(context)
+    data = tls_get(port, context)
+    assert data.startswith(b"HTTP/1.1 200 OK") and data.endswith(b"hello over TLS\n")
+    with pytest.raises((ConnectionError, OSError)):
+        get(port)  # plaintext to the TLS port: no HTTP answer, the connection is dropped
+
+
+def tls_get(port: int, context: ssl.SSLContext) -> bytes:
+    """GET /hello over TLS to localhost:``port``: the whole answer."""
     with socket.create_connection(("127.0.0.1", port), timeout=30) as raw:
         with context.wrap_socket(raw, server_hostname="localhost") as tls:
             tls.sendall(b"GET /hello HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
             data = b""
             while chunk := tls.recv(65536):
                 data += chunk
-    assert data.startswith(b"HTTP/1.1 200 OK") and data.endswith(b"hello over TLS\n")
-    with pytest.raises((ConnectionError, OSError)):
-        get(port)  # plaintext to the TLS port: no HTTP answer, the connection is dropped
+    return data
+
+
+def test_the_readmes_certificate_command_makes_a_pair_the_https_example_serves(
+        start, tmp_path: Path) -> None:
+    if shutil.which("openssl") is None:
+        pytest.skip("no openssl on this machine: the README's command needs it")
+    readme = (REPO / "README.md").read_text().split("## Services", 1)[1]
+    command = next(line for line in readme.splitlines() if line.startswith("openssl req "))
+    (tmp_path / "topologies").mkdir()
+    made = subprocess.run(shlex.split(command), cwd=tmp_path, capture_output=True, text=True,
+                          timeout=60)
+    assert made.returncode == 0, made.stderr
+    port = free_port()
+    run = start(with_port((TOPOLOGIES / "https.toml").read_text(), port),
+                name="topologies/https.toml")
+    run.serving(2)
+    trusting = ssl.create_default_context(cafile=str(tmp_path / "topologies" / "cert.pem"))
+    assert tls_get(port, trusting).endswith(b"hello over TLS\n")
 
 
 def test_idle_connections_do_not_stop_service_and_go_after_the_timeout(start) -> None:
@@ -563,6 +589,7 @@ def test_readme_services_examples_are_real(start, cli_env: dict[str, str]) -> No
     code = readme.split("```python\n", 1)[1].split("```", 1)[0]
     assert code.split("class Echo", 1)[1] in (REPO / "nodes" / "echo.py").read_text()
     toml = readme.split("```toml\n", 1)[1].split("```", 1)[0]
+    assert toml in (TOPOLOGIES / "echo.toml").read_text()  # the example is the real file
     shown = readme.split("<!-- status-example -->\n```text\n", 1)[1].split("```", 1)[0]
     port = free_port()
     run = start(with_port(toml, port), name="echo.toml")
