@@ -279,8 +279,9 @@ def test_status_table_and_exit_codes(start, cli_env: dict[str, str]) -> None:
     assert shown.returncode == 0, shown.stderr
     lines = shown.stdout.splitlines()
     assert lines[1].split() == ["SERVICE", "REPLICA", "PID", "STATE", "RESTARTS", "UPTIME",
-                                "CPU", "RSS", "SERVED"]
+                                "CPU", "RSS", "SERVED", "CODE"]
     rows = [line.split() for line in lines[2:4]]
+    assert rows[0][-1] == rows[1][-1] and re.fullmatch(r"[0-9a-f]{12}", rows[0][-1])
     assert [(row[0], row[1], int(row[2]), row[3]) for row in rows] == \
         [("web", "0", pids[0], "serving"), ("web", "1", pids[1], "serving")] or \
         sorted(int(row[2]) for row in rows) == sorted(pids)
@@ -606,9 +607,12 @@ def test_readme_services_examples_are_real(start, cli_env: dict[str, str]) -> No
     assert result.returncode == 0, result.stderr
     for expected, actual in zip(shown.strip().splitlines(), result.stdout.strip().splitlines(),
                                 strict=True):
-        # pids, times, sizes and counts differ; the words and the layout do not
-        pattern = re.sub(r"(?:\\ )+", r"\\s+", re.escape(expected))
+        # pids, times, sizes, counts and the code's hash differ; the words and the
+        # layout do not
+        pattern = re.sub(r"(?:\\ )+", r"\\s+", re.escape(
+            re.sub(r"\b[0-9a-f]{12}\b", "CODE-HASH", expected)))
         pattern = re.sub(r"\d+(?:\\\.\d+)?", r"[0-9]+(?:\\.[0-9]+)?", pattern)
+        pattern = pattern.replace("CODE\\-HASH", "[0-9a-f]{12}")
         assert re.fullmatch(pattern, actual), (expected, actual)
     assert result.stdout.strip().splitlines()[-1].endswith("4/4 serving, 1 restarts, 64 served")
 
@@ -623,3 +627,45 @@ def test_an_address_taken_by_another_program_fails_at_once(start) -> None:
     assert run.log[-1] == (f"hiocluster: run failed: service web failed: cannot listen on "
                            f"127.0.0.1:{port}: Address already in use")
     assert not any("serving on" in line for line in run.log)
+
+
+APP = """from hiocluster.service import TcpService
+
+
+class Echo(TcpService):
+    def receive(self, remoter, data: bytes) -> None:
+        remoter.tx(b"{tag}:" + data)
+"""
+
+
+def test_replicas_say_which_code_they_run_so_mixed_versions_show(start, tmp_path: Path,
+                                                                   cli_env: dict[str, str]) -> None:
+    """The code changes under a running service: the warm spare imported the old
+    code, so the replica it becomes serves it; the spare made after the change
+    has the new. `status` shows each replica's code version and that two serve."""
+    app = tmp_path / "app"
+    app.mkdir()
+    (app / "appmod.py").write_text(APP.format(tag="v1"))
+    port = free_port()
+    run = start(f'[services.echo]\nclass = "appmod:Echo"\nreplicas = 2\n'
+                f'listen = "127.0.0.1:{port}"\n', "--app-dir", str(app))
+    run.serving(2)
+    before = run.until(lambda s: s["services"][0]["spare"] is not None)["services"][0]
+    (old,) = {replica["version"] for replica in before["replicas"]}
+    assert re.fullmatch(r"[0-9a-f]{12}", old) and before["versions"] == 1
+    (app / "appmod.py").write_text(APP.format(tag="v2"))
+    os.kill(before["replicas"][0]["pid"], signal.SIGKILL)
+    run.serving(1)  # the spare, with the code it imported before the change
+    run.until(lambda s: s["services"][0]["spare"] not in (None, before["spare"]))
+    os.kill(before["replicas"][1]["pid"], signal.SIGKILL)
+    run.serving(1)  # the spare made after the change
+    after = run.until(lambda s: s["services"][0]["serving"] == 2 and not {
+        r["pid"] for r in s["services"][0]["replicas"]} & {r["pid"] for r in before["replicas"]}
+        )["services"][0]
+    versions = [replica["version"] for replica in after["replicas"]]
+    assert versions[0] == old and versions[1] not in ("", old)
+    assert after["versions"] == 2
+    table = subprocess.run(hiocluster_command("status", "--control", run.control),
+                           capture_output=True, text=True, env=cli_env, timeout=30)
+    assert "2 code versions serving" in table.stdout and versions[1] in table.stdout
+    assert {echo_once(port, b"x") for _ in range(40)} <= {b"v1:x", b"v2:x"}

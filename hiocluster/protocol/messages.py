@@ -369,8 +369,9 @@ class Join(Message):
     incarnation: int
     token: bytes
     pid: int
+    version: str = ""   # the code it imported (hiocluster.services.replica.code_version)
     SCHEMA = {"service": NAME, "replica": UINT, "incarnation": UINT, "token": TOKEN,
-              "pid": UINT}
+              "pid": UINT, "version": TEXT}
 
 
 @dataclass(slots=True)

@@ -79,6 +79,7 @@ class Replica:
     retiring: bool = False             # stopped on purpose: its exit is no crash
     worn: bool = False                 # past max_requests or max_rss: being replaced
     jitter: int = 0                    # its share of max_requests_jitter
+    version: str = ""                  # the code it imported (JOIN's version)
     error: str | None = None           # what it said in an ERROR frame
 
     @property
@@ -167,11 +168,12 @@ class ServiceCore:
         """The live replica whose identity is ``key``."""
         return self._by_key.get(key)
 
-    def joined(self, replica: Replica, pid: int, now: float) -> None:
-        """``replica`` said JOIN: it serves."""
+    def joined(self, replica: Replica, pid: int, now: float, version: str = "") -> None:
+        """``replica`` said JOIN (having imported code ``version``): it serves."""
         if replica.state is not ReplicaState.STARTING:
             return
         replica.state, replica.pid, replica.serving_since = ReplicaState.SERVING, pid, now
+        replica.version = version
         replica.heard = now
         service = self.services[replica.service]
         if self.stopping or service.failed:
@@ -366,6 +368,7 @@ class ServiceCore:
                 "uptime": round(now - replica.serving_since, 3)
                 if replica.serving_since is not None else 0.0,
                 "served": replica.served, "connections": replica.connections,
+                "version": replica.version,
             } for replica in self.live() if replica.service == name]
             for index, when in sorted(service.pending.items()):
                 replicas.append({"replica": index, "incarnation": None, "pid": None,
@@ -380,6 +383,7 @@ class ServiceCore:
                 "served": service.served_gone + sum(r["served"] for r in replicas),
                 "rolling": len(service.rolling) + (service.roll_index is not None),
                 "replaced": service.worn,
+                "versions": len({r["version"] for r in replicas if r["state"] == "serving"}),
                 "failed": service.failed,
                 "replicas": replicas,
             })

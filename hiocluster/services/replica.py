@@ -20,6 +20,7 @@ exit 0. Started by the supervisor as ``hiocluster replica``.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -67,6 +68,33 @@ DRAIN_WAIT_S = 0.05
 logger = logging.getLogger("hiocluster.replica")
 
 
+def code_version(cls: type, app_dir: str | None) -> str:
+    """Which code a process imported for ``cls``: 12 hex digits of a hash of the
+    source of every module loaded from the app's directory (``app_dir``, else
+    where ``cls``'s top package lies), installed packages left out. Taken right
+    after the import, so a spare that imported the code before an edit says the
+    old version when it serves: mixed versions show in ``status``."""
+    if app_dir is None:  # the directory its top package (or module) was found in
+        top = sys.modules[cls.__module__.partition(".")[0]]
+        where = os.path.dirname(top.__file__ or "")
+        app_dir = os.path.dirname(where) if hasattr(top, "__path__") else where
+    root = os.path.realpath(app_dir)
+    digest = hashlib.sha256()
+    for name, loaded in sorted(sys.modules.items()):
+        path = getattr(loaded, "__file__", None)
+        if not path or not path.endswith(".py"):
+            continue
+        path = os.path.realpath(path)
+        if not path.startswith(root + os.sep) or "-packages" + os.sep in path:
+            continue
+        try:
+            with open(path, "rb") as source:
+                digest.update(name.encode() + b"\0" + source.read() + b"\0")
+        except OSError:
+            continue  # gone since: its name still counts
+    return digest.hexdigest()[:12]
+
+
 @dataclass(frozen=True)
 class ReplicaOptions:
     """How to start one replica (the ``hiocluster replica`` command line)."""
@@ -105,8 +133,8 @@ class _Serving(Doer):
 class ReplicaProcess:
     """One replica's lifetime (see the module docstring)."""
 
-    def __init__(self, options: ReplicaOptions, service: Service) -> None:
-        self.options, self.service = options, service
+    def __init__(self, options: ReplicaOptions, service: Service, version: str = "") -> None:
+        self.options, self.service, self.version = options, service, version
         self.loop = Loop([_Serving(self), *service.doers()], max_wait=IDLE_WAIT_S)
         self.watched: dict[int, int] = {}
         self.last_watch: list[tuple[int, int]] = []
@@ -137,7 +165,8 @@ class ReplicaProcess:
                     return 1
                 self._send(proto.Join(service=options.spec.name, replica=options.index,
                                       incarnation=options.incarnation,
-                                      token=options.credentials.token, pid=os.getpid()))
+                                      token=options.credentials.token, pid=os.getpid(),
+                                      version=self.version))
                 self.loop.poller.register(self.control)
                 self.loop.enter()
                 try:
@@ -300,6 +329,7 @@ def run_replica(options: ReplicaOptions) -> int:
     except ImportError as exc:
         print(f"{options.key}: cannot load {options.spec.cls}: {exc}", file=sys.stderr)
         return 1
+    version = code_version(cls, options.app_dir)
     if options.spare:
         assigned = standby(options)
         if isinstance(assigned, int):
@@ -312,7 +342,7 @@ def run_replica(options: ReplicaOptions) -> int:
         detail = f"{type(exc).__name__}: {exc}\n" + "".join(traceback.format_exc(limit=-4))
         print(f"{options.key}: cannot make {options.spec.cls}: {detail}", file=sys.stderr)
         return 1
-    return ReplicaProcess(options, service).run()
+    return ReplicaProcess(options, service, version).run()
 
 
 def options_from(connect: str, name: str, app_dir: str | None) -> ReplicaOptions:

@@ -507,7 +507,7 @@ class Services(DoDoer):
                          "(service, replica, incarnation, token or pid): killed")
                 self.kill(replica)
                 return
-            self.core.joined(replica, message.pid, now)
+            self.core.joined(replica, message.pid, now, message.version)
             try:
                 process = psutil.Process(message.pid)
                 self.cpu[message.pid] = CpuRate(_cpu_seconds(process), now)
