@@ -669,3 +669,60 @@ def test_replicas_say_which_code_they_run_so_mixed_versions_show(start, tmp_path
                            capture_output=True, text=True, env=cli_env, timeout=30)
     assert "2 code versions serving" in table.stdout and versions[1] in table.stdout
     assert {echo_once(port, b"x") for _ in range(40)} <= {b"v1:x", b"v2:x"}
+
+
+WEB_APP = """from nodes.web import Web as _Web, make_app
+
+
+class Web(_Web):
+    def app(self):
+        return make_app("{tag} " + str(self.params.get("greeting", "hello")), str(self.replica))
+"""
+
+
+@pytest.mark.parametrize("how", ["SIGHUP", "hiocluster reload"])
+def test_a_reload_under_load_serves_the_new_code_and_params_losing_nothing(
+        start, tmp_path: Path, cli_env: dict[str, str], how: str) -> None:
+    """The app's code and the topology's params change; SIGHUP to the run (or
+    `hiocluster reload`) rolls every replica onto them, the spare (old code)
+    retired first: no request fails, and every answer after is from the new."""
+    app = tmp_path / "app"
+    app.mkdir()
+    (app / "appweb.py").write_text(WEB_APP.format(tag="v1"))
+    port = free_port()
+    topology = ('[services.web]\nclass = "appweb:Web"\nreplicas = 2\n'
+                f'listen = "127.0.0.1:{port}"\n[services.web.params]\ngreeting = "{{}}"\n')
+    run = start(topology.format("hello"), "--app-dir", str(app))
+    run.serving(2)
+    before = run.until(lambda s: s["services"][0]["spare"] is not None)["services"][0]
+    assert get(port)[1] == b"v1 hello\n"
+    (app / "appweb.py").write_text(WEB_APP.format(tag="v2"))
+    (tmp_path / "svc.toml").write_text(topology.format("bonjour"))
+    with Load(port, threads=4) as load:
+        assert load.reach(40)
+        if how == "SIGHUP":
+            run.proc.send_signal(signal.SIGHUP)
+            run.expect(r"SIGHUP: web: reload of 2 replicas")
+        else:
+            done = subprocess.run(hiocluster_command("reload", "--control", run.control),
+                                  capture_output=True, text=True, env=cli_env, timeout=60)
+            assert done.returncode == 0, done.stderr
+            assert "web: reload of 2 replicas" in done.stdout
+        after = run.until(lambda s: s["services"][0]["rolling"] == 0 and not {
+            r["pid"] for r in s["services"][0]["replicas"]} & {
+            r["pid"] for r in before["replicas"]} and s["services"][0]["serving"] == 2)
+        served = load.done()
+        assert load.reach(served + 40)
+    assert load.failed == 0, load.errors
+    service = after["services"][0]
+    assert service["restarts"] == 0 and service["versions"] == 1
+    assert service["replicas"][0]["version"] != before["replicas"][0]["version"]
+    assert {get(port)[1] for _ in range(20)} == {b"v2 bonjour\n"}
+    if how == "hiocluster reload":  # a file that no longer loads changes nothing
+        (tmp_path / "svc.toml").write_text(topology.format("x").replace("replicas = 2",
+                                                                       "replicas = 0"))
+        refused = subprocess.run(hiocluster_command("reload", "--control", run.control),
+                                 capture_output=True, text=True, env=cli_env, timeout=60)
+        assert refused.returncode != 0 and "cannot reload" in refused.stderr
+        assert "services.web" in refused.stderr  # names what is wrong in it
+        assert run.status()["services"][0]["rolling"] == 0

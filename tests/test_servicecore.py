@@ -380,3 +380,20 @@ def test_cpu_is_the_recent_rate_not_the_average_since_the_last_status() -> None:
     assert rate.percent(clock["now"]) == 0.0
     assert len(rate.samples) <= 6  # one window's worth is kept, not the whole past
     assert CpuRate(used, clock["now"]).percent(clock["now"]) is None  # too soon to say
+
+
+def test_reload_takes_the_new_spec_and_rolls_but_keeps_the_address_and_count() -> None:
+    h = Harness(spec(replicas=2, params={"greeting": "hi"}))
+    h.core.start(0.0)
+    h.take()
+    h.join_all()
+    new = spec(replicas=3, params={"greeting": "bonjour"})
+    assert h.core.reload("web", new, 1.0) == "web: reload of 2 replicas (replicas: 2 kept)"
+    assert h.take() == [("start", "web.0.3")]
+    assert h.core.services["web"].spec.params == {"greeting": "bonjour"}
+    with pytest.raises(ValueError, match="already restarting"):
+        h.core.reload("web", new, 1.0)
+    with pytest.raises(ValueError, match="a reload keeps the address"):
+        h.core.reload("web", spec(listen=("127.0.0.1", 9090)), 1.0)
+    with pytest.raises(KeyError, match="no service 'api'"):
+        h.core.reload("api", new, 1.0)

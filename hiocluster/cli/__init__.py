@@ -60,7 +60,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "report":
         from hiocluster.cli.run import report_main
         return report_main(args)
-    if args.command in ("status", "scale", "restart", "stop"):
+    if args.command in ("status", "scale", "restart", "reload", "stop"):
         from hiocluster.control.client import control_main
         return control_main(args)
     from hiocluster.cli.run import topology_main

@@ -31,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"hiocluster {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in (_run, _check, _sbatch, _agent, _keygen, _worker, _group, _replica, _report,
-                _diff, _replay, _status, _scale, _restart, _stop):
+                _diff, _replay, _status, _scale, _restart, _reload, _stop):
         add(commands)
     return parser
 
@@ -397,6 +397,18 @@ def _restart(commands: Commands) -> None:
         epilog=_DONE_EXITS)
     restart.add_argument("service", metavar="NAME", type=arguments.name, help="the service")
     _control(restart, waits=True)
+
+
+def _reload(commands: Commands) -> None:
+    reload = commands.add_parser(
+        "reload", help="new code and settings for every service, without downtime",
+        description="What SIGHUP to the run does: read the topology file again and "
+                    "restart each service's replicas onto what it says (its settings "
+                    "and params; the address and the number of replicas stay), one "
+                    "at a time, each a process that imports the code anew and serves "
+                    "before its predecessor drains. Waits until done.",
+        epilog=_DONE_EXITS)
+    _control(reload, waits=True)
 
 
 def _stop(commands: Commands) -> None:

@@ -204,6 +204,8 @@ def control_main(args: Any) -> int:
         if args.command == "scale":
             name, replicas = args.target
             command = proto.Command(command="scale", service=name, replicas=replicas)
+        elif args.command == "reload":
+            command = proto.Command(command="reload")
         else:
             command = proto.Command(command="restart", service=args.service)
         answer = ask(address, command)

@@ -411,7 +411,7 @@ class Assign(Message):
 
 
 #: What a shell may ask of a run's control endpoint.
-COMMANDS = ("status", "scale", "restart", "stop")
+COMMANDS = ("status", "scale", "restart", "reload", "stop")
 
 
 @dataclass(slots=True)

@@ -132,13 +132,16 @@ class Signals:
 
 def run_signals(supervisor: Any, loop: Loop, enabled: bool) -> Signals:
     """A run's signals: SIGINT/SIGTERM stop it cleanly (``supervisor.interrupt``);
-    in a run with services, SIGHUP, SIGUSR1 and SIGUSR2 are ignored (said in the
-    log by ``supervisor.services.ignored``). A context around ``loop.run()``."""
+    in a run with services, SIGHUP reloads them (``supervisor.services.hangup``),
+    SIGUSR1 and SIGUSR2 are ignored (said in the log by
+    ``supervisor.services.ignored``). A context around ``loop.run()``."""
     services = getattr(supervisor, "services", None)
 
     def act(signum: int) -> None:
         if signum in STOP_SIGNALS:
             supervisor.interrupt(signum)
+        elif services is not None and signum == signal.SIGHUP:
+            services.hangup()
         elif services is not None:
             services.ignored(signum)
 

@@ -270,6 +270,23 @@ class ServiceCore:
         self._advance_roll(service, now)
         return f"{name}: rolling restart of {service.desired} replicas"
 
+    def reload(self, name: str, spec: ServiceSpec, now: float) -> str:
+        """Take ``spec`` (service ``name`` as its topology file says now: new
+        settings and params) and roll every replica onto it, as :meth:`restart`.
+        The address and the number of replicas stay (``scale`` changes that).
+        Raises KeyError/ValueError, naming why."""
+        service = self._service(name)
+        if spec.listen != service.spec.listen:
+            raise ValueError(f"{name}: its file says listen = {spec.address}, the run "
+                             f"serves {service.spec.address}: a reload keeps the address")
+        if service.rolling or service.roll_index is not None:
+            raise ValueError(f"service {name} is already restarting")
+        detail = self.restart(name, now)  # checks that it has not failed
+        service.spec = spec
+        kept = f" (replicas: {service.desired} kept)" if spec.replicas != service.desired \
+            else ""
+        return detail.replace("rolling restart", "reload") + kept
+
     def stop(self, now: float) -> None:
         """Drain and stop every replica; :attr:`finished` once all exited."""
         if self.stopping:

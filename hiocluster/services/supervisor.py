@@ -53,7 +53,7 @@ from hiocluster.services.core import Replica, ServiceCore, StartReplica, StopRep
 from hiocluster.services.replica import LISTEN_FDS_ENV, PARENT_ENV, SERVICE_ENV
 from hiocluster.services.serving import listening_socket
 from hiocluster.timing import KILL_GRACE_S
-from hiocluster.topology import Topology
+from hiocluster.topology import Topology, load
 
 __all__ = ["Services", "ServiceBoard", "ReplicaDoer", "Endpoint", "ServiceRun", "serve",
            "CONTROL_ENV", "ENDPOINT", "ServeResult"]
@@ -312,6 +312,7 @@ class Services(DoDoer):
                  **kwa: Any) -> None:
         self.owner = owner
         self.core = ServiceCore(topology.services)
+        self.path = topology.path  # read again on reload
         self.app_dir = os.path.abspath(app_dir or os.getcwd())
         self.command = list(command or [sys.executable, "-m", "hiocluster"])
         self.prefixer = prefixer or Prefixer()
@@ -535,10 +536,47 @@ class Services(DoDoer):
         except psutil.Error:
             return None
 
+    def reload(self) -> str:
+        """SIGHUP or ``hiocluster reload``: read the topology file again and roll
+        each service onto what it says (:meth:`ServiceCore.reload`), every
+        successor a process that imports the code anew: the warm spares, which
+        imported it before, are retired first (and made again behind them).
+
+        Raises:
+            ValueError: no file to read, or it is no longer valid (named).
+        """
+        if not self.path:
+            raise ValueError("this run was not started from a topology file")
+        try:
+            topology = load(self.path)
+        except (OSError, ClusterError) as exc:
+            raise ValueError(f"cannot reload {self.path}: {exc}") from None
+        specs, now, said = {spec.name: spec for spec in topology.services}, \
+            time.monotonic(), []
+        for name in self.core.services:
+            if name not in specs:
+                said.append(f"{name}: not in {self.path} now: left as it is")
+                continue
+            try:
+                said.append(self.core.reload(name, specs[name], now))
+            except (KeyError, ValueError) as exc:
+                said.append(str(exc.args[0]))
+                continue
+            for doer in [doer for doer in self.spares.values() if doer.service == name]:
+                self.retire(doer)
+        return "; ".join(said)
+
+    def hangup(self) -> None:
+        """SIGHUP: reload, saying what it did."""
+        try:
+            self.say(f"SIGHUP: {self.reload()}")
+        except ValueError as exc:
+            self.say(f"SIGHUP: {exc}")
+
     def ignored(self, signum: int) -> None:
-        """A signal the run ignores (SIGHUP...) arrived (said at a checkpoint)."""
-        self.say(f"{signal.Signals(signum).name} ignored "
-                 "(there is no reload; SIGTERM or `hiocluster stop` stops the run)")
+        """A signal the run ignores (SIGUSR1, SIGUSR2) arrived."""
+        self.say(f"{signal.Signals(signum).name} ignored (SIGHUP reloads; SIGTERM or "
+                 "`hiocluster stop` stops the run)")
 
     def kill(self, replica: Replica) -> None:
         doer = self.running.get(replica.key)
@@ -655,6 +693,11 @@ def answer_command(message: proto.Command, services: Services | None,
         return proto.Answer(ok=True, detail="stopping")
     if services is None:
         return proto.Answer(ok=False, detail="this run has no services")
+    if message.command == "reload":
+        try:
+            return proto.Answer(ok=True, detail=services.reload())
+        except ValueError as exc:
+            return proto.Answer(ok=False, detail=str(exc))
     if not message.service:
         return proto.Answer(ok=False, detail=f"{message.command} needs a service name")
     now = time.monotonic()
