@@ -726,3 +726,17 @@ def test_a_reload_under_load_serves_the_new_code_and_params_losing_nothing(
         assert refused.returncode != 0 and "cannot reload" in refused.stderr
         assert "services.web" in refused.stderr  # names what is wrong in it
         assert run.status()["services"][0]["rolling"] == 0
+
+
+def test_sigttin_and_sigttou_scale_every_service_by_one(start) -> None:
+    port = free_port()
+    run = start(with_port((TOPOLOGIES / "http.toml").read_text(), port))
+    run.serving(2)
+    run.proc.send_signal(signal.SIGTTIN)
+    run.expect(r"SIGTTIN: web: 2 -> 3 replicas")
+    run.until(lambda s: s["services"][0]["serving"] == 3)
+    run.proc.send_signal(signal.SIGTTOU)
+    run.expect(r"SIGTTOU: web: 3 -> 2 replicas")
+    status = run.until(lambda s: len(s["services"][0]["replicas"]) == 2)["services"][0]
+    assert status["desired"] == 2 and status["restarts"] == 0
+    assert get(port)[0] == 200

@@ -32,9 +32,12 @@ __all__ = ["Signals", "run_signals", "STOP_SIGNALS", "IGNORED_SIGNALS"]
 
 #: What stops a hiocluster process cleanly.
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
-#: Signals whose default action would end a replica (or a run), ignored in runs with
-#: services: a closing SSH session sends SIGHUP; there is no reload for them to mean yet.
-IGNORED_SIGNALS = (signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
+#: Signals whose default action would end (or, TTIN/TTOU, stop) a replica or a run:
+#: caught in runs with services and by replicas. A run with services reloads on
+#: SIGHUP and scales each service up/down by one on SIGTTIN/SIGTTOU (as gunicorn
+#: does); the others are ignored, with a line.
+IGNORED_SIGNALS = (signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2, signal.SIGTTIN,
+                   signal.SIGTTOU)
 
 
 class Signals:
@@ -133,7 +136,7 @@ class Signals:
 def run_signals(supervisor: Any, loop: Loop, enabled: bool) -> Signals:
     """A run's signals: SIGINT/SIGTERM stop it cleanly (``supervisor.interrupt``);
     in a run with services, SIGHUP reloads them (``supervisor.services.hangup``),
-    SIGUSR1 and SIGUSR2 are ignored (said in the log by
+    SIGTTIN/SIGTTOU scale each by one (``scale_by``), SIGUSR1 and SIGUSR2 are ignored (said in the log by
     ``supervisor.services.ignored``). A context around ``loop.run()``."""
     services = getattr(supervisor, "services", None)
 
@@ -142,6 +145,8 @@ def run_signals(supervisor: Any, loop: Loop, enabled: bool) -> Signals:
             supervisor.interrupt(signum)
         elif services is not None and signum == signal.SIGHUP:
             services.hangup()
+        elif services is not None and signum in (signal.SIGTTIN, signal.SIGTTOU):
+            services.scale_by(1 if signum == signal.SIGTTIN else -1)
         elif services is not None:
             services.ignored(signum)
 

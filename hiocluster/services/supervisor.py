@@ -573,6 +573,17 @@ class Services(DoDoer):
         except ValueError as exc:
             self.say(f"SIGHUP: {exc}")
 
+    def scale_by(self, step: int) -> None:
+        """SIGTTIN (+1) or SIGTTOU (-1): one more or one fewer replica of every
+        service (never fewer than one), saying what it did."""
+        name = "SIGTTIN" if step > 0 else "SIGTTOU"
+        for service, state in self.core.services.items():
+            try:
+                self.say(f"{name}: " + self.core.scale(
+                    service, max(1, state.desired + step), time.monotonic()))
+            except ValueError as exc:
+                self.say(f"{name}: {exc}")
+
     def ignored(self, signum: int) -> None:
         """A signal the run ignores (SIGUSR1, SIGUSR2) arrived."""
         self.say(f"{signal.Signals(signum).name} ignored (SIGHUP reloads; SIGTERM or "
