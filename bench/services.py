@@ -3,7 +3,9 @@
 Serves the falcon app of nodes/web.py (``GET /hello``) from, one at a time:
 
 * ``hiocluster``: ``hiocluster run`` of a temporary topology with 1 and with 2
-  replicas of ``nodes.web:Web`` on one free loopback port (SO_REUSEPORT);
+  replicas of ``nodes.web:Web`` on one free loopback port (SO_REUSEPORT), and 1
+  replica writing an access log (a file; the issue "operable services" asks
+  <= 10 % at c=64);
 * ``hio fixed-tock``: hio's own WSGI server (``hio.core.http.serving.Server``)
   with its ``ServerDoer`` in hio's own ``Doist(real=True, tock=0.001)``, in a
   child process (this file, run with the hidden ``--hio-server PORT``);
@@ -162,13 +164,14 @@ def read_log(path: str) -> str:
 
 
 @contextlib.contextmanager
-def hiocluster(replicas: int) -> Iterator[Running]:
+def hiocluster(replicas: int, access_log: bool = False) -> Iterator[Running]:
     port = free_port()
     run_dir = tempfile.mkdtemp(prefix="hioc-bench-")
     topology = os.path.join(run_dir, "web.toml")
     with open(topology, "w") as handle:
         handle.write(f'[services.web]\nclass = "nodes.web:Web"\nreplicas = {replicas}\n'
-                     f'listen = "{HOST}:{port}"\ntimeout = 30.0\ndrain = 5.0\n')
+                     f'listen = "{HOST}:{port}"\ntimeout = 30.0\ndrain = 5.0\n'
+                     + ('access_log = "access.log"\n' if access_log else ""))
     try:
         with started([PYTHON, "-m", "hiocluster", "run", topology, "--app-dir", REPO]) as (
                 proc, log):
@@ -543,6 +546,7 @@ def main() -> None:
         duration = max(1.0, duration)
 
     configs = [Config("hiocluster 1 replica", lambda: hiocluster(1)),
+               Config("hiocluster 1 replica, access log", lambda: hiocluster(1, True)),
                Config("hiocluster 2 replicas", lambda: hiocluster(2)),
                Config("hio fixed-tock", hio_fixed_tock)]
     have_gunicorn = importlib.util.find_spec("gunicorn") is not None
@@ -582,6 +586,10 @@ def main() -> None:
               f"{show(ratio(one, sync1, count))}")
     for count in connections:
         print(f"hiocluster 2 replicas / 1 replica at c={count}: {show(ratio(two, one, count))}")
+    logging_ = by_label["hiocluster 1 replica, access log"]
+    for count in connections:
+        print(f"hiocluster 1 replica with / without an access log at c={count}: "
+              f"{show(ratio(logging_, one, count))}")
     for count in connections:
         print(f"hiocluster 1 replica / hio fixed-tock at c={count}: "
               f"{show(ratio(one, hio, count))}")

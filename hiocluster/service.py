@@ -22,10 +22,11 @@ queued on them outlive a replica that dies or restarts).
 from __future__ import annotations
 
 import logging
+import time
 import traceback
 from typing import Any, Callable
 
-from hiocluster.services.serving import Server, ServerTls, Watch, WsgiServer
+from hiocluster.services.serving import AccessLog, Server, ServerTls, Watch, WsgiServer
 from hiocluster.topology import ServiceSpec
 
 __all__ = ["Service", "TcpService", "WsgiService"]
@@ -105,11 +106,17 @@ class Service:
         for server in self.servers:
             server.close()
 
+    def reopen_logs(self) -> None:
+        """SIGUSR1: open log files again (after a rotation)."""
+
 
 class TcpService(Service):
     """A TCP (or, with ``tls`` in the topology, TLS) server. Write :meth:`receive`."""
 
     def __init__(self, spec: ServiceSpec, replica: int) -> None:
+        if spec.access_log:
+            raise ValueError(f"access_log is for HTTP services (WsgiService); service "
+                             f"{spec.name} is a TcpService")
         super().__init__(spec, replica)
         self.count = 0
 
@@ -158,7 +165,29 @@ class WsgiService(Service):
         """The WSGI application this replica serves."""
         raise NotImplementedError
 
+    access_log: AccessLog | None = None
+
     def make_servers(self) -> list[Any]:
         cert, key = self.tls if self.tls is not None else (None, None)
-        return [WsgiServer(self.app(), self.listen, tymeout=self.timeout, certpath=cert,
+        app = self.app()
+        if self.spec.access_log:
+            app = self.access_log = AccessLog(app, self.spec.access_log,
+                                              self.spec.access_log_format,
+                                              f"{self.name}.{self.replica}")
+        return [WsgiServer(app, self.listen, tymeout=self.timeout, certpath=cert,
                            keypath=key, sockets=self.sockets, max_body=self.max_body)]
+
+    def step(self) -> None:
+        super().step()
+        log = self.access_log
+        if log is not None and log.lines and time.monotonic() >= log.flush_at:
+            log.flush()  # lines wait at most ACCESS_LOG_FLUSH_S, however quiet it is
+
+    def reopen_logs(self) -> None:
+        if self.access_log is not None:
+            self.access_log.reopen()
+
+    def close(self) -> None:
+        super().close()
+        if self.access_log is not None:
+            self.access_log.close()

@@ -740,3 +740,61 @@ def test_sigttin_and_sigttou_scale_every_service_by_one(start) -> None:
     status = run.until(lambda s: len(s["services"][0]["replicas"]) == 2)["services"][0]
     assert status["desired"] == 2 and status["restarts"] == 0
     assert get(port)[0] == 200
+
+
+COMMON = re.compile(r'127\.0\.0\.1 - - \[\d\d/\w{3}/\d{4}:\d\d:\d\d:\d\d \+0000\] '
+                    r'"GET /hello\?n=(\d+) HTTP/1\.1" 200 \d+')
+
+
+def logged(path: Path, fmt: str) -> list[int]:
+    """The request numbers in an access log file so far."""
+    if not path.exists():
+        return []
+    numbers = []
+    for line in path.read_text().splitlines():
+        if fmt == "json":
+            row = json.loads(line)
+            assert (row["method"], row["status"], row["protocol"]) == ("GET", 200, "HTTP/1.1")
+            assert row["remote"] == "127.0.0.1" and re.fullmatch(r"web\.[01]", row["replica"])
+            numbers.append(int(row["path"].split("=")[1]))
+        else:
+            found = COMMON.fullmatch(line)
+            assert found, line
+            numbers.append(int(found.group(1)))
+    return numbers
+
+
+@pytest.mark.parametrize("fmt", ["common", "json"])
+def test_access_log_a_line_per_request_reopened_on_sigusr1(start, tmp_path: Path,
+                                                           fmt: str) -> None:
+    port = free_port()
+    text = with_port((TOPOLOGIES / "http.toml").read_text(), port).replace(
+        "replicas = 2\n", f'replicas = 2\naccess_log = "access.log"\n'
+                          f'access_log_format = "{fmt}"\n')
+    run = start(text)
+    run.serving(2)
+    log = tmp_path / "access.log"
+    for n in range(20):
+        assert get(port, f"/hello?n={n}")[0] == 200
+    wait_until(lambda: len(logged(log, fmt)) == 20, 30, "20 lines in the access log")
+    assert sorted(logged(log, fmt)) == list(range(20))
+    log.rename(tmp_path / "access.log.1")  # a rotation: then SIGUSR1, as logrotate does
+    run.proc.send_signal(signal.SIGUSR1)
+    run.expect(r"SIGUSR1: 2 replicas told to open their log files again")
+    for _ in range(2):
+        run.expect(r"web\.[01]\.\d+: SIGUSR1: log files opened again")
+    for n in range(20, 30):
+        assert get(port, f"/hello?n={n}")[0] == 200
+    wait_until(lambda: len(logged(log, fmt)) == 10, 30, "10 lines in the new access log")
+    assert sorted(logged(log, fmt)) == list(range(20, 30))
+    assert sorted(logged(tmp_path / "access.log.1", fmt)) == list(range(20))
+
+
+def test_access_log_to_the_runs_output(start) -> None:
+    port = free_port()
+    run = start(with_port((TOPOLOGIES / "http.toml").read_text(), port).replace(
+        "replicas = 2\n", 'replicas = 2\naccess_log = "-"\n'))
+    run.serving(2)
+    assert get(port, "/hello?n=7")[0] == 200
+    line = run.expect(r"web\.[01] +\| 127\.0\.0\.1 - - \[").string
+    assert COMMON.fullmatch(line.split("| ", 1)[1]).group(1) == "7"  # type: ignore[union-attr]

@@ -288,7 +288,7 @@ def test_hup_and_usr_signals_end_neither_the_run_nor_a_replica(start) -> None:
     run = start(http_topology(port))
     before = sorted(run.serving(2))
     spare = run.until(lambda s: s["services"][0]["spare"] is not None)["services"][0]["spare"]
-    for signum in (signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2):
+    for signum in (signal.SIGHUP, signal.SIGUSR2):
         if signum != signal.SIGHUP:  # the run reloads on SIGHUP (test_cluster_services)
             run.proc.send_signal(signum)
             run.expect(rf"hiocluster +\| {signum.name} ignored")

@@ -145,6 +145,8 @@ def run_signals(supervisor: Any, loop: Loop, enabled: bool) -> Signals:
             supervisor.interrupt(signum)
         elif services is not None and signum == signal.SIGHUP:
             services.hangup()
+        elif services is not None and signum == signal.SIGUSR1:
+            services.reopen_logs()
         elif services is not None and signum in (signal.SIGTTIN, signal.SIGTTOU):
             services.scale_by(1 if signum == signal.SIGTTIN else -1)
         elif services is not None:

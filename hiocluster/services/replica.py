@@ -246,9 +246,11 @@ class ReplicaProcess:
         ignored (said in the log)."""
         if signum in STOP_SIGNALS:
             self._drain(signal.Signals(signum).name)
+        elif signum == signal.SIGUSR1:
+            self.service.reopen_logs()
+            logger.warning("%s: SIGUSR1: log files opened again", self.options.key)
         else:
-            logger.warning("%s: %s ignored (there is no reload)", self.options.key,
-                           signal.Signals(signum).name)
+            logger.warning("%s: %s ignored", self.options.key, signal.Signals(signum).name)
 
     def _send(self, message: proto.Message) -> None:
         try:

@@ -30,6 +30,7 @@ so a replica's loop sleeps until one is ready (hiocluster.services.replica).
 from __future__ import annotations
 
 import errno
+import json
 import logging
 import re
 import socket
@@ -451,6 +452,84 @@ def guard(app: Callable) -> Callable:
             return _failure(environ, start, sys.exc_info())
 
     return guarded
+
+
+#: Seconds an access log's lines may wait in its buffer.
+ACCESS_LOG_FLUSH_S = 1.0
+
+
+class AccessLog:
+    """A WSGI app that writes one line per answered request to ``path`` ("-":
+    standard output, which the run prefixes with the replica's name): ``common``
+    (the Common Log Format) or ``json`` (one object per line). Lines are buffered
+    and written at most :data:`ACCESS_LOG_FLUSH_S` late; :meth:`reopen` (SIGUSR1)
+    opens the file again after a log rotation. Requests refused before the app
+    (400, 413, 431, ...) are not logged."""
+
+    def __init__(self, app: Callable, path: str, format: str = "common",
+                 replica: str = "-") -> None:
+        self.app, self.path, self.format, self.replica = app, path, format, replica
+        self.lines: list[str] = []
+        self.flush_at = 0.0
+        self.out: Any = None
+        self.reopen()
+
+    def reopen(self) -> None:
+        """(Re)open the log: after a rotation, lines go to the new file."""
+        self.flush()
+        if self.out is not None and self.out is not sys.stdout:
+            self.out.close()
+        self.out = sys.stdout if self.path == "-" else open(  # noqa: SIM115 (kept open)
+            self.path, "a", encoding="utf-8")
+
+    def flush(self) -> None:
+        if self.lines and self.out is not None:
+            self.out.write("".join(self.lines))
+            self.out.flush()
+            self.lines.clear()
+        self.flush_at = time.monotonic() + ACCESS_LOG_FLUSH_S
+
+    def close(self) -> None:
+        self.flush()
+        if self.out is not None and self.out is not sys.stdout:
+            self.out.close()
+        self.out = None
+
+    def __call__(self, environ: dict[str, Any], start_response: Callable) -> Iterable[bytes]:
+        said: list[Any] = []
+
+        def start(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
+            said[:] = [status, headers]
+            return start_response(status, headers, exc_info)
+
+        body = self.app(environ, start)
+        if said:
+            status, headers = said
+            size: int | None = sum(map(len, body)) if type(body) is list else next(
+                (int(value) for name, value in headers
+                 if name.lower() == "content-length" and value.isdigit()), None)
+            self._line(environ, int(status[:3]), size)
+        return body
+
+    def _line(self, environ: dict[str, Any], status: int, size: int | None) -> None:
+        query = environ.get("QUERY_STRING") or ""
+        path = environ.get("PATH_INFO", "") + (f"?{query}" if query else "")
+        remote = environ.get("REMOTE_ADDR") or "-"
+        if isinstance(remote, tuple):  # hio gives the peer's (host, port)
+            remote = str(remote[0])
+        method, protocol = environ.get("REQUEST_METHOD", "-"), environ.get("SERVER_PROTOCOL", "-")
+        now = time.time()
+        if self.format == "json":
+            line = json.dumps({"time": round(now, 3), "remote": remote, "method": method,
+                               "path": path, "protocol": protocol, "status": status,
+                               "bytes": size, "replica": self.replica})
+        else:
+            when = time.strftime("%d/%b/%Y:%H:%M:%S +0000", time.gmtime(now))
+            line = (f'{remote} - - [{when}] "{method} {path} {protocol}" {status} '
+                    f'{"-" if size is None else size}')
+        self.lines.append(line + "\n")
+        if time.monotonic() >= self.flush_at or len(self.lines) >= 1024:
+            self.flush()
 
 
 def _failure(environ: dict[str, Any], start: Callable, exc_info: Any) -> list[bytes]:

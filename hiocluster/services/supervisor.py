@@ -584,8 +584,17 @@ class Services(DoDoer):
             except ValueError as exc:
                 self.say(f"{name}: {exc}")
 
+    def reopen_logs(self) -> None:
+        """SIGUSR1 to the run: every replica opens its log files again (after a
+        rotation), as gunicorn's workers do."""
+        replicas = [replica for replica in self.core.live() if replica.pid is not None]
+        for replica in replicas:
+            with contextlib.suppress(OSError):
+                os.kill(replica.pid, signal.SIGUSR1)  # type: ignore[arg-type]
+        self.say(f"SIGUSR1: {len(replicas)} replicas told to open their log files again")
+
     def ignored(self, signum: int) -> None:
-        """A signal the run ignores (SIGUSR1, SIGUSR2) arrived."""
+        """A signal the run ignores (SIGUSR2) arrived."""
         self.say(f"{signal.Signals(signum).name} ignored (SIGHUP reloads; SIGTERM or "
                  "`hiocluster stop` stops the run)")
 

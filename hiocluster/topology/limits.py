@@ -20,6 +20,8 @@ MAX_GROUP_DEPTH = 64
 MAX_REPLICAS = 256
 #: Restart strategies of a service, as Erlang/OTP names them.
 RESTART_POLICIES = ("one_for_one", "one_for_all")
+#: Line formats of a service's access log (``access_log_format``).
+ACCESS_LOG_FORMATS = ("common", "json")
 
 #: Most ticks between a message's take and its credit at the source that ``[run]
 #: credit_lag = "auto"`` (the default) picks: with more, a worker waits less often on

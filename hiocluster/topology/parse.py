@@ -12,6 +12,7 @@ from typing import Any
 
 from hiocluster.errors import TopologyError
 from hiocluster.topology.limits import (
+    ACCESS_LOG_FORMATS,
     CLASS_PATH,
     MAX_COUNT,
     MAX_REPLICAS,
@@ -223,7 +224,8 @@ def _hosts(document: dict[str, Any]) -> tuple[HostSpec, ...]:
 
 _SERVICE_KEYS = ("class", "replicas", "listen", "restart", "max_restarts", "within",
                  "backoff", "backoff_max", "timeout", "drain", "heartbeat", "max_body",
-                 "max_requests", "max_requests_jitter", "max_rss", "spare", "tls", "params")
+                 "max_requests", "max_requests_jitter", "max_rss", "access_log",
+                 "access_log_format", "spare", "tls", "params")
 _LISTEN = re.compile(r"(?P<host>[A-Za-z0-9_.-]{1,253}):(?P<port>\d{1,5})")
 
 
@@ -264,6 +266,16 @@ def _services(document: dict[str, Any], nodes: tuple[NodeSpec, ...],
         for key in ("max_requests", "max_requests_jitter", "max_rss"):
             if key in body:
                 numbers[key] = int_value(body[key], f"{key_path}.{key}", 0, 1 << 50)
+        if "access_log" in body:  # a file relative to the topology's, or "-": the output
+            log = text_value(body["access_log"], f"{key_path}.access_log")
+            numbers["access_log"] = log if log in ("", "-") else os.path.join(base, log)
+        log_format = text_value(body.get("access_log_format", "common"),
+                                f"{key_path}.access_log_format")
+        if log_format not in ACCESS_LOG_FORMATS:
+            raise topology_error(f"expected one of {', '.join(ACCESS_LOG_FORMATS)}, got "
+                                 f"{log_format!r}{suggest(log_format, ACCESS_LOG_FORMATS)}",
+                                 f"{key_path}.access_log_format")
+        numbers["access_log_format"] = log_format
         if numbers.get("timeout", 0) < 0:
             raise topology_error(f"must be >= 0, got {body['timeout']}", f"{key_path}.timeout")
         spare = body.get("spare", True)

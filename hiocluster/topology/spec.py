@@ -184,6 +184,8 @@ class ServiceSpec:
     max_requests: int = 0           # a replica that served this many is replaced (0: never)
     max_requests_jitter: int = 0    # ... plus 0..this, drawn per replica start
     max_rss: int = 0                # a replica using more memory (bytes) is replaced (0: never)
+    access_log: str = ""            # HTTP: a line per request to this file ("-": the output)
+    access_log_format: str = "common"   # or "json"
     tls: tuple[str, str] | None = None
     params: dict[str, Any] = field(default_factory=dict, hash=False)
 
