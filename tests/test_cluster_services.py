@@ -790,6 +790,18 @@ def test_access_log_a_line_per_request_reopened_on_sigusr1(start, tmp_path: Path
     assert sorted(logged(tmp_path / "access.log.1", fmt)) == list(range(20))
 
 
+def test_an_access_log_line_cannot_be_forged_by_a_path() -> None:
+    from hiocluster.services.serving import AccessLog
+
+    log = AccessLog(lambda environ, start: (start("200 OK", []), [b"ok"])[1], "-")
+    environ = {"REQUEST_METHOD": "GET", "PATH_INFO": '/a" 200 1\n1.2.3.4 - - "\\',
+               "SERVER_PROTOCOL": "HTTP/1.1", "REMOTE_ADDR": ("127.0.0.1", 1)}
+    assert log(environ, lambda *args: None) == [b"ok"]
+    (line,) = log.lines
+    assert line.count("\n") == 1 and line.count('"') == 2, line
+    assert '"GET /a\\x22 200 1\\n1.2.3.4 - - \\x22\\\\ HTTP/1.1" 200 2' in line
+
+
 def test_access_log_to_the_runs_output(start) -> None:
     port = free_port()
     run = start(with_port((TOPOLOGIES / "http.toml").read_text(), port).replace(

@@ -454,6 +454,8 @@ def guard(app: Callable) -> Callable:
     return guarded
 
 
+#: A JSON string of a str (the C encoder json.dumps uses), quotes included.
+_json_text: Callable[[str], str] = json.encoder.encode_basestring  # type: ignore[attr-defined]
 #: Seconds an access log's lines may wait in its buffer.
 ACCESS_LOG_FLUSH_S = 1.0
 
@@ -469,6 +471,7 @@ class AccessLog:
     def __init__(self, app: Callable, path: str, format: str = "common",
                  replica: str = "-") -> None:
         self.app, self.path, self.format, self.replica = app, path, format, replica
+        self.second, self.when = -1, ""  # the last second formatted, and its text
         self.lines: list[str] = []
         self.flush_at = 0.0
         self.out: Any = None
@@ -519,13 +522,20 @@ class AccessLog:
             remote = str(remote[0])
         method, protocol = environ.get("REQUEST_METHOD", "-"), environ.get("SERVER_PROTOCOL", "-")
         now = time.time()
-        if self.format == "json":
-            line = json.dumps({"time": round(now, 3), "remote": remote, "method": method,
-                               "path": path, "protocol": protocol, "status": status,
-                               "bytes": size, "replica": self.replica})
+        if self.format == "json":  # by hand: json.dumps of a dict costs 2.5x as much
+            text = _json_text
+            line = (f'{{"time": {now:.3f}, "remote": {text(remote)}, "method": '
+                    f'{text(method)}, "path": {text(path)}, "protocol": {text(protocol)}, '
+                    f'"status": {status}, "bytes": {"null" if size is None else size}, '
+                    f'"replica": {text(self.replica)}}}')
         else:
-            when = time.strftime("%d/%b/%Y:%H:%M:%S +0000", time.gmtime(now))
-            line = (f'{remote} - - [{when}] "{method} {path} {protocol}" {status} '
+            if '"' in path or "\\" in path or not path.isprintable():  # escaped, as nginx does
+                path = path.encode("unicode_escape").decode("ascii").replace('"', "\\x22")
+            second = int(now)
+            if second != self.second:  # the date is formatted once a second
+                self.second, self.when = second, time.strftime(
+                    "%d/%b/%Y:%H:%M:%S +0000", time.gmtime(second))
+            line = (f'{remote} - - [{self.when}] "{method} {path} {protocol}" {status} '
                     f'{"-" if size is None else size}')
         self.lines.append(line + "\n")
         if time.monotonic() >= self.flush_at or len(self.lines) >= 1024:
