@@ -21,7 +21,9 @@ queued on them outlive a replica that dies or restarts).
 
 from __future__ import annotations
 
+import io
 import logging
+import sys
 import time
 import traceback
 from typing import Any, Callable
@@ -109,14 +111,23 @@ class Service:
     def reopen_logs(self) -> None:
         """SIGUSR1: open log files again (after a rotation)."""
 
+    def healthy(self) -> bool | None:
+        """Whether this replica can serve, asked every ``health_interval`` seconds
+        while it serves (None, the default: it has no check). A replica whose check
+        fails (False, or an exception) ``health_failures`` times in a row is
+        replaced: its successor takes its listening sockets and it drains. Keep it
+        quick: it runs in the replica's loop, between requests."""
+        return None
+
 
 class TcpService(Service):
     """A TCP (or, with ``tls`` in the topology, TLS) server. Write :meth:`receive`."""
 
     def __init__(self, spec: ServiceSpec, replica: int) -> None:
-        if spec.access_log:
-            raise ValueError(f"access_log is for HTTP services (WsgiService); service "
-                             f"{spec.name} is a TcpService")
+        for key in ("access_log", "health_path"):
+            if getattr(spec, key):
+                raise ValueError(f"{key} is for HTTP services (WsgiService); service "
+                                 f"{spec.name} is a TcpService")
         super().__init__(spec, replica)
         self.count = 0
 
@@ -166,10 +177,11 @@ class WsgiService(Service):
         raise NotImplementedError
 
     access_log: AccessLog | None = None
+    wsgi: Callable | None = None     # the app this replica serves (app()'s)
 
     def make_servers(self) -> list[Any]:
         cert, key = self.tls if self.tls is not None else (None, None)
-        app = self.app()
+        app = self.wsgi = self.app()
         if self.spec.access_log:
             app = self.access_log = AccessLog(app, self.spec.access_log,
                                               self.spec.access_log_format,
@@ -182,6 +194,43 @@ class WsgiService(Service):
         log = self.access_log
         if log is not None and log.lines and time.monotonic() >= log.flush_at:
             log.flush()  # lines wait at most ACCESS_LOG_FLUSH_S, however quiet it is
+
+    def healthy(self) -> bool | None:
+        """With ``health_path``: a GET of it, asked of the app directly (not over a
+        socket, so it is this replica that answers; not in the access log); a
+        2xx or 3xx answer is healthy. Without: no check (override for one)."""
+        path = self.spec.health_path
+        if not path or self.wsgi is None:
+            return None
+        status: list[str] = []
+
+        def start(line: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
+            status.append(line)
+            return lambda data: None
+
+        path, _, query = path.partition("?")
+        host, port = self.listen
+        environ = {"wsgi.version": (1, 0), "wsgi.url_scheme": "https" if self.tls else "http",
+                   "wsgi.input": io.BytesIO(), "wsgi.errors": sys.stderr,
+                   "wsgi.multithread": False, "wsgi.multiprocess": True,
+                   "wsgi.run_once": False, "REQUEST_METHOD": "GET", "SCRIPT_NAME": "",
+                   "PATH_INFO": path, "QUERY_STRING": query, "SERVER_NAME": host,
+                   "SERVER_PORT": str(port), "SERVER_PROTOCOL": "HTTP/1.1",
+                   "REMOTE_ADDR": "127.0.0.1", "HTTP_HOST": f"{host}:{port}",
+                   "HTTP_USER_AGENT": "hiocluster-health", "hiocluster.keep_alive": True}
+        body = self.wsgi(environ, start)
+        try:
+            for _ in body:
+                pass
+        finally:
+            close = getattr(body, "close", None)
+            if close is not None:
+                close()
+        if not status:
+            raise ValueError(f"GET {self.spec.health_path} gave no status")
+        if status[-1][:1] not in ("2", "3"):
+            raise ValueError(f"GET {self.spec.health_path}: {status[-1]}")
+        return True
 
     def reopen_logs(self) -> None:
         if self.access_log is not None:

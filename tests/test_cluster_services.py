@@ -279,9 +279,10 @@ def test_status_table_and_exit_codes(start, cli_env: dict[str, str]) -> None:
     assert shown.returncode == 0, shown.stderr
     lines = shown.stdout.splitlines()
     assert lines[1].split() == ["SERVICE", "REPLICA", "PID", "STATE", "RESTARTS", "UPTIME",
-                                "CPU", "RSS", "SERVED", "CODE"]
+                                "CPU", "RSS", "SERVED", "CODE", "HEALTH"]
     rows = [line.split() for line in lines[2:4]]
-    assert rows[0][-1] == rows[1][-1] and re.fullmatch(r"[0-9a-f]{12}", rows[0][-1])
+    assert rows[0][-2] == rows[1][-2] and re.fullmatch(r"[0-9a-f]{12}", rows[0][-2])
+    assert rows[0][-1] == rows[1][-1] == "-"  # no health check
     assert [(row[0], row[1], int(row[2]), row[3]) for row in rows] == \
         [("web", "0", pids[0], "serving"), ("web", "1", pids[1], "serving")] or \
         sorted(int(row[2]) for row in rows) == sorted(pids)
@@ -726,6 +727,68 @@ def test_a_reload_under_load_serves_the_new_code_and_params_losing_nothing(
         assert refused.returncode != 0 and "cannot reload" in refused.stderr
         assert "services.web" in refused.stderr  # names what is wrong in it
         assert run.status()["services"][0]["rolling"] == 0
+
+
+HEALTH_APP = """import os
+
+import falcon
+
+from nodes.web import Web as _Web, make_app
+
+
+class _Ready:
+    def __init__(self, where):
+        self.where = where
+
+    def on_get(self, req, resp):
+        if os.path.exists(os.path.join(self.where, f"sick-{os.getpid()}")):
+            resp.status = falcon.HTTP_503
+        resp.text = "checked"
+
+
+class Web(_Web):
+    def app(self):
+        app = make_app("hello", str(self.replica))
+        app.add_route("/ready", _Ready(self.params["where"]))
+        return app
+"""
+
+
+def test_a_replica_failing_its_health_check_is_replaced_under_load_losing_nothing(
+        start, tmp_path: Path, cli_env: dict[str, str]) -> None:
+    """One replica's /ready starts answering 503: after health_failures checks in
+    a row it stops taking connections and a fresh replica takes its socket; no
+    request fails meanwhile, status shows health, and it counts as no crash."""
+    app = tmp_path / "app"
+    app.mkdir()
+    (app / "healthweb.py").write_text(HEALTH_APP)
+    port = free_port()
+    run = start(f'[services.web]\nclass = "healthweb:Web"\nreplicas = 2\n'
+                f'listen = "127.0.0.1:{port}"\nhealth_path = "/ready"\n'
+                f'health_interval = 0.2\nhealth_failures = 2\n'
+                f'[services.web.params]\nwhere = "{tmp_path}"\n', "--app-dir", str(app))
+    run.serving(2)
+    before = run.until(lambda s: [r["health"] for r in s["services"][0]["replicas"]]
+                       == ["ok", "ok"])["services"][0]
+    sick = before["replicas"][0]["pid"]
+    with Load(port, threads=4) as load:
+        assert load.reach(40)
+        (tmp_path / f"sick-{sick}").touch()
+        run.expect(r"web\.0 failed its health check 2 times in a row \(ValueError: "
+                   r"GET /ready: 503 Service Unavailable\): replaced")
+        after = run.until(lambda s: sick not in {r["pid"] for r in s["services"][0]["replicas"]}
+                          and [r["health"] for r in s["services"][0]["replicas"]]
+                          == ["ok", "ok"])
+        served = load.done()
+        assert load.reach(served + 40)
+    assert load.failed == 0, load.errors
+    service = after["services"][0]
+    assert (service["unhealthy"], service["restarts"], service["failed"]) == (1, 1, None)
+    assert service["replicas"][1]["pid"] == before["replicas"][1]["pid"]
+    assert not psutil.pid_exists(sick) or psutil.Process(sick).status() == "zombie"
+    table = subprocess.run(hiocluster_command("status", "--control", run.control),
+                           capture_output=True, text=True, env=cli_env, timeout=30)
+    assert "HEALTH" in table.stdout and "1 replaced for failed health checks" in table.stdout
 
 
 def test_sigttin_and_sigttou_scale_every_service_by_one(start) -> None:

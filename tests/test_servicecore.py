@@ -292,6 +292,73 @@ def test_a_replica_over_max_rss_is_replaced_and_none_is_while_stopping() -> None
     assert h.take() == []
 
 
+def test_an_unhealthy_replica_stops_taking_connections_at_once_and_is_replaced() -> None:
+    h = Harness(spec(replicas=2, health_failures=3, max_restarts=1))
+    h.core.start(0.0)
+    h.take()
+    h.join_all()
+    web0 = h.core.replica("web.0.1")
+    assert web0 is not None
+    h.core.load(web0, 5, 1, 1.0, failing=0, health="ok")
+    h.core.load(web0, 5, 1, 2.0, failing=2, health="ValueError: GET /health: 503")
+    assert h.take() == []
+    shown = h.core.status(2.0)[0]["replicas"][0]
+    assert (shown["health"], shown["health_detail"]) == \
+        ("failing 2", "ValueError: GET /health: 503")
+    h.core.load(web0, 5, 1, 3.0, failing=3, health="ValueError: GET /health: 503")
+    # its successor is started, and it drains now, before the successor serves
+    assert h.take() == [("start", "web.0.3"), ("stop", "web.0.1")]
+    assert "web.0 failed its health check 3 times in a row (ValueError: GET /health: " \
+           "503): replaced" in h.core.log
+    h.core.load(web0, 5, 1, 3.1, failing=4, health="still")
+    assert h.take() == []  # replaced once
+    h.now = 3.2
+    h.exit("web.0.1", 0)
+    h.join_all()
+    assert h.take() == []
+    row = h.core.status(3.5)[0]
+    assert (row["unhealthy"], row["restarts"], row["serving"], row["failed"]) == \
+        (1, 1, 2, None)
+    # health replacements are not crashes: more than max_restarts never fail it
+    for k, t in enumerate((4.0, 5.0, 6.0)):
+        old = h.core.live()[-1]
+        h.core.load(old, 0, 0, t, failing=3, health="bad")
+        assert [kind for kind, _ in h.take()] == ["start", "stop"]
+        h.now = t + 0.1
+        h.exit(old.key, 0)
+        h.join_all()
+    assert h.core.failure is None and h.core.all_serving()
+
+
+def test_an_unhealthy_successor_that_crashes_is_restarted() -> None:
+    h = Harness(spec(replicas=1, health_failures=1, backoff=0.5))
+    h.core.start(0.0)
+    h.take()
+    h.join_all()
+    h.core.load(h.core.replica("web.0.1"), 0, 0, 1.0, failing=1,  # type: ignore[arg-type]
+                health="bad")
+    assert h.take() == [("start", "web.0.2"), ("stop", "web.0.1")]
+    h.now = 1.1
+    h.exit("web.0.2", 1)  # the successor dies before it serves; web.0.1 drains
+    h.exit("web.0.1", 0)
+    assert h.at(1.5) == []
+    assert h.at(1.7) == [("start", "web.0.3")]
+
+
+def test_an_unhealthy_replica_whose_slot_already_has_a_successor_just_drains() -> None:
+    h = Harness(spec(replicas=1, health_failures=2))
+    h.core.start(0.0)
+    h.take()
+    h.join_all()
+    h.core.restart("web", 1.0)
+    assert h.take() == [("start", "web.0.2")]
+    web1 = h.core.replica("web.0.1")
+    h.core.load(web1, 0, 0, 1.1, failing=2, health="bad")  # type: ignore[arg-type]
+    assert h.take() == []  # its successor does not serve yet: it serves on
+    h.join_all()
+    assert h.take() == [("stop", "web.0.1")]
+
+
 def test_stop_drains_every_replica_and_finishes_when_all_exited() -> None:
     h = Harness(spec(replicas=2))
     h.core.start(0.0)
@@ -318,6 +385,9 @@ tls = { cert = "c.pem", key = "k.pem" }
 max_requests = 1000
 max_requests_jitter = 50
 max_rss = 536_870_912
+health_path = "/health?deep=1"
+health_interval = 0.5
+health_failures = 2
 [services.web.params]
 greeting = "hi"
 """, path="/srv/site/web.toml")
@@ -326,6 +396,8 @@ greeting = "hi"
         (3, ("127.0.0.1", 8080), "one_for_all", 4, 5.0)
     assert web.tls == ("/srv/site/c.pem", "/srv/site/k.pem")
     assert (web.max_requests, web.max_requests_jitter, web.max_rss) == (1000, 50, 512 << 20)
+    assert (web.health_path, web.health_interval, web.health_failures) == \
+        ("/health?deep=1", 0.5, 2)
     assert web.params == {"greeting": "hi"} and not topology.nodes
     assert ServiceSpec.from_json(web.to_json()) == web
 
@@ -346,6 +418,14 @@ greeting = "hi"
     ('class = "m:C"\nlisten = "h:80"\nmax_requests = -1', "services.web.max_requests",
      "in 0.."),
     ('class = "m:C"\nlisten = "h:80"\nmax_rss = "1G"', "services.web.max_rss", "expected"),
+    ('class = "m:C"\nlisten = "h:80"\nhealth_path = "health"', "services.web.health_path",
+     "expected a path such as '/health'"),
+    ('class = "m:C"\nlisten = "h:80"\nhealth_path = "/a b"', "services.web.health_path",
+     "no spaces"),
+    ('class = "m:C"\nlisten = "h:80"\nhealth_interval = 0', "services.web.health_interval",
+     "> 0"),
+    ('class = "m:C"\nlisten = "h:80"\nhealth_failures = 0', "services.web.health_failures",
+     "in 1..1000"),
 ])
 def test_bad_services_are_named(body: str, key_path: str, message: str) -> None:
     from hiocluster.errors import TopologyError

@@ -359,3 +359,41 @@ def test_a_pipelined_request_keeps_the_server_busy_until_answered(wsgi: WsgiServ
     wsgi.service()  # the second response ends
     assert not wsgi.busy and wsgi.served == 2
     sock.close()
+
+
+def _health_service(path: str, app: Callable) -> Any:
+    from hiocluster.service import WsgiService
+    from hiocluster.topology import ServiceSpec
+
+    service = WsgiService(ServiceSpec("web", "m:C", ("127.0.0.1", 8080), health_path=path), 0)
+    service.wsgi = app
+    return service
+
+
+def test_a_wsgi_services_health_check_asks_its_app_for_the_path() -> None:
+    asked: list[tuple[str, str]] = []
+
+    def app(environ: dict[str, Any], start: Callable) -> list[bytes]:
+        asked.append((environ["PATH_INFO"], environ["QUERY_STRING"]))
+        start(environ["QUERY_STRING"] == "fail" and "503 Service Unavailable" or "204 OK", [])
+        return [b""]
+
+    assert _health_service("/ready?deep=1", app).healthy() is True
+    assert asked == [("/ready", "deep=1")]
+    with pytest.raises(ValueError, match=r"GET /ready\?fail: 503 Service Unavailable"):
+        _health_service("/ready?fail", app).healthy()
+    assert _health_service("", app).healthy() is None  # no check
+
+    def silent(environ: dict[str, Any], start: Callable) -> list[bytes]:
+        return []
+
+    with pytest.raises(ValueError, match="gave no status"):
+        _health_service("/x", silent).healthy()
+
+
+def test_a_tcp_service_refuses_a_health_path() -> None:
+    from hiocluster.service import TcpService
+    from hiocluster.topology import ServiceSpec
+
+    with pytest.raises(ValueError, match="health_path is for HTTP services"):
+        TcpService(ServiceSpec("echo", "m:C", ("127.0.0.1", 9000), health_path="/h"), 0)

@@ -156,7 +156,7 @@ def format_status(status: dict[str, Any]) -> str:
                      f"{simulation['state']}")
         lines += [f"  {name:<12} {state}" for name, state in simulation["workers"].items()]
     rows = [("SERVICE", "REPLICA", "PID", "STATE", "RESTARTS", "UPTIME", "CPU", "RSS",
-             "SERVED", "CODE")]
+             "SERVED", "CODE", "HEALTH")]
     for service in status.get("services") or []:
         for replica in service["replicas"]:
             cpu = replica.get("cpu")
@@ -164,10 +164,11 @@ def format_status(status: dict[str, Any]) -> str:
                          str(replica["pid"] or "-"), replica["state"],
                          str(replica["restarts"]), f"{replica['uptime']:.1f}s",
                          "-" if cpu is None else f"{cpu:.1f}%", _size(replica.get("rss")),
-                         str(replica["served"]), replica.get("version") or "-"))
+                         str(replica["served"]), replica.get("version") or "-",
+                         replica.get("health", "-")))
         if not service["replicas"]:
             rows.append((service["service"], "-", "-", "none", str(service["restarts"]),
-                         "-", "-", "-", str(service["served"]), "-"))
+                         "-", "-", "-", str(service["served"]), "-", "-"))
     if len(rows) > 1:
         widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
         lines += ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip()
@@ -178,6 +179,12 @@ def format_status(status: dict[str, Any]) -> str:
                f"{service['served']} served"
         if service.get("versions", 0) > 1:
             note += f", {service['versions']} code versions serving"
+        for replica in service["replicas"]:
+            if replica.get("health_detail"):
+                lines.append(f"{service['service']}.{replica['replica']} is "
+                             f"{replica['health']}: {replica['health_detail']}")
+        if service.get("unhealthy"):
+            note += f", {service['unhealthy']} replaced for failed health checks"
         if service.get("replaced"):
             note += f", {service['replaced']} replaced (max_requests, max_rss)"
         if service["rolling"]:

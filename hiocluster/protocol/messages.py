@@ -382,7 +382,9 @@ class Load(Message):
     TYPE = "LOAD"
     served: int
     connections: int
-    SCHEMA = {"served": UINT, "connections": UINT}
+    failing: int = 0    # its health checks failed this many times in a row (now)
+    health: str = ""    # "" no check, "ok", or what the last failed check said
+    SCHEMA = {"served": UINT, "connections": UINT, "failing": UINT, "health": TEXT}
 
 
 @dataclass(slots=True)

@@ -26,6 +26,13 @@ The rules, as Erlang/OTP supervisors have them:
   ``max_requests_jitter``, drawn per start, so replicas do not all go at once)
   or uses more than ``max_rss`` bytes of memory is replaced the same way: its
   successor serves first. No crash, no restart counted.
+* **health**: a replica whose health check failed ``health_failures`` times in
+  a row is taken out of the accept set at once (it drains: connections queue on
+  its listening sockets, which the run holds) and a successor started in its
+  slot takes them. Counted among its slot's restarts, but not as a crash: the
+  service does not fail for it (a dependency that is down fails every
+  replica's check; each slot is replaced at most every ``health_failures``
+  checks).
 
 A replica that does not join within ``start_timeout`` seconds is killed (and
 counts as a crash), as is one that serves but is not heard from (JOIN, LOAD) for
@@ -80,6 +87,8 @@ class Replica:
     worn: bool = False                 # past max_requests or max_rss: being replaced
     jitter: int = 0                    # its share of max_requests_jitter
     version: str = ""                  # the code it imported (JOIN's version)
+    failing: int = 0                   # its health checks failed this many times in a row
+    health: str = ""                   # "" no check, "ok", or the last failure
     error: str | None = None           # what it said in an ERROR frame
 
     @property
@@ -136,6 +145,7 @@ class _Service:
     failed: str | None = None
     served_gone: int = 0   # served by replicas that exited
     worn: int = 0          # replicas replaced for max_requests or max_rss
+    unhealthy: int = 0     # replicas replaced for failing their health checks
     pool: int = 0          # listening sockets 0..pool-1 exist (the run holds them)
 
     def live(self, index: int) -> list[Replica]:
@@ -186,17 +196,23 @@ class ServiceCore:
                 self._stop(old, now)
 
     def load(self, replica: Replica, served: int, connections: int,
-             now: float | None = None, rss: int | None = None) -> None:
+             now: float | None = None, rss: int | None = None, failing: int = 0,
+             health: str = "") -> None:
         """``replica`` reported its counts (at ``now``: it is alive; ``rss``: the
-        memory its process uses, as the shell measured it then)."""
+        memory its process uses, as the shell measured it then; ``failing``: its
+        health checks failed so many times in a row, the last saying ``health``)."""
         replica.served, replica.connections = served, connections
         if now is None:
             return
         replica.heard = now
+        replica.failing, replica.health = failing, health
         if replica.worn or replica.state is not ReplicaState.SERVING or self.stopping:
             return
         spec = self.services[replica.service].spec
-        if spec.max_requests and served >= spec.max_requests + replica.jitter:
+        if failing >= spec.health_failures:
+            self._wear(replica, f"failed its health check {failing} times in a row "
+                                f"({health})", now, unhealthy=True)
+        elif spec.max_requests and served >= spec.max_requests + replica.jitter:
             self._wear(replica, f"served {served:,} requests (max_requests = "
                                 f"{spec.max_requests:,} + {replica.jitter:,})", now)
         elif spec.max_rss and rss is not None and rss > spec.max_rss:
@@ -385,7 +401,8 @@ class ServiceCore:
                 "uptime": round(now - replica.serving_since, 3)
                 if replica.serving_since is not None else 0.0,
                 "served": replica.served, "connections": replica.connections,
-                "version": replica.version,
+                "version": replica.version, "health": _health(replica),
+                "health_detail": replica.health if replica.failing else "",
             } for replica in self.live() if replica.service == name]
             for index, when in sorted(service.pending.items()):
                 replicas.append({"replica": index, "incarnation": None, "pid": None,
@@ -399,7 +416,7 @@ class ServiceCore:
                 "restarts": sum(service.restarts.values()),
                 "served": service.served_gone + sum(r["served"] for r in replicas),
                 "rolling": len(service.rolling) + (service.roll_index is not None),
-                "replaced": service.worn,
+                "replaced": service.worn, "unhealthy": service.unhealthy,
                 "versions": len({r["version"] for r in replicas if r["state"] == "serving"}),
                 "failed": service.failed,
                 "replicas": replicas,
@@ -424,16 +441,30 @@ class ServiceCore:
         return tuple(k for k in range(service.pool)
                      if k == index or (desired and k >= desired and k % desired == index))
 
-    def _wear(self, replica: Replica, why: str, now: float) -> None:
+    def _wear(self, replica: Replica, why: str, now: float, unhealthy: bool = False) -> None:
         """``replica`` is past a lifetime limit: its successor starts in its slot,
-        and it drains once that one serves (as in a rolling restart)."""
+        and it drains once that one serves (as in a rolling restart). An
+        ``unhealthy`` one drains at once: its connections wait for the successor."""
         service = self.services[replica.service]
         if len(service.live(replica.index)) > 1 or replica.index == service.roll_index:
-            return  # its slot is changing hands already: asked again at its next LOAD
+            # its slot is changing hands already: asked again at its next LOAD,
+            # but an unhealthy one stops taking connections now
+            if unhealthy and any(other is not replica and other.state is ReplicaState.SERVING
+                                 for other in service.live(replica.index)):
+                replica.retiring = True
+                self._stop(replica, now)
+            return
         replica.worn = True
-        service.worn += 1
+        if unhealthy:
+            service.unhealthy += 1
+            service.restarts[replica.index] = service.restarts.get(replica.index, 0) + 1
+        else:
+            service.worn += 1
         self.log.append(f"{replica.label} {why}: replaced")
         self._start(service, replica.index, now)
+        if unhealthy:
+            replica.retiring = True
+            self._stop(replica, now)
 
     def _start(self, service: _Service, index: int, now: float) -> None:
         self._incarnation += 1
@@ -474,7 +505,8 @@ class ServiceCore:
                             f"{_how(code)}")
             service.roll_index = None
             service.rolling.clear()
-        if spec.restart == "one_for_one" and service.live(replica.index):
+        if spec.restart == "one_for_one" and any(
+                other.state is not ReplicaState.STOPPING for other in service.live(replica.index)):
             # mid-roll: the other incarnation of this replica serves on, or soon will
             self.log.append(f"{replica.label} {_how(code)}; another incarnation runs")
             return
@@ -518,6 +550,13 @@ class ServiceCore:
 def replica_drain(core: ServiceCore, replica: Replica) -> float:
     """Seconds ``replica`` gets between STOP and SIGKILL."""
     return core.services[replica.service].spec.drain
+
+
+def _health(replica: Replica) -> str:
+    """``-`` (no check), ``ok`` or ``failing N`` (N checks in a row)."""
+    if not replica.health:
+        return "-"
+    return "ok" if not replica.failing else f"failing {replica.failing}"
 
 
 def _how(code: int) -> str:

@@ -11,10 +11,12 @@ Life of a replica (docs/protocol.md §12): open the servers; JOIN (service,
 replica, incarnation, the run's token); serve, with a LOAD at most every LOAD_S
 when its counts changed, and at least every quarter of its ``heartbeat`` (the
 run kills a replica that fell silent for ``heartbeat`` seconds: its loop hangs,
-or it was stopped); SIGHUP, SIGUSR1 and SIGUSR2 are ignored with a line said
-(their default would end the replica: there is no reload yet); on STOP (or SIGTERM, or the supervisor gone: the
-orphan rule of workers) drain: stop accepting, finish what is in flight, BYE,
-exit 0. Started by the supervisor as ``hiocluster replica``.
+or it was stopped); every ``health_interval`` its service's health check, the
+failures in a row reported in LOAD; SIGUSR1 reopens its log files, SIGHUP,
+SIGUSR2, SIGTTIN and SIGTTOU are ignored with a line said (the run acts on
+them; their default would end the replica); on STOP (or SIGTERM, or the
+supervisor gone: the orphan rule of workers) drain: stop accepting, finish what
+is in flight, BYE, exit 0. Started by the supervisor as ``hiocluster replica``.
 """
 
 from __future__ import annotations
@@ -139,9 +141,12 @@ class ReplicaProcess:
         self.watched: dict[int, int] = {}
         self.last_watch: list[tuple[int, int]] = []
         self.draining_since: float | None = None
-        self.reported = (-1, -1)
+        self.reported: tuple[int, int, int, str] = (-1, -1, 0, "")
         self.report_at = 0.0
         self.beat_at = 0.0      # a LOAD is due by then even if nothing changed
+        self.check_at = 0.0     # the next health check
+        self.failing = 0        # health checks failed in a row
+        self.health = ""        # "" no check, "ok", or what the last failed one said
         self.done = False
 
     # -- the loop -----------------------------------------------------------------
@@ -223,16 +228,39 @@ class ReplicaProcess:
                 self._drain("error")
         now = time.monotonic()
         service = self.service
-        counts = (service.served, service.connections)
+        if self.draining_since is None and now >= self.check_at:
+            self.check_at = now + self.options.spec.health_interval
+            self._check_health()
+        counts = (service.served, service.connections, self.failing, self.health)
         if self.draining_since is None and ((counts != self.reported and now >= self.report_at)
                                             or now >= self.beat_at):
             self.reported, self.report_at = counts, now + LOAD_S
             self.beat_at = now + self.options.spec.heartbeat / 4
-            self._send(proto.Load(served=counts[0], connections=counts[1]))
-        self.loop.wake_by(self.beat_at)
+            self._send(proto.Load(served=counts[0], connections=counts[1],
+                                  failing=self.failing, health=self.health))
+        self.loop.wake_by(min(self.beat_at, self.check_at))
         if self.draining_since is not None and (
                 service.idle or now - self.draining_since > self.options.spec.drain):
             self.done = True
+
+    def _check_health(self) -> None:
+        """Ask the service whether it is healthy; count the failures in a row."""
+        try:
+            healthy = self.service.healthy()
+            why = "healthy() returned False"
+        except Exception as exc:
+            healthy, why = False, f"{type(exc).__name__}: {exc}"
+        if healthy is None:
+            self.health = ""
+        elif healthy:
+            if self.failing:
+                logger.warning("%s: healthy again", self.options.key)
+            self.failing, self.health = 0, "ok"
+        else:
+            self.failing += 1
+            self.health = why[:200]
+            logger.warning("%s: health check failed (%d in a row): %s", self.options.key,
+                           self.failing, self.health)
 
     def _drain(self, reason: str) -> None:
         if self.draining_since is None:

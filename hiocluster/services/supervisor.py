@@ -519,7 +519,8 @@ class Services(DoDoer):
             self.say(f"{replica.label} serving on {spec.address} (pid {message.pid})")
         elif isinstance(message, proto.Load):
             self.core.load(replica, message.served, message.connections, now,
-                           rss=self._rss(replica))
+                           rss=self._rss(replica), failing=message.failing,
+                           health=message.health)
         elif isinstance(message, proto.Bye):
             self.core.load(replica, message.stats.get("served", replica.served), 0)
         elif isinstance(message, proto.Error):

@@ -225,7 +225,9 @@ def _hosts(document: dict[str, Any]) -> tuple[HostSpec, ...]:
 _SERVICE_KEYS = ("class", "replicas", "listen", "restart", "max_restarts", "within",
                  "backoff", "backoff_max", "timeout", "drain", "heartbeat", "max_body",
                  "max_requests", "max_requests_jitter", "max_rss", "access_log",
-                 "access_log_format", "spare", "tls", "params")
+                 "access_log_format", "health_path", "health_interval", "health_failures",
+                 "spare", "tls", "params")
+_HEALTH_PATH = re.compile(r"/[!-~]{0,1023}")
 _LISTEN = re.compile(r"(?P<host>[A-Za-z0-9_.-]{1,253}):(?P<port>\d{1,5})")
 
 
@@ -259,13 +261,22 @@ def _services(document: dict[str, Any], nodes: tuple[NodeSpec, ...],
                        f"{suggest(restart, RESTART_POLICIES)}", f"{key_path}.restart")
         numbers: dict[str, Any] = {key: number_value(body[key], f"{key_path}.{key}", positive=key != "timeout")
                    for key in ("within", "backoff", "backoff_max", "timeout", "drain",
-                               "heartbeat")
+                               "heartbeat", "health_interval")
                    if key in body}
         if "max_body" in body:
             numbers["max_body"] = int_value(body["max_body"], f"{key_path}.max_body", 1, 1 << 40)
         for key in ("max_requests", "max_requests_jitter", "max_rss"):
             if key in body:
                 numbers[key] = int_value(body[key], f"{key_path}.{key}", 0, 1 << 50)
+        if "health_failures" in body:
+            numbers["health_failures"] = int_value(body["health_failures"],
+                                                   f"{key_path}.health_failures", 1, 1_000)
+        if "health_path" in body:
+            path = text_value(body["health_path"], f"{key_path}.health_path")
+            if not _HEALTH_PATH.fullmatch(path):
+                raise topology_error(f"expected a path such as '/health' (printable ASCII, "
+                                     f"no spaces), got {path!r}", f"{key_path}.health_path")
+            numbers["health_path"] = path
         if "access_log" in body:  # a file relative to the topology's, or "-": the output
             log = text_value(body["access_log"], f"{key_path}.access_log")
             numbers["access_log"] = log if log in ("", "-") else os.path.join(base, log)
@@ -276,6 +287,9 @@ def _services(document: dict[str, Any], nodes: tuple[NodeSpec, ...],
                                  f"{log_format!r}{suggest(log_format, ACCESS_LOG_FORMATS)}",
                                  f"{key_path}.access_log_format")
         numbers["access_log_format"] = log_format
+        if numbers.get("health_interval", 1.0) < 0.05:
+            raise topology_error(f"must be >= 0.05 (seconds between checks), got "
+                                 f"{body['health_interval']}", f"{key_path}.health_interval")
         if numbers.get("timeout", 0) < 0:
             raise topology_error(f"must be >= 0, got {body['timeout']}", f"{key_path}.timeout")
         spare = body.get("spare", True)

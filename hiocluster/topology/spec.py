@@ -186,6 +186,9 @@ class ServiceSpec:
     max_rss: int = 0                # a replica using more memory (bytes) is replaced (0: never)
     access_log: str = ""            # HTTP: a line per request to this file ("-": the output)
     access_log_format: str = "common"   # or "json"
+    health_path: str = ""           # HTTP: a path the replica asks its app (2xx/3xx: healthy)
+    health_interval: float = 1.0    # seconds between a replica's health checks
+    health_failures: int = 3        # failed in a row this often: replaced
     tls: tuple[str, str] | None = None
     params: dict[str, Any] = field(default_factory=dict, hash=False)
 
