@@ -22,7 +22,7 @@ import threading
 import time
 from typing import Callable
 
-from hiocluster.runtime.transport import Socket, heartbeat_timeout_ms
+from hiocluster.runtime.transport import Poller, Socket, heartbeat_timeout_ms
 
 __all__ = ["Watchdog", "OrphanRule", "CHECK_S", "ORPHAN_GRACE_S", "orphan_grace",
            "parent_gone"]
@@ -104,6 +104,9 @@ class Watchdog(threading.Thread):
         self.orphaned = False
         self.overrun_since = 0.0     # the busy_since of the tick it interrupted
         self._stopped = threading.Event()
+        # stop() writes here, so the thread wakes from its poll at once (a spare
+        # becoming a replica, a replica exiting, do not wait out an idle check)
+        self._wake_r, self._wake_w = os.pipe()
         main = threading.main_thread().ident
         assert main is not None  # a started thread has one
         self._main: int = main
@@ -111,14 +114,26 @@ class Watchdog(threading.Thread):
     def stop(self) -> None:
         """Stop watching (before a clean exit: the supervisor may close first)."""
         self._stopped.set()
+        try:
+            os.write(self._wake_w, b"x")
+        except OSError:
+            pass
         if self.is_alive():
             self.join(1.0)
+        if not self.is_alive() and self._wake_w >= 0:
+            os.close(self._wake_r)
+            os.close(self._wake_w)
+            self._wake_r = self._wake_w = -1
 
     def run(self) -> None:
         rule = self.rule
+        poller = Poller([self.monitor, self._wake_r])
         while not self._stopped.is_set():
             quiet = rule.connected and not rule.down_since and self.tick_timeout is None
-            if self.monitor.poll(int((self.idle_check if quiet else CHECK_S) * 1000)):
+            ready = poller.poll((self.idle_check if quiet else CHECK_S) * 1000)
+            if self._stopped.is_set():
+                return
+            if ready:
                 rule.seen(self.monitor.event(), time.monotonic())
                 continue
             now = time.monotonic()
