@@ -5,7 +5,8 @@ Serves the falcon app of nodes/web.py (``GET /hello``) from, one at a time:
 * ``hiocluster``: ``hiocluster run`` of a temporary topology with 1 and with 2
   replicas of ``nodes.web:Web`` on one free loopback port (SO_REUSEPORT), and 1
   replica writing an access log (a file; the issue "operable services" asks
-  <= 10 % at c=64);
+  <= 10 % at c=64), and 1 replica in a run whose Prometheus endpoint is scraped
+  every second (asked: <= 2 %);
 * ``hio fixed-tock``: hio's own WSGI server (``hio.core.http.serving.Server``)
   with its ``ServerDoer`` in hio's own ``Doist(real=True, tock=0.001)``, in a
   child process (this file, run with the hidden ``--hio-server PORT``);
@@ -47,7 +48,9 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+import urllib.request
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
@@ -65,6 +68,7 @@ PATH = "/hello"
 READY_S = 30.0      # most seconds a server may take to answer its first request
 GRACE_S = 10.0      # seconds between SIGTERM and SIGKILL
 FALLBACK_MAX = 100_000  # most requests one fallback client process makes per run
+SCRAPE_S = 1.0      # seconds between scrapes of the metrics endpoint
 
 
 # -- processes -----------------------------------------------------------------------
@@ -164,11 +168,15 @@ def read_log(path: str) -> str:
 
 
 @contextlib.contextmanager
-def hiocluster(replicas: int, access_log: bool = False) -> Iterator[Running]:
+def hiocluster(replicas: int, access_log: bool = False, metrics: bool = False
+               ) -> Iterator[Running]:
     port = free_port()
     run_dir = tempfile.mkdtemp(prefix="hioc-bench-")
     topology = os.path.join(run_dir, "web.toml")
+    metrics_port = free_port()
     with open(topology, "w") as handle:
+        if metrics:
+            handle.write(f'[run]\nmetrics = "{HOST}:{metrics_port}"\n\n')
         handle.write(f'[services.web]\nclass = "nodes.web:Web"\nreplicas = {replicas}\n'
                      f'listen = "{HOST}:{port}"\ntimeout = 30.0\ndrain = 5.0\n'
                      + ('access_log = "access.log"\n' if access_log else ""))
@@ -182,12 +190,31 @@ def hiocluster(replicas: int, access_log: bool = False) -> Iterator[Running]:
             names = [f"replica {i}" for i in range(len(pids))]
             running = Running(port, [("supervisor", proc.pid), *zip(names, pids)],
                               per_unit=names)
+            scraping = threading.Event()
+            scraper = threading.Thread(target=scrape, args=(metrics_port, scraping),
+                                       daemon=True) if metrics else None
+            if scraper is not None:
+                scraper.start()
             try:
                 yield running
             finally:
+                scraping.set()
+                if scraper is not None:
+                    scraper.join(10)
                 running.log = read_log(log)
     finally:
         shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def scrape(port: int, done: threading.Event) -> None:
+    """GET /metrics every SCRAPE_S until ``done`` (Prometheus scrapes every 15 s by
+    default: this is 15 times harsher)."""
+    while not done.wait(SCRAPE_S):
+        try:
+            with urllib.request.urlopen(f"http://{HOST}:{port}/metrics", timeout=5) as answer:
+                answer.read()
+        except OSError as exc:
+            print(f"# metrics scrape failed: {exc}", file=sys.stderr, flush=True)
 
 
 @contextlib.contextmanager
@@ -547,6 +574,7 @@ def main() -> None:
 
     configs = [Config("hiocluster 1 replica", lambda: hiocluster(1)),
                Config("hiocluster 1 replica, access log", lambda: hiocluster(1, True)),
+               Config("hiocluster 1 replica, metrics", lambda: hiocluster(1, metrics=True)),
                Config("hiocluster 2 replicas", lambda: hiocluster(2)),
                Config("hio fixed-tock", hio_fixed_tock)]
     have_gunicorn = importlib.util.find_spec("gunicorn") is not None
@@ -590,6 +618,10 @@ def main() -> None:
     for count in connections:
         print(f"hiocluster 1 replica with / without an access log at c={count}: "
               f"{show(ratio(logging_, one, count))}")
+    scraped = by_label["hiocluster 1 replica, metrics"]
+    for count in connections:
+        print(f"hiocluster 1 replica with / without metrics scraped every {SCRAPE_S:g} s at "
+              f"c={count}: {show(ratio(scraped, one, count))}")
     for count in connections:
         print(f"hiocluster 1 replica / hio fixed-tock at c={count}: "
               f"{show(ratio(one, hio, count))}")

@@ -325,6 +325,11 @@ class LaunchError(ClusterError):
     allocation, or a Slurm command missing or refusing; names what is wrong."""
 
 
+class MetricsError(ClusterError):
+    """The run's metrics endpoint cannot listen where it is asked to (the address
+    and why)."""
+
+
 class Terminated(BaseException):
     """A signal (or the loss of the supervisor) ends this worker: leave through the
     exit contexts. Never blamed on the node it interrupts."""

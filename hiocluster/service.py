@@ -28,6 +28,7 @@ import time
 import traceback
 from typing import Any, Callable
 
+from hiocluster.services.core import Latency
 from hiocluster.services.serving import AccessLog, Server, ServerTls, Watch, WsgiServer
 from hiocluster.topology import ServiceSpec
 
@@ -99,6 +100,20 @@ class Service:
     def served(self) -> int:
         """Requests (or messages) served so far."""
         return sum(getattr(server, "served", 0) for server in self.servers)
+
+    @property
+    def latency(self) -> Latency | None:
+        """How long its requests took (a histogram over its servers'), or None when
+        its servers do not measure it (TCP: a message has no answer to time)."""
+        found = [server.latency for server in self.servers if hasattr(server, "latency")]
+        if not found:
+            return None
+        if len(found) == 1:
+            return found[0]
+        total = Latency()
+        for latency in found:
+            total.merge(latency.counts, latency.total)
+        return total
 
     @property
     def connections(self) -> int:

@@ -791,6 +791,23 @@ def test_a_replica_failing_its_health_check_is_replaced_under_load_losing_nothin
     assert "HEALTH" in table.stdout and "1 replaced for failed health checks" in table.stdout
 
 
+def test_a_reload_scales_to_the_files_number_of_replicas(start, tmp_path: Path,
+                                                          cli_env: dict[str, str]) -> None:
+    port = free_port()
+    text = with_port((TOPOLOGIES / "http.toml").read_text(), port)
+    run = start(text)
+    run.serving(2)
+    (tmp_path / "svc.toml").write_text(text.replace("replicas = 2", "replicas = 3"))
+    done = subprocess.run(hiocluster_command("reload", "--control", run.control),
+                          capture_output=True, text=True, env=cli_env, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert "web: reload of 2 replicas, then 2 -> 3 replicas" in done.stdout
+    after = run.until(lambda s: s["services"][0]["serving"] == 3
+                      and s["services"][0]["rolling"] == 0)["services"][0]
+    assert (after["desired"], after["restarts"]) == (3, 0)
+    assert {get(port)[0] for _ in range(12)} == {200}
+
+
 def test_sigttin_and_sigttou_scale_every_service_by_one(start) -> None:
     port = free_port()
     run = start(with_port((TOPOLOGIES / "http.toml").read_text(), port))

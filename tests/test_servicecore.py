@@ -462,18 +462,45 @@ def test_cpu_is_the_recent_rate_not_the_average_since_the_last_status() -> None:
     assert CpuRate(used, clock["now"]).percent(clock["now"]) is None  # too soon to say
 
 
-def test_reload_takes_the_new_spec_and_rolls_but_keeps_the_address_and_count() -> None:
+def test_reload_takes_the_new_spec_and_count_and_rolls_but_keeps_the_address() -> None:
     h = Harness(spec(replicas=2, params={"greeting": "hi"}))
     h.core.start(0.0)
     h.take()
     h.join_all()
     new = spec(replicas=3, params={"greeting": "bonjour"})
-    assert h.core.reload("web", new, 1.0) == "web: reload of 2 replicas (replicas: 2 kept)"
-    assert h.take() == [("start", "web.0.3")]
+    assert h.core.reload("web", new, 1.0) == "web: reload of 2 replicas, then 2 -> 3 replicas"
+    assert h.take() == [("start", "web.0.3"), ("start", "web.2.4")]
     assert h.core.services["web"].spec.params == {"greeting": "bonjour"}
+    assert h.core.services["web"].desired == 3
+    h.join_all()  # web.0 rolled; then web.1, while web.2 serves
+    assert h.take() == [("stop", "web.0.1")]
+    h.now = 1.5
+    h.exit("web.0.1", 0)
+    assert h.take() == [("start", "web.1.5")]
+    fewer = Harness(spec(replicas=3))
+    fewer.core.start(0.0)
+    fewer.take()
+    fewer.join_all()
+    assert fewer.core.reload("web", spec(replicas=1), 1.0) == \
+        "web: reload of 3 replicas, then 3 -> 1 replicas"
+    assert fewer.take() == [("start", "web.0.4"), ("stop", "web.1.2"), ("stop", "web.2.3")]
+    # web.0.4 was started with its own listening socket only: once it serves,
+    # web.0 rolls again, onto those of the replicas scaled away
+    fewer.join_all()
+    fewer.now = 1.5
+    for key in ("web.1.2", "web.2.3"):
+        fewer.exit(key, 0)
+    assert fewer.take() == [("stop", "web.0.1")]
+    fewer.exit("web.0.1", 0)
+    assert fewer.take() == [("start", "web.0.5")]
+    assert fewer.core.replica("web.0.5").listeners == (0, 1, 2)  # type: ignore[union-attr]
     with pytest.raises(ValueError, match="already restarting"):
         h.core.reload("web", new, 1.0)
     with pytest.raises(ValueError, match="a reload keeps the address"):
         h.core.reload("web", spec(listen=("127.0.0.1", 9090)), 1.0)
     with pytest.raises(KeyError, match="no service 'api'"):
         h.core.reload("api", new, 1.0)
+    h.now = 2.0
+    h.join_all()
+    h.exit("web.1.2", 0)
+    assert h.core.all_serving() and h.core.status(2.0)[0]["rolling"] == 0

@@ -84,6 +84,9 @@ def _run_options(command: argparse.ArgumentParser) -> None:
     command.add_argument("--real", action="store_true", default=None,
                          help="pace ticks to the wall clock: tick n starts tock x n seconds "
                               "after the start (default: the file's run.real)")
+    command.add_argument("--metrics", metavar="HOST:PORT", default=None,
+                         help="serve Prometheus metrics at http://HOST:PORT/metrics (port "
+                              "0: any free one, printed; default: the file's run.metrics)")
     _output_options(command)
     _checkpoint_options(command)
     _app_dir(command)
@@ -404,9 +407,10 @@ def _reload(commands: Commands) -> None:
         "reload", help="new code and settings for every service, without downtime",
         description="What SIGHUP to the run does: read the topology file again and "
                     "restart each service's replicas onto what it says (its settings "
-                    "and params; the address and the number of replicas stay), one "
-                    "at a time, each a process that imports the code anew and serves "
-                    "before its predecessor drains. Waits until done.",
+                    "and params; the address stays), one at a time, each a process "
+                    "that imports the code anew and serves before its predecessor "
+                    "drains; a changed number of replicas is then scaled to (as "
+                    "hiocluster scale, which a reload undoes). Waits until done.",
         epilog=_DONE_EXITS)
     _control(reload, waits=True)
 

@@ -26,6 +26,7 @@ from hiocluster.errors import (
     Exhausted,
     Interrupted,
     LaunchError,
+    MetricsError,
     RunFailed,
     TopologyError,
 )
@@ -44,6 +45,8 @@ def topology_main(args: argparse.Namespace) -> int:
         print(f"hiocluster: {exc}", file=sys.stderr)
         json_error(args, exc, {})
         return EXIT_USAGE
+    except MetricsError as exc:  # its address is taken: nothing started
+        return failed(args, exc, {})
     except BrokenPipeError:  # e.g. `hiocluster run ... | head -1`: the reader left
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_FAILED
@@ -136,7 +139,7 @@ def _load(args: argparse.Namespace) -> Any:
     from hiocluster.topology import load, plan
 
     topology = load(args.topology)
-    changes = {key: getattr(args, key, None) for key in ("ticks", "seed", "real")}
+    changes = {key: getattr(args, key, None) for key in ("ticks", "seed", "real", "metrics")}
     changes = {key: value for key, value in changes.items() if value is not None}
     if getattr(args, "host", None) or getattr(args, "place", None):
         changes["hosts"] = _hosts_from(args)
@@ -181,6 +184,7 @@ def run_main(args: argparse.Namespace) -> int:
         if topology.services:
             print(f"hiocluster: control: HIOCLUSTER_CONTROL={supervisor.endpoint_address}",
                   file=sys.stderr, flush=True)
+        say_metrics(supervisor)
         for name in args.external:
             print(f"hiocluster: waiting for worker {name}: "
                   f"{supervisor.worker_command_line(name)}", file=sys.stderr, flush=True)
@@ -317,6 +321,15 @@ def _print_result(args: argparse.Namespace, result: Any) -> None:
         print(services_summary(result.services))
 
 
+def say_metrics(run: Any) -> None:
+    """Where the run's Prometheus endpoint is (once a run; a restart keeps it)."""
+    metrics = run.metrics
+    if metrics is not None and not getattr(metrics, "said", False):
+        metrics.said = True
+        print(f"hiocluster: metrics: http://{metrics.address}/metrics", file=sys.stderr,
+              flush=True)
+
+
 def _serve(args: argparse.Namespace, topology: Any) -> int:
     """A run of services only: until SIGINT, SIGTERM or ``hiocluster stop``."""
     from hiocluster.runtime.output import Prefixer
@@ -326,6 +339,7 @@ def _serve(args: argparse.Namespace, topology: Any) -> int:
     def announce(run: Any) -> None:  # once the endpoint is bound
         print(f"hiocluster: control: {CONTROL_ENV}={run.endpoint_address}", file=sys.stderr,
               flush=True)
+        say_metrics(run)
 
     try:
         result = serve(topology, app_dir=args.app_dir, on_listening=announce,

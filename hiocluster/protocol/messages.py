@@ -384,7 +384,10 @@ class Load(Message):
     connections: int
     failing: int = 0    # its health checks failed this many times in a row (now)
     health: str = ""    # "" no check, "ok", or what the last failed check said
-    SCHEMA = {"served": UINT, "connections": UINT, "failing": UINT, "health": TEXT}
+    latency: list[int] = field(default_factory=list)  # requests per latency bucket
+    latency_sum: float = 0.0                          # their seconds in all
+    SCHEMA = {"served": UINT, "connections": UINT, "failing": UINT, "health": TEXT,
+              "latency": ListOf(UINT), "latency_sum": NUMBER}
 
 
 @dataclass(slots=True)

@@ -42,6 +42,7 @@ listening sockets are the run's, so its successor takes the connections queued.
 
 from __future__ import annotations
 
+import bisect
 import enum
 import random
 from collections import deque
@@ -52,10 +53,42 @@ from hiocluster.errors import ServiceFailed
 from hiocluster.topology import MAX_REPLICAS, ServiceSpec
 
 __all__ = ["ServiceCore", "Replica", "ReplicaState", "ServiceFailed", "START_TIMEOUT",
-           "StartReplica", "StopReplica", "KillReplica", "Action"]
+           "StartReplica", "StopReplica", "KillReplica", "Action", "Latency",
+           "LATENCY_BUCKETS"]
 
 #: Seconds a replica gets from its start to JOIN.
 START_TIMEOUT = 10.0
+
+
+#: Upper bounds (seconds) of the buckets of a server's latency histogram (one
+#: more bucket holds what is slower): Prometheus's default buckets, and finer
+#: ones below 5 ms, where a replica's answers are.
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+                   2.5, 5.0, 10.0)
+
+
+class Latency:
+    """How long requests took, as a histogram: ``counts[i]`` requests took at most
+    ``LATENCY_BUCKETS[i]`` seconds and more than the bound before (the last: more
+    than all), ``total`` seconds in all. Adding one costs a bisection."""
+
+    __slots__ = ("counts", "total")
+
+    def __init__(self) -> None:
+        self.counts = [0] * (len(LATENCY_BUCKETS) + 1)
+        self.total = 0.0
+
+    def add(self, seconds: float) -> None:
+        self.counts[bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1
+        self.total += seconds
+
+    def merge(self, counts: Iterable[int], total: float) -> None:
+        """Add another histogram's counts (of the same buckets; none: nothing yet)
+        and total."""
+        mine = self.counts
+        for index, count in enumerate(counts):
+            mine[index] += count
+        self.total += total
 
 
 class ReplicaState(enum.Enum):
@@ -88,6 +121,8 @@ class Replica:
     jitter: int = 0                    # its share of max_requests_jitter
     version: str = ""                  # the code it imported (JOIN's version)
     failing: int = 0                   # its health checks failed this many times in a row
+    latency: list[int] = field(default_factory=list)  # its requests per latency bucket
+    latency_sum: float = 0.0                          # their seconds in all
     health: str = ""                   # "" no check, "ok", or the last failure
     error: str | None = None           # what it said in an ERROR frame
 
@@ -146,6 +181,7 @@ class _Service:
     served_gone: int = 0   # served by replicas that exited
     worn: int = 0          # replicas replaced for max_requests or max_rss
     unhealthy: int = 0     # replicas replaced for failing their health checks
+    latency_gone: Latency = field(default_factory=Latency)  # of replicas that exited
     pool: int = 0          # listening sockets 0..pool-1 exist (the run holds them)
 
     def live(self, index: int) -> list[Replica]:
@@ -197,11 +233,16 @@ class ServiceCore:
 
     def load(self, replica: Replica, served: int, connections: int,
              now: float | None = None, rss: int | None = None, failing: int = 0,
-             health: str = "") -> None:
+             health: str = "", latency: list[int] | None = None,
+             latency_sum: float = 0.0) -> None:
         """``replica`` reported its counts (at ``now``: it is alive; ``rss``: the
         memory its process uses, as the shell measured it then; ``failing``: its
-        health checks failed so many times in a row, the last saying ``health``)."""
+        health checks failed so many times in a row, the last saying ``health``;
+        ``latency``: its requests per bucket of LATENCY_BUCKETS, ``latency_sum``
+        seconds in all; other than one count per bucket, it is not taken)."""
         replica.served, replica.connections = served, connections
+        if latency is not None and len(latency) == len(LATENCY_BUCKETS) + 1:
+            replica.latency, replica.latency_sum = latency, latency_sum
         if now is None:
             return
         replica.heard = now
@@ -228,6 +269,7 @@ class ServiceCore:
         self._by_key.pop(replica.key, None)
         service = self.services[replica.service]
         service.served_gone += replica.served
+        service.latency_gone.merge(replica.latency, replica.latency_sum)
         if replica.retiring or self.stopping or service.failed:
             if not replica.retiring and not self.stopping and was is not ReplicaState.STOPPING:
                 self.log.append(f"{replica.label} exited ({_how(code)})")
@@ -266,9 +308,8 @@ class ServiceCore:
         for index in range(replicas):
             live = service.live(index)
             wanted = set(self.listeners_for(service, index))
-            if live and not wanted <= set(live[-1].listeners) and index not in service.rolling \
-                    and index != service.roll_index:
-                service.rolling.append(index)
+            if live and not wanted <= set(live[-1].listeners) and index not in service.rolling:
+                service.rolling.append(index)  # mid-roll: again once it is done
         self._advance_roll(service, now)
         self.log.append(f"{name}: scaled from {before} to {replicas} replicas")
         return f"{name}: {before} -> {replicas} replicas"
@@ -288,9 +329,9 @@ class ServiceCore:
 
     def reload(self, name: str, spec: ServiceSpec, now: float) -> str:
         """Take ``spec`` (service ``name`` as its topology file says now: new
-        settings and params) and roll every replica onto it, as :meth:`restart`.
-        The address and the number of replicas stay (``scale`` changes that).
-        Raises KeyError/ValueError, naming why."""
+        settings and params) and roll every replica onto it, as :meth:`restart`;
+        a changed number of replicas is then scaled to (as :meth:`scale`). The
+        address stays. Raises KeyError/ValueError, naming why."""
         service = self._service(name)
         if spec.listen != service.spec.listen:
             raise ValueError(f"{name}: its file says listen = {spec.address}, the run "
@@ -299,9 +340,10 @@ class ServiceCore:
             raise ValueError(f"service {name} is already restarting")
         detail = self.restart(name, now)  # checks that it has not failed
         service.spec = spec
-        kept = f" (replicas: {service.desired} kept)" if spec.replicas != service.desired \
-            else ""
-        return detail.replace("rolling restart", "reload") + kept
+        detail = detail.replace("rolling restart", "reload")
+        if spec.replicas != service.desired:
+            detail += f", then {self.scale(name, spec.replicas, now).split(': ', 1)[1]}"
+        return detail
 
     def stop(self, now: float) -> None:
         """Drain and stop every replica; :attr:`finished` once all exited."""
@@ -410,6 +452,11 @@ class ServiceCore:
                                  "uptime": 0.0, "served": 0, "connections": 0,
                                  "restart_in": round(max(0.0, when - now), 3)})
             replicas.sort(key=lambda row: (row["replica"], row["incarnation"] or 0))
+            latency = Latency()
+            latency.merge(service.latency_gone.counts, service.latency_gone.total)
+            for replica in self.live():
+                if replica.service == name:
+                    latency.merge(replica.latency, replica.latency_sum)
             rows.append({
                 "service": name, "listen": service.spec.address, "desired": service.desired,
                 "serving": sum(1 for r in replicas if r["state"] == "serving"),
@@ -419,6 +466,7 @@ class ServiceCore:
                 "replaced": service.worn, "unhealthy": service.unhealthy,
                 "versions": len({r["version"] for r in replicas if r["state"] == "serving"}),
                 "failed": service.failed,
+                "latency": {"counts": latency.counts, "sum": round(latency.total, 6)},
                 "replicas": replicas,
             })
         return rows

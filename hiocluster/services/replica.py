@@ -45,7 +45,7 @@ from hiocluster.runtime.signals import IGNORED_SIGNALS, STOP_SIGNALS, Signals
 from hiocluster.runtime.transport import Context, Credentials, Poller, ipc_path
 from hiocluster.runtime.watchdog import Watchdog, parent_gone
 from hiocluster.service import Service
-from hiocluster.services.serving import WRITE_ONLY
+from hiocluster.services.serving import FdWatch
 from hiocluster.topology import ServiceSpec
 
 __all__ = ["ReplicaOptions", "run_replica", "LOAD_S", "SERVICE_ENV", "LISTEN_FDS_ENV",
@@ -138,8 +138,7 @@ class ReplicaProcess:
     def __init__(self, options: ReplicaOptions, service: Service, version: str = "") -> None:
         self.options, self.service, self.version = options, service, version
         self.loop = Loop([_Serving(self), *service.doers()], max_wait=IDLE_WAIT_S)
-        self.watched: dict[int, int] = {}
-        self.last_watch: list[tuple[int, int]] = []
+        self.fds = FdWatch(self.loop.poller)
         self.draining_since: float | None = None
         self.reported: tuple[int, int, int, str] = (-1, -1, 0, "")
         self.report_at = 0.0
@@ -200,18 +199,7 @@ class ReplicaProcess:
         listed = service.watch()
         if service.busy:  # after watch: it tells the servers what waits
             self.loop.asap = True
-        if listed == self.last_watch:  # the common case: nothing opened or closed
-            return
-        self.last_watch = listed
-        watch = dict(listed)
-        poller = self.loop.poller
-        for fd in [fd for fd in self.watched if fd not in watch]:
-            poller.unregister(fd)
-            del self.watched[fd]
-        for fd, mode in watch.items():
-            if self.watched.get(fd) != mode:
-                poller.register(fd, bool(mode), read=mode != WRITE_ONLY)
-                self.watched[fd] = mode
+        self.fds.update(listed)
 
     def _control(self) -> None:
         """Frames from the supervisor, LOAD when due, the end of a drain."""
@@ -236,8 +224,11 @@ class ReplicaProcess:
                                             or now >= self.beat_at):
             self.reported, self.report_at = counts, now + LOAD_S
             self.beat_at = now + self.options.spec.heartbeat / 4
+            latency = service.latency
             self._send(proto.Load(served=counts[0], connections=counts[1],
-                                  failing=self.failing, health=self.health))
+                                  failing=self.failing, health=self.health,
+                                  latency=list(latency.counts) if latency else [],
+                                  latency_sum=latency.total if latency else 0.0))
         self.loop.wake_by(min(self.beat_at, self.check_at))
         if self.draining_since is not None and (
                 service.idle or now - self.draining_since > self.options.spec.drain):

@@ -43,8 +43,10 @@ from hio.core.http import httping
 from hio.core.http import serving as http_serving
 from hio.core.tcp import serving as tcp_serving
 
+from hiocluster.services.core import Latency
+
 __all__ = ["Server", "ServerTls", "WsgiServer", "guard", "listening_socket", "Watch",
-           "IDLE_TYMEOUT", "MAX_BODY", "MAX_HEAD", "WRITE_ONLY"]
+           "IDLE_TYMEOUT", "MAX_BODY", "MAX_HEAD", "WRITE_ONLY", "FdWatch"]
 
 logger = logging.getLogger("hiocluster.serving")
 
@@ -81,6 +83,31 @@ _STARVED = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 #: for writing (a connection that is not read until its answers went out).
 Watch = tuple[int, int]
 WRITE_ONLY = 2
+
+class FdWatch:
+    """The file descriptors one doer sleeps on (its servers' :class:`Watch`
+    list), kept registered with a loop's poller as they open and close."""
+
+    def __init__(self, poller: Any) -> None:
+        self.poller = poller
+        self.watched: dict[int, int] = {}
+        self.last: list[Watch] = []
+
+    def update(self, listed: list[Watch]) -> None:
+        if listed == self.last:  # the common case: nothing opened or closed
+            return
+        self.last = listed
+        watch = dict(listed)
+        for fd in [fd for fd in self.watched if fd not in watch]:
+            self.poller.unregister(fd)
+            del self.watched[fd]
+        for fd, mode in watch.items():
+            if self.watched.get(fd) != mode:
+                self.poller.register(fd, bool(mode), read=mode != WRITE_ONLY)
+                self.watched[fd] = mode
+
+    def clear(self) -> None:
+        self.update([])
 
 
 class _ReusePort:
@@ -790,6 +817,8 @@ class WsgiServer(http_serving.Server):
         self.max_body = max_body
         self.started: dict[Any, float] = {}   # connection -> when its request began
         self.served = 0                       # responses completed
+        self.latency = Latency()              # from a request read whole to its answer out
+        self.begun: dict[Any, float] = {}     # connection -> when its request was read
         self.draining = False
         self.again = False                    # a pipelined request waits (see busy)
         self.closing: set[Any] = set()        # answered; closed once the bytes are out
@@ -865,6 +894,7 @@ class WsgiServer(http_serving.Server):
         # 431...) and its connection closes once that is out; the responder is
         # ours, so nothing the app or hio raises while answering escapes either.
         reps = self.reps
+        now = 0.0
         for ca, requestant in list(self.reqs.items()):
             if requestant.parser is None:
                 continue
@@ -876,6 +906,7 @@ class WsgiServer(http_serving.Server):
                 self.closing.add(ca)
                 continue
             environ = self.buildEnviron(requestant)
+            self.begun[ca] = now = now or time.perf_counter()
             chunkable = requestant.version >= (1, 1)
             responder = reps.get(ca)
             if responder is None:
@@ -892,7 +923,10 @@ class WsgiServer(http_serving.Server):
         finished = [ca for ca, rep in running if rep.ended]
         self.served += len(finished)
         reqs = self.reqs
+        now = time.perf_counter() if finished else 0.0
+        begun, latency = self.begun, self.latency
         for ca in finished:
+            latency.add(now - begun.pop(ca, now))
             requestant = reqs.get(ca)
             if requestant is None or not requestant.persisted or \
                     self.reps[ca].environ.get("hiocluster.abort"):
@@ -921,6 +955,7 @@ class WsgiServer(http_serving.Server):
         if rep is not None and not rep.started:
             rep.ended = True
         self.started.pop(ca, None)
+        self.begun.pop(ca, None)
         self.closing.discard(ca)
         ix = self.servant.ixes.get(ca)
         if ix is not None and ix.txbs and not ix.cutoff:

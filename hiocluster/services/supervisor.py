@@ -50,6 +50,7 @@ from hiocluster.runtime.transport import (
     ipc_address,
 )
 from hiocluster.services.core import Replica, ServiceCore, StartReplica, StopReplica
+from hiocluster.services.metrics import MetricsEndpoint
 from hiocluster.services.replica import LISTEN_FDS_ENV, PARENT_ENV, SERVICE_ENV
 from hiocluster.services.serving import listening_socket
 from hiocluster.timing import KILL_GRACE_S
@@ -520,7 +521,8 @@ class Services(DoDoer):
         elif isinstance(message, proto.Load):
             self.core.load(replica, message.served, message.connections, now,
                            rss=self._rss(replica), failing=message.failing,
-                           health=message.health)
+                           health=message.health, latency=message.latency,
+                           latency_sum=message.latency_sum)
         elif isinstance(message, proto.Bye):
             self.core.load(replica, message.stats.get("served", replica.served), 0)
         elif isinstance(message, proto.Error):
@@ -741,7 +743,8 @@ class ServiceRun(DoDoer):
 
     def __init__(self, topology: Topology, loop: Loop, *, app_dir: str | None = None,
                  command: Sequence[str] | None = None, prefixer: Prefixer | None = None,
-                 on_listening: Callable[[ServiceRun], None] | None = None, **kwa: Any) -> None:
+                 on_listening: Callable[[ServiceRun], None] | None = None,
+                 metrics: MetricsEndpoint | None = None, **kwa: Any) -> None:
         self.topology, self.loop = topology, loop
         self.token = secrets.token_bytes(16)
         self.run_dir: str | None = None
@@ -752,7 +755,12 @@ class ServiceRun(DoDoer):
                                  prefixer=prefixer)
         self.endpoint = Endpoint(self)
         self.started = time.time()
-        super().__init__(doers=[self.endpoint, self.services], **kwa)
+        #: the run's Prometheus endpoint, if it has one
+        self.metrics = metrics
+        if metrics is not None:
+            metrics.attach(loop, self.status)
+        super().__init__(doers=[self.endpoint, self.services, *([metrics] if metrics else [])],
+                         **kwa)
 
     def enter(self, doers: Any = None) -> Any:  # type: ignore[override]
         if doers is None:
@@ -817,11 +825,16 @@ def serve(topology: Topology, *, app_dir: str | None = None,
 
     resolve_services(topology, app_dir)
     loop = Loop(max_wait=IDLE_WAIT_S)  # replicas, shells and signals wake it sooner
-    root = ServiceRun(topology, loop, app_dir=app_dir, command=command, prefixer=prefixer,
-                      on_listening=on_listening)
-    loop.doers = [root]
-    with run_signals(root, loop, handle_signals):
-        loop.run()
+    metrics = MetricsEndpoint(topology.metrics) if topology.metrics else None
+    try:
+        root = ServiceRun(topology, loop, app_dir=app_dir, command=command, prefixer=prefixer,
+                          on_listening=on_listening, metrics=metrics)
+        loop.doers = [root]
+        with run_signals(root, loop, handle_signals):
+            loop.run()
+    finally:
+        if metrics is not None:
+            metrics.close()
     if root.services.core.failure is not None:
         raise root.services.core.failure
     return ServeResult(root.services.core.status(time.monotonic()))

@@ -402,7 +402,7 @@ class Supervisor(SupervisorShell):
                  start_timeout: float = START_TIMEOUT, stop_timeout: float = STOP_TIMEOUT,
                  kill_grace: float = KILL_GRACE_S, keys: str | None = None,
                  prefixer: Any = None, trace: bool = False,
-                 slurm: Allocation | None = None, **kwa: Any) -> None:
+                 slurm: Allocation | None = None, metrics: Any = None, **kwa: Any) -> None:
         self.topology, self.plan = topology, plan
         self.trace = trace
         self.app_dir = os.path.abspath(app_dir or os.getcwd())
@@ -451,8 +451,12 @@ class Supervisor(SupervisorShell):
         self.endpoint_address = ""
         self.services = Services(self, topology, app_dir=app_dir, prefixer=prefixer) \
             if topology.services else None
+        #: the run's Prometheus endpoint (hiocluster.services.metrics), if it has one
+        self.metrics = metrics
+        if metrics is not None:
+            metrics.attach(loop, self.status)
         extra = [*self.links.values(), self.endpoint, *([self.services] if self.services
-                                                         else [])]
+                                                         else []), *([metrics] if metrics else [])]
         super().__init__(loop, names, external=external, extra=extra,
                          kill_grace=kill_grace, **kwa)
         self.transport, self.listen = transport, listen or ""
@@ -572,9 +576,12 @@ class Supervisor(SupervisorShell):
     def status(self) -> dict[str, Any]:
         """What ``hiocluster status`` shows of this run."""
         core, now = self.core, time.monotonic()
+        if core is None:  # not started yet
+            return {"topology": self.topology.name, "pid": os.getpid(), "uptime": 0.0,
+                    "simulation": None, "services": []}
         done = core.progress if core.ticking else 0
         seconds = now - core.ticking if core.ticking else 0.0
-        workers = {}
+        workers, progress = {}, {}
         for name, book in core.books.items():
             state = book.machine.state.name.lower()
             if book.exitcode is not None:
@@ -582,12 +589,16 @@ class Supervisor(SupervisorShell):
             elif book.failed:
                 state = "failed"
             workers[name] = state
+            progress[name] = {"tick": max(book.machine.done, book.progress, 0),
+                              "waiting": list(book.waiting),
+                              "waiting_s": round(now - book.waiting_since, 3)
+                              if book.waiting else 0.0}
         return {"topology": self.topology.name, "pid": os.getpid(),
                 "uptime": round(now - core.started, 3),
                 "simulation": {"tick": done, "ticks": self.topology.ticks,
                                "rate": round(done / seconds, 3) if seconds > 0 else 0.0,
                                "window": core.sizer.size, "state": core.phase.name.lower(),
-                               "workers": workers},
+                               "workers": workers, "progress": progress},
                 "services": self.services.status() if self.services is not None else []}
 
     # -- results --------------------------------------------------------------------
@@ -810,10 +821,13 @@ def run(topology: Topology | str | os.PathLike[str], *, processes: int | None = 
         restart_checks(topology, plan, external)
         if checkpoint is None:
             scratch = checkpoint = make_run_dir("hioc-checkpoints-")
-    writer = None
+    writer = metrics = None
     if record is not None:
         record = _start_record(record, topology, plan, checkpoint, app_dir)
     try:
+        if topology.metrics:
+            from hiocluster.services.metrics import MetricsEndpoint
+            metrics = MetricsEndpoint(topology.metrics)
         if digests_file is not None:
             writer = DigestWriter(digests_file, topology.name, topology.ticks,
                                   topology.digest_every, [node.name for node in topology.nodes])
@@ -831,7 +845,7 @@ def run(topology: Topology | str | os.PathLike[str], *, processes: int | None = 
                                     worker_command=worker_command, on_tick=on_tick,
                                     on_ready=on_ready, on_listening=on_listening, keys=keys,
                                     prefixer=prefixer, trace=trace, slurm=slurm,
-                                    **timeouts)
+                                    metrics=metrics, **timeouts)
             _checkpoints(supervisor, topology, checkpoint, checkpoint_every, start_from,
                          app_dir)
             point = supervisor.resume_point
@@ -879,6 +893,8 @@ def run(topology: Topology | str | os.PathLike[str], *, processes: int | None = 
     finally:
         if writer is not None:
             writer.close()
+        if metrics is not None:
+            metrics.close()
         if scratch is not None:
             remove_run_dir(scratch)
     for made in (supervisor.result, getattr(supervisor.failure, "partial", None)):

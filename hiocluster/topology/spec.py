@@ -81,6 +81,7 @@ class Topology:
     checkpoint_every: int = 0         # ticks between checkpoints with --checkpoint (0: 1000)
     credit_lag: int | None = None     # None: "auto", see :attr:`lag`
     transport: str = "ipc"
+    metrics: str = ""                 # where the Prometheus endpoint listens ("": none)
     restart: str = "none"             # or "checkpoint": roll back and go on (see RUN_RESTARTS)
     max_restarts: int = 3             # ... at most this many times ...
     within: float = 60.0              # ... in this many seconds

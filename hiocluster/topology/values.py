@@ -94,6 +94,9 @@ def check_keys(table: dict[str, Any], allowed: tuple[str, ...], prefix: str,
             raise topology_error(f"missing required key {key!r}", prefix)
 
 
+_ADDRESS = re.compile(r"[A-Za-z0-9_.-]{1,253}:(?P<port>\d{1,5})")
+
+
 def run_value(key: str, value: object) -> int | float | bool | str | None:
     key_path = f"run.{key}"
     if key in ("transport", "restart"):
@@ -102,6 +105,14 @@ def run_value(key: str, value: object) -> int | float | bool | str | None:
             raise topology_error(f"expected one of {', '.join(allowed)}, got {value!r}"
                                  f"{suggest(str(value), allowed)}", key_path)
         return str(value)
+    if key == "metrics":  # "" (none) or where the Prometheus endpoint listens
+        if not isinstance(value, str):
+            raise topology_error(f"expected str, got {type_name(value)}", key_path)
+        found = _ADDRESS.fullmatch(value)
+        if value and (found is None or int(found["port"]) > 65535):
+            raise topology_error(f"expected 'HOST:PORT' (port 0..65535; 0: any free one), "
+                                 f"got {value!r}", key_path)
+        return value
     if key == "real":
         if not isinstance(value, bool):
             raise topology_error(f"expected bool, got {type_name(value)}", key_path)
