@@ -15,7 +15,11 @@ this process:
   ``hiocluster reload`` take to roll both replicas (each successor serving
   before its predecessor drains), as the shell waits for them;
 * ``health``: with ``health_path`` (interval 0.2 s, 2 failures), from the
-  moment the app starts failing its check until its successor serves.
+  moment the app starts failing its check until its successor serves;
+* ``reload under wrk -c64``: two reloads while wrk (Debian's; skipped without
+  it) keeps 64 connections busy for 8 s: its requests, non-2xx answers and
+  socket errors (asked: 0 non-2xx, no socket errors but connections the
+  client closed).
 
 Prints the median and the worst of each. No target: the README quotes them.
 
@@ -177,6 +181,24 @@ def health(run: Run, repeat: int, where: str) -> list[float]:
     return took
 
 
+def reload_under_wrk(run: Run, port: int) -> str:
+    """Two reloads while wrk runs at 64 connections; what wrk counted."""
+    wrk = subprocess.Popen(["wrk", "-t2", "-c64", "-d8s", f"http://127.0.0.1:{port}/hello"],
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    time.sleep(1.5)
+    took = [run.command("reload")]
+    settled(run)
+    took.append(run.command("reload"))
+    out, _ = wrk.communicate(timeout=TIMEOUT_S)
+    requests = re.search(r"(\d+) requests in", out)
+    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    errors = re.search(r"Socket errors: (.*)", out)
+    return (f"2 reloads under wrk -c64 for 8 s ({', '.join(f'{t:.2f} s' for t in took)}): "
+            f"{requests.group(1) if requests else '?'} requests, "
+            f"{non2xx.group(1) if non2xx else 0} non-2xx, socket errors: "
+            f"{errors.group(1) if errors else 'none'}")
+
+
 def line(what: str, seconds: list[float]) -> str:
     return (f"{what:<40} median {statistics.median(seconds) * 1000:7.0f} ms   worst "
             f"{max(seconds) * 1000:7.0f} ms   ({len(seconds)} times)")
@@ -190,8 +212,9 @@ def main() -> None:
     try:
         # within = 1 s: kills SPACING_S apart are each a first crash (backoff 0.1 s,
         # not doubled, and never the intensity's limit)
+        port = free_port()
         base = (REPO / "topologies" / "http.toml").read_text().replace(
-            "127.0.0.1:8080", f"127.0.0.1:{free_port()}").replace(
+            "127.0.0.1:8080", f"127.0.0.1:{port}").replace(
             "replicas = 2\n", "replicas = 2\nwithin = 1.0\n")
         print(f"# hiocluster restart timings: {os.cpu_count()} cpus, topologies/http.toml "
               f"(2 replicas), {args.repeat} times each; load average "
@@ -203,12 +226,16 @@ def main() -> None:
             restarts = [run.command("restart", "web") for _ in range(args.repeat)
                         if settled(run)]
             reloads = [run.command("reload") for _ in range(args.repeat) if settled(run)]
+            settled(run)
+            loaded = reload_under_wrk(run, port) if shutil.which("wrk") else \
+                "2 reloads under wrk: skipped (no wrk: apt-get install wrk)"
         finally:
             run.close()
         print(line("kill -9 -> serving (warm spare)", served))
         print(line("kill -9 -> new spare standing", refilled))
         print(line("hiocluster restart web (2 replicas)", restarts))
         print(line("hiocluster reload (2 replicas)", reloads))
+        print(loaded)
         run = Run(base.replace("replicas = 2\n", "replicas = 2\nspare = false\n"), where,
                   str(REPO))
         try:
