@@ -8,7 +8,8 @@ Public API::
 
 Also ``Builder`` (topologies as code), ``Service`` (a node class served by
 replicas), ``RunResult``, ``Topology``, ``plan``, ``loads``, ``diff`` (two
-digest files: where two runs first differ) and the errors.
+digest files: where two runs first differ), ``sweep`` (many runs over a grid
+of params and seeds) and the errors.
 """
 
 from hiocluster.errors import (
@@ -30,7 +31,7 @@ from hiocluster.version import __version__
 
 __all__ = [
     "__version__", "load", "loads", "plan", "run", "Node", "RunResult", "Topology", "Builder",
-    "Service", "diff",
+    "Service", "diff", "sweep",
     "ClusterError", "DigestFileError", "FrameError", "Interrupted", "LinkFull", "LocalProtocolError", "NodeError",
     "ProcessExited", "ProtocolError", "RemoteProtocolError", "RunFailed", "TickTimeout",
     "TopologyError",
@@ -45,6 +46,9 @@ def __getattr__(name: str) -> object:
     if name in ("run", "RunResult"):
         from hiocluster.supervision import supervisor
         return getattr(supervisor, name)
+    if name == "sweep":
+        from hiocluster.supervision.sweep import sweep
+        return sweep
     if name == "diff":
         from hiocluster.supervision.digestfile import diff
         return diff

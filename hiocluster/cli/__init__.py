@@ -51,6 +51,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "sbatch":
         from hiocluster.cli.slurm import sbatch_main
         return sbatch_main(parser, args)
+    if args.command == "sweep":
+        from hiocluster.cli.run import sweep_main
+        return sweep_main(args)
     if args.command == "diff":
         from hiocluster.cli.run import diff_main
         return diff_main(args)

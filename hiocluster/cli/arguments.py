@@ -4,6 +4,8 @@ with a value it refuses."""
 from __future__ import annotations
 
 import argparse
+import tomllib
+from typing import Any
 
 
 def positive_int(text: str, low: int = 1) -> int:
@@ -96,3 +98,35 @@ def scale_target(text: str) -> tuple[str, int]:
     if value < 0:
         raise argparse.ArgumentTypeError(f"N must be 0 or more, got {value}")
     return name(service), value
+
+
+def sweep_param(text: str) -> tuple[str, list[Any]]:
+    """``--param TABLE.PARAM=V1,V2,...``: a name and its values, each read as TOML
+    reads a value (``1``, ``0.5``, ``true``, ``"a,b"``), else as a plain string."""
+    name, equals, values = text.partition("=")
+    if not equals or not name or not values:
+        raise argparse.ArgumentTypeError(f"expected TABLE.PARAM=V1,V2,..., got {text!r}")
+    try:
+        parsed = tomllib.loads(f"v = [{values}]")["v"]
+    except tomllib.TOMLDecodeError:
+        parsed = values.split(",")
+    if not parsed or any(value == "" for value in parsed):
+        raise argparse.ArgumentTypeError(f"{name}: an empty value in {values!r}")
+    return name, parsed
+
+
+def seed_list(text: str) -> list[int]:
+    """``--seeds 1-10`` (inclusive), ``1,2,5`` or a mix, ``3``: the seeds."""
+    seeds: list[int] = []
+    for part in text.split(","):
+        low, dash, high = part.strip().partition("-")
+        try:
+            first = seed(low)
+            last = seed(high) if dash else first
+        except argparse.ArgumentTypeError as exc:
+            raise argparse.ArgumentTypeError(f"--seeds {text!r}: {exc}") from None
+        if last < first or last - first >= 100_000:
+            raise argparse.ArgumentTypeError(f"--seeds {text!r}: {part!r} is not a range "
+                                             f"of at most 100,000 seeds")
+        seeds.extend(range(first, last + 1))
+    return seeds

@@ -30,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
                "exits 0 when stopped, 1 when a service failed.")
     parser.add_argument("--version", action="version", version=f"hiocluster {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_run, _check, _sbatch, _agent, _keygen, _worker, _group, _replica, _report,
+    for add in (_run, _check, _sweep, _sbatch, _agent, _keygen, _worker, _group, _replica, _report,
                 _diff, _replay, _status, _scale, _restart, _reload, _stop):
         add(commands)
     return parser
@@ -49,6 +49,35 @@ def _run(commands: Commands) -> None:
                     "address (HIOCLUSTER_CONTROL=...) for `hiocluster status`.")
     run.add_argument("topology", metavar="TOPOLOGY", help="topology file (TOML)")
     _run_options(run)
+
+
+def _sweep(commands: Commands) -> None:
+    sweep = commands.add_parser(
+        "sweep", help="many runs of a topology over a grid of params and seeds",
+        description="Run a topology once per combination of the --param values and "
+                    "--seeds, PARALLEL runs at a time, and print (or write) one table: "
+                    "a row per run with its params, seed, digest and time, or the error "
+                    "that ended it (a failed run is a row; the sweep goes on).",
+        epilog="Exit codes: 0 every run finished, 1 some failed (their rows say why), "
+               "2 usage or topology error (nothing ran).")
+    sweep.add_argument("topology", metavar="TOPOLOGY", help="topology file (TOML)")
+    sweep.add_argument("--param", type=arguments.sweep_param, action="append", default=[],
+                       metavar="TABLE.PARAM=V1,V2",
+                       help="a param of every node of [nodes.TABLE] (or run.KEY, e.g. "
+                            "run.ticks) and its values; repeat for a grid of all "
+                            "combinations")
+    sweep.add_argument("--seeds", type=arguments.seed_list, default=None, metavar="SEEDS",
+                       help="run seeds: 1-10, 1,2,5 or both (default: the file's seed)")
+    sweep.add_argument("--parallel", type=arguments.positive_int, default=None, metavar="J",
+                       help="runs at a time (default: cores / processes per run)")
+    sweep.add_argument("--processes-per-run", type=arguments.positive_int, default=1,
+                       metavar="K", help="worker processes of each run (default 1)")
+    sweep.add_argument("--output", metavar="FILE", default=None,
+                       help="write the table as CSV (params as columns, results as JSON)")
+    sweep.add_argument("--json", action="store_true", help="print the table as JSON")
+    sweep.add_argument("--quiet", action="store_true", help="no progress lines")
+    sweep.add_argument("--app-dir", metavar="DIR", default=None,
+                       help="where node classes are imported from (default: cwd)")
 
 
 def _check(commands: Commands) -> None:

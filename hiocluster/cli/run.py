@@ -355,6 +355,39 @@ def _serve(args: argparse.Namespace, topology: Any) -> int:
     return EXIT_OK
 
 
+def sweep_main(args: argparse.Namespace) -> int:
+    """``hiocluster sweep``: the table on stdout (or --output), one line per run."""
+    from hiocluster.supervision.sweep import sweep
+
+    names = [name for name, _ in args.param]
+    if len(set(names)) != len(names):
+        print(f"hiocluster: sweep: --param {sorted(n for n in names if names.count(n) > 1)[0]}"
+              " is given twice", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        result = sweep(args.topology, dict(args.param) or None, seeds=args.seeds,
+                       processes_per_run=args.processes_per_run, parallel=args.parallel,
+                       app_dir=args.app_dir, progress=not args.quiet)
+    except TopologyError as exc:
+        print(f"hiocluster: {exc}", file=sys.stderr)
+        json_error(args, exc, {"key_path": exc.key_path, "line": exc.line})
+        return EXIT_USAGE
+    if args.output:
+        result.to_csv(args.output)
+    if args.json:
+        print(json.dumps(result.to_json()))
+    else:
+        for row in result.rows:
+            outcome = f"FAILED: {row['error']}" if row["error"] else \
+                f"digest {row['digest'][:16]}  {row['seconds']:.3f} s"
+            print("  ".join([f"run {row['run']:>4}", *(f"{name}={value!r}" for name, value
+                                                      in row["params"].items()),
+                             f"seed {row['seed']}", outcome]))
+        print(f"sweep: {len(result.rows)} runs, {len(result.failed)} failed, "
+              f"{result.seconds:.1f} s" + (f"; table in {args.output}" if args.output else ""))
+    return EXIT_FAILED if result.failed else EXIT_OK
+
+
 def diff_main(args: argparse.Namespace) -> int:
     from hiocluster.errors import CheckpointError, DigestFileError, RecordError
     from hiocluster.supervision.digestfile import diff, diff_checkpoints, diff_records
