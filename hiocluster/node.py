@@ -328,6 +328,16 @@ class Node(DoDoer):
         """
         return {}
 
+    def observe(self) -> dict[str, float] | None:
+        """What to record of this node after a tick, e.g. ``{"infected": 12,
+        "mean": 0.31}`` (names as :meth:`metrics` has them; values: finite
+        numbers), every ``[run] observe_every`` ticks (default 1; 0: never) and
+        after the last. Collected per tick into columns (``RunResult.observations``,
+        ``--observe FILE``); never part of a digest, so it must not change the
+        node's state. Only classes that define it are asked; None: nothing this
+        time."""
+        return None
+
     def result(self) -> Any:
         """What this node hands back when the run finished (msgpack-able, string map
         keys): ``RunResult.nodes[name]``, "results" in ``--json``, a line of

@@ -94,6 +94,13 @@ class Tile(Node):
     def metrics(self) -> dict[str, Any]:
         return {"updates": self.updates, "mean": float(self.u.mean())}
 
+    def observe(self) -> dict[str, float]:
+        """Each tick: the temperature at the tile's centre and corner, and the
+        updates so far (three numbers at hand: what observation itself costs)."""
+        middle = self.u.shape[0] // 2
+        return {"centre": float(self.u[middle, middle]), "corner": float(self.u[0, 0]),
+                "updates": self.updates}
+
     def result(self) -> Any:
         return {"row": self.row, "col": self.col, "field": self.u}
 

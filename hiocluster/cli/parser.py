@@ -167,6 +167,10 @@ def _output_options(command: argparse.ArgumentParser) -> None:
     command.add_argument("--output", metavar="FILE",
                          help="after a finished run, write one JSON line per node to FILE: "
                               "its result() and its metrics (JSON as --json's)")
+    command.add_argument("--observe", metavar="FILE",
+                         help="write what the nodes' observe() said, a row per tick, node "
+                              "and name (tick,node,name,value): CSV, or Parquet for "
+                              "*.parquet (needs pyarrow)")
 
 
 def _transport_options(command: argparse.ArgumentParser) -> None:

@@ -290,6 +290,16 @@ def _write_files(args: argparse.Namespace, result: Any) -> bool:
                 file.write(json.dumps(line) + "\n")
         if not _write("--output", args.output, output):
             return False
+    if getattr(args, "observe", None):
+        try:
+            rows = result.write_observations(args.observe)
+        except (OSError, ImportError) as exc:
+            print(f"hiocluster: cannot write --observe {args.observe}: {exc}", file=sys.stderr)
+            return False
+        cut = result.observations_cut
+        print(f"hiocluster: {rows:,} observations in {args.observe}" + (
+            f" (up to tick {cut}: a worker held too many, the rest were not kept)"
+            if cut is not None else ""), file=sys.stderr)
     return True
 
 

@@ -103,12 +103,13 @@ class Setup(Message):
     credit_lag: int = 1
     resume: str = ""
     record: str = ""
+    observe_every: int = 0   # ask nodes' observe() every this many ticks (0: never)
     SCHEMA = {"t0": NUMBER, "tock": POSITIVE, "seed": UINT, "ticks": UINT, "real": BOOL,
               "tick_timeout": POSITIVE, "nodes": ListOf(NODE_ROW), "links": ListOf(LINK_ROW),
               "peers": MapOf(NAME, ADDRESS), "keys": MapOf(NAME, CURVE_KEY),
               "leaves": MapOf(NAME, Check(lambda v: type(v) is dict, "a map")),
               "trace": BOOL, "digest_every": COUNT, "credit_lag": CREDIT_LAG,
-              "resume": PATH, "record": PATH}
+              "resume": PATH, "record": PATH, "observe_every": UINT}
 
     def to_body(self) -> dict[str, Any]:
         """``resume`` and ``record`` only when there is one."""
@@ -213,8 +214,11 @@ class Bye(Message):
     node_metrics: dict[str, dict[str, Any]] = field(default_factory=dict)
     kinds: dict[str, str] = field(default_factory=dict)
     trace: dict[str, list[Any]] = field(default_factory=dict)
+    #: worker -> {"columns": {name: [ticks, nodes, values]}, "cut": the tick its
+    #: observations stopped at, full (-1: none)}
+    observations: dict[str, Any] = field(default_factory=dict)
     SCHEMA = {"stats": STATS, "metrics": STATS, "received": MapOf(NAME, UINT),
-              "trace": MapOf(NAME, ListOf(ANY)),
+              "trace": MapOf(NAME, ListOf(ANY)), "observations": MapOf(NAME, ANY),
               "results": MapOf(NAME, ANY), "node_metrics": MapOf(NAME, MapOf(NAME, NUMBER)),
               "kinds": MapOf(NAME, Check(lambda v: v in METRIC_KINDS,
                                          f"one of {', '.join(METRIC_KINDS)}"))}

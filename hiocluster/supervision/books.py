@@ -225,5 +225,5 @@ def setups(topology: Topology, plan: Plan, addresses: Mapping[str, str],
                    for node in spec.nodes],
             links=rows[spec.name], peers=peers,
             keys={peer: keys[peer] for peer in peers} if keys else {}, trace=trace,
-            resume=resume, record=record)
+            resume=resume, record=record, observe_every=topology.observe_every)
     return made

@@ -72,6 +72,13 @@ class RunResult:
     #: (hiocluster.supervision.restarts.Restart.to_json); with any, ``seconds`` is
     #: the whole run's, restarts included
     restarts: list[dict[str, Any]] = field(default_factory=list)
+    #: what the nodes' :meth:`Node.observe` said, in long form: ``{"tick": [...],
+    #: "node": [...], "name": [...], "value": [...]}`` sorted by tick, node, name
+    #: (numpy arrays where numpy is installed; ``tick`` int64, ``value`` float64)
+    observations: dict[str, Any] = field(default_factory=dict)
+    #: the tick the observations stop at, where a worker held too many
+    #: (nodes.MAX_OBSERVED); None: they are whole
+    observations_cut: int | None = None
 
     @property
     def ticks_per_second(self) -> float:
@@ -81,7 +88,7 @@ class RunResult:
         data = {("nodes" if key == "node_count" else key): value
                 for key, value in self.__dict__.items()
                 if key not in ("tick_digests", "services", "nodes", "node_metrics",
-                               "metric_kinds", "trace")}
+                               "metric_kinds", "trace", "observations", "observations_cut")}
         data["ticks_per_second"] = round(self.ticks_per_second, 1)
         data["seconds"] = round(self.seconds, 6)
         data["startup_seconds"] = round(self.startup_seconds, 6)
@@ -101,6 +108,57 @@ class RunResult:
             data["node_metrics"] = self.node_metrics
             data["metric_kinds"] = self.metric_kinds
         return jsonable(data)
+
+    def observed(self, name: str, how: str | None = None) -> Any:
+        """The observations called ``name``: ``(ticks, nodes, values)``, or with
+        ``how`` (``sum``, ``mean``, ``min``, ``max``) one value per tick over the
+        nodes: ``(ticks, values)``. Raises KeyError naming those there are."""
+        table = self.observations
+        names = table.get("name", ())
+        if name not in set(names):
+            raise KeyError(f"no observation {name!r} (observed: "
+                           f"{', '.join(sorted(set(names))) or 'none'})")
+        rows = [(int(tick), node, float(value)) for tick, node, key, value
+                in zip(table["tick"], table["node"], names, table["value"]) if key == name]
+        if how is None:
+            return tuple(list(column) for column in zip(*rows))
+        folds: dict[str, Callable[[list[float]], float]] = {
+            "sum": sum, "min": min, "max": max,
+            "mean": lambda values: sum(values) / len(values)}
+        fold = folds.get(how)
+        if fold is None:
+            raise ValueError(f"how must be sum, mean, min or max, got {how!r}")
+        per_tick: dict[int, list[float]] = {}
+        for tick, _, value in rows:
+            per_tick.setdefault(int(tick), []).append(float(value))
+        return list(per_tick), [fold(values) for values in per_tick.values()]
+
+    def to_pandas(self) -> Any:
+        """The observations as a pandas DataFrame (columns tick, node, name, value;
+        pandas must be installed: it is no dependency of hiocluster)."""
+        import pandas
+
+        return pandas.DataFrame({key: self.observations.get(key, [])
+                                 for key in ("tick", "node", "name", "value")})
+
+    def write_observations(self, path: str) -> int:
+        """Write the observations to ``path``: CSV, or Parquet for ``*.parquet``
+        (pyarrow must be installed); the number of rows."""
+        table = {key: list(self.observations.get(key, []))
+                 for key in ("tick", "node", "name", "value")}
+        if path.endswith(".parquet"):
+            import pyarrow
+            import pyarrow.parquet
+
+            pyarrow.parquet.write_table(pyarrow.table(table), path)
+        else:
+            import csv
+
+            with open(path, "w", newline="") as handle:
+                writer = csv.writer(handle)
+                writer.writerow(table)
+                writer.writerows(zip(*table.values()))
+        return len(table["tick"])
 
     def lines(self) -> list[dict[str, Any]]:
         """One JSON-able row per node, by name: what ``--output`` writes."""
@@ -159,6 +217,7 @@ def result_of(topology: Topology, books: Iterable[WorkerBook], chain: DigestChai
     merged = merge_byes(book.bye for book in books)  # type: ignore[misc]
     stats, metrics, results = merged.stats, merged.metrics, merged.results
     traces, per_node, kinds = merged.trace, merged.node_metrics, merged.kinds
+    observations, cut = observation_table(merged.observations)
     late = stats.get("late", 0)
     return RunResult(
         topology=topology.name, ticks=topology.ticks if reached is None else reached,
@@ -172,7 +231,34 @@ def result_of(topology: Topology, books: Iterable[WorkerBook], chain: DigestChai
         late_ticks=late, metrics=dict(sorted(metrics.items())),
         tick_digests=chain.tick_digests, nodes=dict(sorted(results.items())),
         node_metrics=dict(sorted(per_node.items())), metric_kinds=dict(sorted(kinds.items())),
-        trace=dict(sorted(traces.items())))
+        trace=dict(sorted(traces.items())), observations=observations,
+        observations_cut=cut)
+
+
+def observation_table(by_worker: dict[str, Any]) -> tuple[dict[str, Any], int | None]:
+    """The workers' observations (BYE's, by worker) as one long table sorted by
+    tick, node and name (numpy arrays where numpy is there), and the earliest
+    tick any worker's stopped at (None: none stopped)."""
+    rows = []
+    cuts = []
+    for part in by_worker.values():
+        if part.get("cut", -1) >= 0:
+            cuts.append(part["cut"])
+        for name, (ticks, nodes, values) in part.get("columns", {}).items():
+            rows += [(tick, node, name, value) for tick, node, value in zip(ticks, nodes, values)]
+    cut = min(cuts) if cuts else None
+    if cut is not None:  # every worker's, up to the tick where the first stopped
+        rows = [row for row in rows if row[0] < cut]
+    rows.sort()
+    columns = [list(column) for column in zip(*rows)] if rows else [[], [], [], []]
+    table: dict[str, Any] = dict(zip(("tick", "node", "name", "value"), columns))
+    try:
+        import numpy
+    except ImportError:
+        return table, cut
+    table["tick"] = numpy.asarray(table["tick"], dtype=numpy.int64)
+    table["value"] = numpy.asarray(table["value"], dtype=numpy.float64)
+    return table, cut
 
 
 def merge_byes(byes: Iterable[proto.Bye], inside: Container[str] = ()) -> proto.Bye:
@@ -187,9 +273,11 @@ def merge_byes(byes: Iterable[proto.Bye], inside: Container[str] = ()) -> proto.
     per_node: dict[str, dict[str, Any]] = {}
     kinds: dict[str, str] = {}
     trace: dict[str, list[Any]] = {}
+    observations: dict[str, Any] = {}
     for bye in byes:
         results.update(bye.results)
         trace.update(bye.trace)
+        observations.update(bye.observations)
         per_node.update(bye.node_metrics)
         kinds.update(bye.kinds)
         for name, value in bye.stats.items():
@@ -201,7 +289,8 @@ def merge_byes(byes: Iterable[proto.Bye], inside: Container[str] = ()) -> proto.
             if peer not in inside:
                 received[peer] = max(received.get(peer, 0), count)
     return proto.Bye(stats=stats, metrics=metrics, received=received, results=results,
-                     node_metrics=per_node, kinds=kinds, trace=trace)
+                     node_metrics=per_node, kinds=kinds, trace=trace,
+                     observations=observations)
 
 
 KINDS: dict[str, type[RunFailed]] = {

@@ -32,7 +32,7 @@ RUN_DEFAULTS: dict[str, int | float | bool | str] = {
     "ticks": 100, "tock": 1.0, "t0": 0.0, "seed": 0, "tick_timeout": 30.0, "capacity": 1024,
     "real": False, "digest_every": 1, "credit_lag": "auto", "transport": "ipc",
     "checkpoint_every": 0, "restart": "none", "max_restarts": 3, "within": 60.0,
-    "metrics": "",
+    "metrics": "", "observe_every": 1,
 }
 #: What a lockstep run does when a worker dies, hangs or loses its host (``[run]
 #: restart``): fail, or roll every worker back to the last checkpoint and go on.

@@ -351,7 +351,7 @@ def loads(text: str, *, path: str | None = None) -> Topology:
         seed=int(run["seed"]), tick_timeout=float(run["tick_timeout"]),
         capacity=int(run["capacity"]), real=bool(run["real"]),
         digest_every=int(run["digest_every"]),
-        checkpoint_every=int(run["checkpoint_every"]), credit_lag=run["credit_lag"], transport=str(run["transport"]), metrics=str(run["metrics"]),
+        checkpoint_every=int(run["checkpoint_every"]), credit_lag=run["credit_lag"], transport=str(run["transport"]), metrics=str(run["metrics"]), observe_every=int(run["observe_every"]),
         restart=str(run["restart"]), max_restarts=int(run["max_restarts"]),
         within=float(run["within"]), nodes=nodes, links=links, placement=placement, groups=groups, hosts=hosts, services=services, source=text,
     )

@@ -82,6 +82,7 @@ class Topology:
     credit_lag: int | None = None     # None: "auto", see :attr:`lag`
     transport: str = "ipc"
     metrics: str = ""                 # where the Prometheus endpoint listens ("": none)
+    observe_every: int = 1            # nodes' observe() every k ticks (0: never)
     restart: str = "none"             # or "checkpoint": roll back and go on (see RUN_RESTARTS)
     max_restarts: int = 3             # ... at most this many times ...
     within: float = 60.0              # ... in this many seconds

@@ -119,7 +119,7 @@ def run_value(key: str, value: object) -> int | float | bool | str | None:
         return value
     if key in ("ticks", "capacity", "digest_every"):
         return int_value(value, key_path, 1)
-    if key == "checkpoint_every":  # 0: the default (with --checkpoint)
+    if key in ("checkpoint_every", "observe_every"):  # 0: 1000 with --checkpoint; never
         return int_value(value, key_path, 0)
     if key == "max_restarts":
         return int_value(value, key_path, 0, MAX_RUN_RESTARTS)

@@ -29,7 +29,11 @@ from hiocluster.node import Clock, Node, load_class, pack_state
 from hiocluster.protocol import arrays
 from hiocluster.protocol.fields import short
 
-__all__ = ["NodeRunner", "NodeFailed", "TickOverrun", "Terminated", "blame"]
+__all__ = ["NodeRunner", "NodeFailed", "TickOverrun", "Terminated", "blame", "MAX_OBSERVED"]
+
+#: Most observed values one worker keeps (they travel in its BYE): beyond, the
+#: run's observations stop at that tick, and the result says where.
+MAX_OBSERVED = 8_000_000
 
 #: Traceback lines sent up with a node failure.
 #: Most frames of the user's code shown in a failure's traceback.
@@ -74,6 +78,13 @@ class NodeRunner:
         self.entered = False
         self.tick = -1
         self.busy_since = 0.0   # monotonic start of the tick being run, 0.0 between ticks
+        #: the nodes whose class defines observe(), and what they said: name ->
+        #: (ticks, nodes, values), until MAX_OBSERVED values (then ``observed_cut``)
+        self.observing = [node for node in self.nodes
+                          if type(node).observe is not Node.observe]
+        self.observed: dict[str, tuple[list[int], list[str], list[float]]] = {}
+        self.observed_room = MAX_OBSERVED
+        self.observed_cut = -1
 
     def enter(self) -> None:
         """Run every node's hio enter context."""
@@ -122,6 +133,53 @@ class NodeRunner:
                     f"state() returned {short(value)} (a {type(value).__name__}), "
                     f"which cannot be digested: {exc}")) from None
         raise NodeFailed("?", self.tick, detail)  # a state() that failed only once
+
+    def observe(self, tick: int) -> None:
+        """Every observing node's :meth:`Node.observe` after ``tick``, checked and
+        kept in columns; past MAX_OBSERVED values, none more (``observed_cut``).
+        One try around them all (a blame per node costs more than what it guards)."""
+        if self.observed_cut >= 0:
+            return
+        observed, isfinite = self.observed, math.isfinite
+        node = self.observing[0]
+        try:
+            for node in self.observing:
+                said = node.observe()
+                if said is None:
+                    continue
+                if type(said) is not dict:
+                    raise ValueError(f"observe() returned a {type(said).__name__}; expected "
+                                     "a dict of names to numbers, or None")
+                if len(said) > self.observed_room:
+                    self.observed_cut = tick
+                    return
+                self.observed_room -= len(said)
+                name = node.name
+                for key, value in said.items():
+                    kind = type(value)
+                    if kind is not int:
+                        if kind is not float:
+                            if kind is bool or not hasattr(value, "__float__"):
+                                raise ValueError(f"observe() gave {key!r}: {short(value)}; "
+                                                 "expected a number")
+                            value = float(value)  # a numpy scalar
+                        if not isfinite(value):
+                            raise ValueError(f"observe() gave {key!r}: {value!r}; expected "
+                                             "a finite number")
+                    column = observed.get(key)
+                    if column is None:
+                        if type(key) is not str or not proto.is_name(key):
+                            raise ValueError(f"observe() gave the name {key!r}; expected "
+                                             "1-64 of A-Z a-z 0-9 _ . -")
+                        column = observed[key] = ([], [], [])
+                    column[0].append(tick)
+                    column[1].append(name)
+                    column[2].append(value)
+        except (NodeFailed, Terminated):
+            raise
+        except BaseException:
+            with blame(node.name, tick, "observe()"):
+                raise
 
     def exit(self) -> list[tuple[str, str]]:
         """Run every node's hio exit contexts (last entered first), each one even when

@@ -106,6 +106,7 @@ class Worker:
         self.machine = proto.ChildMachine(options.name)
         self.host: NodeRunner | None = None
         self.digest_every, self.last_tick = 1, -1  # which ticks are digested (SETUP)
+        self.observe_every = 0  # ask observe() every k ticks (SETUP; 0: no node observes)
         self.exchange: Exchange | None = None
         self.recorder: Recorder | None = None  # with --record
         self.tick = -1                    # the last tick run
@@ -224,7 +225,12 @@ class Worker:
                         received=self.exchange.received if self.exchange else {},
                         results=results, node_metrics=per_node if cut else {},
                         kinds=kinds, trace={self.name: self.trace}
-                        if self.trace is not None and cut else {})
+                        if self.trace is not None and cut else {},
+                        observations={self.name: {
+                            "columns": {name: list(column) for name, column
+                                        in host.observed.items()},
+                            "cut": host.observed_cut}} if host is not None and host.observing
+                        else {})
         for frame in self.machine.frames(bye):  # large results: in CHUNKs
             self.control.send(frame)
         if self.peers is not None:
@@ -288,6 +294,7 @@ class Worker:
         self.host = host = NodeRunner(setup, self.options.app_dir)
         self.in_nodes = False
         self.digest_every, self.last_tick = setup.digest_every, setup.ticks - 1
+        self.observe_every = setup.observe_every if host.observing else 0
         self.exchange = (RecordingExchange if setup.record else Exchange)(
             self.name, host.by_name, setup.links, setup.credit_lag, setup.ticks)
         assert self.watchdog is not None and self.peers is not None
@@ -317,6 +324,7 @@ class Worker:
         register = self.register
         trace = self.trace
         every, last = self.digest_every, self.last_tick
+        observe_every = self.observe_every
         signals = self.signals
         for tick in range(self.tick + 1, grant.until + 1):
             if signals.pending:
@@ -345,6 +353,8 @@ class Worker:
                 sent = time.time()
             if (tick + 1) % every == 0 or tick == last:  # fields.digested, inlined (the tick loop)
                 records.append(host.records())
+            if observe_every and ((tick + 1) % observe_every == 0 or tick == last):
+                host.observe(tick)
             if trace is not None and self.trace_room > 0:
                 # [tick, waiting from, running from, sending from, hashing from, done,
                 #  [[node, from, to], ...]] (wall seconds)
