@@ -273,7 +273,7 @@ def test_output_writes_a_json_line_per_node(tmp_path: Path, cli_env: dict[str, s
     assert json.loads(done.stdout)["results"]["t2"]["index"] == 2
     summary = subprocess.run(hiocluster_command("run", str(path), "--app-dir", str(REPO)),
                              capture_output=True, text=True, env=cli_env, timeout=120)
-    assert "metric   sent 24 (" in summary.stdout
+    assert "metric   sent 24 in all (4 per tick, " in summary.stdout
     assert "metric   wait (duration) min 0 mean 0.375 max 0.75 over 4 nodes" in summary.stdout
 
 

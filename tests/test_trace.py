@@ -5,6 +5,7 @@ prints the table and draws a PNG; tracing never changes a digest."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 from pathlib import Path
 
@@ -33,6 +34,10 @@ def test_run_trace_writes_chrome_json_and_names_the_slowest(tmp_path: Path,
     summary = done.stdout.splitlines()
     assert [line.split(":")[0] for line in summary if line.startswith("trace ")] == \
         ["trace    p0", "trace    p1"]
+    # every part of a tick in the same unit, waiting apart from the work
+    assert all(re.search(r"ms per tick: waiting [\d.]+, running [\d.]+, sending [\d.]+, "
+                         r"hashing [\d.]+; tick p50", line)
+               for line in summary if line.startswith("trace "))
     assert any(line.startswith("slowest  process p") and "; node t" in line
                for line in summary), summary
     report = subprocess.run(hiocluster_command("report", str(out), "--png",
@@ -78,3 +83,4 @@ def test_profile_finds_the_busiest(rows: dict, slowest: tuple[str, str]) -> None
     found = profile(rows)
     assert (found["slowest_worker"], found["slowest_node"]) == slowest
     assert found["workers"]["a"]["waiting"] == 0.5
+    assert (found["workers"]["b"]["wait"], found["workers"]["b"]["run"]) == (0.1, 0.9)

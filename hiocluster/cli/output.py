@@ -50,8 +50,9 @@ def summary(result: Any) -> str:
         f"at stop, {result.unread} unread in inboxes; {result.rejected_frames} frames "
         "rejected",
     ] + late + ([f"restarts {restart_summary(result.restarts)}"] if result.restarts else [])
-        + [f"metric   {name} {value:,} ({value / result.seconds:,.0f}/s)"
-         for name, value in result.metrics.items() if result.seconds > 0]
+        + [f"metric   {name} {value:,} in all ({value / max(1, result.ticks):,.4g} per "
+           f"tick, {value / result.seconds:,.0f}/s)"
+           for name, value in result.metrics.items() if result.seconds > 0]
         + [_spread(name, kind, [metrics[name] for metrics in result.node_metrics.values()
                                 if name in metrics])
            for name, kind in result.metric_kinds.items()])

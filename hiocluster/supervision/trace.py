@@ -6,7 +6,8 @@ it began waiting for its neighbours' frames, began running its nodes, began
 sending, began hashing and was done, and when each of its nodes stepped
 (wall-clock seconds). The rows travel in each worker's BYE
 (``RunResult.trace``: worker -> rows ``[tick, waiting, running, sending,
-hashing, done, [[node, from, to], ...]]``).
+hashing, done, [[node, from, to], ...]]``; "hashing" also holds the nodes'
+``observe()`` on the ticks observed).
 
 :func:`chrome` turns them into Chrome Trace Event JSON (open it in Perfetto or
 chrome://tracing: a process per worker, a track for its phases and one per
@@ -25,6 +26,8 @@ from typing import Any
 __all__ = ["chrome", "load", "profile", "lines", "plot"]
 
 _PHASES = ("wait", "run", "send", "hash")
+#: How the table and the picture name each phase.
+_NAMES = {"wait": "waiting", "run": "running", "send": "sending", "hash": "hashing"}
 
 
 def chrome(trace: dict[str, list[Any]]) -> dict[str, Any]:
@@ -78,18 +81,22 @@ def _quantile(values: list[float], q: float) -> float:
 
 def profile(trace: dict[str, list[Any]]) -> dict[str, Any]:
     """Per worker: ticks traced, tick time p50/p99 (seconds, from waiting to done),
-    the share of it spent waiting for neighbours; the slowest process (the most
-    busy time per tick) and node (the most time stepping)."""
+    each phase's mean seconds per tick (``wait``, ``run``, ``send``, ``hash``) and
+    the share of the tick spent waiting for neighbours; the slowest process (the
+    most busy time per tick) and node (the most time stepping, in all)."""
     workers: dict[str, dict[str, float]] = {}
     stepping: dict[str, float] = {}
     for worker, rows in trace.items():
         totals = [row[5] - row[1] for row in rows]
         waits = [row[2] - row[1] for row in rows]
         whole = sum(totals)
+        count = max(1, len(rows))
         workers[worker] = {"ticks": len(rows), "p50": _quantile(totals, 0.5),
                            "p99": _quantile(totals, 0.99),
                            "busy": (whole - sum(waits)) / len(rows) if rows else 0.0,
-                           "waiting": sum(waits) / whole if whole > 0 else 0.0}
+                           "waiting": sum(waits) / whole if whole > 0 else 0.0,
+                           **{phase: sum(row[k + 2] - row[k + 1] for row in rows) / count
+                              for k, phase in enumerate(_PHASES)}}
         for row in rows:
             for node, start, end in row[6]:
                 stepping[node] = stepping.get(node, 0.0) + end - start
@@ -103,21 +110,25 @@ def profile(trace: dict[str, list[Any]]) -> dict[str, Any]:
 def lines(trace: dict[str, list[Any]]) -> list[str]:
     """The table: a line per process, then the slowest process and node."""
     found = profile(trace)
-    out = [f"trace    {worker}: {row['ticks']} ticks, tick p50 {row['p50'] * 1e3:.3f} ms "
-           f"p99 {row['p99'] * 1e3:.3f} ms, {row['waiting']:.0%} waiting for neighbours"
+    out = [f"trace    {worker}: {row['ticks']} ticks; ms per tick: "
+           + ", ".join(f"{_NAMES[phase]} {row[phase] * 1e3:.3f}" for phase in _PHASES)
+           + f"; tick p50 {row['p50'] * 1e3:.3f} p99 {row['p99'] * 1e3:.3f}; "
+           f"{row['waiting']:.0%} waiting"
            for worker, row in sorted(found["workers"].items())]
     if found["slowest_worker"] is not None:
         busy = found["workers"][found["slowest_worker"]]["busy"]
         out.append(f"slowest  process {found['slowest_worker']} ({busy * 1e3:.3f} ms busy "
                    "per tick)" + (f"; node {found['slowest_node']} "
-                                  f"({found['node_seconds'] * 1e3:.1f} ms stepping, median "
-                                  f"node {found['median_node_seconds'] * 1e3:.1f} ms)"
+                                  f"({found['node_seconds'] * 1e3:.1f} ms stepping in the "
+                                  f"whole run, the median node "
+                                  f"{found['median_node_seconds'] * 1e3:.1f} ms)"
                                   if found["slowest_node"] else ""))
     return out
 
 
 def plot(trace: dict[str, list[Any]], path: str) -> None:
-    """A PNG: ticks/s over time, and each process's time running vs waiting.
+    """A PNG: ticks/s over time, and each process's mean tick in its parts
+    (running, sending, hashing, waiting; ms per tick), the legend beside them.
 
     Raises:
         ImportError: matplotlib is not installed (``pip install matplotlib``).
@@ -133,9 +144,9 @@ def plot(trace: dict[str, list[Any]], path: str) -> None:
     ticks = sorted(done)
     origin = min((row[1] for rows in trace.values() for row in rows), default=0.0)
     found = profile(trace)["workers"]
-    figure, (rate, shares) = plt.subplots(1, 2, figsize=(11, 4))
+    figure, (rate, shares) = plt.subplots(1, 2, figsize=(12, 4.5))
     if len(ticks) > 1:
-        window = max(1, len(ticks) // 50)
+        window = max(min(5, len(ticks) - 1), len(ticks) // 50)  # a rate over >= 5 ticks
         xs, ys = [], []
         for i in range(window, len(ticks), window):
             span = done[ticks[i]] - done[ticks[i - window]]
@@ -145,14 +156,17 @@ def plot(trace: dict[str, list[Any]], path: str) -> None:
         rate.plot(xs, ys)
     rate.set_xlabel("seconds")
     rate.set_ylabel("ticks/s")
-    rate.set_title("ticks per second")
+    rate.set_title("ticks per second (over 5+ ticks)")
     names = sorted(found)
-    waiting = [found[name]["waiting"] for name in names]
-    shares.bar(names, [1 - w for w in waiting], label="running, sending, hashing")
-    shares.bar(names, waiting, bottom=[1 - w for w in waiting], label="waiting")
-    shares.set_ylabel("share of tick time")
-    shares.set_title("per process")
-    shares.legend()
+    bottom = [0.0] * len(names)
+    for phase in ("run", "send", "hash", "wait"):  # each part of a tick in its colour
+        heights = [found[name][phase] * 1e3 for name in names]
+        shares.bar(names, heights, bottom=bottom, label=_NAMES[phase])
+        bottom = [b + h for b, h in zip(bottom, heights)]
+    shares.set_ylabel("ms per tick (mean)")
+    shares.set_title("per process: where a tick's time goes")
+    # beside the bars, never over them
+    shares.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
     figure.tight_layout()
     figure.savefig(path)
     plt.close(figure)
