@@ -104,12 +104,16 @@ class Setup(Message):
     resume: str = ""
     record: str = ""
     observe_every: int = 0   # ask nodes' observe() every this many ticks (0: never)
+    #: node classes that travel by value: their class path -> the class, pickled
+    #: (cloudpickle; only ever from the supervisor that started this worker)
+    classes: dict[str, bytes] = field(default_factory=dict)
     SCHEMA = {"t0": NUMBER, "tock": POSITIVE, "seed": UINT, "ticks": UINT, "real": BOOL,
               "tick_timeout": POSITIVE, "nodes": ListOf(NODE_ROW), "links": ListOf(LINK_ROW),
               "peers": MapOf(NAME, ADDRESS), "keys": MapOf(NAME, CURVE_KEY),
               "leaves": MapOf(NAME, Check(lambda v: type(v) is dict, "a map")),
               "trace": BOOL, "digest_every": COUNT, "credit_lag": CREDIT_LAG,
-              "resume": PATH, "record": PATH, "observe_every": UINT}
+              "resume": PATH, "record": PATH, "observe_every": UINT,
+              "classes": MapOf(TEXT, BYTES)}
 
     def to_body(self) -> dict[str, Any]:
         """``resume`` and ``record`` only when there is one."""

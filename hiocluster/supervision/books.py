@@ -214,6 +214,7 @@ def setups(topology: Topology, plan: Plan, addresses: Mapping[str, str],
         if target != source:
             rows[target].append(row)
     near = neighbours(topology, plan)
+    pickled = pickle_classes(topology.classes)
     made = {}
     for spec in plan.workers:
         peers = {peer: addresses[peer] for peer in sorted(near[spec.name])}
@@ -225,5 +226,32 @@ def setups(topology: Topology, plan: Plan, addresses: Mapping[str, str],
                    for node in spec.nodes],
             links=rows[spec.name], peers=peers,
             keys={peer: keys[peer] for peer in peers} if keys else {}, trace=trace,
-            resume=resume, record=record, observe_every=topology.observe_every)
+            resume=resume, record=record, observe_every=topology.observe_every,
+            classes={node.cls: pickled[node.cls] for node in spec.nodes if node.cls in pickled})
     return made
+
+
+def pickle_classes(classes: Mapping[str, type]) -> dict[str, bytes]:
+    """Node classes that travel by value, pickled by cloudpickle (which pickles a
+    class of ``__main__``, a notebook's or a function's, whole).
+
+    Raises:
+        TopologyError: cloudpickle is missing, or a class cannot be pickled.
+    """
+    if not classes:
+        return {}
+    from hiocluster.errors import TopologyError
+    try:
+        import cloudpickle
+    except ImportError:
+        raise TopologyError("node classes defined in __main__ (a script, a notebook) travel "
+                            "to the workers by value with cloudpickle: pip install "
+                            "cloudpickle", key_path="nodes") from None
+    pickled = {}
+    for path, cls in classes.items():
+        try:
+            pickled[path] = cloudpickle.dumps(cls)
+        except Exception as exc:
+            raise TopologyError(f"node class {path} cannot travel by value: "
+                                f"{type(exc).__name__}: {exc}", key_path="nodes") from None
+    return pickled

@@ -751,7 +751,7 @@ def run(topology: Topology | str | os.PathLike[str], *, processes: int | None = 
         checkpoint: str | None = None, checkpoint_every: int | None = None,
         resume: str | None = None, on_restart: Callable[[Restart], None] | None = None,
         record: str | None = None, launcher: str = "local",
-        **timeouts: float) -> RunResult:
+        progress: bool | None = None, **timeouts: float) -> RunResult:
     """Run ``topology`` to completion in lockstep and return its result.
 
     Args:
@@ -764,6 +764,9 @@ def run(topology: Topology | str | os.PathLike[str], *, processes: int | None = 
             Results never depend on it.
         real: pace ticks to the wall clock (default: the topology's ``run.real``).
         on_tick: progress callback ``(done, total)``.
+        progress: without ``on_tick``, a bar in a Jupyter notebook (None: there
+            only; False: never; True: there, else nothing either: the command
+            line has its own).
         keep_digests: also return every tick's run digest.
         digests_file: write every node's digest after every digested tick to this
             file (hiocluster.supervision.digestfile), also for a run that fails or
@@ -801,6 +804,10 @@ def run(topology: Topology | str | os.PathLike[str], *, processes: int | None = 
     """
     if isinstance(topology, (str, os.PathLike)):
         topology = load_topology(topology)
+    if on_tick is None and progress is not False:
+        from hiocluster.runtime.notebook import NotebookBar, in_notebook
+        if in_notebook():
+            on_tick = NotebookBar()
     slurm = None
     if launcher == "slurm":
         slurm = Allocation.from_environment()

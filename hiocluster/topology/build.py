@@ -39,14 +39,19 @@ class Builder:
         self.name = name
         self.document: dict[str, Any] = {"run": dict(run), "nodes": {}, "links": [],
                                          "patterns": []}
+        self.classes: dict[str, type] = {}  # class path -> a class that travels by value
 
     # -- nodes and links ----------------------------------------------------------
-    def nodes(self, name: str, cls: str, *, count: int | None = None,
+    def nodes(self, name: str, cls: str | type, *, count: int | None = None,
               params: dict[str, Any] | None = None,
               per_index: dict[str, Sequence[Any]] | None = None) -> Builder:
         """``[nodes.NAME]``: one node, or ``count`` of them (NAME0, NAME1, ...), with
-        ``params`` and, per index, ``per_index`` params."""
-        table: dict[str, Any] = {"class": cls}
+        ``params`` and, per index, ``per_index`` params. ``cls``: ``"module:Class"``,
+        or the class itself: one defined in ``__main__`` (a script, a notebook
+        cell) or inside a function travels to the workers by value (cloudpickle),
+        any other is imported there by its module and name."""
+        table: dict[str, Any] = {"class": self._class_path(cls) if isinstance(cls, type)
+                                 else cls}
         if count is not None:
             table["count"] = count
         if params:
@@ -57,6 +62,19 @@ class Builder:
         return self
 
     node = nodes
+
+    def _class_path(self, cls: type) -> str:
+        """Where the workers find ``cls``: its module and name, or (by value) a
+        ``__main__:NAME`` path of its own, noted in :attr:`classes`."""
+        if cls.__module__ != "__main__" and "<" not in cls.__qualname__:
+            return f"{cls.__module__}:{cls.__qualname__}"
+        path = f"__main__:{cls.__name__}"
+        serial = 1
+        while self.classes.get(path, cls) is not cls:  # two classes of one name
+            serial += 1
+            path = f"__main__:{cls.__name__}_{serial}"
+        self.classes[path] = cls
+        return path
 
     def link(self, source: str, target: str, *, capacity: int | None = None) -> Builder:
         """``[[links]]``: ``"a.out"`` to ``"b.in"`` (globs as in the file format)."""
@@ -131,4 +149,6 @@ class Builder:
     def build(self, path: str | None = None) -> Topology:
         """The validated topology. Raises TopologyError naming the key path."""
         topology = loads(self.to_toml(), path=path)
+        if self.classes:
+            topology = topology.replace(classes=dict(self.classes))
         return topology.replace(name=self.name) if path is None else topology

@@ -22,10 +22,15 @@ def resolve_classes(topology: Topology, app_dir: str | None = None) -> dict[str,
     Raises:
         TopologyError: naming ``nodes.<name>.class`` or ``links[i].from``/``.to``.
     """
-    from hiocluster.node import load_class  # deferred: node imports the runtime stack
+    from hiocluster.node import Node, load_class  # deferred: node imports the runtime stack
 
     try:
         cache: dict[str, type] = {}
+        for path, cls in topology.classes.items():  # by value: no import
+            if not (isinstance(cls, type) and issubclass(cls, Node)):
+                raise topology_error(f"{cls!r} is not a subclass of hiocluster.node.Node",
+                                     "nodes")
+            cache[path] = cls
         classes: dict[str, type] = {}
         for node in topology.nodes:
             if node.cls not in cache:

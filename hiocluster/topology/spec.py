@@ -87,6 +87,9 @@ class Topology:
     max_restarts: int = 3             # ... at most this many times ...
     within: float = 60.0              # ... in this many seconds
     source: str | None = field(default=None, repr=False, compare=False)
+    #: node classes that travel by value (defined in ``__main__``: a script, a
+    #: notebook): their ``class`` path -> the class (see hiocluster.topology.build)
+    classes: dict[str, type] = field(default_factory=dict, repr=False, compare=False)
     _by_name: dict[str, NodeSpec] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:

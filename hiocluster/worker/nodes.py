@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import pickle
 import sys
 import time
 import traceback
@@ -55,9 +56,15 @@ class NodeRunner:
 
     def __init__(self, setup: proto.Setup, app_dir: str | None) -> None:
         classes = {}
+        by_value: dict[str, type] = {}
         for name, path, *_ in setup.nodes:
             try:
-                classes[name] = load_class(path, app_dir)
+                if path in setup.classes:
+                    if path not in by_value:
+                        by_value[path] = by_value_class(path, setup.classes[path])
+                    classes[name] = by_value[path]
+                else:
+                    classes[name] = load_class(path, app_dir)
             except ImportError as exc:
                 raise NodeFailed(name, -1, str(exc)) from None
         self.nodes: list[Node] = []
@@ -254,6 +261,21 @@ class NodeRunner:
     def unread(self) -> int:
         """Messages still waiting in inboxes."""
         return sum(len(box) for node in self.nodes for box in node.inbox.values())
+
+
+def by_value_class(path: str, data: bytes) -> type:
+    """A node class its supervisor sent by value (pickled by cloudpickle: SETUP
+    comes only from the supervisor that started this worker, proved by its
+    credentials). Raises ImportError naming what went wrong."""
+    try:
+        cls = pickle.loads(data)
+    except Exception as exc:
+        raise ImportError(f"node class {path}, sent by value, cannot be unpickled here: "
+                          f"{type(exc).__name__}: {exc} (the same Python and packages as "
+                          "the supervisor's are needed)") from None
+    if not (isinstance(cls, type) and issubclass(cls, Node)):
+        raise ImportError(f"node class {path}, sent by value, is not a Node subclass")
+    return cls
 
 
 @contextlib.contextmanager
