@@ -124,7 +124,11 @@ def test_the_cli_writes_observations_as_csv(tmp_path: Path, cli_env: dict[str, s
     assert (rows[0]["tick"], rows[0]["name"]) == ("0", "centre")
 
 
-def test_the_readmes_observation_example_runs() -> None:
+def test_the_readmes_observation_example_runs(tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    monkeypatch.chdir(tmp_path)
     readme = (REPO / "README.md").read_text().split("**Observations per tick.**", 1)[1]
     block = readme.split("```python\n", 1)[1].split("```", 1)[0]
     block = block.replace("processes=2)", "processes=2, handle_signals=False, "
@@ -135,6 +139,7 @@ def test_the_readmes_observation_example_runs() -> None:
     assert namespace["ticks"] == list(range(load(HEAT).ticks))
     assert len(namespace["centre"]) == load(HEAT).ticks  # type: ignore[arg-type]
     assert set(namespace["table"]) == {"tick", "node", "name", "value"}  # type: ignore[arg-type]
+    assert (tmp_path / "centre.png").stat().st_size > 1000
 
 
 def odd(tmp_path: Path, says: str) -> dict[str, object]:

@@ -84,6 +84,20 @@ def test_a_sweeps_rows_are_the_runs_made_one_by_one() -> None:
     assert len({row["digest"] for row in result.rows}) == 8
 
 
+def test_a_sweep_sums_up_each_runs_observations(tmp_path: Path) -> None:
+    heat = REPO / "topologies" / "heat.toml"
+    result = sweep(heat, {"t.alpha": [0.1, 0.2]}, app_dir=str(REPO), progress=False)
+    alone = run(apply_point(load(heat), {"t.alpha": 0.2}, None), processes=1,
+                app_dir=str(REPO), handle_signals=False)
+    row = result.rows[1]
+    assert row["observed"]["centre"] == alone.observed("centre", "mean")[1][-1]
+    assert result.rows[0]["observed"]["centre"] != row["observed"]["centre"]
+    result.to_csv(tmp_path / "heat.csv")
+    header = next(csv.reader((tmp_path / "heat.csv").open()))
+    assert header[header.index("ticks_per_second") + 1:] == [
+        "observed.centre", "observed.corner", "observed.updates", "error", "results"]
+
+
 def test_a_failed_run_is_a_row_and_the_sweep_goes_on(tmp_path: Path,
                                                       cli_env: dict[str, str]) -> None:
     (tmp_path / "flaky.py").write_text(FLAKY)

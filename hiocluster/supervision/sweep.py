@@ -92,7 +92,9 @@ class SweepResult:
     Each row: ``run`` (its number), ``params`` (the point), ``seed``, ``digest``,
     ``seconds`` (the run's own, start-up excluded), ``wall`` (seconds from its
     start in the pool to its result), ``ticks_per_second``, ``results`` (every
-    node's :meth:`Node.result`) and ``error`` (None, or what ended it)."""
+    node's :meth:`Node.result`), ``observed`` (each observation's mean over the
+    nodes at the last tick observed: a column ``observed.NAME`` each in the
+    flat table) and ``error`` (None, or what ended it)."""
 
     rows: list[dict[str, Any]] = field(default_factory=list)
     seconds: float = 0.0
@@ -103,8 +105,9 @@ class SweepResult:
 
     def columns(self) -> list[str]:
         names = list(dict.fromkeys(name for row in self.rows for name in row["params"]))
+        observed = sorted({f"observed.{name}" for row in self.rows for name in row["observed"]})
         return ["run", *names, "seed", "digest", "seconds", "wall", "ticks_per_second",
-                "error", "results"]
+                *observed, "error", "results"]
 
     def flat(self) -> list[dict[str, Any]]:
         """Rows with the params as columns of their own and the results as JSON."""
@@ -112,7 +115,9 @@ class SweepResult:
 
         return [{"run": row["run"], **row["params"], "seed": row["seed"],
                  "digest": row["digest"], "seconds": row["seconds"], "wall": row["wall"],
-                 "ticks_per_second": row["ticks_per_second"], "error": row["error"],
+                 "ticks_per_second": row["ticks_per_second"],
+                 **{f"observed.{name}": value for name, value in row["observed"].items()},
+                 "error": row["error"],
                  "results": json.dumps(jsonable(row["results"]), separators=(",", ":"))
                  if row["results"] is not None else None}
                 for row in self.rows]
@@ -145,9 +150,11 @@ def _one(topology: Topology, processes: int | None, app_dir: str | None) -> dict
     except Exception as exc:  # a failed run is a row: the sweep goes on
         return {"error": f"{type(exc).__name__}: {exc}",
                 "wall": round(time.monotonic() - began, 6)}
+    names = sorted(set(result.observations.get("name", ())))
     return {"digest": result.digest, "seconds": round(result.seconds, 6),
             "ticks_per_second": round(result.ticks_per_second, 3),
             "results": result.nodes, "error": None,
+            "observed": {name: result.observed(name, "mean")[1][-1] for name in names},
             "wall": round(time.monotonic() - began, 6)}
 
 
@@ -187,7 +194,8 @@ def sweep(topology: Topology | str | os.PathLike[str],
     parallel = min(parallel, len(jobs))
     rows: list[dict[str, Any]] = [
         {"run": k, "params": dict(point), "seed": made.seed, "digest": None, "seconds": None,
-         "wall": None, "ticks_per_second": None, "results": None, "error": None}
+         "wall": None, "ticks_per_second": None, "results": None, "observed": {},
+         "error": None}
         for k, (point, seed, made) in enumerate(jobs)]
     began, said, done, failed = time.monotonic(), time.monotonic(), 0, 0
     with ProcessPoolExecutor(parallel, mp_context=multiprocessing.get_context("spawn")) as pool:
