@@ -126,6 +126,13 @@ def test_a_services_run_serves_its_metrics(cli_env: dict[str, str], tmp_path: Pa
         assert got[("hiocluster_replicas", (("service", "web"), ("state", "serving")))] == 2
         assert got[("hiocluster_replica_rss_bytes", (("replica", "0"),) + web)] > 1e6
         assert get(port)[0] == 200  # the endpoint costs the service nothing it needs
+        # a stranger's garbage gets a 400 and the endpoint serves on
+        host, metrics_port = address.split("//")[1].split("/")[0].split(":")
+        with socket.create_connection((host, int(metrics_port)), timeout=30) as sock:
+            sock.sendall(b"\x16\x03\x01 not http at all\r\n\r\n")
+            assert sock.recv(65536).startswith(b"HTTP/1.1 400")
+        assert scrape(address)[("hiocluster_replicas", (("service", "web"),
+                                                       ("state", "desired")))] == 2
     finally:
         run.close()
     assert run.proc.returncode == 0
