@@ -69,7 +69,10 @@ def test_a_scripts_own_node_class_runs_on_every_placement(tmp_path: Path,
     assert said["results"] == expected()
 
 
-def test_a_notebooks_node_class_runs(tmp_path: Path) -> None:
+def test_a_notebooks_node_class_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # the kernel's connection file and IPython's profile in the test's own directory
+    monkeypatch.setenv("JUPYTER_RUNTIME_DIR", str(tmp_path / "runtime"))
+    monkeypatch.setenv("IPYTHONDIR", str(tmp_path / "ipython"))
     import nbformat  # nbclient, nbformat and ipykernel: test extras
     from nbclient import NotebookClient
 
