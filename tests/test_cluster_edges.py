@@ -253,13 +253,17 @@ def test_stranger_with_unhashable_hello_cannot_kill_the_run() -> None:
         stranger.send(msgpack.packb([V, "HELLO", dict(HELLO_BODY, worker=[1])]))
 
     try:
-        result = run(topology({"a": "StepCounter"}, ticks=30), on_ready=on_ready)
+        # paced by the wall clock (60 ticks of 0.05 s): the run lasts 3 s after the
+        # HELLO is sent, however late a loaded machine delivers it (stress: a 30-tick
+        # unpaced run once ended before it arrived)
+        result = run(topology({"a": "StepCounter"}, ticks=60, tock=0.05, real=True),
+                     on_ready=on_ready)
         reply = proto.decode(sockets[0].recv()) if sockets[0].poll(30_000) else None
     finally:
         for sock in sockets:
             sock.close(linger=0)
         context.term()
-    assert result.ticks == 30
+    assert result.ticks == 60
     assert result.rejected_frames == 1
     assert isinstance(reply, proto.Error) and reply.field == "HELLO.worker"
 
