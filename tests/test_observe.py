@@ -96,6 +96,19 @@ def test_observations_come_up_through_nested_groups(tmp_path: Path) -> None:
         assert np.array_equal(nested.observations[key], flat.observations[key])
 
 
+def test_a_resumed_run_observes_from_its_checkpoint_and_says_so(tmp_path: Path) -> None:
+    first = run(processes=2, checkpoint=str(tmp_path / "ck"), checkpoint_every=20,
+                **heat())  # type: ignore[arg-type]
+    assert first.observations_from == 0
+    resumed = run(processes=1, resume=str(tmp_path / "ck"), **heat())  # type: ignore[arg-type]
+    ticks = load(HEAT).ticks
+    since = resumed.observations_from
+    assert resumed.resumed_from is not None and since == resumed.resumed_from + 1 > 0
+    assert sorted(set(resumed.observations["tick"].tolist())) == list(range(since, ticks))
+    kept = first.observations["tick"] >= since  # the same rows as the first run's, from there
+    assert np.array_equal(resumed.observations["value"], first.observations["value"][kept])
+
+
 def test_observe_every_k_ticks_and_the_last(tmp_path: Path) -> None:
     every = run(processes=2, **heat(observe_every=7))  # type: ignore[arg-type]
     ticks = load(HEAT).ticks

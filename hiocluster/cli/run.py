@@ -296,8 +296,10 @@ def _write_files(args: argparse.Namespace, result: Any) -> bool:
         except (OSError, ImportError) as exc:
             print(f"hiocluster: cannot write --observe {args.observe}: {exc}", file=sys.stderr)
             return False
-        cut = result.observations_cut
+        cut, since = result.observations_cut, result.observations_from
         print(f"hiocluster: {rows:,} observations in {args.observe}" + (
+            f" (from tick {since}: the run resumed or restarted from a checkpoint there)"
+            if since else "") + (
             f" (up to tick {cut}: a worker held too many, the rest were not kept)"
             if cut is not None else ""), file=sys.stderr)
     return True

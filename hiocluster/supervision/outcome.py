@@ -79,6 +79,10 @@ class RunResult:
     #: the tick the observations stop at, where a worker held too many
     #: (nodes.MAX_OBSERVED); None: they are whole
     observations_cut: int | None = None
+    #: the first tick observed: 0, or after a resume or a restart the tick after
+    #: the checkpoint the last try started from (earlier ticks' observations
+    #: were with processes that are gone)
+    observations_from: int = 0
 
     @property
     def ticks_per_second(self) -> float:
@@ -88,7 +92,8 @@ class RunResult:
         data = {("nodes" if key == "node_count" else key): value
                 for key, value in self.__dict__.items()
                 if key not in ("tick_digests", "services", "nodes", "node_metrics",
-                               "metric_kinds", "trace", "observations", "observations_cut")}
+                               "metric_kinds", "trace", "observations", "observations_cut",
+                               "observations_from")}
         data["ticks_per_second"] = round(self.ticks_per_second, 1)
         data["seconds"] = round(self.seconds, 6)
         data["startup_seconds"] = round(self.startup_seconds, 6)

@@ -905,6 +905,9 @@ def run(topology: Topology | str | os.PathLike[str], *, processes: int | None = 
         if scratch is not None:
             remove_run_dir(scratch)
     for made in (supervisor.result, getattr(supervisor.failure, "partial", None)):
+        if made is not None:
+            made.observations_from = restarts[-1].resumed_from + 1 if restarts else \
+                (made.resumed_from + 1 if made.resumed_from is not None else 0)
         if made is not None and restarts:  # the whole run's, not only the last try's
             made.tick_digests[:0] = kept
             made.resumed_from = first.tick if first is not None else None
