@@ -49,33 +49,11 @@ sys.path.insert(0, str(REPO))
 
 from hiocluster import protocol as proto  # noqa: E402
 from hiocluster.control.client import ask  # noqa: E402
+from tests.test_cluster_services import HEALTH_APP  # noqa: E402  (the tests' sick app)
 
 TIMEOUT_S = 60.0
 SPACING_S = 1.2     # seconds between kills: more than the topology's within
 
-HEALTH_APP = """import os
-
-import falcon
-
-from nodes.web import Web as _Web, make_app
-
-
-class _Ready:
-    def __init__(self, where):
-        self.where = where
-
-    def on_get(self, req, resp):
-        if os.path.exists(os.path.join(self.where, f"sick-{os.getpid()}")):
-            resp.status = falcon.HTTP_503
-        resp.text = "checked"
-
-
-class Web(_Web):
-    def app(self):
-        app = make_app("hello", str(self.replica))
-        app.add_route("/ready", _Ready(self.params["where"]))
-        return app
-"""
 
 
 def free_port() -> int:
