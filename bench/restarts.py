@@ -46,6 +46,7 @@ from typing import Any, Callable
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tests"))  # the tests' modules import their conftest
 
 from hiocluster import protocol as proto  # noqa: E402
 from hiocluster.control.client import ask  # noqa: E402
