@@ -310,6 +310,11 @@ class DigestFileError(ClusterError):
     written, or read as one: names the file and what is wrong."""
 
 
+class ObservationsError(ClusterError):
+    """The observations' file (``--observe FILE``, ``run(observe=...)``) cannot be
+    written: names the file and why."""
+
+
 class CheckpointError(ClusterError):
     """A checkpoint that cannot be written, read as one, or resumed by this run (of
     another topology, other versions): names the file and what is wrong."""

@@ -53,3 +53,10 @@ class Shouter(Node):
 
     def state(self) -> int:
         return self.heard
+
+
+class ObservingCrasher(Crasher):
+    """A Crasher that says what it mixed and sent each tick (its ``observe()``)."""
+
+    def observe(self) -> dict[str, int]:
+        return {"mix": self.mix % 1_000_003, "sent": self.sent}

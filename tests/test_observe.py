@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from conftest import REPO, hiocluster_command
 
-from hiocluster.errors import NodeError
-from hiocluster.supervision.outcome import observation_table
+from hiocluster.errors import NodeError, ObservationsError
+from hiocluster.supervision.observations import Observations, read_observations
 from hiocluster.supervision.supervisor import run
 from hiocluster.topology import load
 
@@ -181,10 +181,76 @@ def test_a_bad_observation_fails_the_run_naming_the_node(tmp_path: Path, says: s
     assert message in str(caught.value) and caught.value.nodes == ("a",)
 
 
+def window(*rows: tuple[int, str, str, float]) -> dict[str, list[list[object]]]:
+    """One worker's observations of a window, as its DONE carries them."""
+    out: dict[str, list[list[object]]] = {}
+    for tick, node, name, value in rows:
+        for column, item in zip(out.setdefault(name, [[], [], []]), (tick, node, value)):
+            column.append(item)
+    return out
+
+
 def test_observations_stop_where_the_first_worker_stopped_keeping_them() -> None:
-    parts = {"p0": {"columns": {"x": [[0, 1, 2], ["a", "a", "a"], [1, 2, 3]]}, "cut": 3},
-             "p1": {"columns": {"x": [[0, 1], ["b", "b"], [5, 6]]}, "cut": 2}}
-    table, cut = observation_table(parts)
-    assert cut == 2
+    sink = Observations()
+    sink.window(2, [window((0, "a", "x", 1.0), (1, "a", "x", 2.0), (2, "a", "x", 3.0)),
+                    window((0, "b", "x", 5.0), (1, "b", "x", 6.0))], cuts=[-1, 2])
+    sink.window(4, [window((3, "a", "x", 1.0))])  # after the cut: none more
+    assert sink.cut == 2 and sink.rows == 4
+    table = sink.table()
     assert table["tick"].tolist() == [0, 0, 1, 1] and list(table["node"]) == ["a", "b"] * 2
-    assert observation_table({})[0]["tick"].size == 0
+    assert Observations().table()["tick"].size == 0
+
+
+def test_in_memory_the_table_stops_at_the_first_tick_that_does_not_fit_whole() -> None:
+    sink = Observations(limit=5)
+    sink.window(1, [window(*[(tick, node, "x", 1.0) for tick in (0, 1) for node in "ab"])])
+    sink.window(3, [window(*[(tick, node, "x", 1.0) for tick in (2, 3) for node in "ab"])])
+    assert (sink.rows, sink.cut) == (4, 2)  # tick 2's second row would be the 6th
+
+
+@pytest.mark.parametrize("suffix", ["csv", "parquet"])
+def test_a_restart_rewinds_the_file_to_its_checkpoint(tmp_path: Path, suffix: str) -> None:
+    path = str(tmp_path / f"observed.{suffix}")
+    sink = Observations(path)
+    for last in (1, 3, 5):  # three windows, then a restart from the checkpoint after 3
+        sink.window(last, [window(*[(tick, "a", "x", float(tick)) for tick in
+                                    (last - 1, last)])])
+    sink.rewind(3)
+    assert sink.rows == 4
+    sink.window(5, [window((4, "a", "x", 40.0), (5, "a", "x", 50.0))])
+    sink.close()
+    table = read_observations(path)
+    assert table["tick"].tolist() == list(range(6))
+    assert table["value"].tolist() == [0.0, 1.0, 2.0, 3.0, 40.0, 50.0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"observed.{suffix}"]
+
+
+def test_an_observations_file_that_cannot_be_written_is_named(tmp_path: Path) -> None:
+    with pytest.raises(ObservationsError, match="cannot write --observe .*nowhere"):
+        Observations(str(tmp_path / "nowhere" / "o.csv"))
+    sink = Observations("/dev/full")  # the disk full: said, and the run goes on
+    sink.window(0, [window(*[(0, f"n{i}", "x", 1.0) for i in range(2000)])])
+    sink.close()
+    assert sink.error is not None and "/dev/full" in sink.error
+    with pytest.raises(ValueError, match="no observations file"):
+        read_observations(str(HEAT))
+
+
+def test_a_run_streams_its_observations_to_the_file_as_it_goes(tmp_path: Path) -> None:
+    path = tmp_path / "heat.csv"
+    seen: list[int] = []
+
+    def on_tick(done: int, total: int) -> None:
+        if done < total:  # the run is not over: what is in the file already
+            seen.append(len(path.read_text().splitlines()) - 1)
+    streamed = run(processes=2, window=10, observe=str(path), on_tick=on_tick,
+                   **heat())  # type: ignore[arg-type]
+    kept = run(processes=1, **heat())  # type: ignore[arg-type]
+    assert any(seen) and max(seen) < streamed.observations_rows
+    assert streamed.observations["tick"].size == 0  # none held in memory
+    assert streamed.observations_rows == len(kept.observations["tick"])
+    table = streamed.observations_table()
+    for key in ("tick", "value"):
+        assert np.array_equal(table[key], kept.observations[key])
+    assert list(table["node"]) == list(kept.observations["node"])
+    assert streamed.observed("centre", "mean") == kept.observed("centre", "mean")

@@ -27,8 +27,8 @@ CRASHER = "tests.restart_nodes:Crasher"
 
 def topology(path: Path, *, ticks: int = 300, restart: str = "checkpoint",
              max_restarts: int = 3, every: int = 50, params: str = "",
-             tick_timeout: float = 30.0) -> Path:
-    text = mesh_toml(CRASHER, 4, ticks=ticks, seed=11, capacity=8, params=params)
+             tick_timeout: float = 30.0, cls: str = CRASHER) -> Path:
+    text = mesh_toml(cls, 4, ticks=ticks, seed=11, capacity=8, params=params)
     text = text.replace("[run]\n", f'[run]\nrestart = "{restart}"\nmax_restarts = '
                         f"{max_restarts}\nwithin = 60\ncheckpoint_every = {every}\n"
                         f"tick_timeout = {tick_timeout}\n", 1)
@@ -110,6 +110,27 @@ def test_the_summary_says_what_happened_and_the_digest_file_is_whole(cli_env,
     assert same.returncode == 0 and "to tick 299" in same.stdout, same
     with DigestFile(str(written)) as file:  # each state once, in order
         assert [tick for tick, _ in file.states()] == list(range(-1, 300))
+
+
+def test_the_observations_file_of_a_restarted_run_is_that_of_a_run_that_never_failed(
+        cli_env, tmp_path) -> None:
+    """Streamed as the run goes: the rows after the checkpoint are dropped at the
+    restart and observed again, those before it kept (every tick's, from 0)."""
+    observing = "tests.restart_nodes:ObservingCrasher"
+    whole = tmp_path / "whole.csv"
+    run_json(cli_env, topology(tmp_path / "whole.toml", restart="none", cls=observing),
+             "--processes", "1", "--observe", str(whole))
+    path = topology(tmp_path / "crash.toml", params=crash(tmp_path, "sigkill", 130),
+                    cls=observing)
+    written = tmp_path / "restarted.csv"
+    # windows of 10: those of ticks 100..129 were written before p2 died at 130
+    restarted = run_json(cli_env, path, "--processes", "4", "--window", "10",
+                         "--observe", str(written))
+    assert [restart["resumed_from"] for restart in restarted["restarts"]] == [99]
+    rows = len(whole.read_text().splitlines()) - 1
+    assert rows == 300 * 4 * 2
+    assert f"hiocluster: {rows:,} observations in {written}\n" in restarted["stderr"]
+    assert written.read_bytes() == whole.read_bytes()
 
 
 def test_past_the_intensity_the_run_fails_naming_it(cli_env, tmp_path) -> None:

@@ -8,12 +8,16 @@ plays every worker and every process exit, and reads what the core says to do.
 from __future__ import annotations
 
 import hashlib
+import math
+import struct
 from typing import Any
 
+import msgpack
 import pytest
 
 from hiocluster import protocol as proto
 from hiocluster.protocol import DIGEST_SIZE
+from hiocluster.protocol.observed import pack_observed
 from hiocluster.supervision.digests import DigestChain
 from hiocluster.errors import (Interrupted, NodeError, ProcessExited, RunFailed, TickTimeout)
 from hiocluster.supervision.runcore import (CUT_GRACE_S, SILENCE_GRACE_S, Kill, Phase, RunCore,
@@ -416,3 +420,79 @@ def test_an_interrupt_without_a_cut_stops_at_once_with_no_results(how: str) -> N
         run.say(worker, proto.Bye())
     failure = run.core.failure
     assert run.core.finished and isinstance(failure, Interrupted) and failure.partial is None
+
+
+
+def observed(rows: list[tuple[int, str, float]]) -> list[bytes]:
+    """One worker's DONE.observed of a window: its rows, all named x."""
+    return [pack_observed({"x": [[tick for tick, _, _ in rows], [node for _, node, _ in rows],
+                                 [value for _, _, value in rows]]})]
+
+
+def test_each_window_s_observations_are_taken_in_sorted_once_every_done_is_in() -> None:
+    run = Run(window=2)
+    run.start()
+    said = {"w0": observed([(0, "b", 1.0), (0, "a", 2.0), (1, "b", 3.0)]),
+            "w1": observed([(1, "c", 4.0)])}
+    for worker in ("w0", "w1"):
+        run.say(worker, proto.Done(until=1, digests=records(worker, 0) + records(worker, 1),
+                                   observed=said[worker]))
+    run.say("w2", proto.Done(until=1, digests=records("w2", 0) + records("w2", 1)))
+    assert isinstance(run.last("w2"), proto.Grant)  # the next window first ...
+    assert run.core.observations.rows == 0
+    run.core.flush_observed(run.now)                # ... then the shell has them read
+    table = run.core.observations.table()
+    assert table["tick"].tolist() == [0, 0, 1, 1]
+    assert list(table["node"]) == ["a", "b", "b", "c"]
+    assert table["value"].tolist() == [2.0, 1.0, 3.0, 4.0]
+
+
+def say_observed(blobs: list[bytes]) -> RunFailed:
+    """w0's window 0..1 with ``blobs`` as its observations; the run's failure."""
+    run = Run(window=2)
+    run.start()
+    for worker in NODES:
+        run.say(worker, proto.Done(until=1, digests=records(worker, 0) + records(worker, 1),
+                                   observed=blobs if worker == "w0" else []))
+    run.core.flush_observed(run.now)
+    run.flush()
+    failure = run.core.failure
+    assert isinstance(failure, RunFailed) and failure.worker == "w0", failure
+    assert isinstance(run.last("w0"), proto.Error)  # it is told why, as for any bad frame
+    return failure
+
+
+@pytest.mark.parametrize("rows, why", [([(0, "c", 1.0)], "nodes not under w0: c"),
+                                       ([(2, "a", 1.0)], "ticks outside the window 0..1")])
+def test_observations_of_other_nodes_or_ticks_fail_the_run_naming_the_field(
+        rows: list[tuple[int, str, float]], why: str) -> None:
+    failure = say_observed(observed(rows))
+    assert "DONE.observed[0].x" in failure.cause and why in failure.cause
+
+
+def test_window_sizer_keeps_a_done_with_observations_under_its_limit() -> None:
+    sizer = WindowSizer(None, 36, 1.0, False)
+    sizer.observe(16, 0.0016, WindowSizer.MAX_DONE_BYTES // 2)  # cheap ticks, large DONEs
+    assert sizer.size == 32 and sizer.limit == 32
+    fixed = WindowSizer(64, 36, 1.0, False)  # a window the user fixed is theirs
+    fixed.observe(64, 0.01, WindowSizer.MAX_DONE_BYTES * 2)
+    assert fixed.size == 64
+
+
+D8 = struct.pack("<d", 1.0)
+Q8 = struct.pack("<q", 0)
+
+
+@pytest.mark.parametrize("blob, where", [
+    (b"\xc1", "DONE.observed[0]"),                                          # not msgpack
+    (msgpack.packb([1, 2]), "DONE.observed[0]"),                            # not a map
+    (msgpack.packb({"no spaces": [Q8, ["a"], D8]}), "DONE.observed[0].<key"),
+    (msgpack.packb({"x": [Q8, ["a"]]}), "DONE.observed[0].x"),               # two columns
+    (msgpack.packb({"x": [Q8 * 2, ["a"], D8]}), "DONE.observed[0].x"),       # lengths differ
+    (msgpack.packb({"x": [Q8, [["a"]], D8]}), "DONE.observed[0].x"),         # a list for a name
+    (msgpack.packb({"x": [Q8, ["a"], struct.pack("<d", math.nan)]}), "DONE.observed[0].x"),
+    (msgpack.packb({"x": [struct.pack("<q", -1), ["a"], D8]}), "DONE.observed[0].x"),
+])
+def test_a_malformed_observation_is_a_bad_field(blob: bytes, where: str) -> None:
+    failure = say_observed([blob])
+    assert where in failure.cause and "expected" in failure.cause, failure.cause

@@ -168,9 +168,10 @@ def _output_options(command: argparse.ArgumentParser) -> None:
                          help="after a finished run, write one JSON line per node to FILE: "
                               "its result() and its metrics (JSON as --json's)")
     command.add_argument("--observe", metavar="FILE",
-                         help="write what the nodes' observe() said, a row per tick, node "
-                              "and name (tick,node,name,value): CSV, or Parquet for "
-                              "*.parquet (needs pyarrow)")
+                         help="stream what the nodes' observe() say to FILE as the run "
+                              "goes, a row per tick, node and name (tick,node,name,value): "
+                              "CSV, or Parquet for *.parquet (needs pyarrow; converted at "
+                              "the end); also for a run that fails: up to its last window")
 
 
 def _transport_options(command: argparse.ArgumentParser) -> None:

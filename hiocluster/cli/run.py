@@ -202,7 +202,8 @@ def run_main(args: argparse.Namespace) -> int:
                          checkpoint_every=args.checkpoint_every, resume=args.resume,
                          on_restart=lambda restart: print(
                              f"hiocluster: {restart}", file=sys.stderr, flush=True),
-                         record=args.record, launcher=args.launcher)
+                         record=args.record, launcher=args.launcher,
+                         observe=getattr(args, "observe", None))
         except Interrupted as exc:
             return _interrupted(args, exc, topology.ticks)
         except RunFailed as exc:
@@ -291,16 +292,12 @@ def _write_files(args: argparse.Namespace, result: Any) -> bool:
         if not _write("--output", args.output, output):
             return False
     if getattr(args, "observe", None):
-        try:
-            rows = result.write_observations(args.observe)
-        except (OSError, ImportError) as exc:
-            print(f"hiocluster: cannot write --observe {args.observe}: {exc}", file=sys.stderr)
-            return False
         cut, since = result.observations_cut, result.observations_from
-        print(f"hiocluster: {rows:,} observations in {args.observe}" + (
-            f" (from tick {since}: the run resumed or restarted from a checkpoint there)"
+        print(f"hiocluster: {result.observations_rows:,} observations in {args.observe}" + (
+            f" (from tick {since}: the run resumed from a checkpoint there)"
             if since else "") + (
-            f" (up to tick {cut}: a worker held too many, the rest were not kept)"
+            f" (up to tick {cut}: too many in one window of a worker, the rest were not "
+            "kept)"
             if cut is not None else ""), file=sys.stderr)
     return True
 

@@ -194,6 +194,7 @@ ANY = Check(lambda v: True, "anything")
 STATS = MapOf(NAME, UINT)
 
 
+
 class LinkRun(TupleOf):
     """``[link id, [sequence, ...], [payload, ...]]``: increasing sequences, one per payload."""
 

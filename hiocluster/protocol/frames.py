@@ -109,7 +109,7 @@ def _plain(frame: Any, cls: type[Message]) -> Message | None:
     if type(frame) is not list or len(frame) != 3 or frame[1] != cls.TYPE \
             or type(frame[0]) is not int or frame[0] != VERSION:
         return None
-    body, schema = frame[2], cls.SCHEMA
+    body, schema = frame[2], cls.PLAIN or cls.SCHEMA
     if type(body) is not dict or len(body) != len(schema):
         return None
     for name, check in schema.items():

@@ -48,6 +48,9 @@ class Message:
 
     TYPE: ClassVar[str] = ""
     SCHEMA: ClassVar[dict[str, Check]] = {}
+    #: the fields of its usual frame, where that is not every field: such a frame
+    #: is taken on the fast path (frames.decode ``expect``)
+    PLAIN: ClassVar[dict[str, Check] | None] = None
 
     def to_body(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in self.SCHEMA}
@@ -184,7 +187,20 @@ class Done(Message):
     TYPE = "DONE"
     until: int
     digests: bytes
-    SCHEMA = {"until": UINT, "digests": BYTES}
+    #: what the nodes' observe() said in the window: a bin per worker (a group's:
+    #: one of each worker under it), hiocluster.protocol.observed
+    observed: list[bytes] = field(default_factory=list)
+    #: the tick from which the worker observes no more, full (-1: none)
+    observed_cut: int = -1
+    SCHEMA = {"until": UINT, "digests": BYTES, "observed": ListOf(BYTES),
+              "observed_cut": INT}
+    PLAIN = {"until": UINT, "digests": BYTES}
+
+    def to_body(self) -> dict[str, Any]:
+        """``observed`` and ``observed_cut`` only when there are some."""
+        if not self.observed and self.observed_cut < 0:
+            return {"until": self.until, "digests": self.digests}
+        return {name: getattr(self, name) for name in self.SCHEMA}
 
 
 @dataclass(slots=True)
@@ -218,11 +234,8 @@ class Bye(Message):
     node_metrics: dict[str, dict[str, Any]] = field(default_factory=dict)
     kinds: dict[str, str] = field(default_factory=dict)
     trace: dict[str, list[Any]] = field(default_factory=dict)
-    #: worker -> {"columns": {name: [ticks, nodes, values]}, "cut": the tick its
-    #: observations stopped at, full (-1: none)}
-    observations: dict[str, Any] = field(default_factory=dict)
     SCHEMA = {"stats": STATS, "metrics": STATS, "received": MapOf(NAME, UINT),
-              "trace": MapOf(NAME, ListOf(ANY)), "observations": MapOf(NAME, ANY),
+              "trace": MapOf(NAME, ListOf(ANY)),
               "results": MapOf(NAME, ANY), "node_metrics": MapOf(NAME, MapOf(NAME, NUMBER)),
               "kinds": MapOf(NAME, Check(lambda v: v in METRIC_KINDS,
                                          f"one of {', '.join(METRIC_KINDS)}"))}

@@ -13,6 +13,7 @@ from typing import Callable, Mapping
 
 from hiocluster import protocol as proto
 from hiocluster.errors import ClusterError, FrameError, ProtocolError, RemoteProtocolError
+from hiocluster.protocol.observed import Columns, unpack_observed
 from hiocluster.supervision.digests import DigestChain
 from hiocluster.topology import Plan, Topology
 
@@ -29,6 +30,7 @@ class WorkerBook:
     def __init__(self, name: str, node_names: tuple[str, ...], external: bool = False) -> None:
         self.name = name
         self.node_names = node_names
+        self.node_set = frozenset(node_names)
         self.external = external             # started by hand: no process to watch
         self.machine = proto.ParentMachine(name)
         self.joined = False                  # a connection proved it is this worker
@@ -36,6 +38,9 @@ class WorkerBook:
         self.hello: proto.Hello | None = None
         self.ready: bytes | None = None      # digest records after set-up
         self.pending = b""                   # digest records of the window just done
+        self.observed: list[bytes] = []      # ... and its observations (unread)
+        self.observed_cut = -1               # the tick it observes no more from, full
+        self.done_bytes = 0                  # the size of its last DONE frame
         self.bye: proto.Bye | None = None
         self.heard = 0.0
         self.progress = -1
@@ -59,6 +64,11 @@ class WorkerBook:
             self._digests(chain, message.digests, chain.states(done_before + 1, message.until),
                           "DONE.digests")
             self.pending = message.digests
+            self.observed = message.observed
+            if self.observed:  # the size only matters then (WindowSizer)
+                self.done_bytes = len(data)
+            if message.observed_cut >= 0 and self.observed_cut < 0:
+                self.observed_cut = message.observed_cut
             self._advance(message.until, (), now)
         elif isinstance(message, proto.Progress):
             if not self.neighbours.issuperset(message.waiting):
@@ -84,6 +94,28 @@ class WorkerBook:
         why = chain.check(self.name, records, states)
         if why is not None:
             raise self._nonsense(field, why)
+
+    def observations(self, blobs: list[bytes], first: int, last: int) -> list[Columns]:
+        """Its DONE's observations of the window ``first``..``last``, read (after
+        the next GRANT went out): only of its own nodes, and of those ticks.
+
+        Raises:
+            FrameError, RemoteProtocolError: a bin that is not one, or says what
+                makes no sense (code ``bad-field``).
+        """
+        mine, read = self.node_set, []
+        for index, blob in enumerate(blobs):
+            columns = unpack_observed(blob, f"DONE.observed[{index}]")
+            for name, (ticks, nodes, _) in columns.items():
+                if ticks and (min(ticks) < first or max(ticks) > last):
+                    raise self._nonsense(f"DONE.observed[{index}].{name}", f"ticks outside "
+                                         f"the window {first}..{last}")
+                strangers = set(nodes) - mine
+                if strangers:
+                    raise self._nonsense(f"DONE.observed[{index}].{name}", f"nodes not under "
+                                         f"{self.name}: {', '.join(sorted(strangers)[:4])}")
+            read.append(columns)
+        return read
 
     def _nonsense(self, field: str, text: str) -> RemoteProtocolError:
         """A well-formed frame whose ``field`` makes no sense for this run."""

@@ -191,7 +191,15 @@ class GroupCore(Supervision):
         digests = self.chain.splice({name: b.pending for name, b in self.books.items()},
                                     states)
         self.done_until = self.granted
-        self._up(proto.Done(until=self.granted, digests=digests), checked=False)
+        if not self.observed_window:
+            self._up(proto.Done(until=self.granted, digests=digests), checked=False)
+            return
+        self.observed_window = False
+        books = self.books.values()
+        cuts = [book.observed_cut for book in books if book.observed_cut >= 0]
+        self._up(proto.Done(until=self.granted, digests=digests,
+                            observed=[blob for book in books for blob in book.observed],
+                            observed_cut=min(cuts, default=-1)), checked=False)
 
     def _finished(self, now: float) -> None:
         if self.deferred and isinstance(self.failure, RunFailed):

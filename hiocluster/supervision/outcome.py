@@ -24,6 +24,7 @@ from hiocluster.errors import (
 )
 from hiocluster.supervision.books import WorkerBook
 from hiocluster.supervision.digests import DigestChain
+from hiocluster.supervision.observations import COLUMNS, Observations, read_observations
 from hiocluster.supervision.windows import WindowSizer
 from hiocluster.topology import Topology
 
@@ -74,15 +75,20 @@ class RunResult:
     restarts: list[dict[str, Any]] = field(default_factory=list)
     #: what the nodes' :meth:`Node.observe` said, in long form: ``{"tick": [...],
     #: "node": [...], "name": [...], "value": [...]}`` sorted by tick, node, name
-    #: (numpy arrays where numpy is installed; ``tick`` int64, ``value`` float64)
+    #: (numpy arrays where numpy is installed; ``tick`` int64, ``value`` float64);
+    #: empty when they went to a file (``observations_file``)
     observations: dict[str, Any] = field(default_factory=dict)
-    #: the tick the observations stop at, where a worker held too many
-    #: (nodes.MAX_OBSERVED); None: they are whole
+    #: the tick the observations stop at, where there were too many to keep
+    #: (observations.MAX_KEPT rows in memory, nodes.MAX_OBSERVED_BYTES in one
+    #: window of a worker); None: they are whole
     observations_cut: int | None = None
-    #: the first tick observed: 0, or after a resume or a restart the tick after
-    #: the checkpoint the last try started from (earlier ticks' observations
-    #: were with processes that are gone)
+    #: the first tick observed: 0, or after a resume the tick after the checkpoint
+    #: it started from (a restart keeps its earlier tries' rows up to its checkpoint)
     observations_from: int = 0
+    #: the file they were streamed to (``run(observe=...)``, ``--observe``), if any
+    observations_file: str | None = None
+    #: how many rows there are
+    observations_rows: int = 0
 
     @property
     def ticks_per_second(self) -> float:
@@ -93,7 +99,8 @@ class RunResult:
                 for key, value in self.__dict__.items()
                 if key not in ("tick_digests", "services", "nodes", "node_metrics",
                                "metric_kinds", "trace", "observations", "observations_cut",
-                               "observations_from")}
+                               "observations_from", "observations_file",
+                               "observations_rows")}
         data["ticks_per_second"] = round(self.ticks_per_second, 1)
         data["seconds"] = round(self.seconds, 6)
         data["startup_seconds"] = round(self.startup_seconds, 6)
@@ -118,7 +125,7 @@ class RunResult:
         """The observations called ``name``: ``(ticks, nodes, values)``, or with
         ``how`` (``sum``, ``mean``, ``min``, ``max``) one value per tick over the
         nodes: ``(ticks, values)``. Raises KeyError naming those there are."""
-        table = self.observations
+        table = self.observations_table()
         names = table.get("name", ())
         if name not in set(names):
             raise KeyError(f"no observation {name!r} (observed: "
@@ -143,27 +150,26 @@ class RunResult:
         pandas must be installed: it is no dependency of hiocluster)."""
         import pandas
 
-        return pandas.DataFrame({key: self.observations.get(key, [])
-                                 for key in ("tick", "node", "name", "value")})
+        table = self.observations_table()
+        return pandas.DataFrame({key: table.get(key, []) for key in COLUMNS})
+
+    def observations_table(self) -> dict[str, Any]:
+        """``observations``, or read back from ``observations_file`` where they
+        went there (the whole file in memory)."""
+        if self.observations_file is None or self.observations.get("tick") is not None \
+                and len(self.observations["tick"]):
+            return self.observations
+        return read_observations(self.observations_file)
 
     def write_observations(self, path: str) -> int:
-        """Write the observations to ``path``: CSV, or Parquet for ``*.parquet``
-        (pyarrow must be installed); the number of rows."""
-        table = {key: list(self.observations.get(key, []))
-                 for key in ("tick", "node", "name", "value")}
-        if path.endswith(".parquet"):
-            import pyarrow
-            import pyarrow.parquet
-
-            pyarrow.parquet.write_table(pyarrow.table(table), path)
-        else:
-            import csv
-
-            with open(path, "w", newline="") as handle:
-                writer = csv.writer(handle)
-                writer.writerow(table)
-                writer.writerows(zip(*table.values()))
-        return len(table["tick"])
+        """Write the observations kept in memory to ``path``: CSV, or Parquet for
+        ``*.parquet`` (pyarrow must be installed); the number of rows."""
+        sink = Observations(path)
+        try:
+            sink.extend(list(zip(*(self.observations.get(key, []) for key in COLUMNS))))
+        finally:
+            sink.close()
+        return sink.rows
 
     def lines(self) -> list[dict[str, Any]]:
         """One JSON-able row per node, by name: what ``--output`` writes."""
@@ -210,19 +216,20 @@ def jsonable(value: Any) -> Any:
 
 def result_of(topology: Topology, books: Iterable[WorkerBook], chain: DigestChain,
               sizer: WindowSizer, rejected: int, times: tuple[float, float, float],
-              processes: int, groups: int = 0, reached: int | None = None) -> RunResult:
+              processes: int, observed: Observations, groups: int = 0,
+              reached: int | None = None) -> RunResult:
     """The result of a finished run (or one stopped after tick ``reached`` − 1
     everywhere): every book holds its child's BYE (a group's sums the workers under
     it); ``processes``: how many workers ran.
 
-    ``times``: when the run started, its first GRANT went out, its last DONE came in.
+    ``times``: when the run started, its first GRANT went out, its last DONE came in;
+    ``observed``: the observations taken in.
     """
     started, ticking, ticked = times
     books = list(books)
     merged = merge_byes(book.bye for book in books)  # type: ignore[misc]
     stats, metrics, results = merged.stats, merged.metrics, merged.results
     traces, per_node, kinds = merged.trace, merged.node_metrics, merged.kinds
-    observations, cut = observation_table(merged.observations)
     late = stats.get("late", 0)
     return RunResult(
         topology=topology.name, ticks=topology.ticks if reached is None else reached,
@@ -236,34 +243,9 @@ def result_of(topology: Topology, books: Iterable[WorkerBook], chain: DigestChai
         late_ticks=late, metrics=dict(sorted(metrics.items())),
         tick_digests=chain.tick_digests, nodes=dict(sorted(results.items())),
         node_metrics=dict(sorted(per_node.items())), metric_kinds=dict(sorted(kinds.items())),
-        trace=dict(sorted(traces.items())), observations=observations,
-        observations_cut=cut)
-
-
-def observation_table(by_worker: dict[str, Any]) -> tuple[dict[str, Any], int | None]:
-    """The workers' observations (BYE's, by worker) as one long table sorted by
-    tick, node and name (numpy arrays where numpy is there), and the earliest
-    tick any worker's stopped at (None: none stopped)."""
-    rows = []
-    cuts = []
-    for part in by_worker.values():
-        if part.get("cut", -1) >= 0:
-            cuts.append(part["cut"])
-        for name, (ticks, nodes, values) in part.get("columns", {}).items():
-            rows += [(tick, node, name, value) for tick, node, value in zip(ticks, nodes, values)]
-    cut = min(cuts) if cuts else None
-    if cut is not None:  # every worker's, up to the tick where the first stopped
-        rows = [row for row in rows if row[0] < cut]
-    rows.sort()
-    columns = [list(column) for column in zip(*rows)] if rows else [[], [], [], []]
-    table: dict[str, Any] = dict(zip(("tick", "node", "name", "value"), columns))
-    try:
-        import numpy
-    except ImportError:
-        return table, cut
-    table["tick"] = numpy.asarray(table["tick"], dtype=numpy.int64)
-    table["value"] = numpy.asarray(table["value"], dtype=numpy.float64)
-    return table, cut
+        trace=dict(sorted(traces.items())), observations=observed.table(),
+        observations_cut=observed.cut, observations_file=observed.path,
+        observations_rows=observed.rows)
 
 
 def merge_byes(byes: Iterable[proto.Bye], inside: Container[str] = ()) -> proto.Bye:
@@ -278,11 +260,9 @@ def merge_byes(byes: Iterable[proto.Bye], inside: Container[str] = ()) -> proto.
     per_node: dict[str, dict[str, Any]] = {}
     kinds: dict[str, str] = {}
     trace: dict[str, list[Any]] = {}
-    observations: dict[str, Any] = {}
     for bye in byes:
         results.update(bye.results)
         trace.update(bye.trace)
-        observations.update(bye.observations)
         per_node.update(bye.node_metrics)
         kinds.update(bye.kinds)
         for name, value in bye.stats.items():
@@ -294,8 +274,7 @@ def merge_byes(byes: Iterable[proto.Bye], inside: Container[str] = ()) -> proto.
             if peer not in inside:
                 received[peer] = max(received.get(peer, 0), count)
     return proto.Bye(stats=stats, metrics=metrics, received=received, results=results,
-                     node_metrics=per_node, kinds=kinds, trace=trace,
-                     observations=observations)
+                     node_metrics=per_node, kinds=kinds, trace=trace)
 
 
 KINDS: dict[str, type[RunFailed]] = {

@@ -35,6 +35,7 @@ from hiocluster.errors import (
 from hiocluster.protocol.fields import differing_nodes
 from hiocluster.supervision.books import WorkerBook, claim, neighbours, setups
 from hiocluster.supervision.digests import DigestChain
+from hiocluster.supervision.observations import Observations
 from hiocluster.supervision.outcome import (
     RunResult,
     error_frame,
@@ -163,6 +164,7 @@ class Supervision:
         self.signals: list[Terminate | Kill] = []      # processes for it to end
         self.failure: ClusterError | None = None
         self.rejected = 0
+        self.observed_window = False  # a DONE of the window in flight had observations
 
     # -- inputs -----------------------------------------------------------
     def receive(self, worker: str, data: bytes, now: float) -> None:
@@ -179,6 +181,8 @@ class Supervision:
             return
         books = self.books.values()
         if type(message) is proto.Done:
+            if message.observed or message.observed_cut >= 0:
+                self.observed_window = True  # what _all_done passes on
             if self.phase is Phase.RUNNING:
                 self.owed -= 1  # each child's machine takes one DONE per GRANT
                 if not self.owed:
@@ -409,7 +413,8 @@ class RunCore(Supervision):
                  external: Sequence[str] = (),
                  checkpoint_every: int = 0,
                  checkpoint_path: Callable[[int], str] | None = None,
-                 resume: Resume | None = None, record: str = "") -> None:
+                 resume: Resume | None = None, record: str = "",
+                 observations: Observations | None = None) -> None:
         members = {name: [node for leaf in plan.leaves(name)
                           for node in plan.worker(leaf).node_names] for name in plan.top}
         super().__init__(members, now=now, token=token, keep_digests=keep_digests,
@@ -430,6 +435,12 @@ class RunCore(Supervision):
                 self.nodes_of[member] = tuple(node for leaf in plan.leaves(member)
                                               for node in plan.worker(leaf).node_names)
         self.result: RunResult | None = None
+        #: where the nodes' observations go, window by window
+        self.observations = observations if observations is not None else Observations()
+        #: windows whose observations are all in, not yet read (their first and
+        #: last tick, each child's bins, each child's cut)
+        self.observed: list[tuple[int, int, list[tuple[WorkerBook, list[bytes]]],
+                                  list[int]]] = []
         #: a checkpoint after every tick T with (T+1) mod checkpoint_every = 0 (0: none),
         #: into checkpoint_path(T)
         self.checkpoint_every, self.checkpoint_path = checkpoint_every, checkpoint_path
@@ -551,7 +562,16 @@ class RunCore(Supervision):
         self.completed = self.granted
         self.chain.fold({name: b.pending for name, b in self.books.items()}, states)
         self.ticked = now
-        self.sizer.observe(self.granted + 1 - self.window_first, now - self.window_start)
+        done_bytes = 0
+        if self.observed_window:  # read once the next window is granted: flush_observed
+            self.observed_window = False
+            books = self.books.values()
+            self.observed.append((self.window_first, self.granted,
+                                  [(book, book.observed) for book in books if book.observed],
+                                  [book.observed_cut for book in books]))
+            done_bytes = max(book.done_bytes for book in books)
+        self.sizer.observe(self.granted + 1 - self.window_first, now - self.window_start,
+                           done_bytes)
         if self.checkpointing == self.granted:
             self.checkpoints.append(Checkpointed(self.granted, self.chain.digest.hex(),
                                                  self.chain.last_records,
@@ -564,15 +584,32 @@ class RunCore(Supervision):
         else:
             self._grant(now)
 
+    def flush_observed(self, now: float) -> None:
+        """Read the observations of the windows done into ``observations``: the
+        shell calls it once the next GRANT went out (reading, sorting and writing
+        them is off the run's critical path), and :meth:`_finished` before the
+        result. A child's bin that is not one fails the run, blaming the child."""
+        windows, self.observed = self.observed, []
+        for first, last, parts, cuts in windows:
+            read = []
+            for book, blobs in parts:
+                try:
+                    read += book.observations(blobs, first, last)
+                except (FrameError, ProtocolError) as exc:
+                    self._refuse(book, exc, now)
+                    return
+            self.observations.window(last, read, cuts)
+
     def _finished(self, now: float) -> None:
+        self.flush_observed(now)
         cut = self.cut_made and self.failure is self.cut and \
             all(book.bye is not None for book in self.books.values())
         if self.failure is None or cut:
             result = result_of(self.topology, self.books.values(), self.chain,
                                self.sizer, self.rejected,
                                (self.started, self.ticking, self.ticked),
-                               len(self.plan.workers), len(self.plan.groups),
-                               reached=self.granted + 1)
+                               len(self.plan.workers), self.observations,
+                               len(self.plan.groups), reached=self.granted + 1)
             if self.resume is not None:
                 result.resumed_from = self.resume.tick
             if self.failure is None:

@@ -41,6 +41,7 @@ from hiocluster.errors import (
     CheckpointError,
     ClusterError,
     Interrupted,
+    ObservationsError,
     ProcessExited,
     RecordError,
     RunFailed,
@@ -71,6 +72,7 @@ from hiocluster.runtime.transport import (
 )
 from hiocluster.supervision.digestfile import DigestFileError, DigestWriter
 from hiocluster.supervision.digests import digested_between
+from hiocluster.supervision.observations import Observations
 from hiocluster.supervision.restarts import Intensity, Restart, restartable
 from hiocluster.supervision.runcore import (
     Checkpointed,
@@ -495,6 +497,7 @@ class Supervisor(SupervisorShell):
         self.resume_point: Resume | None = None
         #: set by run() before it enters: where every worker records (--record)
         self.record_root: str | None = None
+        self.observations: Observations | None = None  # run() sets it: every try's
         self._completing: threading.Thread | None = None  # a checkpoint's manifest
         self._completing_failed: CheckpointError | None = None
         #: the tick of the newest checkpoint this supervisor completed (None: none yet)
@@ -515,6 +518,7 @@ class Supervisor(SupervisorShell):
 
     def _after(self, now: float) -> None:
         core = self.core
+        core.flush_observed(now)  # the next window's GRANT went out: off the critical path
         if core.checkpoints:
             for made in core.checkpoints:
                 self._manifest(made, now)
@@ -672,7 +676,7 @@ class Supervisor(SupervisorShell):
                             record=self.record_root or "",
                             checkpoint_path=None if self.checkpoint_root is None else
                             functools.partial(checkpoints.tick_dir, self.checkpoint_root),
-                            resume=self.resume_point)
+                            resume=self.resume_point, observations=self.observations)
         self.core.chain.sink = self.digest_sink
         if self._early_signal is not None:  # it stops before it starts anyone
             self.core.interrupt(self._early_signal, time.monotonic())
@@ -751,7 +755,8 @@ def run(topology: Topology | str | os.PathLike[str], *, processes: int | None = 
         checkpoint: str | None = None, checkpoint_every: int | None = None,
         resume: str | None = None, on_restart: Callable[[Restart], None] | None = None,
         record: str | None = None, launcher: str = "local",
-        progress: bool | None = None, **timeouts: float) -> RunResult:
+        progress: bool | None = None, observe: str | None = None,
+        **timeouts: float) -> RunResult:
     """Run ``topology`` to completion in lockstep and return its result.
 
     Args:
@@ -781,6 +786,9 @@ def run(topology: Topology | str | os.PathLike[str], *, processes: int | None = 
         record: every worker records what it receives, and its digests, into this
             directory (hiocluster.worker.record), to replay it alone later
             (hiocluster.worker.replay). Made if needed; its records are replaced.
+        observe: stream what the nodes' ``observe()`` say to this file as the run
+            goes, a window at a time: CSV, or Parquet for ``*.parquet`` (pyarrow).
+            Without it they are kept in memory (``RunResult.observations``).
         launcher: "local" (this host, or the agents of the plan's hosts) or
             "slurm": each worker a job step of the Slurm allocation this process runs
             in (hiocluster.hosts.slurm; over tcp; one worker per task unless
@@ -829,6 +837,7 @@ def run(topology: Topology | str | os.PathLike[str], *, processes: int | None = 
         if checkpoint is None:
             scratch = checkpoint = make_run_dir("hioc-checkpoints-")
     writer = metrics = None
+    observations = Observations(observe)  # a file: made now, so a bad path fails first
     if record is not None:
         record = _start_record(record, topology, plan, checkpoint, app_dir)
     try:
@@ -859,10 +868,13 @@ def run(topology: Topology | str | os.PathLike[str], *, processes: int | None = 
             if not restarts:
                 first = point
             supervisor.digest_sink = writer
+            supervisor.observations = observations
             supervisor.record_root = record
             loop.doers = [supervisor]
             with run_signals(supervisor, loop, handle_signals):
                 loop.run()
+            supervisor.core.flush_observed(time.monotonic())  # every window done, even
+            # in a failed try
             failure = supervisor.failure
             if not (restarting and restartable(failure)
                     and supervisor._completing_failed is None):
@@ -889,6 +901,7 @@ def run(topology: Topology | str | os.PathLike[str], *, processes: int | None = 
                     tried_from + 1, tick, topology.digest_every, topology.ticks)]
             if writer is not None:
                 writer.rewind(tick if tick >= 0 else None)
+            observations.rewind(tick)
             start_from = checkpoints.tick_dir(checkpoint, tick) if tick >= 0 else None
             if start_from is not None and point is not None and tick == point.tick:
                 start_from = point.path  # no newer one: the one this try started from
@@ -898,6 +911,7 @@ def run(topology: Topology | str | os.PathLike[str], *, processes: int | None = 
             if on_restart is not None:
                 on_restart(restarts[-1])
     finally:
+        observations.close()
         if writer is not None:
             writer.close()
         if metrics is not None:
@@ -906,8 +920,7 @@ def run(topology: Topology | str | os.PathLike[str], *, processes: int | None = 
             remove_run_dir(scratch)
     for made in (supervisor.result, getattr(supervisor.failure, "partial", None)):
         if made is not None:
-            made.observations_from = restarts[-1].resumed_from + 1 if restarts else \
-                (made.resumed_from + 1 if made.resumed_from is not None else 0)
+            made.observations_from = first.tick + 1 if first is not None else 0
         if made is not None and restarts:  # the whole run's, not only the last try's
             made.tick_digests[:0] = kept
             made.resumed_from = first.tick if first is not None else None
@@ -930,9 +943,11 @@ def run(topology: Topology | str | os.PathLike[str], *, processes: int | None = 
         raise supervisor.failure
     if supervisor._completing_failed is not None:  # the last checkpoint, after the end
         raise supervisor._completing_failed
-    if writer is not None and writer.error is not None:
-        raise DigestFileError(f"{writer.error} (the run finished: digest "
-                              f"{supervisor.result.digest if supervisor.result else '?'})")
+    for error, kind in ((writer.error if writer else None, DigestFileError),
+                        (observations.error, ObservationsError)):
+        if error is not None:
+            raise kind(f"{error} (the run finished: digest "
+                       f"{supervisor.result.digest if supervisor.result else '?'})")
     if supervisor.result is None:  # pragma: no cover - failures raise above
         raise RuntimeError("run ended without a result")
     if supervisor.services is not None:

@@ -35,8 +35,12 @@ class WindowSizer:
         else:
             self.size = min(self.limit, self.FIRST)
 
-    def observe(self, ticks: int, seconds: float) -> None:
-        """A window of ``ticks`` took ``seconds``: size the next one."""
+    def observe(self, ticks: int, seconds: float, done_bytes: int = 0) -> None:
+        """A window of ``ticks`` took ``seconds``, and its largest DONE was
+        ``done_bytes`` (observations make them larger): size the next one."""
+        if not self.fixed and ticks and done_bytes:
+            self.limit = min(self.limit, max(1, self.MAX_DONE_BYTES * ticks // done_bytes))
+            self.size = min(self.size, self.limit)
         if self.fixed or ticks < self.size:
             return
         per_tick = seconds / ticks if ticks else 0.0

@@ -30,11 +30,14 @@ from hiocluster.node import Clock, Node, load_class, pack_state
 from hiocluster.protocol import arrays
 from hiocluster.protocol.fields import short
 
-__all__ = ["NodeRunner", "NodeFailed", "TickOverrun", "Terminated", "blame", "MAX_OBSERVED"]
+__all__ = ["NodeRunner", "NodeFailed", "TickOverrun", "Terminated", "blame",
+           "MAX_OBSERVED_BYTES"]
 
-#: Most observed values one worker keeps (they travel in its BYE): beyond, the
-#: run's observations stop at that tick, and the result says where.
-MAX_OBSERVED = 8_000_000
+#: Most bytes (about) of observations one worker holds in a window (they travel
+#: in its DONE, which must stay under MAX_CONTROL_FRAME with its digests): beyond,
+#: the worker observes no more, and the run's observations stop at that tick (the
+#: result says where). Automatic windows stay well under it.
+MAX_OBSERVED_BYTES = 8 * 1024 * 1024
 
 #: Traceback lines sent up with a node failure.
 #: Most frames of the user's code shown in a failure's traceback.
@@ -85,12 +88,13 @@ class NodeRunner:
         self.entered = False
         self.tick = -1
         self.busy_since = 0.0   # monotonic start of the tick being run, 0.0 between ticks
-        #: the nodes whose class defines observe(), and what they said: name ->
-        #: (ticks, nodes, values), until MAX_OBSERVED values (then ``observed_cut``)
+        #: the nodes whose class defines observe(), and what they said in the window
+        #: under way: name -> [ticks, nodes, values] (taken by :meth:`take_observed`),
+        #: until MAX_OBSERVED_BYTES in one window (then ``observed_cut``: none more)
         self.observing = [node for node in self.nodes
                           if type(node).observe is not Node.observe]
-        self.observed: dict[str, tuple[list[int], list[str], list[float]]] = {}
-        self.observed_room = MAX_OBSERVED
+        self.observed: dict[str, list[list[Any]]] = {}
+        self.observed_room = MAX_OBSERVED_BYTES
         self.observed_cut = -1
 
     def enter(self) -> None:
@@ -143,8 +147,10 @@ class NodeRunner:
 
     def observe(self, tick: int) -> None:
         """Every observing node's :meth:`Node.observe` after ``tick``, checked and
-        kept in columns; past MAX_OBSERVED values, none more (``observed_cut``).
-        One try around them all (a blame per node costs more than what it guards)."""
+        kept in columns; past MAX_OBSERVED_BYTES in a window, none more
+        (``observed_cut``). One try around them all (a blame per node costs more
+        than what it guards); each dict's values checked at once, at C speed
+        (a bool, which passes as a number there, is found by :meth:`take_observed`)."""
         if self.observed_cut >= 0:
             return
         observed, isfinite = self.observed, math.isfinite
@@ -157,28 +163,29 @@ class NodeRunner:
                 if type(said) is not dict:
                     raise ValueError(f"observe() returned a {type(said).__name__}; expected "
                                      "a dict of names to numbers, or None")
-                if len(said) > self.observed_room:
-                    self.observed_cut = tick
-                    return
-                self.observed_room -= len(said)
                 name = node.name
+                size = len(said) * (20 + len(name))  # a row's tick, node and value, packed
+                if size > self.observed_room:
+                    self.observed_cut = tick
+                    for kept in observed.values():  # the whole tick, or none of it
+                        while kept[0] and kept[0][-1] == tick:
+                            for part in kept:
+                                part.pop()
+                    return
+                self.observed_room -= size
+                try:
+                    finite = all(map(isfinite, said.values()))
+                except TypeError:  # not a number
+                    finite = False
+                if not finite:
+                    _bad_value(said)
                 for key, value in said.items():
-                    kind = type(value)
-                    if kind is not int:
-                        if kind is not float:
-                            if kind is bool or not hasattr(value, "__float__"):
-                                raise ValueError(f"observe() gave {key!r}: {short(value)}; "
-                                                 "expected a number")
-                            value = float(value)  # a numpy scalar
-                        if not isfinite(value):
-                            raise ValueError(f"observe() gave {key!r}: {value!r}; expected "
-                                             "a finite number")
                     column = observed.get(key)
                     if column is None:
                         if type(key) is not str or not proto.is_name(key):
                             raise ValueError(f"observe() gave the name {key!r}; expected "
                                              "1-64 of A-Z a-z 0-9 _ . -")
-                        column = observed[key] = ([], [], [])
+                        column = observed[key] = [[], [], []]
                     column[0].append(tick)
                     column[1].append(name)
                     column[2].append(value)
@@ -187,6 +194,18 @@ class NodeRunner:
         except BaseException:
             with blame(node.name, tick, "observe()"):
                 raise
+
+    def take_observed(self) -> dict[str, list[list[Any]]]:
+        """The observations of the window under way (for its DONE); the next
+        window's start empty, with the whole room again."""
+        observed, self.observed = self.observed, {}
+        self.observed_room = MAX_OBSERVED_BYTES
+        for key, (ticks, nodes, values) in observed.items():
+            if bool in set(map(type, values)):
+                at = list(map(type, values)).index(bool)
+                raise NodeFailed(nodes[at], ticks[at], f"observe() gave {key!r}: "
+                                 f"{values[at]!r}; expected a number")
+        return observed
 
     def exit(self) -> list[tuple[str, str]]:
         """Run every node's hio exit contexts (last entered first), each one even when
@@ -276,6 +295,15 @@ def by_value_class(path: str, data: bytes) -> type:
     if not (isinstance(cls, type) and issubclass(cls, Node)):
         raise ImportError(f"node class {path}, sent by value, is not a Node subclass")
     return cls
+
+
+def _bad_value(said: dict[Any, Any]) -> None:
+    """Raise ValueError naming the first value of ``said`` that is no finite number."""
+    for key, value in said.items():
+        if type(value) is bool or not hasattr(value, "__float__"):
+            raise ValueError(f"observe() gave {key!r}: {short(value)}; expected a number")
+        if not math.isfinite(value):
+            raise ValueError(f"observe() gave {key!r}: {value!r}; expected a finite number")
 
 
 @contextlib.contextmanager

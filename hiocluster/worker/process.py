@@ -36,6 +36,7 @@ from hiocluster.errors import (
     RecordError,
     RemoteProtocolError,
 )
+from hiocluster.protocol.observed import pack_observed
 from hiocluster.runtime import checkpoints
 from hiocluster.runtime.launch import TickRegister
 from hiocluster.runtime.rundir import remove_orphan_files
@@ -225,12 +226,7 @@ class Worker:
                         received=self.exchange.received if self.exchange else {},
                         results=results, node_metrics=per_node if cut else {},
                         kinds=kinds, trace={self.name: self.trace}
-                        if self.trace is not None and cut else {},
-                        observations={self.name: {
-                            "columns": {name: list(column) for name, column
-                                        in host.observed.items()},
-                            "cut": host.observed_cut}} if host is not None and host.observing
-                        else {})
+                        if self.trace is not None and cut else {})
         for frame in self.machine.frames(bye):  # large results: in CHUNKs
             self.control.send(frame)
         if self.peers is not None:
@@ -370,7 +366,13 @@ class Worker:
         digests = b"".join(records)
         if self.recorder is not None:
             self.recorder.window(grant.until, digests)
-        self._send(proto.Done(until=grant.until, digests=digests), checked=False)
+        if observe_every:
+            observed = host.take_observed()
+            self._send(proto.Done(until=grant.until, digests=digests,
+                                  observed=[pack_observed(observed)] if observed else [],
+                                  observed_cut=host.observed_cut), checked=False)
+        else:
+            self._send(proto.Done(until=grant.until, digests=digests), checked=False)
 
     def _checkpoint_to(self, directory: str, tick: int) -> None:
         """This worker's share of the checkpoint after ``tick`` (every worker ran it):
