@@ -331,7 +331,9 @@ class Node(DoDoer):
     def observe(self) -> dict[str, float] | None:
         """What to record of this node after a tick, e.g. ``{"infected": 12,
         "mean": 0.31}`` (names as :meth:`metrics` has them; values: finite
-        numbers), every ``[run] observe_every`` ticks (default 1; 0: never) and
+        numbers, or small arrays of them: a list, tuple or numpy array of at most
+        64, a row per element named ``name.i``, ``name.i.j`` for 2-D), every
+        ``[run] observe_every`` ticks (default 1; 0: never) and
         after the last. Collected per tick into columns (``RunResult.observations``,
         ``--observe FILE``); never part of a digest, so it must not change the
         node's state. Only classes that define it are asked; None: nothing this

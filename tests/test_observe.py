@@ -44,6 +44,14 @@ class Odd(Node):
             return {"x": True}
         if said == "name":
             return {"no spaces": 1}
+        if said == "big":
+            return {"x": list(range(65))}
+        if said == "huge":
+            return {"x": 10 ** 400}
+        if said == "arrays":
+            import numpy
+            return {"grid": numpy.arange(4.0).reshape(2, 2) * self.count,
+                    "pair": (self.count, -self.count), "n": self.count}
         return {"count": self.count} if self.count % 2 else None
 """
 
@@ -168,11 +176,23 @@ def test_none_from_observe_says_nothing_that_tick(tmp_path: Path) -> None:
     assert result.observed("count") == ([0, 2, 4], ["a", "a", "a"], [1.0, 3.0, 5.0])
 
 
+def test_a_small_array_is_a_row_per_element_named_by_its_index(tmp_path: Path) -> None:
+    result = run(processes=1, **odd(tmp_path, "arrays"))  # type: ignore[arg-type]
+    table = result.observations
+    names = sorted(set(table["name"]))
+    assert names == ["grid.0.0", "grid.0.1", "grid.1.0", "grid.1.1", "n", "pair.0", "pair.1"]
+    assert result.observed("grid.1.1") == ([0, 1, 2, 3, 4, 5], ["a"] * 6,
+                                           [3.0 * count for count in range(1, 7)])
+    assert result.observed("pair.1")[2] == [-1.0 * count for count in range(1, 7)]
+
+
 @pytest.mark.parametrize("says, message", [
     ("text", "observe() returned a str; expected a dict"),
     ("nan", "observe() gave 'x': nan; expected a finite number"),
     ("bool", "observe() gave 'x': True; expected a number"),
     ("name", "observe() gave the name 'no spaces'"),
+    ("big", "observe() gave 'x': an array of 65 values; expected at most 64"),
+    ("huge", "observe() gave 'x': 1000"),
 ])
 def test_a_bad_observation_fails_the_run_naming_the_node(tmp_path: Path, says: str,
                                                           message: str) -> None:

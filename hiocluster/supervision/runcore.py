@@ -66,6 +66,9 @@ REAL_START_LEAD_S = 0.02
 #: How long an interrupted run waits for the window in flight to end, so that it
 #: stops after one tick everywhere (results so far); past that it stops at once.
 CUT_GRACE_S = 5.0
+#: Observations kept in memory wait, packed, for the run's end until about this
+#: many bytes of them came (then they are read: a row takes far more unpacked).
+OBSERVED_HOLD_BYTES = 64 * 1024 * 1024
 
 
 
@@ -441,6 +444,7 @@ class RunCore(Supervision):
         #: last tick, each child's bins, each child's cut)
         self.observed: list[tuple[int, int, list[tuple[WorkerBook, list[bytes]]],
                                   list[int]]] = []
+        self.observed_bytes = 0  # their DONEs' sizes, about
         #: a checkpoint after every tick T with (T+1) mod checkpoint_every = 0 (0: none),
         #: into checkpoint_path(T)
         self.checkpoint_every, self.checkpoint_path = checkpoint_every, checkpoint_path
@@ -569,6 +573,7 @@ class RunCore(Supervision):
             self.observed.append((self.window_first, self.granted,
                                   [(book, book.observed) for book in books if book.observed],
                                   [book.observed_cut for book in books]))
+            self.observed_bytes += sum(book.done_bytes for book in books if book.observed)
             done_bytes = max(book.done_bytes for book in books)
         self.sizer.observe(self.granted + 1 - self.window_first, now - self.window_start,
                            done_bytes)
@@ -584,12 +589,18 @@ class RunCore(Supervision):
         else:
             self._grant(now)
 
-    def flush_observed(self, now: float) -> None:
+    def flush_observed(self, now: float, *, hold: bool = False) -> None:
         """Read the observations of the windows done into ``observations``: the
         shell calls it once the next GRANT went out (reading, sorting and writing
-        them is off the run's critical path), and :meth:`_finished` before the
-        result. A child's bin that is not one fails the run, blaming the child."""
-        windows, self.observed = self.observed, []
+        them is off the run's critical path) with ``hold`` (kept in memory: they
+        wait, packed, until OBSERVED_HOLD_BYTES of them, so that reading them
+        takes no CPU from the workers meanwhile), and :meth:`_finished` and the
+        shell after the run without. A child's bin that is not one fails the run,
+        blaming the child."""
+        if hold and self.observations.path is None and \
+                self.observed_bytes < OBSERVED_HOLD_BYTES:
+            return
+        windows, self.observed, self.observed_bytes = self.observed, [], 0
         for first, last, parts, cuts in windows:
             read = []
             for book, blobs in parts:

@@ -518,7 +518,7 @@ class Supervisor(SupervisorShell):
 
     def _after(self, now: float) -> None:
         core = self.core
-        core.flush_observed(now)  # the next window's GRANT went out: off the critical path
+        core.flush_observed(now, hold=True)  # the next GRANT went out: off the critical path
         if core.checkpoints:
             for made in core.checkpoints:
                 self._manifest(made, now)

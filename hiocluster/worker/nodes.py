@@ -11,6 +11,7 @@ naming it. No sockets.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 import os
 import pickle
@@ -38,6 +39,8 @@ __all__ = ["NodeRunner", "NodeFailed", "TickOverrun", "Terminated", "blame",
 #: the worker observes no more, and the run's observations stop at that tick (the
 #: result says where). Automatic windows stay well under it.
 MAX_OBSERVED_BYTES = 8 * 1024 * 1024
+#: Most elements of one array an observe() returns (each is a row of its own).
+MAX_OBSERVED_ARRAY = 64
 
 #: Traceback lines sent up with a node failure.
 #: Most frames of the user's code shown in a failure's traceback.
@@ -150,7 +153,8 @@ class NodeRunner:
         kept in columns; past MAX_OBSERVED_BYTES in a window, none more
         (``observed_cut``). One try around them all (a blame per node costs more
         than what it guards); each dict's values checked at once, at C speed
-        (a bool, which passes as a number there, is found by :meth:`take_observed`)."""
+        (a bool, which passes as a number there, is found by :meth:`take_observed`);
+        a small array becomes a row per element (:func:`_expanded`)."""
         if self.observed_cut >= 0:
             return
         observed, isfinite = self.observed, math.isfinite
@@ -164,6 +168,12 @@ class NodeRunner:
                     raise ValueError(f"observe() returned a {type(said).__name__}; expected "
                                      "a dict of names to numbers, or None")
                 name = node.name
+                try:
+                    finite = all(map(isfinite, said.values()))
+                except (TypeError, OverflowError):  # not a number: an array, or wrong
+                    finite = False
+                if not finite:
+                    said = _expanded(said)
                 size = len(said) * (20 + len(name))  # a row's tick, node and value, packed
                 if size > self.observed_room:
                     self.observed_cut = tick
@@ -173,12 +183,6 @@ class NodeRunner:
                                 part.pop()
                     return
                 self.observed_room -= size
-                try:
-                    finite = all(map(isfinite, said.values()))
-                except TypeError:  # not a number
-                    finite = False
-                if not finite:
-                    _bad_value(said)
                 for key, value in said.items():
                     column = observed.get(key)
                     if column is None:
@@ -297,13 +301,44 @@ def by_value_class(path: str, data: bytes) -> type:
     return cls
 
 
-def _bad_value(said: dict[Any, Any]) -> None:
-    """Raise ValueError naming the first value of ``said`` that is no finite number."""
+def _expanded(said: dict[Any, Any]) -> dict[Any, Any]:
+    """``said`` with each small array (a list, a tuple, a numpy array of at most
+    MAX_OBSERVED_ARRAY numbers) as one entry per element, ``name.i`` (``name.i.j``
+    for a 2-D array, in C order); ValueError naming the first value that is no
+    finite number (nor such an array)."""
+    out: dict[Any, Any] = {}
     for key, value in said.items():
-        if type(value) is bool or not hasattr(value, "__float__"):
-            raise ValueError(f"observe() gave {key!r}: {short(value)}; expected a number")
-        if not math.isfinite(value):
-            raise ValueError(f"observe() gave {key!r}: {value!r}; expected a finite number")
+        shape = getattr(value, "shape", None)
+        if isinstance(value, (list, tuple)) or (shape is not None and shape != ()):
+            if type(key) is not str or not proto.is_name(key):
+                raise ValueError(f"observe() gave the name {key!r}; expected "
+                                 "1-64 of A-Z a-z 0-9 _ . -")
+            if shape is not None:
+                items = value.reshape(-1).tolist()
+                names = [".".join(map(str, at)) for at in itertools.product(*map(range, shape))]
+            else:
+                items, names = list(value), [str(at) for at in range(len(value))]
+            if len(items) > MAX_OBSERVED_ARRAY:
+                raise ValueError(f"observe() gave {key!r}: an array of {len(items)} values; "
+                                 f"expected at most {MAX_OBSERVED_ARRAY}")
+            for at, item in zip(names, items):
+                out[f"{key}.{at}"] = _number(f"{key}.{at}", item)
+        else:
+            out[key] = _number(key, value)
+    return out
+
+
+def _number(key: Any, value: Any) -> Any:
+    """``value``, if a finite number; else ValueError naming ``key``."""
+    if type(value) is bool or not hasattr(value, "__float__"):
+        raise ValueError(f"observe() gave {key!r}: {short(value)}; expected a number")
+    try:
+        finite = math.isfinite(value)
+    except OverflowError:  # an int past float's range
+        finite = False
+    if not finite:
+        raise ValueError(f"observe() gave {key!r}: {short(value)}; expected a finite number")
+    return value
 
 
 @contextlib.contextmanager
