@@ -837,9 +837,9 @@ def run(topology: Topology | str | os.PathLike[str], *, processes: int | None = 
         if checkpoint is None:
             scratch = checkpoint = make_run_dir("hioc-checkpoints-")
     writer = metrics = None
-    observations = Observations(observe)  # a file: made now, so a bad path fails first
     if record is not None:
         record = _start_record(record, topology, plan, checkpoint, app_dir)
+    observations = Observations(observe)  # a file: made now, so a bad path fails first
     try:
         if topology.metrics:
             from hiocluster.services.metrics import MetricsEndpoint
