@@ -13,7 +13,7 @@ from conftest import REPO, hiocluster_command
 
 from hiocluster.errors import TopologyError
 from hiocluster.supervision.supervisor import run
-from hiocluster.supervision.sweep import apply_point, points, sweep
+from hiocluster.supervision.sweep import apply_point, last_means, points, sweep
 from hiocluster.topology import load
 
 RING = REPO / "topologies" / "ring.toml"
@@ -96,6 +96,13 @@ def test_a_sweep_sums_up_each_runs_observations(tmp_path: Path) -> None:
     header = next(csv.reader((tmp_path / "heat.csv").open()))
     assert header[header.index("ticks_per_second") + 1:] == [
         "observed.centre", "observed.corner", "observed.updates", "error", "results"]
+
+
+def test_each_observation_is_summed_up_at_the_last_tick_it_was_observed() -> None:
+    table = {"tick": [0, 0, 0, 1, 1], "node": ["a", "a", "b", "a", "b"],
+             "name": ["x", "y", "x", "x", "x"], "value": [1.0, 7.0, 3.0, 2.0, 5.0]}
+    assert last_means(table) == {"x": 3.5, "y": 7.0}  # y was said at tick 0 only
+    assert last_means({}) == {}
 
 
 def test_a_failed_run_is_a_row_and_the_sweep_goes_on(tmp_path: Path,

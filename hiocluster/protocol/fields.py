@@ -194,7 +194,6 @@ ANY = Check(lambda v: True, "anything")
 STATS = MapOf(NAME, UINT)
 
 
-
 class LinkRun(TupleOf):
     """``[link id, [sequence, ...], [payload, ...]]``: increasing sequences, one per payload."""
 

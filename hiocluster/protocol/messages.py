@@ -200,7 +200,7 @@ class Done(Message):
         """``observed`` and ``observed_cut`` only when there are some."""
         if not self.observed and self.observed_cut < 0:
             return {"until": self.until, "digests": self.digests}
-        return {name: getattr(self, name) for name in self.SCHEMA}
+        return Message.to_body(self)
 
 
 @dataclass(slots=True)

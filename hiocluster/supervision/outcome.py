@@ -156,8 +156,7 @@ class RunResult:
     def observations_table(self) -> dict[str, Any]:
         """``observations``, or read back from ``observations_file`` where they
         went there (the whole file in memory)."""
-        if self.observations_file is None or self.observations.get("tick") is not None \
-                and len(self.observations["tick"]):
+        if self.observations_file is None:
             return self.observations
         return read_observations(self.observations_file)
 

@@ -150,12 +150,27 @@ def _one(topology: Topology, processes: int | None, app_dir: str | None) -> dict
     except Exception as exc:  # a failed run is a row: the sweep goes on
         return {"error": f"{type(exc).__name__}: {exc}",
                 "wall": round(time.monotonic() - began, 6)}
-    names = sorted(set(result.observations.get("name", ())))
     return {"digest": result.digest, "seconds": round(result.seconds, 6),
             "ticks_per_second": round(result.ticks_per_second, 3),
             "results": result.nodes, "error": None,
-            "observed": {name: result.observed(name, "mean")[1][-1] for name in names},
+            "observed": last_means(result.observations),
             "wall": round(time.monotonic() - began, 6)}
+
+
+def last_means(table: Mapping[str, Any]) -> dict[str, float]:
+    """Each observation's mean over the nodes at the last tick it was observed
+    (``RunResult.observed(name, "mean")``'s last value), in one pass over the
+    table (sorted by tick)."""
+    last: dict[str, list[Any]] = {}  # name -> [tick, sum, count]
+    for tick, name, value in zip(table.get("tick", ()), table.get("name", ()),
+                                 table.get("value", ())):
+        seen = last.get(name)
+        if seen is None or seen[0] != tick:
+            last[name] = [tick, float(value), 1]
+        else:
+            seen[1] += float(value)
+            seen[2] += 1
+    return {name: total / count for name, (_, total, count) in sorted(last.items())}
 
 
 def sweep(topology: Topology | str | os.PathLike[str],

@@ -186,10 +186,7 @@ class NodeRunner:
                 for key, value in said.items():
                     column = observed.get(key)
                     if column is None:
-                        if type(key) is not str or not proto.is_name(key):
-                            raise ValueError(f"observe() gave the name {key!r}; expected "
-                                             "1-64 of A-Z a-z 0-9 _ . -")
-                        column = observed[key] = [[], [], []]
+                        column = observed[_name(key)] = [[], [], []]
                     column[0].append(tick)
                     column[1].append(name)
                     column[2].append(value)
@@ -310,9 +307,7 @@ def _expanded(said: dict[Any, Any]) -> dict[Any, Any]:
     for key, value in said.items():
         shape = getattr(value, "shape", None)
         if isinstance(value, (list, tuple)) or (shape is not None and shape != ()):
-            if type(key) is not str or not proto.is_name(key):
-                raise ValueError(f"observe() gave the name {key!r}; expected "
-                                 "1-64 of A-Z a-z 0-9 _ . -")
+            _name(key)
             if shape is not None:
                 items = value.reshape(-1).tolist()
                 names = [".".join(map(str, at)) for at in itertools.product(*map(range, shape))]
@@ -326,6 +321,14 @@ def _expanded(said: dict[Any, Any]) -> dict[Any, Any]:
         else:
             out[key] = _number(key, value)
     return out
+
+
+def _name(key: Any) -> str:
+    """``key``, if a name an observation can have; else ValueError saying so."""
+    if type(key) is not str or not proto.is_name(key):
+        raise ValueError(f"observe() gave the name {key!r}; expected "
+                         "1-64 of A-Z a-z 0-9 _ . -")
+    return key
 
 
 def _number(key: Any, value: Any) -> Any:

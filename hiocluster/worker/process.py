@@ -366,13 +366,10 @@ class Worker:
         digests = b"".join(records)
         if self.recorder is not None:
             self.recorder.window(grant.until, digests)
-        if observe_every:
-            observed = host.take_observed()
-            self._send(proto.Done(until=grant.until, digests=digests,
-                                  observed=[pack_observed(observed)] if observed else [],
-                                  observed_cut=host.observed_cut), checked=False)
-        else:
-            self._send(proto.Done(until=grant.until, digests=digests), checked=False)
+        observed = host.take_observed() if observe_every else None
+        self._send(proto.Done(until=grant.until, digests=digests,
+                              observed=[pack_observed(observed)] if observed else [],
+                              observed_cut=host.observed_cut), checked=False)
 
     def _checkpoint_to(self, directory: str, tick: int) -> None:
         """This worker's share of the checkpoint after ``tick`` (every worker ran it):
