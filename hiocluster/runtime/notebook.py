@@ -55,9 +55,9 @@ class NotebookBar:
 
     def __call__(self, done: int, total: int) -> None:
         now = time.monotonic()
+        if self.first is not None and done < total and now - self.shown_at < UPDATE_S:
+            return  # not shown: not even made
         text = self.text(done, total, now)
-        if done < total and now - self.shown_at < UPDATE_S:
-            return
         self.shown_at = now
         from IPython.display import display
 
