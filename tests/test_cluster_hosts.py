@@ -35,19 +35,27 @@ pytestmark = pytest.mark.skipif(skip_reason() is not None, reason=skip_reason() 
 HOSTS = ("h1", "h2", "h3")
 
 
-@pytest.fixture
-def keys(tmp_path: Path, cli_env: dict[str, str]) -> Path:
-    folder = tmp_path / "keys"
-    subprocess.run(hiocluster_command("keygen", str(folder), "supervisor", *HOSTS),
-                   env=cli_env, check=True, capture_output=True, timeout=30)
-    return folder
+def host_fixtures(names: tuple[str, ...]) -> tuple[Any, Any]:
+    """The ``keys`` fixture (a keys directory for the supervisor and ``names``) and
+    the ``hosts`` fixture (a network namespace per name, its agent started)."""
+
+    @pytest.fixture
+    def keys(tmp_path: Path, cli_env: dict[str, str]) -> Path:
+        folder = tmp_path / "keys"
+        subprocess.run(hiocluster_command("keygen", str(folder), "supervisor", *names),
+                       env=cli_env, check=True, capture_output=True, timeout=30)
+        return folder
+
+    @pytest.fixture
+    def hosts(keys: Path) -> Iterator[Hosts]:
+        with Hosts(len(names), keys) as made:
+            start_agents(made, names)
+            yield made
+
+    return keys, hosts
 
 
-@pytest.fixture
-def hosts(keys: Path) -> Iterator[Hosts]:
-    with Hosts(len(HOSTS), keys) as made:
-        start_agents(made, HOSTS)
-        yield made
+keys, hosts = host_fixtures(HOSTS)
 
 
 def start_agents(hosts: Hosts, names: tuple[str, ...], **kwargs: Any) -> list[subprocess.Popen]:

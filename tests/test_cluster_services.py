@@ -21,7 +21,7 @@ import subprocess
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import psutil
 import pytest
@@ -48,11 +48,14 @@ def with_port(text: str, port: int) -> str:
 
 
 class Run:
-    """`hiocluster run TOPOLOGY` as a subprocess; its stderr read line by line."""
+    """`hiocluster run TOPOLOGY` as a subprocess (run by ``wrap``, e.g. salloc, if
+    given); its stderr read line by line."""
 
-    def __init__(self, path: Path, env: dict[str, str], *args: str) -> None:
+    def __init__(self, path: Path, env: dict[str, str], *args: str,
+                 wrap: Sequence[str] = ()) -> None:
         self.proc = subprocess.Popen(
-            hiocluster_command("run", str(path), "--app-dir", str(REPO), *args), env=env,
+            [*wrap, *hiocluster_command("run", str(path), "--app-dir", str(REPO), *args)],
+            env=env,
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO)
         self.lines: queue.Queue[str | None] = queue.Queue()
         self.log: list[str] = []
@@ -161,9 +164,10 @@ def echo_once(port: int, payload: bytes, timeout: float = 30.0) -> bytes:
         return got
 
 
-def get(port: int, path: str = "/hello", timeout: float = 30.0) -> tuple[int, bytes]:
+def get(port: int, path: str = "/hello", timeout: float = 30.0,
+        host: str = "127.0.0.1") -> tuple[int, bytes]:
     """One HTTP/1.1 request on a new connection (Connection: close): status, body."""
-    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+    with socket.create_connection((host, port), timeout=timeout) as sock:
         sock.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
         data = b""
         while chunk := sock.recv(65536):
@@ -179,8 +183,8 @@ class Load:
     connections until stopped (bounded by ``limit`` requests and ``seconds``)."""
 
     def __init__(self, port: int, threads: int = 4, limit: int = 20_000,
-                 seconds: float = 60.0) -> None:
-        self.port, self.limit, self.seconds = port, limit, seconds
+                 seconds: float = 60.0, host: str = "127.0.0.1") -> None:
+        self.port, self.limit, self.seconds, self.host = port, limit, seconds, host
         self.ok, self.failed, self.errors = 0, 0, []  # type: ignore[var-annotated]
         self.lock = threading.Condition()
         self.stopping = threading.Event()
@@ -199,7 +203,7 @@ class Load:
                 if self.ok + self.failed >= self.limit:
                     return
             try:
-                status, _ = get(self.port)
+                status, _ = get(self.port, host=self.host)
                 good = status == 200
             except OSError as exc:
                 good = False

@@ -16,6 +16,7 @@ These tests need root (they skip with the reason otherwise; CI runs as root).
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -31,7 +32,7 @@ from zmq.utils.monitor import recv_monitor_message
 from hiocluster import protocol as proto
 from hiocluster.supervision import supervisor
 from hiocluster.errors import ProcessExited, RunFailed
-from hiocluster.topology import Topology, loads
+from hiocluster.topology import ServiceSpec, Topology, loads
 from hiocluster.runtime.transport import Credentials, KeyPair
 
 from conftest import REPO, hiocluster_command
@@ -66,10 +67,12 @@ def _monitor_until_handshake(sock: zmq.Socket, monitor: zmq.Socket, address: str
     return "accepted" if event == zmq.EVENT_HANDSHAKE_SUCCEEDED else "refused"
 
 
-def launch_as(pair: KeyPair, agent_public: str, address: str) -> tuple[str, list[Any]]:
+def launch_as(pair: KeyPair, agent_public: str, address: str,
+              service: str | None = None) -> tuple[str, list[Any]]:
     """Connect to the agent at ``address`` with ``pair`` and send it a LAUNCH (of a
-    worker whose supervisor does not exist); return whether the handshake went
-    through and the agent's answers (a worker it started is killed again)."""
+    worker whose supervisor does not exist; with ``service``, a replica of that
+    service as JSON); return whether the handshake went through and the agent's
+    answers (a process it started is killed again)."""
     context = zmq.Context()
     sock = context.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
@@ -84,9 +87,11 @@ def launch_as(pair: KeyPair, agent_public: str, address: str) -> tuple[str, list
         if handshake == "refused":
             return handshake, answers
         worker_pair = KeyPair.generate()
+        name = "p1" if service is None else "web.0.1"
         sock.send(proto.encode(proto.Launch(
-            worker="p1", connect="tcp://198.18.0.1:9",
-            credentials=Credentials(b"t" * 16, worker_pair, pair.public).to_json())))
+            worker=name, connect="tcp://198.18.0.1:9",
+            credentials=Credentials(b"t" * 16, worker_pair, pair.public).to_json(),
+            service=service, listeners=None if service is None else [0])))
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             if not sock.poll(100):
@@ -96,7 +101,7 @@ def launch_as(pair: KeyPair, agent_public: str, address: str) -> tuple[str, list
                 continue
             answers.append(message)
             if isinstance(message, proto.Launched):
-                sock.send(proto.encode(proto.Signal(worker="p1", signal="kill")))
+                sock.send(proto.encode(proto.Signal(worker=name, signal="kill")))
             if isinstance(message, (proto.Exited, proto.Error)):
                 break
         return handshake, answers
@@ -123,6 +128,24 @@ def test_an_agent_takes_launch_only_from_a_trusted_supervisor_key(keys: Path,
         else:
             assert (handshake, answers) == ("refused", [])
             assert psutil.Process(agent.pid).children() == []
+
+
+def test_an_agent_starts_a_replica_and_refuses_a_malformed_service(keys: Path) -> None:
+    supervisor_pair = KeyPair.load(str(keys / "supervisor.key_secret"))
+    spec = ServiceSpec("web", "nodes.web:Web", ("0.0.0.0", 8080)).to_json()
+    with Hosts(1, keys) as hosts:
+        agent = hosts.start_agent(0, "h3")
+        public, address = KeyPair.load_public(str(keys / "h3.key")), hosts.agent_address(0)
+        _, answers = launch_as(supervisor_pair, public, address, json.dumps(spec))
+        assert [type(answer) for answer in answers] == [proto.Launched, proto.Exited]
+        assert answers[1].exitcode == -signal.SIGKILL
+        for bad in ["{", json.dumps({**spec, "listen": ["0.0.0.0", "http"]}),
+                    json.dumps({**spec, "surprise": 1})]:
+            _, answers = launch_as(supervisor_pair, public, address, bad)
+            assert len(answers) == 1 and isinstance(answers[0], proto.Error), answers
+            assert (answers[0].code, answers[0].field) == ("bad-field", "LAUNCH.service")
+            assert "not a service's spec" in answers[0].detail
+        assert agent.poll() is None and psutil.Process(agent.pid).children() == []
 
 
 def test_an_agent_will_not_trust_its_own_key_or_no_key(keys: Path,

@@ -928,3 +928,21 @@ def test_docs_services_table_lists_every_field() -> None:
             name.strip("` ") for name in cells[2].split(","))
     for message in (Join, Load, Standby, Assign, Command, Answer):
         assert fields[message.TYPE] == set(message.SCHEMA), message.TYPE
+
+
+def test_an_agent_takes_a_replicas_launch_and_close_and_checks_their_fields() -> None:
+    launch = proto.Launch(worker="web.0.3", connect="tcp://198.18.0.1:5000",
+                          credentials="{}", service='{"name": "web"}', listeners=[0, 2])
+    close = proto.Close(service="web", listeners=[2, 3])
+    for message in (launch, close):
+        assert decode(encode(message), allowed=proto.TO_AGENT) == message
+    for bad, field in [(proto.Close(service="web", listeners=[-1]), "CLOSE.listeners"),
+                       (proto.Close(service="../web", listeners=[]), "CLOSE.service"),
+                       (proto.Launch(worker="web.0.3", connect="tcp://198.18.0.1:5000",
+                                     credentials="{}", service='{}', listeners=["0"]),
+                        "LAUNCH.listeners")]:
+        with pytest.raises(FrameError) as info:
+            decode(encode(bad), allowed=proto.TO_AGENT)
+        assert info.value.field.startswith(field), info.value
+    with pytest.raises(FrameError):  # an agent's answer is no supervisor's request
+        decode(encode(close), allowed=proto.FROM_AGENT)

@@ -74,6 +74,20 @@ def test_a_run_under_salloc_gives_the_one_process_digest(slurm, slurm_env, topol
     slurm.wait_until_idle()
 
 
+def test_workers_on_a_slurm_host_give_the_one_process_digest(slurm, slurm_env) -> None:
+    """``--host n1=slurm://NODE``: the local launcher here, an agent started as a
+    job step for the workers placed on n1."""
+    done = subprocess.run(salloc(2, "run", "topologies/ring.toml", "--processes", "3",
+                                 "--host", f"n1=slurm://{slurm.node}", "--place", "p1=n1",
+                                 "--place", "p2=n1", "--json"),
+                          cwd=REPO, env=slurm_env, capture_output=True, text=True,
+                          timeout=TIMEOUT)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["digest"] == digest_of(slurm_env, "topologies/ring.toml")
+    slurm.wait_until_idle()
+    assert not slurm.steps()
+
+
 def test_check_shows_each_workers_slurm_node(slurm, slurm_env) -> None:
     done = subprocess.run(salloc(3, "check", "topologies/ring.toml",
                                  "--launcher", "slurm"),
@@ -150,6 +164,37 @@ def test_a_submitted_batch_script_runs_the_topology(slurm, slurm_env, tmp_path) 
     assert result["digest"] == digest_of(slurm_env, "topologies/ring.toml")
 
 
+def test_a_service_runs_its_replicas_on_a_slurm_node(slurm, slurm_env, tmp_path) -> None:
+    """``agent = "slurm://NODE"``: the host's agent is a job step of the run's
+    allocation; its replicas serve there, status names the host, and stopping the
+    run ends the step."""
+    from tests.test_cluster_services import Run, free_port, get
+
+    port = free_port()
+    path = tmp_path / "web.toml"
+    path.write_text(f'[hosts.n1]\nagent = "slurm://{slurm.node}"\n\n[services.web]\n'
+                    f'class = "nodes.web:Web"\nreplicas = 2\nlisten = "0.0.0.0:{port}"\n'
+                    'hosts = ["n1"]\n')
+    run = Run(path, slurm_env, wrap=["salloc", "--ntasks=2", "--job-name=hioc-web",
+                                     "--quiet"])
+    try:
+        said = sorted(run.expect(r"web\.(\d) serving on \S+ on host n1 \(pid \d+\)",
+                                 timeout=60).group(1) for _ in range(2))
+        assert said == ["0", "1"]
+        assert [line.split()[1] for line in slurm.steps()] == ["hiocluster-agent-n1"]
+        rows = run.status()["services"][0]["replicas"]
+        assert sorted(row["host"] for row in rows) == ["n1", "n1"], rows
+        assert get(port)[0] == 200
+        stop = subprocess.run(hiocluster_command("stop", "--control", run.control),
+                              env=slurm_env, capture_output=True, text=True, timeout=TIMEOUT)
+        assert stop.returncode == 0, stop.stderr
+        assert run.finish(60) == 0, run.log[-20:]
+    finally:
+        run.close()
+    slurm.wait_until_idle()
+    assert not slurm.steps()
+
+
 # -- without Slurm ---------------------------------------------------------------------
 
 
@@ -163,6 +208,20 @@ def test_outside_an_allocation_it_is_refused_by_name(cli_env) -> None:
         assert done.returncode == 2, done
         assert "--launcher slurm runs inside a Slurm allocation" in done.stderr
         assert "$SLURM_JOB_ID is not set" in done.stderr
+
+
+def test_a_slurm_host_outside_an_allocation_is_refused_by_name(cli_env, tmp_path) -> None:
+    env = {key: value for key, value in cli_env.items() if not key.startswith("SLURM_")}
+    path = tmp_path / "web.toml"
+    path.write_text('[hosts.n1]\nagent = "slurm://node7"\n\n[services.web]\n'
+                    'class = "nodes.web:Web"\nlisten = "0.0.0.0:8080"\nhosts = ["n1"]\n')
+    for command in ("run", "check"):
+        done = subprocess.run(hiocluster_command(command, str(path), "--app-dir", str(REPO)),
+                              cwd=REPO, env=env, capture_output=True, text=True,
+                              timeout=TIMEOUT)
+        assert done.returncode == 2, done
+        assert "host n1 (slurm://node7) runs inside a Slurm allocation" in done.stderr
+        assert "Traceback" not in done.stderr
 
 
 def test_what_slurm_cannot_run_is_refused_by_name(cli_env) -> None:

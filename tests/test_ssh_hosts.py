@@ -112,3 +112,32 @@ def test_an_agent_of_one_run_refuses_keys_it_cannot_read(cli_env, tmp_path) -> N
                               input=stdin, capture_output=True, text=True, timeout=TIMEOUT)
         assert done.returncode == code and words in done.stderr, (flags, done)
         assert "Traceback" not in done.stderr
+
+
+def test_a_service_runs_replicas_on_an_ssh_host_and_here(tmp_path, cli_env) -> None:
+    from tests.test_cluster_services import Run, free_port, get
+
+    with Hosts(1, tmp_path) as hosts:
+        login = hosts.start_sshd(0, tmp_path)
+        port = free_port()
+        path = tmp_path / "web.toml"
+        path.write_text(f'[hosts.h1]\nagent = "ssh://{login}"\n\n[services.web]\n'
+                        f'class = "nodes.web:Web"\nreplicas = 2\nlisten = "0.0.0.0:{port}"\n'
+                        'hosts = ["h1", "local"]\n')
+        run = Run(path, over_ssh(cli_env, tmp_path))  # no --keys: made for the run
+        try:
+            said = {run.expect(r"web\.(\d) serving on \S+ (on host h1 )?\(pid \d+\)").groups()
+                    for _ in range(2)}
+            assert said == {("0", "on host h1 "), ("1", None)}
+            for address in (hosts.address(0), "127.0.0.1"):
+                assert get(port, host=address)[0] == 200
+            stop = run_stop(cli_env, run.control)
+            assert stop.returncode == 0, stop.stderr
+            assert run.finish() == 0, run.log[-20:]
+        finally:
+            run.close()
+
+
+def run_stop(env: dict[str, str], control: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(hiocluster_command("stop", "--control", control), env=env,
+                          capture_output=True, text=True, timeout=TIMEOUT)

@@ -16,12 +16,14 @@ from hiocluster.topology import (
     LinkSpec,
     NodeSpec,
     Plan,
+    ServiceSpec,
     Topology,
     load,
     loads,
     plan,
     resolve_classes,
 )
+from hiocluster.topology.spec import SlurmTarget, SshTarget
 
 AB = '[nodes.a]\nclass = "m:A"\n[nodes.b]\nclass = "m:B"\n'
 LP = '[nodes.lp]\nclass = "m:A"\ncount = 3\n'
@@ -326,3 +328,53 @@ def test_without_pymetis_regions_are_grown(monkeypatch: pytest.MonkeyPatch) -> N
     assert layout.crossing(grid.links) <= _bands(grid, 4)  # plain: no better than bands
     assert plan(grid, 4) == layout
     assert layout.workers[0].node_names[0] == "t00"
+
+
+# -- services across hosts ----------------------------------------------------------
+
+SERVICE_ON_HOSTS = """
+[hosts.alpha]
+agent = "tcp://198.18.0.10:7100"
+
+[services.web]
+class = "nodes.web:Web"
+listen = "0.0.0.0:8080"
+"""
+
+
+def test_a_service_names_its_hosts_and_a_host_needs_no_workers() -> None:
+    topology = loads(SERVICE_ON_HOSTS + 'hosts = ["alpha", "local"]\n')
+    assert topology.services[0].hosts == ("alpha", "local")
+    assert topology.hosts[0].workers == ()
+    spec = topology.services[0]
+    assert ServiceSpec.from_json(spec.to_json()) == spec  # as replicas get it
+    assert loads(SERVICE_ON_HOSTS).services[0].hosts == ()  # none: this one
+
+
+@pytest.mark.parametrize("hosts, key_path, said", [
+    ('"alpha"', "services.web.hosts", "expected array"),
+    ('["alpha", "alpha"]', "services.web.hosts[1]", "named twice"),
+    ('["al pha"]', "services.web.hosts[0]", "host"),
+    ("[3]", "services.web.hosts[0]", "expected str"),
+])
+def test_a_services_hosts_are_checked(hosts: str, key_path: str, said: str) -> None:
+    with pytest.raises(TopologyError) as info:
+        loads(SERVICE_ON_HOSTS + f"hosts = {hosts}\n")
+    assert info.value.key_path == key_path and said in info.value.message, info.value
+
+
+@pytest.mark.parametrize("agent, started", [
+    ("tcp://198.18.0.10:7100", None),
+    ("ssh://me@beta:2222", SshTarget("beta", "me", 2222)),
+    ("slurm://node7", SlurmTarget("node7")),
+])
+def test_a_hosts_agent_says_who_starts_it(agent: str, started: object) -> None:
+    topology = loads(SERVICE_ON_HOSTS.replace("tcp://198.18.0.10:7100", agent))
+    assert topology.hosts[0].started == started
+
+
+@pytest.mark.parametrize("agent", ["slurm://", "slurm://no de", "slurm://-x", "http://a:1"])
+def test_a_hosts_agent_of_no_known_form_is_refused(agent: str) -> None:
+    with pytest.raises(TopologyError) as info:
+        loads(SERVICE_ON_HOSTS.replace("tcp://198.18.0.10:7100", agent))
+    assert info.value.key_path == "hosts.alpha.agent" and "slurm://NODE" in info.value.message

@@ -66,16 +66,17 @@ def tcp(text: str) -> str:
 
 
 def host(text: str) -> tuple[str, str]:
-    """--host NAME=ADDRESS: a host and its agent (tcp://HOST:PORT), or how to reach it
-    over SSH (ssh://[USER@]HOST[:PORT])."""
-    from hiocluster.topology.spec import SSH_AGENT
+    """--host NAME=ADDRESS: a host and its agent (tcp://HOST:PORT), or how to start
+    one: over SSH (ssh://[USER@]HOST[:PORT]), as a Slurm job step (slurm://NODE)."""
+    from hiocluster.topology.spec import SLURM_AGENT, SSH_AGENT
 
     host_name, _, agent = text.partition("=")
-    if agent.startswith("ssh://"):
-        if SSH_AGENT.fullmatch(agent) is None:
-            raise argparse.ArgumentTypeError(f"expected ssh://[USER@]HOST[:PORT], got "
-                                             f"{agent!r}")
-        return name(host_name), agent
+    for scheme, form, pattern in (("ssh://", "ssh://[USER@]HOST[:PORT]", SSH_AGENT),
+                                  ("slurm://", "slurm://NODE", SLURM_AGENT)):
+        if agent.startswith(scheme):
+            if pattern.fullmatch(agent) is None:
+                raise argparse.ArgumentTypeError(f"expected {form}, got {agent!r}")
+            return name(host_name), agent
     return name(host_name), tcp(agent)
 
 

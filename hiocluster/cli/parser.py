@@ -192,8 +192,10 @@ def _transport_options(command: argparse.ArgumentParser) -> None:
     command.add_argument("--host", metavar="NAME=ADDRESS", action="append", default=[],
                          type=arguments.host,
                          help="a host and its agent, e.g. h1=tcp://h1:7100, or a host whose "
-                              "agent the run starts over SSH, e.g. h1=ssh://me@h1 (instead "
-                              "of the file's [hosts]); repeatable")
+                              "agent the run starts over SSH, e.g. h1=ssh://me@h1, or as a "
+                              "Slurm job step on a node of its allocation, e.g. "
+                              "h1=slurm://node7 (instead of the file's [hosts]); "
+                              "repeatable")
     command.add_argument("--place", metavar="WORKER=HOST", action="append", default=[],
                          type=arguments.place,
                          help="run WORKER on HOST (a --host); repeatable")
@@ -231,7 +233,7 @@ def _agent(commands: Commands) -> None:
                        help="the keys directory; '-': this agent's key pair and the "
                             "supervisor's public key come as one JSON line on stdin, and "
                             "the agent stops when stdin ends (how a supervisor starts the "
-                            "agent of an ssh:// host)")
+                            "agent of an ssh:// or slurm:// host)")
     agent.add_argument("--name", required=True, metavar="NAME", type=arguments.name,
                        help="this host's name in topologies (its key pair: NAME.key_secret)")
     agent.add_argument("--trust", metavar="KEY", action="append", default=[],

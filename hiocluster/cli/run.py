@@ -85,9 +85,19 @@ def check_main(args: argparse.Namespace) -> int:
                   f"{len(slurm.nodes)} nodes; each worker a job step; the supervisor at "
                   f"{made.listen}")
     else:
+        from hiocluster.runtime.loop import Loop
+        from hiocluster.services.supervisor import ServiceRun
+        try:  # serve()'s own checks of the services' hosts and --keys: made, never entered
+            ServiceRun(topology, Loop(), app_dir=args.app_dir, keys=args.keys)
+        except TopologyError:
+            raise
+        except ClusterError as exc:
+            print(f"hiocluster: check: {exc}", file=sys.stderr)
+            return EXIT_USAGE
         print(f"ok: {topology.name}: {len(topology.services)} services")
     for spec in topology.services:
-        print(f"service {spec.name}: {spec.replicas} x {spec.cls} on {spec.address}"
+        hosts = f" on hosts {', '.join(spec.hosts)}" if spec.hosts else ""
+        print(f"service {spec.name}: {spec.replicas} x {spec.cls} on {spec.address}{hosts}"
               f"{' (tls)' if spec.tls else ''}; {spec.restart}, at most {spec.max_restarts} "
               f"restarts in {spec.within:g} s")
     return EXIT_OK
@@ -352,9 +362,11 @@ def _serve(args: argparse.Namespace, topology: Any) -> int:
 
     try:
         result = serve(topology, app_dir=args.app_dir, on_listening=announce,
-                       prefixer=Prefixer(prefix=not args.no_prefix))
+                       prefixer=Prefixer(prefix=not args.no_prefix), keys=args.keys)
     except ServiceFailed as exc:
         return failed(args, exc, {"service": exc.service})
+    except (TopologyError, LaunchError):  # nothing started: usage errors, as run's
+        raise
     except ClusterError as exc:  # e.g. no run directory: the run root is full
         return failed(args, exc, {})
     if args.json:

@@ -155,8 +155,8 @@ def format_status(status: dict[str, Any]) -> str:
                      f"{simulation['rate']:,.0f} ticks/s, window {simulation['window']}, "
                      f"{simulation['state']}")
         lines += [f"  {name:<12} {state}" for name, state in simulation["workers"].items()]
-    rows = [("SERVICE", "REPLICA", "PID", "STATE", "RESTARTS", "UPTIME", "CPU", "RSS",
-             "SERVED", "CODE", "HEALTH")]
+    rows: list[tuple[str, ...]] = [("SERVICE", "REPLICA", "PID", "STATE", "RESTARTS",
+                                    "UPTIME", "CPU", "RSS", "SERVED", "CODE", "HEALTH")]
     for service in status.get("services") or []:
         for replica in service["replicas"]:
             cpu = replica.get("cpu")
@@ -169,6 +169,10 @@ def format_status(status: dict[str, Any]) -> str:
         if not service["replicas"]:
             rows.append((service["service"], "-", "-", "none", str(service["restarts"]),
                          "-", "-", "-", str(service["served"]), "-", "-"))
+    hosts = [replica.get("host") or "" for service in status.get("services") or []
+             for replica in service["replicas"] or [{}]]
+    if any(hosts):  # services across hosts: where each replica runs, after its number
+        rows = [(*row[:2], host, *row[2:]) for row, host in zip(rows, ["HOST", *hosts])]
     if len(rows) > 1:
         widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
         lines += ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip()

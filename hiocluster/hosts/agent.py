@@ -6,7 +6,11 @@ trust, ``--trust``: never another agent's key, nor a worker's) and sends LAUNCH
 per worker; the agent starts ``hiocluster worker`` with the credentials that
 came with it, binding its data socket on the agent's own address, and reports
 LAUNCHED, the worker's stderr (OUTPUT) and its end (EXITED, with the tick from
-its tick register). SIGNAL terminates or kills a worker. Every 0.1 s the agent
+its tick register). A LAUNCH with a service's spec starts a replica of that
+service instead (``[services.NAME] hosts``): it serves on the service's address
+on this host, on listening sockets the agent opens for the supervisor's session
+and holds until the session ends (so connections queued on them outlive any one
+replica, as the run's own do on its host). SIGNAL terminates or kills a worker. Every 0.1 s the agent
 PINGs each supervisor it serves; once a ping cannot be sent (ZeroMQ heartbeats
 dropped the connection: the supervisor vanished, or the link to it is cut) it
 stops every worker that supervisor had started here and removes their files
@@ -26,6 +30,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import sys
 import threading
 import time
@@ -39,6 +44,7 @@ from hiocluster import protocol as proto
 from hiocluster.errors import FrameError
 from hiocluster.runtime.launch import LocalLauncher, LocalProcess, end_process
 from hiocluster.runtime.loop import Loop
+from hiocluster.runtime.replicas import listening_socket, spawn_replica
 from hiocluster.runtime.rundir import RUN_ROOT_ENV, make_run_dir, remove_run_dir, run_root
 from hiocluster.runtime.signals import Signals
 from hiocluster.runtime.transport import (
@@ -49,6 +55,7 @@ from hiocluster.runtime.transport import (
     resolve,
     resolved,
 )
+from hiocluster.topology.spec import ServiceSpec
 from hiocluster.topology.tree import check_tree
 
 __all__ = ["AgentOptions", "Agent", "run_agent", "PING_S"]
@@ -101,8 +108,17 @@ class Session:
     identity: bytes
     run_dir: str
     ended: bool = False                  # the supervisor is gone, or gave up
-    workers: dict[str, LocalProcess] = field(default_factory=dict)
+    workers: dict[str, LocalProcess] = field(default_factory=dict)   # and replicas
     stopping: dict[str, float] = field(default_factory=dict)   # worker -> kill at
+    #: its services' listening sockets on this host: (service, position) -> socket
+    sockets: dict[tuple[str, int], socket.socket] = field(default_factory=dict)
+
+    def close(self) -> None:
+        """Its listening sockets and run directory (its processes are gone)."""
+        for sock in self.sockets.values():
+            sock.close()
+        self.sockets.clear()
+        remove_run_dir(self.run_dir)
 
 
 class Agent(Doer):
@@ -170,7 +186,7 @@ class Agent(Doer):
         for session in self.sessions.values():
             for handle in session.workers.values():
                 _stop_now(handle)
-            remove_run_dir(session.run_dir)
+            session.close()
         self.sessions.clear()
         if self.context is not None:  # None: enter failed before it was made
             self.context.close(linger=0)
@@ -202,12 +218,18 @@ class Agent(Doer):
             handle = session.workers.get(message.worker)
             if handle is not None:
                 (handle.kill if message.signal == "kill" else handle.terminate)()
+        elif isinstance(message, proto.Close):
+            for position in message.listeners:
+                sock = session.sockets.pop((message.service, position), None)
+                if sock is not None:
+                    sock.close()
         else:  # ERROR: the supervisor gives up on this host
             self._end(session, time.monotonic())
 
     def _launch(self, session: Session, launch: proto.Launch) -> None:
         if launch.worker in session.workers:
-            what = "group" if launch.tree is not None else "worker"
+            what = "group" if launch.tree is not None else \
+                "replica" if launch.service is not None else "worker"
             self._send(session.identity, proto.Error(
                 code="duplicate", detail=f"{what} {launch.worker} runs here already",
                 field="LAUNCH.worker"))
@@ -217,6 +239,9 @@ class Agent(Doer):
         except ValueError as exc:
             self._send(session.identity, proto.Error(code="bad-field", detail=str(exc),
                                                      field="LAUNCH.credentials"))
+            return
+        if launch.service is not None:
+            self._launch_replica(session, launch)
             return
         trees = {}
         if launch.tree is not None:
@@ -230,13 +255,51 @@ class Agent(Doer):
                                  app_dir=self.options.app_dir, capture=True,
                                  bind=f"tcp://{self.advertise}:*", trees=trees,
                                  env={RUN_ROOT_ENV: session.run_dir})
-        handle = session.workers[launch.worker] = launcher.start(launch.worker)
+        self._started(session, launch.worker, launcher.start(launch.worker))
+
+    def _launch_replica(self, session: Session, launch: proto.Launch) -> None:
+        """LAUNCH of a service's replica (see the module docstring). One that cannot
+        listen or start is reported as exited with code 1, its reason in OUTPUT:
+        the supervisor's restart policy decides what follows."""
+        try:
+            spec = service_spec(launch.service or "")
+        except ValueError as exc:
+            self._send(session.identity, proto.Error(code="bad-field", detail=str(exc),
+                                                     field="LAUNCH.service"))
+            return
+        try:
+            fds = [self._listening(session, spec, k).fileno()
+                   for k in launch.listeners or [0]]
+            handle = spawn_replica([sys.executable, "-m", "hiocluster"],
+                                   connect=launch.connect, key=launch.worker,
+                                   app_dir=self.options.app_dir, spec=spec.to_json(),
+                                   credentials=launch.credentials, fds=fds,
+                                   env={RUN_ROOT_ENV: session.run_dir})
+        except OSError as exc:
+            self._send(session.identity, proto.Output(
+                worker=launch.worker, text=f"cannot serve {spec.name} on {spec.address} on "
+                                           f"host {self.options.name}: {exc.strerror or exc}\n"))
+            self._send(session.identity, proto.Exited(worker=launch.worker, exitcode=1,
+                                                      tick=None))
+            return
+        self._started(session, launch.worker, handle)
+
+    def _listening(self, session: Session, spec: ServiceSpec, position: int) -> socket.socket:
+        """The session's listening socket ``position`` for ``spec`` (opened on first
+        use; the first of a service first checks that nothing else listens there)."""
+        key = (spec.name, position)
+        if key not in session.sockets:
+            alone = not any(name == spec.name for name, _ in session.sockets)
+            session.sockets[key] = listening_socket(spec.listen, alone=alone)
+        return session.sockets[key]
+
+    def _started(self, session: Session, name: str, handle: LocalProcess) -> None:
+        session.workers[name] = handle
         if handle.sentinel is not None:
             self.loop.poller.register(handle.sentinel)
-        if handle.stderr is not None:
-            self.loop.poller.register(handle.stderr)
-        self._send(session.identity, proto.Launched(worker=launch.worker,
-                                                    pid=handle.pid or 0))
+        if handle.output is not None:
+            self.loop.poller.register(handle.output)
+        self._send(session.identity, proto.Launched(worker=name, pid=handle.pid or 0))
 
     # -- workers --------------------------------------------------------------------
     def _watch(self, session: Session, now: float) -> None:
@@ -254,13 +317,13 @@ class Agent(Doer):
             del session.workers[name]
         if session.ended and not session.workers:
             self.sessions.pop(session.identity, None)
-            remove_run_dir(session.run_dir)
+            session.close()
 
     def _forward_output(self, session: Session, name: str, handle: LocalProcess) -> None:
-        if handle.stderr is None:
+        if handle.output is None:
             return
         try:
-            data = os.read(handle.stderr, 65536)
+            data = os.read(handle.output, 65536)
         except BlockingIOError:
             return
         if data:
@@ -280,7 +343,7 @@ class Agent(Doer):
         self._watch(session, now)
 
     def _forget(self, handle: LocalProcess) -> None:
-        for fd in (handle.sentinel, handle.stderr):
+        for fd in (handle.sentinel, handle.output):
             if fd is not None:
                 self.loop.poller.unregister(fd)
         handle.close()
@@ -321,6 +384,18 @@ def trusted_keys(options: AgentOptions, own: KeyPair) -> dict[str, str]:
                                  "an agent's")
         trusted[Path(path).stem] = public
     return trusted
+
+
+def service_spec(text: str) -> ServiceSpec:
+    """A LAUNCH's service: its spec as JSON. Raises ValueError naming what is wrong."""
+    try:
+        spec = ServiceSpec.from_json(json.loads(text))
+        host, port = spec.listen
+    except (ValueError, TypeError, KeyError, AttributeError) as exc:
+        raise ValueError(f"not a service's spec ({type(exc).__name__}: {exc})") from None
+    if not (isinstance(host, str) and type(port) is int and 0 < port < 65536):
+        raise ValueError(f"not a service's spec: listen {spec.listen!r} is no (host, port)")
+    return spec
 
 
 def _loopback_warning(name: str, address: str) -> str | None:

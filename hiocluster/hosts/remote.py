@@ -18,19 +18,42 @@ import dataclasses
 import json
 import sys
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from hio.base.doing import Doer
 
 from hiocluster import protocol as proto
 from hiocluster.errors import FrameError, TransportError
+from hiocluster.hosts.slurm import SlurmAgent
 from hiocluster.hosts.ssh import SshAgent
-from hiocluster.runtime.transport import Socket, heartbeat_timeout_ms
+from hiocluster.hosts.started import StartedAgent
+from hiocluster.runtime.transport import Socket, facing, heartbeat_timeout_ms
+from hiocluster.topology.spec import SlurmTarget
 
 if TYPE_CHECKING:
     from hiocluster.topology import HostSpec
 
-__all__ = ["AgentLink", "RemoteProcess", "first_contact_s", "HANDSHAKE_S"]
+__all__ = ["AgentLink", "RemoteProcess", "first_contact_s", "HANDSHAKE_S", "listen_toward"]
+
+
+def listen_toward(link: AgentLink) -> str:
+    """Where a supervisor binds for the processes it starts on ``link``'s host:
+    the address of this host that faces it, a free port (``tcp://ADDRESS:*``).
+    Raises TransportError when there is no route to it."""
+    toward = link.started.toward if link.started is not None else link.host.agent
+    return f"tcp://{facing(toward)}:*"
+
+
+def started_agent(host: HostSpec, app_dir: str) -> StartedAgent | None:
+    """The agent a supervisor starts itself for ``host`` (``ssh://``, ``slurm://``);
+    None: one started by hand. Raises LaunchError (a ``slurm://`` host outside an
+    allocation, or not on one of its nodes)."""
+    target = host.started
+    if target is None:
+        return None
+    if isinstance(target, SlurmTarget):
+        return SlurmAgent(host.name, target.node, app_dir)
+    return SshAgent(host.name, target, app_dir)
 
 
 
@@ -42,8 +65,8 @@ def first_contact_s() -> float:
 
 #: ... and the agent complete the CurveZMQ handshake this soon after.
 HANDSHAKE_S = 10.0
-#: Seconds an ssh:// host's agent gets to stop its workers and exit at the end.
-SSH_STOP_S = 5.0
+#: Seconds an agent started for the run gets to stop its processes and exit at the end.
+STARTED_STOP_S = 5.0
 
 
 class RemoteProcess:
@@ -93,18 +116,19 @@ class AgentLink(Doer):
         supervisor: the Supervisor it serves (its context, control address,
             credentials for each worker, and the loop's poller).
         host: the host (its agent's address and name).
-        agent_key: the agent's CURVE public key; None for an ``ssh://`` host, whose
-            agent this link starts over SSH as it enters, with keys made for the run
-            (hiocluster.hosts.ssh), and stops as it exits.
+        agent_key: the agent's CURVE public key; None for an ``ssh://`` or
+            ``slurm://`` host, whose agent this link starts as it enters, with keys
+            made for the run (hiocluster.hosts.started), and stops as it exits.
+        output: called with (worker, text) for what a process there wrote
+            (default: printed on stderr, each line prefixed ``[host/worker]``).
     """
 
-    def __init__(self, supervisor: Any, host: HostSpec, agent_key: str | None,
-                 **kwa: Any) -> None:
+    def __init__(self, supervisor: Any, host: HostSpec, agent_key: str | None, *,
+                 output: Callable[[str, str], None] | None = None, **kwa: Any) -> None:
         super().__init__(**kwa)
-        self.supervisor, self.host = supervisor, host
-        target = host.ssh
-        self.ssh = SshAgent(host.name, target, supervisor.app_dir) if target else None
-        self.agent_key = agent_key if self.ssh is None else self.ssh.keys.public
+        self.supervisor, self.host, self.output = supervisor, host, output
+        self.started = started_agent(host, supervisor.app_dir)
+        self.agent_key = agent_key if self.started is None else self.started.keys.public
         assert self.agent_key is not None
         self.processes: dict[str, RemoteProcess] = {}
         self.pending: list[bytes] = []   # frames waiting for the connection
@@ -117,11 +141,11 @@ class AgentLink(Doer):
         self.lost: str | None = None  # why its workers were lost with it (None: they were not)
 
     def enter(self) -> None:
-        if self.ssh is not None:
+        if self.started is not None:
             try:
-                if self.ssh.process is None:
+                if self.started.process is None:
                     self.launch()
-                address = self.ssh.address()
+                address = self.started.address()
             except OSError as exc:
                 self._lose(f"host {self.host.name}: {exc}")
                 return
@@ -134,23 +158,40 @@ class AgentLink(Doer):
         self.contact_by = time.monotonic() + first_contact_s()
 
     def launch(self) -> None:
-        """An ssh:// host: start its agent now, without waiting for it (the supervisor
-        launches every host's before the first link enters). Raises OSError."""
-        assert self.ssh is not None
-        self.ssh.launch(self.supervisor.keys.public)
+        """An ssh:// or slurm:// host: start its agent now, without waiting for it
+        (the supervisor launches every host's before the first link enters). Raises
+        OSError."""
+        assert self.started is not None
+        self.started.launch(self.supervisor.keys.public)
 
     def start(self, worker: str) -> RemoteProcess:
         """Ask the agent to start ``worker`` (the Launcher interface)."""
-        process = self.processes[worker] = RemoteProcess(self, worker)
-        if self.socket is None:  # its agent never started (over ssh): nothing to ask
-            process.lost(self.lost or f"host {self.host.name}: no agent")
-            return process
         plan = self.supervisor.plan
         tree = json.dumps(plan.tree(worker)) if worker in plan.groups else None
-        self._send(proto.Launch(worker=worker, connect=self.supervisor.control_address,
-                                credentials=self.supervisor.credentials(worker).to_json(),
-                                tree=tree))
+        return self._launch(proto.Launch(
+            worker=worker, connect=self.supervisor.control_address,
+            credentials=self.supervisor.credentials(worker).to_json(), tree=tree))
+
+    def start_replica(self, key: str, *, connect: str, credentials: str,
+                      spec: dict[str, Any], listeners: list[int]) -> RemoteProcess:
+        """Ask the agent to start replica ``key`` (SERVICE.REPLICA.INCARNATION) of the
+        service ``spec`` (its JSON form) on its listening sockets ``listeners``,
+        joining the run's services socket at ``connect``."""
+        return self._launch(proto.Launch(worker=key, connect=connect, credentials=credentials,
+                                         service=json.dumps(spec), listeners=listeners))
+
+    def _launch(self, launch: proto.Launch) -> RemoteProcess:
+        process = self.processes[launch.worker] = RemoteProcess(self, launch.worker)
+        if self.socket is None or self.lost:  # no agent, or lost: nothing to ask
+            process.lost(self.lost or f"host {self.host.name}: no agent")
+            return process
+        self._send(launch)
         return process
+
+    def close_listeners(self, service: str, positions: list[int]) -> None:
+        """Ask the agent to close its listening sockets ``positions`` of ``service``."""
+        if self.socket is not None and not self.lost:
+            self._send(proto.Close(service=service, listeners=positions))
 
     def signal(self, worker: str, kind: str) -> None:
         if self.socket is not None:
@@ -201,8 +242,8 @@ class AgentLink(Doer):
             poller.unregister(self.socket)
             poller.unregister(self.monitor)
             self.socket = self.monitor = None
-        if self.ssh is not None:
-            self.ssh.stop(SSH_STOP_S)
+        if self.started is not None:
+            self.started.stop(STARTED_STOP_S)
 
     def _receive(self, data: bytes) -> None:
         try:
@@ -215,6 +256,9 @@ class AgentLink(Doer):
             process.pid = message.pid
         elif isinstance(message, proto.Exited) and process is not None:
             process.ended(message.exitcode, message.tick)
+            del self.processes[message.worker]  # its handle's holder has what it needs
+        elif isinstance(message, proto.Output) and self.output is not None:
+            self.output(message.worker, message.text)
         elif isinstance(message, proto.Output):
             for line in message.text.splitlines():
                 print(f"[{self.host.name}/{message.worker}] {line}", file=sys.stderr,

@@ -16,6 +16,11 @@ command line, never in a file.
 What this module asks Slurm is asked with its own tools (``scontrol show
 hostnames`` expands a node list; ``scontrol show node`` gives addresses), never
 parsed by hand beyond their documented output.
+
+A host of a run may also be a node of the allocation (``[hosts.NAME] agent =
+"slurm://NODE"``): its agent is started as a job step there (:class:`SlurmAgent`),
+as an ``ssh://`` host's is over SSH, and starts that host's workers or service
+replicas.
 """
 
 from __future__ import annotations
@@ -30,10 +35,11 @@ from dataclasses import dataclass
 from typing import Callable, Mapping, Sequence
 
 from hiocluster.errors import LaunchError, describe_exitcode
+from hiocluster.hosts.started import StartedAgent
 from hiocluster.runtime.launch import LocalProcess, spawn, worker_argv
 from hiocluster.runtime.transport import CREDENTIALS_ENV, Credentials, facing
 
-__all__ = ["Allocation", "SlurmLauncher", "SlurmStep", "tasks_per_node", "node_addresses",
+__all__ = ["Allocation", "SlurmAgent", "SlurmLauncher", "SlurmStep", "tasks_per_node", "node_addresses",
            "place", "where", "sbatch_script", "STEP_PREFIX"]
 
 SRUN, SCONTROL, SQUEUE, SCANCEL = "srun", "scontrol", "squeue", "scancel"
@@ -81,14 +87,18 @@ def place(workers: Sequence[str], nodes: Sequence[str], tasks: Sequence[int]) ->
             for k, worker in enumerate(workers)}
 
 
+def _not_found(command: str) -> LaunchError:
+    return LaunchError(f"{command} not found: --launcher slurm and slurm:// hosts need "
+                       "Slurm's commands on the PATH")
+
+
 def _slurm(*argv: str) -> str:
     """Run a Slurm command; its stdout. Raises LaunchError naming it."""
     try:
         done = subprocess.run(argv, capture_output=True, text=True, timeout=COMMAND_TIMEOUT,
                               stdin=subprocess.DEVNULL)
     except FileNotFoundError:
-        raise LaunchError(f"{argv[0]} not found: --launcher slurm needs Slurm's commands "
-                          "on the PATH") from None
+        raise _not_found(argv[0]) from None
     except subprocess.TimeoutExpired:
         raise LaunchError(f"{shlex.join(argv)} did not answer in {COMMAND_TIMEOUT:g} s") \
             from None
@@ -111,12 +121,14 @@ class Allocation:
     here: str | None = None
 
     @classmethod
-    def from_environment(cls, env: Mapping[str, str] | None = None) -> Allocation:
-        """The allocation of ``$SLURM_JOB_ID``. Raises LaunchError outside one."""
+    def from_environment(cls, env: Mapping[str, str] | None = None, *,
+                         what: str = "--launcher slurm") -> Allocation:
+        """The allocation of ``$SLURM_JOB_ID``. Raises LaunchError outside one,
+        naming ``what`` needs it."""
         env = os.environ if env is None else env
         job = env.get("SLURM_JOB_ID", "")
         if not job:
-            raise LaunchError("--launcher slurm runs inside a Slurm allocation (salloc or "
+            raise LaunchError(f"{what} runs inside a Slurm allocation (salloc or "
                               "sbatch; see `hiocluster sbatch`): $SLURM_JOB_ID is not set")
         nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST") or ""
         if not nodelist:
@@ -230,9 +242,44 @@ class SlurmLauncher:
         try:
             process = spawn(self.argv(worker), env)
         except FileNotFoundError:
-            raise LaunchError(f"{SRUN} not found: --launcher slurm needs Slurm's commands "
-                              "on the PATH") from None
+            raise _not_found(SRUN) from None
         return SlurmStep(process, self.allocation.job, worker, self.placement[worker])
+
+
+class SlurmAgent(StartedAgent):
+    """The agent of host ``name`` (``agent = "slurm://NODE"``), started as a job step
+    of one task on Slurm node ``node`` of this process's allocation, listening on
+    the node's address (hiocluster.hosts.started says the rest). The step shares
+    the node's CPUs with the job's other steps (``--overlap``): its agent starts
+    the host's processes inside it. Raises LaunchError outside an allocation, or
+    when ``node`` is not one of its nodes."""
+
+    hint = "is the node up, and can it run this Python and app directory?"
+
+    def __init__(self, name: str, node: str, app_dir: str, *,
+                 allocation: Allocation | None = None) -> None:
+        allocation = allocation or Allocation.from_environment(
+            what=f"host {name} (slurm://{node})")
+        if node not in allocation.nodes:
+            raise LaunchError(f"host {name}: Slurm node {node!r} is not in job "
+                              f"{allocation.job}'s allocation "
+                              f"({', '.join(allocation.nodes)})")
+        super().__init__(name, allocation.address(node), app_dir)
+        self.allocation, self.node = allocation, node
+        self.step = f"{STEP_PREFIX}agent-{name}"
+        self.label = f"srun on Slurm node {node} (job {allocation.job}, step {self.step})"
+
+    def argv(self) -> list[str]:
+        """The srun command line (no secret in it: the keys go on its stdin)."""
+        return [SRUN, f"--jobid={self.allocation.job}", f"--job-name={self.step}",
+                "--ntasks=1", "--nodes=1", f"--nodelist={self.node}", "--overlap",
+                "--kill-on-bad-exit=1", "--quiet", *self.agent_argv()]
+
+    def spawn(self, argv: list[str]) -> subprocess.Popen[bytes]:
+        try:
+            return super().spawn(argv)
+        except FileNotFoundError:
+            raise OSError(str(_not_found(SRUN))) from None
 
 
 def sbatch_script(topology: str, run_args: Sequence[str], *, nodes: int,

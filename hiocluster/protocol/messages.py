@@ -36,7 +36,7 @@ from hiocluster.protocol.fields import (
 __all__ = ["Message", "Hello", "Setup", "Ready", "Grant", "Progress", "Done", "Stop", "Bye",
            "Chunk",
            "Error", "Data", "Peer", "Launch", "Launched", "Signal", "Exited", "Output",
-           "Ping", "Join", "Load", "Standby", "Assign", "Command", "Answer", "MESSAGE_TYPES",
+           "Ping", "Close", "Join", "Load", "Standby", "Assign", "Command", "Answer", "MESSAGE_TYPES",
            "TO_AGENT",
            "FROM_AGENT", "FROM_REPLICA", "TO_REPLICA", "COMMANDS", "NODE_ROW", "LINK_ROW",
            "METRIC_KINDS"]
@@ -314,14 +314,20 @@ class Peer(Message):
 class Launch(Message):
     """supervisor → agent: start worker ``worker`` on the agent's host, connecting
     to ``connect`` with ``credentials`` (JSON text: they travel encrypted); with
-    ``tree`` (JSON), a sub-supervisor of that subtree instead."""
+    ``tree`` (JSON), a sub-supervisor of that subtree instead; with ``service``
+    (a service's spec, JSON), replica ``worker`` (SERVICE.REPLICA.INCARNATION) of
+    it, serving on the agent's listening sockets ``listeners`` for that service
+    (positions: the agent opens each on first use and holds it for the run)."""
 
     TYPE = "LAUNCH"
     worker: str
     connect: str
     credentials: str
     tree: str | None = None
-    SCHEMA = {"worker": NAME, "connect": ADDRESS, "credentials": TEXT, "tree": optional(TEXT)}
+    service: str | None = None
+    listeners: list[int] | None = None
+    SCHEMA = {"worker": NAME, "connect": ADDRESS, "credentials": TEXT, "tree": optional(TEXT),
+              "service": optional(TEXT), "listeners": optional(ListOf(UINT))}
 
 
 @dataclass(slots=True)
@@ -343,6 +349,19 @@ class Signal(Message):
     signal: str
     SCHEMA = {"worker": NAME, "signal": Check(lambda v: v in ("terminate", "kill"),
                                               "'terminate' or 'kill'")}
+
+
+@dataclass(slots=True)
+class Close(Message):
+    """supervisor → agent: close the agent's listening sockets ``listeners``
+    (positions) of service ``service``: no replica of it serves from them on
+    this host any more (the service was scaled down). A replica still draining
+    keeps its own descriptor; a position the agent does not hold is no error."""
+
+    TYPE = "CLOSE"
+    service: str
+    listeners: list[int]
+    SCHEMA = {"service": NAME, "listeners": ListOf(UINT)}
 
 
 @dataclass(slots=True)
@@ -468,11 +487,12 @@ class Answer(Message):
 MESSAGE_TYPES: dict[str, type[Message]] = {
     cls.TYPE: cls for cls in (Hello, Setup, Ready, Grant, Progress, Done, Stop, Bye, Chunk,
                               Error,
-                              Data, Peer, Launch, Launched, Signal, Exited, Output, Ping,
+                              Data, Peer, Launch, Launched, Signal, Close, Exited, Output,
+                              Ping,
                               Join, Load, Standby, Assign, Command, Answer)
 }
 #: What an agent accepts, and what a supervisor accepts from an agent.
-TO_AGENT = (Launch, Signal, Error)
+TO_AGENT = (Launch, Signal, Close, Error)
 FROM_AGENT = (Launched, Exited, Output, Ping, Error)
 #: What a supervisor accepts from a replica, and a replica from its supervisor.
 FROM_REPLICA = (Join, Load, Standby, Bye, Error)

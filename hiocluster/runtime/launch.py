@@ -141,9 +141,11 @@ class LocalProcess:
             self.sentinel = None
 
     @property
-    def stderr(self) -> int | None:
-        """The worker's stderr pipe (non-blocking), when the launcher captures it."""
-        return self.popen.stderr.fileno() if self.popen.stderr is not None else None
+    def output(self) -> int | None:
+        """The pipe its output comes through (non-blocking), where it is captured
+        (its stderr, or its stdout and stderr as one)."""
+        pipe = self.popen.stdout or self.popen.stderr
+        return pipe.fileno() if pipe is not None else None
 
     def exitcode(self) -> int | None:
         return self.popen.poll()
@@ -223,7 +225,7 @@ class LocalLauncher:
         credentials: each worker's credentials, passed in its environment.
         run_dir: the run directory (tick registers go there; orphans clean it).
         app_dir, bind, data: passed on (see ``hiocluster worker --help``).
-        capture: give each worker's stderr to the caller (``LocalProcess.stderr``)
+        capture: give each worker's stderr to the caller (``LocalProcess.output``)
             instead of sharing this process's.
         trees: the groups among the children: name -> its tree (see
             hiocluster.topology.tree); they run ``hiocluster group``.

@@ -297,6 +297,10 @@ class Gate(ThreadAuthenticator):
     def admit(self, name: str, public: str) -> None:
         self.names[public] = name
 
+    def forget(self, public: str) -> None:
+        """Refuse ``public`` from now on (its process is gone)."""
+        self.names.pop(public, None)
+
     def open(self) -> None:
         """Every key is admitted now: stop holding handshakes back."""
         self._open.set()

@@ -125,6 +125,7 @@ class Replica:
     latency_sum: float = 0.0                          # their seconds in all
     health: str = ""                   # "" no check, "ok", or the last failure
     error: str | None = None           # what it said in an ERROR frame
+    host: str = ""                     # where it runs: a [hosts] name, "local"; "": here
 
     @property
     def key(self) -> str:
@@ -445,9 +446,10 @@ class ServiceCore:
                 "served": replica.served, "connections": replica.connections,
                 "version": replica.version, "health": _health(replica),
                 "health_detail": replica.health if replica.failing else "",
+                "host": replica.host,
             } for replica in self.live() if replica.service == name]
             for index, when in sorted(service.pending.items()):
-                replicas.append({"replica": index, "incarnation": None, "pid": None,
+                replicas.append({"replica": index, "incarnation": None, "pid": None, "host": "",
                                  "state": "backoff", "restarts": service.restarts.get(index, 0),
                                  "uptime": 0.0, "served": 0, "connections": 0,
                                  "restart_in": round(max(0.0, when - now), 3)})

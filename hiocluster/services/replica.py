@@ -39,7 +39,9 @@ from hio.base.doing import Doer
 from hiocluster import protocol as proto
 from hiocluster.errors import FrameError, TransportError
 from hiocluster.node import load_class
+from hiocluster.runtime.launch import PARENT_ENV
 from hiocluster.runtime.loop import Loop
+from hiocluster.runtime.replicas import LISTEN_FDS_ENV, SERVICE_ENV
 from hiocluster.runtime.rundir import remove_orphan_files
 from hiocluster.runtime.signals import IGNORED_SIGNALS, STOP_SIGNALS, Signals
 from hiocluster.runtime.transport import Context, Credentials, Poller, ipc_path
@@ -53,12 +55,6 @@ __all__ = ["ReplicaOptions", "run_replica", "LOAD_S", "SERVICE_ENV", "LISTEN_FDS
 
 #: Most often a replica reports its counts (only when they changed).
 LOAD_S = 0.2
-#: The environment variable that carries the service's spec (JSON) to a replica.
-SERVICE_ENV = "HIOCLUSTER_SERVICE"
-#: The listening sockets a replica inherits: their descriptor numbers, "3,4".
-LISTEN_FDS_ENV = "HIOCLUSTER_LISTEN_FDS"
-#: The pid of the run that started a replica (its parent while the run lives).
-PARENT_ENV = "HIOCLUSTER_PARENT"
 #: Seconds to reach the supervisor at start.
 CONNECT_TIMEOUT = 10.0
 #: Longest sleep of an idle replica (its sockets, signals and timers wake it

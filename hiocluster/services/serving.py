@@ -43,6 +43,7 @@ from hio.core.http import httping
 from hio.core.http import serving as http_serving
 from hio.core.tcp import serving as tcp_serving
 
+from hiocluster.runtime.replicas import listening_socket
 from hiocluster.services.core import Latency
 
 __all__ = ["Server", "ServerTls", "WsgiServer", "guard", "listening_socket", "Watch",
@@ -212,35 +213,6 @@ class _ReusePort:
         if self.paused_until and time.monotonic() < self.paused_until:
             return []
         return [sock.fileno() for sock in self.listeners]
-
-
-def listening_socket(ha: tuple[str, int], *, backlog: int = 1024,
-                     bufsize: int = 8096, alone: bool = False) -> socket.socket:
-    """A non-blocking TCP socket listening on ``ha`` with SO_REUSEADDR and
-    SO_REUSEPORT (so replicas, and a supervisor's sockets for them, share the
-    address). ``alone``: first check that no other socket listens there (another
-    run's, though it set SO_REUSEPORT too, would silently share our traffic).
-    Raises OSError (EADDRINUSE when taken)."""
-    if alone:
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-            # without SO_REUSEPORT, bind fails while anyone listens on ha; with
-            # SO_REUSEADDR, connections of a past run in TIME_WAIT do not count
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            probe.bind(ha)
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        for option in (socket.SO_SNDBUF, socket.SO_RCVBUF):
-            if sock.getsockopt(socket.SOL_SOCKET, option) < 2 * bufsize:
-                sock.setsockopt(socket.SOL_SOCKET, option, bufsize)
-        sock.setblocking(False)
-        sock.bind(ha)
-        sock.listen(backlog)
-    except OSError:
-        sock.close()
-        raise
-    return sock
 
 
 class _Refreshing:

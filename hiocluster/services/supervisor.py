@@ -8,7 +8,12 @@ supervisor:
                   that decides, a board, and a ``ReplicaDoer`` per process
                   (added as it starts, gone once it exited)
 ``ServiceBoard``  a Doer: the ROUTER replicas connect to (ipc in the 0700 run
-                  directory): JOIN, LOAD, BYE, ERROR in; STOP out
+                  directory): JOIN, LOAD, BYE, ERROR in; STOP out; a second
+                  one on tcp (CurveZMQ, a key pair per replica) where
+                  services run on other hosts
+``AgentLink``     a Doer per other host a service runs on (``hosts``): its
+                  agent starts and signals replicas there
+                  (hiocluster.hosts.remote)
 ``ReplicaDoer``   a Doer per replica process: ``enter`` starts it, ``recur``
                   passes its output on (prefixed) and notices its exit,
                   ``exit`` makes sure it is gone
@@ -19,12 +24,19 @@ supervisor:
 
 None of them blocks. :func:`serve` is the Python API behind ``hiocluster run``
 for such topologies.
+
+Replicas across hosts (``[services.NAME] hosts = ["alpha", "beta"]``): replica
+``i`` runs on the ``i % n``-th of the service's ``n`` hosts that are not lost
+(``"local"``: this one); each host's agent listens on the service's address
+there, on sockets it holds for the run. A host whose agent is lost (its link
+cut, its agent gone: heartbeats) loses its replicas at once: each is a crash
+under the service's restart policy, and restarts on a host still there.
+Spares (warm standby processes) serve this host's replicas only.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import secrets
 import signal
@@ -37,30 +49,29 @@ import psutil
 from hio.base.doing import DoDoer, Doer
 
 from hiocluster import protocol as proto
-from hiocluster.errors import ClusterError, FrameError, Interrupted
-from hiocluster.runtime.launch import LocalProcess, end_process, spawn
+from hiocluster.errors import ClusterError, FrameError, Interrupted, TopologyError
+from hiocluster.hosts.remote import AgentLink, RemoteProcess, listen_toward
+from hiocluster.runtime.launch import LocalProcess, end_process
 from hiocluster.runtime.loop import Loop, RouterDoer
 from hiocluster.runtime.output import Prefixer
+from hiocluster.runtime.replicas import CONTROL_ENV, listening_socket, spawn_replica
 from hiocluster.runtime.rundir import close_run, make_run_dir
 from hiocluster.runtime.signals import run_signals
 from hiocluster.runtime.transport import (
-    CREDENTIALS_ENV,
     Context,
     Credentials,
+    KeyPair,
     ipc_address,
 )
 from hiocluster.services.core import Replica, ServiceCore, StartReplica, StopReplica
 from hiocluster.services.metrics import MetricsEndpoint
-from hiocluster.services.replica import LISTEN_FDS_ENV, PARENT_ENV, SERVICE_ENV
-from hiocluster.services.serving import listening_socket
 from hiocluster.timing import KILL_GRACE_S
 from hiocluster.topology import Topology, load
+from hiocluster.topology.lines import locate_error
 
 __all__ = ["Services", "ServiceBoard", "ReplicaDoer", "Endpoint", "ServiceRun", "serve",
            "CONTROL_ENV", "ENDPOINT", "ServeResult"]
 
-#: Where shells find a run's control endpoint (``hiocluster status`` and friends).
-CONTROL_ENV = "HIOCLUSTER_CONTROL"
 #: Frames from strangers on the replicas' socket said one by one; later ones counted.
 LOG_IGNORED = 10
 #: The endpoint's socket file in the run directory.
@@ -116,16 +127,20 @@ class ReplicaDoer(Doer):
     become a replica (:meth:`Services.start`) the moment one is needed."""
 
     def __init__(self, services: Services, replica: Replica | None, *,
-                 spare: tuple[str, int] | None = None, **kwa: Any) -> None:
+                 spare: tuple[str, int] | None = None, link: AgentLink | None = None,
+                 unplaced: str | None = None, **kwa: Any) -> None:
         super().__init__(**kwa)
         self.services, self.replica = services, replica
         self.spare = spare                 # (service, serial) while a spare
         self.standing = False              # a spare that said STANDBY
         self.retired = False               # a spare told to go
         self.listeners = 0                 # a spare: how many sockets it holds
-        self.handle: LocalProcess | None = None
+        self.link = link                   # the other host's agent it runs through
+        self.unplaced = unplaced           # why it has no host to run on
+        self.handle: LocalProcess | RemoteProcess | None = None
         self.output: int | None = None
         self.unstarted: int | None = None  # could not start: the exit code to report
+        self.public: str | None = None     # its CURVE key, on another host
 
     @property
     def service(self) -> str:
@@ -145,34 +160,55 @@ class ReplicaDoer(Doer):
     def enter(self) -> None:
         services, replica = self.services, self.replica
         spec = services.core.services[self.service].spec
-        positions = replica.listeners if replica is not None else \
-            tuple(range(services.core.services[self.service].pool))
+        if replica is None:  # a spare holds every socket of its service
+            positions: tuple[int, ...] = tuple(range(services.core.services[self.service].pool))
+        else:  # across hosts, a replica's socket is on its own host: its own only
+            positions = (replica.index,) if spec.hosts else replica.listeners
+        if self.unplaced is not None:
+            self._unstarted(self.unplaced)
+            return
+        if self.link is not None:
+            self._enter_remote(spec.to_json(), list(positions))
+            return
         try:
             fds = [services.socket(self.service, k).fileno() for k in positions]
         except OSError as exc:
-            error = f"cannot listen on {spec.address}: {exc.strerror or exc}"
-            services.say(f"{self.label}: {error}")
-            if replica is not None:
-                replica.error = error
-            self.unstarted = 1
+            self._unstarted(f"cannot listen on {spec.address}: {exc.strerror or exc}")
             return
         self.listeners = len(fds)
-        env = dict(os.environ)
-        env[LISTEN_FDS_ENV] = ",".join(map(str, fds))
-        env[CREDENTIALS_ENV] = Credentials(services.token).to_json()
-        env[SERVICE_ENV] = json.dumps(spec.to_json())
-        env[CONTROL_ENV] = services.endpoint_address
-        env[PARENT_ENV] = str(os.getpid())
-        env["PYTHONUNBUFFERED"] = "1"
-        argv = [*services.command, "replica", "--connect", services.address,
-                "--name", self.key, "--app-dir", services.app_dir]
-        self.handle = spawn(argv, env, pass_fds=fds, capture="output")
-        assert self.handle.popen.stdout is not None
-        self.output = self.handle.popen.stdout.fileno()
+        self.handle = handle = spawn_replica(
+            services.command, connect=services.address, key=self.key,
+            app_dir=services.app_dir, spec=spec.to_json(),
+            credentials=Credentials(services.token).to_json(), fds=fds,
+            env={CONTROL_ENV: services.endpoint_address})
+        self.output = handle.output
         poller = services.loop.poller
-        poller.register(self.output)
-        if self.handle.sentinel is not None:
-            poller.register(self.handle.sentinel)
+        if self.output is not None:
+            poller.register(self.output)
+        if handle.sentinel is not None:
+            poller.register(handle.sentinel)
+
+    def _enter_remote(self, spec: dict[str, Any], positions: list[int]) -> None:
+        """Its host's agent starts it: a key pair of its own for the services socket
+        on tcp, admitted for as long as it runs."""
+        services, link = self.services, self.link
+        assert link is not None and services.keys is not None
+        keys = KeyPair.generate()
+        gate = services.context.gate
+        assert gate is not None
+        gate.admit(self.key, keys.public)
+        self.public = keys.public
+        credentials = Credentials(services.token, keys, services.keys.public)
+        services.held.setdefault((link.host.name, self.service), set()).update(positions)
+        self.handle = link.start_replica(self.key, connect=services.remote_address,
+                                         credentials=credentials.to_json(), spec=spec,
+                                         listeners=positions)
+
+    def _unstarted(self, error: str) -> None:
+        self.services.say(f"{self.label}: {error}")
+        if self.replica is not None:
+            self.replica.error = error
+        self.unstarted = 1
 
     def become(self, replica: Replica) -> None:
         """This spare is now ``replica``: it is told so and joins as it."""
@@ -195,6 +231,9 @@ class ReplicaDoer(Doer):
         if code is None:
             return False
         self.read()
+        why = handle.why()
+        if why is not None:
+            self.services.say(f"{self.label}: {why}")
         self._release()
         if self.replica is not None:
             self.services.core.exited(self.replica, code, time.monotonic())
@@ -236,10 +275,21 @@ class ReplicaDoer(Doer):
             poller.unregister(handle.sentinel)
         handle.close()
         self.handle = None
+        if self.public is not None:  # its key opens nothing now
+            gate = self.services.context.gate
+            if gate is not None:
+                gate.forget(self.public)
+            self.public = None
+        self.services.prefixer.flush(self.label)
 
     def exit(self) -> None:
-        """A forced exit (the run ends early) may leave it running: end it."""
-        if self.handle is not None:
+        """A forced exit (the run ends early) may leave it running: end it (one
+        on another host: its agent is told to; it also ends them all once the
+        run's connection to it closes)."""
+        if isinstance(self.handle, RemoteProcess):
+            self.handle.kill()
+            self._release()
+        elif self.handle is not None:
             end_process(self.handle, KILL_GRACE_S)
             self.read()
             self._release()
@@ -248,14 +298,19 @@ class ReplicaDoer(Doer):
 class ServiceBoard(RouterDoer):
     """The socket replicas talk to the supervisor on (see the module docstring)."""
 
-    def __init__(self, services: Services, **kwa: Any) -> None:
+    def __init__(self, services: Services, *, remote: bool = False, **kwa: Any) -> None:
         super().__init__(**kwa)
-        self.services = services
+        self.services, self.remote = services, remote
         self.ignored = 0  # frames from no replica or spare of ours: counted, first few said
 
     def enter(self) -> None:
         services = self.services
-        self.attach(services.loop, services.context.control_router(services.address))
+        if not self.remote:
+            self.attach(services.loop, services.context.control_router(services.address))
+            return
+        self.attach(services.loop, services.context.control_router(services.remote_listen))
+        assert self.router is not None
+        services.remote_address = self.router.bound_address()
 
     def recur(self, tyme: float) -> bool:
         core, now = self.services.core, time.monotonic()
@@ -267,7 +322,9 @@ class ServiceBoard(RouterDoer):
                 break
             identity = parts[0].decode("utf-8", "replace")
             replica = core.replica(identity)
-            if replica is None and len(parts) == 2:
+            if replica is not None and self.remote != (replica.host not in ("", "local")):
+                replica = None  # a replica says who it is on its own socket only
+            if replica is None and len(parts) == 2 and not self.remote:
                 spare = self.services.spares.get(identity)
                 if spare is not None:
                     self.services.standby(spare, parts[1])
@@ -306,17 +363,36 @@ class Services(DoDoer):
         app_dir: where replicas import service classes from.
         command: program and leading arguments that run ``hiocluster``.
         prefixer: where replicas' output and the run's service messages go.
+        keys: the keys directory: the agents' public keys (``NAME.key``) of the
+            hosts services run on (``tcp://`` ones; ``ssh://`` and ``slurm://``
+            ones' are made for the run).
+        across_hosts: whether the owner can run services on other hosts (it then
+            gives ``keys``, its CURVE key pair, and a context with a gate).
+
+    Raises:
+        TopologyError: a service names a host the topology does not declare, or
+            one on another host without ``across_hosts``, or without the keys.
     """
 
     def __init__(self, owner: Any, topology: Topology, *, app_dir: str | None = None,
                  command: Sequence[str] | None = None, prefixer: Prefixer | None = None,
-                 **kwa: Any) -> None:
+                 keys: str | None = None, across_hosts: bool = False, **kwa: Any) -> None:
         self.owner = owner
         self.core = ServiceCore(topology.services)
         self.path = topology.path  # read again on reload
         self.app_dir = os.path.abspath(app_dir or os.getcwd())
         self.command = list(command or [sys.executable, "-m", "hiocluster"])
         self.prefixer = prefixer or Prefixer()
+        try:
+            self.links = _links(self, topology, keys, across_hosts)
+        except TopologyError as exc:  # named at its line of the file
+            locate_error(exc, topology.source, topology.path)
+            raise
+        self.remote_listen = listen_toward(next(iter(self.links.values()))) \
+            if self.links else ""
+        self.remote_address = ""                    # the tcp board's, once bound
+        #: (host, service) -> the listening sockets its agent was asked to open
+        self.held: dict[tuple[str, str], set[int]] = {}
         self.prefixer.reserve(["hiocluster", *(f"{spec.name}.{spec.replicas - 1}"
                                                for spec in topology.services)])
         self.board = ServiceBoard(self)
@@ -330,7 +406,9 @@ class Services(DoDoer):
         self.cpu: dict[int, CpuRate] = {}  # pid -> its recent CPU use
         self.cpu_due = 0.0
         self.started = False
-        super().__init__(doers=[self.board], **kwa)
+        self.remote_board = ServiceBoard(self, remote=True) if self.links else None
+        remote = [self.remote_board, *self.links.values()] if self.remote_board else []
+        super().__init__(doers=[self.board, *remote], **kwa)
 
     # what the owner provides, once it entered
     @property
@@ -346,6 +424,11 @@ class Services(DoDoer):
         return self.owner.token
 
     @property
+    def keys(self) -> KeyPair | None:
+        """The owner's CURVE key pair (where services run on other hosts)."""
+        return getattr(self.owner, "keys", None)
+
+    @property
     def address(self) -> str:
         return ipc_address(self.owner.run_dir, "services")
 
@@ -358,9 +441,11 @@ class Services(DoDoer):
         if not self.started:
             self.started = True
             for name, service in core.services.items():
+                hosts = service.spec.hosts  # across hosts: those of its first placement here
                 try:  # every listening socket first: a taken address fails at once
                     for k in range(service.pool):
-                        self.socket(name, k)
+                        if not hosts or hosts[k % len(hosts)] == "local":
+                            self.socket(name, k)
                 except OSError as exc:
                     core.fail(name, f"cannot listen on {service.spec.address}: "
                                     f"{exc.strerror or exc}", now)
@@ -376,7 +461,10 @@ class Services(DoDoer):
             if isinstance(action, StartReplica):
                 self.start(action.replica)
             elif isinstance(action, StopReplica):
-                self.board.send(action.replica, proto.Stop(reason="stop", drain=True))
+                board = self.board if action.replica.host in ("", "local") else \
+                    self.remote_board
+                assert board is not None
+                board.send(action.replica, proto.Stop(reason="stop", drain=True))
             else:
                 self.kill(action.replica)
         core.actions.clear()
@@ -387,8 +475,15 @@ class Services(DoDoer):
         self.sample_cpu(now)
         for name, sockets in self.sockets.items():  # scaled to 0: refuse, do not queue
             pool = core.services[name].pool
+            if core.services[name].spec.hosts:  # across hosts: no hand-over of sockets
+                pool = min(pool, core.services[name].desired)
             for k in [k for k in sockets if k >= pool]:
                 sockets.pop(k).close()
+        for (host, name), held in self.held.items():  # the same on the other hosts
+            gone = sorted(k for k in held if k >= core.services[name].desired)
+            if gone:
+                held.difference_update(gone)
+                self.links[host].close_listeners(name, gone)
         due = core.next_due()
         if due is not None:
             self.loop.wake_by(due)
@@ -399,9 +494,18 @@ class Services(DoDoer):
 
     # -- spares -------------------------------------------------------------------
     def start(self, replica: Replica) -> None:
-        """A process for ``replica``: a waiting spare of its service if there is one
-        holding the sockets it needs (it serves within milliseconds), else a new
-        process (a Python start-up: a few hundred milliseconds)."""
+        """A process for ``replica`` on its host (:meth:`place`). On this one: a
+        waiting spare of its service if there is one holding the sockets it needs
+        (it serves within milliseconds), else a new process (a Python start-up: a
+        few hundred milliseconds)."""
+        try:
+            link = self.place(replica)
+        except LookupError as exc:
+            self._extend(ReplicaDoer(self, replica, unplaced=str(exc.args[0])))
+            return
+        if link is not None:
+            self._extend(ReplicaDoer(self, replica, link=link))
+            return
         for key, spare in list(self.spares.items()):
             if spare.service == replica.service and spare.standing and \
                     spare.listeners > max(replica.listeners, default=-1):
@@ -409,9 +513,31 @@ class Services(DoDoer):
                 spare.become(replica)
                 self.running[replica.key] = spare
                 return
-        doer = ReplicaDoer(self, replica)
-        self.running[replica.key] = doer
+        self._extend(ReplicaDoer(self, replica))
+
+    def _extend(self, doer: ReplicaDoer) -> None:
+        assert doer.replica is not None
+        self.running[doer.replica.key] = doer
         self.extend([doer])
+
+    def place(self, replica: Replica) -> AgentLink | None:
+        """Where ``replica`` runs: replica ``i`` on the ``i % n``-th of its service's
+        ``n`` hosts not lost (None: this one); sets ``replica.host``. Raises
+        LookupError when every host of its service is lost."""
+        hosts = self.core.services[replica.service].spec.hosts
+        if not hosts:
+            return None
+        live = [host for host in hosts if host == "local" or not self.links[host].lost]
+        if not live:
+            raise LookupError(f"every host of service {replica.service} is lost "
+                              f"({', '.join(hosts)})")
+        replica.host = live[replica.index % len(live)]
+        return None if replica.host == "local" else self.links[replica.host]
+
+    def remote_output(self, key: str, text: str) -> None:
+        """What a replica on another host wrote (its agent's OUTPUT)."""
+        doer = self.running.get(key)
+        self.prefixer.feed(doer.label if doer is not None else key, text.encode())
 
     def keep_spares(self, now: float) -> None:
         """One spare per service (``spare = true``) once its replicas serve; a spare
@@ -422,7 +548,8 @@ class Services(DoDoer):
             mine = [doer for doer in self.spares.values() if doer.service == name]
             if core.all_serving(name):
                 self.spare_after_start.add(name)  # its first replicas have started
-            wanted = service.spec.spare and not core.stopping and not service.failed \
+            wanted = service.spec.spare and not service.spec.hosts and not core.stopping \
+                and not service.failed \
                 and service.pool > 0 and name in self.spare_after_start \
                 and now - self.spare_failed.get(name, -1e9) > SPARE_RETRY_S
             for doer in mine:
@@ -500,8 +627,10 @@ class Services(DoDoer):
         """A frame from ``replica``'s process."""
         if isinstance(message, proto.Join):
             doer = self.running.get(replica.key)
-            expected = (replica.service, replica.index, replica.incarnation, self.token,
-                        doer.handle.pid if doer is not None and doer.handle else None)
+            pid = doer.handle.pid if doer is not None and doer.handle else None
+            if pid is None and doer is not None and doer.link is not None:
+                pid = message.pid  # its agent's LAUNCHED may come after its JOIN
+            expected = (replica.service, replica.index, replica.incarnation, self.token, pid)
             said = (message.service, message.replica, message.incarnation, message.token,
                     message.pid)
             if said != expected:
@@ -510,13 +639,17 @@ class Services(DoDoer):
                 self.kill(replica)
                 return
             self.core.joined(replica, message.pid, now, message.version)
+            spec = self.core.services[replica.service].spec
+            if doer is not None and doer.link is not None:  # its pid is its host's
+                self.say(f"{replica.label} serving on {spec.address} on host "
+                         f"{replica.host} (pid {message.pid})")
+                return
             try:
                 process = psutil.Process(message.pid)
                 self.cpu[message.pid] = CpuRate(_cpu_seconds(process), now)
                 self.processes[message.pid] = process
             except psutil.Error:
                 pass
-            spec = self.core.services[replica.service].spec
             self.say(f"{replica.label} serving on {spec.address} (pid {message.pid})")
         elif isinstance(message, proto.Load):
             self.core.load(replica, message.served, message.connections, now,
@@ -590,7 +723,8 @@ class Services(DoDoer):
     def reopen_logs(self) -> None:
         """SIGUSR1 to the run: every replica opens its log files again (after a
         rotation), as gunicorn's workers do."""
-        replicas = [replica for replica in self.core.live() if replica.pid is not None]
+        replicas = [replica for replica in self.core.live() if replica.pid is not None
+                    and replica.host in ("", "local")]  # another host's pids are its own
         for replica in replicas:
             with contextlib.suppress(OSError):
                 os.kill(replica.pid, signal.SIGUSR1)  # type: ignore[arg-type]
@@ -627,7 +761,8 @@ class Services(DoDoer):
         rows = self.core.status(now)
         for row in rows:
             for replica in row["replicas"]:
-                process = self.processes.get(replica["pid"] or -1)
+                process = self.processes.get(replica["pid"] or -1) \
+                    if replica.get("host", "") in ("", "local") else None
                 cpu, rss = None, None
                 if process is not None:
                     try:
@@ -744,15 +879,20 @@ class ServiceRun(DoDoer):
     def __init__(self, topology: Topology, loop: Loop, *, app_dir: str | None = None,
                  command: Sequence[str] | None = None, prefixer: Prefixer | None = None,
                  on_listening: Callable[[ServiceRun], None] | None = None,
-                 metrics: MetricsEndpoint | None = None, **kwa: Any) -> None:
+                 metrics: MetricsEndpoint | None = None, keys: str | None = None,
+                 **kwa: Any) -> None:
         self.topology, self.loop = topology, loop
         self.token = secrets.token_bytes(16)
         self.run_dir: str | None = None
         self.context: Context | None = None
         self.endpoint_address = ""
         self.on_listening = on_listening
+        self.keys: KeyPair | None = None  # services on other hosts: the run's CURVE keys
         self.services = Services(self, topology, app_dir=app_dir, command=command,
-                                 prefixer=prefixer)
+                                 prefixer=prefixer, keys=keys, across_hosts=True)
+        if self.services.links:
+            self.keys = KeyPair.load(os.path.join(keys, "supervisor.key_secret")) if keys \
+                else KeyPair.generate()
         self.endpoint = Endpoint(self)
         self.started = time.time()
         #: the run's Prometheus endpoint, if it has one
@@ -766,7 +906,13 @@ class ServiceRun(DoDoer):
         if doers is None:
             self.run_dir = make_run_dir()
             self.endpoint_address = ipc_address(self.run_dir, ENDPOINT)
-            self.context = Context(owner="supervisor")
+            self.context = Context(self.keys, owner="supervisor")
+            if self.context.gate is not None:  # replicas' keys are admitted as they start
+                self.context.gate.open()
+            for link in self.services.links.values():  # every started agent at once
+                if link.started is not None:
+                    with contextlib.suppress(OSError):  # its link says so as it enters
+                        link.launch()
         deeds = super().enter(doers)
         if doers is None and self.on_listening is not None:
             self.on_listening(self)
@@ -813,11 +959,14 @@ class ServeResult:
 def serve(topology: Topology, *, app_dir: str | None = None,
           command: Sequence[str] | None = None, prefixer: Prefixer | None = None,
           handle_signals: bool = True,
-          on_listening: Callable[[ServiceRun], None] | None = None) -> ServeResult:
+          on_listening: Callable[[ServiceRun], None] | None = None,
+          keys: str | None = None) -> ServeResult:
     """Run ``topology``'s services until stopped (SIGINT, SIGTERM, ``hiocluster
-    stop``) and return how they ended.
+    stop``) and return how they ended. ``keys``: the keys directory, where
+    services run on other hosts' agents (see :class:`Services`).
 
     Raises:
+        TopologyError: a service's hosts are not declared, or need ``keys``.
         ServiceFailed: a service restarted more often than its intensity allows;
             every replica was stopped first.
     """
@@ -828,7 +977,7 @@ def serve(topology: Topology, *, app_dir: str | None = None,
     metrics = MetricsEndpoint(topology.metrics) if topology.metrics else None
     try:
         root = ServiceRun(topology, loop, app_dir=app_dir, command=command, prefixer=prefixer,
-                          on_listening=on_listening, metrics=metrics)
+                          on_listening=on_listening, metrics=metrics, keys=keys)
         loop.doers = [root]
         with run_signals(root, loop, handle_signals):
             loop.run()
@@ -839,3 +988,32 @@ def serve(topology: Topology, *, app_dir: str | None = None,
         raise root.services.core.failure
     return ServeResult(root.services.core.status(time.monotonic()))
 
+
+
+def _links(services: Services, topology: Topology, keys: str | None,
+           across_hosts: bool) -> dict[str, AgentLink]:
+    """An agent link per other host the topology's services run on (see
+    :class:`Services`)."""
+    declared = {host.name: host for host in topology.hosts}
+    named: list[str] = []
+    for spec in topology.services:
+        for j, name in enumerate(spec.hosts):
+            where = f"services.{spec.name}.hosts[{j}]"
+            if name != "local" and name not in declared:
+                raise TopologyError(f"host {name!r} is not declared (a [hosts.{name}] "
+                                    f"table, or --host {name}=ADDRESS)", key_path=where)
+            if name != "local" and not across_hosts:
+                raise TopologyError("services run on other hosts only in a run of services "
+                                    "alone (this topology has nodes too): run them apart",
+                                    key_path=where)
+            if name != "local" and name not in named:
+                named.append(name)
+    agents = [name for name in named if declared[name].started is None]
+    if agents and keys is None:
+        raise TopologyError("services on other hosts need a keys directory (--keys DIR; "
+                            f"make it with: hiocluster keygen DIR supervisor "
+                            f"{' '.join(agents)})", key_path="hosts")
+    return {name: AgentLink(services, declared[name], None if declared[name].started else
+                            KeyPair.load_public(os.path.join(keys or "", f"{name}.key")),
+                            output=services.remote_output)
+            for name in named}

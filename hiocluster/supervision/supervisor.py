@@ -48,7 +48,7 @@ from hiocluster.errors import (
     TickTimeout,
     TopologyError,
 )
-from hiocluster.hosts.remote import AgentLink
+from hiocluster.hosts.remote import AgentLink, listen_toward
 from hiocluster.hosts.slurm import Allocation, SlurmLauncher, place, where
 from hiocluster.node import cannot_checkpoint, load_class
 from hiocluster.runtime import checkpoints
@@ -67,7 +67,6 @@ from hiocluster.runtime.transport import (
     Credentials,
     KeyPair,
     TransportError,
-    facing,
     local_address,
 )
 from hiocluster.supervision.digestfile import DigestFileError, DigestWriter
@@ -440,13 +439,14 @@ class Supervisor(SupervisorShell):
         self.slurm = slurm
         if slurm is not None:
             transport = _slurm_checks(plan, self.data, hosts)
-        agents = sorted(name for name, host in hosts.items() if host.ssh is None)
+        agents = sorted(name for name, host in hosts.items() if host.started is None)
         if agents and keys is None:
             raise TopologyError("workers on other hosts need a keys directory (--keys DIR; "
                                 f"make it with: hiocluster keygen DIR supervisor "
                                 f"{' '.join(agents)})", key_path="hosts")
-        # an ssh:// host's agent is started by its link, with keys made for the run
-        self.links = {name: AgentLink(self, host, None if host.ssh else KeyPair.load_public(
+        # an ssh:// or slurm:// host's agent is started by its link, with keys made
+        # for the run
+        self.links = {name: AgentLink(self, host, None if host.started else KeyPair.load_public(
             os.path.join(keys, f"{name}.key"))) for name, host in hosts.items()}  # type: ignore
         from hiocluster.services.supervisor import Endpoint, Services  # services import this module
         self.endpoint = Endpoint(self, on_bound=self._endpoint_bound)
@@ -474,10 +474,7 @@ class Supervisor(SupervisorShell):
                             for name in [*(spec.name for spec in plan.workers), *plan.groups]
                             } if self.curve else {}
         if hosts and not self.listen:  # where the hosts reach us: the address facing them
-            first = next(iter(hosts.values()))
-            target = first.ssh
-            toward = f"tcp://{target.host}:{target.port or 22}" if target else first.agent
-            self.listen = f"tcp://{facing(toward)}:*"
+            self.listen = listen_toward(next(iter(self.links.values())))
         #: under --launcher slurm: each worker's Slurm node (its allocation's task slots)
         self.slurm_nodes: dict[str, str] = {}
         if slurm is not None:
@@ -680,8 +677,8 @@ class Supervisor(SupervisorShell):
         self.core.chain.sink = self.digest_sink
         if self._early_signal is not None:  # it stops before it starts anyone
             self.core.interrupt(self._early_signal, time.monotonic())
-        for link in self.links.values():  # every ssh:// host's agent starts at once
-            if link.ssh is not None:
+        for link in self.links.values():  # every started agent starts at once
+            if link.started is not None:
                 with contextlib.suppress(OSError):  # its link says so as it enters
                     link.launch()
         # the launcher needs the bound address: the switchboard binds in its enter,

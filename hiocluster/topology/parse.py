@@ -24,6 +24,7 @@ from hiocluster.topology.limits import (
 from hiocluster.topology.lines import locate_error
 from hiocluster.topology.patterns import pattern_links
 from hiocluster.topology.spec import (
+    SLURM_AGENT,
     SSH_AGENT,
     HostSpec,
     LinkSpec,
@@ -203,14 +204,16 @@ def _hosts(document: dict[str, Any]) -> tuple[HostSpec, ...]:
         name_value(name, WORKER_NAME, "host", key_path)
         if name == "local":
             raise topology_error("'local' is this host: it needs no entry", key_path)
-        check_keys(table_value(body, key_path), ("agent", "workers"), key_path, ("agent", "workers"))
+        check_keys(table_value(body, key_path), ("agent", "workers"), key_path, ("agent",))
         agent = text_value(body["agent"], f"{key_path}.agent")
-        if not (_AGENT.fullmatch(agent) or SSH_AGENT.fullmatch(agent)):
-            raise topology_error(f"expected 'tcp://HOST:PORT' (an agent) or "
-                                 f"'ssh://[USER@]HOST[:PORT]', got {agent!r}",
+        if not (_AGENT.fullmatch(agent) or SSH_AGENT.fullmatch(agent)
+                or SLURM_AGENT.fullmatch(agent)):
+            raise topology_error(f"expected 'tcp://HOST:PORT' (an agent), "
+                                 f"'ssh://[USER@]HOST[:PORT]' or 'slurm://NODE', got "
+                                 f"{agent!r}",
                                  f"{key_path}.agent")
         workers = []
-        for j, worker in enumerate(array_value(body["workers"], f"{key_path}.workers")):
+        for j, worker in enumerate(array_value(body.get("workers", []), f"{key_path}.workers")):
             worker = name_value(text_value(worker, f"{key_path}.workers[{j}]"), WORKER_NAME, "worker",
                            f"{key_path}.workers[{j}]")
             if worker in placed_on:
@@ -226,7 +229,7 @@ _SERVICE_KEYS = ("class", "replicas", "listen", "restart", "max_restarts", "with
                  "backoff", "backoff_max", "timeout", "drain", "heartbeat", "max_body",
                  "max_requests", "max_requests_jitter", "max_rss", "access_log",
                  "access_log_format", "health_path", "health_interval", "health_failures",
-                 "spare", "tls", "params")
+                 "spare", "tls", "params", "hosts")
 _HEALTH_PATH = re.compile(r"/[!-~]{0,1023}")
 _LISTEN = re.compile(r"(?P<host>[A-Za-z0-9_.-]{1,253}):(?P<port>\d{1,5})")
 
@@ -301,8 +304,15 @@ def _services(document: dict[str, Any], nodes: tuple[NodeSpec, ...],
             check_keys(table, ("cert", "key"), f"{key_path}.tls", ("cert", "key"))
             tls = tuple(os.path.join(base, text_value(table[key], f"{key_path}.tls.{key}"))
                         for key in ("cert", "key"))
+        on = []
+        for j, host in enumerate(array_value(body.get("hosts", []), f"{key_path}.hosts")):
+            host = name_value(text_value(host, f"{key_path}.hosts[{j}]"), WORKER_NAME, "host",
+                              f"{key_path}.hosts[{j}]")
+            if host in on:
+                raise topology_error(f"host {host!r} is named twice", f"{key_path}.hosts[{j}]")
+            on.append(host)
         services.append(ServiceSpec(
-            name, cls, address,
+            name, cls, address, hosts=tuple(on),
             replicas=int_value(body.get("replicas", 1), f"{key_path}.replicas", 1, MAX_REPLICAS),
             restart=restart,
             max_restarts=int_value(body.get("max_restarts", 5), f"{key_path}.max_restarts", 0,

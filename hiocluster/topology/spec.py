@@ -147,11 +147,24 @@ class SshTarget:
         return f"{self.user}@{self.host}" if self.user else self.host
 
 
+#: ``slurm://NODE``: a host whose agent the supervisor starts as a job step on
+#: Slurm node NODE of the allocation it runs in.
+SLURM_AGENT = re.compile(r"slurm://(?P<node>[A-Za-z0-9][A-Za-z0-9._-]*)")
+
+
+@dataclass(frozen=True)
+class SlurmTarget:
+    """The Slurm node whose job step runs a host's agent."""
+
+    node: str
+
+
 @dataclass(frozen=True)
 class HostSpec:
     """Another host: the agent that starts workers there, and which workers.
-    ``agent``: ``tcp://HOST:PORT`` (an agent started by hand), or
-    ``ssh://[USER@]HOST[:PORT]`` (the supervisor starts one over SSH)."""
+    ``agent``: ``tcp://HOST:PORT`` (an agent started by hand),
+    ``ssh://[USER@]HOST[:PORT]`` (the supervisor starts one over SSH), or
+    ``slurm://NODE`` (the supervisor starts one as a Slurm job step there)."""
 
     name: str
     agent: str
@@ -164,6 +177,13 @@ class HostSpec:
             return None
         return SshTarget(found["host"], found["user"],
                          int(found["port"]) if found["port"] else None)
+
+    @property
+    def started(self) -> SshTarget | SlurmTarget | None:
+        """How the supervisor starts this host's agent itself; None: someone else
+        did, and it listens at ``agent``."""
+        found = SLURM_AGENT.fullmatch(self.agent)
+        return SlurmTarget(found["node"]) if found else self.ssh
 
 
 @dataclass(frozen=True)
@@ -196,6 +216,9 @@ class ServiceSpec:
     health_failures: int = 3        # failed in a row this often: replaced
     tls: tuple[str, str] | None = None
     params: dict[str, Any] = field(default_factory=dict, hash=False)
+    #: the hosts its replicas run on (``[hosts]`` names, "local" this one), each
+    #: serving ``listen`` there; none: this host only
+    hosts: tuple[str, ...] = ()
 
     @property
     def address(self) -> str:
@@ -211,6 +234,7 @@ class ServiceSpec:
     def from_json(cls, body: dict[str, Any]) -> ServiceSpec:
         body = dict(body)
         body["listen"] = tuple(body["listen"])
+        body["hosts"] = tuple(body.get("hosts", ()))
         if body.get("tls") is not None:
             body["tls"] = tuple(body["tls"])
         return cls(**body)
