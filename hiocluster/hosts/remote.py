@@ -138,18 +138,43 @@ class AgentLink(Doer):
         self.reached = False          # TCP connected, at least once
         self.retried = False          # an attempt to connect failed
         self.contact_by = 0.0         # monotonic: when the first contact is overdue
+        self.awaiting: int | None = None  # a started agent's stdout, until it says
         self.lost: str | None = None  # why its workers were lost with it (None: they were not)
 
     def enter(self) -> None:
-        if self.started is not None:
-            try:
-                if self.started.process is None:
-                    self.launch()
-                address = self.started.address()
-            except OSError as exc:
-                self._lose(f"host {self.host.name}: {exc}")
+        if self.started is None:
+            self._connect()
+            return
+        try:  # not waiting for it: what is launched meanwhile waits in pending
+            if self.started.process is None:
+                self.launch()
+        except OSError as exc:
+            self._lose(f"host {self.host.name}: {exc}")
+            return
+        self.awaiting = self.started.output
+        self.supervisor.loop.poller.register(self.awaiting)
+
+    def _await(self) -> None:
+        """A started agent: connect once it says where it listens."""
+        assert self.started is not None and self.awaiting is not None
+        lost: str | None = None
+        try:
+            address = self.started.poll()
+            if address is None:
                 return
-            self.host = dataclasses.replace(self.host, agent=address)
+        except OSError as exc:
+            lost = f"host {self.host.name}: {exc}"
+        self.supervisor.loop.poller.unregister(self.awaiting)
+        self.awaiting = None
+        if lost is not None:
+            self._lose(lost)
+            self.pending.clear()
+            return
+        assert address is not None
+        self.host = dataclasses.replace(self.host, agent=address)
+        self._connect()
+
+    def _connect(self) -> None:
         context, poller = self.supervisor.context, self.supervisor.loop.poller
         self.socket, self.monitor = context.monitored_dealer(self.host.agent, self.agent_key,
                                                              refusals=True, contact=True)
@@ -182,7 +207,7 @@ class AgentLink(Doer):
 
     def _launch(self, launch: proto.Launch) -> RemoteProcess:
         process = self.processes[launch.worker] = RemoteProcess(self, launch.worker)
-        if self.socket is None or self.lost:  # no agent, or lost: nothing to ask
+        if self.lost or (self.socket is None and self.awaiting is None):  # nothing to ask
             process.lost(self.lost or f"host {self.host.name}: no agent")
             return process
         self._send(launch)
@@ -190,14 +215,15 @@ class AgentLink(Doer):
 
     def close_listeners(self, service: str, positions: list[int]) -> None:
         """Ask the agent to close its listening sockets ``positions`` of ``service``."""
-        if self.socket is not None and not self.lost:
+        if not self.lost:
             self._send(proto.Close(service=service, listeners=positions))
 
     def signal(self, worker: str, kind: str) -> None:
-        if self.socket is not None:
-            self._send(proto.Signal(worker=worker, signal=kind))
+        self._send(proto.Signal(worker=worker, signal=kind))
 
     def recur(self, tyme: float) -> bool:
+        if self.awaiting is not None:
+            self._await()
         while self.monitor is not None and self.monitor.readable():
             event = self.monitor.event()
             if event == "connected":
@@ -214,7 +240,7 @@ class AgentLink(Doer):
                            f"silent for {heartbeat_timeout_ms() / 1000:g} s")
         if not self.connected and self.monitor is not None:
             self._first_contact(time.monotonic())
-        while self.pending and self._flush():
+        while self.pending and self.socket is not None and self._flush():
             pass
         while self.socket is not None and (frame := self.socket.take()) is not None:
             self._receive(frame)
@@ -237,6 +263,9 @@ class AgentLink(Doer):
         self.contact_by = float("inf")
 
     def exit(self) -> None:
+        if self.awaiting is not None:
+            self.supervisor.loop.poller.unregister(self.awaiting)
+            self.awaiting = None
         if self.socket is not None:
             poller = self.supervisor.loop.poller
             poller.unregister(self.socket)
@@ -273,8 +302,12 @@ class AgentLink(Doer):
             process.lost(why)
 
     def _send(self, message: proto.Message) -> None:
+        """Send ``message`` now, or once connected; nothing once the link is gone."""
+        if self.socket is None and self.awaiting is None:
+            return
         self.pending.append(proto.encode(message))
-        self._flush()
+        if self.socket is not None:
+            self._flush()
 
     def _flush(self) -> bool:
         """Send the oldest pending frame; False if it has to wait (not connected yet)."""

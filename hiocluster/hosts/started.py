@@ -52,6 +52,7 @@ class StartedAgent:
         self.keys = KeyPair.generate()
         self.process: subprocess.Popen[bytes] | None = None
         self.began = 0.0
+        self._line = b""   # the agent's first stdout line, as far as it came
 
     @property
     def toward(self) -> str:
@@ -78,7 +79,7 @@ class StartedAgent:
         """Start the engine (which starts the agent) and give the agent its keys,
         without waiting: every host's agent starts at once. Raises OSError."""
         argv = self.argv()
-        self.began = time.monotonic()
+        self.began, self._line = time.monotonic(), b""
         self.process = process = self.spawn(argv)
         assert process.stdin is not None and process.stdout is not None
         try:
@@ -90,26 +91,33 @@ class StartedAgent:
         except OSError:
             pass  # the engine is gone already: address() says so
 
-    def address(self, timeout: float = START_S) -> str:
-        """The address the launched agent listens at, once it says (within ``timeout``
-        seconds of its launch). Raises OSError naming what went wrong (a login
-        refused, a step not started, no agent started)."""
+    @property
+    def output(self) -> int:
+        """The engine's stdout: a file descriptor to wait on for :meth:`poll`."""
+        assert self.process is not None and self.process.stdout is not None
+        return self.process.stdout.fileno()
+
+    def poll(self, timeout: float = START_S) -> str | None:
+        """The address the launched agent listens at, once it said (None until
+        then; never waits). Raises OSError naming what went wrong: a login refused,
+        a step not started, no agent started, or none said within ``timeout``
+        seconds of its launch."""
         process = self.process
-        assert process is not None and process.stdout is not None
-        line, deadline = b"", self.began + timeout
-        while not line.endswith(b"\n"):
-            left = deadline - time.monotonic()
-            ready, _, _ = select.select([process.stdout], [], [], max(left, 0))
+        assert process is not None
+        while not self._line.endswith(b"\n"):
+            ready, _, _ = select.select([self.output], [], [], 0)
             if not ready:
+                if time.monotonic() < self.began + timeout:
+                    return None
                 raise OSError(f"{self.label}: no agent said where it listens within "
                               f"{timeout:g} s")
-            chunk = os.read(process.stdout.fileno(), 1024)
+            chunk = os.read(self.output, 1024)
             if not chunk:
                 code = process.wait()
                 raise OSError(f"{self.label} ended (exit code {code}) before an agent "
                               f"started there: {self.hint}")
-            line += chunk
-        text = line.decode(errors="replace").strip()
+            self._line += chunk
+        text = self._line.decode(errors="replace").strip()
         address = text.rpartition(" listening on ")[2]
         if not address.startswith("tcp://"):
             raise OSError(f"{self.label}: the agent said {text!r}, not where it listens")
