@@ -9,8 +9,9 @@ LAUNCHED, the worker's stderr (OUTPUT) and its end (EXITED, with the tick from
 its tick register). A LAUNCH with a service's spec starts a replica of that
 service instead (``[services.NAME] hosts``): it serves on the service's address
 on this host, on listening sockets the agent opens for the supervisor's session
-and holds until the session ends (so connections queued on them outlive any one
-replica, as the run's own do on its host). SIGNAL terminates or kills a worker. Every 0.1 s the agent
+and holds until the session ends or CLOSE closes them (so connections queued on
+them outlive any one replica, as the run's own do on its host). SIGNAL
+terminates or kills a worker. Every 0.1 s the agent
 PINGs each supervisor it serves; once a ping cannot be sent (ZeroMQ heartbeats
 dropped the connection: the supervisor vanished, or the link to it is cut) it
 stops every worker that supervisor had started here and removes their files

@@ -14,26 +14,29 @@ the handshake within HANDSHAKE_S.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import os
 import sys
 import time
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
 
 from hio.base.doing import Doer
 
 from hiocluster import protocol as proto
-from hiocluster.errors import FrameError, TransportError
+from hiocluster.errors import FrameError, TopologyError, TransportError
 from hiocluster.hosts.slurm import SlurmAgent
 from hiocluster.hosts.ssh import SshAgent
 from hiocluster.hosts.started import StartedAgent
-from hiocluster.runtime.transport import Socket, facing, heartbeat_timeout_ms
+from hiocluster.runtime.transport import KeyPair, Socket, facing, heartbeat_timeout_ms
 from hiocluster.topology.spec import SlurmTarget
 
 if TYPE_CHECKING:
     from hiocluster.topology import HostSpec
 
-__all__ = ["AgentLink", "RemoteProcess", "first_contact_s", "HANDSHAKE_S", "listen_toward"]
+__all__ = ["AgentLink", "RemoteProcess", "first_contact_s", "HANDSHAKE_S", "listen_toward",
+           "agent_links", "launch_agents", "supervisor_keys"]
 
 
 def listen_toward(link: AgentLink) -> str:
@@ -42,6 +45,40 @@ def listen_toward(link: AgentLink) -> str:
     Raises TransportError when there is no route to it."""
     toward = link.started.toward if link.started is not None else link.host.agent
     return f"tcp://{facing(toward)}:*"
+
+
+def supervisor_keys(keys: str | None) -> KeyPair:
+    """A supervisor's CURVE key pair for a run across hosts: ``supervisor.key_secret``
+    of the keys directory, else one made for the run (every host's agent is then
+    started by the run, and told it)."""
+    return KeyPair.load(os.path.join(keys, "supervisor.key_secret")) if keys \
+        else KeyPair.generate()
+
+
+def agent_links(owner: Any, hosts: Mapping[str, HostSpec], keys: str | None, *, what: str,
+                output: Callable[[str, str], None] | None = None) -> dict[str, AgentLink]:
+    """An :class:`AgentLink` per host, in order: an agent started by hand is known
+    by its public key in ``keys`` (``NAME.key``); an ``ssh://`` or ``slurm://``
+    host's is started by its link, with keys made for the run. Raises
+    TopologyError (agents started by hand, no keys directory: naming ``what``
+    runs there) or LaunchError (a ``slurm://`` host outside an allocation)."""
+    agents = sorted(name for name, host in hosts.items() if host.started is None)
+    if agents and keys is None:
+        raise TopologyError(f"{what} on other hosts need a keys directory (--keys DIR; "
+                            f"make it with: hiocluster keygen DIR supervisor "
+                            f"{' '.join(agents)})", key_path="hosts")
+    return {name: AgentLink(owner, host, None if host.started else KeyPair.load_public(
+        os.path.join(keys or "", f"{name}.key")), output=output)
+        for name, host in hosts.items()}
+
+
+def launch_agents(links: Iterable[AgentLink]) -> None:
+    """Start every started agent (``ssh://``, ``slurm://``) at once, before any link
+    enters: their logins and Python start-ups overlap."""
+    for link in links:
+        if link.started is not None:
+            with contextlib.suppress(OSError):  # its link says so as it enters
+                link.launch()
 
 
 def started_agent(host: HostSpec, app_dir: str) -> StartedAgent | None:

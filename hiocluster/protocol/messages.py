@@ -36,8 +36,8 @@ from hiocluster.protocol.fields import (
 __all__ = ["Message", "Hello", "Setup", "Ready", "Grant", "Progress", "Done", "Stop", "Bye",
            "Chunk",
            "Error", "Data", "Peer", "Launch", "Launched", "Signal", "Exited", "Output",
-           "Ping", "Close", "Join", "Load", "Standby", "Assign", "Command", "Answer", "MESSAGE_TYPES",
-           "TO_AGENT",
+           "Ping", "Close", "Join", "Load", "Standby", "Assign", "Command", "Answer",
+           "MESSAGE_TYPES", "TO_AGENT",
            "FROM_AGENT", "FROM_REPLICA", "TO_REPLICA", "COMMANDS", "NODE_ROW", "LINK_ROW",
            "METRIC_KINDS"]
 

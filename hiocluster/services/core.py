@@ -54,7 +54,7 @@ from hiocluster.topology import MAX_REPLICAS, ServiceSpec
 
 __all__ = ["ServiceCore", "Replica", "ReplicaState", "ServiceFailed", "START_TIMEOUT",
            "StartReplica", "StopReplica", "KillReplica", "Action", "Latency",
-           "LATENCY_BUCKETS"]
+           "LATENCY_BUCKETS", "on_this_host"]
 
 #: Seconds a replica gets from its start to JOIN.
 START_TIMEOUT = 10.0
@@ -126,6 +126,11 @@ class Replica:
     health: str = ""                   # "" no check, "ok", or the last failure
     error: str | None = None           # what it said in an ERROR frame
     host: str = ""                     # where it runs: a [hosts] name, "local"; "": here
+
+    @property
+    def here(self) -> bool:
+        """Whether it runs on the run's own host."""
+        return on_this_host(self.host)
 
     @property
     def key(self) -> str:
@@ -600,6 +605,12 @@ class ServiceCore:
 def replica_drain(core: ServiceCore, replica: Replica) -> float:
     """Seconds ``replica`` gets between STOP and SIGKILL."""
     return core.services[replica.service].spec.drain
+
+
+def on_this_host(host: str) -> bool:
+    """Whether a replica placed on ``host`` runs on the run's own host: "" (its
+    service names no hosts) or "local"."""
+    return host in ("", "local")
 
 
 def _health(replica: Replica) -> str:

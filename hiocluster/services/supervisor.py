@@ -50,7 +50,14 @@ from hio.base.doing import DoDoer, Doer
 
 from hiocluster import protocol as proto
 from hiocluster.errors import ClusterError, FrameError, Interrupted, TopologyError
-from hiocluster.hosts.remote import AgentLink, RemoteProcess, listen_toward
+from hiocluster.hosts.remote import (
+    AgentLink,
+    RemoteProcess,
+    agent_links,
+    launch_agents,
+    listen_toward,
+    supervisor_keys,
+)
 from hiocluster.runtime.launch import LocalProcess, end_process
 from hiocluster.runtime.loop import Loop, RouterDoer
 from hiocluster.runtime.output import Prefixer
@@ -63,7 +70,13 @@ from hiocluster.runtime.transport import (
     KeyPair,
     ipc_address,
 )
-from hiocluster.services.core import Replica, ServiceCore, StartReplica, StopReplica
+from hiocluster.services.core import (
+    Replica,
+    ServiceCore,
+    StartReplica,
+    StopReplica,
+    on_this_host,
+)
 from hiocluster.services.metrics import MetricsEndpoint
 from hiocluster.timing import KILL_GRACE_S
 from hiocluster.topology import Topology, load
@@ -322,7 +335,7 @@ class ServiceBoard(RouterDoer):
                 break
             identity = parts[0].decode("utf-8", "replace")
             replica = core.replica(identity)
-            if replica is not None and self.remote != (replica.host not in ("", "local")):
+            if replica is not None and self.remote == replica.here:
                 replica = None  # a replica says who it is on its own socket only
             if replica is None and len(parts) == 2 and not self.remote:
                 spare = self.services.spares.get(identity)
@@ -461,8 +474,7 @@ class Services(DoDoer):
             if isinstance(action, StartReplica):
                 self.start(action.replica)
             elif isinstance(action, StopReplica):
-                board = self.board if action.replica.host in ("", "local") else \
-                    self.remote_board
+                board = self.board if action.replica.here else self.remote_board
                 assert board is not None
                 board.send(action.replica, proto.Stop(reason="stop", drain=True))
             else:
@@ -724,7 +736,7 @@ class Services(DoDoer):
         """SIGUSR1 to the run: every replica opens its log files again (after a
         rotation), as gunicorn's workers do."""
         replicas = [replica for replica in self.core.live() if replica.pid is not None
-                    and replica.host in ("", "local")]  # another host's pids are its own
+                    and replica.here]  # another host's pids are its own
         for replica in replicas:
             with contextlib.suppress(OSError):
                 os.kill(replica.pid, signal.SIGUSR1)  # type: ignore[arg-type]
@@ -762,7 +774,7 @@ class Services(DoDoer):
         for row in rows:
             for replica in row["replicas"]:
                 process = self.processes.get(replica["pid"] or -1) \
-                    if replica.get("host", "") in ("", "local") else None
+                    if on_this_host(replica["host"]) else None
                 cpu, rss = None, None
                 if process is not None:
                     try:
@@ -891,8 +903,7 @@ class ServiceRun(DoDoer):
         self.services = Services(self, topology, app_dir=app_dir, command=command,
                                  prefixer=prefixer, keys=keys, across_hosts=True)
         if self.services.links:
-            self.keys = KeyPair.load(os.path.join(keys, "supervisor.key_secret")) if keys \
-                else KeyPair.generate()
+            self.keys = supervisor_keys(keys)
         self.endpoint = Endpoint(self)
         self.started = time.time()
         #: the run's Prometheus endpoint, if it has one
@@ -909,10 +920,7 @@ class ServiceRun(DoDoer):
             self.context = Context(self.keys, owner="supervisor")
             if self.context.gate is not None:  # replicas' keys are admitted as they start
                 self.context.gate.open()
-            for link in self.services.links.values():  # every started agent at once
-                if link.started is not None:
-                    with contextlib.suppress(OSError):  # its link says so as it enters
-                        link.launch()
+            launch_agents(self.services.links.values())
         deeds = super().enter(doers)
         if doers is None and self.on_listening is not None:
             self.on_listening(self)
@@ -989,7 +997,6 @@ def serve(topology: Topology, *, app_dir: str | None = None,
     return ServeResult(root.services.core.status(time.monotonic()))
 
 
-
 def _links(services: Services, topology: Topology, keys: str | None,
            across_hosts: bool) -> dict[str, AgentLink]:
     """An agent link per other host the topology's services run on (see
@@ -1008,12 +1015,5 @@ def _links(services: Services, topology: Topology, keys: str | None,
                                     key_path=where)
             if name != "local" and name not in named:
                 named.append(name)
-    agents = [name for name in named if declared[name].started is None]
-    if agents and keys is None:
-        raise TopologyError("services on other hosts need a keys directory (--keys DIR; "
-                            f"make it with: hiocluster keygen DIR supervisor "
-                            f"{' '.join(agents)})", key_path="hosts")
-    return {name: AgentLink(services, declared[name], None if declared[name].started else
-                            KeyPair.load_public(os.path.join(keys or "", f"{name}.key")),
-                            output=services.remote_output)
-            for name in named}
+    return agent_links(services, {name: declared[name] for name in named}, keys,
+                       what="services", output=services.remote_output)

@@ -48,7 +48,12 @@ from hiocluster.errors import (
     TickTimeout,
     TopologyError,
 )
-from hiocluster.hosts.remote import AgentLink, listen_toward
+from hiocluster.hosts.remote import (
+    agent_links,
+    launch_agents,
+    listen_toward,
+    supervisor_keys,
+)
 from hiocluster.hosts.slurm import Allocation, SlurmLauncher, place, where
 from hiocluster.node import cannot_checkpoint, load_class
 from hiocluster.runtime import checkpoints
@@ -439,15 +444,7 @@ class Supervisor(SupervisorShell):
         self.slurm = slurm
         if slurm is not None:
             transport = _slurm_checks(plan, self.data, hosts)
-        agents = sorted(name for name, host in hosts.items() if host.started is None)
-        if agents and keys is None:
-            raise TopologyError("workers on other hosts need a keys directory (--keys DIR; "
-                                f"make it with: hiocluster keygen DIR supervisor "
-                                f"{' '.join(agents)})", key_path="hosts")
-        # an ssh:// or slurm:// host's agent is started by its link, with keys made
-        # for the run
-        self.links = {name: AgentLink(self, host, None if host.started else KeyPair.load_public(
-            os.path.join(keys, f"{name}.key"))) for name, host in hosts.items()}  # type: ignore
+        self.links = agent_links(self, hosts, keys, what="workers")
         from hiocluster.services.supervisor import Endpoint, Services  # services import this module
         self.endpoint = Endpoint(self, on_bound=self._endpoint_bound)
         self.endpoint_address = ""
@@ -467,8 +464,7 @@ class Supervisor(SupervisorShell):
         self.curve = transport == "tcp" or self.listen.startswith("tcp://") or bool(hosts)
         self.keys: KeyPair | None = None
         if self.curve:
-            self.keys = KeyPair.load(os.path.join(keys, "supervisor.key_secret")) if keys \
-                else KeyPair.generate()
+            self.keys = supervisor_keys(keys)
         # every worker's and every group's: groups hand theirs on to those under them
         self.worker_keys = {name: KeyPair.generate()
                             for name in [*(spec.name for spec in plan.workers), *plan.groups]
@@ -677,10 +673,7 @@ class Supervisor(SupervisorShell):
         self.core.chain.sink = self.digest_sink
         if self._early_signal is not None:  # it stops before it starts anyone
             self.core.interrupt(self._early_signal, time.monotonic())
-        for link in self.links.values():  # every started agent starts at once
-            if link.started is not None:
-                with contextlib.suppress(OSError):  # its link says so as it enters
-                    link.launch()
+        launch_agents(self.links.values())
         # the launcher needs the bound address: the switchboard binds in its enter,
         # which hio runs before any child's (doers enter in order)
         self.launcher = _DeferredLauncher(self)
